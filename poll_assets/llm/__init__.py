@@ -1,0 +1,1 @@
+"""LLM access: one call interface, several providers, one call pipeline."""

@@ -1,0 +1,134 @@
+"""The one call interface every provider implements."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
+
+OutputMode = Literal["text", "json_schema", "tool_use", "grammar"]
+ErrorKind = Literal[
+    "auth", "not_found", "bad_request", "rate_limit", "server", "timeout", "connection", "malformed", "other"
+]
+
+# Kinds worth another attempt; the rest would fail the same way again.
+RETRYABLE_KINDS: frozenset[str] = frozenset({"rate_limit", "server", "timeout", "connection", "malformed"})
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    temperature: float | None = None
+    max_new_tokens: int = 512
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def set_fields(self) -> set[str]:
+        """Names of the optional parameters a member actually set (used to check provider support)."""
+        names = {"max_new_tokens"}
+        for name in ("temperature", "top_p", "seed"):
+            if getattr(self, name) is not None:
+                names.add(name)
+        if self.stop:
+            names.add("stop")
+        return names
+
+
+@dataclass(frozen=True)
+class CallRequest:
+    """One chat call. `json_schema`, when set, asks for structured output in that shape."""
+
+    messages: tuple[tuple[str, str], ...]  # (role, content) pairs, hashable and ordered
+    params: GenerationParams
+    json_schema: dict[str, Any] | None = None
+    sample_index: int = 0  # distinguishes deliberate repeats of the same request
+
+    @classmethod
+    def build(
+        cls,
+        messages: list[Message],
+        params: GenerationParams,
+        json_schema: dict[str, Any] | None = None,
+        sample_index: int = 0,
+    ) -> "CallRequest":
+        return cls(tuple((m["role"], m["content"]) for m in messages), params, json_schema, sample_index)
+
+    def message_dicts(self) -> list[Message]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+
+@dataclass
+class Completion:
+    """What every provider returns for one call, successful or not."""
+
+    text: str | None
+    finish_reason: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    latency_s: float = 0.0
+    model: str | None = None  # as the server reported it
+    request_id: str | None = None
+    output_mode: str = "text"
+    cached: bool = False
+    attempts: int = 1
+    error: str | None = None
+    error_kind: str | None = None
+    call_id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.text is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ProviderError(Exception):
+    """A failed call, classified so the retry layer knows what to do with it.
+
+    Messages must never contain a credential: providers build them from status codes, the
+    provider name and the model only.
+    """
+
+    def __init__(self, kind: ErrorKind, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in RETRYABLE_KINDS
+
+
+class FatalProviderError(ProviderError):
+    """An error that makes every further call pointless (bad key, unknown model)."""
+
+
+class ChatBackend(Protocol):
+    """A provider's client, created once per resource and reused for every call."""
+
+    provider: str
+    model: str
+
+    async def complete(self, request: CallRequest, timeout_s: float) -> Completion:
+        """Make one call. Raise ProviderError on failure; never retry here."""
+        ...
+
+
+def request_key(provider: str, model: str, base_url: str | None, request: CallRequest) -> str:
+    """Stable id of a call: the response-cache key, and the id rows use to point at their call."""
+    payload = {
+        "provider": provider,
+        "model": model,
+        "base_url": base_url or "",
+        "messages": request.messages,
+        "params": asdict(request.params),
+        "json_schema": request.json_schema,
+        "sample_index": request.sample_index,
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=list)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

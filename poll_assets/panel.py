@@ -1,0 +1,281 @@
+"""The panel config: one YAML file naming the prompt source, the generators, the judges and
+how verdicts are pooled and binarized. Validated when the code location loads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from poll_assets.llm.base import GenerationParams
+
+PANEL_ENV_VAR = "POLL_PANEL"
+PANELS_DIR = Path(__file__).parent / "panels"
+DEFAULT_PANEL = "local"
+
+Provider = Literal["openai", "anthropic", "hf_inference", "openai_compatible", "local"]
+Aspect = Literal["instruction-following", "honesty", "helpfulness", "truthfulness", "overall-rating"]
+
+# Which generation parameters each provider's API can honour. A member that sets one its
+# provider lacks is refused at load time rather than silently dropped.
+SUPPORTED_PARAMS: dict[str, frozenset[str]] = {
+    "openai": frozenset({"temperature", "max_new_tokens", "top_p", "stop", "seed"}),
+    "openai_compatible": frozenset({"temperature", "max_new_tokens", "top_p", "stop", "seed"}),
+    "anthropic": frozenset({"temperature", "max_new_tokens", "top_p", "stop"}),
+    "hf_inference": frozenset({"temperature", "max_new_tokens", "top_p", "stop", "seed"}),
+    "local": frozenset({"temperature", "max_new_tokens", "top_p", "stop", "seed"}),
+}
+
+# Providers that need a key, and the variable read when a member names none.
+DEFAULT_KEY_ENV: dict[str, str | None] = {
+    "openai": "OPENAI_API_KEY",
+    "anthropic": "ANTHROPIC_API_KEY",
+    "hf_inference": "HF_TOKEN",
+    "openai_compatible": None,  # many self-hosted servers take no key
+    "local": None,
+}
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class PanelConfigError(ValueError):
+    """A panel file that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Params(_Strict):
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_new_tokens: int = Field(default=512, ge=1, le=32768)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+    def to_generation_params(self) -> GenerationParams:
+        return GenerationParams(
+            temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens,
+            top_p=self.top_p,
+            stop=tuple(self.stop),
+            seed=self.seed,
+        )
+
+
+class Limits(_Strict):
+    max_concurrency: int = Field(default=8, ge=1, le=1024)
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=5, ge=0, le=20)
+
+
+class Price(_Strict):
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
+class Member(_Strict):
+    """A generator or a judge: one model behind one provider, with its own settings."""
+
+    name: str
+    provider: Provider
+    model: str
+    family: str
+    system_prompt: str | None = None
+    params: Params = Field(default_factory=Params)
+    limits: Limits = Field(default_factory=Limits)
+    base_url: str | None = None
+    api_key_env: str | None = None
+    model_path: str | None = None  # local only: a GGUF file; default is the bundled SmolLM2
+    n_ctx: int = Field(default=4096, ge=256)  # local only
+    pool: str | None = None  # Dagster pool; defaults to the provider's name
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_key_safe(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"{v!r} must be lowercase letters, digits and '_', starting with a letter")
+        return v
+
+    @model_validator(mode="after")
+    def _params_supported(self) -> "Member":
+        unsupported = self.params.to_generation_params().set_fields() - SUPPORTED_PARAMS[self.provider]
+        if unsupported:
+            raise ValueError(
+                f"params {sorted(unsupported)} are not supported by provider {self.provider!r} "
+                f"(it supports {sorted(SUPPORTED_PARAMS[self.provider])})"
+            )
+        if self.model_path is not None and self.provider != "local":
+            raise ValueError("model_path applies only to provider 'local'")
+        return self
+
+    @property
+    def key_env(self) -> str | None:
+        return self.api_key_env or DEFAULT_KEY_ENV[self.provider]
+
+    @property
+    def pool_name(self) -> str:
+        return self.pool or f"llm_{self.provider}"
+
+    def fingerprint(self, *extra: str) -> str:
+        """Short hash of everything that changes this member's output (its code_version)."""
+        relevant = self.model_dump(include={"provider", "model", "system_prompt", "params", "base_url", "model_path"})
+        blob = json.dumps([relevant, *extra], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+class Source(_Strict):
+    """Where prompts come from: a Hub dataset, or local files."""
+
+    repo_id: str | None = None
+    data_files: list[str] | None = None
+    split: str = "train"
+    revision: str | None = None
+    subset: str | None = None
+    column_mapping: dict[str, str] = Field(default_factory=dict)  # source column -> "instruction"
+    num_examples: int = Field(default=100, ge=1)
+    shard_size: int = Field(default=50, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Source":
+        if (self.repo_id is None) == (self.data_files is None):
+            raise ValueError("give exactly one of repo_id (a Hub dataset) or data_files (local files)")
+        if self.column_mapping and "instruction" not in self.column_mapping.values():
+            raise ValueError("column_mapping must map some source column to 'instruction'")
+        return self
+
+    @property
+    def instruction_column(self) -> str:
+        for src, dst in self.column_mapping.items():
+            if dst == "instruction":
+                return src
+        return "instruction"
+
+
+class Judging(_Strict):
+    aspect: Aspect = "instruction-following"
+    shuffle_positions: bool = True  # position-bias control
+    exclude_self_family: bool = True  # self-preference control
+    seed: int = 0
+
+
+class Pooling(_Strict):
+    method: Literal["mean", "median", "majority"] = "mean"
+    min_judges: int = Field(default=1, ge=1)
+
+
+class Binarization(_Strict):
+    strategy: Literal["best_vs_worst", "best_vs_random", "all_pairs"] = "best_vs_worst"
+    min_margin: float = Field(default=0.0, ge=0.0)  # all_pairs keeps pairs whose margin is at least this
+    seed: int = 0
+
+
+class Thresholds(_Strict):
+    max_generation_failure_rate: float = Field(default=0.1, ge=0, le=1)
+    max_parse_failure_rate: float = Field(default=0.2, ge=0, le=1)
+    min_agreement: float = Field(default=0.0, ge=-1, le=1)
+
+
+class CacheSettings(_Strict):
+    mode: Literal["use", "bypass", "refresh"] = "use"
+    path: str | None = None  # default: $DAGSTER_HOME/llm_cache.sqlite
+
+
+class Panel(_Strict):
+    name: str
+    description: str = ""
+    source: Source
+    generators: list[Member] = Field(min_length=2)
+    judges: list[Member] = Field(min_length=1)
+    judging: Judging = Field(default_factory=Judging)
+    pooling: Pooling = Field(default_factory=Pooling)
+    binarization: Binarization = Field(default_factory=Binarization)
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    prices: dict[str, Price] = Field(default_factory=dict)  # model id -> price per million tokens
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Panel":
+        names = [m.name for m in (*self.generators, *self.judges)]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"member names must be unique across generators and judges; repeated: {dupes}")
+        return self
+
+    @property
+    def members(self) -> list[Member]:
+        return [*self.generators, *self.judges]
+
+    def member(self, name: str) -> Member:
+        for m in self.members:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+def resolve_panel_path(spec: str | None = None) -> Path:
+    """A bundled panel name ('local', 'paper') or a path to a YAML file."""
+    spec = spec or os.environ.get(PANEL_ENV_VAR) or DEFAULT_PANEL
+    bundled = PANELS_DIR / f"{spec}.yaml"
+    if bundled.is_file():
+        return bundled
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.resolve()
+    available = sorted(p.stem for p in PANELS_DIR.glob("*.yaml"))
+    raise PanelConfigError(
+        f"{PANEL_ENV_VAR}={spec!r}: no such panel file; use a path to a YAML file or one of {available}"
+    )
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.startswith(("function-", "literal[", "union[", "nullable[")):
+            continue  # pydantic's internal validator names add noise, not location
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def load_panel(spec: str | Path | None = None) -> tuple[Panel, Path]:
+    """Load and validate a panel. Returns the panel and the file it came from."""
+    path = spec if isinstance(spec, Path) else resolve_panel_path(spec)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise PanelConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise PanelConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        panel = Panel.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = _format_loc(tuple(err["loc"]))
+            where = _name_member(raw, err["loc"], where)
+            problems.append(f"{path}: {where}: {err['msg']}")
+        raise PanelConfigError("\n".join(problems)) from None
+    return panel, path
+
+
+def _name_member(raw: dict[str, Any], loc: tuple[Any, ...], where: str) -> str:
+    """Add the member's name to a location such as judges[1], so the user finds it at once."""
+    if len(loc) >= 2 and loc[0] in ("generators", "judges") and isinstance(loc[1], int):
+        try:
+            name = raw[loc[0]][loc[1]].get("name")
+        except (IndexError, AttributeError, KeyError, TypeError):
+            name = None
+        if name:
+            return f"{where} (member {name!r})"
+    return where
