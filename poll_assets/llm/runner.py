@@ -19,6 +19,11 @@ class CallStats:
     input_tokens: int = 0
     output_tokens: int = 0
 
+    def cost_usd(self, price: object | None) -> float | None:
+        if price is None:
+            return None
+        return (self.input_tokens * price.input_per_mtok + self.output_tokens * price.output_per_mtok) / 1e6
+
     def add(self, c: Completion) -> None:
         if c.cached:
             self.cache_hits += 1
@@ -34,6 +39,13 @@ class CallStats:
 class CallBatch:
     completions: list[Completion]
     stats: CallStats = field(default_factory=CallStats)
+
+    @property
+    def all_failed(self) -> bool:
+        return bool(self.completions) and all(not c.ok for c in self.completions)
+
+    def failure_message(self, label: str) -> str:
+        return f"{label}: all {len(self.completions)} calls failed; first error: {self.completions[0].error}"
 
 
 async def _one(llm: LLMResource, request: CallRequest, sem: asyncio.Semaphore) -> Completion:
@@ -53,7 +65,9 @@ async def _one(llm: LLMResource, request: CallRequest, sem: asyncio.Semaphore) -
 async def run_calls(
     llm: LLMResource,
     requests: Sequence[CallRequest],
-    log: Callable[[str], None] | None = None,
+    cache: object | None = None,
+    progress: Callable[[str], None] | None = None,
+    label: str = "",
 ) -> CallBatch:
     """Run the requests concurrently within the member's limits; one Completion per request, in order."""
     sem = asyncio.Semaphore(llm.max_concurrency)
@@ -62,6 +76,6 @@ async def run_calls(
     batch = CallBatch(list(completions))
     for c in batch.completions:
         batch.stats.add(c)
-    if log:
-        log(f"{llm.member}: {len(requests)} calls in {time.perf_counter() - start:.1f}s, {batch.stats.failures} failed")
+    if progress:
+        progress(f"{llm.member}: {len(requests)} calls in {time.perf_counter() - start:.1f}s, {batch.stats.failures} failed")
     return batch
