@@ -30,11 +30,13 @@ class FakeBackend:
         latency_s: float = 0.0,
         script: Script | None = None,
         prefix: str = "answer to",
+        usage: tuple[int, int] | None = None,
     ) -> None:
         self.model = model
         self.latency_s = latency_s
         self.script = script
         self.prefix = prefix
+        self.usage = usage  # (input, output) tokens to report instead of word counts
         self.attempts: Counter[str] = Counter()  # per prompt text
         self.starts: list[float] = []  # monotonic time each attempt started
         self.order: list[str] = []  # prompt texts in the order attempts started
@@ -63,11 +65,12 @@ class FakeBackend:
             if isinstance(action, (int, float)):
                 await asyncio.sleep(action)
             answer = f"{self.prefix} {text}"
+            tokens_in, tokens_out = self.usage or (len(text.split()) + 3, len(answer.split()))
             return Completion(
                 text=answer,
                 finish_reason="stop",
-                input_tokens=len(text.split()) + 3,
-                output_tokens=len(answer.split()),
+                input_tokens=tokens_in,
+                output_tokens=tokens_out,
                 latency_s=self.latency_s,
                 model=self.model,
                 request_id=f"req-{self.total_calls}",

@@ -86,6 +86,10 @@ class TokenBucket:
         self._level = min(self.capacity, self._level - delta)
 
 
+class BatchStopped(Exception):
+    """Raised to calls still waiting for a slot after the batch was stopped by a fatal error."""
+
+
 class CallLimits:
     """The limits one batch of calls to one member runs under."""
 
@@ -97,6 +101,7 @@ class CallLimits:
         self.requests = TokenBucket(rpm) if rpm else None
         self.tokens = TokenBucket(tpm) if tpm else None
         self._resume_at = 0.0
+        self.stopped = False
         self.in_flight = 0
         self.peak_in_flight = 0
 
@@ -115,6 +120,10 @@ class CallLimits:
         """Hold back every new attempt for `seconds` (the provider asked us to slow down)."""
         self._resume_at = max(self._resume_at, time.monotonic() + max(0.0, seconds))
 
+    def stop(self) -> None:
+        """No further attempt starts; waiting calls raise BatchStopped."""
+        self.stopped = True
+
     @asynccontextmanager
     async def slot(self, estimated_tokens: int = 0) -> AsyncIterator[None]:
         """Wait for a free slot, any pause, and the rate budgets; hold the slot for one attempt."""
@@ -125,6 +134,8 @@ class CallLimits:
                 await self.requests.acquire(1)
             if self.tokens is not None:
                 await self.tokens.acquire(estimated_tokens)
+            if self.stopped:
+                raise BatchStopped()
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             try:

@@ -26,7 +26,7 @@ from poll_assets.llm.base import (
     request_key,
 )
 from poll_assets.llm.cache import ResponseCache
-from poll_assets.llm.limits import CallLimits, estimate_tokens
+from poll_assets.llm.limits import BatchStopped, CallLimits, estimate_tokens
 from poll_assets.llm.resources import LLMResource
 from poll_assets.panel import Price
 
@@ -232,7 +232,12 @@ async def _attempt_all(
         err: ProviderError
         try:
             async with limits.slot(estimate):
-                done = await asyncio.wait_for(backend.complete(request, llm.timeout_s), llm.timeout_s)
+                try:
+                    done = await asyncio.wait_for(backend.complete(request, llm.timeout_s), llm.timeout_s)
+                except FatalProviderError:
+                    # Stop before the slot is released, so no queued call starts after this one.
+                    limits.stop()
+                    raise
         except FatalProviderError:
             raise
         except ProviderError as exc:
@@ -332,12 +337,12 @@ async def run_calls(
                 await asyncio.gather(*pending, return_exceptions=True)
                 fatal = next((e for e in errors if isinstance(e, FatalProviderError)), None)
                 if fatal is None:
-                    raise errors[0]
+                    raise next(e for e in errors if not isinstance(e, BatchStopped))
                 completed = (len(hits) + written) if cache_writes else sum(1 for c in results.values() if c.ok)
                 hint = _FIX_HINTS.get(fatal.kind, "the cause above")
                 message = (
                     f"{label}: member {llm.member!r} (provider {provider}, model {llm.model}) stopped on a "
-                    f"{fatal.kind} error: {fatal}. {len(pending)} of {len(todo)} calls were cancelled. "
+                    f"{fatal.kind} error: {fatal}. {len(todo) - len(results)} of {len(todo)} calls were not completed. "
                     f"Fix {hint}, then re-materialize the partition; {_resume_note(completed, cache_writes)}."
                 )
                 raise BatchAbortedError(message, fatal.kind, completed) from fatal
