@@ -196,3 +196,10 @@ def test_bad_mode_and_unwritable_path_are_clear(tmp_path):
     cache = ResponseCache(blocker / "c.sqlite")
     with pytest.raises(CacheError, match=str(blocker)):
         cache.put("k", Completion(text="x"), "fake", "m")
+
+
+def test_resource_from_panel_settings(tmp_path):
+    from poll_assets.panel import CacheSettings
+
+    res = ResponseCacheResource.from_settings(CacheSettings(mode="bypass", path=str(tmp_path / "p.sqlite")))
+    assert res.get_cache().mode == "bypass" and res.resolved_path() == tmp_path / "p.sqlite"

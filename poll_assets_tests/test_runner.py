@@ -151,6 +151,18 @@ def test_fatal_error_without_cache_says_calls_will_repeat():
     assert "model name or base_url" in msg and "will be requested again" in msg
 
 
+def test_unclassified_backend_exception_stops_batch_with_context(tmp_path):
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    backend = FakeBackend(script=lambda t, a: KeyError("choices") if t == "q3" else None)
+    with pytest.raises(RuntimeError) as info:
+        run(make_llm(backend, max_concurrency=1), make_requests(10), cache=cache, label="gen/x")
+    msg = str(info.value)
+    assert msg.startswith("gen/x: member 'fake_member'") and "KeyError" in msg
+    assert "3 completed calls are cached" in msg
+    assert isinstance(info.value.__cause__, KeyError)
+    assert backend.total_calls == 4
+
+
 def test_all_failed_and_failure_message():
     backend = FakeBackend(script=lambda text, attempt: ProviderError("server", "fake: 502 bad gateway"))
     llm = make_llm(backend, max_retries=1)

@@ -16,12 +16,15 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import dagster as dg
 from pydantic import PrivateAttr
 
 from poll_assets.llm.base import Completion
+
+if TYPE_CHECKING:
+    from poll_assets.panel import CacheSettings
 
 CacheMode = Literal["use", "bypass", "refresh"]
 CACHE_MODES: tuple[str, ...] = ("use", "bypass", "refresh")
@@ -181,6 +184,11 @@ class ResponseCacheResource(dg.ConfigurableResource):
     mode: CacheMode = "use"
 
     _cache: ResponseCache | None = PrivateAttr(default=None)
+
+    @classmethod
+    def from_settings(cls, settings: "CacheSettings") -> "ResponseCacheResource":
+        """The resource for a panel's `cache:` section."""
+        return cls(path=settings.path, mode=settings.mode)
 
     def resolved_path(self) -> Path:
         return Path(self.path).expanduser() if self.path else default_cache_path()

@@ -238,6 +238,11 @@ async def _attempt_all(
                     # Stop before the slot is released, so no queued call starts after this one.
                     limits.stop()
                     raise
+                except (ProviderError, asyncio.TimeoutError):
+                    raise
+                except Exception:
+                    limits.stop()  # a backend bug: stop the batch the same way
+                    raise
         except FatalProviderError:
             raise
         except ProviderError as exc:
@@ -335,10 +340,16 @@ async def run_calls(
                 for t in pending:
                     t.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
+                completed = (len(hits) + written) if cache_writes else sum(1 for c in results.values() if c.ok)
                 fatal = next((e for e in errors if isinstance(e, FatalProviderError)), None)
                 if fatal is None:
-                    raise next(e for e in errors if not isinstance(e, BatchStopped))
-                completed = (len(hits) + written) if cache_writes else sum(1 for c in results.values() if c.ok)
+                    # A backend bug or an error it failed to classify: stop, but keep what is cached.
+                    bug = next(e for e in errors if not isinstance(e, BatchStopped))
+                    raise RuntimeError(
+                        f"{label}: member {llm.member!r} (provider {provider}, model {llm.model}): the backend raised "
+                        f"{type(bug).__name__} instead of a ProviderError: {bug}; "
+                        f"{_resume_note(completed, cache_writes)}"
+                    ) from bug
                 hint = _FIX_HINTS.get(fatal.kind, "the cause above")
                 message = (
                     f"{label}: member {llm.member!r} (provider {provider}, model {llm.model}) stopped on a "
