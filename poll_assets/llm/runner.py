@@ -323,11 +323,17 @@ async def run_calls(
                 f"(concurrency {limits.max_concurrency}{rate})"
             )
 
+        saving: set[asyncio.Task[None]] = set()  # calls that are done and being written to the cache
+
         async def one(key: str, index: int) -> None:
             nonlocal written
             c = await _attempt_all(llm, backend, requests[index], key, limits, policy, rng)
-            if cache is not None and c.ok and await cache.aput(key, c, provider, llm.model):
-                written += 1
+            if cache is not None and c.ok:
+                task = asyncio.current_task()
+                assert task is not None
+                saving.add(task)
+                if await cache.aput(key, c, provider, llm.model):
+                    written += 1
             results[key] = c
             report.record(c)
 
@@ -337,8 +343,10 @@ async def run_calls(
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
             if errors:
+                # Abandon calls in flight or waiting, but let paid-for answers finish their cache write.
                 for t in pending:
-                    t.cancel()
+                    if t not in saving:
+                        t.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
                 completed = (len(hits) + written) if cache_writes else sum(1 for c in results.values() if c.ok)
                 fatal = next((e for e in errors if isinstance(e, FatalProviderError)), None)
