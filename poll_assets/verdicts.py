@@ -131,7 +131,7 @@ def read_rating(value: object, rubric: Rubric) -> _Reading:
     if value is None:
         return _Reading(None, NA) if rubric.allows_na else _Reading(None, "rating is null")
     if isinstance(value, bool):
-        return _Reading(None, f"rating {value!r} is not on the {_scale(rubric)} scale")
+        return _Reading(None, f"rating {json.dumps(value)!r} is not on the {_scale(rubric)} scale")
     if isinstance(value, (int, float)):
         value = repr(value)
     raw = str(value)
