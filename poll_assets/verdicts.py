@@ -105,6 +105,7 @@ _NUM_RE = re.compile(
 _RANGE_RE = re.compile(r"^\s*(?:-|\u2013|\u2014|to|or|and|,)\s*(?:\d|" + "|".join(_WORDS) + r")", re.IGNORECASE)
 _NA_RE = re.compile(r"^(?:n\s*/\s*a|na|not\s+applicable)\b", re.IGNORECASE)
 _STRIP = " \t*_`\"'[](){}<>.,;:!"
+_SCALE_NOTE_RE = re.compile(r"^\s*[(\[]\s*\d+\s*(?:-|\u2013|to)\s*\d+\s*[)\]]\s*:?\s*")  # "Rating (1-5): 4"
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def read_rating(value: object, rubric: Rubric) -> _Reading:
         return _Reading(None, f"rating {json.dumps(value)!r} is not on the {_scale(rubric)} scale")
     if isinstance(value, (int, float)):
         value = repr(value)
-    raw = str(value)
+    raw = _SCALE_NOTE_RE.sub("", str(value), count=1)
     text = raw.strip(_STRIP)
     shown = raw.strip()[:40]
     if not text:

@@ -159,7 +159,8 @@ def test_lookalike_quoting_covers_everything_the_parser_accepts():
     prefixes = ["", " ", "\t", "- ", "* ", "+ ", "\u2022 ", "#", "####", "**", "__", "_", "*", "- **", "  ## "]
     cores = ["Output for Text 2", "OUTPUT FOR TEXT 12", "text 3", "Text#1", "Text \uff12", "Rating: 5",
              "rating 5", "Score=4", "Rationale: x", "Reasoning: y", "Type: 1", "Rating for Text 2: 5",
-             "Explanation: z", "Justification: q", "rating4", "RATING:**5**", "Reason: r", "Type_: 2"]
+             "Explanation: z", "Justification: q", "rating4", "RATING:**5**", "Reason: r", "Type_: 2",
+             "Overall Rating: 5", "final score 4", "Total\trating=3", "Rating (1-5): 5"]
     lines = [rng.choice(prefixes) + rng.choice(cores) + rng.choice(["", ":", "**", " **:**", " - 5"]) for _ in range(2000)]
     lines += ["Typescript is typed.", "Reasonable people agree.", "Text 2 is better.", "End of story."]
     assert sum(bool(HEADING_RE.match(x) or FIELD_RE.match(x)) for x in lines) > 1000  # the fuzz bites

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 FIELD_WORDS = r"rating|score|rationale|reasoning|reason|explanation|justification|type"
+QUALIFIER = r"(?:(?:overall|final|total)\s+)?"  # "Overall rating: 4"
 
 # Decoration the parser strips before a heading or a field: indentation, one bullet, markdown
 # emphasis and heading marks. Deliberately excludes ">" (quoted material) and digits.
@@ -20,14 +21,14 @@ HEADING_RE = re.compile(
     re.IGNORECASE,
 )
 FIELD_RE = re.compile(
-    rf"^{_DECO}(?P<name>{FIELD_WORDS})(?:\s+for\s+text\s*#?\s*\d+)?[ \t]*[*_]*[ \t]*"
+    rf"^{_DECO}{QUALIFIER}(?P<name>{FIELD_WORDS})(?:\s+for\s+text\s*#?\s*\d+)?[ \t]*[*_]*[ \t]*"
     r"(?:[:=][*_ \t]*|(?=[\d\[(]))(?P<value>.*)$",
     re.IGNORECASE,
 )
 
 # Superset of the two patterns above, for quoting: any prefix of non-word characters or "_".
 _LOOKALIKE_RE = re.compile(
-    rf"^[\W_]*(?:(?:output\s+for\s+)?text\s*#?\s*\d+|(?:{FIELD_WORDS})(?![a-z])|<<<)",
+    rf"^[\W_]*(?:(?:output\s+for\s+)?text\s*#?\s*\d+|{QUALIFIER}(?:{FIELD_WORDS})(?![a-z])|<<<)",
     re.IGNORECASE,
 )
 
