@@ -49,7 +49,7 @@ def build_definitions(
     panel: Panel, panel_path: Path, *, storage_dir: str | None = None, cache_path: str | None = None
 ) -> dg.Definitions:
     assets = build_assets(panel, panel_path)
-    job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.all(), partitions_def=build_partitions_def(panel.source),
+    job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.all(),
                               description=f"Every asset of the `{panel.name}` panel for one shard.")
     return dg.Definitions(
         assets=assets,

@@ -1,6 +1,5 @@
 """Each generator's answers, and all answers side by side in panel order."""
 
-from __future__ import annotations
 
 import asyncio
 

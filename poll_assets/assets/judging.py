@@ -1,6 +1,5 @@
 """Each judge's verdicts on every generation, with the UltraFeedback rubric."""
 
-from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass

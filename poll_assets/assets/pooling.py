@@ -1,6 +1,5 @@
 """The panel's pooled rating of every generation, and how far its judges agree."""
 
-from __future__ import annotations
 
 from typing import Any
 

@@ -1,6 +1,5 @@
 """The binarized preference set: chosen/rejected pairs ready for DPO."""
 
-from __future__ import annotations
 
 import dagster as dg
 import pandas as pd

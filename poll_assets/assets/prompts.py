@@ -1,6 +1,5 @@
 """The prompt set, one shard per partition."""
 
-from __future__ import annotations
 
 from pathlib import Path
 
