@@ -286,6 +286,8 @@ class FakeLLMServer:
         else:
             return JSONResponse({"error": {"message": f"no route {path}", "type": "not_found"}}, status_code=404)
         tag = path[: path.rindex("/v1/")].strip("/")
+        if "v1" in tag.split("/"):  # e.g. an Anthropic base_url ending in /v1: the SDK adds its own
+            return JSONResponse({"error": {"message": f"no route {path}", "type": "not_found"}}, status_code=404)
         raw = await request.body()
         try:
             body = json.loads(raw)
@@ -354,10 +356,10 @@ class FakeLLMServer:
         delay: float,
     ) -> Response:
         cfg = self.config
-        if kind == "messages":
+        # Anthropic's SDK (>= 2.0) sends a bearer token too; older clients send x-api-key.
+        presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if kind == "messages" and not presented:
             presented = request.headers.get("x-api-key", "")
-        else:
-            presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         # Echoing the presented key back, as a careless proxy might, lets tests prove it gets scrubbed.
         if cfg.expected_key is not None and presented != cfg.expected_key:
             return self._error(kind, tag, 401, f"Incorrect API key provided: {presented}")
@@ -377,6 +379,11 @@ class FakeLLMServer:
             while time.monotonic() < end and not await request.is_disconnected():
                 await asyncio.sleep(0.05)
             return Response(status_code=504)
+        if kind == "messages":
+            # API version 2026-10-21 (what the current SDK sends) has no sampling parameters.
+            sampling = sorted(k for k in ("temperature", "top_p", "top_k") if k in body)
+            if sampling and request.headers.get("anthropic-version", "") >= "2026-10-21":
+                return self._error(kind, tag, 400, f"{sampling[0]}: not supported in this API version")
         if kind == "chat" and body.get("response_format") and tag in cfg.reject_response_format:
             return self._error(kind, tag, 400, "response_format of type json_schema is not supported by this server")
 

@@ -8,8 +8,14 @@ from typing import Any
 import anthropic
 import httpx2
 
-from poll_assets.llm.base import CallRequest, Completion, ProviderError
+try:  # private module; only used to word an error message
+    from anthropic._constants import ANTHROPIC_API_VERSION
+except ImportError:  # pragma: no cover
+    ANTHROPIC_API_VERSION = "current"
+
+from poll_assets.llm.base import CallRequest, Completion, FatalProviderError, ProviderError
 from poll_assets.llm.remote import RemoteBackend, body_message, classify_transport, schema_name
+from poll_assets.panel import SUPPORTED_PARAMS
 
 # Anthropic's stop reasons in the vocabulary the rest of the pipeline uses (OpenAI's).
 _FINISH = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "stop", "max_tokens": "length"}
@@ -25,6 +31,9 @@ class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
             base_url=self.base_url or None,
             max_retries=0,  # retries belong to poll_assets.llm.runner
             timeout=timeout_s,
+            # The SDK's default wrapper schedules its own close on whatever loop is running when it is
+            # garbage-collected, which fails noisily once the loop that owned it has closed.
+            http_client=anthropic.DefaultAsyncHttpxClient(timeout=timeout_s),
         )
 
     def _kwargs(self, request: CallRequest, timeout_s: float) -> tuple[dict[str, Any], bool]:
@@ -39,13 +48,16 @@ class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
         }
         if system:
             kwargs["system"] = "\n\n".join(system)
-        if p.temperature is not None:
-            kwargs["temperature"] = p.temperature
-        if p.top_p is not None:
-            kwargs["top_p"] = p.top_p
+        unsupported = sorted(p.set_fields() - SUPPORTED_PARAMS["anthropic"])
+        if unsupported:
+            # The panel refuses these at load; a request built elsewhere must not have them dropped silently.
+            raise FatalProviderError(
+                "bad_request",
+                f"{self.who}: {unsupported} cannot be sent to the Anthropic Messages API "
+                f"(API version {ANTHROPIC_API_VERSION} has no sampling parameters and no seed)",
+            )
         if p.stop:
             kwargs["stop_sequences"] = list(p.stop)
-        # No seed: the API has none, and panel.SUPPORTED_PARAMS refuses it for this provider.
         wrapped = False
         if request.json_schema is not None:
             schema = request.json_schema

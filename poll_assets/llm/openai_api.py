@@ -38,6 +38,9 @@ class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
             base_url=self.base_url or None,
             max_retries=0,  # retries belong to poll_assets.llm.runner
             timeout=timeout_s,
+            # The SDK's default wrapper schedules its own close on whatever loop is running when it is
+            # garbage-collected, which fails noisily once the loop that owned it has closed.
+            http_client=openai.DefaultAsyncHttpxClient(timeout=timeout_s),
         )
 
     def _kwargs(self, request: CallRequest, timeout_s: float) -> dict[str, Any]:

@@ -165,19 +165,24 @@ class RemoteBackend(Generic[ClientT]):
     async def complete(self, request: CallRequest, timeout_s: float) -> Completion:
         client = self.client(timeout_s)
         start = time.perf_counter()
+        failure: ProviderError | None = None
         try:
             # The SDK timeouts are per socket operation; this bounds the whole call.
             async with asyncio.timeout(timeout_s):
                 done = await self._call(client, request, timeout_s)
-        except ProviderError:
-            raise
+        except ProviderError as exc:
+            failure = exc
         except TimeoutError:
-            raise ProviderError("timeout", f"{self.who}: no complete response within {timeout_s:g}s") from None
-        except Exception as exc:  # noqa: BLE001 - every SDK failure is classified below
-            mapped = self._classify(exc)
-            if mapped is None:
-                mapped = ProviderError("other", f"{self.who}: {type(exc).__name__}: {self.scrub(str(exc))}")
-            raise mapped from None
+            failure = ProviderError("timeout", f"{self.who}: no complete response within {timeout_s:g}s")
+        except Exception as exc:  # noqa: BLE001 - every SDK failure is classified
+            failure = self._classify(exc) or ProviderError(
+                "other", f"{self.who}: {type(exc).__name__}: {self.scrub(str(exc))}"
+            )
+        if failure is not None:
+            # Raised outside the except block so the SDK exception (whose text may quote a key the
+            # server echoed) is neither __cause__ nor __context__ of what callers and Dagster see.
+            failure.__context__ = None
+            raise failure
         done.latency_s = time.perf_counter() - start
         return done
 

@@ -6,7 +6,7 @@ import os
 from typing import ClassVar
 
 import dagster as dg
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from poll_assets.llm.base import ChatBackend
 from poll_assets.llm.local import LocalLlamaBackend
@@ -64,14 +64,22 @@ class LocalLlamaResource(LLMResource):
 class RemoteLLMResource(LLMResource):
     """A provider reached over HTTP with an API key read from the environment (through dg.EnvVar)."""
 
-    api_key: str | None = None
+    api_key: str | None = Field(default=None, repr=False)  # resolved secret: kept out of repr/str
     api_key_env: str | None = None  # the variable's name, for error messages (never the value)
     key_required: ClassVar[bool] = True
 
-    def _checked_key(self) -> str | None:
-        if self.key_required and not self.api_key:
-            raise MissingAPIKeyError(self.member, self.provider, self.api_key_env or "<api_key_env>")
+    def _key_value(self) -> str | None:
+        # Inside a run Dagster has already resolved the EnvVar; a resource used directly (scripts,
+        # tests) still holds the EnvVar itself, which must be read explicitly.
+        if isinstance(self.api_key, dg.EnvVar):
+            return self.api_key.get_value() or None
         return self.api_key or None
+
+    def _checked_key(self) -> str | None:
+        key = self._key_value()
+        if self.key_required and not key:
+            raise MissingAPIKeyError(self.member, self.provider, self.api_key_env or "<api_key_env>")
+        return key
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # Fail when the run initialises the resource, before any asset starts calling.
@@ -104,10 +112,11 @@ class OpenAICompatibleResource(RemoteLLMResource):
     key_required: ClassVar[bool] = False  # self-hosted servers often run without a key
 
     def _checked_key(self) -> str | None:
-        if self.api_key_env and not self.api_key:
+        key = self._key_value()
+        if self.api_key_env and not key:
             # The member named a variable, so it meant to send a key: a missing one is an error.
             raise MissingAPIKeyError(self.member, self.provider, self.api_key_env)
-        return self.api_key or None
+        return key
 
     def _make_backend(self) -> ChatBackend:
         from poll_assets.llm.openai_api import OpenAIChatBackend
