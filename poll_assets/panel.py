@@ -117,6 +117,8 @@ class Member(_Strict):
             )
         if self.model_path is not None and self.provider != "local":
             raise ValueError("model_path applies only to provider 'local'")
+        if self.provider == "openai_compatible" and not self.base_url:
+            raise ValueError("provider 'openai_compatible' needs a base_url (e.g. http://localhost:8000/v1)")
         return self
 
     @property

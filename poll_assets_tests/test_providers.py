@@ -265,6 +265,11 @@ def test_anthropic_member_with_a_param_the_api_lacks_is_refused_at_load(param):
         Member(name="j", provider="anthropic", model="claude", family="c", params=Params(**param))
 
 
+def test_openai_compatible_member_without_base_url_is_refused_at_load():
+    with pytest.raises(ValueError, match="base_url"):
+        Member(name="v", provider="openai_compatible", model="m", family="f")
+
+
 def test_anthropic_backend_refuses_sampling_params_instead_of_dropping_them(fake_llm, monkeypatch):
     res = make_resource(fake_llm, monkeypatch, "anthropic")
     err = failure(res, request(temperature=0.0))
@@ -535,7 +540,7 @@ def test_64_concurrent_calls_per_model_at_500ms_latency(fake_llm, monkeypatch):
     stats = fake_llm.stats()
     assert all(c.ok for c in done) and len(done) == 256
     assert stats["total"] == 256 and stats["max_repeats"] == 1
-    assert stats["max_in_flight"] >= 200  # the calls really overlapped
+    assert stats["max_in_flight"] >= 128  # the calls really overlapped (a default member allows 8)
     # Serially this is ~128 s; client-side SDK/httpx work in this one process is what remains.
     assert elapsed < 5.0, f"256 calls at 500±100 ms took {elapsed:.2f}s"
     print(f"256 concurrent calls (4 providers x 64) at 500±100 ms: {elapsed:.2f}s")
