@@ -562,6 +562,24 @@ def test_fake_answers_are_deterministic_per_request(fake_llm, monkeypatch):
     "schema",
     [
         JUDGE_SCHEMA,
+        {  # keyed verdicts with a nullable enum rating, as a rubric allowing N/A would ask for
+            "type": "object",
+            "properties": {
+                f"text_{k}": {
+                    "type": "object",
+                    "properties": {
+                        "type": {"type": "array", "items": {"type": "integer", "enum": [1, 2, 3]}},
+                        "rationale": {"type": "string", "maxLength": 40},
+                        "rating": {"type": ["integer", "null"], "enum": [1, 2, 3, 4, 5, None]},
+                    },
+                    "required": ["type", "rationale", "rating"],
+                    "additionalProperties": False,
+                }
+                for k in (1, 2, 3)
+            },
+            "required": ["text_1", "text_2", "text_3"],
+            "additionalProperties": False,
+        },
         {"type": "object", "properties": {"label": {"enum": ["A", "B", "tie"]}, "score": {"type": "number", "minimum": -1, "maximum": 1}, "ok": {"type": "boolean"}}},
         {
             "$defs": {"V": {"type": "object", "properties": {"r": {"type": "integer", "minimum": 1, "maximum": 10}}, "required": ["r"]}},
