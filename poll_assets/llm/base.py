@@ -109,7 +109,11 @@ class FatalProviderError(ProviderError):
 
 
 class ChatBackend(Protocol):
-    """A provider's client, created once per resource and reused for every call."""
+    """A provider's client, created once per resource and reused for every call.
+
+    A backend that cannot run calls in parallel may set an int attribute `max_parallel`;
+    run_calls then caps the member's concurrency at it.
+    """
 
     provider: str
     model: str

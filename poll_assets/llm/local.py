@@ -46,6 +46,9 @@ class LocalLlamaBackend:
     """llama.cpp is not safe for concurrent use of one context, so calls are serialized per model."""
 
     provider = "local"
+    # run_calls caps its concurrency at this, so queued calls wait before their timeout starts
+    # instead of inside a worker thread blocked on the model lock.
+    max_parallel = 1
 
     def __init__(self, model: str, model_path: str | None, n_ctx: int):
         self.model = model

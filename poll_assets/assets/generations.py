@@ -1,0 +1,129 @@
+"""Each generator's answers, and all answers side by side in panel order."""
+
+
+import asyncio
+
+import dagster as dg
+import pandas as pd
+
+from poll_assets.assets.metadata import call_metadata, member_kinds, table_metadata
+from poll_assets.llm.base import CallRequest, Message
+from poll_assets.llm.cache import ResponseCacheResource
+from poll_assets.llm.resources import resource_key
+from poll_assets.llm.runner import run_calls
+from poll_assets.panel import Member, Panel
+
+GENERATION_COLUMNS = [
+    "prompt_id", "generation", "model_name", "generator", "finish_reason", "input_tokens", "output_tokens",
+    "latency_s", "served_model", "request_id", "call_id", "cached", "error",
+]
+
+
+def generation_messages(member: Member, instruction: str) -> list[Message]:
+    messages: list[Message] = []
+    if member.system_prompt:
+        messages.append({"role": "system", "content": member.system_prompt})
+    messages.append({"role": "user", "content": instruction})
+    return messages
+
+
+def generation_key(member: Member) -> dg.AssetKey:
+    return dg.AssetKey(["generations", member.name])
+
+
+def build_generation_asset(member: Member, panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    llm_key = resource_key(member)
+    params = member.params.to_generation_params()
+
+    @dg.asset(
+        key=generation_key(member),
+        ins={"prompts": dg.AssetIn("prompts")},
+        group_name="generation",
+        kinds=member_kinds(member),
+        partitions_def=partitions_def,
+        code_version=member.fingerprint(),
+        pool=member.pool_name,
+        required_resource_keys={llm_key, "response_cache"},
+        description=f"Answers from generator `{member.name}` ({member.provider}: {member.model}), one row per prompt.",
+    )
+    def _generations(context: dg.AssetExecutionContext, prompts: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+        llm = getattr(context.resources, llm_key)
+        cache: ResponseCacheResource = context.resources.response_cache
+        requests = [CallRequest.build(generation_messages(member, text), params) for text in prompts["instruction"]]
+        batch = asyncio.run(
+            run_calls(llm, requests, cache=cache.get_cache(), progress=context.log.info, label=context.asset_key.to_user_string())
+        )
+        rows = [
+            {
+                "prompt_id": pid,
+                "generation": c.text if c.ok else None,
+                "model_name": member.model,
+                "generator": member.name,
+                "finish_reason": c.finish_reason,
+                "input_tokens": c.input_tokens,
+                "output_tokens": c.output_tokens,
+                "latency_s": c.latency_s,
+                "served_model": c.model,
+                "request_id": c.request_id,
+                "call_id": c.call_id,
+                "cached": c.cached,
+                "error": c.error,
+            }
+            for pid, c in zip(prompts["prompt_id"], batch.completions)
+        ]
+        df = pd.DataFrame(rows, columns=GENERATION_COLUMNS)
+        if len(df) and batch.all_failed:
+            raise dg.Failure(description=batch.failure_message(context.asset_key.to_user_string()))
+        failures = int(df["error"].notna().sum())
+        return dg.Output(
+            df,
+            metadata={
+                **table_metadata(df),
+                **call_metadata(batch.stats, member, panel),
+                "failure_rate": dg.MetadataValue.float(failures / len(df) if len(df) else 0.0),
+            },
+        )
+
+    return _generations
+
+
+def build_combined_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    ins = {f"gen_{m.name}": dg.AssetIn(key=generation_key(m)) for m in panel.generators}
+    ins["prompts"] = dg.AssetIn("prompts")
+
+    @dg.asset(
+        name="combined_generations",
+        ins=ins,
+        group_name="generation",
+        kinds={"pandas"},
+        partitions_def=partitions_def,
+        code_version="1",
+        description=(
+            "For each prompt, `generations` and `generation_models` in panel order "
+            f"({', '.join(m.name for m in panel.generators)}); a failed generation is None with its error kept."
+        ),
+    )
+    def combined_generations(context: dg.AssetExecutionContext, prompts: pd.DataFrame, **generations: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+        frames = [generations[f"gen_{m.name}"].set_index("prompt_id") for m in panel.generators]
+        rows = []
+        for pid, instruction in zip(prompts["prompt_id"], prompts["instruction"]):
+            picked = [f.loc[pid] for f in frames]
+            rows.append(
+                {
+                    "prompt_id": pid,
+                    "instruction": instruction,
+                    "generations": [_none_if_nan(r["generation"]) for r in picked],
+                    "generation_models": [r["model_name"] for r in picked],
+                    "generators": [r["generator"] for r in picked],
+                    "generation_call_ids": [r["call_id"] for r in picked],
+                    "generation_errors": [_none_if_nan(r["error"]) for r in picked],
+                }
+            )
+        df = pd.DataFrame(rows)
+        return dg.Output(df, metadata=table_metadata(df))
+
+    return combined_generations
+
+
+def _none_if_nan(value: object) -> object:
+    return None if value is None or (isinstance(value, float) and value != value) else value

@@ -1,0 +1,148 @@
+"""Each judge's verdicts on every generation, with the UltraFeedback rubric."""
+
+
+import asyncio
+from dataclasses import dataclass
+
+import dagster as dg
+import pandas as pd
+
+from poll_assets.assets.metadata import call_metadata, member_kinds, table_metadata
+from poll_assets.llm.base import CallRequest, Completion
+from poll_assets.llm.cache import ResponseCacheResource
+from poll_assets.llm.resources import resource_key
+from poll_assets.llm.runner import run_calls
+from poll_assets.panel import Member, Panel
+from poll_assets.rubrics.ultrafeedback import Rubric, build_judge_messages, get_rubric, prompt_version, verdict_json_schema
+from poll_assets.verdicts import Verdict, parse_verdicts, presentation_order
+
+
+def ratings_key(member: Member) -> dg.AssetKey:
+    return dg.AssetKey(["ratings", member.name])
+
+
+@dataclass
+class JudgeTask:
+    """One judge call: the generations that exist for a prompt, in the order the judge sees them."""
+
+    prompt_id: str
+    n_generations: int
+    shown: list[int]  # shown[k] = index (into generations) of the text shown at position k
+    request: CallRequest | None  # None when no generation exists to judge
+
+
+def plan_judge_task(
+    row: pd.Series, member: Member, panel: Panel, rubric: Rubric
+) -> JudgeTask:
+    generations = list(row["generations"])
+    present = [i for i, g in enumerate(generations) if isinstance(g, str)]
+    if not present:
+        return JudgeTask(row["prompt_id"], len(generations), [], None)
+    order = presentation_order(
+        row["prompt_id"], member.name, len(present), panel.judging.seed, shuffle=panel.judging.shuffle_positions
+    )
+    shown = [present[k] for k in order]
+    limit = panel.judging.max_rationale_chars
+    messages = build_judge_messages(
+        rubric,
+        row["instruction"],
+        [generations[i] for i in shown],
+        structured=True,
+        system_prompt=member.system_prompt,
+        max_rationale_chars=limit,
+    )
+    schema = verdict_json_schema(rubric, len(shown), max_rationale_chars=limit)
+    request = CallRequest.build(messages, member.params.to_generation_params(), json_schema=schema)
+    return JudgeTask(row["prompt_id"], len(generations), shown, request)
+
+
+def verdicts_for(task: JudgeTask, completion: Completion | None, rubric: Rubric) -> list[Verdict]:
+    """Exactly one verdict per generation, in generation order, whatever the judge returned."""
+    out = [Verdict(rating=None, rationale=None, error="generation failed") for _ in range(task.n_generations)]
+    if task.request is None or completion is None:
+        return out
+    if not completion.ok:
+        for i in task.shown:
+            out[i] = Verdict(rating=None, rationale=None, error=f"judge call failed: {completion.error}")
+        return out
+    text = completion.text or ""
+    # A provider that fell back to plain text may still have answered in JSON.
+    structured = completion.output_mode != "text" or text.lstrip().startswith(("{", "```"))
+    parsed = parse_verdicts(text, len(task.shown), rubric, structured=structured)
+    for position, i in enumerate(task.shown):  # undo the shuffle: position k showed generation shown[k]
+        out[i] = parsed[position]
+    return out
+
+
+def build_ratings_asset(member: Member, panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    llm_key = resource_key(member)
+    rubric = get_rubric(panel.judging.aspect)
+
+    @dg.asset(
+        key=ratings_key(member),
+        ins={"combined_generations": dg.AssetIn("combined_generations")},
+        group_name="judging",
+        kinds=member_kinds(member),
+        partitions_def=partitions_def,
+        code_version=member.fingerprint(
+            prompt_version(rubric, structured=True, system_prompt=member.system_prompt),
+            panel.judging.model_dump_json(include={"shuffle_positions", "seed", "max_rationale_chars"}),
+        ),
+        pool=member.pool_name,
+        required_resource_keys={llm_key, "response_cache"},
+        description=(
+            f"Verdicts of judge `{member.name}` ({member.provider}: {member.model}) on every generation, "
+            f"UltraFeedback {rubric.aspect} rubric v{rubric.version}: one rating (1-5 or None, with the reason) "
+            "and one rationale per generation, aligned with `generations`; the raw judge output is kept."
+        ),
+    )
+    def _ratings(context: dg.AssetExecutionContext, combined_generations: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+        llm = getattr(context.resources, llm_key)
+        cache: ResponseCacheResource = context.resources.response_cache
+        tasks = [plan_judge_task(row, member, panel, rubric) for _, row in combined_generations.iterrows()]
+        requests = [t.request for t in tasks if t.request is not None]
+        batch = asyncio.run(
+            run_calls(llm, requests, cache=cache.get_cache(), progress=context.log.info, label=context.asset_key.to_user_string())
+        )
+        done = iter(batch.completions)
+        rows = []
+        parse_failures = judged = 0
+        for task in tasks:
+            completion = next(done) if task.request is not None else None
+            verdicts = verdicts_for(task, completion, rubric)
+            for i in task.shown:
+                judged += 1
+                parse_failures += verdicts[i].rating is None and verdicts[i].error != "N/A"
+            rows.append(
+                {
+                    "prompt_id": task.prompt_id,
+                    "judge": member.name,
+                    "model_name": member.model,
+                    "ratings": [v.rating for v in verdicts],
+                    "rationales": [v.rationale for v in verdicts],
+                    "rating_types": [v.type for v in verdicts],
+                    "rating_errors": [v.error for v in verdicts],
+                    "shown_order": task.shown,
+                    "raw_output": completion.text if completion else None,
+                    "output_mode": completion.output_mode if completion else None,
+                    "call_id": completion.call_id if completion else None,
+                    "input_tokens": completion.input_tokens if completion else 0,
+                    "output_tokens": completion.output_tokens if completion else 0,
+                    "error": completion.error if completion else None,
+                }
+            )
+        df = pd.DataFrame(rows)
+        if requests and batch.all_failed:
+            raise dg.Failure(description=batch.failure_message(context.asset_key.to_user_string()))
+        return dg.Output(
+            df,
+            metadata={
+                **table_metadata(df),
+                **call_metadata(batch.stats, member, panel),
+                "rubric": f"{rubric.aspect} v{rubric.version}",
+                "parse_failures": parse_failures,
+                "parse_failure_rate": dg.MetadataValue.float(parse_failures / judged if judged else 0.0),
+            },
+        )
+
+    return _ratings

@@ -1,0 +1,47 @@
+"""Metadata every asset reports: row counts, column schemas, and the cost of its calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from poll_assets.llm.runner import CallStats
+from poll_assets.panel import Member, Panel
+
+# Dagster kind tags shown on each node of the asset graph.
+PROVIDER_KINDS = {
+    "local": "llamacpp",
+    "openai": "openai",
+    "openai_compatible": "openai",
+    "anthropic": "anthropic",
+    "hf_inference": "huggingface",
+}
+
+
+def member_kinds(member: Member) -> set[str]:
+    return {PROVIDER_KINDS[member.provider], "pandas"}
+
+
+def table_metadata(df: pd.DataFrame) -> dict[str, Any]:
+    schema = dg.TableSchema(
+        columns=[dg.TableColumn(name=str(c), type=str(df[c].dtype)) for c in df.columns]
+    )
+    return {"dagster/row_count": len(df), "dagster/column_schema": schema}
+
+
+def call_metadata(stats: CallStats, member: Member, panel: Panel) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "llm/calls": stats.calls,
+        "llm/cache_hits": stats.cache_hits,
+        "llm/failures": stats.failures,
+        "llm/input_tokens": stats.input_tokens,
+        "llm/output_tokens": stats.output_tokens,
+        "llm/model": member.model,
+        "llm/provider": member.provider,
+    }
+    cost = stats.cost_usd(panel.prices.get(member.model))
+    if cost is not None:
+        meta["llm/cost_usd"] = dg.MetadataValue.float(round(cost, 6))
+    return meta

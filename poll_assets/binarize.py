@@ -1,0 +1,117 @@
+"""Turning pooled ratings into chosen/rejected pairs.
+
+Strategies
+- best_vs_worst: the highest-rated generation against the lowest-rated one (distilabel's
+  FormatTextGenerationDPO).
+- best_vs_random: the highest-rated against one picked at random among those rated strictly lower
+  (as in UltraFeedback-binarized, without its tie problem).
+- all_pairs: every pair of generations whose ratings differ.
+
+Rules common to all: generations without a pooled rating, or marked invalid (a failed generation),
+are skipped; a generation is never paired with itself; pairs whose margin is 0 are ties and are
+dropped and counted; pairs whose margin is below `min_margin` are dropped and counted. When several
+generations tie for best (or worst), one of them is picked with a generator seeded by (seed, key) -
+so the result is deterministic, but no generator position is systematically favoured as it would
+be by "lowest index wins" (`tie_break="lowest_index"` is available for that behaviour).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+STRATEGIES = ("best_vs_worst", "best_vs_random", "all_pairs")
+TIE_BREAKS = ("random", "lowest_index")
+
+FEWER_THAN_TWO = "fewer than two rated generations"
+TIE = "tie"
+BELOW_MARGIN = "margin below min_margin"
+
+
+class PreferencePair(NamedTuple):
+    chosen: int  # index of the preferred generation
+    rejected: int
+    margin: float  # pooled rating of chosen minus that of rejected, > 0
+
+
+@dataclass
+class BinarizeResult:
+    pairs: list[PreferencePair] = field(default_factory=list)
+    reason: str | None = None  # why there is no pair, when there is none
+    ties_dropped: int = 0
+    below_margin: int = 0
+    n_rated: int = 0  # generations that took part
+
+
+def _rng(seed: int, key: str) -> random.Random:
+    digest = hashlib.sha256(json.dumps([seed, key]).encode("utf-8")).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def binarize(
+    avg_ratings: list[float | None],
+    *,
+    strategy: str = "best_vs_worst",
+    min_margin: float = 0.0,
+    seed: int = 0,
+    key: str = "",
+    valid: list[bool] | None = None,
+    tie_break: str = "random",
+) -> BinarizeResult:
+    """Pairs for one prompt from its generations' pooled ratings. `key` (e.g. the prompt id) varies
+    the random choices between prompts while keeping each one reproducible."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown binarization strategy {strategy!r}; use one of {list(STRATEGIES)}")
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"unknown tie_break {tie_break!r}; use one of {list(TIE_BREAKS)}")
+    if min_margin < 0:
+        raise ValueError(f"min_margin must be >= 0, got {min_margin}")
+    if valid is not None and len(valid) != len(avg_ratings):
+        raise ValueError(f"valid has {len(valid)} entries for {len(avg_ratings)} generations")
+    rated = [
+        g for g, r in enumerate(avg_ratings) if r is not None and (valid is None or valid[g])
+    ]
+    result = BinarizeResult(n_rated=len(rated))
+    if len(rated) < 2:
+        result.reason = FEWER_THAN_TWO
+        return result
+    rng = _rng(seed, key)
+    score = {g: float(avg_ratings[g]) for g in rated}  # type: ignore[arg-type]
+
+    def pick(candidates: list[int]) -> int:
+        return candidates[0] if tie_break == "lowest_index" or len(candidates) == 1 else rng.choice(candidates)
+
+    def offer(chosen: int, rejected: int) -> None:
+        margin = score[chosen] - score[rejected]
+        if margin <= 0:
+            result.ties_dropped += 1
+        elif margin < min_margin:
+            result.below_margin += 1
+        else:
+            result.pairs.append(PreferencePair(chosen, rejected, margin))
+
+    top = max(score.values())
+    best = pick([g for g in rated if score[g] == top])
+    if strategy == "best_vs_worst":
+        bottom = min(score.values())
+        if bottom == top:
+            result.ties_dropped += 1
+        else:
+            offer(best, pick([g for g in rated if score[g] == bottom]))
+    elif strategy == "best_vs_random":
+        lower = [g for g in rated if score[g] < top]
+        if not lower:
+            result.ties_dropped += 1
+        else:
+            offer(best, rng.choice(lower))
+    else:
+        for i, a in enumerate(rated):
+            for b in rated[i + 1:]:
+                hi, lo = (a, b) if score[a] >= score[b] else (b, a)
+                offer(hi, lo)
+    if not result.pairs:
+        result.reason = BELOW_MARGIN if result.below_margin else TIE
+    return result

@@ -1,0 +1,81 @@
+"""`poll-assets`: run the main job from the shell, or open the UI on the project's instance."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _use_project_home() -> Path:
+    """DAGSTER_HOME defaults to ./.dagster_home so the CLI and `dagster dev` share run history."""
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path.cwd() / ".dagster_home"))).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _use_project_home()
+    import dagster as dg
+
+    from poll_assets.panel import load_panel
+    from poll_assets.pipeline import JOB_NAME, build_definitions
+
+    panel, path = load_panel(args.panel)
+    defs = build_definitions(panel, path)
+    job = defs.resolve_job_def(JOB_NAME)
+    keys = job.partitions_def.get_partition_keys()
+    key = args.partition or keys[0]
+    print(f"panel {panel.name} ({path}); materializing every asset of partition {key} ...", flush=True)
+    with dg.DagsterInstance.get() as instance:
+        result = job.execute_in_process(
+            partition_key=key,
+            instance=instance,
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        )
+        if not result.success:
+            print(f"run {result.run_id} failed; see `poll-assets ui` for the event log", file=sys.stderr)
+            return 1
+        event = instance.get_latest_materialization_event(dg.AssetKey("preference_pairs"))
+        meta = event.asset_materialization.metadata if event and event.asset_materialization else {}
+    where = meta["path"].value if "path" in meta else "?"
+    pairs = meta["pairs"].value if "pairs" in meta else "?"
+    print(f"run {result.run_id} succeeded")
+    print(f"preference set: {where}")
+    print(f"pairs: {pairs}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    home = _use_project_home()
+    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
+    argv = ["dagster", "dev", "-h", args.host, "-p", str(args.port)]
+    if workspace.is_file():
+        argv += ["-w", str(workspace)]
+    else:
+        argv += ["-m", "poll_assets.definitions"]
+    print(f"DAGSTER_HOME={home}; opening http://{args.host}:{args.port}", flush=True)
+    os.execvp(argv[0], argv)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="poll-assets", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="materialize every asset of one partition (default: the first)")
+    run.add_argument("--panel", help="bundled panel name or YAML path (default: $POLL_PANEL or 'local')")
+    run.add_argument("--partition", help="shard key, e.g. shard-00000")
+    run.set_defaults(fn=cmd_run)
+    ui = sub.add_parser("ui", help="start `dagster dev` on the project's instance")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(fn=cmd_ui)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

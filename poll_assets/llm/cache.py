@@ -1,0 +1,199 @@
+"""The response cache: one SQLite row per successful call, keyed by `request_key`.
+
+Every call is committed as soon as it completes, so a run killed halfway keeps everything it
+already paid for and a re-run requests only what is missing (failed calls are never stored, so
+they are requested again). WAL mode lets parallel partition runs read and write the same file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+from poll_assets.llm.base import Completion
+
+if TYPE_CHECKING:
+    from poll_assets.panel import CacheSettings
+
+CacheMode = Literal["use", "bypass", "refresh"]
+CACHE_MODES: tuple[str, ...] = ("use", "bypass", "refresh")
+CACHE_FILE_NAME = "llm_cache.sqlite"
+
+# Another process may hold the write lock for a moment; wait rather than fail.
+BUSY_TIMEOUT_MS = 30_000
+_LOOKUP_CHUNK = 500  # stays well under SQLite's bound-parameter limit
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS completions (
+    key        TEXT PRIMARY KEY,
+    provider   TEXT NOT NULL,
+    model      TEXT NOT NULL,
+    completion TEXT NOT NULL,
+    created_at REAL NOT NULL
+)
+"""
+
+_COMPLETION_FIELDS = frozenset(f.name for f in dataclasses.fields(Completion))
+
+
+class CacheError(RuntimeError):
+    """The cache file cannot be opened, read or written; the message names the file."""
+
+
+def default_cache_path() -> Path:
+    """`$DAGSTER_HOME/llm_cache.sqlite`, or `./.dagster_home/llm_cache.sqlite` when DAGSTER_HOME is unset."""
+    home = os.environ.get("DAGSTER_HOME")
+    base = Path(home).expanduser() if home else Path.cwd() / ".dagster_home"
+    return base / CACHE_FILE_NAME
+
+
+def _completion_from_json(blob: str) -> Completion:
+    data: dict[str, Any] = json.loads(blob)
+    # Ignore fields a newer or older Completion does not have, so old caches stay readable.
+    return Completion(**{k: v for k, v in data.items() if k in _COMPLETION_FIELDS})
+
+
+class ResponseCache:
+    """A process- and thread-safe store of completed calls.
+
+    mode "use" reads and writes, "refresh" writes without reading (re-requests everything and
+    overwrites), "bypass" does neither. The async methods run SQLite in a worker thread so a
+    busy file never stalls the event loop.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], mode: CacheMode = "use") -> None:
+        if mode not in CACHE_MODES:
+            raise ValueError(f"cache mode {mode!r} is not one of {list(CACHE_MODES)}")
+        self.path = Path(path).expanduser().resolve()
+        self.mode: CacheMode = mode
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+
+    def __repr__(self) -> str:
+        return f"ResponseCache({str(self.path)!r}, mode={self.mode!r})"
+
+    @property
+    def reads(self) -> bool:
+        return self.mode == "use"
+
+    @property
+    def writes(self) -> bool:
+        return self.mode in ("use", "refresh")
+
+    def _connection(self) -> sqlite3.Connection:
+        # A connection must not cross a fork; reopen in a child process.
+        if self._conn is None or self._pid != os.getpid():
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(
+                    self.path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False, isolation_level=None
+                )
+                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                conn.execute("PRAGMA journal_mode=WAL")
+                # In WAL mode NORMAL survives a killed process; only an OS crash may lose the last commits.
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute(_SCHEMA)
+            except (sqlite3.Error, OSError) as exc:
+                raise CacheError(f"response cache {self.path}: cannot open: {exc}") from exc
+            self._conn = conn
+            self._pid = os.getpid()
+        return self._conn
+
+    def get(self, key: str) -> Completion | None:
+        return self.get_many([key]).get(key)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Completion]:
+        """Cached completions for the keys that have one (marked `cached=True`); empty unless mode is "use"."""
+        if not self.reads:
+            return {}
+        wanted = list(dict.fromkeys(keys))
+        found: dict[str, Completion] = {}
+        with self._lock:
+            conn = self._connection()
+            try:
+                for i in range(0, len(wanted), _LOOKUP_CHUNK):
+                    chunk = wanted[i : i + _LOOKUP_CHUNK]
+                    marks = ",".join("?" * len(chunk))
+                    rows = conn.execute(f"SELECT key, completion FROM completions WHERE key IN ({marks})", chunk)
+                    for key, blob in rows:
+                        found[key] = _completion_from_json(blob)
+            except sqlite3.Error as exc:
+                raise CacheError(f"response cache {self.path}: read failed: {exc}") from exc
+        for key, c in found.items():
+            c.cached = True
+            c.call_id = key
+        return found
+
+    def put(self, key: str, completion: Completion, provider: str, model: str) -> bool:
+        """Store one successful completion, committed at once. Failures are not stored. Returns True if written."""
+        if not self.writes or not completion.ok:
+            return False
+        record = dataclasses.replace(completion, cached=False, call_id=key)
+        blob = json.dumps(record.to_dict(), ensure_ascii=False, default=str)
+        with self._lock:
+            conn = self._connection()
+            try:
+                # Autocommit mode: this single statement is its own short transaction.
+                conn.execute(
+                    "INSERT OR REPLACE INTO completions (key, provider, model, completion, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (key, provider, model, blob, time.time()),
+                )
+            except sqlite3.Error as exc:
+                raise CacheError(f"response cache {self.path}: write failed: {exc}") from exc
+        return True
+
+    async def aget_many(self, keys: Iterable[str]) -> dict[str, Completion]:
+        if not self.reads:
+            return {}
+        return await asyncio.to_thread(self.get_many, list(keys))
+
+    async def aput(self, key: str, completion: Completion, provider: str, model: str) -> bool:
+        if not self.writes or not completion.ok:
+            return False
+        return await asyncio.to_thread(self.put, key, completion, provider, model)
+
+    def __len__(self) -> int:
+        with self._lock:
+            conn = self._connection()
+            return int(conn.execute("SELECT COUNT(*) FROM completions").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+
+class ResponseCacheResource(dg.ConfigurableResource):
+    """The response cache as a Dagster resource. `path` defaults to $DAGSTER_HOME/llm_cache.sqlite."""
+
+    path: str | None = None
+    mode: CacheMode = "use"
+
+    _cache: ResponseCache | None = PrivateAttr(default=None)
+
+    @classmethod
+    def from_settings(cls, settings: "CacheSettings") -> "ResponseCacheResource":
+        """The resource for a panel's `cache:` section."""
+        return cls(path=settings.path, mode=settings.mode)
+
+    def resolved_path(self) -> Path:
+        return Path(self.path).expanduser() if self.path else default_cache_path()
+
+    def get_cache(self) -> ResponseCache:
+        if self._cache is None:
+            self._cache = ResponseCache(self.resolved_path(), self.mode)
+        return self._cache

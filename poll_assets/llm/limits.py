@@ -1,0 +1,149 @@
+"""Per-member call limits: a concurrency cap and token buckets for requests and tokens per minute.
+
+Everything here holds asyncio primitives, which bind to the event loop that first uses them, so
+`run_calls` builds a fresh `CallLimits` for every batch (each batch may run under its own
+`asyncio.run`). The limits therefore apply per batch, i.e. per process: parallel partition runs
+each get the full rate, and Dagster pools are what bound how many of those run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from poll_assets.llm.base import CallRequest
+
+if TYPE_CHECKING:
+    from poll_assets.llm.base import ChatBackend
+    from poll_assets.llm.resources import LLMResource
+
+# Rough characters-per-token ratio for English; only used to pace calls before the real usage is known.
+CHARS_PER_TOKEN = 4
+PER_MESSAGE_OVERHEAD_TOKENS = 4
+
+
+def estimate_tokens(request: CallRequest) -> int:
+    """Tokens a call may consume, counted the way providers charge a TPM budget up front:
+    the prompt (estimated from its length) plus the full `max_new_tokens` allowance."""
+    chars = sum(len(content) for _, content in request.messages)
+    if request.json_schema is not None:
+        chars += len(str(request.json_schema))
+    prompt = math.ceil(chars / CHARS_PER_TOKEN) + PER_MESSAGE_OVERHEAD_TOKENS * len(request.messages)
+    return prompt + request.params.max_new_tokens
+
+
+class TokenBucket:
+    """An async token bucket refilled continuously at `per_minute / 60` tokens a second.
+
+    The bucket holds at most `burst` tokens (default: one second's worth, at least 1), so a batch
+    starts with a short burst and then settles to the configured rate instead of firing a whole
+    minute's budget at once. A request larger than the bucket waits until it is full and then
+    borrows from the future (the level goes negative), which keeps the long-run rate exact.
+    """
+
+    def __init__(
+        self,
+        per_minute: float,
+        burst: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if per_minute <= 0:
+            raise ValueError(f"per_minute must be positive, got {per_minute}")
+        self.rate = per_minute / 60.0
+        self.capacity = float(burst) if burst is not None else max(1.0, self.rate)
+        self._clock = clock
+        self._level = self.capacity
+        self._updated = clock()
+        self._lock = asyncio.Lock()  # waiters queue in FIFO order, one refill wait at a time
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._level = min(self.capacity, self._level + (now - self._updated) * self.rate)
+        self._updated = now
+
+    @property
+    def level(self) -> float:
+        self._refill()
+        return self._level
+
+    async def acquire(self, amount: float = 1.0) -> None:
+        need = min(float(amount), self.capacity)
+        async with self._lock:
+            while True:
+                self._refill()
+                if self._level >= need:
+                    break
+                await asyncio.sleep((need - self._level) / self.rate)
+            self._level -= amount
+
+    def adjust(self, delta: float) -> None:
+        """Charge `delta` more tokens (or refund when negative) once the real usage is known."""
+        self._refill()
+        self._level = min(self.capacity, self._level - delta)
+
+
+class BatchStopped(Exception):
+    """Raised to calls still waiting for a slot after the batch was stopped by a fatal error."""
+
+
+class CallLimits:
+    """The limits one batch of calls to one member runs under."""
+
+    def __init__(self, max_concurrency: int, rpm: int | None = None, tpm: int | None = None) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        self.max_concurrency = max_concurrency
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self.requests = TokenBucket(rpm) if rpm else None
+        self.tokens = TokenBucket(tpm) if tpm else None
+        self._resume_at = 0.0
+        self.stopped = False
+        self.in_flight = 0
+        self.peak_in_flight = 0
+
+    @classmethod
+    def for_resource(cls, llm: "LLMResource", backend: "ChatBackend | None" = None) -> "CallLimits":
+        """Limits from the member's resource fields. A backend that can only run `max_parallel`
+        calls at a time (the local llama.cpp model runs one) caps the concurrency further, so
+        queued calls wait here, before their timeout starts, rather than inside the backend."""
+        concurrency = llm.max_concurrency
+        backend_cap = getattr(backend, "max_parallel", None)
+        if isinstance(backend_cap, int) and backend_cap >= 1:
+            concurrency = min(concurrency, backend_cap)
+        return cls(concurrency, llm.rpm, llm.tpm)
+
+    def pause_for(self, seconds: float) -> None:
+        """Hold back every new attempt for `seconds` (the provider asked us to slow down)."""
+        self._resume_at = max(self._resume_at, time.monotonic() + max(0.0, seconds))
+
+    def stop(self) -> None:
+        """No further attempt starts; waiting calls raise BatchStopped."""
+        self.stopped = True
+
+    @asynccontextmanager
+    async def slot(self, estimated_tokens: int = 0) -> AsyncIterator[None]:
+        """Wait for a free slot, any pause, and the rate budgets; hold the slot for one attempt."""
+        async with self._slots:
+            while (wait := self._resume_at - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            if self.requests is not None:
+                await self.requests.acquire(1)
+            if self.tokens is not None:
+                await self.tokens.acquire(estimated_tokens)
+            if self.stopped:
+                raise BatchStopped()
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            try:
+                yield
+            finally:
+                self.in_flight -= 1
+
+    def settle_tokens(self, estimated: int, actual: int) -> None:
+        """Replace the up-front token estimate with what the provider reported."""
+        if self.tokens is not None and actual > 0:
+            self.tokens.adjust(actual - estimated)

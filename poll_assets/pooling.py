@@ -1,0 +1,86 @@
+"""Pooling the panel's ratings into one score per generation, with the self-preference mask."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+
+POOLING_METHODS = ("mean", "median", "majority")
+
+
+@dataclass
+class PooledRatings:
+    avg: list[float | None]  # pooled rating per generation; None when fewer than min_judges rated it
+    n_valid: list[int]  # ratings that went into each pooled value
+    excluded: int = 0  # ratings that existed but were dropped by the exclude mask
+    method: str = "mean"
+    min_judges: int = 1
+    excluded_per_generation: list[int] = field(default_factory=list)
+
+
+def _pool(values: list[int], method: str) -> float:
+    if method == "mean":
+        return float(statistics.fmean(values))
+    if method == "median":
+        return float(statistics.median(values))
+    # majority: the most frequent rating; a tie between several modes falls back to the mean
+    modes = statistics.multimode(values)
+    return float(modes[0]) if len(modes) == 1 else float(statistics.fmean(values))
+
+
+def pool_ratings(
+    ratings: list[list[int | None]],
+    *,
+    method: str = "mean",
+    min_judges: int = 1,
+    exclude: list[list[bool]] | None = None,
+) -> PooledRatings:
+    """ratings[j][g] is judge j's rating of generation g (None: no usable rating).
+
+    exclude[j][g] True drops that rating (e.g. a judge rating its own model family). A generation
+    with fewer than `min_judges` remaining ratings gets None.
+    """
+    if method not in POOLING_METHODS:
+        raise ValueError(f"unknown pooling method {method!r}; use one of {list(POOLING_METHODS)}")
+    if min_judges < 1:
+        raise ValueError(f"min_judges must be >= 1, got {min_judges}")
+    n_gen = len(ratings[0]) if ratings else 0
+    for j, row in enumerate(ratings):
+        if len(row) != n_gen:
+            raise ValueError(f"ratings[{j}] has {len(row)} entries, expected {n_gen} (one per generation)")
+    if exclude is not None:
+        if len(exclude) != len(ratings) or any(len(row) != n_gen for row in exclude):
+            raise ValueError(
+                f"exclude must have the shape of ratings ({len(ratings)} judges x {n_gen} generations)"
+            )
+    avg: list[float | None] = []
+    n_valid: list[int] = []
+    dropped: list[int] = []
+    for g in range(n_gen):
+        kept: list[int] = []
+        dropped_g = 0
+        for j, row in enumerate(ratings):
+            value = row[g]
+            if value is None:
+                continue
+            if exclude is not None and exclude[j][g]:
+                dropped_g += 1
+                continue
+            kept.append(value)
+        n_valid.append(len(kept))
+        dropped.append(dropped_g)
+        avg.append(_pool(kept, method) if len(kept) >= min_judges else None)
+    return PooledRatings(avg, n_valid, sum(dropped), method, min_judges, dropped)
+
+
+def _norm_family(family: str) -> str:
+    return family.strip().lower()
+
+
+def self_family_mask(judge_families: list[str], generation_families: list[str]) -> list[list[bool]]:
+    """mask[j][g] is True when judge j and the model behind generation g share a family."""
+    return [
+        [_norm_family(jf) == _norm_family(gf) for gf in generation_families]
+        for jf in judge_families
+    ]

@@ -1,0 +1,253 @@
+"""Writing the preference set: Parquet + `save_to_disk` + a dataset card, and an optional Hub upload.
+
+`card_info` layout (every section optional except `rubric`; unknown keys are kept in the YAML):
+
+    {
+      "pretty_name": str, "license": str, "description": str,
+      "panel": {"name": str, "generators": [{"name", "model", "family", "provider"}], "judges": [...]},
+      "source": {"repo_id" | "data_files": ..., "split": str},
+      "rubric": {"aspect": str, "version": str},
+      "judging": {"shuffle_positions": bool, "exclude_self_family": bool, "seed": int, "structured": bool},
+      "pooling": {"method": str, "min_judges": int},
+      "binarization": {"strategy": str, "min_margin": float, "seed": int},
+      "counts": {"prompts": int, "pairs": int, "ties_dropped": int, "parse_failures": int, ...},
+      "agreement": {"krippendorff_alpha": float | None, "mean_cohen_kappa_quadratic": ..., "pairwise": [...]},
+    }
+
+The card's YAML header holds the Hub's own fields (pretty_name, license, task_categories, tags,
+size_categories, configs) plus one `poll` mapping with the panel, rubric, settings, counts and
+agreement figures, so tools can read how the set was made without parsing prose.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from huggingface_hub import DatasetCardData, HfApi
+
+REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
+DATA_DIR = "data"
+DISK_DIR = "hf_dataset"
+UPLOAD_PATTERNS = ["README.md", f"{DATA_DIR}/*"]
+# Key names that would hold a credential ("hf_token", "api_key"); "max_new_tokens", "api_key_env" are fine.
+_SECRET_KEY_RE = re.compile(r"(?:.*[_\-])?(?:token|api_?key|secret|password|authorization)", re.IGNORECASE)
+
+
+def _secret_keys(value: Any, path: str = "card_info") -> list[str]:
+    found: list[str] = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            where = f"{path}.{k}"
+            if isinstance(k, str) and _SECRET_KEY_RE.fullmatch(k):
+                found.append(where)
+            found += _secret_keys(v, where)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found += _secret_keys(v, f"{path}[{i}]")
+    return found
+
+
+def _size_category(n: int) -> str:
+    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                         (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return label
+    return "1M<n<10M"
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.3f}"
+    return str(x)
+
+
+def _cell(x: Any) -> str:
+    return str(x if x is not None else "").replace("|", "\\|").replace("\n", " ")
+
+
+def _members_table(members: list[dict[str, Any]]) -> list[str]:
+    if not members:
+        return ["(none listed)"]
+    rows = ["| name | model | family | provider |", "| --- | --- | --- | --- |"]
+    rows += ["| " + " | ".join(_cell(m.get(k)) for k in ("name", "model", "family", "provider")) + " |"
+             for m in members]
+    return rows
+
+
+def build_dataset_card(info: dict[str, Any], *, repo_id: str | None = None, split: str = "train") -> str:
+    """The README.md of the dataset: YAML header plus a description of how it was built."""
+    leaks = _secret_keys(info)
+    if leaks:
+        raise ValueError(f"card info must not carry credentials; remove {leaks}")
+    rubric = info.get("rubric")
+    if not isinstance(rubric, dict) or not rubric.get("aspect") or not rubric.get("version"):
+        raise ValueError("card_info['rubric'] must give 'aspect' and 'version' (e.g. {'aspect': "
+                         "'instruction-following', 'version': 'if-1'})")
+    panel = info.get("panel") or {}
+    counts = info.get("counts") or {}
+    agreement = info.get("agreement") or {}
+    pooling = info.get("pooling") or {}
+    binar = info.get("binarization") or {}
+    judging = info.get("judging") or {}
+    pretty = info.get("pretty_name") or f"{panel.get('name', 'poll')} preference pairs ({rubric['aspect']})"
+
+    poll_meta = {k: info[k] for k in ("panel", "source", "rubric", "judging", "pooling", "binarization",
+                                      "counts", "agreement") if k in info}
+    extra = {k: v for k, v in info.items() if k not in poll_meta and k not in ("pretty_name", "license", "description")}
+    card_data = DatasetCardData(
+        pretty_name=pretty,
+        license=info.get("license", "other"),
+        task_categories=["text-generation"],
+        size_categories=_size_category(int(counts.get("pairs", 0) or 0)),
+        tags=["dpo", "preference", "synthetic", "llm-as-a-judge", "poll"],
+        configs=[{"config_name": "default", "data_files": [{"split": split, "path": f"{DATA_DIR}/{split}-*"}]}],
+        poll={**poll_meta, **extra},
+    )
+    lines = [
+        "---",
+        card_data.to_yaml(),
+        "---",
+        "",
+        f"# {pretty}",
+        "",
+        info.get("description") or (
+            "Preference pairs (prompt, chosen, rejected) for DPO-style training. Several generator models "
+            "answered each prompt; a panel of judge models (PoLL) rated every answer with an UltraFeedback "
+            "rubric; ratings were pooled per answer and turned into chosen/rejected pairs."
+        ),
+        "",
+        "## Panel",
+        "",
+        f"Panel config: `{panel.get('name', 'n/a')}`.",
+        "",
+        "Generators:",
+        "",
+        *_members_table(panel.get("generators") or []),
+        "",
+        "Judges:",
+        "",
+        *_members_table(panel.get("judges") or []),
+        "",
+        "## Judging",
+        "",
+        f"- Rubric: UltraFeedback **{rubric['aspect']}**, prompt version `{rubric['version']}` (ratings 1-5).",
+        f"- Answer format: {'JSON schema' if judging.get('structured') else 'text blocks'}"
+        if "structured" in judging else "- Answer format: n/a",
+        f"- Position bias: texts shown in a per-judge, per-prompt shuffled order: "
+        f"{_fmt(judging.get('shuffle_positions'))} (seed {_fmt(judging.get('seed'))}).",
+        f"- Self-preference: ratings by a judge of its own model family dropped: "
+        f"{_fmt(judging.get('exclude_self_family'))}.",
+        f"- Pooling: {_fmt(pooling.get('method'))} of the valid ratings; at least "
+        f"{_fmt(pooling.get('min_judges'))} judge(s) per answer.",
+        f"- Binarization: {_fmt(binar.get('strategy'))}, min margin {_fmt(binar.get('min_margin'))}, "
+        f"seed {_fmt(binar.get('seed'))}; ties dropped.",
+        "",
+        "## Counts",
+        "",
+        "| what | count |",
+        "| --- | --- |",
+        *[f"| {k.replace('_', ' ')} | {_fmt(v)} |" for k, v in counts.items()],
+        "",
+        "## Judge agreement",
+        "",
+        f"- Krippendorff's alpha (ordinal): {_fmt(agreement.get('krippendorff_alpha'))}",
+        f"- Mean Cohen's kappa (quadratic): {_fmt(agreement.get('mean_cohen_kappa_quadratic'))}",
+        f"- Mean Kendall's tau-b: {_fmt(agreement.get('mean_kendall_tau'))}",
+    ]
+    pairwise = agreement.get("pairwise") or []
+    if pairwise:
+        lines += ["", "| judges | items | kappa (quadratic) | Kendall tau |", "| --- | --- | --- | --- |"]
+        lines += [f"| {_cell(p.get('judge_a'))} / {_cell(p.get('judge_b'))} | {_fmt(p.get('n_items'))} | "
+                  f"{_fmt(p.get('cohen_kappa_quadratic'))} | {_fmt(p.get('kendall_tau'))} |" for p in pairwise]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        f'ds = load_dataset("{repo_id or "<this folder or repo id>"}", split="{split}")',
+        "```",
+        "",
+        "## Limitations",
+        "",
+        "Ratings come from language models, not people: they carry the judges' own biases, and pooling "
+        "several judges reduces but does not remove them. Check the agreement figures above before "
+        "relying on small margins.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_preference_set(
+    df: pd.DataFrame,
+    out_dir: Path,
+    card_info: dict[str, Any],
+    *,
+    repo_id: str | None = None,
+    token: str | None = None,
+    api: HfApi | None = None,
+    private: bool | None = None,
+    split: str = "train",
+    commit_message: str | None = None,
+) -> dict[str, Any]:
+    """Write the pairs as Parquet (Hub layout) and with `save_to_disk`, plus README.md; upload the
+    Parquet and card to the dataset repo when both repo_id and token are given."""
+    import datasets  # heavy import, only when exporting
+
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"preference set is missing column(s) {missing}; it has {list(df.columns)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    card = build_dataset_card(card_info, repo_id=repo_id, split=split)  # validate before writing anything
+    ds = datasets.Dataset.from_pandas(df.reset_index(drop=True), preserve_index=False)
+
+    data_dir, disk_dir = out_dir / DATA_DIR, out_dir / DISK_DIR
+    for stale in (data_dir, disk_dir):  # a re-export replaces the previous one entirely
+        if stale.exists():
+            shutil.rmtree(stale)
+    data_dir.mkdir()
+    parquet_path = data_dir / f"{split}-00000-of-00001.parquet"
+    ds.to_parquet(str(parquet_path))
+    ds.save_to_disk(str(disk_dir))
+    card_path = out_dir / "README.md"
+    card_path.write_text(card, encoding="utf-8")
+
+    result: dict[str, Any] = {
+        "rows": ds.num_rows,
+        "columns": list(ds.column_names),
+        "parquet_path": str(parquet_path),
+        "disk_path": str(disk_dir),
+        "card_path": str(card_path),
+        "repo_id": repo_id,
+        "pushed": False,
+        "commit_url": None,
+    }
+    if repo_id is None:
+        return result
+    if not token:
+        result["push_skipped"] = "no token given"
+        return result
+    api = api or HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private, token=token)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(out_dir),
+            repo_type="dataset",
+            allow_patterns=UPLOAD_PATTERNS,
+            commit_message=commit_message or f"Upload preference set ({ds.num_rows} pairs)",
+            token=token,
+        )
+    except Exception as exc:  # the Hub client's errors name the repo and status; never the token
+        detail = str(exc).replace(token, "***")
+        raise RuntimeError(f"uploading {out_dir} to Hub dataset {repo_id!r} failed: {type(exc).__name__}: {detail}") from None
+    result["pushed"] = True
+    result["commit_url"] = getattr(commit, "commit_url", None)
+    return result

@@ -1,0 +1,205 @@
+"""The response cache: hits, modes, crash safety and several writer processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from poll_assets.llm.base import Completion, ProviderError
+from poll_assets.llm.cache import CacheError, ResponseCache, ResponseCacheResource, default_cache_path
+from poll_assets.llm.runner import RetryPolicy, run_calls
+from poll_assets_tests.fake_backend import FakeBackend, make_llm, make_requests
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args, **kwargs):
+    kwargs.setdefault("retry", RetryPolicy(base_s=0.001, cap_s=0.01))
+    return asyncio.run(run_calls(*args, **kwargs))
+
+
+def rows(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT COUNT(*) FROM completions").fetchone()[0]
+
+
+def worker(db: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "poll_assets_tests.fake_backend", str(db), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_put_get_roundtrip_and_wal(tmp_path):
+    cache = ResponseCache(tmp_path / "sub" / "c.sqlite")
+    c = Completion(text="hi", finish_reason="stop", input_tokens=3, output_tokens=1, model="m", extra={"x": [1]})
+    assert cache.put("k1", c, "fake", "m")
+    got = cache.get("k1")
+    assert got is not None and got.text == "hi" and got.extra == {"x": [1]}
+    assert got.cached and got.call_id == "k1"
+    assert cache.get("missing") is None
+    with sqlite3.connect(cache.path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_failures_are_not_stored(tmp_path):
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    failed = Completion(text=None, error="boom", error_kind="server")
+    assert not cache.put("k", failed, "fake", "m")
+    assert len(cache) == 0
+
+
+def test_get_many_handles_large_key_sets(tmp_path):
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    for i in range(1200):
+        cache.put(f"k{i}", Completion(text=str(i)), "fake", "m")
+    found = cache.get_many([f"k{i}" for i in range(0, 2400, 2)])
+    assert len(found) == 600 and found["k1198"].text == "1198"
+
+
+def test_repeat_run_is_served_from_cache_with_zero_backend_calls(tmp_path):
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    reqs = make_requests(25)
+    first = FakeBackend()
+    run(make_llm(first), reqs, cache=cache)
+    assert first.total_calls == 25 and len(cache) == 25
+
+    second = FakeBackend(prefix="DIFFERENT")
+    batch = run(make_llm(second), reqs, cache=cache)
+    assert second.total_calls == 0
+    assert batch.stats.cache_hits == 25 and batch.stats.calls == 0
+    assert all(c.cached and c.text.startswith("answer to") for c in batch.completions)
+    assert [c.call_id for c in batch.completions] == [c.call_id for c in run(make_llm(first), reqs).completions]
+
+
+def test_key_depends_on_model_and_params(tmp_path):
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    run(make_llm(FakeBackend(model="a")), make_requests(3), cache=cache)
+    other_model = FakeBackend(model="b")
+    run(make_llm(other_model), make_requests(3), cache=cache)
+    assert other_model.total_calls == 3
+    other_params = FakeBackend(model="a")
+    run(make_llm(other_params), make_requests(3, max_new_tokens=17), cache=cache)
+    assert other_params.total_calls == 3
+
+
+def test_bypass_neither_reads_nor_writes(tmp_path):
+    path = tmp_path / "c.sqlite"
+    run(make_llm(FakeBackend()), make_requests(5), cache=ResponseCache(path))
+    backend = FakeBackend(prefix="new")
+    batch = run(make_llm(backend), make_requests(8), cache=ResponseCache(path, "bypass"))
+    assert backend.total_calls == 8 and batch.stats.cache_hits == 0
+    assert rows(path) == 5  # q5..q7 were not written
+    assert ResponseCache(path).get(batch.completions[0].call_id).text == "answer to q0"  # not overwritten
+
+
+def test_refresh_rerequests_and_overwrites(tmp_path):
+    path = tmp_path / "c.sqlite"
+    reqs = make_requests(5)
+    run(make_llm(FakeBackend()), reqs, cache=ResponseCache(path))
+    backend = FakeBackend(prefix="fresh")
+    batch = run(make_llm(backend), reqs, cache=ResponseCache(path, "refresh"))
+    assert backend.total_calls == 5 and batch.stats.cache_hits == 0
+    again = FakeBackend()
+    reread = run(make_llm(again), reqs, cache=ResponseCache(path))
+    assert again.total_calls == 0
+    assert [c.text for c in reread.completions] == [f"fresh q{i}" for i in range(5)]
+
+
+def test_rerun_redoes_only_failed_rows(tmp_path):
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    reqs = make_requests(10)
+    flaky = FakeBackend(script=lambda t, a: ProviderError("server", "503") if t in ("q3", "q7") else None)
+    first = run(make_llm(flaky, max_retries=1), reqs, cache=cache)
+    assert first.stats.failures == 2 and len(cache) == 8
+    healthy = FakeBackend()
+    second = run(make_llm(healthy), reqs, cache=cache)
+    assert sorted(healthy.attempts) == ["q3", "q7"]
+    assert all(c.ok for c in second.completions) and second.stats.cache_hits == 8
+
+
+def test_completed_calls_survive_a_killed_run(tmp_path):
+    db = tmp_path / "c.sqlite"
+    n = 200
+    proc = worker(db, "--n", str(n), "--latency", "0.02", "--concurrency", "2")
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if db.exists():
+                try:
+                    if rows(db) >= 10:
+                        break
+                except sqlite3.OperationalError:
+                    pass  # table not created yet
+            time.sleep(0.02)
+        else:
+            pytest.fail(f"worker wrote nothing in 15 s: {proc.stderr.read() if proc.poll() is not None else ''}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    saved = rows(db)
+    assert 10 <= saved < n
+
+    backend = FakeBackend()
+    batch = run(make_llm(backend, max_concurrency=16), make_requests(n), cache=ResponseCache(db))
+    assert backend.total_calls == n - saved
+    assert batch.stats.cache_hits == saved and all(c.ok for c in batch.completions)
+
+
+def test_several_processes_share_one_cache(tmp_path):
+    db = tmp_path / "c.sqlite"
+    procs = [worker(db, "--n", "300", "--tag", tag, "--concurrency", "16") for tag in ("a", "b", "c")]
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        assert out.strip() == "ok 300 calls 300"
+    assert rows(db) == 900
+
+
+def test_cache_resource_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    assert default_cache_path() == tmp_path / "home" / "llm_cache.sqlite"
+    res = ResponseCacheResource()
+    cache = res.get_cache()
+    assert cache is res.get_cache()  # one per resource instance
+    assert cache.path == (tmp_path / "home" / "llm_cache.sqlite").resolve() and cache.mode == "use"
+
+    monkeypatch.delenv("DAGSTER_HOME")
+    monkeypatch.chdir(tmp_path)
+    assert default_cache_path() == tmp_path / ".dagster_home" / "llm_cache.sqlite"
+
+    explicit = ResponseCacheResource(path=str(tmp_path / "x.sqlite"), mode="refresh").get_cache()
+    assert explicit.path == (tmp_path / "x.sqlite").resolve() and explicit.mode == "refresh"
+
+
+def test_bad_mode_and_unwritable_path_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="cache mode 'sometimes'"):
+        ResponseCache(tmp_path / "c.sqlite", "sometimes")  # type: ignore[arg-type]
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cache = ResponseCache(blocker / "c.sqlite")
+    with pytest.raises(CacheError, match=str(blocker)):
+        cache.put("k", Completion(text="x"), "fake", "m")
+
+
+def test_resource_from_panel_settings(tmp_path):
+    from poll_assets.panel import CacheSettings
+
+    res = ResponseCacheResource.from_settings(CacheSettings(mode="bypass", path=str(tmp_path / "p.sqlite")))
+    assert res.get_cache().mode == "bypass" and res.resolved_path() == tmp_path / "p.sqlite"

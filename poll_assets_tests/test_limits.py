@@ -1,0 +1,166 @@
+"""Concurrency and rate limits, measured on an in-process fake backend.
+
+Rate assertions are upper bounds on counts within windows plus a lower bound on total time:
+a slow machine can only make them easier to satisfy, never flaky the other way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from poll_assets.llm.base import CallRequest, GenerationParams, ProviderError
+from poll_assets.llm.limits import CallLimits, TokenBucket, estimate_tokens
+from poll_assets.llm.local import LocalLlamaBackend
+from poll_assets.llm.resources import LocalLlamaResource
+from poll_assets.llm.runner import RetryPolicy, run_calls
+from poll_assets_tests.fake_backend import FakeBackend, make_llm, make_requests
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    times = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while t - times[lo] >= window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+@pytest.mark.parametrize("limit", [1, 3, 16])
+def test_concurrency_never_exceeds_max(limit):
+    backend = FakeBackend(latency_s=0.005)
+    llm = make_llm(backend, max_concurrency=limit)
+    batch = asyncio.run(run_calls(llm, make_requests(60)))
+    assert all(c.ok for c in batch.completions)
+    assert backend.peak_in_flight == limit  # reached, never exceeded
+
+
+def test_concurrency_slot_is_freed_during_backoff():
+    # While one call sleeps before its retry, the others keep the slots busy.
+    def script(text, attempt):
+        return ProviderError("server", "503") if text == "q0" and attempt == 1 else None
+
+    backend = FakeBackend(latency_s=0.01, script=script)
+    llm = make_llm(backend, max_concurrency=2, max_retries=1)
+    batch = asyncio.run(run_calls(llm, make_requests(20), retry=RetryPolicy(base_s=0.2, cap_s=0.2)))
+    assert all(c.ok for c in batch.completions)
+    assert backend.peak_in_flight == 2
+    assert backend.order.index("q19") < len(backend.order) - 1  # q0's retry was not blocking q19
+
+
+def test_rpm_limiter_spreads_calls():
+    rpm = 1200  # 20/s, burst of 20
+    backend = FakeBackend()
+    llm = make_llm(backend, max_concurrency=50, rpm=rpm)
+    start = time.monotonic()
+    batch = asyncio.run(run_calls(llm, make_requests(50)))
+    elapsed = time.monotonic() - start
+    assert all(c.ok for c in batch.completions)
+    # 50 calls at 20/s after a burst of 20 need at least 1.5 s.
+    assert elapsed >= 1.4
+    # No 0.5 s window holds more than the burst plus half a second's refill (+1 for edge rounding).
+    assert max_in_window(backend.starts, 0.5) <= 20 + 10 + 1
+    # And never more than the burst within the first instant.
+    assert sum(1 for t in backend.starts if t - backend.starts[0] < 0.05) <= 21
+
+
+def test_tpm_limiter_spreads_calls():
+    params = GenerationParams(max_new_tokens=100)
+    reqs = [CallRequest.build([{"role": "user", "content": f"p{i}"}], params) for i in range(8)]
+    per_call = estimate_tokens(reqs[0])
+    tpm = per_call * 4 * 60  # 4 calls a second, burst of 4
+    # Report usage equal to the estimate, so no refund changes the pace.
+    backend = FakeBackend(usage=(per_call - 100, 100))
+    llm = make_llm(backend, max_concurrency=8, tpm=tpm)
+    start = time.monotonic()
+    batch = asyncio.run(run_calls(llm, reqs))
+    assert all(c.ok for c in batch.completions)
+    assert time.monotonic() - start >= 0.9  # 4 beyond the burst at 4/s
+    assert max_in_window(backend.starts, 0.5) <= 4 + 2 + 1
+
+
+def test_token_bucket_rate_and_borrowing():
+    async def go() -> list[float]:
+        bucket = TokenBucket(per_minute=600)  # 10/s, burst 10
+        stamps = []
+        for _ in range(25):
+            await bucket.acquire(1)
+            stamps.append(time.monotonic())
+        return stamps
+
+    stamps = asyncio.run(go())
+    assert stamps[-1] - stamps[0] >= 1.4  # 15 beyond the burst at 10/s
+    assert max_in_window(stamps, 0.5) <= 10 + 5 + 1
+
+    async def big() -> float:
+        bucket = TokenBucket(per_minute=60 * 100)  # 100/s, burst 100
+        await bucket.acquire(150)  # larger than the burst: allowed once full, leaves a debt
+        t = time.monotonic()
+        await bucket.acquire(1)
+        return time.monotonic() - t
+
+    assert asyncio.run(big()) >= 0.49  # the 50-token debt is repaid at 100/s first
+
+
+def test_token_bucket_refund():
+    async def go() -> None:
+        bucket = TokenBucket(per_minute=60, burst=10)
+        await bucket.acquire(10)
+        assert bucket.level < 0.5
+        bucket.adjust(-8)  # used 2 of the 10 estimated
+        assert bucket.level >= 8
+
+    asyncio.run(go())
+
+
+def test_pause_holds_back_new_attempts():
+    async def go() -> float:
+        limits = CallLimits(4)
+        limits.pause_for(0.3)
+        t = time.monotonic()
+        async with limits.slot():
+            pass
+        return time.monotonic() - t
+
+    assert asyncio.run(go()) >= 0.29
+
+
+def test_rate_limit_with_retry_after_pauses_the_member():
+    def script(text, attempt):
+        if text == "q0" and attempt == 1:
+            return ProviderError("rate_limit", "429", retry_after=0.3)
+        return None
+
+    backend = FakeBackend(latency_s=0.01, script=script)
+    llm = make_llm(backend, max_concurrency=1, max_retries=2)
+    asyncio.run(run_calls(llm, make_requests(4), retry=RetryPolicy(base_s=0.001)))
+    # After the 429 the next attempt of any request waits out the Retry-After.
+    assert backend.starts[1] - backend.starts[0] >= 0.3
+
+
+def test_estimate_tokens_counts_prompt_and_allowance():
+    short = CallRequest.build([{"role": "user", "content": "x" * 40}], GenerationParams(max_new_tokens=50))
+    long = CallRequest.build([{"role": "user", "content": "x" * 4000}], GenerationParams(max_new_tokens=50))
+    assert estimate_tokens(short) >= 50 + 10
+    assert estimate_tokens(long) - estimate_tokens(short) == (4000 - 40) // 4
+
+
+def test_local_backend_runs_one_call_at_a_time():
+    # The local model serializes on a lock; run_calls must queue calls itself so that their
+    # timeout does not tick while they wait for that lock in a worker thread.
+    llm = LocalLlamaResource(member="local_gen", model="smollm2", max_concurrency=8)
+    backend = LocalLlamaBackend.__new__(LocalLlamaBackend)  # no weights needed to read the cap
+    assert CallLimits.for_resource(llm, backend).max_concurrency == 1
+    assert CallLimits.for_resource(llm, FakeBackend()).max_concurrency == 8
+
+
+def test_local_model_batch_through_run_calls():
+    pytest.importorskip("llama_cpp")
+    llm = LocalLlamaResource(member="local_gen", model="smollm2", max_concurrency=4, timeout_s=60)
+    params = GenerationParams(max_new_tokens=4, temperature=0.0)
+    reqs = [CallRequest.build([{"role": "user", "content": f"Say the number {i}."}], params) for i in range(3)]
+    batch = asyncio.run(run_calls(llm, reqs))
+    assert all(c.ok and c.output_tokens > 0 for c in batch.completions), [c.error for c in batch.completions]

@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from poll_assets.panel import PANELS_DIR, PanelConfigError, load_panel
+
+
+def write_panel(tmp_path: Path, mutate) -> Path:
+    raw = yaml.safe_load((PANELS_DIR / "local.yaml").read_text())
+    raw["source"]["data_files"] = [str((PANELS_DIR / "../data/sample_prompts.jsonl").resolve())]
+    mutate(raw)
+    path = tmp_path / "panel.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("name", ["local", "paper"])
+def test_bundled_panels_load(name):
+    panel, path = load_panel(name)
+    assert path == PANELS_DIR / f"{name}.yaml"
+    assert len(panel.generators) >= 2 and panel.judges
+
+
+def test_paper_panel_is_the_reference_panel():
+    panel, _ = load_panel("paper")
+    assert [g.model for g in panel.generators] == [
+        "meta-llama/Meta-Llama-3-8B-Instruct",
+        "google/gemma-1.1-7b-it",
+        "microsoft/Phi-3-mini-4k-instruct",
+        "mistralai/Mistral-7B-Instruct-v0.2",
+    ]
+    assert {g.provider for g in panel.generators} == {"hf_inference"}
+    assert all(g.params.temperature == 0.7 and g.params.max_new_tokens == 1024 for g in panel.generators)
+    assert [(j.provider, j.model) for j in panel.judges] == [
+        ("hf_inference", "CohereForAI/c4ai-command-r-plus"),
+        ("openai", "gpt-3.5-turbo-0125"),
+        ("anthropic", "claude-3-haiku-20240307"),
+    ]
+
+
+def test_env_var_selects_panel(monkeypatch):
+    monkeypatch.setenv("POLL_PANEL", "paper")
+    assert load_panel()[0].name == "paper"
+
+
+def test_unknown_panel_lists_bundled_ones(monkeypatch):
+    monkeypatch.setenv("POLL_PANEL", "nope")
+    with pytest.raises(PanelConfigError, match=r"POLL_PANEL='nope'.*\['local', 'paper'\]"):
+        load_panel()
+
+
+def test_bad_provider_names_file_field_member_and_allowed_values(tmp_path):
+    path = write_panel(tmp_path, lambda raw: raw["judges"][1].update(provider="antropic"))
+    with pytest.raises(PanelConfigError) as err:
+        load_panel(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert "judges[1].provider (member 'smol_fair')" in msg
+    for allowed in ("openai", "anthropic", "hf_inference", "openai_compatible", "local"):
+        assert allowed in msg
+
+
+def test_param_a_provider_lacks_is_refused_at_load(tmp_path):
+    def mutate(raw):
+        raw["judges"][0].update(provider="anthropic", model="claude-3-haiku-20240307")
+    path = write_panel(tmp_path, mutate)
+    with pytest.raises(PanelConfigError, match=r"judges\[0\].*\['seed', 'temperature'\] are not supported by provider 'anthropic'"):
+        load_panel(path)
+
+
+def test_duplicate_member_names_refused(tmp_path):
+    path = write_panel(tmp_path, lambda raw: raw["judges"][0].update(name="smol_direct"))
+    with pytest.raises(PanelConfigError, match="repeated: \\['smol_direct'\\]"):
+        load_panel(path)
+
+
+def test_source_needs_exactly_one_origin(tmp_path):
+    path = write_panel(tmp_path, lambda raw: raw["source"].update(repo_id="org/ds"))
+    with pytest.raises(PanelConfigError, match="exactly one of repo_id"):
+        load_panel(path)
+
+
+def test_fingerprint_changes_with_params_only_for_that_member():
+    panel, _ = load_panel("local")
+    a, b = panel.judges[0], panel.judges[1]
+    changed = a.model_copy(update={"params": a.params.model_copy(update={"temperature": 0.9})})
+    assert changed.fingerprint() != a.fingerprint()
+    assert b.fingerprint() == load_panel("local")[0].judges[1].fingerprint()
+    assert a.fingerprint("rubric-v1") != a.fingerprint("rubric-v2")
