@@ -9,17 +9,20 @@ worth a look but is not wrong data.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 
 from poll_assets.agreement import judge_agreement
 from poll_assets.assets.generations import generation_key
 from poll_assets.assets.judging import ratings_key
 from poll_assets.panel import Panel
+from poll_assets.partitions import build_partitions_def
 from poll_assets.rubrics.ultrafeedback import get_rubric
 from poll_assets.verdicts import NA
 
@@ -37,7 +40,7 @@ def _seq(value: Any) -> list[Any]:
     """A list cell as a plain list (Parquet returns numpy arrays; missing cells are None/NaN)."""
     if value is None or (isinstance(value, float) and value != value):
         return []
-    return [None if (isinstance(v, float) and v != v) else (v.item() if hasattr(v, "item") else v) for v in value]
+    return [None if (isinstance(v, float) and v != v) else (v.item() if isinstance(v, np.generic) else v) for v in value]
 
 
 def _missing(value: Any) -> bool:
@@ -282,10 +285,14 @@ def _check(
     *,
     blocking: bool = True,
     other: str | None = None,
+    partitions_def: dg.PartitionsDefinition | None = None,
 ) -> dg.AssetChecksDefinition:
     """One @asset_check on `asset`; `fn` gets the asset's frame, then `other`'s frame when given."""
     key = dg.AssetKey.from_coercible(asset)
-    opts: dict[str, Any] = {"asset": key, "name": name, "description": description, "blocking": blocking}
+    # Partitioned like the asset, so a check reads (and judges) exactly the shard its run made.
+    opts: dict[str, Any] = {
+        "asset": key, "name": name, "description": description, "blocking": blocking, "partitions_def": partitions_def,
+    }
     if other is None:
 
         @dg.asset_check(**opts)
@@ -304,41 +311,42 @@ def _check(
 def build_asset_checks(panel: Panel) -> list[dg.AssetChecksDefinition]:
     """Every check of the panel's graph; thresholds come from `panel.thresholds`."""
     t = panel.thresholds
+    check = functools.partial(_check, partitions_def=build_partitions_def(panel.source))
     rubric = get_rubric(panel.judging.aspect)
     scale = rubric.ratings
     judge_names = [j.name for j in panel.judges]
     checks = [
-        _check("prompts", "prompts_valid", "At least one prompt; ids present and unique; no empty instruction.",
+        check("prompts", "prompts_valid", "At least one prompt; ids present and unique; no empty instruction.",
                lambda p: _result(check_prompts(p))),
     ]
     for g in panel.generators:
         key = generation_key(g)
         checks += [
-            _check(key, "one_row_per_prompt", "Exactly one row for each prompt of the shard.",
+            check(key, "one_row_per_prompt", "Exactly one row for each prompt of the shard.",
                    lambda df, prompts: _result(check_generation_rows(df, prompts)), other="prompts"),
-            _check(key, "failure_rate", f"Share of failed generations <= {t.max_generation_failure_rate}.",
+            check(key, "failure_rate", f"Share of failed generations <= {t.max_generation_failure_rate}.",
                    lambda df: _result(check_generation_failures(df, t.max_generation_failure_rate))),
         ]
     for j in panel.judges:
         key = ratings_key(j)
         checks += [
-            _check(key, "ratings_valid",
+            check(key, "ratings_valid",
                    f"Ratings on the {rubric.min_rating}-{rubric.max_rating} scale or None with a reason, one per generation.",
                    lambda df, combined: _result(check_ratings_valid(df, combined, scale)),
                    other="combined_generations"),
-            _check(key, "parse_failure_rate", f"Share of unparseable verdicts <= {t.max_parse_failure_rate}.",
+            check(key, "parse_failure_rate", f"Share of unparseable verdicts <= {t.max_parse_failure_rate}.",
                    lambda df: _result(check_parse_failures(df, t.max_parse_failure_rate))),
         ]
     checks += [
-        _check("pooled_ratings", "covers_every_generation", "A pooled rating slot for every generation of every prompt.",
+        check("pooled_ratings", "covers_every_generation", "A pooled rating slot for every generation of every prompt.",
                lambda df, combined: _result(check_pooled_coverage(df, combined, len(panel.judges))),
                other="combined_generations"),
-        _check("pooled_ratings", "judge_agreement",
+        check("pooled_ratings", "judge_agreement",
                f"Krippendorff alpha between judges >= {t.min_agreement} (warning only).",
                lambda df: _result(check_agreement(pooled_alpha(df, judge_names, scale), t.min_agreement),
                                   dg.AssetCheckSeverity.WARN),
                blocking=False),
-        _check("preference_pairs", "chosen_beats_rejected", "chosen_rating > rejected_rating and chosen != rejected in every pair.",
+        check("preference_pairs", "chosen_beats_rejected", "chosen_rating > rejected_rating and chosen != rejected in every pair.",
                lambda df: _result(check_pairs(df))),
     ]
     return checks
