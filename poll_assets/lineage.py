@@ -265,10 +265,16 @@ def prompt_trail(prompt_id: str, storage_dir: str, partition: str | None = None)
         pairs: list[dict[str, Any]] = []
     else:
         hits = pairs_df[pairs_df["prompt_id"] == pid]
+        by_call = {g["call_id"]: g["generator"] for g in generations}
         pairs = [
             {k: _plain(r[k]) for k in ("chosen_model", "rejected_model", "chosen_rating", "rejected_rating", "margin",
                                         "chosen_call_id", "rejected_call_id")}
-            | {"chosen": _plain(r["chosen"])[-1]["content"], "rejected": _plain(r["rejected"])[-1]["content"]}
+            | {
+                "chosen_generator": by_call.get(r["chosen_call_id"]),
+                "rejected_generator": by_call.get(r["rejected_call_id"]),
+                "chosen": _plain(r["chosen"])[-1]["content"],
+                "rejected": _plain(r["rejected"])[-1]["content"],
+            }
             for _, r in hits.iterrows()
         ]
 
@@ -319,7 +325,8 @@ def format_trail(trail: dict[str, Any], width: int = 100) -> str:
         out.append(f"  avg_poll_ratings [{avg}]  (valid judges per generation: {pooled['n_valid_judges']})")
     out += ["", f"pairs: {len(trail['pairs'])}"]
     for p in trail["pairs"]:
-        out.append(f"  chosen {p['chosen_model']} ({_num(p['chosen_rating'])}) over {p['rejected_model']} "
+        out.append(f"  chosen {p['chosen_generator'] or p['chosen_model']} ({_num(p['chosen_rating'])}) over "
+                   f"{p['rejected_generator'] or p['rejected_model']} "
                    f"({_num(p['rejected_rating'])}), margin {_num(p['margin'])}; "
                    f"calls {str(p['chosen_call_id'])[:12]} / {str(p['rejected_call_id'])[:12]}")
     if trail["missing"]:

@@ -106,6 +106,7 @@ def test_trail_of_every_prompt_matches_the_stored_rows(shard):
             assert p["chosen_rating"] > p["rejected_rating"]
             chosen = next(g for g in trail["generations"] if g["call_id"] == p["chosen_call_id"])
             assert chosen["text"] == p["chosen"] == row["chosen"][-1]["content"]
+            assert p["chosen_generator"] == chosen["generator"] and p["chosen_model"] == chosen["model"]
 
 
 def test_trail_shows_a_failed_judge_call(shard):
