@@ -168,7 +168,10 @@ def parse_failure_rate(ratings: pd.DataFrame) -> tuple[float, int, int]:
         rs, errs = _seq(rs), _seq(errs)
         for i in _seq(shown):
             judged += 1
-            failures += rs[i] is None and errs[i] != NA
+            if i >= len(rs) or i >= len(errs):  # misaligned row: ratings_valid names it; count it here too
+                failures += 1
+            else:
+                failures += rs[i] is None and errs[i] != NA
     return (failures / judged if judged else 0.0), failures, judged
 
 
