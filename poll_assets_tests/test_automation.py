@@ -8,6 +8,7 @@ scripted in-process LLM clients; the automation conditions are evaluated tick by
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,13 +31,17 @@ START = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)).replace(hour=4
 class World:
     """One project: a panel on disk, its storage, cache and Dagster instance, and a tick clock."""
 
-    def __init__(self, tmp_path: Path, **panel_kwargs: object) -> None:
+    def __init__(self, tmp_path: Path, template: Path | None = None) -> None:
         self.tmp = tmp_path
         home = tmp_path / "home"
-        home.mkdir()
-        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        if template is not None:  # a copy of a finished world: instance, storage, cache and panel
+            shutil.copytree(template, tmp_path, dirs_exist_ok=True)
+            self.panel, self.path = load_panel(tmp_path / "panel.yaml")
+        else:
+            home.mkdir()
+            (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+            self.panel, self.path = write_panel(tmp_path)
         self.instance = dg.DagsterInstance.local_temp(str(home))
-        self.panel, self.path = write_panel(tmp_path, **panel_kwargs)
         self.cursor = None
         self.now = START
 
@@ -79,11 +84,20 @@ class World:
         self.instance.dispose()
 
 
-@pytest.fixture
-def world(tmp_path):
-    w = World(tmp_path)
+@pytest.fixture(scope="module")
+def both_shards_done(tmp_path_factory) -> Path:
+    """A project with both shards materialized, made once and copied for each test."""
+    folder = tmp_path_factory.mktemp("done")
+    w = World(folder)
     for shard in ("shard-00000", "shard-00001"):
         assert w.run(shard).success
+    w.close()
+    return folder
+
+
+@pytest.fixture
+def world(both_shards_done, tmp_path):
+    w = World(tmp_path, template=both_shards_done)
     assert w.tick(advance=dt.timedelta(0)) == set()  # the first evaluation only sets the cursor
     yield w
     w.close()
