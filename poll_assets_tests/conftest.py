@@ -4,6 +4,10 @@ from pathlib import Path
 
 import pytest
 
+# One `dagster dev` server per session, shared by the UI and GraphQL tests (it is declared here so
+# both modules get the same instance rather than one each).
+from poll_assets_tests.dagster_dev import dagster_server  # noqa: F401
+
 
 @pytest.fixture
 def dagster_home(tmp_path, monkeypatch) -> Path:
