@@ -129,7 +129,7 @@ def start_dagster_dev(home: Path, panel: Path = FAST_PANEL) -> Iterator[DagsterD
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text(
         "telemetry:\n  enabled: false\n"
-        "run_queue:\n  max_concurrent_runs: 2\n"
+        "concurrency:\n  runs:\n    max_concurrent_runs: 2\n"
     )
     # The UI greets a fresh instance on 127.0.0.1 with a newsletter dialog that would cover the
     # page; this is the file Dagster writes when someone presses "Skip" (dagster/_core/nux.py).

@@ -15,6 +15,9 @@ from poll_assets_tests.dagster_dev import (
     DagsterDevServer,
 )
 
+# dagster-graphql's client calls gql in a way gql now deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Using variable_values and operation_name:DeprecationWarning")
+
 API_PARTITION = "shard-00002"  # the UI test launches shard-00000, so the two never collide
 TERMINAL = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 
@@ -48,4 +51,5 @@ def test_submit_job_for_one_partition_and_poll_until_success(
     assert ("preference_pairs", API_PARTITION) in materialized
     assert ("pooled_ratings", API_PARTITION) in materialized
     pooled = pd.read_parquet(dagster_server.home / "storage" / "pooled_ratings" / f"{API_PARTITION}.parquet")
-    assert len(pooled) == 1 and (pooled["n_valid_judges"] >= 1).all()
+    assert len(pooled) == 1  # shard_size 1 in the fast panel
+    assert all(min(per_generation) >= 1 for per_generation in pooled["n_valid_judges"])

@@ -1,10 +1,11 @@
-"""Instance storage on a real PostgreSQL server (dagster-postgres): run, event and schedule storage
-in Postgres, as in a deployment. `.ci/run` starts a throwaway server and sets
-POLL_TEST_POSTGRES_URL; locally, `url="$(bash .ci/start_postgres.sh)"` does the same."""
+"""Instance storage on a real PostgreSQL server (dagster-postgres), with the deployment's own
+deploy/dagster.yaml: run, event and schedule storage in Postgres. `.ci/run` starts a throwaway
+server and sets POLL_TEST_POSTGRES_URL; locally, `url="$(bash .ci/start_postgres.sh)"` does too."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,17 +13,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 import dagster as dg
 import pytest
-import yaml
 
 from poll_assets.panel import load_panel
 from poll_assets.pipeline import JOB_NAME, build_definitions
-from poll_assets_tests.dagster_dev import FAST_PANEL, require
+from poll_assets_tests.dagster_dev import FAST_PANEL, REPO_ROOT, require
 
 # dagster-postgres 0.29.27 is the newest release; it works with dagster 1.13.28 but warns that
 # the versions differ (there is no 0.29.28 on PyPI).
 pytestmark = pytest.mark.filterwarnings("ignore:Found version mismatch.*dagster-postgres:UserWarning")
 
 URL_ENV = "POLL_TEST_POSTGRES_URL"
+DEPLOY_YAML = REPO_ROOT / "deploy" / "dagster.yaml"
 PARTITION = "shard-00001"
 
 
@@ -61,19 +62,24 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.mark.slow
-def test_materialization_is_recorded_in_postgres(postgres_url: str, tmp_path: Path) -> None:
+def test_materialization_is_recorded_in_postgres(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import psycopg2
     from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
+    # The deployment's own instance file (deploy/dagster.yaml), pointed at the test server
+    # through the variables it reads.
     home = tmp_path / "dagster_home"
     home.mkdir()
-    # Name the driver: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, while dagster-postgres
-    # depends on psycopg2.
-    dagster_url = urlunsplit(urlsplit(postgres_url)._replace(scheme="postgresql+psycopg2"))
-    (home / "dagster.yaml").write_text(yaml.safe_dump({
-        "telemetry": {"enabled": False},
-        "storage": {"postgres": {"postgres_url": dagster_url}},
-    }))
+    shutil.copy(DEPLOY_YAML, home / "dagster.yaml")
+    parts = urlsplit(postgres_url)
+    for var, value in {
+        "DAGSTER_PG_HOST": parts.hostname, "DAGSTER_PG_PORT": str(parts.port or 5432),
+        "DAGSTER_PG_USER": parts.username or "postgres", "DAGSTER_PG_PASSWORD": parts.password or "",
+        "DAGSTER_PG_DB": parts.path.lstrip("/"),
+    }.items():
+        monkeypatch.setenv(var, value)
     panel, path = load_panel(FAST_PANEL)
     defs = build_definitions(panel, path, storage_dir=str(tmp_path / "storage"), cache_path=str(tmp_path / "cache.sqlite"))
     job = defs.resolve_job_def(JOB_NAME)
@@ -84,6 +90,7 @@ def test_materialization_is_recorded_in_postgres(postgres_url: str, tmp_path: Pa
         assert isinstance(instance.run_storage, PostgresRunStorage)
         assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
         assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 2
 
         result = job.execute_in_process(partition_key=PARTITION, instance=instance, raise_on_error=False)
         assert result.success, f"run {result.run_id} failed on the Postgres instance"
