@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 
 from poll_assets_tests.fake_llm_server import FakeLLMServer
+# One `dagster dev` server per session, shared by the UI and GraphQL tests (it is declared here so
+# both modules get the same instance rather than one each).
+from poll_assets_tests.dagster_dev import dagster_server  # noqa: F401
 
 
 @pytest.fixture

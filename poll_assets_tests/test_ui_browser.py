@@ -1,0 +1,159 @@
+"""The Dagster UI in a real headless Chromium: the asset graph, a launch from the UI, and the
+metadata of the result. Screenshots land in test-artifacts/ui/ for a person to look at."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from poll_assets.panel import load_panel
+from poll_assets_tests.dagster_dev import (
+    ARTIFACTS_DIR,
+    FAST_PANEL,
+    DagsterDevServer,
+    require,
+    wait_for_run,
+)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--no-proxy-server",  # the server is on loopback; never ask a proxy from the environment
+]
+UI_PARTITION = "shard-00000"  # the GraphQL test launches another shard, so the two never collide
+SHOTS = ARTIFACTS_DIR / "ui"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        require(False, "the `playwright` Python package is not installed (pip install playwright)")
+    require(CHROMIUM.is_file(), f"{CHROMIUM} not found (apt-get install -y chromium)")
+    with sync_playwright() as p:
+        # Debian's Chromium, not a Playwright browser build: nothing is downloaded.
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    context.set_default_timeout(60_000)
+    pg = context.new_page()
+    yield pg
+    context.close()
+
+
+def _shot(page, name: str) -> Path:
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path))
+    return path
+
+
+def _expand_all_groups(page) -> None:
+    """The lineage view starts with each group collapsed; its settings menu expands them."""
+    page.locator("button:has([aria-label=zoom_in])").wait_for()  # the graph has rendered
+    page.locator("button:has([aria-label=settings])").last.click()
+    page.get_by_role("menuitem", name="Expand all groups").click()
+
+
+@pytest.mark.slow
+def test_asset_graph_has_a_node_per_generator_and_judge(dagster_server: DagsterDevServer, page) -> None:
+    panel, _ = load_panel(FAST_PANEL)
+    page.goto(f"{dagster_server.url}/asset-groups", wait_until="domcontentloaded")
+    _expand_all_groups(page)
+    # Asset nodes are HTML inside the graph's SVG; group titles there carry the same names as
+    # some assets (`prompts`), so match the asset-name element of the pinned UI's node component.
+    names = page.locator("svg foreignObject [class*='AssetNode_assetName']")
+    for name in [*(m.name for m in panel.generators), *(m.name for m in panel.judges)]:
+        node = names.filter(has_text=re.compile(f"^{re.escape(name)}$"))
+        node.wait_for(state="visible")
+        assert node.count() == 1, f"expected one graph node labelled {name!r}, found {node.count()}"
+    # Zoomed out, long names are shortened in the middle (`combi…_generations`), so the four
+    # stage assets are counted rather than read: one node per member plus those four.
+    assert names.count() == len(panel.members) + 4, names.all_inner_texts()
+    page.keyboard.press("Escape")  # close the settings menu before the picture
+    _shot(page, "01_asset_graph")
+
+
+@pytest.mark.slow
+def test_materialize_one_partition_from_the_ui(dagster_server: DagsterDevServer, page) -> None:
+    page.goto(f"{dagster_server.url}/asset-groups", wait_until="domcontentloaded")
+    page.locator("button:has([aria-label=zoom_in])").wait_for()
+    page.get_by_role("button", name="Materialize all").click()
+
+    # The launch dialog: a custom selection of exactly one shard makes it a single run.
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_text("Select a partition or create one").click()
+    page.get_by_role("menuitem", name=UI_PARTITION).click()  # name repeats the key (label + measure)
+    page.keyboard.press("Escape")  # close the partition menu, not the dialog
+    launch = dialog.get_by_role("button", name="Launch 1 run")
+    launch.wait_for(state="visible")
+    _shot(page, "02_launch_dialog")
+    launch.click()
+
+    # The toast links to the new run.
+    view = page.locator("a[href*='/runs/']").filter(has_text="View").first
+    href = view.get_attribute("href", timeout=30_000)
+    match = re.search(r"/runs/([0-9a-f-]{36})", href or "")
+    assert match, f"no run link in the launch toast (href={href!r})"
+    run_id = match.group(1)
+
+    # Watch the run page until the run succeeds; the server's view is the arbiter of the end state.
+    page.goto(f"{dagster_server.url}/runs/{run_id}", wait_until="domcontentloaded")
+    status = wait_for_run(dagster_server, run_id)
+    assert status == "SUCCESS", f"run {run_id} ended {status}; server log:\n{dagster_server.log_tail()}"
+    tags = dagster_server.graphql(
+        "query($id: ID!){ runOrError(runId: $id){ ... on Run { tags { key value } } } }", {"id": run_id}
+    )["runOrError"]["tags"]
+    assert {"key": "dagster/partition", "value": UI_PARTITION} in tags
+    page.reload(wait_until="domcontentloaded")
+    page.get_by_text("Success", exact=True).first.wait_for(state="visible")
+    page.get_by_text(f"partition: {UI_PARTITION}").wait_for(state="visible")
+    panel, _ = load_panel(FAST_PANEL)
+    page.get_by_text(f"Succeeded ({len(panel.members) + 4})").wait_for(state="visible")  # every step
+    page.get_by_text("RUN_SUCCESS").first.wait_for(state="visible")  # the event log has loaded
+    _shot(page, "03_run_succeeded")
+
+    # The preference_pairs asset page, on the partition the UI launched.
+    page.goto(f"{dagster_server.url}/assets/preference_pairs", wait_until="domcontentloaded")
+    page.get_by_role("tab", name="Partitions").click()
+    page.get_by_text(UI_PARTITION, exact=True).first.click()
+    metadata = _metadata_table(page)
+    _shot(page, "04_preference_pairs_metadata")
+
+    assert metadata.get("path", "").endswith(f"preference_pairs/{UI_PARTITION}.parquet"), metadata
+    parquet = Path(metadata["path"])
+    assert parquet.is_file() and parquet.is_relative_to(dagster_server.home), parquet
+    rows = len(pd.read_parquet(parquet))
+    assert int(metadata["pairs"]) == rows
+    assert int(metadata["dagster/row_count"]) == rows
+    assert int(metadata["prompts"]) == 1  # shard_size 1 in the fast panel
+
+
+def _metadata_table(page, timeout_s: float = 60.0) -> dict[str, str]:
+    """Key -> value text of the metadata table shown for the selected partition."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = page.locator("tr").filter(has=page.locator("td"))
+        found: dict[str, str] = {}
+        for i in range(rows.count()):
+            cells = rows.nth(i).locator("td")
+            if cells.count() >= 2:
+                found[cells.nth(0).inner_text().strip()] = cells.nth(1).inner_text().strip()
+        if "pairs" in found and "path" in found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no `pairs`/`path` metadata on the preference_pairs page; saw {found}")
+        time.sleep(1.0)
+
