@@ -527,7 +527,8 @@ def test_key_from_env_resolves_inside_a_dagster_run(fake_llm, monkeypatch, tmp_p
 # -- throughput -----------------------------------------------------------------------------------------
 
 
-def test_64_concurrent_calls_per_model_at_500ms_latency(fake_llm, monkeypatch):
+def test_64_calls_per_model_overlap_at_500ms_latency(fake_llm, monkeypatch):
+    """Concurrency, not speed: timings belong to bench/, this checks that the calls really overlap."""
     fake_llm.configure(latency_ms=500, jitter_ms=100)
     backends = [make_resource(fake_llm, monkeypatch, p).backend() for p in PROVIDERS]
 
@@ -535,17 +536,11 @@ def test_64_concurrent_calls_per_model_at_500ms_latency(fake_llm, monkeypatch):
         reqs = [(b, request(f"prompt {i}", schema=JUDGE_SCHEMA if i % 2 else None)) for b in backends for i in range(64)]
         return await asyncio.gather(*(b.complete(r, 30) for b, r in reqs))
 
-    start = time.perf_counter()
     done = asyncio.run(burst())
-    elapsed = time.perf_counter() - start
     stats = fake_llm.stats()
     assert all(c.ok for c in done) and len(done) == 256
     assert stats["total"] == 256 and stats["max_repeats"] == 1
-    assert stats["max_in_flight"] >= 64  # the calls really overlapped (a default member allows 8)
-    # Serially this is ~128 s, 8 at a time ~16 s; ~1.6 s on an idle 2-core machine. The bound is loose
-    # because client-side SDK/httpx work shares this one process (and the machine) with the server.
-    assert elapsed < 10.0, f"256 calls at 500±100 ms took {elapsed:.2f}s"
-    print(f"256 concurrent calls (4 providers x 64) at 500±100 ms: {elapsed:.2f}s")
+    assert stats["max_in_flight"] >= 128  # the calls really overlapped (a default member allows 8)
 
 
 # -- the fake server itself -----------------------------------------------------------------------------
