@@ -26,6 +26,19 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
 
+    def chat_completion_kwargs(self) -> dict[str, Any]:
+        """The set parameters under OpenAI's chat-completions names, which TGI and llama.cpp share."""
+        kwargs: dict[str, Any] = {"max_tokens": self.max_new_tokens}
+        if self.temperature is not None:
+            kwargs["temperature"] = self.temperature
+        if self.top_p is not None:
+            kwargs["top_p"] = self.top_p
+        if self.stop:
+            kwargs["stop"] = list(self.stop)
+        if self.seed is not None:
+            kwargs["seed"] = self.seed
+        return kwargs
+
     def set_fields(self) -> set[str]:
         """Names of the optional parameters a member actually set (used to check provider support)."""
         names = {"max_new_tokens"}

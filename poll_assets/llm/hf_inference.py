@@ -38,21 +38,7 @@ class HFInferenceBackend(RemoteBackend[AsyncInferenceClient]):
         return AsyncInferenceClient(base_url=self.base_url or None, api_key=self._api_key, timeout=timeout_s)
 
     def _kwargs(self, request: CallRequest) -> dict[str, Any]:
-        p = request.params
-        kwargs: dict[str, Any] = {
-            "messages": request.message_dicts(),
-            "model": self.model,
-            "max_tokens": p.max_new_tokens,
-        }
-        if p.temperature is not None:
-            kwargs["temperature"] = p.temperature
-        if p.top_p is not None:
-            kwargs["top_p"] = p.top_p
-        if p.stop:
-            kwargs["stop"] = list(p.stop)
-        if p.seed is not None:
-            kwargs["seed"] = p.seed
-        return kwargs
+        return {"messages": request.message_dicts(), "model": self.model, **request.params.chat_completion_kwargs()}
 
     def _structured_format(self, schema: dict[str, Any]) -> tuple[dict[str, Any], str]:
         if self.base_url:

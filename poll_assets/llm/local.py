@@ -60,13 +60,7 @@ class LocalLlamaBackend:
     def _complete_sync(self, request: CallRequest) -> Completion:
         llm, lock = _load_llama(str(self.path), self.n_ctx)
         p = request.params
-        kwargs: dict[str, Any] = {"max_tokens": p.max_new_tokens}
-        if p.temperature is not None:
-            kwargs["temperature"] = p.temperature
-        if p.top_p is not None:
-            kwargs["top_p"] = p.top_p
-        if p.stop:
-            kwargs["stop"] = list(p.stop)
+        kwargs = p.chat_completion_kwargs()
         # A fixed seed per call (rather than per model) keeps results independent of call order.
         kwargs["seed"] = (p.seed if p.seed is not None else 0) + request.sample_index
         mode = "text"

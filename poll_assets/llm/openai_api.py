@@ -44,22 +44,12 @@ class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
         )
 
     def _kwargs(self, request: CallRequest, timeout_s: float) -> dict[str, Any]:
-        p = request.params
-        kwargs: dict[str, Any] = {
+        return {
             "model": self.model,
             "messages": request.message_dicts(),
-            "max_tokens": p.max_new_tokens,
             "timeout": timeout_s,
+            **request.params.chat_completion_kwargs(),
         }
-        if p.temperature is not None:
-            kwargs["temperature"] = p.temperature
-        if p.top_p is not None:
-            kwargs["top_p"] = p.top_p
-        if p.stop:
-            kwargs["stop"] = list(p.stop)
-        if p.seed is not None:
-            kwargs["seed"] = p.seed
-        return kwargs
 
     async def _call(self, client: openai.AsyncOpenAI, request: CallRequest, timeout_s: float) -> Completion:
         kwargs = self._kwargs(request, timeout_s)
