@@ -27,7 +27,9 @@ Aspect = Literal["instruction-following", "honesty", "helpfulness", "truthfulnes
 SUPPORTED_PARAMS: dict[str, frozenset[str]] = {
     "openai": frozenset({"temperature", "max_new_tokens", "top_p", "stop", "seed"}),
     "openai_compatible": frozenset({"temperature", "max_new_tokens", "top_p", "stop", "seed"}),
-    "anthropic": frozenset({"temperature", "max_new_tokens", "top_p", "stop"}),
+    # The anthropic SDK (>= 2.0) sends anthropic-version 2026-10-21, which removed temperature, top_p
+    # and top_k from the Messages API (a 400 even at default values); it never had a seed.
+    "anthropic": frozenset({"max_new_tokens", "stop"}),
     "hf_inference": frozenset({"temperature", "max_new_tokens", "top_p", "stop", "seed"}),
     "local": frozenset({"temperature", "max_new_tokens", "top_p", "stop", "seed"}),
 }
@@ -115,6 +117,8 @@ class Member(_Strict):
             )
         if self.model_path is not None and self.provider != "local":
             raise ValueError("model_path applies only to provider 'local'")
+        if self.provider == "openai_compatible" and not self.base_url:
+            raise ValueError("provider 'openai_compatible' needs a base_url (e.g. http://localhost:8000/v1)")
         return self
 
     @property

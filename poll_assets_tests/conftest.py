@@ -1,8 +1,15 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from poll_assets_tests.fake_llm_server import FakeLLMServer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
 
 
 @pytest.fixture
@@ -13,3 +20,19 @@ def dagster_home(tmp_path, monkeypatch) -> Path:
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     return home
+
+
+# -- fake LLM provider server (self-contained: one server per test session, reset for every test) --
+
+
+@pytest.fixture(scope="session")
+def fake_llm_server_session() -> Iterator[FakeLLMServer]:
+    with FakeLLMServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fake_llm(fake_llm_server_session: FakeLLMServer) -> FakeLLMServer:
+    """The loopback provider server, with default behaviour and zeroed counters."""
+    fake_llm_server_session.reset()
+    return fake_llm_server_session

@@ -1,0 +1,119 @@
+"""Anthropic's Messages API through the official SDK. Structured output goes through a forced tool call."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anthropic
+import httpx2
+
+try:  # private module; only used to word an error message
+    from anthropic._constants import ANTHROPIC_API_VERSION
+except ImportError:  # pragma: no cover
+    ANTHROPIC_API_VERSION = "current"
+
+from poll_assets.llm.base import CallRequest, Completion, FatalProviderError, ProviderError
+from poll_assets.llm.remote import RemoteBackend, body_message, classify_transport, schema_name
+from poll_assets.panel import SUPPORTED_PARAMS
+
+# Anthropic's stop reasons in the vocabulary the rest of the pipeline uses (OpenAI's).
+_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "stop", "max_tokens": "length"}
+_WRAP_KEY = "value"
+
+
+class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
+    provider = "anthropic"
+
+    def _new_client(self, timeout_s: float) -> anthropic.AsyncAnthropic:
+        return anthropic.AsyncAnthropic(
+            api_key=self._api_key,
+            base_url=self.base_url or None,
+            max_retries=0,  # retries belong to poll_assets.llm.runner
+            timeout=timeout_s,
+            # The SDK's default wrapper schedules its own close on whatever loop is running when it is
+            # garbage-collected, which fails noisily once the loop that owned it has closed.
+            http_client=anthropic.DefaultAsyncHttpxClient(timeout=timeout_s),
+        )
+
+    def _kwargs(self, request: CallRequest, timeout_s: float) -> tuple[dict[str, Any], bool]:
+        p = request.params
+        system = [c for r, c in request.messages if r == "system"]
+        messages = [{"role": r, "content": c} for r, c in request.messages if r != "system"]
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": p.max_new_tokens,
+            "timeout": timeout_s,  # an explicit timeout also skips the SDK's long-request guard
+        }
+        if system:
+            kwargs["system"] = "\n\n".join(system)
+        unsupported = sorted(p.set_fields() - SUPPORTED_PARAMS["anthropic"])
+        if unsupported:
+            # The panel refuses these at load; a request built elsewhere must not have them dropped silently.
+            raise FatalProviderError(
+                "bad_request",
+                f"{self.who}: {unsupported} cannot be sent to the Anthropic Messages API "
+                f"(API version {ANTHROPIC_API_VERSION} has no sampling parameters and no seed)",
+            )
+        if p.stop:
+            kwargs["stop_sequences"] = list(p.stop)
+        wrapped = False
+        if request.json_schema is not None:
+            schema = request.json_schema
+            if schema.get("type") != "object":
+                # Tool inputs must be objects; carry any other shape in a single field.
+                schema = {"type": "object", "properties": {_WRAP_KEY: schema}, "required": [_WRAP_KEY]}
+                wrapped = True
+            name = schema_name(request.json_schema, "record_answer")
+            kwargs["tools"] = [
+                {"name": name, "description": "Record the answer in the required structure.", "input_schema": schema}
+            ]
+            kwargs["tool_choice"] = {"type": "tool", "name": name}
+        return kwargs, wrapped
+
+    async def _call(self, client: anthropic.AsyncAnthropic, request: CallRequest, timeout_s: float) -> Completion:
+        kwargs, wrapped = self._kwargs(request, timeout_s)
+        raw = await client.messages.with_raw_response.create(**kwargs)
+        try:
+            msg = await raw.parse()
+            if isinstance(msg, str):
+                raise ValueError("body is not JSON")
+            if request.json_schema is not None:
+                tool = next((b for b in msg.content if getattr(b, "type", None) == "tool_use"), None)
+                if tool is None:
+                    raise ValueError("no tool_use block in a forced tool call")
+                value = tool.input[_WRAP_KEY] if wrapped else tool.input
+                text = json.dumps(value, ensure_ascii=False)
+                mode = "tool_use"
+            else:
+                text = "".join(b.text for b in msg.content if getattr(b, "type", None) == "text")
+                mode = "text"
+            usage = msg.usage
+            stop_reason = msg.stop_reason
+            message_id = msg.id
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+            raise self.malformed(f"{type(exc).__name__} while reading the message") from None
+        return Completion(
+            text=text,
+            finish_reason=_FINISH.get(stop_reason or "", stop_reason),
+            input_tokens=int(getattr(usage, "input_tokens", 0) or 0),
+            output_tokens=int(getattr(usage, "output_tokens", 0) or 0),
+            model=msg.model or None,
+            request_id=raw.headers.get("request-id") or message_id,
+            output_mode=mode,
+            extra={"response_id": message_id, "stop_reason": stop_reason},
+        )
+
+    def _classify(self, exc: BaseException) -> ProviderError | None:
+        if isinstance(exc, anthropic.APIStatusError):
+            return self.status_error(exc.status_code, exc.response.headers, body_message(exc.body))
+        if isinstance(exc, anthropic.APITimeoutError):
+            return ProviderError("timeout", f"{self.who}: the request timed out")
+        if isinstance(exc, anthropic.APIConnectionError):
+            return classify_transport(self, exc.__cause__) or self.connection_error(type(exc.__cause__).__name__)
+        if isinstance(exc, anthropic.APIResponseValidationError | json.JSONDecodeError):
+            return self.malformed(type(exc).__name__)
+        if isinstance(exc, httpx2.HTTPError):
+            return classify_transport(self, exc)
+        return None

@@ -1,0 +1,127 @@
+"""OpenAI chat completions through the official SDK: api.openai.com, Azure OpenAI's v1 endpoint, and any
+OpenAI-compatible server (vLLM, TGI's OpenAI route, Ollama, llama.cpp server, LiteLLM) via `base_url`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx2
+import openai
+
+from poll_assets.llm.base import CallRequest, Completion, ProviderError
+from poll_assets.llm.remote import (
+    RemoteBackend,
+    body_message,
+    classify_transport,
+    mentions_structured_output,
+    schema_name,
+)
+
+# Self-hosted servers usually take no key, but the SDK insists on one; sending this placeholder keeps the
+# SDK from falling back to $OPENAI_API_KEY and handing a real key to a third-party server.
+NO_KEY_PLACEHOLDER = "no-key"
+
+
+class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
+    provider = "openai"
+
+    def __init__(self, model: str, *, provider: str = "openai", **kwargs: Any):
+        super().__init__(model, **kwargs)
+        self.provider = provider
+        # Flipped off the first time the server refuses response_format, so later calls go straight to text.
+        self.structured_supported = True
+
+    def _new_client(self, timeout_s: float) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            api_key=self._api_key or NO_KEY_PLACEHOLDER,
+            base_url=self.base_url or None,
+            max_retries=0,  # retries belong to poll_assets.llm.runner
+            timeout=timeout_s,
+            # The SDK's default wrapper schedules its own close on whatever loop is running when it is
+            # garbage-collected, which fails noisily once the loop that owned it has closed.
+            http_client=openai.DefaultAsyncHttpxClient(timeout=timeout_s),
+        )
+
+    def _kwargs(self, request: CallRequest, timeout_s: float) -> dict[str, Any]:
+        p = request.params
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": request.message_dicts(),
+            "max_tokens": p.max_new_tokens,
+            "timeout": timeout_s,
+        }
+        if p.temperature is not None:
+            kwargs["temperature"] = p.temperature
+        if p.top_p is not None:
+            kwargs["top_p"] = p.top_p
+        if p.stop:
+            kwargs["stop"] = list(p.stop)
+        if p.seed is not None:
+            kwargs["seed"] = p.seed
+        return kwargs
+
+    async def _call(self, client: openai.AsyncOpenAI, request: CallRequest, timeout_s: float) -> Completion:
+        kwargs = self._kwargs(request, timeout_s)
+        if request.json_schema is not None and self.structured_supported:
+            fmt = {
+                "type": "json_schema",
+                "json_schema": {"name": schema_name(request.json_schema), "schema": request.json_schema, "strict": True},
+            }
+            try:
+                return await self._send(client, {**kwargs, "response_format": fmt}, "json_schema")
+            except openai.APIStatusError as exc:
+                detail = body_message(exc.body) or exc.message
+                if not mentions_structured_output(exc.status_code, detail):
+                    raise
+                # The server cannot do schema-constrained output: ask again in plain text; the prompt
+                # itself still asks for JSON and the parser downstream copes with text.
+                self.structured_supported = False
+        return await self._send(client, kwargs, "text")
+
+    async def _send(self, client: openai.AsyncOpenAI, kwargs: dict[str, Any], mode: str) -> Completion:
+        raw = await client.chat.completions.with_raw_response.create(**kwargs)
+        try:
+            out = raw.parse()
+            if isinstance(out, str):  # the SDK hands back text when the body is not JSON
+                raise ValueError("body is not JSON")
+            choice = out.choices[0]
+            text = choice.message.content
+            usage = out.usage
+            response_id = out.id
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+            raise self.malformed(f"{type(exc).__name__} while reading the chat completion") from None
+        if text is None:
+            raise self.malformed("the completion has no message content")
+        return Completion(
+            text=text,
+            finish_reason=choice.finish_reason,
+            input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            model=out.model or None,
+            request_id=raw.headers.get("x-request-id") or response_id,
+            output_mode=mode,
+            extra={"response_id": response_id} if response_id else {},
+        )
+
+    def _classify(self, exc: BaseException) -> ProviderError | None:
+        if isinstance(exc, openai.APIStatusError):
+            return self.status_error(
+                exc.status_code, exc.response.headers, body_message(exc.body), body_text=_safe_text(exc.response)
+            )
+        if isinstance(exc, openai.APITimeoutError):
+            return ProviderError("timeout", f"{self.who}: the request timed out")
+        if isinstance(exc, openai.APIConnectionError):
+            return classify_transport(self, exc.__cause__) or self.connection_error(type(exc.__cause__).__name__)
+        if isinstance(exc, openai.APIResponseValidationError | json.JSONDecodeError):
+            return self.malformed(type(exc).__name__)
+        if isinstance(exc, httpx2.HTTPError):
+            return classify_transport(self, exc)
+        return None
+
+
+def _safe_text(response: httpx2.Response) -> str:
+    try:
+        return response.text
+    except Exception:  # noqa: BLE001 - a stream that was never read has no text
+        return ""

@@ -1,0 +1,248 @@
+"""What the HTTP providers share: timing, error classification and keeping secrets out of messages.
+
+Each provider module only knows how to build its SDK call and read its SDK's response and
+exceptions; the classification of a failure into a ProviderError kind lives here so every
+provider reports the same kinds with the same wording.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import re
+import time
+from collections.abc import Mapping
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx2
+
+from poll_assets.llm.base import CallRequest, Completion, FatalProviderError, ProviderError
+
+ClientT = TypeVar("ClientT")
+
+# Token-looking strings that must not reach a message even if they are not *our* key
+# (a proxy may echo a header back, or a key from another variable may show up).
+_TOKEN_PATTERNS = [
+    re.compile(r"(?i)\bbearer\s+[^\s,;\"']+"),
+    re.compile(r"(?i)(x-api-key|api-key|api_key|authorization)([\"']?\s*[:=]\s*[\"']?)[^\s,;\"'}]+"),
+    re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}"),
+    re.compile(r"\bhf_[A-Za-z0-9]{6,}"),
+]
+_MAX_DETAIL = 300
+
+
+def scrub(text: str, secrets: tuple[str | None, ...] = ()) -> str:
+    """`text` with every given secret and anything shaped like a credential replaced by ***."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    for pattern in _TOKEN_PATTERNS:
+        if pattern.groups >= 2:
+            text = pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+        else:
+            text = pattern.sub("***", text)
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
+
+
+def safe_url(url: str | None) -> str | None:
+    """A base URL fit for a message: no user:password part, no query string (either may hold a token)."""
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable base_url>"
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds to wait, from `retry-after-ms`, `retry-after` in seconds, or `retry-after` as an HTTP date."""
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def body_message(body: Any) -> str:
+    """The human part of an error body in the usual shapes ({"error": {"message"}}, {"error": "..."}, {"message"})."""
+    if isinstance(body, Mapping):
+        err = body.get("error", body)
+        if isinstance(err, Mapping):
+            msg = err.get("message") or err.get("type")
+            return str(msg) if msg else ""
+        if isinstance(err, str):
+            return err
+        msg = body.get("message")
+        return str(msg) if msg else ""
+    if isinstance(body, str):
+        return body
+    return ""
+
+
+class RemoteBackend(Generic[ClientT]):
+    """Base for SDK-backed providers.
+
+    The SDK client is created lazily and then reused for every call. httpx connection pools are
+    tied to the event loop that opened them, and assets run each batch under its own
+    `asyncio.run`, so a client is kept per running loop (in practice: one per batch).
+    """
+
+    provider: str = ""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        key_env: str | None = None,
+        member: str | None = None,
+    ):
+        self.model = model
+        self.base_url = base_url
+        self._api_key = api_key
+        self.key_env = key_env
+        self.member = member
+        self._client: ClientT | None = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+        self.clients_created = 0
+
+    def __repr__(self) -> str:  # never show the key
+        return f"{type(self).__name__}(model={self.model!r}, base_url={safe_url(self.base_url)!r})"
+
+    # -- subclass hooks -------------------------------------------------------------------------
+
+    def _new_client(self, timeout_s: float) -> ClientT:
+        raise NotImplementedError
+
+    async def _call(self, client: ClientT, request: CallRequest, timeout_s: float) -> Completion:
+        raise NotImplementedError
+
+    def _classify(self, exc: BaseException) -> ProviderError | None:
+        """Turn an SDK exception into a ProviderError, or None if it is not the SDK's."""
+        raise NotImplementedError
+
+    # -- shared machinery -----------------------------------------------------------------------
+
+    def client(self, timeout_s: float) -> ClientT:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
+            self._client = self._new_client(timeout_s)
+            self._client_loop = loop
+            self.clients_created += 1
+        return self._client
+
+    @property
+    def who(self) -> str:
+        where = f" at {safe_url(self.base_url)}" if self.base_url else ""
+        member = f"member {self.member!r}, " if self.member else ""
+        return f"{member}provider {self.provider!r}, model {self.model!r}{where}"
+
+    def scrub(self, text: str) -> str:
+        return scrub(text, (self._api_key,))
+
+    async def complete(self, request: CallRequest, timeout_s: float) -> Completion:
+        client = self.client(timeout_s)
+        start = time.perf_counter()
+        failure: ProviderError | None = None
+        try:
+            # The SDK timeouts are per socket operation; this bounds the whole call.
+            async with asyncio.timeout(timeout_s):
+                done = await self._call(client, request, timeout_s)
+        except ProviderError as exc:
+            failure = exc
+        except TimeoutError:
+            failure = ProviderError("timeout", f"{self.who}: no complete response within {timeout_s:g}s")
+        except Exception as exc:  # noqa: BLE001 - every SDK failure is classified
+            failure = self._classify(exc) or ProviderError(
+                "other", f"{self.who}: {type(exc).__name__}: {self.scrub(str(exc))}"
+            )
+        if failure is not None:
+            # Raised outside the except block so the SDK exception (whose text may quote a key the
+            # server echoed) is neither __cause__ nor __context__ of what callers and Dagster see.
+            failure.__context__ = None
+            raise failure
+        done.latency_s = time.perf_counter() - start
+        return done
+
+    def status_error(
+        self, status: int, headers: Mapping[str, str] | None, detail: str, *, body_text: str = ""
+    ) -> ProviderError:
+        """The ProviderError for an HTTP error status. `detail` is the server's message (scrubbed here)."""
+        detail = self.scrub(detail or body_text or "")
+        suffix = f": {detail}" if detail else ""
+        if status in (401, 403):
+            key_hint = f" in ${self.key_env}" if self.key_env else ""
+            what = "authentication failed" if status == 401 else "permission denied"
+            # The server's text is left out: auth errors are where keys get echoed back.
+            return FatalProviderError(
+                "auth", f"{self.who}: HTTP {status}, {what}; check the API key{key_hint} and its access to this model"
+            )
+        if status == 404:
+            return FatalProviderError(
+                "not_found", f"{self.who}: HTTP 404, unknown model or wrong base_url (endpoint not found){suffix}"
+            )
+        if status == 429:
+            retry_after = parse_retry_after(headers)
+            wait = f", retry after {retry_after:g}s" if retry_after is not None else ""
+            return ProviderError("rate_limit", f"{self.who}: HTTP 429, rate limited{wait}{suffix}", retry_after)
+        if status >= 500:
+            return ProviderError("server", f"{self.who}: HTTP {status}, server error{suffix}")
+        if status == 408:
+            return ProviderError("timeout", f"{self.who}: HTTP 408, the server timed out{suffix}")
+        return ProviderError("bad_request", f"{self.who}: HTTP {status}, request rejected{suffix}")
+
+    def malformed(self, why: str) -> ProviderError:
+        return ProviderError("malformed", f"{self.who}: unreadable response ({self.scrub(why)})")
+
+    def connection_error(self, why: str) -> ProviderError:
+        return ProviderError("connection", f"{self.who}: connection failed ({self.scrub(why)})")
+
+
+def mentions_structured_output(status: int, detail: str) -> bool:
+    """Whether a 400/422 says the server cannot do the structured-output request we sent."""
+    if status not in (400, 422):
+        return False
+    low = detail.lower()
+    return any(w in low for w in ("response_format", "json_schema", "grammar", "structured output"))
+
+
+def schema_name(schema: dict[str, Any], default: str = "response") -> str:
+    """A name for the schema as tool/format APIs want it: [A-Za-z0-9_-], at most 64 characters."""
+    raw = str(schema.get("title") or default)
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", raw).strip("_") or default
+    return name[:64]
+
+
+def classify_transport(backend: RemoteBackend[Any], exc: BaseException | None) -> ProviderError | None:
+    """httpx failures below the SDK: a body cut short is 'malformed', everything else 'connection'."""
+    if isinstance(exc, httpx2.TimeoutException):
+        return ProviderError("timeout", f"{backend.who}: the request timed out")
+    if isinstance(exc, httpx2.RemoteProtocolError) and "body" in str(exc).lower():
+        return backend.malformed(f"{type(exc).__name__}: the response body ended early")
+    if isinstance(exc, httpx2.DecodingError):
+        return backend.malformed(f"{type(exc).__name__}: the response body could not be decoded")
+    if isinstance(exc, httpx2.TransportError):
+        return backend.connection_error(type(exc).__name__)
+    return None

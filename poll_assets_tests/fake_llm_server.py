@@ -1,0 +1,512 @@
+"""A loopback server that speaks the wire formats of the real providers, for tests and benchmarks.
+
+Routes (any path prefix is allowed before `/v1`, and is the "tag" a test uses to aim failures at one
+member, e.g. base_url `http://127.0.0.1:P/judge_a/v1`):
+
+* `POST [/tag]/v1/chat/completions` - OpenAI chat completions, also what the HF client and TGI use
+  (`response_format` json_schema, TGI grammar `{"type": "json"|"json_object", "value": schema}`, usage).
+* `POST [/tag]/v1/messages` - Anthropic Messages (system, forced tool use, usage).
+* `GET /_stats`, `POST /_config`, `POST /_reset` - control for a server running in another process.
+
+Answers are deterministic: derived from a hash of the request body. Structured answers are generated
+from the requested JSON schema, so they validate whatever the schema's field names are.
+
+Run standalone: `python -m poll_assets_tests.fake_llm_server --port 8765 --latency-ms 500 --jitter-ms 100`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import random
+import socket
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+WORDS = (
+    "answer clear concise data detail example fact first helpful idea instruction list method model note "
+    "option point question reason result step summary task test topic useful value view way word yes"
+).split()
+CREATED = 1_700_000_000  # fixed, so bodies are reproducible
+
+
+@dataclass
+class FakeConfig:
+    """Behaviour knobs. Fractions are drawn per request from a seeded RNG (reproducible order-wise)."""
+
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    rate_limit_fraction: float = 0.0
+    retry_after_s: float = 1.0
+    server_error_fraction: float = 0.0
+    timeout_fraction: float = 0.0
+    hang_s: float = 30.0  # how long a "timeout" request hangs (ends early if the client goes away)
+    malformed_fraction: float = 0.0  # 200 with a body that is not JSON
+    truncated_fraction: float = 0.0  # 200 with the JSON body cut in half
+    forced_status: dict[str, int] = field(default_factory=dict)  # tag -> status for every request
+    expected_key: str | None = None  # when set, any other key gets 401 (with the key echoed back)
+    reject_response_format: list[str] = field(default_factory=list)  # tags that refuse structured output
+    served_model_suffix: str = ""  # reported model = requested model + suffix
+    seed: int = 0
+
+
+def canonical_hash(body: Any) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+# -- deterministic content ------------------------------------------------------------------------------
+
+
+def value_for_schema(schema: dict[str, Any], rng: random.Random, root: dict[str, Any] | None = None) -> Any:
+    """Some value valid for `schema` (the subset structured-output APIs accept)."""
+    root = root if root is not None else schema
+    if "$ref" in schema:
+        ref = schema["$ref"]
+        node: Any = root
+        for part in ref.lstrip("#/").split("/"):
+            if part:
+                node = node[part]
+        return value_for_schema(node, rng, root)
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return rng.choice(schema["enum"])
+    for combo in ("anyOf", "oneOf"):
+        if combo in schema:
+            options = [s for s in schema[combo] if s.get("type") != "null"] or schema[combo]
+            return value_for_schema(rng.choice(options), rng, root)
+    if "allOf" in schema:
+        merged: dict[str, Any] = {}
+        for part in schema["allOf"]:
+            merged.update(part)
+        return value_for_schema(merged, rng, root)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind is None:
+        kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {name: value_for_schema(sub, rng, root) for name, sub in props.items()}
+    if kind == "array":
+        lo = int(schema.get("minItems", 1))
+        hi = int(schema.get("maxItems", max(lo, 3)))
+        n = rng.randint(lo, max(lo, hi))
+        prefix = schema.get("prefixItems", [])
+        items = schema.get("items", {})
+        out = [value_for_schema(prefix[i], rng, root) for i in range(min(n, len(prefix)))]
+        out += [value_for_schema(items if isinstance(items, dict) else {}, rng, root) for _ in range(n - len(out))]
+        return out
+    if kind == "integer":
+        lo = schema.get("minimum", schema["exclusiveMinimum"] + 1 if "exclusiveMinimum" in schema else 0)
+        hi = schema.get("maximum", schema["exclusiveMaximum"] - 1 if "exclusiveMaximum" in schema else lo + 10)
+        return rng.randint(int(lo), int(hi))
+    if kind == "number":
+        lo = float(schema.get("minimum", schema.get("exclusiveMinimum", 0.0)))
+        hi = float(schema.get("maximum", schema.get("exclusiveMaximum", lo + 1.0)))
+        return round(rng.uniform(lo, hi), 3) if hi > lo else lo
+    if kind == "boolean":
+        return rng.random() < 0.5
+    if kind == "null":
+        return None
+    # string
+    lo = int(schema.get("minLength", 1))
+    hi = int(schema.get("maxLength", max(lo, 80)))
+    text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+    while len(text) < lo:
+        text += " " + rng.choice(WORDS)
+    return text[:hi]
+
+
+def text_for(rng: random.Random, max_tokens: int, stop: list[str]) -> tuple[str, str]:
+    """A deterministic reply of at most `max_tokens` words, and the finish reason."""
+    wanted = rng.randint(8, 40)
+    n = min(wanted, max(1, max_tokens))
+    text = " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+    for s in stop:
+        if s and s in text:
+            return text[: text.index(s)], "stop"
+    return text, "length" if wanted > n else "stop"
+
+
+def count_tokens(*texts: str) -> int:
+    return sum(len(t.split()) for t in texts if t)
+
+
+# -- the server -----------------------------------------------------------------------------------------
+
+
+class FakeLLMServer:
+    """The app, its counters and config. `start()` runs uvicorn on a background thread."""
+
+    def __init__(self, config: FakeConfig | None = None, host: str = "127.0.0.1", port: int = 0):
+        self.config = config or FakeConfig()
+        self.host = host
+        self.port = port
+        self._lock = threading.Lock()
+        self._rng = random.Random(self.config.seed)
+        self._script: deque[str] = deque()
+        self._reset_counts()
+        self.app = Starlette(
+            routes=[
+                Route("/_stats", self._stats_endpoint, methods=["GET"]),
+                Route("/_config", self._config_endpoint, methods=["POST"]),
+                Route("/_reset", self._reset_endpoint, methods=["POST"]),
+                Route("/{path:path}", self._dispatch, methods=["POST"]),
+            ]
+        )
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    # -- test-facing control ------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _reset_counts(self) -> None:
+        self.total = 0
+        self.by_path: Counter[str] = Counter()
+        self.by_tag: Counter[str] = Counter()
+        self.by_body: Counter[str] = Counter()
+        self.outcomes: Counter[str] = Counter()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.bodies: deque[dict[str, Any]] = deque(maxlen=20_000)
+
+    def reset(self, **config: Any) -> None:
+        """Forget counts and scripted outcomes; start again from a default config updated with `config`."""
+        with self._lock:
+            self._reset_counts()
+            self._script.clear()
+            self.config = FakeConfig(**config)
+            self._rng = random.Random(self.config.seed)
+
+    def configure(self, **changes: Any) -> None:
+        known = {f.name for f in fields(FakeConfig)}
+        unknown = set(changes) - known
+        if unknown:
+            raise TypeError(f"unknown fake server settings {sorted(unknown)}; known: {sorted(known)}")
+        with self._lock:
+            for k, v in changes.items():
+                setattr(self.config, k, v)
+
+    def script(self, *outcomes: str) -> None:
+        """Force the next requests' outcomes in order: 'ok', '429', '500', '503', 'timeout', 'malformed', 'truncated'."""
+        with self._lock:
+            self._script.extend(outcomes)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "total": self.total,
+                "by_path": dict(self.by_path),
+                "by_tag": dict(self.by_tag),
+                "by_body": dict(self.by_body),
+                "outcomes": dict(self.outcomes),
+                "max_in_flight": self.max_in_flight,
+                "max_repeats": max(self.by_body.values(), default=0),
+            }
+
+    def start(self) -> "FakeLLMServer":
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            backlog=4096,
+            timeout_keep_alive=30,
+            timeout_graceful_shutdown=1,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="fake-llm-server", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"fake LLM server did not start on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> "FakeLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- control endpoints --------------------------------------------------------------------------
+
+    async def _stats_endpoint(self, request: Request) -> Response:
+        return JSONResponse({**self.stats(), "config": asdict(self.config)})
+
+    async def _config_endpoint(self, request: Request) -> Response:
+        try:
+            self.configure(**await request.json())
+        except (TypeError, ValueError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse(asdict(self.config))
+
+    async def _reset_endpoint(self, request: Request) -> Response:
+        raw = await request.body()
+        self.reset(**(json.loads(raw) if raw else {}))
+        return JSONResponse(asdict(self.config))
+
+    # -- the provider routes ------------------------------------------------------------------------
+
+    async def _dispatch(self, request: Request) -> Response:
+        path = "/" + request.path_params["path"]
+        if path.endswith("/v1/chat/completions"):
+            kind = "chat"
+        elif path.endswith("/v1/messages"):
+            kind = "messages"
+        else:
+            return JSONResponse({"error": {"message": f"no route {path}", "type": "not_found"}}, status_code=404)
+        tag = path[: path.rindex("/v1/")].strip("/")
+        if "v1" in tag.split("/"):  # e.g. an Anthropic base_url ending in /v1: the SDK adds its own
+            return JSONResponse({"error": {"message": f"no route {path}", "type": "not_found"}}, status_code=404)
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        digest = canonical_hash(body) if body is not None else hashlib.sha256(raw).hexdigest()
+        with self._lock:
+            self.total += 1
+            number = self.total
+            self.by_path[path] += 1
+            self.by_tag[tag] += 1
+            self.by_body[digest] += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            if body is not None:
+                self.bodies.append({"path": path, "tag": tag, "body": body})
+            outcome = self._draw_outcome()
+            cfg = self.config
+            delay = max(0.0, cfg.latency_ms + self._rng.uniform(-cfg.jitter_ms, cfg.jitter_ms)) / 1000.0
+        try:
+            response = await self._respond(request, kind, tag, body, digest, number, outcome, delay)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+        with self._lock:
+            self.outcomes[str(response.status_code) if outcome == "ok" else outcome] += 1
+        return response
+
+    def _draw_outcome(self) -> str:
+        if self._script:
+            return self._script.popleft()
+        cfg = self.config
+        r = self._rng.random()
+        for name, frac in (
+            ("429", cfg.rate_limit_fraction),
+            ("500", cfg.server_error_fraction),
+            ("timeout", cfg.timeout_fraction),
+            ("malformed", cfg.malformed_fraction),
+            ("truncated", cfg.truncated_fraction),
+        ):
+            if r < frac:
+                return name
+            r -= frac
+        return "ok"
+
+    def _error(self, kind: str, tag: str, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+        etype = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+        err_type = etype.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        if kind == "messages":
+            payload: dict[str, Any] = {"type": "error", "error": {"type": err_type, "message": message}}
+        elif tag.startswith(("hf", "tgi")):
+            payload = {"error": message, "error_type": err_type}  # TGI's shape
+        else:
+            payload = {"error": {"message": message, "type": err_type, "param": None, "code": None}}
+        return JSONResponse(payload, status_code=status, headers=headers)
+
+    async def _respond(
+        self,
+        request: Request,
+        kind: str,
+        tag: str,
+        body: Any,
+        digest: str,
+        number: int,
+        outcome: str,
+        delay: float,
+    ) -> Response:
+        cfg = self.config
+        # Anthropic's SDK (>= 2.0) sends a bearer token too; older clients send x-api-key.
+        presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if kind == "messages" and not presented:
+            presented = request.headers.get("x-api-key", "")
+        # Echoing the presented key back, as a careless proxy might, lets tests prove it gets scrubbed.
+        if cfg.expected_key is not None and presented != cfg.expected_key:
+            return self._error(kind, tag, 401, f"Incorrect API key provided: {presented}")
+        forced = cfg.forced_status.get(tag)
+        if forced:
+            return self._error(kind, tag, forced, f"forced status {forced} for key {presented}")
+        if body is None or not isinstance(body, dict):
+            return self._error(kind, tag, 400, "request body is not a JSON object")
+        if delay:
+            await asyncio.sleep(delay)
+        if outcome == "429":
+            return self._error(kind, tag, 429, "rate limit reached", {"retry-after": f"{cfg.retry_after_s:g}"})
+        if outcome in ("500", "503"):
+            return self._error(kind, tag, int(outcome), f"internal error (key {presented})")
+        if outcome == "timeout":
+            end = time.monotonic() + cfg.hang_s
+            while time.monotonic() < end and not await request.is_disconnected():
+                await asyncio.sleep(0.05)
+            return Response(status_code=504)
+        if kind == "messages":
+            # API version 2026-10-21 (what the current SDK sends) has no sampling parameters.
+            sampling = sorted(k for k in ("temperature", "top_p", "top_k") if k in body)
+            if sampling and request.headers.get("anthropic-version", "") >= "2026-10-21":
+                return self._error(kind, tag, 400, f"{sampling[0]}: not supported in this API version")
+        if kind == "chat" and body.get("response_format") and tag in cfg.reject_response_format:
+            return self._error(kind, tag, 400, "response_format of type json_schema is not supported by this server")
+
+        rng = random.Random(int(digest[:16], 16))
+        if kind == "chat":
+            payload, headers = self._chat(body, digest, number, rng)
+        else:
+            payload, headers = self._messages(body, digest, number, rng)
+        data = json.dumps(payload).encode()
+        if outcome == "malformed":
+            data = b"<html>upstream hiccup: " + data[:40] + b"</html>"
+        elif outcome == "truncated":
+            data = data[: len(data) // 2]
+        return Response(data, media_type="application/json", headers=headers)
+
+    def _model(self, body: dict[str, Any]) -> str:
+        return f"{body.get('model') or 'tgi'}{self.config.served_model_suffix}"
+
+    def _chat(
+        self, body: dict[str, Any], digest: str, number: int, rng: random.Random
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        messages = body.get("messages") or []
+        prompt_tokens = count_tokens(*(str(m.get("content", "")) for m in messages))
+        fmt = body.get("response_format") or {}
+        schema = None
+        if fmt.get("type") == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema")
+        elif fmt.get("type") in ("json", "json_object") and isinstance(fmt.get("value"), dict):
+            schema = fmt["value"]
+        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 256)
+        if schema is not None:
+            text = json.dumps(value_for_schema(schema, rng))
+            finish = "stop"
+        else:
+            text, finish = text_for(rng, max_tokens, list(body.get("stop") or []))
+        completion_tokens = count_tokens(text)
+        payload = {
+            "id": f"chatcmpl-{digest[:24]}",
+            "object": "chat.completion",
+            "created": CREATED,
+            "model": self._model(body),
+            "system_fingerprint": "fake-llm-server",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+        return payload, {"x-request-id": f"req_fake_{number:08d}"}
+
+    def _messages(
+        self, body: dict[str, Any], digest: str, number: int, rng: random.Random
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        system = body.get("system") or ""
+        if isinstance(system, list):
+            system = " ".join(str(b.get("text", "")) for b in system)
+        texts = [str(system)]
+        for m in body.get("messages") or []:
+            content = m.get("content", "")
+            texts.append(content if isinstance(content, str) else json.dumps(content))
+        input_tokens = count_tokens(*texts)
+        choice = body.get("tool_choice") or {}
+        tools = {t.get("name"): t for t in body.get("tools") or []}
+        if choice.get("type") == "tool" and choice.get("name") in tools:
+            tool = tools[choice["name"]]
+            value = value_for_schema(tool.get("input_schema") or {"type": "object"}, rng)
+            content: list[dict[str, Any]] = [
+                {"type": "tool_use", "id": f"toolu_{digest[:20]}", "name": tool["name"], "input": value}
+            ]
+            stop_reason = "tool_use"
+            output_tokens = count_tokens(json.dumps(value))
+        else:
+            text, finish = text_for(rng, int(body.get("max_tokens") or 256), list(body.get("stop_sequences") or []))
+            content = [{"type": "text", "text": text}]
+            stop_reason = "max_tokens" if finish == "length" else "end_turn"
+            output_tokens = count_tokens(text)
+        payload = {
+            "id": f"msg_{digest[:24]}",
+            "type": "message",
+            "role": "assistant",
+            "model": self._model(body),
+            "content": content,
+            "stop_reason": stop_reason,
+            "stop_sequence": None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+        }
+        return payload, {"request-id": f"req_fake_{number:08d}"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve fake OpenAI / Anthropic / HF-TGI chat endpoints on 127.0.0.1.")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--jitter-ms", type=float, default=0.0)
+    parser.add_argument("--rate-limit-fraction", type=float, default=0.0)
+    parser.add_argument("--server-error-fraction", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    server = FakeLLMServer(
+        FakeConfig(
+            latency_ms=args.latency_ms,
+            jitter_ms=args.jitter_ms,
+            rate_limit_fraction=args.rate_limit_fraction,
+            server_error_fraction=args.server_error_fraction,
+            seed=args.seed,
+        ),
+        port=args.port,
+    ).start()
+    print(f"fake LLM server on {server.url} (stats: GET {server.url}/_stats); Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
