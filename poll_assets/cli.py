@@ -30,7 +30,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     key = args.partition or keys[0]
     print(f"panel {panel.name} ({path}); materializing every asset of partition {key} ...", flush=True)
     with dg.DagsterInstance.get() as instance:
-        result = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+        result = job.execute_in_process(
+            partition_key=key,
+            instance=instance,
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        )
         if not result.success:
             print(f"run {result.run_id} failed; see `poll-assets ui` for the event log", file=sys.stderr)
             return 1

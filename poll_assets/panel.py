@@ -169,6 +169,7 @@ class Judging(_Strict):
     shuffle_positions: bool = True  # position-bias control
     exclude_self_family: bool = True  # self-preference control
     seed: int = 0
+    max_rationale_chars: int | None = Field(default=300, ge=20)  # None where a provider refuses maxLength
 
 
 class Pooling(_Strict):
@@ -178,7 +179,7 @@ class Pooling(_Strict):
 
 class Binarization(_Strict):
     strategy: Literal["best_vs_worst", "best_vs_random", "all_pairs"] = "best_vs_worst"
-    min_margin: float = Field(default=0.0, ge=0.0)  # all_pairs keeps pairs whose margin is at least this
+    min_margin: float = Field(default=0.0, ge=0.0)  # pairs below this margin are dropped, for every strategy
     seed: int = 0
 
 
@@ -193,6 +194,15 @@ class CacheSettings(_Strict):
     path: str | None = None  # default: $DAGSTER_HOME/llm_cache.sqlite
 
 
+class Publish(_Strict):
+    """Where `publish_job` writes the preference set, and the Hub dataset it uploads to (needs HF_TOKEN)."""
+
+    out_dir: str | None = None  # default: $DAGSTER_HOME/exports/<panel name>
+    repo_id: str | None = None
+    private: bool = True
+    token_env: str = "HF_TOKEN"
+
+
 class Panel(_Strict):
     name: str
     description: str = ""
@@ -205,6 +215,7 @@ class Panel(_Strict):
     thresholds: Thresholds = Field(default_factory=Thresholds)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     prices: dict[str, Price] = Field(default_factory=dict)  # model id -> price per million tokens
+    publish: Publish = Field(default_factory=Publish)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Panel":

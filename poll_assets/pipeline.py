@@ -11,6 +11,7 @@ from poll_assets.assets.judging import build_ratings_asset
 from poll_assets.assets.pooling import build_pooled_asset
 from poll_assets.assets.preferences import build_preferences_asset
 from poll_assets.assets.prompts import build_prompts_asset
+from poll_assets.assets.publishing import build_hub_publisher, build_publish_job
 from poll_assets.io_manager import ParquetIOManagerFactory, default_dagster_home, default_storage_dir
 from poll_assets.llm.cache import ResponseCacheResource
 from poll_assets.llm.resources import build_llm_resource, resource_key
@@ -35,9 +36,11 @@ def build_assets(panel: Panel, panel_path: Path) -> list[dg.AssetsDefinition]:
 
 def build_resources(panel: Panel, storage_dir: str | None = None, cache_path: str | None = None) -> dict[str, object]:
     """Every resource in one place: the IO manager, the response cache, one LLM client per member."""
+    storage_dir = storage_dir or default_storage_dir()
     cache_file = cache_path or panel.cache.path or str(default_dagster_home() / "llm_cache.sqlite")
     resources: dict[str, object] = {
-        "io_manager": ParquetIOManagerFactory(base_dir=storage_dir or default_storage_dir()),
+        "io_manager": ParquetIOManagerFactory(base_dir=storage_dir),
+        "hub_publisher": build_hub_publisher(panel, storage_dir),
         "response_cache": ResponseCacheResource(path=cache_file, mode=panel.cache.mode),
     }
     for member in panel.members:
@@ -49,10 +52,11 @@ def build_definitions(
     panel: Panel, panel_path: Path, *, storage_dir: str | None = None, cache_path: str | None = None
 ) -> dg.Definitions:
     assets = build_assets(panel, panel_path)
-    job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.all(),
+    dataset_spec, publish_job = build_publish_job(panel)
+    job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.assets(*assets),
                               description=f"Every asset of the `{panel.name}` panel for one shard.")
     return dg.Definitions(
-        assets=assets,
-        jobs=[job],
+        assets=[*assets, dataset_spec],
+        jobs=[job, publish_job],
         resources=build_resources(panel, storage_dir, cache_path),
     )

@@ -352,11 +352,10 @@ class _Obj(dict):  # type: ignore[type-arg]
 
     def __init__(self, pairs: list[tuple[str, Any]]):
         super().__init__(pairs)
-        self.repeats: dict[str, list[Any]] = {}
         seen: dict[str, list[Any]] = {}
         for key, value in pairs:
             seen.setdefault(key, []).append(value)
-        self.repeats = {k: v for k, v in seen.items() if len(v) > 1}
+        self.repeats: dict[str, list[Any]] = {k: v for k, v in seen.items() if len(v) > 1}
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_Obj)

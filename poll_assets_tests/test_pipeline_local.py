@@ -96,3 +96,22 @@ def test_preference_pairs_schema_and_metadata(local_run):
     assert meta["pairs"].value == len(pairs)
     assert meta["ties_dropped"].value == 3 - pairs["prompt_id"].nunique()
     assert meta["path"].value.endswith(f"preference_pairs/{PARTITION}.parquet")
+
+
+@pytest.mark.slow
+def test_publish_job_exports_dataset_and_card(local_run):
+    import datasets
+
+    panel, storage, instance, _ = local_run
+    pairs = _read(storage, "preference_pairs")
+    defs = build_definitions(panel, load_panel("local")[1], storage_dir=str(storage))
+    result = defs.resolve_job_def("publish_job").execute_in_process(instance=instance)
+    assert result.success
+    meta = instance.get_latest_materialization_event(dg.AssetKey("preference_dataset")).asset_materialization.metadata
+    assert meta["dagster/row_count"].value == len(pairs)
+    assert meta["pushed"].value is False
+    ds = datasets.load_from_disk(meta["save_to_disk"].value)
+    assert ds.num_rows == len(pairs) and {"prompt", "chosen", "rejected"} <= set(ds.column_names)
+    card = meta["card"].value
+    assert "instruction-following" in card and panel.judges[0].model in card
+    assert f"pairs: {len(pairs)}" in card

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from poll_assets.rubrics import RUBRICS, build_judge_messages, get_rubric, verdict_json_schema
+from poll_assets.rubrics import RUBRICS, build_judge_messages, get_rubric, prompt_version, verdict_json_schema
 from poll_assets.verdicts import NA, parse_verdicts
 
 ASPECTS = ["instruction-following", "honesty", "helpfulness", "truthfulness", "overall-rating"]
@@ -61,6 +61,19 @@ def test_structured_prompt_and_custom_system_prompt():
     assert "#### Output for Text" not in msgs[1]["content"]
     with pytest.raises(ValueError, match="at least one text"):
         build_judge_messages(r, "Q", [], structured=True)
+
+
+def test_failed_generations_are_refused_with_advice():
+    with pytest.raises(ValueError, match="text 2 is NoneType.*generation_failed"):
+        build_judge_messages(get_rubric(), "Q", ["a", None], structured=False)  # type: ignore[list-item]
+
+
+def test_prompt_version_tracks_the_wording():
+    versions = {prompt_version(get_rubric(a), structured=s) for a in ASPECTS for s in (False, True)}
+    assert len(versions) == 10
+    v = prompt_version(get_rubric("honesty"), structured=True)
+    assert v.startswith("hon-1-json-") and v == prompt_version(get_rubric("honesty"), structured=True)
+    assert v != prompt_version(get_rubric("honesty"), structured=True, system_prompt="Other.")
 
 
 def test_prompt_is_deterministic():

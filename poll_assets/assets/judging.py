@@ -13,7 +13,7 @@ from poll_assets.llm.cache import ResponseCacheResource
 from poll_assets.llm.resources import resource_key
 from poll_assets.llm.runner import run_calls
 from poll_assets.panel import Member, Panel
-from poll_assets.rubrics.ultrafeedback import Rubric, build_judge_messages, get_rubric, verdict_json_schema
+from poll_assets.rubrics.ultrafeedback import Rubric, build_judge_messages, get_rubric, prompt_version, verdict_json_schema
 from poll_assets.verdicts import Verdict, parse_verdicts, presentation_order
 
 
@@ -42,10 +42,16 @@ def plan_judge_task(
         row["prompt_id"], member.name, len(present), panel.judging.seed, shuffle=panel.judging.shuffle_positions
     )
     shown = [present[k] for k in order]
+    limit = panel.judging.max_rationale_chars
     messages = build_judge_messages(
-        rubric, row["instruction"], [generations[i] for i in shown], structured=True, system_prompt=member.system_prompt
+        rubric,
+        row["instruction"],
+        [generations[i] for i in shown],
+        structured=True,
+        system_prompt=member.system_prompt,
+        max_rationale_chars=limit,
     )
-    schema = verdict_json_schema(rubric, len(shown))
+    schema = verdict_json_schema(rubric, len(shown), max_rationale_chars=limit)
     request = CallRequest.build(messages, member.params.to_generation_params(), json_schema=schema)
     return JudgeTask(row["prompt_id"], len(generations), shown, request)
 
@@ -78,7 +84,10 @@ def build_ratings_asset(member: Member, panel: Panel, partitions_def: dg.Partiti
         group_name="judging",
         kinds=member_kinds(member),
         partitions_def=partitions_def,
-        code_version=member.fingerprint(rubric.version, panel.judging.model_dump_json(include={"shuffle_positions", "seed"})),
+        code_version=member.fingerprint(
+            prompt_version(rubric, structured=True, system_prompt=member.system_prompt),
+            panel.judging.model_dump_json(include={"shuffle_positions", "seed", "max_rationale_chars"}),
+        ),
         pool=member.pool_name,
         required_resource_keys={llm_key, "response_cache"},
         description=(

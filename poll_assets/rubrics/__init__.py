@@ -10,6 +10,7 @@ from poll_assets.rubrics.ultrafeedback import (
     build_judge_messages,
     get_rubric,
     prompt_nonce,
+    prompt_version,
     verdict_json_schema,
 )
 
@@ -22,6 +23,7 @@ __all__ = [
     "build_judge_messages",
     "get_rubric",
     "prompt_nonce",
+    "prompt_version",
     "quote_lookalikes",
     "verdict_json_schema",
 ]

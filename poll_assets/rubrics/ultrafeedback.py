@@ -282,6 +282,12 @@ def build_judge_messages(
     """The judge's chat messages for one prompt. `texts` are in the order they are shown."""
     if not texts:
         raise ValueError("build_judge_messages needs at least one text to judge")
+    for k, text in enumerate(texts, start=1):
+        if not isinstance(text, str):
+            raise ValueError(
+                f"text {k} is {type(text).__name__}, not a string: leave failed generations out of the "
+                "judge prompt and give them Verdict.generation_failed()"
+            )
     n = len(texts)
     nonce = prompt_nonce(rubric, instruction, texts)
     lines: list[str] = [
@@ -353,3 +359,13 @@ def verdict_json_schema(
         "required": keys,
         "additionalProperties": False,
     }
+
+
+def prompt_version(rubric: Rubric, *, structured: bool, system_prompt: str | None = None) -> str:
+    """`rubric.version` plus a hash of the prompt template and schema actually produced, so any
+    change of wording changes the judges' code_version even if nobody bumped the rubric version."""
+    sample = build_judge_messages(rubric, "{instruction}", ["{text_1}", "{text_2}"], structured=structured,
+                                  system_prompt=system_prompt)
+    schema = verdict_json_schema(rubric, 2) if structured else None
+    blob = json.dumps([sample, schema], sort_keys=True, ensure_ascii=False)
+    return f"{rubric.version}-{'json' if structured else 'text'}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"

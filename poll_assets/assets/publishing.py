@@ -1,0 +1,131 @@
+"""Publishing: every stored shard of the preference set as one `datasets.Dataset`, with a dataset card,
+and an optional Hub upload.
+
+It is a job rather than a partitioned asset because it reads all shards at once; the result is
+recorded as the `preference_dataset` asset so it sits in the lineage graph downstream of
+`preference_pairs`, without joining the per-shard job or the UI's "Materialize all".
+"""
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+from upath import UPath
+
+from poll_assets.agreement import judge_agreement
+from poll_assets.assets.pooling import _plain
+from poll_assets.io_manager import default_dagster_home
+from poll_assets.panel import Panel
+from poll_assets.publish import export_preference_set
+from poll_assets.rubrics.ultrafeedback import get_rubric, prompt_version
+
+DATASET_KEY = dg.AssetKey("preference_dataset")
+PUBLISH_JOB = "publish_job"
+
+
+class HubPublisherResource(dg.ConfigurableResource):
+    """Where the export goes. `token` comes from the environment through EnvVar, only when a repo is set."""
+
+    storage_dir: str
+    out_dir: str
+    repo_id: str | None = None
+    private: bool = True
+    token: str | None = None
+
+
+def read_all_partitions(storage_dir: str, asset: str) -> pd.DataFrame:
+    """Every stored partition of an asset, in partition order."""
+    folder = UPath(storage_dir) / asset
+    files = sorted(folder.glob("*.parquet")) if folder.exists() else []
+    if not files:
+        raise dg.Failure(f"no stored partitions of {asset!r} under {folder}; materialize some shards first")
+    frames = []
+    for f in files:
+        with f.open("rb") as fh:
+            frames.append(pd.read_parquet(fh))
+    return pd.concat(frames, ignore_index=True)
+
+
+def card_info(panel: Panel, pairs: pd.DataFrame, pooled: pd.DataFrame) -> dict[str, Any]:
+    rubric = get_rubric(panel.judging.aspect)
+    by_judge: dict[str, list[int | None]] = {j.name: [] for j in panel.judges}
+    unrated = 0
+    for _, row in pooled.iterrows():
+        generations = _plain(row["generations"])
+        for j, judge in enumerate(panel.judges):
+            ratings = _plain(row["poll_ratings"][j])
+            by_judge[judge.name].extend(ratings)
+            unrated += sum(r is None and isinstance(g, str) for r, g in zip(ratings, generations))
+    member = lambda m: {"name": m.name, "model": m.model, "family": m.family, "provider": m.provider}  # noqa: E731
+    return {
+        "panel": {
+            "name": panel.name,
+            "generators": [member(m) for m in panel.generators],
+            "judges": [member(m) for m in panel.judges],
+        },
+        "source": panel.source.model_dump(include={"repo_id", "data_files", "split", "revision"}),
+        "rubric": {"aspect": rubric.aspect, "version": prompt_version(rubric, structured=True)},
+        "judging": {**panel.judging.model_dump(exclude={"aspect"}), "structured": True},
+        "pooling": panel.pooling.model_dump(),
+        "binarization": panel.binarization.model_dump(),
+        "counts": {
+            "prompts": len(pooled),
+            "pairs": len(pairs),
+            "prompts_without_pair": len(pooled) - int(pairs["prompt_id"].nunique()) if len(pairs) else len(pooled),
+            "parse_failures": unrated,  # verdicts missing for an existing generation: unparsed or failed calls
+        },
+        "agreement": judge_agreement(by_judge, value_domain=list(rubric.ratings)),
+    }
+
+
+def build_publish_job(panel: Panel) -> tuple[dg.AssetSpec, dg.JobDefinition]:
+    spec = dg.AssetSpec(
+        DATASET_KEY,
+        deps=["preference_pairs", "pooled_ratings"],
+        group_name="publishing",
+        kinds={"huggingface", "parquet"},
+        description=(
+            "All shards of the preference set as one Hugging Face `datasets.Dataset` (Parquet and save_to_disk) "
+            "with a generated dataset card; uploaded to the Hub when publish.repo_id is set. Built by `publish_job`."
+        ),
+    )
+
+    @dg.op(required_resource_keys={"hub_publisher"})
+    def export_preference_dataset(context: dg.OpExecutionContext) -> None:
+        hub: HubPublisherResource = context.resources.hub_publisher
+        pairs = read_all_partitions(hub.storage_dir, "preference_pairs")
+        pooled = read_all_partitions(hub.storage_dir, "pooled_ratings")
+        info = card_info(panel, pairs, pooled)
+        result = export_preference_set(
+            pairs, Path(hub.out_dir), info, repo_id=hub.repo_id, token=hub.token, private=hub.private
+        )
+        context.log.info(f"exported {result['rows']} pairs to {hub.out_dir}; pushed to Hub: {result['pushed']}")
+        context.log_event(
+            dg.AssetMaterialization(
+                DATASET_KEY,
+                metadata={
+                    "dagster/row_count": result["rows"],
+                    "path": dg.MetadataValue.path(result["parquet_path"]),
+                    "save_to_disk": dg.MetadataValue.path(result["disk_path"]),
+                    "card": dg.MetadataValue.md(Path(result["card_path"]).read_text(encoding="utf-8")),
+                    "pushed": result["pushed"],
+                    "repo_id": hub.repo_id or "",
+                    "counts": dg.MetadataValue.json(info["counts"]),
+                },
+            )
+        )
+
+    @dg.job(name=PUBLISH_JOB, description="Export every stored shard of the preference set as one dataset (and push it).")
+    def publish_job() -> None:
+        export_preference_dataset()
+
+    return spec, publish_job
+
+
+def build_hub_publisher(panel: Panel, storage_dir: str) -> HubPublisherResource:
+    out_dir = panel.publish.out_dir or str(default_dagster_home() / "exports" / panel.name)
+    token = dg.EnvVar(panel.publish.token_env) if panel.publish.repo_id else None
+    return HubPublisherResource(
+        storage_dir=storage_dir, out_dir=out_dir, repo_id=panel.publish.repo_id, private=panel.publish.private, token=token
+    )
