@@ -82,16 +82,9 @@ def member_base_url(server_url: str, provider: str, name: str) -> str:
 
 def bench_panel(server_url: str, prompts_file: Path, n: int, concurrency: int = CONCURRENCY) -> Any:
     """The `paper` panel, aimed at the fake server, with one partition holding all n prompts."""
-    import yaml
+    from poll_assets.panel import load_panel
 
-    from poll_assets.panel import PANELS_DIR, SUPPORTED_PARAMS, Panel
-
-    raw = yaml.safe_load((PANELS_DIR / "paper.yaml").read_text())
-    for m in (*raw["generators"], *raw["judges"]):
-        # paper.yaml gives Claude a temperature, which the Anthropic API version we speak has no field for
-        # (the member validator refuses it): drop what the provider cannot take, as a user would.
-        m["params"] = {k: v for k, v in m.get("params", {}).items() if k in SUPPORTED_PARAMS[m["provider"]] or k == "max_new_tokens"}
-    paper = Panel.model_validate(raw)
+    paper, _ = load_panel("paper")
 
     def aim(m: Any) -> Any:
         limits = m.limits.model_copy(update={"max_concurrency": concurrency, "rpm": None, "tpm": None})

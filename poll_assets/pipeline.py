@@ -6,8 +6,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from poll_assets.assets.generations import build_combined_asset, build_generation_asset
-from poll_assets.assets.judging import build_ratings_asset
+from poll_assets.assets.generations import build_combined_asset, build_generation_asset, build_generation_stage
+from poll_assets.assets.judging import build_ratings_asset, build_ratings_stage
 from poll_assets.assets.pooling import build_pooled_asset
 from poll_assets.assets.preferences import build_preferences_asset
 from poll_assets.assets.prompts import build_prompts_asset
@@ -21,14 +21,26 @@ from poll_assets.partitions import build_partitions_def
 JOB_NAME = "poll_job"
 
 
-def build_assets(panel: Panel, panel_path: Path) -> list[dg.AssetsDefinition]:
-    """One node per stage, and one per generator and per judge, all on the same shards."""
+def build_assets(panel: Panel, panel_path: Path, *, member_steps: bool = False) -> list[dg.AssetsDefinition]:
+    """One asset per stage, and one per generator and per judge, all on the same shards.
+
+    By default the generators share one step, and the judges another, so a stage's members call
+    their providers at the same time even under the in-process executor (see assets/stage.py).
+    `member_steps=True` gives every member its own step and its own pool instead, for running
+    members as separate processes with the multiprocess executor.
+    """
     parts = build_partitions_def(panel.source)
+    if member_steps:
+        generators = [build_generation_asset(m, panel, parts) for m in panel.generators]
+        judges = [build_ratings_asset(m, panel, parts) for m in panel.judges]
+    else:
+        generators = [build_generation_stage(panel, parts)]
+        judges = [build_ratings_stage(panel, parts)]
     return [
         build_prompts_asset(panel, panel_path, parts),
-        *(build_generation_asset(m, panel, parts) for m in panel.generators),
+        *generators,
         build_combined_asset(panel, parts),
-        *(build_ratings_asset(m, panel, parts) for m in panel.judges),
+        *judges,
         build_pooled_asset(panel, parts),
         build_preferences_asset(panel, parts),
     ]
@@ -49,9 +61,14 @@ def build_resources(panel: Panel, storage_dir: str | None = None, cache_path: st
 
 
 def build_definitions(
-    panel: Panel, panel_path: Path, *, storage_dir: str | None = None, cache_path: str | None = None
+    panel: Panel,
+    panel_path: Path,
+    *,
+    storage_dir: str | None = None,
+    cache_path: str | None = None,
+    member_steps: bool = False,
 ) -> dg.Definitions:
-    assets = build_assets(panel, panel_path)
+    assets = build_assets(panel, panel_path, member_steps=member_steps)
     dataset_spec, publish_job = build_publish_job(panel)
     job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.assets(*assets),
                               description=f"Every asset of the `{panel.name}` panel for one shard.")
