@@ -126,7 +126,8 @@ def multiprocess_job() -> Any:
 
     panel, path = load_panel(Path(os.environ["POLL_BENCH_PANEL"]))
     defs = build_definitions(
-        panel, path, storage_dir=os.environ["POLL_BENCH_STORAGE"], cache_path=os.environ["POLL_BENCH_CACHE"]
+        panel, path, storage_dir=os.environ["POLL_BENCH_STORAGE"], cache_path=os.environ["POLL_BENCH_CACHE"],
+        member_steps=True,  # one process per member is the point of this executor
     )
     return defs.resolve_job_def(JOB_NAME)
 
@@ -153,8 +154,11 @@ def child_ours(args: argparse.Namespace) -> None:
     imported = time.monotonic()
     with dg.DagsterInstance.get() as instance:
         run_start = time.monotonic()
-        if args.executor == "in_process":
-            defs = build_definitions(panel, path, storage_dir=str(work / "storage"), cache_path=str(work / "cache.sqlite"))
+        if args.executor in ("in_process", "in_process_member_steps"):
+            defs = build_definitions(
+                panel, path, storage_dir=str(work / "storage"), cache_path=str(work / "cache.sqlite"),
+                member_steps=args.executor == "in_process_member_steps",
+            )
             result = defs.resolve_job_def(JOB_NAME).execute_in_process(
                 partition_key=PARTITION, instance=instance, raise_on_error=False
             )
@@ -175,8 +179,8 @@ def child_ours(args: argparse.Namespace) -> None:
                 success = result.success
         run_s = time.monotonic() - run_start
     rows = _count_rows(work / "storage", panel)
-    self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    self_rss, child_rss = me.ru_maxrss, kids.ru_maxrss
     print(
         "BENCH_RESULT "
         + json.dumps(
@@ -187,6 +191,8 @@ def child_ours(args: argparse.Namespace) -> None:
                 "rows": rows,
                 "self_maxrss_mb": self_rss / 1024,
                 "children_maxrss_mb": child_rss / 1024,
+                # CPU seconds spent (user + system), which other load on the machine does not inflate much.
+                "cpu_s": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
             }
         ),
         flush=True,
@@ -247,7 +253,10 @@ class Measurement:
 
 
 def run_child(cmd: list[str], env: dict[str, str], server: Any, label: str, n: int, log: Path) -> Measurement:
+    import resource
+
     before = server.stats()["total"]
+    parent_cpu = resource.getrusage(resource.RUSAGE_SELF)
     peak = 0.0
     t0 = time.monotonic()
     with log.open("w") as out:
@@ -260,6 +269,9 @@ def run_child(cmd: list[str], env: dict[str, str], server: Any, label: str, n: i
             time.sleep(0.05)
         wall = time.monotonic() - t0
         reader.join(timeout=5)
+    now = resource.getrusage(resource.RUSAGE_SELF)
+    # This process is mostly the fake server's thread, so its CPU time is the server's share.
+    server_cpu = (now.ru_utime + now.ru_stime) - (parent_cpu.ru_utime + parent_cpu.ru_stime)
     result: dict[str, Any] = {}
     for line in lines:
         if line.startswith("BENCH_RESULT "):
@@ -278,7 +290,7 @@ def run_child(cmd: list[str], env: dict[str, str], server: Any, label: str, n: i
         peak_tree_rss_mb=peak,
         peak_proc_rss_mb=proc_rss,
         ok=ok,
-        detail=result,
+        detail={**result, "server_cpu_s": server_cpu},
     )
 
 
@@ -299,6 +311,7 @@ def fmt(m: Measurement) -> str:
     return (
         f"{m.label:<28} N={m.n:<5} wall {m.wall_s:6.2f}s  run {run}  requests {m.requests:5d}  "
         f"peak RSS tree {m.peak_tree_rss_mb:7.1f} MB  largest proc {m.peak_proc_rss_mb:7.1f} MB"
+        + (f"  cpu {m.detail['cpu_s']:6.1f}s (+ server {m.detail['server_cpu_s']:5.1f}s)" if "cpu_s" in m.detail else "")
         + ("" if m.ok else "  FAILED")
     )
 
@@ -313,8 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="100,300", help="N values for the timed runs")
     parser.add_argument("--memory-sizes", default="300,3000", help="N values for the memory runs (zero latency)")
     parser.add_argument(
-        "--executors", default="in_process,multiprocess",
-        help="our executors to time: in_process, multiprocess, multiprocess_forkserver",
+        "--executors", default="in_process,in_process_member_steps",
+        help=(
+            "our set-ups to time: in_process (one step per stage, the default graph), in_process_member_steps "
+            "(one step per member, run one after another), multiprocess / multiprocess_forkserver (one process per member step)"
+        ),
     )
     parser.add_argument("--max-concurrent", type=int, default=8, help="multiprocess executor: steps at once")
     parser.add_argument("--batch-sizes", default="seed,50", help="distilabel input_batch_size: 'seed' (10/5) and/or numbers")

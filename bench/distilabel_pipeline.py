@@ -1,6 +1,6 @@
 """The reference shape in distilabel 1.5.3, for bench_pipeline.py. Runs in its OWN venv (distilabel pins packages):
 
-    python3 -m venv /work/bench-venv && /work/bench-venv/bin/pip install -e ".[bench]"   # or the two pins
+    python3 -m venv /work/bench-venv && /work/bench-venv/bin/pip install "distilabel[openai]==1.5.3" requests
     /work/bench-venv/bin/python bench/distilabel_pipeline.py --server http://127.0.0.1:PORT --prompts p.jsonl --workdir W
 
 LoadDataFromDicts -> 4 x TextGeneration -> GroupColumns -> 3 x UltraFeedback (instruction-following) -> GroupColumns.
@@ -89,6 +89,10 @@ def main() -> None:
                 "startup_s": run_start - started,
                 "self_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "children_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                "cpu_s": sum(
+                    getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                    for f in ("ru_utime", "ru_stime")
+                ),
             }
         ),
         flush=True,
