@@ -8,8 +8,8 @@ from typing import Any
 
 import dagster as dg
 
-from poll_assets.assets.generations import build_combined_asset, build_generation_asset
-from poll_assets.assets.judging import build_ratings_asset
+from poll_assets.assets.generations import build_combined_asset, build_generation_asset, build_generation_stage
+from poll_assets.assets.judging import build_ratings_asset, build_ratings_stage
 from poll_assets.assets.pooling import build_pooled_asset
 from poll_assets.assets.preferences import build_preferences_asset
 from poll_assets.assets.prompts import build_prompts_asset
@@ -25,14 +25,26 @@ from poll_assets.partitions import build_partitions_def
 JOB_NAME = "poll_job"
 
 
-def build_assets(panel: Panel, panel_path: Path) -> list[dg.AssetsDefinition]:
-    """One node per stage, and one per generator and per judge, all on the same shards."""
+def build_assets(panel: Panel, panel_path: Path, *, member_steps: bool = False) -> list[dg.AssetsDefinition]:
+    """One asset per stage, and one per generator and per judge, all on the same shards.
+
+    By default the generators share one step, and the judges another, so a stage's members call
+    their providers at the same time even under the in-process executor (see assets/stage.py).
+    `member_steps=True` gives every member its own step and its own pool instead, for running
+    members as separate processes with the multiprocess executor.
+    """
     parts = build_partitions_def(panel.source)
+    if member_steps:
+        generators = [build_generation_asset(m, panel, parts) for m in panel.generators]
+        judges = [build_ratings_asset(m, panel, parts) for m in panel.judges]
+    else:
+        generators = [build_generation_stage(panel, parts)]
+        judges = [build_ratings_stage(panel, parts)]
     return [
         build_prompts_asset(panel, panel_path, parts),
-        *(build_generation_asset(m, panel, parts) for m in panel.generators),
+        *generators,
         build_combined_asset(panel, parts),
-        *(build_ratings_asset(m, panel, parts) for m in panel.judges),
+        *judges,
         build_pooled_asset(panel, parts),
         build_preferences_asset(panel, parts),
     ]
@@ -59,11 +71,13 @@ def build_definitions(
     storage_dir: str | None = None,
     cache_path: str | None = None,
     resource_overrides: Mapping[str, Any] | None = None,
+    member_steps: bool = False,
 ) -> dg.Definitions:
     """Assets (with the scheduled re-run condition), their checks, the jobs and the automation sensor.
 
-    `resource_overrides` replaces resources by key, e.g. a test's own `llm_<member>` clients."""
-    assets = with_rerun_condition(build_assets(panel, panel_path), panel.schedule)
+    `resource_overrides` replaces resources by key, e.g. a test's own `llm_<member>` clients.
+    `member_steps` gives every member its own step instead of one step per LLM stage."""
+    assets = with_rerun_condition(build_assets(panel, panel_path, member_steps=member_steps), panel.schedule)
     dataset_spec, publish_job = build_publish_job(panel)
     job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.assets(*assets),
                               description=f"Every asset of the `{panel.name}` panel for one shard.")

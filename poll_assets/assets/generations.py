@@ -2,15 +2,17 @@
 
 
 import asyncio
+from collections.abc import Callable
 
 import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.metadata import call_metadata, member_kinds, table_metadata
 from poll_assets.lineage import combined_column_lineage
+from poll_assets.assets.stage import run_stage, stage_pool
 from poll_assets.llm.base import CallRequest, Message
-from poll_assets.llm.cache import ResponseCacheResource
-from poll_assets.llm.resources import resource_key
+from poll_assets.llm.cache import ResponseCache, ResponseCacheResource
+from poll_assets.llm.resources import LLMResource, resource_key
 from poll_assets.llm.runner import run_calls
 from poll_assets.panel import Member, Panel
 
@@ -32,9 +34,53 @@ def generation_key(member: Member) -> dg.AssetKey:
     return dg.AssetKey(["generations", member.name])
 
 
-def build_generation_asset(member: Member, panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
-    llm_key = resource_key(member)
+async def generate(
+    member: Member, panel: Panel, llm: LLMResource, cache: ResponseCache, prompts: pd.DataFrame,
+    log: Callable[[str], None], label: str,
+) -> dg.Output[pd.DataFrame]:
+    """One generator's answers to a shard: the body of its asset, shared by the per-member and the stage step."""
     params = member.params.to_generation_params()
+    requests = [CallRequest.build(generation_messages(member, text), params) for text in prompts["instruction"]]
+    batch = await run_calls(llm, requests, cache=cache, progress=log, label=label)
+    rows = [
+        {
+            "prompt_id": pid,
+            "generation": c.text if c.ok else None,
+            "model_name": member.model,
+            "generator": member.name,
+            "finish_reason": c.finish_reason,
+            "input_tokens": c.input_tokens,
+            "output_tokens": c.output_tokens,
+            "latency_s": c.latency_s,
+            "served_model": c.model,
+            "request_id": c.request_id,
+            "call_id": c.call_id,
+            "cached": c.cached,
+            "error": c.error,
+        }
+        for pid, c in zip(prompts["prompt_id"], batch.completions)
+    ]
+    df = pd.DataFrame(rows, columns=GENERATION_COLUMNS)
+    if len(df) and batch.all_failed:
+        raise dg.Failure(description=batch.failure_message(label))
+    failures = int(df["error"].notna().sum())
+    return dg.Output(
+        df,
+        metadata={
+            **table_metadata(df),
+            **call_metadata(batch.stats, member, panel),
+            "failure_rate": dg.MetadataValue.float(failures / len(df) if len(df) else 0.0),
+        },
+    )
+
+
+def _description(member: Member) -> str:
+    return f"Answers from generator `{member.name}` ({member.provider}: {member.model}), one row per prompt."
+
+
+def build_generation_asset(member: Member, panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """One step for one generator (used with `member_steps=True`, e.g. to run members as separate processes)."""
+    llm_key = resource_key(member)
 
     @dg.asset(
         key=generation_key(member),
@@ -45,44 +91,56 @@ def build_generation_asset(member: Member, panel: Panel, partitions_def: dg.Part
         code_version=member.fingerprint(),
         pool=member.pool_name,
         required_resource_keys={llm_key, "response_cache"},
-        description=f"Answers from generator `{member.name}` ({member.provider}: {member.model}), one row per prompt.",
+        description=_description(member),
     )
     def _generations(context: dg.AssetExecutionContext, prompts: pd.DataFrame) -> dg.Output[pd.DataFrame]:
-        llm = getattr(context.resources, llm_key)
         cache: ResponseCacheResource = context.resources.response_cache
-        requests = [CallRequest.build(generation_messages(member, text), params) for text in prompts["instruction"]]
-        batch = asyncio.run(
-            run_calls(llm, requests, cache=cache.get_cache(), progress=context.log.info, label=context.asset_key.to_user_string())
+        return asyncio.run(
+            generate(member, panel, getattr(context.resources, llm_key), cache.get_cache(), prompts,
+                     context.log.info, context.asset_key.to_user_string())
         )
-        rows = [
-            {
-                "prompt_id": pid,
-                "generation": c.text if c.ok else None,
-                "model_name": member.model,
-                "generator": member.name,
-                "finish_reason": c.finish_reason,
-                "input_tokens": c.input_tokens,
-                "output_tokens": c.output_tokens,
-                "latency_s": c.latency_s,
-                "served_model": c.model,
-                "request_id": c.request_id,
-                "call_id": c.call_id,
-                "cached": c.cached,
-                "error": c.error,
-            }
-            for pid, c in zip(prompts["prompt_id"], batch.completions)
-        ]
-        df = pd.DataFrame(rows, columns=GENERATION_COLUMNS)
-        if len(df) and batch.all_failed:
-            raise dg.Failure(description=batch.failure_message(context.asset_key.to_user_string()))
-        failures = int(df["error"].notna().sum())
-        return dg.Output(
-            df,
-            metadata={
-                **table_metadata(df),
-                **call_metadata(batch.stats, member, panel),
-                "failure_rate": dg.MetadataValue.float(failures / len(df) if len(df) else 0.0),
-            },
+
+    return _generations
+
+
+def build_generation_stage(panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """Every generator's asset in ONE step, whose members call their providers at the same time.
+
+    Dagster runs the steps of an in-process run one after another, so one step per generator would
+    make the stage take the sum of the members' times instead of the slowest one. Each generator is
+    still its own asset (own node, key, code_version, metadata) and can be materialized alone
+    (`can_subset`). A member whose calls all fail does not hold back the others: their outputs are
+    stored first, then the step fails and names the member(s).
+    """
+    outs = {
+        m.name: dg.AssetOut(
+            key=generation_key(m),
+            group_name="generation",
+            kinds=member_kinds(m),
+            code_version=m.fingerprint(),
+            description=_description(m),
+            is_required=False,
+        )
+        for m in panel.generators
+    }
+
+    @dg.multi_asset(
+        name="generations",
+        outs=outs,
+        ins={"prompts": dg.AssetIn("prompts")},
+        partitions_def=partitions_def,
+        can_subset=True,
+        pool=stage_pool(panel.generators, "llm_generation"),
+        required_resource_keys={resource_key(m) for m in panel.generators} | {"response_cache"},
+    )
+    def _generations(context: dg.AssetExecutionContext, prompts: pd.DataFrame):  # type: ignore[no-untyped-def]
+        cache: ResponseCacheResource = context.resources.response_cache
+        members = [m for m in panel.generators if generation_key(m) in context.selected_asset_keys]
+        yield from run_stage(
+            context,
+            members,
+            lambda m: generate(m, panel, getattr(context.resources, resource_key(m)), cache.get_cache(), prompts,
+                               context.log.info, generation_key(m).to_user_string()),
         )
 
     return _generations

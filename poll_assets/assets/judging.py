@@ -2,15 +2,17 @@
 
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.metadata import call_metadata, member_kinds, table_metadata
+from poll_assets.assets.stage import run_stage, stage_pool
 from poll_assets.llm.base import CallRequest, Completion
-from poll_assets.llm.cache import ResponseCacheResource
-from poll_assets.llm.resources import resource_key
+from poll_assets.llm.cache import ResponseCache, ResponseCacheResource
+from poll_assets.llm.resources import LLMResource, resource_key
 from poll_assets.llm.runner import run_calls
 from poll_assets.panel import Member, Panel
 from poll_assets.rubrics.ultrafeedback import Rubric, build_judge_messages, get_rubric, prompt_version, verdict_json_schema
@@ -74,9 +76,77 @@ def verdicts_for(task: JudgeTask, completion: Completion | None, rubric: Rubric)
     return out
 
 
-def build_ratings_asset(member: Member, panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
-    llm_key = resource_key(member)
+def judge_code_version(member: Member, panel: Panel) -> str:
     rubric = get_rubric(panel.judging.aspect)
+    return member.fingerprint(
+        prompt_version(rubric, structured=True, system_prompt=member.system_prompt),
+        panel.judging.model_dump_json(include={"shuffle_positions", "seed", "max_rationale_chars"}),
+    )
+
+
+def _description(member: Member, panel: Panel) -> str:
+    rubric = get_rubric(panel.judging.aspect)
+    return (
+        f"Verdicts of judge `{member.name}` ({member.provider}: {member.model}) on every generation, "
+        f"UltraFeedback {rubric.aspect} rubric v{rubric.version}: one rating (1-5 or None, with the reason) "
+        "and one rationale per generation, aligned with `generations`; the raw judge output is kept."
+    )
+
+
+async def judge(
+    member: Member, panel: Panel, llm: LLMResource, cache: ResponseCache, combined_generations: pd.DataFrame,
+    log: Callable[[str], None], label: str,
+) -> dg.Output[pd.DataFrame]:
+    """One judge's verdicts on a shard: the body of its asset, shared by the per-member and the stage step."""
+    rubric = get_rubric(panel.judging.aspect)
+    tasks = [plan_judge_task(row, member, panel, rubric) for _, row in combined_generations.iterrows()]
+    requests = [t.request for t in tasks if t.request is not None]
+    batch = await run_calls(llm, requests, cache=cache, progress=log, label=label)
+    done = iter(batch.completions)
+    rows = []
+    parse_failures = judged = 0
+    for task in tasks:
+        completion = next(done) if task.request is not None else None
+        verdicts = verdicts_for(task, completion, rubric)
+        for i in task.shown:
+            judged += 1
+            parse_failures += verdicts[i].rating is None and verdicts[i].error != "N/A"
+        rows.append(
+            {
+                "prompt_id": task.prompt_id,
+                "judge": member.name,
+                "model_name": member.model,
+                "ratings": [v.rating for v in verdicts],
+                "rationales": [v.rationale for v in verdicts],
+                "rating_types": [v.type for v in verdicts],
+                "rating_errors": [v.error for v in verdicts],
+                "shown_order": task.shown,
+                "raw_output": completion.text if completion else None,
+                "output_mode": completion.output_mode if completion else None,
+                "call_id": completion.call_id if completion else None,
+                "input_tokens": completion.input_tokens if completion else 0,
+                "output_tokens": completion.output_tokens if completion else 0,
+                "error": completion.error if completion else None,
+            }
+        )
+    df = pd.DataFrame(rows)
+    if requests and batch.all_failed:
+        raise dg.Failure(description=batch.failure_message(label))
+    return dg.Output(
+        df,
+        metadata={
+            **table_metadata(df),
+            **call_metadata(batch.stats, member, panel),
+            "rubric": f"{rubric.aspect} v{rubric.version}",
+            "parse_failures": parse_failures,
+            "parse_failure_rate": dg.MetadataValue.float(parse_failures / judged if judged else 0.0),
+        },
+    )
+
+
+def build_ratings_asset(member: Member, panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """One step for one judge (used with `member_steps=True`, e.g. to run members as separate processes)."""
+    llm_key = resource_key(member)
 
     @dg.asset(
         key=ratings_key(member),
@@ -84,65 +154,57 @@ def build_ratings_asset(member: Member, panel: Panel, partitions_def: dg.Partiti
         group_name="judging",
         kinds=member_kinds(member),
         partitions_def=partitions_def,
-        code_version=member.fingerprint(
-            prompt_version(rubric, structured=True, system_prompt=member.system_prompt),
-            panel.judging.model_dump_json(include={"shuffle_positions", "seed", "max_rationale_chars"}),
-        ),
+        code_version=judge_code_version(member, panel),
         pool=member.pool_name,
         required_resource_keys={llm_key, "response_cache"},
-        description=(
-            f"Verdicts of judge `{member.name}` ({member.provider}: {member.model}) on every generation, "
-            f"UltraFeedback {rubric.aspect} rubric v{rubric.version}: one rating (1-5 or None, with the reason) "
-            "and one rationale per generation, aligned with `generations`; the raw judge output is kept."
-        ),
+        description=_description(member, panel),
     )
     def _ratings(context: dg.AssetExecutionContext, combined_generations: pd.DataFrame) -> dg.Output[pd.DataFrame]:
-        llm = getattr(context.resources, llm_key)
         cache: ResponseCacheResource = context.resources.response_cache
-        tasks = [plan_judge_task(row, member, panel, rubric) for _, row in combined_generations.iterrows()]
-        requests = [t.request for t in tasks if t.request is not None]
-        batch = asyncio.run(
-            run_calls(llm, requests, cache=cache.get_cache(), progress=context.log.info, label=context.asset_key.to_user_string())
-        )
-        done = iter(batch.completions)
-        rows = []
-        parse_failures = judged = 0
-        for task in tasks:
-            completion = next(done) if task.request is not None else None
-            verdicts = verdicts_for(task, completion, rubric)
-            for i in task.shown:
-                judged += 1
-                parse_failures += verdicts[i].rating is None and verdicts[i].error != "N/A"
-            rows.append(
-                {
-                    "prompt_id": task.prompt_id,
-                    "judge": member.name,
-                    "model_name": member.model,
-                    "ratings": [v.rating for v in verdicts],
-                    "rationales": [v.rationale for v in verdicts],
-                    "rating_types": [v.type for v in verdicts],
-                    "rating_errors": [v.error for v in verdicts],
-                    "shown_order": task.shown,
-                    "raw_output": completion.text if completion else None,
-                    "output_mode": completion.output_mode if completion else None,
-                    "call_id": completion.call_id if completion else None,
-                    "input_tokens": completion.input_tokens if completion else 0,
-                    "output_tokens": completion.output_tokens if completion else 0,
-                    "error": completion.error if completion else None,
-                }
-            )
-        df = pd.DataFrame(rows)
-        if requests and batch.all_failed:
-            raise dg.Failure(description=batch.failure_message(context.asset_key.to_user_string()))
-        return dg.Output(
-            df,
-            metadata={
-                **table_metadata(df),
-                **call_metadata(batch.stats, member, panel),
-                "rubric": f"{rubric.aspect} v{rubric.version}",
-                "parse_failures": parse_failures,
-                "parse_failure_rate": dg.MetadataValue.float(parse_failures / judged if judged else 0.0),
-            },
+        return asyncio.run(
+            judge(member, panel, getattr(context.resources, llm_key), cache.get_cache(), combined_generations,
+                  context.log.info, context.asset_key.to_user_string())
         )
 
     return _ratings
+
+
+def build_ratings_stage(panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """Every judge's asset in ONE step, the judges calling at the same time (see assets/stage.py).
+
+    Each judge stays its own asset and can be materialized alone; a failing judge does not hold back
+    the others, whose outputs are stored before the step fails.
+    """
+    outs = {
+        m.name: dg.AssetOut(
+            key=ratings_key(m),
+            group_name="judging",
+            kinds=member_kinds(m),
+            code_version=judge_code_version(m, panel),
+            description=_description(m, panel),
+            is_required=False,
+        )
+        for m in panel.judges
+    }
+
+    @dg.multi_asset(
+        name="ratings",
+        outs=outs,
+        ins={"combined_generations": dg.AssetIn("combined_generations")},
+        partitions_def=partitions_def,
+        can_subset=True,
+        pool=stage_pool(panel.judges, "llm_judging"),
+        required_resource_keys={resource_key(m) for m in panel.judges} | {"response_cache"},
+    )
+    def _ratings(context: dg.AssetExecutionContext, combined_generations: pd.DataFrame):  # type: ignore[no-untyped-def]
+        cache: ResponseCacheResource = context.resources.response_cache
+        members = [m for m in panel.judges if ratings_key(m) in context.selected_asset_keys]
+        yield from run_stage(
+            context,
+            members,
+            lambda m: judge(m, panel, getattr(context.resources, resource_key(m)), cache.get_cache(),
+                            combined_generations, context.log.info, ratings_key(m).to_user_string()),
+        )
+
+    return _ratings
+

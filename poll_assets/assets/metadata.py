@@ -36,6 +36,7 @@ def call_metadata(stats: CallStats, member: Member, panel: Panel) -> dict[str, A
         "llm/calls": stats.calls,
         "llm/cache_hits": stats.cache_hits,
         "llm/failures": stats.failures,
+        "llm/retries": stats.retries,
         "llm/input_tokens": stats.input_tokens,
         "llm/output_tokens": stats.output_tokens,
         "llm/model": member.model,
