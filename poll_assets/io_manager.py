@@ -14,8 +14,12 @@ def default_dagster_home() -> Path:
     return Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home")
 
 
+STORAGE_ENV_VAR = "POLL_STORAGE_DIR"
+
+
 def default_storage_dir() -> str:
-    return str(default_dagster_home() / "storage")
+    """$POLL_STORAGE_DIR (a folder or an fsspec URL such as s3://bucket/prefix), else $DAGSTER_HOME/storage."""
+    return os.environ.get(STORAGE_ENV_VAR) or str(default_dagster_home() / "storage")
 
 
 class ParquetIOManager(dg.UPathIOManager):

@@ -64,3 +64,13 @@ def test_definitions_validate_cli():
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_storage_dir_comes_from_the_environment(monkeypatch, tmp_path):
+    from poll_assets.io_manager import default_storage_dir
+
+    monkeypatch.delenv("POLL_STORAGE_DIR", raising=False)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    assert default_storage_dir() == str(tmp_path / "storage")
+    monkeypatch.setenv("POLL_STORAGE_DIR", "s3://bucket/prefix")
+    assert default_storage_dir() == "s3://bucket/prefix"
