@@ -1,4 +1,4 @@
-"""`poll-assets`: run the main job from the shell, or open the UI on the project's instance."""
+"""`poll-assets`: run the main job from the shell, open the UI on the project's instance, or trace a prompt."""
 
 from __future__ import annotations
 
@@ -62,6 +62,22 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trail(args: argparse.Namespace) -> int:
+    from poll_assets.io_manager import default_storage_dir
+    from poll_assets.lineage import TrailError, format_trail, prompt_trail, trail_json
+
+    if args.storage is None:
+        _use_project_home()
+    storage = args.storage or default_storage_dir()
+    try:
+        trail = prompt_trail(args.prompt_id, storage, partition=args.partition)
+    except TrailError as exc:
+        print(f"poll-assets trail: {exc}", file=sys.stderr)
+        return 2
+    print(trail_json(trail) if args.json else format_trail(trail))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="poll-assets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(fn=cmd_ui)
+    trail = sub.add_parser("trail", help="everything stored about one prompt: answers, verdicts, pooled ratings, pairs")
+    trail.add_argument("prompt_id", help="the prompt's id (sha256 of its text) or a unique prefix of 6+ characters")
+    trail.add_argument("--partition", help="shard to look in (default: search every materialized shard)")
+    trail.add_argument("--json", action="store_true", help="print the trail as JSON")
+    trail.add_argument("--storage", help="storage folder or URL (default: $DAGSTER_HOME/storage)")
+    trail.set_defaults(fn=cmd_trail)
     args = parser.parse_args(argv)
     return args.fn(args)
 

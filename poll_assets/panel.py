@@ -189,6 +189,36 @@ class Thresholds(_Strict):
     min_agreement: float = Field(default=0.0, ge=-1, le=1)
 
 
+class Schedule(_Strict):
+    """When the automation sensor re-checks the panel for missing, stale or failed partitions.
+
+    Off by default: a tick can spend money on paid APIs, so a panel opts in."""
+
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+    enabled: bool = False
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_is_valid(cls, v: str) -> str:
+        from dagster._utils.schedules import is_valid_cron_string  # the parser Dagster itself uses
+
+        if not is_valid_cron_string(v):
+            raise ValueError(f"{v!r} is not a valid cron expression (five fields, e.g. '0 3 * * *')")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone_is_known(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{v!r} is not an IANA time zone name (e.g. 'UTC', 'Europe/Paris')") from None
+        return v
+
+
 class CacheSettings(_Strict):
     mode: Literal["use", "bypass", "refresh"] = "use"
     path: str | None = None  # default: $DAGSTER_HOME/llm_cache.sqlite
@@ -213,6 +243,7 @@ class Panel(_Strict):
     pooling: Pooling = Field(default_factory=Pooling)
     binarization: Binarization = Field(default_factory=Binarization)
     thresholds: Thresholds = Field(default_factory=Thresholds)
+    schedule: Schedule = Field(default_factory=Schedule)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     prices: dict[str, Price] = Field(default_factory=dict)  # model id -> price per million tokens
     publish: Publish = Field(default_factory=Publish)

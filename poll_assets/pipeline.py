@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -12,6 +14,8 @@ from poll_assets.assets.pooling import build_pooled_asset
 from poll_assets.assets.preferences import build_preferences_asset
 from poll_assets.assets.prompts import build_prompts_asset
 from poll_assets.assets.publishing import build_hub_publisher, build_publish_job
+from poll_assets.automation import build_automation_sensor, with_rerun_condition
+from poll_assets.checks import build_asset_checks
 from poll_assets.io_manager import ParquetIOManagerFactory, default_dagster_home, default_storage_dir
 from poll_assets.llm.cache import ResponseCacheResource
 from poll_assets.llm.resources import build_llm_resource, resource_key
@@ -66,14 +70,23 @@ def build_definitions(
     *,
     storage_dir: str | None = None,
     cache_path: str | None = None,
+    resource_overrides: Mapping[str, Any] | None = None,
     member_steps: bool = False,
 ) -> dg.Definitions:
-    assets = build_assets(panel, panel_path, member_steps=member_steps)
+    """Assets (with the scheduled re-run condition), their checks, the jobs and the automation sensor.
+
+    `resource_overrides` replaces resources by key, e.g. a test's own `llm_<member>` clients.
+    `member_steps=True` gives each generator and judge its own step (see `build_assets`)."""
+    assets = with_rerun_condition(build_assets(panel, panel_path, member_steps=member_steps), panel.schedule)
     dataset_spec, publish_job = build_publish_job(panel)
     job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.assets(*assets),
                               description=f"Every asset of the `{panel.name}` panel for one shard.")
+    resources = build_resources(panel, storage_dir, cache_path)
+    resources.update(resource_overrides or {})
     return dg.Definitions(
         assets=[*assets, dataset_spec],
+        asset_checks=build_asset_checks(panel),
         jobs=[job, publish_job],
-        resources=build_resources(panel, storage_dir, cache_path),
+        sensors=[build_automation_sensor(panel.schedule)],
+        resources=resources,
     )

@@ -358,7 +358,8 @@ class _Obj(dict):  # type: ignore[type-arg]
         self.repeats: dict[str, list[Any]] = {k: v for k, v in seen.items() if len(v) > 1}
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_Obj)
+# strict=False: llama.cpp's JSON grammar lets raw newlines into strings, which strict JSON forbids.
+_DECODER = json.JSONDecoder(object_pairs_hook=_Obj, strict=False)
 _TEXT_KEY_RE = re.compile(r"^\s*text[\s_\-]*(\d+)\s*$", re.IGNORECASE)
 _KEY_SCAN_RE = re.compile(r'"text[ _\-]?(\d+)"\s*:\s*(?=\{)', re.IGNORECASE)
 _LIST_KEYS = ("verdicts", "ratings", "results", "evaluations", "texts", "outputs")

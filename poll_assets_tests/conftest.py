@@ -8,8 +8,14 @@ import pytest
 from poll_assets_tests.fake_llm_server import FakeLLMServer
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+@pytest.fixture
+def dagster_home(tmp_path, monkeypatch) -> Path:
+    """A throwaway Dagster instance, so tests never touch the project's run history."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
 
 
 @pytest.fixture

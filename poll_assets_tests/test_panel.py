@@ -65,7 +65,7 @@ def test_param_a_provider_lacks_is_refused_at_load(tmp_path):
     def mutate(raw):
         raw["judges"][0].update(provider="anthropic", model="claude-3-haiku-20240307")
     path = write_panel(tmp_path, mutate)
-    with pytest.raises(PanelConfigError, match=r"judges\[0\].*\['seed'\] are not supported by provider 'anthropic'"):
+    with pytest.raises(PanelConfigError, match=r"judges\[0\].*\['seed', 'temperature'\] are not supported by provider 'anthropic'"):
         load_panel(path)
 
 

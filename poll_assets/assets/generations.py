@@ -9,6 +9,7 @@ import pandas as pd
 
 from poll_assets.assets.metadata import call_metadata, member_kinds, table_metadata
 from poll_assets.assets.stage import run_stage, stage_pool
+from poll_assets.lineage import combined_column_lineage
 from poll_assets.llm.base import CallRequest, Message
 from poll_assets.llm.cache import ResponseCache, ResponseCacheResource
 from poll_assets.llm.resources import LLMResource, resource_key
@@ -178,7 +179,7 @@ def build_combined_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) 
                 }
             )
         df = pd.DataFrame(rows)
-        return dg.Output(df, metadata=table_metadata(df))
+        return dg.Output(df, metadata={**table_metadata(df), "dagster/column_lineage": combined_column_lineage(panel)})
 
     return combined_generations
 

@@ -9,6 +9,7 @@ import pandas as pd
 from poll_assets.agreement import judge_agreement
 from poll_assets.assets.judging import ratings_key
 from poll_assets.assets.metadata import table_metadata
+from poll_assets.lineage import pooled_column_lineage
 from poll_assets.panel import Panel
 from poll_assets.pooling import pool_ratings, self_family_mask
 from poll_assets.rubrics.ultrafeedback import get_rubric
@@ -81,7 +82,9 @@ def build_pooled_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) ->
             )
         df = pd.DataFrame(rows)
         agreement = judge_agreement(flat, value_domain=list(get_rubric(panel.judging.aspect).ratings))
-        meta: dict[str, Any] = {**table_metadata(df), "self_family_excluded": excluded}
+        meta: dict[str, Any] = {
+            **table_metadata(df), "dagster/column_lineage": pooled_column_lineage(panel), "self_family_excluded": excluded,
+        }
         alpha = agreement.get("krippendorff_alpha")
         meta["agreement/krippendorff_alpha"] = dg.MetadataValue.float(alpha) if alpha is not None else dg.MetadataValue.null()
         meta["agreement/pairwise"] = dg.MetadataValue.json(agreement)

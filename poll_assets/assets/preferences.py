@@ -7,6 +7,7 @@ import pandas as pd
 from poll_assets.assets.metadata import table_metadata
 from poll_assets.assets.pooling import _plain
 from poll_assets.binarize import binarize
+from poll_assets.lineage import pairs_column_lineage
 from poll_assets.panel import Panel
 
 PAIR_COLUMNS = [
@@ -86,6 +87,7 @@ def build_preferences_asset(panel: Panel, partitions_def: dg.PartitionsDefinitio
             df,
             metadata={
                 **table_metadata(df),
+                "dagster/column_lineage": pairs_column_lineage(panel),
                 "pairs": len(df),
                 "prompts": len(pooled_ratings),
                 "dropped_prompts": dg.MetadataValue.json(dropped),

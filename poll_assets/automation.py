@@ -1,0 +1,72 @@
+"""Scheduled re-runs with Dagster declarative automation.
+
+Every asset gets the same condition. On a tick of the panel's cron (and only then) it requests
+the (asset, shard) pairs that need work, and nothing else:
+
+- **missing**: never materialized, e.g. a new shard after `num_examples` was raised;
+- **failed**: the latest run that planned it failed;
+- **code changed**: the asset's `code_version` changed since its last materialization (a judge's
+  model, params or rubric version; each member hashes only its own settings);
+- **upstream changed**: a parent was updated by a run that did not also update this asset, or a
+  parent is requested on this tick (so a re-judged shard is re-pooled and re-binarized in the same run).
+
+It skips a partition that is already running, whose parents are running or missing-and-not-requested,
+or whose parent failed a blocking asset check on its latest materialization: re-running the child on
+data a check rejected would defeat the check. Such a partition waits until its parent changes.
+
+"Code changed" and "upstream changed" are events, noticed on whichever evaluation first sees them
+(the sensor evaluates every 30 s or so). `.since(newly_updated())` keeps them true until the
+partition is materialized again, so a change made at noon is acted on at the next cron tick.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from poll_assets.panel import Schedule
+
+SENSOR_NAME = "poll_automation"
+
+AC = dg.AutomationCondition
+
+
+def rerun_condition(cron: str, timezone: str = "UTC") -> dg.AutomationCondition:
+    """The condition every asset of the graph carries; see the module docstring."""
+    updated = AC.newly_updated()
+    code_changed = AC.code_version_changed().since(updated).with_label("code_version_changed_since_materialized")
+    deps_changed = AC.any_deps_updated().since(updated).with_label("deps_updated_since_materialized")
+    needs_run = (AC.missing() | AC.execution_failed() | code_changed | deps_changed).with_label(
+        "missing_failed_or_stale"
+    )
+    parent_rejected = AC.any_deps_match(
+        AC.any_checks_match(AC.check_failed(), blocking_only=True) & ~AC.will_be_requested()
+    ).with_label("parent_failed_blocking_check")
+    return (
+        AC.cron_tick_passed(cron, timezone)
+        & needs_run
+        & ~AC.in_progress()
+        & ~AC.any_deps_in_progress()
+        & ~AC.any_deps_missing()
+        & ~parent_rejected
+    ).with_label(f"poll_rerun({cron}, {timezone})")
+
+
+def with_rerun_condition(assets: list[dg.AssetsDefinition], schedule: Schedule) -> list[dg.AssetsDefinition]:
+    condition = rerun_condition(schedule.cron, schedule.timezone)
+    return [a.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=condition)) for a in assets]
+
+
+def build_automation_sensor(schedule: Schedule) -> dg.AutomationConditionSensorDefinition:
+    """The sensor that evaluates the conditions. Running from the start when the panel enables the
+    schedule; otherwise present but stopped, to be switched on under Automation in the UI."""
+    status = dg.DefaultSensorStatus.RUNNING if schedule.enabled else dg.DefaultSensorStatus.STOPPED
+    return dg.AutomationConditionSensorDefinition(
+        SENSOR_NAME,
+        target=dg.AssetSelection.all(),
+        default_status=status,
+        minimum_interval_seconds=30,
+        description=(
+            f"On cron `{schedule.cron}` ({schedule.timezone}): materialize every shard that is missing, "
+            "whose last run failed, or whose code version or upstream data changed since it was made."
+        ),
+    )

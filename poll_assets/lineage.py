@@ -1,0 +1,338 @@
+"""Lineage: which upstream columns each column comes from, and the full trail of one prompt.
+
+Column lineage (`dagster/column_lineage`) is declared on the stages that merge others
+(combined_generations, pooled_ratings, preference_pairs), so the UI's column view leads from a
+pair's `chosen_rating` back to the judges' `ratings`.
+
+Row lineage needs no extra bookkeeping: every row keeps `prompt_id`, and the rows that came from
+a model keep the `call_id` of that call. `prompt_trail` follows a prompt through the stored
+Parquet files and gathers everything about it: the prompt, each generation with its model and
+token usage, each judge's raw output and parsed ratings, the pooled ratings and the pairs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from upath import UPath
+
+from poll_assets.panel import Panel
+
+PROMPTS, COMBINED, POOLED, PAIRS = "prompts", "combined_generations", "pooled_ratings", "preference_pairs"
+MIN_PREFIX = 6  # shortest prompt-id prefix `prompt_trail` accepts
+
+
+def _dep(asset: str | list[str], column: str) -> dg.TableColumnDep:
+    key = dg.AssetKey(asset if isinstance(asset, list) else [asset])
+    return dg.TableColumnDep(asset_key=key, column_name=column)
+
+
+def _each(prefix: str, names: Iterable[str], column: str) -> list[dg.TableColumnDep]:
+    return [_dep([prefix, n], column) for n in names]
+
+
+def combined_column_lineage(panel: Panel) -> dg.TableColumnLineage:
+    gens = [g.name for g in panel.generators]
+    return dg.TableColumnLineage(
+        deps_by_column={
+            "prompt_id": [_dep(PROMPTS, "prompt_id")],
+            "instruction": [_dep(PROMPTS, "instruction")],
+            "generations": _each("generations", gens, "generation"),
+            "generation_models": _each("generations", gens, "model_name"),
+            "generators": _each("generations", gens, "generator"),
+            "generation_call_ids": _each("generations", gens, "call_id"),
+            "generation_errors": _each("generations", gens, "error"),
+        }
+    )
+
+
+def pooled_column_lineage(panel: Panel) -> dg.TableColumnLineage:
+    judges = [j.name for j in panel.judges]
+    return dg.TableColumnLineage(
+        deps_by_column={
+            "prompt_id": [_dep(COMBINED, "prompt_id")],
+            "instruction": [_dep(COMBINED, "instruction")],
+            "generations": [_dep(COMBINED, "generations")],
+            "generation_models": [_dep(COMBINED, "generation_models")],
+            "generation_call_ids": [_dep(COMBINED, "generation_call_ids")],
+            "poll_ratings": _each("ratings", judges, "ratings"),
+            "poll_rationales": _each("ratings", judges, "rationales"),
+            "poll_models": _each("ratings", judges, "model_name"),
+            "poll_call_ids": _each("ratings", judges, "call_id"),
+            "avg_poll_ratings": _each("ratings", judges, "ratings"),
+            "n_valid_judges": _each("ratings", judges, "ratings"),
+        }
+    )
+
+
+def pairs_column_lineage(panel: Panel) -> dg.TableColumnLineage:
+    """Pair columns back to where their values were first made (not only to pooled_ratings)."""
+    judges = [j.name for j in panel.judges]
+    gens = [g.name for g in panel.generators]
+    answer = [_dep(PROMPTS, "instruction"), _dep(COMBINED, "generations")]  # a chat: the prompt, then the answer
+    rating = [_dep(POOLED, "avg_poll_ratings")]
+    return dg.TableColumnLineage(
+        deps_by_column={
+            "prompt": [_dep(PROMPTS, "instruction")],
+            "prompt_id": [_dep(PROMPTS, "prompt_id")],
+            "chosen": answer,
+            "rejected": answer,
+            "chosen_model": [_dep(COMBINED, "generation_models")],
+            "rejected_model": [_dep(COMBINED, "generation_models")],
+            "chosen_rating": rating,
+            "rejected_rating": rating,
+            "margin": rating,
+            "avg_poll_ratings": rating,
+            "poll_ratings": _each("ratings", judges, "ratings"),
+            "poll_models": _each("ratings", judges, "model_name"),
+            "chosen_call_id": _each("generations", gens, "call_id"),
+            "rejected_call_id": _each("generations", gens, "call_id"),
+            "rating_call_ids": _each("ratings", judges, "call_id"),
+        }
+    )
+
+
+# --- the trail of one prompt ---------------------------------------------------------------------
+
+
+class TrailError(LookupError):
+    """The prompt cannot be traced; the message says what was searched."""
+
+
+def _plain(value: Any) -> Any:
+    """Parquet values as JSON-ready Python: arrays to lists, numpy scalars to numbers, NaN to None."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def _ints(values: list[Any] | None) -> list[Any] | None:
+    """Ratings are integers; a list holding a None comes back from Parquet as floats."""
+    if values is None:
+        return None
+    return [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
+
+
+def _read(path: UPath) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    with path.open("rb") as f:
+        return pd.read_parquet(f)
+
+
+def _row(df: pd.DataFrame | None, prompt_id: str) -> dict[str, Any] | None:
+    if df is None:
+        return None
+    hit = df[df["prompt_id"] == prompt_id]
+    return {k: _plain(v) for k, v in hit.iloc[0].items()} if len(hit) else None
+
+
+def _partitions(base: UPath) -> list[str]:
+    folder = base / PROMPTS
+    if not folder.is_dir():
+        raise TrailError(f"no prompts have been materialized under {base} (no folder {folder})")
+    return sorted(p.name[: -len(".parquet")] for p in folder.iterdir() if p.name.endswith(".parquet"))
+
+
+def _find(base: UPath, prompt_id: str, partition: str | None) -> tuple[str, str, pd.DataFrame]:
+    """(partition, full prompt id, that partition's prompts), accepting a unique id prefix."""
+    if len(prompt_id) < MIN_PREFIX:
+        raise TrailError(f"prompt id {prompt_id!r} is too short; give at least {MIN_PREFIX} characters of it")
+    searched = [partition] if partition else _partitions(base)
+    matches: list[tuple[str, str, pd.DataFrame]] = []
+    for key in searched:
+        prompts = _read(base / PROMPTS / f"{key}.parquet")
+        if prompts is None:
+            raise TrailError(f"partition {key!r} of prompts is not materialized under {base}")
+        for pid in prompts["prompt_id"]:
+            if pid == prompt_id or pid.startswith(prompt_id):
+                matches.append((key, pid, prompts))
+    exact = [m for m in matches if m[1] == prompt_id]
+    matches = exact or matches
+    if not matches:
+        where = f"partition {partition}" if partition else f"{len(searched)} materialized partition(s)"
+        raise TrailError(f"prompt id {prompt_id!r} is not in {where} of prompts under {base}")
+    if len({m[1] for m in matches}) > 1:
+        ids = ", ".join(sorted({m[1][:16] for m in matches}))
+        raise TrailError(f"prompt id prefix {prompt_id!r} matches several prompts ({ids}); give more characters")
+    return matches[0]
+
+
+def _members(base: UPath, stage: str, order: list[str] | None) -> list[str]:
+    """Member names with a file for this stage, in panel order when known (from combined/pooled rows)."""
+    folder = base / stage
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if order:
+        return [m for m in order if m in found] + [m for m in found if m not in order]
+    return found
+
+
+def prompt_trail(prompt_id: str, storage_dir: str, partition: str | None = None) -> dict[str, Any]:
+    """Everything the pipeline stored about one prompt, read from the Parquet files.
+
+    Args:
+        prompt_id: the prompt's id (sha256 hex of its instruction), or a unique prefix of at least
+            six characters.
+        storage_dir: the IO manager's base folder (`$DAGSTER_HOME/storage` by default); a local
+            path or an fsspec URL.
+        partition: the shard to look in; by default every materialized shard of `prompts` is searched.
+
+    Returns a JSON-ready dict with keys `prompt_id`, `partition`, `instruction`, `source_row`,
+    `generations` (one per generator: generator, model, text, usage, call_id, error), `judges` (one
+    per judge: raw_output, ratings and rationales per generation in generation order, shown_order,
+    usage, call_id), `pooled` (avg_poll_ratings, poll_ratings, n_valid_judges) or None, `pairs` (a
+    list, empty when the prompt was dropped as a tie), and `missing`: stages not materialized yet.
+
+    Raises TrailError when the prompt id is not found (or is an ambiguous prefix), naming what was searched.
+    """
+    base = UPath(storage_dir)
+    key, pid, prompts = _find(base, prompt_id, partition)
+    prompt = _row(prompts, pid) or {}
+    file = f"{key}.parquet"
+    missing: list[str] = []
+
+    combined = _row(_read(base / COMBINED / file), pid)
+    if combined is None:
+        missing.append(COMBINED)
+    generations = []
+    for name in _members(base, "generations", combined and combined.get("generators")):
+        row = _row(_read(base / "generations" / name / file), pid)
+        if row is None:
+            missing.append(f"generations/{name}")
+            continue
+        generations.append(
+            {
+                "generator": name,
+                "model": row.get("model_name"),
+                "served_model": row.get("served_model"),
+                "text": row.get("generation"),
+                "finish_reason": row.get("finish_reason"),
+                "usage": {"input_tokens": row.get("input_tokens"), "output_tokens": row.get("output_tokens"),
+                          "latency_s": row.get("latency_s"), "cached": row.get("cached")},
+                "call_id": row.get("call_id"),
+                "error": row.get("error"),
+            }
+        )
+
+    pooled = _row(_read(base / POOLED / file), pid)
+    if pooled is None:
+        missing.append(POOLED)
+    judges = []
+    for name in _members(base, "ratings", None):
+        row = _row(_read(base / "ratings" / name / file), pid)
+        if row is None:
+            missing.append(f"ratings/{name}")
+            continue
+        judges.append(
+            {
+                "judge": name,
+                "model": row.get("model_name"),
+                "ratings": _ints(row.get("ratings")),
+                "rationales": row.get("rationales"),
+                "rating_errors": row.get("rating_errors"),
+                "shown_order": row.get("shown_order"),
+                "raw_output": row.get("raw_output"),
+                "output_mode": row.get("output_mode"),
+                "usage": {"input_tokens": row.get("input_tokens"), "output_tokens": row.get("output_tokens")},
+                "call_id": row.get("call_id"),
+                "error": row.get("error"),
+            }
+        )
+    if pooled is not None:  # judges in the pooled (panel) order
+        rank = {cid: i for i, cid in enumerate(pooled.get("poll_call_ids") or [])}
+        judges.sort(key=lambda j: rank.get(j["call_id"], len(rank)))
+
+    pairs_df = _read(base / PAIRS / file)
+    if pairs_df is None:
+        missing.append(PAIRS)
+        pairs: list[dict[str, Any]] = []
+    else:
+        hits = pairs_df[pairs_df["prompt_id"] == pid]
+        by_call = {g["call_id"]: g["generator"] for g in generations}
+        pairs = [
+            {k: _plain(r[k]) for k in ("chosen_model", "rejected_model", "chosen_rating", "rejected_rating", "margin",
+                                        "chosen_call_id", "rejected_call_id")}
+            | {
+                "chosen_generator": by_call.get(r["chosen_call_id"]),
+                "rejected_generator": by_call.get(r["rejected_call_id"]),
+                "chosen": _plain(r["chosen"])[-1]["content"],
+                "rejected": _plain(r["rejected"])[-1]["content"],
+            }
+            for _, r in hits.iterrows()
+        ]
+
+    return {
+        "prompt_id": pid,
+        "partition": key,
+        "instruction": prompt.get("instruction"),
+        "source_row": prompt.get("source_row"),
+        "generations": generations,
+        "judges": judges,
+        "pooled": None if pooled is None else {
+            "avg_poll_ratings": pooled.get("avg_poll_ratings"),
+            "poll_ratings": pooled.get("poll_ratings"),
+            "poll_models": pooled.get("poll_models"),
+            "n_valid_judges": pooled.get("n_valid_judges"),
+        },
+        "pairs": pairs,
+        "missing": missing,
+    }
+
+
+def _clip(text: Any, width: int) -> str:
+    s = "" if text is None else " ".join(str(text).split())
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def format_trail(trail: dict[str, Any], width: int = 100) -> str:
+    """The trail as text a person reads top to bottom: prompt, answers, verdicts, pooled, pairs."""
+    out = [f"prompt {trail['prompt_id']}  ({trail['partition']}, source row {trail['source_row']})",
+           f"  {_clip(trail['instruction'], width)}", "", "generations:"]
+    for i, g in enumerate(trail["generations"]):
+        u = g["usage"]
+        status = f"ERROR {g['error']}" if g["error"] else f"{u['input_tokens']} in / {u['output_tokens']} out tokens"
+        out.append(f"  [{i}] {g['generator']} ({g['model']}): {status}; call {str(g['call_id'])[:12]}")
+        out.append(f"      {_clip(g['text'], width - 6)}")
+    out += ["", "judges:"]
+    for j in trail["judges"]:
+        ratings = ", ".join("-" if r is None else str(r) for r in (j["ratings"] or []))
+        out.append(f"  {j['judge']} ({j['model']}): ratings [{ratings}]; call {str(j['call_id'])[:12]}")
+        for k, err in enumerate(j["rating_errors"] or []):
+            if err:
+                out.append(f"      [{k}] no rating: {err}")
+        out.append(f"      raw: {_clip(j['raw_output'], width - 11) or '(none)'}")
+    pooled = trail["pooled"]
+    out += ["", "pooled:" if pooled else "pooled: (not materialized)"]
+    if pooled:
+        avg = ", ".join(_num(a) for a in pooled["avg_poll_ratings"])
+        out.append(f"  avg_poll_ratings [{avg}]  (valid judges per generation: {pooled['n_valid_judges']})")
+    out += ["", f"pairs: {len(trail['pairs'])}"]
+    for p in trail["pairs"]:
+        out.append(f"  chosen {p['chosen_generator'] or p['chosen_model']} ({_num(p['chosen_rating'])}) over "
+                   f"{p['rejected_generator'] or p['rejected_model']} "
+                   f"({_num(p['rejected_rating'])}), margin {_num(p['margin'])}; "
+                   f"calls {str(p['chosen_call_id'])[:12]} / {str(p['rejected_call_id'])[:12]}")
+    if trail["missing"]:
+        out += ["", f"not materialized yet: {', '.join(trail['missing'])}"]
+    return "\n".join(out)
+
+
+def trail_json(trail: dict[str, Any]) -> str:
+    return json.dumps(trail, indent=2, ensure_ascii=False)

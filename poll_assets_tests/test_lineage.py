@@ -1,0 +1,145 @@
+"""Lineage metadata on every asset, and the trail of a prompt through a materialized shard."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from poll_assets import cli
+from poll_assets.lineage import TrailError, prompt_trail
+from poll_assets.pipeline import JOB_NAME, build_definitions
+from poll_assets_tests.fake_panel import scripted_resources, write_panel
+
+SHARD = "shard-00000"
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lineage")
+    home = tmp / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    # 3 generators and 3 judges on one shard of 3 prompts; judge_2 fails on one prompt, so a
+    # trail shows a judge call error next to good verdicts (parse rate 1/3 is allowed here).
+    panel, path = write_panel(tmp, n_prompts=6, shard_size=3, n_generators=3, n_judges=3,
+                              extra={"thresholds": {"max_parse_failure_rate": 0.5}})
+    storage = tmp / "storage"
+    defs = build_definitions(panel, path, storage_dir=str(storage), cache_path=str(tmp / "c.sqlite"),
+                             resource_overrides=scripted_resources(panel, {"judge_2": "rivers"}))
+    instance = dg.DagsterInstance.local_temp(str(home))
+    result = defs.resolve_job_def(JOB_NAME).execute_in_process(partition_key=SHARD, instance=instance)
+    assert result.success
+    yield panel, storage, instance
+    instance.dispose()
+
+
+def _meta(instance, key: str):
+    event = instance.get_latest_materialization_event(dg.AssetKey.from_user_string(key))
+    return event.asset_materialization.metadata
+
+
+def test_every_asset_has_schema_and_row_count(shard):
+    panel, storage, instance = shard
+    keys = ["prompts", "combined_generations", "pooled_ratings", "preference_pairs",
+            *(f"generations/{g.name}" for g in panel.generators), *(f"ratings/{j.name}" for j in panel.judges)]
+    for key in keys:
+        meta = _meta(instance, key)
+        df = pd.read_parquet(storage.joinpath(*key.split("/"), f"{SHARD}.parquet"))
+        assert meta["dagster/row_count"].value == len(df), key
+        schema = meta["dagster/column_schema"].value
+        assert [c.name for c in schema.columns] == list(df.columns), key
+        if key.startswith(("generations/", "ratings/")):
+            assert meta["llm/input_tokens"].value > 0 and meta["llm/calls"].value > 0, key
+
+
+def test_preference_pairs_column_lineage_points_at_upstream_columns(shard):
+    panel, storage, instance = shard
+    lineage = _meta(instance, "preference_pairs")["dagster/column_lineage"].value
+    deps = {col: {(d.asset_key.to_user_string(), d.column_name) for d in ds} for col, ds in lineage.deps_by_column.items()}
+    assert deps["prompt"] == {("prompts", "instruction")}
+    assert ("combined_generations", "generations") in deps["chosen"]
+    assert deps["chosen_rating"] == deps["rejected_rating"] == {("pooled_ratings", "avg_poll_ratings")}
+    assert deps["poll_ratings"] == {(f"ratings/{j.name}", "ratings") for j in panel.judges}
+    assert deps["rating_call_ids"] == {(f"ratings/{j.name}", "call_id") for j in panel.judges}
+    pairs = pd.read_parquet(storage / "preference_pairs" / f"{SHARD}.parquet")
+    assert set(deps) <= set(pairs.columns)
+    # and every upstream column named exists in that upstream's stored table
+    for col_deps in deps.values():
+        for asset, column in col_deps:
+            upstream = pd.read_parquet(storage.joinpath(*asset.split("/"), f"{SHARD}.parquet"))
+            assert column in upstream.columns, (asset, column)
+    pooled_lineage = _meta(instance, "pooled_ratings")["dagster/column_lineage"].value
+    assert {d.asset_key.to_user_string() for d in pooled_lineage.deps_by_column["poll_ratings"]} == {
+        f"ratings/{j.name}" for j in panel.judges
+    }
+
+
+def test_trail_of_every_prompt_matches_the_stored_rows(shard):
+    panel, storage, _ = shard
+    prompts = pd.read_parquet(storage / "prompts" / f"{SHARD}.parquet")
+    pooled = pd.read_parquet(storage / "pooled_ratings" / f"{SHARD}.parquet").set_index("prompt_id")
+    pairs = pd.read_parquet(storage / "preference_pairs" / f"{SHARD}.parquet")
+    for pid, instruction in zip(prompts["prompt_id"], prompts["instruction"]):
+        trail = prompt_trail(pid, str(storage))  # no partition: searches every shard
+        assert trail["partition"] == SHARD and trail["instruction"] == instruction and trail["missing"] == []
+        assert [g["generator"] for g in trail["generations"]] == [g.name for g in panel.generators]
+        for g, member in zip(trail["generations"], panel.generators):
+            assert g["model"] == member.model and g["text"].startswith(f"[{member.name}]")
+            assert g["usage"]["output_tokens"] > 0 and len(g["call_id"]) == 64
+        assert [j["judge"] for j in trail["judges"]] == [j.name for j in panel.judges]
+        for j in trail["judges"]:
+            assert len(j["ratings"]) == len(panel.generators)
+            # judge_2's column holds a None, so Parquet stored floats; the trail gives ratings back as ints
+            assert all(r is None or type(r) is int for r in j["ratings"]), j["ratings"]
+            if j["error"] is None:
+                # the parsed ratings undo the shuffle of the raw output
+                raw = json.loads(j["raw_output"])
+                for position, gen_index in enumerate(j["shown_order"]):
+                    assert j["ratings"][gen_index] == raw[f"text_{position + 1}"]["rating"]
+        assert trail["pooled"]["avg_poll_ratings"] == pytest.approx(list(pooled.loc[pid, "avg_poll_ratings"]))
+        expected_pairs = pairs[pairs["prompt_id"] == pid]
+        assert len(trail["pairs"]) == len(expected_pairs)
+        for p, (_, row) in zip(trail["pairs"], expected_pairs.iterrows()):
+            assert p["chosen_rating"] > p["rejected_rating"]
+            chosen = next(g for g in trail["generations"] if g["call_id"] == p["chosen_call_id"])
+            assert chosen["text"] == p["chosen"] == row["chosen"][-1]["content"]
+            assert p["chosen_generator"] == chosen["generator"] and p["chosen_model"] == chosen["model"]
+
+
+def test_trail_shows_a_failed_judge_call(shard):
+    _, storage, _ = shard
+    prompts = pd.read_parquet(storage / "prompts" / f"{SHARD}.parquet")
+    pid = prompts.loc[prompts["instruction"].str.contains("rivers"), "prompt_id"].item()
+    trail = prompt_trail(pid[:10], str(storage), partition=SHARD)  # a prefix is enough
+    judge_2 = next(j for j in trail["judges"] if j["judge"] == "judge_2")
+    assert "refuses this prompt" in judge_2["error"] and judge_2["ratings"] == [None, None, None]
+    assert all(e.startswith("judge call failed") for e in judge_2["rating_errors"])
+
+
+def test_unknown_prompt_id_is_a_clear_error(shard):
+    _, storage, _ = shard
+    with pytest.raises(TrailError, match=r"prompt id 'ffffffffff' is not in 1 materialized partition\(s\) of prompts"):
+        prompt_trail("ffffffffff", str(storage))
+    with pytest.raises(TrailError, match=r"partition 'shard-00001' of prompts is not materialized"):
+        prompt_trail("ffffffffff", str(storage), partition="shard-00001")
+    with pytest.raises(TrailError, match="too short"):
+        prompt_trail("ab", str(storage))
+    with pytest.raises(TrailError, match="no prompts have been materialized"):
+        prompt_trail("ffffffffff", str(storage / "nowhere"))
+
+
+def test_trail_cli_text_json_and_error(shard, capsys):
+    _, storage, _ = shard
+    pid = pd.read_parquet(storage / "prompts" / f"{SHARD}.parquet")["prompt_id"][0]
+    assert cli.main(["trail", pid, "--storage", str(storage)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"prompt {pid}  ({SHARD}, source row 0)")
+    for heading in ("generations:", "judges:", "pooled:", "pairs:"):
+        assert f"\n{heading}" in text
+    assert cli.main(["trail", pid, "--storage", str(storage), "--partition", SHARD, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt_id"] == pid
+    assert cli.main(["trail", "0123456789", "--storage", str(storage)]) == 2
+    assert "poll-assets trail: prompt id '0123456789' is not in" in capsys.readouterr().err
