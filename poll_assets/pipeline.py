@@ -76,7 +76,7 @@ def build_definitions(
     """Assets (with the scheduled re-run condition), their checks, the jobs and the automation sensor.
 
     `resource_overrides` replaces resources by key, e.g. a test's own `llm_<member>` clients.
-    `member_steps` gives every member its own step instead of one step per LLM stage."""
+    `member_steps=True` gives each generator and judge its own step (see `build_assets`)."""
     assets = with_rerun_condition(build_assets(panel, panel_path, member_steps=member_steps), panel.schedule)
     dataset_spec, publish_job = build_publish_job(panel)
     job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.assets(*assets),

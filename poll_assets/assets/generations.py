@@ -8,8 +8,8 @@ import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.metadata import call_metadata, member_kinds, table_metadata
-from poll_assets.lineage import combined_column_lineage
 from poll_assets.assets.stage import run_stage, stage_pool
+from poll_assets.lineage import combined_column_lineage
 from poll_assets.llm.base import CallRequest, Message
 from poll_assets.llm.cache import ResponseCache, ResponseCacheResource
 from poll_assets.llm.resources import LLMResource, resource_key
