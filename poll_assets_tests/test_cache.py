@@ -203,3 +203,32 @@ def test_resource_from_panel_settings(tmp_path):
 
     res = ResponseCacheResource.from_settings(CacheSettings(mode="bypass", path=str(tmp_path / "p.sqlite")))
     assert res.get_cache().mode == "bypass" and res.resolved_path() == tmp_path / "p.sqlite"
+
+
+def test_submitted_completions_are_committed_in_groups_by_the_writer_thread(tmp_path):
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    for i in range(500):
+        assert cache.submit(f"k{i}", Completion(text=str(i)), "fake", "m")
+    assert not cache.submit("failed", Completion(text=None, error="boom"), "fake", "m")
+    assert cache.flush(timeout_s=30) == 500
+    # Another connection (another process, in real runs) sees every row once flush returns.
+    assert rows(tmp_path / "c.sqlite") == 500
+    assert ResponseCache(tmp_path / "c.sqlite").get("k499").text == "499"
+
+
+def test_a_failed_group_write_surfaces_at_flush_naming_the_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cache = ResponseCache(blocker / "c.sqlite")
+    cache.submit("k", Completion(text="x"), "fake", "m")
+    with pytest.raises(CacheError, match=str(blocker)):
+        cache.flush(timeout_s=30)
+    assert cache.flush(timeout_s=30) == 0  # reported once; nothing was written
+
+
+def test_run_calls_waits_for_its_cache_writes(tmp_path):
+    db = tmp_path / "c.sqlite"
+    backend = FakeBackend()
+    batch = run(make_llm(backend, max_concurrency=16), make_requests(300), cache=ResponseCache(db))
+    assert all(c.ok for c in batch.completions)
+    assert rows(db) == 300  # committed before run_calls returned, not "eventually"

@@ -43,12 +43,18 @@ def test_concurrency_slot_is_freed_during_backoff():
     def script(text, attempt):
         return ProviderError("server", "503") if text == "q0" and attempt == 1 else None
 
-    backend = FakeBackend(latency_s=0.01, script=script)
+    class FixedWait(RetryPolicy):
+        def delay(self, retry_number, retry_after, rng):  # noqa: ANN001, ANN201
+            return 1.0
+
+    backend = FakeBackend(latency_s=0.07, script=script)
     llm = make_llm(backend, max_concurrency=2, max_retries=1)
-    batch = asyncio.run(run_calls(llm, make_requests(20), retry=RetryPolicy(base_s=0.2, cap_s=0.2)))
+    batch = asyncio.run(run_calls(llm, make_requests(20), retry=FixedWait()))
     assert all(c.ok for c in batch.completions)
     assert backend.peak_in_flight == 2
-    assert backend.order.index("q19") < len(backend.order) - 1  # q0's retry was not blocking q19
+    # The other 19 calls all ran while q0 waited 1 s to retry: 0.67 s of work on both slots, where a
+    # waiting call holding its slot would have left one slot for 1.33 s of work.
+    assert backend.order[-1] == "q0" and backend.order.count("q0") == 2
 
 
 def test_rpm_limiter_spreads_calls():

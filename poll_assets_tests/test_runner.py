@@ -241,3 +241,31 @@ def test_empty_batch():
     backend = FakeBackend()
     batch = run(make_llm(backend), [])
     assert batch.completions == [] and backend.total_calls == 0 and not batch.all_failed
+
+
+def test_a_fixed_pool_of_workers_whatever_the_batch_size():
+    # Memory must not grow with the partition: no task per call, only one per concurrency slot.
+    backend = FakeBackend(latency_s=0.0005)
+    llm = make_llm(backend, max_concurrency=8)
+    peak = 0
+
+    async def main() -> list:
+        nonlocal peak
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, len(asyncio.all_tasks()))
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
+        batch = await run_calls(llm, make_requests(2000), retry=FAST)
+        watcher.cancel()
+        return batch.completions
+
+    done = asyncio.run(main())
+    assert len(done) == 2000 and all(c.ok for c in done)
+    # main, watcher, progress ticker, 16 workers (two per slot) and the 8 tasks asyncio.wait_for wraps
+    # calls in: bounded by the concurrency, where one task per call would have made over 2000.
+    assert peak <= 3 + 2 * 8 + 8, peak
+    assert backend.total_calls == 2000

@@ -3,17 +3,24 @@
 Every call is committed as soon as it completes, so a run killed halfway keeps everything it
 already paid for and a re-run requests only what is missing (failed calls are never stored, so
 they are requested again). WAL mode lets parallel partition runs read and write the same file.
+
+Async callers hand completions to one writer thread (`submit`), which commits whatever has queued
+up in one transaction. Compared with a thread hop and a commit per call this costs the event loop
+almost nothing, and a busy file (another process holding the write lock) never stalls the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
 import json
 import os
+import queue
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -64,6 +71,25 @@ def _completion_from_json(blob: str) -> Completion:
     return Completion(**{k: v for k, v in data.items() if k in _COMPLETION_FIELDS})
 
 
+@dataclasses.dataclass(frozen=True)
+class _Write:
+    key: str
+    completion: Completion
+    provider: str
+    model: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flush:
+    done: threading.Event
+
+
+def _row(key: str, completion: Completion, provider: str, model: str) -> tuple[str, str, str, str, float]:
+    record = dataclasses.replace(completion, cached=False, call_id=key)
+    blob = json.dumps(record.to_dict(), ensure_ascii=False, default=str)
+    return (key, provider, model, blob, time.time())
+
+
 class ResponseCache:
     """A process- and thread-safe store of completed calls.
 
@@ -80,6 +106,11 @@ class ResponseCache:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
+        self._queue: queue.SimpleQueue[_Write | _Flush] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._writer_pid = -1
+        self._write_error: CacheError | None = None
+        self.written = 0  # completions committed by the writer thread
 
     def __repr__(self) -> str:
         return f"ResponseCache({str(self.path)!r}, mode={self.mode!r})"
@@ -140,30 +171,88 @@ class ResponseCache:
         """Store one successful completion, committed at once. Failures are not stored. Returns True if written."""
         if not self.writes or not completion.ok:
             return False
-        record = dataclasses.replace(completion, cached=False, call_id=key)
-        blob = json.dumps(record.to_dict(), ensure_ascii=False, default=str)
+        self._insert([_row(key, completion, provider, model)])
+        return True
+
+    def _insert(self, rows: list[tuple[str, str, str, str, float]]) -> None:
         with self._lock:
             conn = self._connection()
             try:
-                # Autocommit mode: this single statement is its own short transaction.
-                conn.execute(
-                    "INSERT OR REPLACE INTO completions (key, provider, model, completion, created_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (key, provider, model, blob, time.time()),
-                )
+                with conn:  # one transaction for the whole group
+                    conn.execute("BEGIN")
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO completions (key, provider, model, completion, created_at) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        rows,
+                    )
             except sqlite3.Error as exc:
                 raise CacheError(f"response cache {self.path}: write failed: {exc}") from exc
+
+    # -- the writer thread ----------------------------------------------------------------------
+
+    def submit(self, key: str, completion: Completion, provider: str, model: str) -> bool:
+        """Queue one successful completion for the writer thread; returns at once.
+
+        Returns True if it will be written. `flush` waits until everything queued is committed.
+        """
+        if not self.writes or not completion.ok:
+            return False
+        self._ensure_writer()
+        self._queue.put(_Write(key, completion, provider, model))
         return True
+
+    def flush(self, timeout_s: float | None = None) -> int:
+        """Wait until every submitted completion is committed; returns how many the writer has committed.
+
+        Raises CacheError if a write failed (the completions stay in the run's outputs; only the
+        cache misses them, so a re-run would request them again).
+        """
+        if self._writer is not None and self._writer_pid == os.getpid() and self._writer.is_alive():
+            done = threading.Event()
+            self._queue.put(_Flush(done))
+            if not done.wait(timeout_s):
+                raise CacheError(f"response cache {self.path}: writes did not finish within {timeout_s:g}s")
+        if self._write_error is not None:
+            err, self._write_error = self._write_error, None
+            raise err
+        return self.written
+
+    def _ensure_writer(self) -> None:
+        # Threads do not survive a fork: a child process starts its own writer.
+        if self._writer is None or self._writer_pid != os.getpid() or not self._writer.is_alive():
+            if self._writer_pid != os.getpid():
+                self._queue = queue.SimpleQueue()
+            self._writer = threading.Thread(target=self._write_loop, name=f"response-cache-writer:{self.path.name}", daemon=True)
+            self._writer_pid = os.getpid()
+            self._writer.start()
+            _WITH_WRITERS.add(self)
+
+    def _write_loop(self) -> None:
+        while True:
+            items = [self._queue.get()]
+            while True:  # take everything already queued, so one commit covers the group
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            rows = [_row(i.key, i.completion, i.provider, i.model) for i in items if isinstance(i, _Write)]
+            if rows:
+                try:
+                    self._insert(rows)
+                    self.written += len(rows)
+                except CacheError as exc:
+                    self._write_error = exc
+            for item in items:
+                if isinstance(item, _Flush):
+                    item.done.set()
 
     async def aget_many(self, keys: Iterable[str]) -> dict[str, Completion]:
         if not self.reads:
             return {}
         return await asyncio.to_thread(self.get_many, list(keys))
 
-    async def aput(self, key: str, completion: Completion, provider: str, model: str) -> bool:
-        if not self.writes or not completion.ok:
-            return False
-        return await asyncio.to_thread(self.put, key, completion, provider, model)
+    async def aflush(self) -> int:
+        return await asyncio.to_thread(self.flush)
 
     def __len__(self) -> int:
         with self._lock:
@@ -171,10 +260,24 @@ class ResponseCache:
             return int(conn.execute("SELECT COUNT(*) FROM completions").fetchone()[0])
 
     def close(self) -> None:
+        self.flush()
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
             self._conn = None
+
+
+_WITH_WRITERS: "weakref.WeakSet[ResponseCache]" = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_all_at_exit() -> None:
+    # The writer is a daemon thread, which the interpreter abandons at exit: commit what is queued first.
+    for cache in list(_WITH_WRITERS):
+        try:
+            cache.flush(timeout_s=30)
+        except CacheError:
+            pass
 
 
 class ResponseCacheResource(dg.ConfigurableResource):

@@ -25,7 +25,7 @@ from poll_assets.llm.base import (
     ProviderError,
     request_key,
 )
-from poll_assets.llm.cache import ResponseCache
+from poll_assets.llm.cache import CacheError, ResponseCache
 from poll_assets.llm.limits import BatchStopped, CallLimits, estimate_tokens
 from poll_assets.llm.resources import LLMResource
 from poll_assets.panel import Price
@@ -270,6 +270,14 @@ async def _attempt_all(
         await asyncio.sleep(policy.delay(attempts, err.retry_after, rng))
 
 
+async def _release(backend: Any) -> None:
+    """Let the backend close its client once no batch on this loop uses it (open sockets must not
+    outlive the event loop that owns them)."""
+    release = getattr(backend, "release", None)
+    if release is not None:
+        await release()
+
+
 async def run_calls(
     llm: LLMResource,
     requests: Sequence[CallRequest],
@@ -312,6 +320,8 @@ async def run_calls(
 
     if todo:
         backend = llm.backend()
+        if hasattr(backend, "hold"):
+            backend.hold()
         limits = CallLimits.for_resource(llm, backend)
         if progress:
             rate = "".join(
@@ -323,53 +333,67 @@ async def run_calls(
                 f"(concurrency {limits.max_concurrency}{rate})"
             )
 
-        saving: set[asyncio.Task[None]] = set()  # calls that are done and being written to the cache
+        # A fixed set of workers pulls calls from one queue, so memory and scheduling work stay flat
+        # however many calls the partition holds. Twice as many workers as slots: a call sleeping
+        # before its retry holds no slot, and the spare workers keep the slots busy meanwhile.
+        queue = iter(todo)
+        failures: list[BaseException] = []
 
-        async def one(key: str, index: int) -> None:
+        async def worker() -> None:
             nonlocal written
-            c = await _attempt_all(llm, backend, requests[index], key, limits, policy, rng)
-            if cache is not None and c.ok:
-                task = asyncio.current_task()
-                assert task is not None
-                saving.add(task)
-                if await cache.aput(key, c, provider, llm.model):
+            for key, index in queue:
+                c = await _attempt_all(llm, backend, requests[index], key, limits, policy, rng)
+                # Handed to the cache's writer thread before the next await: a paid-for answer is
+                # never lost to a cancellation.
+                if cache is not None and cache.submit(key, c, provider, llm.model):
                     written += 1
-            results[key] = c
-            report.record(c)
+                results[key] = c
+                report.record(c)
 
-        tasks = [asyncio.create_task(one(k, i)) for k, i in todo]
+        workers = [asyncio.create_task(worker()) for _ in range(min(2 * limits.max_concurrency, len(todo)))]
         ticker = asyncio.create_task(report.ticker())
         try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
-            if errors:
-                # Abandon calls in flight or waiting, but let paid-for answers finish their cache write.
+            done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+            failures = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]  # type: ignore[misc]
+            if failures:
+                # Abandon calls in flight or waiting; what already came back is queued for the cache.
                 for t in pending:
-                    if t not in saving:
-                        t.cancel()
+                    t.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
-                completed = (len(hits) + written) if cache_writes else sum(1 for c in results.values() if c.ok)
-                fatal = next((e for e in errors if isinstance(e, FatalProviderError)), None)
-                if fatal is None:
-                    # A backend bug or an error it failed to classify: stop, but keep what is cached.
-                    bug = next(e for e in errors if not isinstance(e, BatchStopped))
-                    raise RuntimeError(
-                        f"{label}: member {llm.member!r} (provider {provider}, model {llm.model}): the backend raised "
-                        f"{type(bug).__name__} instead of a ProviderError: {bug}; "
-                        f"{_resume_note(completed, cache_writes)}"
-                    ) from bug
-                hint = _FIX_HINTS.get(fatal.kind, "the cause above")
-                message = (
-                    f"{label}: member {llm.member!r} (provider {provider}, model {llm.model}) stopped on a "
-                    f"{fatal.kind} error: {fatal}. {len(todo) - len(results)} of {len(todo)} calls were not completed. "
-                    f"Fix {hint}, then re-materialize the partition; {_resume_note(completed, cache_writes)}."
-                )
-                raise BatchAbortedError(message, fatal.kind, completed) from fatal
         finally:
             ticker.cancel()
-            for t in tasks:
+            for t in workers:
                 if not t.done():
                     t.cancel()
+            cache_error: CacheError | None = None
+            if cache is not None and cache_writes:
+                try:
+                    await cache.aflush()
+                except CacheError as exc:
+                    cache_error = exc
+            await _release(backend)
+        if cache_error is not None:
+            if not failures:
+                raise cache_error
+            written = 0  # the message below must not promise cached calls that were not written
+        if failures:
+            completed = (len(hits) + written) if cache_writes else sum(1 for c in results.values() if c.ok)
+            fatal = next((e for e in failures if isinstance(e, FatalProviderError)), None)
+            if fatal is None:
+                # A backend bug or an error it failed to classify: stop, but keep what is cached.
+                bug = next(e for e in failures if not isinstance(e, BatchStopped))
+                raise RuntimeError(
+                    f"{label}: member {llm.member!r} (provider {provider}, model {llm.model}): the backend raised "
+                    f"{type(bug).__name__} instead of a ProviderError: {bug}; "
+                    f"{_resume_note(completed, cache_writes)}"
+                ) from bug
+            hint = _FIX_HINTS.get(fatal.kind, "the cause above")
+            message = (
+                f"{label}: member {llm.member!r} (provider {provider}, model {llm.model}) stopped on a "
+                f"{fatal.kind} error: {fatal}. {len(todo) - len(results)} of {len(todo)} calls were not completed. "
+                f"Fix {hint}, then re-materialize the partition; {_resume_note(completed, cache_writes)}."
+            )
+            raise BatchAbortedError(message, fatal.kind, completed) from fatal
 
     completions: list[Completion] = []
     for i, k in enumerate(keys):
