@@ -111,7 +111,11 @@ def request(text: str = "Name three colours.", schema: dict[str, Any] | None = N
 
 
 def call(resource: LLMResource, req: CallRequest, timeout_s: float | None = None) -> Completion:
-    return asyncio.run(resource.backend().complete(req, timeout_s or resource.timeout_s))
+    async def once() -> Completion:
+        async with resource.backend().session() as backend:
+            return await backend.complete(req, timeout_s or resource.timeout_s)
+
+    return asyncio.run(once())
 
 
 def failure(resource: LLMResource, req: CallRequest, timeout_s: float | None = None) -> ProviderError:
@@ -291,7 +295,8 @@ def test_structured_output_falls_back_to_text_when_server_refuses_it(fake_llm, m
     backend = res.backend()
 
     async def two_more() -> list[Completion]:
-        return [await backend.complete(request(t, schema=JUDGE_SCHEMA), 10) for t in ("two", "three")]
+        async with backend.session():
+            return [await backend.complete(request(t, schema=JUDGE_SCHEMA), 10) for t in ("two", "three")]
 
     later = asyncio.run(two_more())
     assert [c.output_mode for c in later] == ["text", "text"]
@@ -328,13 +333,21 @@ def test_one_client_per_backend_and_event_loop(fake_llm, monkeypatch):
     assert res.backend() is backend
 
     async def many() -> list[Completion]:
-        return await asyncio.gather(*(backend.complete(request(f"q{i}"), 10) for i in range(20)))
+        async with backend.session():
+            # Two overlapping sessions on one loop share the client; the last one out closes it.
+            async with backend.session():
+                first = await asyncio.gather(*(backend.complete(request(f"q{i}"), 10) for i in range(10)))
+            assert backend.clients_closed == closed_before
+            rest = await asyncio.gather(*(backend.complete(request(f"r{i}"), 10) for i in range(10)))
+        return first + rest
 
+    closed_before = 0
     assert all(c.ok for c in asyncio.run(many()))
-    assert backend.clients_created == 1
+    assert (backend.clients_created, backend.clients_closed) == (1, 1)
     # A second asyncio.run (the next asset's batch) gets a fresh client instead of a dead pool.
+    closed_before = 1
     assert all(c.ok for c in asyncio.run(many()))
-    assert backend.clients_created == 2
+    assert (backend.clients_created, backend.clients_closed) == (2, 2)
 
 
 def test_openai_compatible_without_key_never_sends_openai_api_key(fake_llm, monkeypatch):
@@ -516,8 +529,7 @@ def test_key_from_env_resolves_inside_a_dagster_run(fake_llm, monkeypatch, tmp_p
 
     @dg.asset(required_resource_keys={"llm_gen_a"})
     def answer(context) -> str:  # noqa: ANN001
-        done = asyncio.run(context.resources.llm_gen_a.backend().complete(request(), 10))
-        return done.text
+        return call(context.resources.llm_gen_a, request(), 10).text
 
     result = dg.materialize([answer], resources={"llm_gen_a": res})
     assert result.success and result.output_for_node("answer")
@@ -534,7 +546,13 @@ def test_64_calls_per_model_overlap_at_500ms_latency(fake_llm, monkeypatch):
 
     async def burst() -> list[Completion]:
         reqs = [(b, request(f"prompt {i}", schema=JUDGE_SCHEMA if i % 2 else None)) for b in backends for i in range(64)]
-        return await asyncio.gather(*(b.complete(r, 30) for b, r in reqs))
+        for b in backends:
+            b.hold()
+        try:
+            return await asyncio.gather(*(b.complete(r, 30) for b, r in reqs))
+        finally:
+            for b in backends:
+                await b.release()
 
     done = asyncio.run(burst())
     stats = fake_llm.stats()
@@ -623,3 +641,38 @@ def test_fake_server_cli_serves_and_reports_stats():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("panel,expected,absent", [("paper", {"anthropic", "openai", "huggingface_hub.inference._generated._async_client"}, set()), ("local", set(), {"anthropic", "openai"})])
+def test_building_a_panels_resources_imports_exactly_its_sdks(panel, expected, absent):
+    # SDK imports take seconds; they belong to definitions loading, not to the first call inside a stage.
+    code = (
+        "import sys, json\n"
+        "from poll_assets.panel import load_panel\n"
+        "from poll_assets.llm.resources import build_llm_resource\n"
+        f"p, _ = load_panel({panel!r})\n"
+        "before = set(sys.modules)\n"
+        "[build_llm_resource(m) for m in [*p.generators, *p.judges]]\n"
+        "print(json.dumps(sorted(set(sys.modules) - before)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    loaded = set(json.loads(out.strip().splitlines()[-1]))
+    assert expected <= loaded and not (absent & loaded)
+
+
+def test_hf_clients_keep_their_connections_alive_and_the_library_hooks(fake_llm, monkeypatch):
+    import huggingface_hub
+
+    from poll_assets.llm.hf_inference import install_pooled_client_factory
+
+    hooks_before = huggingface_hub.get_async_session().event_hooks
+    install_pooled_client_factory()
+    client = huggingface_hub.get_async_session()
+    transport = client._transport  # noqa: SLF001 - the transport is only visible here
+    assert type(transport).__module__.startswith("httpx_aiohttp")
+    assert transport.limits.max_keepalive_connections is None  # the library default keeps 20
+    assert {k: [h.__name__ for h in v] for k, v in client.event_hooks.items()} == {
+        k: [h.__name__ for h in v] for k, v in hooks_before.items()
+    }
+    res = make_resource(fake_llm, monkeypatch, "hf_inference")
+    assert call(res, request()).ok

@@ -38,9 +38,10 @@ class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
             base_url=self.base_url or None,
             max_retries=0,  # retries belong to poll_assets.llm.runner
             timeout=timeout_s,
-            # The SDK's default wrapper schedules its own close on whatever loop is running when it is
-            # garbage-collected, which fails noisily once the loop that owned it has closed.
-            http_client=openai.DefaultAsyncHttpxClient(timeout=timeout_s),
+            # The SDK's aiohttp transport (the `aiohttp` extra): about half the client CPU per call of
+            # its default httpx pool, whose every request scans all pooled connections. Ours, not the
+            # SDK's default wrapper, so `release` closes it on the loop that owns it.
+            http_client=openai.DefaultAioHttpClient(timeout=timeout_s),
         )
 
     def _kwargs(self, request: CallRequest, timeout_s: float) -> dict[str, Any]:
@@ -100,7 +101,9 @@ class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
                 exc.status_code, exc.response.headers, body_message(exc.body), body_text=_safe_text(exc.response)
             )
         if isinstance(exc, openai.APITimeoutError):
-            return ProviderError("timeout", f"{self.who}: the request timed out")
+            # The SDK calls every transport "timeout" a timeout; the aiohttp transport also reports
+            # refused and dropped connections that way, which classify_transport sorts out.
+            return classify_transport(self, exc.__cause__) or ProviderError("timeout", f"{self.who}: the request timed out")
         if isinstance(exc, openai.APIConnectionError):
             return classify_transport(self, exc.__cause__) or self.connection_error(type(exc.__cause__).__name__)
         if isinstance(exc, openai.APIResponseValidationError | json.JSONDecodeError):

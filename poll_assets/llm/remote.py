@@ -8,10 +8,11 @@ provider reports the same kinds with the same wording.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -103,9 +104,10 @@ def body_message(body: Any) -> str:
 class RemoteBackend(Generic[ClientT]):
     """Base for SDK-backed providers.
 
-    The SDK client is created lazily and then reused for every call. httpx connection pools are
-    tied to the event loop that opened them, and assets run each batch under its own
-    `asyncio.run`, so a client is kept per running loop (in practice: one per batch).
+    The SDK client is created lazily and then reused for every call. Connection pools are tied to
+    the event loop that opened them, and assets run each stage under its own `asyncio.run`, so a
+    client is kept per running loop. `run_calls` brackets each batch with `hold`/`release`; the
+    client is closed when the last batch on its loop releases it, so no socket outlives its loop.
     """
 
     provider: str = ""
@@ -126,7 +128,9 @@ class RemoteBackend(Generic[ClientT]):
         self.member = member
         self._client: ClientT | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
+        self._holders = 0
         self.clients_created = 0
+        self.clients_closed = 0
 
     def __repr__(self) -> str:  # never show the key
         return f"{type(self).__name__}(model={self.model!r}, base_url={safe_url(self.base_url)!r})"
@@ -143,6 +147,9 @@ class RemoteBackend(Generic[ClientT]):
         """Turn an SDK exception into a ProviderError, or None if it is not the SDK's."""
         raise NotImplementedError
 
+    async def _close_client(self, client: ClientT) -> None:
+        await client.close()  # type: ignore[attr-defined]
+
     # -- shared machinery -----------------------------------------------------------------------
 
     def client(self, timeout_s: float) -> ClientT:
@@ -152,6 +159,33 @@ class RemoteBackend(Generic[ClientT]):
             self._client_loop = loop
             self.clients_created += 1
         return self._client
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator["RemoteBackend[ClientT]"]:
+        """`hold` for the duration of a block of calls, then `release`."""
+        self.hold()
+        try:
+            yield self
+        finally:
+            await self.release()
+
+    def hold(self) -> None:
+        """A batch starts using this backend on the running loop."""
+        self._holders += 1
+
+    async def release(self) -> None:
+        """A batch is done; the last one on this loop closes the client (and its sockets)."""
+        self._holders = max(0, self._holders - 1)
+        client, loop = self._client, self._client_loop
+        if self._holders or client is None or loop is not asyncio.get_running_loop():
+            return
+        self._client = None
+        self._client_loop = None
+        try:
+            await self._close_client(client)
+        except Exception:  # noqa: BLE001 - a failed close must not fail a batch whose answers are in
+            pass
+        self.clients_closed += 1
 
     @property
     def who(self) -> str:
@@ -172,8 +206,12 @@ class RemoteBackend(Generic[ClientT]):
                 done = await self._call(client, request, timeout_s)
         except ProviderError as exc:
             failure = exc
-        except TimeoutError:
-            failure = ProviderError("timeout", f"{self.who}: no complete response within {timeout_s:g}s")
+        except TimeoutError as exc:
+            # Ours (asyncio.timeout) or an SDK's own TimeoutError subclass, which may hide a refused
+            # connection; the SDK's classifier knows which.
+            failure = self._classify(exc) or ProviderError(
+                "timeout", f"{self.who}: no complete response within {timeout_s:g}s"
+            )
         except Exception as exc:  # noqa: BLE001 - every SDK failure is classified
             failure = self._classify(exc) or ProviderError(
                 "other", f"{self.who}: {type(exc).__name__}: {self.scrub(str(exc))}"
@@ -237,12 +275,32 @@ def schema_name(schema: dict[str, Any], default: str = "response") -> str:
 
 def classify_transport(backend: RemoteBackend[Any], exc: BaseException | None) -> ProviderError | None:
     """httpx failures below the SDK: a body cut short is 'malformed', everything else 'connection'."""
+    if _body_cut_short(exc):
+        return backend.malformed(f"{type(exc).__name__}: the response body ended early")
+    if _connection_failed_under_aiohttp(exc):
+        return backend.connection_error(type(exc.__cause__).__name__)
     if isinstance(exc, httpx2.TimeoutException):
         return ProviderError("timeout", f"{backend.who}: the request timed out")
-    if isinstance(exc, httpx2.RemoteProtocolError) and "body" in str(exc).lower():
-        return backend.malformed(f"{type(exc).__name__}: the response body ended early")
     if isinstance(exc, httpx2.DecodingError):
         return backend.malformed(f"{type(exc).__name__}: the response body could not be decoded")
     if isinstance(exc, httpx2.TransportError):
         return backend.connection_error(type(exc).__name__)
     return None
+
+
+def _body_cut_short(exc: BaseException | None) -> bool:
+    """A response whose body ended before its Content-Length, under either HTTP transport."""
+    if isinstance(exc, httpx2.RemoteProtocolError) and "body" in str(exc).lower():
+        return True  # httpcore's wording
+    # The aiohttp transport reports it as a ReadError caused by aiohttp's ClientPayloadError.
+    cause = exc.__cause__ if exc is not None else None
+    return isinstance(exc, httpx2.ReadError) and type(cause).__name__ in ("ClientPayloadError", "ContentLengthError")
+
+
+def _connection_failed_under_aiohttp(exc: BaseException | None) -> bool:
+    """The aiohttp transport maps every aiohttp connection error (refused, reset, server gone) to
+    httpx's ConnectTimeout; only a real timeout should count as one."""
+    cause = exc.__cause__ if exc is not None else None
+    if not isinstance(exc, httpx2.ConnectTimeout) or cause is None:
+        return False
+    return type(cause).__module__.startswith("aiohttp") and "Timeout" not in type(cause).__name__

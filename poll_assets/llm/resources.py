@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import ClassVar
 
@@ -157,6 +158,17 @@ RESOURCE_CLASSES: dict[str, type[LLMResource]] = {
 }
 
 
+# The SDK module behind each remote provider. Imported when the panel's resources are built (at
+# definitions load), not at the first call: `import anthropic` alone takes 2-4 s of CPU here, and paid
+# inside a stage it stalls every other member's calls on the same event loop.
+BACKEND_MODULES: dict[str, str] = {
+    "openai": "poll_assets.llm.openai_api",
+    "openai_compatible": "poll_assets.llm.openai_api",
+    "anthropic": "poll_assets.llm.anthropic_api",
+    "hf_inference": "poll_assets.llm.hf_inference",
+}
+
+
 def resource_key(member: Member) -> str:
     return f"llm_{member.name}"
 
@@ -164,6 +176,8 @@ def resource_key(member: Member) -> str:
 def build_llm_resource(member: Member) -> LLMResource:
     """The resource for one panel member; keys come from the environment through EnvVar."""
     cls = RESOURCE_CLASSES[member.provider]
+    if member.provider in BACKEND_MODULES:
+        importlib.import_module(BACKEND_MODULES[member.provider])
     kwargs: dict[str, object] = {
         "member": member.name,
         "model": member.model,
