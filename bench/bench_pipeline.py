@@ -163,6 +163,7 @@ def child_ours(args: argparse.Namespace) -> None:
                 partition_key=PARTITION, instance=instance, raise_on_error=False
             )
             success = result.success
+            run_id = result.run_id
         else:
             run_config = {"execution": {"config": {"multiprocess": {"max_concurrent": args.max_concurrent}}}}
             if args.executor == "multiprocess_forkserver":
@@ -177,7 +178,14 @@ def child_ours(args: argparse.Namespace) -> None:
                 raise_on_error=False,
             ) as result:
                 success = result.success
+                run_id = result.run_id
         run_s = time.monotonic() - run_start
+        # Where the run's time went, per step, from Dagster's own records.
+        steps = {
+            s.step_key: round(s.end_time - s.start_time, 3)
+            for s in instance.get_run_step_stats(run_id)
+            if s.start_time is not None and s.end_time is not None
+        }
     rows = _count_rows(work / "storage", panel)
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     self_rss, child_rss = me.ru_maxrss, kids.ru_maxrss
@@ -189,6 +197,7 @@ def child_ours(args: argparse.Namespace) -> None:
                 "run_s": run_s,
                 "startup_s": imported - started,
                 "rows": rows,
+                "steps_s": steps,
                 "self_maxrss_mb": self_rss / 1024,
                 "children_maxrss_mb": child_rss / 1024,
                 # CPU seconds spent (user + system), which other load on the machine does not inflate much.
@@ -294,6 +303,14 @@ def run_child(cmd: list[str], env: dict[str, str], server: Any, label: str, n: i
     )
 
 
+def _llm_stage_s(m: Measurement) -> float | None:
+    """Seconds in the steps that make LLM calls (the generation and ratings stages, or their members)."""
+    steps = m.detail.get("steps_s")
+    if not steps:
+        return None
+    return sum(d for k, d in steps.items() if k.split("__")[0] in ("generations", "ratings"))
+
+
 def ours_cmd(work: Path, executor: str, max_concurrent: int) -> list[str]:
     return [
         sys.executable, str(Path(__file__).resolve()), "child-ours", "--workdir", str(work),
@@ -381,6 +398,13 @@ def run_bench(args: argparse.Namespace) -> int:
                 cold = record(run_child(ours_cmd(work, executor, args.max_concurrent), env, server, f"ours/{executor}", n, work / "cold.log"))
                 ours[executor] = cold
                 warm = record(run_child(ours_cmd(work, executor, args.max_concurrent), env, server, f"ours/{executor} warm", n, work / "warm.log"))
+                llm_cold, llm_warm = _llm_stage_s(cold), _llm_stage_s(warm)
+                if llm_cold and llm_warm is not None:
+                    summary.append(
+                        f"N={n} ours/{executor}: LLM stage steps {llm_cold:.2f}s cold, {llm_warm:.2f}s warm "
+                        f"(warm/cold {llm_warm / llm_cold:.2f}); other steps and run overhead "
+                        f"{(cold.run_s or 0) - llm_cold:.2f}s cold, {(warm.run_s or 0) - llm_warm:.2f}s warm"
+                    )
                 summary.append(
                     f"N={n} ours/{executor}: requests {cold.requests} (expected {expected}); "
                     f"wall/ideal {cold.wall_s / ideal:.2f}, run/ideal {(cold.run_s or float('nan')) / ideal:.2f}; "
