@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import pandas as pd
 
 from poll_assets.assets.metadata import table_metadata
 from poll_assets.checks import asset_check_specs, evaluate_checks
