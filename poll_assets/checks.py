@@ -1,16 +1,19 @@
-"""Data-quality checks on every stage, as pure functions over DataFrames plus thin Dagster wrappers.
+"""Data-quality checks on every stage, as pure functions over DataFrames plus thin Dagster glue.
 
-Each `check_*` function takes the stored frames and returns a `Finding` (passed, a sentence saying
-what is wrong and where, and metadata). `build_asset_checks(panel)` wraps them as `@asset_check`s.
-Checks that guard data downstream stages consume are blocking: when one fails, the run stops
-before the next stage reads the bad shard. Agreement between judges only warns: low agreement is
-worth a look but is not wrong data.
+Each `check_*` function takes frames and returns a `Finding` (passed, a sentence saying what is
+wrong and where, and metadata). The checks run inside the step that makes the asset they check, on
+the frame it just made: `asset_check_specs(panel, key)` gives the specs the asset declares, and
+`evaluate_checks(...)` the results the step yields after its output. A separate check step would
+cost its own step events and a reload of the asset (and sometimes a second one) from Parquet.
+
+Checks that guard data downstream stages consume are blocking: when one fails, the step fails
+after storing its output, so the next stage never reads the bad shard. Agreement between judges
+only warns: low agreement is worth a look but is not wrong data.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +22,7 @@ import numpy as np
 import pandas as pd
 
 from poll_assets.agreement import judge_agreement
-from poll_assets.assets.generations import generation_key
-from poll_assets.assets.judging import ratings_key
 from poll_assets.panel import Panel
-from poll_assets.partitions import build_partitions_def
 from poll_assets.rubrics.ultrafeedback import get_rubric
 from poll_assets.verdicts import NA
 
@@ -271,8 +271,17 @@ def check_pairs(pairs: pd.DataFrame) -> Finding:
 # --- Dagster wrappers ----------------------------------------------------------------------------
 
 
-def _result(finding: Finding, severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
+def _result(
+    finding: Finding,
+    severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR,
+    *,
+    asset_key: dg.AssetKey | None = None,
+    check_name: str | None = None,
+) -> dg.AssetCheckResult:
+    # A step that makes several assets must say which asset and check each result is for.
     return dg.AssetCheckResult(
+        asset_key=asset_key,
+        check_name=check_name,
         passed=finding.passed,
         severity=severity,
         description=finding.description,
@@ -280,76 +289,104 @@ def _result(finding: Finding, severity: dg.AssetCheckSeverity = dg.AssetCheckSev
     )
 
 
-def _check(
-    asset: dg.AssetKey | str,
-    name: str,
-    description: str,
-    fn: Callable[..., dg.AssetCheckResult],
-    *,
-    blocking: bool = True,
-    other: str | None = None,
-    partitions_def: dg.PartitionsDefinition | None = None,
-) -> dg.AssetChecksDefinition:
-    """One @asset_check on `asset`; `fn` gets the asset's frame, then `other`'s frame when given."""
-    key = dg.AssetKey.from_coercible(asset)
-    # Partitioned like the asset, so a check reads (and judges) exactly the shard its run made.
-    opts: dict[str, Any] = {
-        "asset": key, "name": name, "description": description, "blocking": blocking, "partitions_def": partitions_def,
-    }
-    if other is None:
+@dataclass(frozen=True)
+class _CheckDef:
+    """One check of one asset: `run` gets the asset's frame, and the `other` frame when `needs_other`."""
 
-        @dg.asset_check(**opts)
-        def _alone(asset_value: pd.DataFrame) -> dg.AssetCheckResult:
-            return fn(asset_value)
+    name: str
+    description: str
+    run: Callable[..., Finding]
+    severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR
+    needs_other: bool = False
 
-        return _alone
-
-    @dg.asset_check(**opts, additional_ins={"other_value": dg.AssetIn(key=dg.AssetKey.from_coercible(other))})
-    def _with_other(asset_value: pd.DataFrame, other_value: pd.DataFrame) -> dg.AssetCheckResult:
-        return fn(asset_value, other_value)
-
-    return _with_other
+    @property
+    def blocking(self) -> bool:
+        return self.severity == dg.AssetCheckSeverity.ERROR
 
 
-def build_asset_checks(panel: Panel) -> list[dg.AssetChecksDefinition]:
-    """Every check of the panel's graph; thresholds come from `panel.thresholds`."""
+# What each stage's `other` frame is, for the checks that compare two frames. The asset steps have
+# these as inputs already (a generator answers the prompts; judges and pooling read combined_generations).
+OTHER_INPUT = {"generations": "prompts", "ratings": "combined_generations", "pooled_ratings": "combined_generations"}
+
+
+def _check_defs(panel: Panel, key: dg.AssetKey) -> list[_CheckDef]:
+    """The checks of the asset `key`; thresholds come from `panel.thresholds`.
+
+    Dispatches on the key's first part (`generations/<member>`, `ratings/<member>`, or a stage name)
+    rather than importing the key builders: the asset modules import this one."""
     t = panel.thresholds
-    check = functools.partial(_check, partitions_def=build_partitions_def(panel.source))
-    rubric = get_rubric(panel.judging.aspect)
-    scale = rubric.ratings
-    judge_names = [j.name for j in panel.judges]
-    checks = [
-        check("prompts", "prompts_valid", "At least one prompt; ids present and unique; no empty instruction.",
-               lambda p: _result(check_prompts(p))),
-    ]
-    for g in panel.generators:
-        key = generation_key(g)
-        checks += [
-            check(key, "one_row_per_prompt", "Exactly one row for each prompt of the shard.",
-                   lambda df, prompts: _result(check_generation_rows(df, prompts)), other="prompts"),
-            check(key, "failure_rate", f"Share of failed generations <= {t.max_generation_failure_rate}.",
-                   lambda df: _result(check_generation_failures(df, t.max_generation_failure_rate))),
+    stage = key.path[0]
+    if stage == "prompts":
+        return [_CheckDef("prompts_valid", "At least one prompt; ids present and unique; no empty instruction.",
+                          check_prompts)]
+    if stage == "generations":
+        return [
+            _CheckDef("one_row_per_prompt", "Exactly one row for each prompt of the shard.",
+                      check_generation_rows, needs_other=True),
+            _CheckDef("failure_rate", f"Share of failed generations <= {t.max_generation_failure_rate}.",
+                      lambda df: check_generation_failures(df, t.max_generation_failure_rate)),
         ]
-    for j in panel.judges:
-        key = ratings_key(j)
-        checks += [
-            check(key, "ratings_valid",
-                   f"Ratings on the {rubric.min_rating}-{rubric.max_rating} scale or None with a reason, one per generation.",
-                   lambda df, combined: _result(check_ratings_valid(df, combined, scale)),
-                   other="combined_generations"),
-            check(key, "parse_failure_rate", f"Share of unparseable verdicts <= {t.max_parse_failure_rate}.",
-                   lambda df: _result(check_parse_failures(df, t.max_parse_failure_rate))),
+    if stage == "ratings":
+        rubric = get_rubric(panel.judging.aspect)
+        return [
+            _CheckDef("ratings_valid",
+                      f"Ratings on the {rubric.min_rating}-{rubric.max_rating} scale or None with a reason, one per generation.",
+                      lambda df, combined: check_ratings_valid(df, combined, rubric.ratings), needs_other=True),
+            _CheckDef("parse_failure_rate", f"Share of unparseable verdicts <= {t.max_parse_failure_rate}.",
+                      lambda df: check_parse_failures(df, t.max_parse_failure_rate)),
         ]
-    checks += [
-        check("pooled_ratings", "covers_every_generation", "A pooled rating slot for every generation of every prompt.",
-               lambda df, combined: _result(check_pooled_coverage(df, combined, len(panel.judges))),
-               other="combined_generations"),
-        check("pooled_ratings", "judge_agreement",
-               f"Krippendorff alpha between judges >= {t.min_agreement} (warning only).",
-               lambda df: _result(check_agreement(pooled_alpha(df, judge_names, scale), t.min_agreement),
-                                  dg.AssetCheckSeverity.WARN),
-               blocking=False),
-        check("preference_pairs", "chosen_beats_rejected", "chosen_rating > rejected_rating and chosen != rejected in every pair.",
-               lambda df: _result(check_pairs(df))),
+    if stage == "pooled_ratings":
+        scale = get_rubric(panel.judging.aspect).ratings
+        judge_names = [j.name for j in panel.judges]
+        return [
+            _CheckDef("covers_every_generation", "A pooled rating slot for every generation of every prompt.",
+                      lambda df, combined: check_pooled_coverage(df, combined, len(panel.judges)), needs_other=True),
+            _CheckDef("judge_agreement", f"Krippendorff alpha between judges >= {t.min_agreement} (warning only).",
+                      lambda df: check_agreement(pooled_alpha(df, judge_names, scale), t.min_agreement),
+                      severity=dg.AssetCheckSeverity.WARN),
+        ]
+    if stage == "preference_pairs":
+        return [_CheckDef("chosen_beats_rejected", "chosen_rating > rejected_rating and chosen != rejected in every pair.",
+                          check_pairs)]
+    if stage == "combined_generations":  # a reshaping of checked frames; pooled_ratings checks its coverage
+        return []
+    raise ValueError(f"poll_assets.checks: no checks are defined for asset {key.to_user_string()!r}")
+
+
+def asset_check_specs(
+    panel: Panel, key: dg.AssetKey, partitions_def: dg.PartitionsDefinition | None = None
+) -> list[dg.AssetCheckSpec]:
+    """The check specs to declare on the asset `key` (`check_specs=` of its @asset / @multi_asset).
+
+    Partitioned like the asset, so each evaluation is recorded against the shard the step made."""
+    return [
+        dg.AssetCheckSpec(d.name, asset=key, description=d.description, blocking=d.blocking,
+                          partitions_def=partitions_def)
+        for d in _check_defs(panel, key)
     ]
-    return checks
+
+
+def evaluate_checks(
+    panel: Panel,
+    key: dg.AssetKey,
+    value: pd.DataFrame,
+    other: pd.DataFrame | None = None,
+    selected: AbstractSet[dg.AssetCheckKey] | None = None,
+) -> list[dg.AssetCheckResult]:
+    """Run the checks of `key` on the frame its step just made (and `other`, the input named in
+    `OTHER_INPUT`), keeping only the `selected` checks when given. Yield these after the asset's
+    output: Dagster stores the output first, and fails the step after it when a blocking one fails."""
+    results = []
+    for d in _check_defs(panel, key):
+        if selected is not None and dg.AssetCheckKey(key, d.name) not in selected:
+            continue
+        if d.needs_other:
+            if other is None:
+                raise ValueError(
+                    f"check {key.to_user_string()}:{d.name} compares with {OTHER_INPUT[key.path[0]]}, but no frame was given"
+                )
+            finding = d.run(value, other)
+        else:
+            finding = d.run(value)
+        results.append(_result(finding, d.severity, asset_key=key, check_name=d.name))
+    return results

@@ -15,7 +15,6 @@ from poll_assets.assets.preferences import build_preferences_asset
 from poll_assets.assets.prompts import build_prompts_asset
 from poll_assets.assets.publishing import build_hub_publisher, build_publish_job
 from poll_assets.automation import build_automation_sensor, with_rerun_condition
-from poll_assets.checks import build_asset_checks
 from poll_assets.io_manager import ParquetIOManagerFactory, default_dagster_home, default_storage_dir
 from poll_assets.llm.cache import ResponseCacheResource
 from poll_assets.llm.resources import build_llm_resource, resource_key
@@ -73,7 +72,8 @@ def build_definitions(
     resource_overrides: Mapping[str, Any] | None = None,
     member_steps: bool = False,
 ) -> dg.Definitions:
-    """Assets (with the scheduled re-run condition), their checks, the jobs and the automation sensor.
+    """Assets (with the scheduled re-run condition and their checks, which run in the asset's own
+    step), the jobs and the automation sensor.
 
     `resource_overrides` replaces resources by key, e.g. a test's own `llm_<member>` clients.
     `member_steps=True` gives each generator and judge its own step (see `build_assets`)."""
@@ -85,7 +85,6 @@ def build_definitions(
     resources.update(resource_overrides or {})
     return dg.Definitions(
         assets=[*assets, dataset_spec],
-        asset_checks=build_asset_checks(panel),
         jobs=[job, publish_job],
         sensors=[build_automation_sensor(panel.schedule)],
         resources=resources,

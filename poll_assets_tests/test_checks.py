@@ -1,15 +1,23 @@
 """Asset checks: each pure check passes on good data and fails, naming the problem, on data made bad
-on purpose; then a bad shard run through the real graph is stopped by a blocking check."""
+on purpose; then each check fails inside the real asset step on a shard made bad on purpose, and a
+failed blocking check stops the assets downstream of it."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 import pytest
 
 from poll_assets import checks as c
-from poll_assets.pipeline import JOB_NAME, build_definitions
-from poll_assets_tests.fake_panel import scripted_resources, write_panel
+from poll_assets.assets import generations as generations_module
+from poll_assets.assets import judging as judging_module
+from poll_assets.assets import pooling as pooling_module
+from poll_assets.assets import preferences as preferences_module
+from poll_assets.pipeline import JOB_NAME, build_assets, build_definitions, build_resources
+from poll_assets_tests.fake_panel import PROMPTS, scripted_resources, write_panel
 
 SCALE = (1, 2, 3, 4, 5)
 P1, P2 = "a" * 64, "b" * 64
@@ -161,32 +169,201 @@ def test_checks_are_blocking_except_agreement(tmp_path):
     assert len(specs) == 1 + 2 * len(panel.generators) + 2 * len(panel.judges) + 2 + 1
     non_blocking = {key for key, spec in specs.items() if not spec.blocking}
     assert non_blocking == {("pooled_ratings", "judge_agreement")}
+    # Partitioned like their asset, so each evaluation is recorded against its shard.
+    assert all(spec.partitions_def == graph.get(spec.asset_key).partitions_def for spec in specs.values())
 
 
-def test_blocking_check_stops_downstream_on_a_bad_shard(tmp_path, dagster_home):
-    # gen_1 fails on one of the shard's two prompts: its asset still materializes (one failure is
-    # not a total failure), but a 0.5 failure rate is over 0.1, so its blocking check fails and
-    # nothing downstream of it is built from the bad shard.
+@pytest.mark.parametrize("member_steps", [False, True])
+def test_every_check_is_declared_by_the_asset_it_checks(tmp_path, member_steps):
+    # No separate check definitions: each check is part of the definition (and so the step) that
+    # makes its asset.
     panel, path = write_panel(tmp_path)
+    graph = build_definitions(panel, path, storage_dir=str(tmp_path / "s"), cache_path=str(tmp_path / "c.sqlite"),
+                              member_steps=member_steps).resolve_asset_graph()
+    for assets_def in build_assets(panel, path, member_steps=member_steps):
+        assert {k.asset_key for k in assets_def.check_keys} <= set(assets_def.keys)
+        for key in assets_def.keys:
+            names = {spec.name for spec in c.asset_check_specs(panel, key)}
+            assert {k.name for k in assets_def.check_keys if k.asset_key == key} == names
+    assert {k for a in build_assets(panel, path, member_steps=member_steps) for k in a.check_keys} == set(
+        graph.asset_check_keys
+    )
+
+
+def test_checks_of_an_unknown_asset_are_refused(tmp_path):
+    panel, _ = write_panel(tmp_path)
+    with pytest.raises(ValueError, match="no checks are defined for asset 'generation/gen_0'"):
+        c.asset_check_specs(panel, dg.AssetKey(["generation", "gen_0"]))
+    with pytest.raises(ValueError, match="generations/gen_0:one_row_per_prompt compares with prompts"):
+        c.evaluate_checks(panel, dg.AssetKey(["generations", "gen_0"]), generations())
+
+
+# --- through the asset steps ---------------------------------------------------------------------
+
+SHARD = "shard-00000"
+
+
+def _events(result: dg.ExecuteInProcessResult, kind: str) -> list[dg.DagsterEvent]:
+    return [e for e in result.all_events if e.event_type_value == kind]
+
+
+def _evaluations(result: dg.ExecuteInProcessResult) -> dict[tuple[str, str], dg.DagsterEvent]:
+    return {
+        (e.event_specific_data.asset_key.to_user_string(), e.event_specific_data.check_name): e
+        for e in _events(result, "ASSET_CHECK_EVALUATION")
+    }
+
+
+def _materialized(result: dg.ExecuteInProcessResult) -> dict[str, str]:
+    """Asset -> the step that materialized it."""
+    return {e.asset_key.to_user_string(): e.step_key for e in _events(result, "ASSET_MATERIALIZATION")}
+
+
+def _run(tmp_path: Path, *, member_steps: bool = False, fail: dict[str, str] | None = None, extra: dict | None = None,
+         prompts: list[str] | None = None, selection: dg.AssetSelection | None = None,
+         ) -> tuple[dg.ExecuteInProcessResult, dg.Definitions]:
+    """Run shard-00000 of the scripted panel; `prompts` replaces the source's prompt texts."""
+    panel, path = write_panel(tmp_path, extra=extra)
+    if prompts is not None:
+        (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     defs = build_definitions(panel, path, storage_dir=str(tmp_path / "storage"), cache_path=str(tmp_path / "c.sqlite"),
-                             resource_overrides=scripted_resources(panel, {"gen_1": "primary colours"}))
-    with dg.DagsterInstance.get() as instance:
-        result = defs.resolve_job_def(JOB_NAME).execute_in_process(
-            partition_key="shard-00000", instance=instance, raise_on_error=False
-        )
+                             member_steps=member_steps, resource_overrides=scripted_resources(panel, fail))
+    if selection is None:
+        result = defs.resolve_job_def(JOB_NAME).execute_in_process(partition_key=SHARD, raise_on_error=False)
+    else:
+        assets = build_assets(panel, path, member_steps=member_steps)
+        resources = {**build_resources(panel, str(tmp_path / "storage"), str(tmp_path / "c.sqlite")),
+                     **scripted_resources(panel, fail)}
+        result = dg.materialize(assets, selection=selection, partition_key=SHARD, resources=resources,
+                                raise_on_error=False)
+    return result, defs
+
+
+@pytest.mark.parametrize("member_steps", [False, True])
+def test_checks_run_in_the_asset_steps_with_no_step_of_their_own(tmp_path, member_steps):
+    result, defs = _run(tmp_path, member_steps=member_steps)
+    assert result.success
+    graph = defs.resolve_asset_graph()
+    evaluations = _evaluations(result)
+    assert set(evaluations) == {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
+    materialized = _materialized(result)
+    steps = {e.step_key for e in _events(result, "STEP_START")}
+    assert steps == set(materialized.values())  # a step per asset (or stage), none per check
+    order = {id(e): i for i, e in enumerate(result.all_events)}
+    stored_at = {e.asset_key.to_user_string(): order[id(e)] for e in _events(result, "ASSET_MATERIALIZATION")}
+    for (asset, name), event in evaluations.items():
+        assert event.event_specific_data.passed, (asset, name, event.event_specific_data.description)
+        assert order[id(event)] > stored_at[asset]
+        assert event.step_key == materialized[asset]
+        assert event.event_specific_data.partition == SHARD
+        # The evaluation points at the materialization its own step just stored.
+        target = event.event_specific_data.target_materialization_data
+        assert target is not None and target.run_id == result.run_id
+
+
+def _corrupt(monkeypatch: pytest.MonkeyPatch, module: object, name: str, change) -> None:
+    """Wrap `module.name` so what it returns is changed by `change` (the stage code made buggy on purpose)."""
+    real = getattr(module, name)
+    if name in ("generate", "judge"):
+        async def wrapped(member, *args, **kwargs):
+            out = await real(member, *args, **kwargs)
+            return dg.Output(change(member, out.value.copy()), metadata=out.metadata)
+    else:
+        def wrapped(*args, **kwargs):
+            return change(real(*args, **kwargs))
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def _drop_last_row_of_gen_1(member, df):
+    return df.iloc[:-1] if member.name == "gen_1" else df
+
+
+def _off_scale_rating_from_judge_1(member, df):
+    if member.name == "judge_1":
+        df.at[0, "ratings"] = [7, *list(df.at[0, "ratings"])[1:]]
+    return df
+
+
+def _shorten_pooled(pooled):
+    pooled.avg = pooled.avg[:-1]
+    return pooled
+
+
+def _swap_ratings_of_first_pair(out):
+    rows, dropped = out
+    assert rows, "the scripted shard should give at least one pair"
+    rows[0]["chosen_rating"], rows[0]["rejected_rating"] = rows[0]["rejected_rating"], rows[0]["chosen_rating"]
+    return rows, dropped
+
+
+# (asset, check, how the shard is made bad, words in the failure, blocking)
+CASES = [
+    ("prompts", "prompts_valid", {"prompts": ["  ", "", *PROMPTS[2:]]}, "the shard has no prompts", True),
+    ("generations/gen_1", "one_row_per_prompt", (generations_module, "generate", _drop_last_row_of_gen_1),
+     "no row for prompts", True),
+    ("generations/gen_1", "failure_rate", {"fail": {"gen_1": "primary colours"}},
+     "failure rate 0.500 > max_generation_failure_rate 0.1", True),
+    ("ratings/judge_1", "ratings_valid", (judging_module, "judge", _off_scale_rating_from_judge_1),
+     "ratings off the 1-5 scale", True),
+    ("ratings/judge_1", "parse_failure_rate", {"fail": {"judge_1": "primary colours"}},
+     "parse failure rate 0.500 > max_parse_failure_rate 0.2", True),
+    ("pooled_ratings", "covers_every_generation", (pooling_module, "pool_ratings", _shorten_pooled),
+     "pooled ratings do not cover every generation", True),
+    ("pooled_ratings", "judge_agreement",
+     {"extra": {"thresholds": {"max_generation_failure_rate": 0.1, "max_parse_failure_rate": 0.2, "min_agreement": 1.0}}},
+     "< min_agreement 1.0", False),
+    ("preference_pairs", "chosen_beats_rejected", (preferences_module, "preference_rows", _swap_ratings_of_first_pair),
+     "chosen_rating not above rejected_rating: row 0", True),
+]
+
+
+@pytest.mark.parametrize("member_steps", [False, True], ids=["stage_steps", "member_steps"])
+@pytest.mark.parametrize(("asset", "check", "bad", "words", "blocking"), CASES, ids=[f"{a}:{n}" for a, n, *_ in CASES])
+def test_a_bad_shard_fails_its_check_in_the_asset_step(tmp_path, monkeypatch, member_steps, asset, check, bad, words,
+                                                        blocking):
+    options: dict = {}
+    if isinstance(bad, tuple):
+        _corrupt(monkeypatch, *bad)
+    else:
+        options = bad
+    result, defs = _run(tmp_path, member_steps=member_steps, **options)
+
+    evaluations = _evaluations(result)
+    event = evaluations[(asset, check)]
+    evaluation = event.event_specific_data
+    assert not evaluation.passed and words in evaluation.description
+    assert evaluation.blocking is blocking and evaluation.partition == SHARD
+    assert evaluation.severity == (dg.AssetCheckSeverity.ERROR if blocking else dg.AssetCheckSeverity.WARN)
+    assert [k for k, e in evaluations.items() if not e.event_specific_data.passed] == [(asset, check)]
+
+    # The check ran in the step that made the asset, after the asset was stored.
+    materialized = _materialized(result)
+    assert event.step_key == materialized[asset]
+    assert (tmp_path / "storage" / asset / f"{SHARD}.parquet").is_file()
+
+    graph = defs.resolve_asset_graph()
+    key = dg.AssetKey.from_user_string(asset)
+    downstream = {k.to_user_string() for k in dg.AssetSelection.assets(key).downstream().resolve(graph)} - {asset}
+    downstream &= {k.to_user_string() for k in graph.materializable_asset_keys} - {"preference_dataset"}
+    if blocking:
         assert not result.success
-        evaluations = {
-            (e.asset_key.to_user_string(), e.check_name): e
-            for e in (ev.event_specific_data for ev in result.all_events if ev.event_type_value == "ASSET_CHECK_EVALUATION")
-        }
-        bad = evaluations[("generations/gen_1", "failure_rate")]
-        assert not bad.passed and bad.metadata["failure_rate"].value == 0.5
-        assert evaluations[("generations/gen_0", "failure_rate")].passed
-        materialized = {
-            e.asset_key.to_user_string() for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"
-        }
-        assert materialized == {"prompts", "generations/gen_0", "generations/gen_1"}
-    storage = tmp_path / "storage"
-    assert (storage / "generations" / "gen_1" / "shard-00000.parquet").is_file()
-    for stage in ("combined_generations", "pooled_ratings", "preference_pairs"):
-        assert not (storage / stage / "shard-00000.parquet").exists()
+        failure = next(e for e in _events(result, "STEP_FAILURE") if e.step_key == event.step_key)
+        assert "blocking asset check failed" in failure.event_specific_data.error.message
+        assert f"{asset}: {check}" in failure.event_specific_data.error.message
+        assert not downstream & set(materialized), "an asset was built on a shard a blocking check rejected"
+        for stage in downstream:
+            assert not (tmp_path / "storage" / stage / f"{SHARD}.parquet").exists()
+    else:
+        assert result.success and downstream <= set(materialized)
+
+
+def test_a_subset_of_a_stage_evaluates_only_its_selected_checks(tmp_path):
+    gen_0, gen_1 = dg.AssetKey(["generations", "gen_0"]), dg.AssetKey(["generations", "gen_1"])
+    selection = dg.AssetSelection.assets("prompts", gen_0, gen_1) - dg.AssetSelection.checks(
+        dg.AssetCheckKey(gen_0, "failure_rate")
+    )
+    # gen_1 fails every call: only gen_0 runs, and its one selected check is evaluated.
+    result, _ = _run(tmp_path, fail={"gen_1": "*"}, selection=selection)
+    assert not result.success
+    assert set(_materialized(result)) == {"prompts", "generations/gen_0"}
+    assert set(_evaluations(result)) == {("prompts", "prompts_valid"), ("generations/gen_0", "one_row_per_prompt")}

@@ -2,13 +2,15 @@
 
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.metadata import call_metadata, member_kinds, table_metadata
 from poll_assets.assets.stage import run_stage, stage_pool
+from poll_assets.checks import asset_check_specs, evaluate_checks
 from poll_assets.lineage import combined_column_lineage
 from poll_assets.llm.base import CallRequest, Message
 from poll_assets.llm.cache import ResponseCache, ResponseCacheResource
@@ -92,13 +94,16 @@ def build_generation_asset(member: Member, panel: Panel, partitions_def: dg.Part
         pool=member.pool_name,
         required_resource_keys={llm_key, "response_cache"},
         description=_description(member),
+        check_specs=asset_check_specs(panel, generation_key(member), partitions_def),
     )
-    def _generations(context: dg.AssetExecutionContext, prompts: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+    def _generations(context: dg.AssetExecutionContext, prompts: pd.DataFrame) -> Iterator[Any]:
         cache: ResponseCacheResource = context.resources.response_cache
-        return asyncio.run(
+        output = asyncio.run(
             generate(member, panel, getattr(context.resources, llm_key), cache.get_cache(), prompts,
                      context.log.info, context.asset_key.to_user_string())
         )
+        yield output
+        yield from evaluate_checks(panel, context.asset_key, output.value, prompts, context.selected_asset_check_keys)
 
     return _generations
 
@@ -110,7 +115,8 @@ def build_generation_stage(panel: Panel, partitions_def: dg.PartitionsDefinition
     make the stage take the sum of the members' times instead of the slowest one. Each generator is
     still its own asset (own node, key, code_version, metadata) and can be materialized alone
     (`can_subset`). A member whose calls all fail does not hold back the others: their outputs are
-    stored first, then the step fails and names the member(s).
+    stored first, then the step fails and names the member(s). Each generator's checks run on its
+    frame right after its output is stored, and only when that member ran and the check is selected.
     """
     outs = {
         m.name: dg.AssetOut(
@@ -132,15 +138,18 @@ def build_generation_stage(panel: Panel, partitions_def: dg.PartitionsDefinition
         can_subset=True,
         pool=stage_pool(panel.generators, "llm_generation"),
         required_resource_keys={resource_key(m) for m in panel.generators} | {"response_cache"},
+        check_specs=[s for m in panel.generators for s in asset_check_specs(panel, generation_key(m), partitions_def)],
     )
-    def _generations(context: dg.AssetExecutionContext, prompts: pd.DataFrame):  # type: ignore[no-untyped-def]
+    def _generations(context: dg.AssetExecutionContext, prompts: pd.DataFrame) -> Iterator[Any]:
         cache: ResponseCacheResource = context.resources.response_cache
         members = [m for m in panel.generators if generation_key(m) in context.selected_asset_keys]
+        selected_checks = context.selected_asset_check_keys
         yield from run_stage(
             context,
             members,
             lambda m: generate(m, panel, getattr(context.resources, resource_key(m)), cache.get_cache(), prompts,
                                context.log.info, generation_key(m).to_user_string()),
+            checks=lambda m, df: evaluate_checks(panel, generation_key(m), df, prompts, selected_checks),
         )
 
     return _generations

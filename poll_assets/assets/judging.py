@@ -2,14 +2,16 @@
 
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.metadata import call_metadata, member_kinds, table_metadata
 from poll_assets.assets.stage import run_stage, stage_pool
+from poll_assets.checks import asset_check_specs, evaluate_checks
 from poll_assets.llm.base import CallRequest, Completion
 from poll_assets.llm.cache import ResponseCache, ResponseCacheResource
 from poll_assets.llm.resources import LLMResource, resource_key
@@ -158,13 +160,17 @@ def build_ratings_asset(member: Member, panel: Panel, partitions_def: dg.Partiti
         pool=member.pool_name,
         required_resource_keys={llm_key, "response_cache"},
         description=_description(member, panel),
+        check_specs=asset_check_specs(panel, ratings_key(member), partitions_def),
     )
-    def _ratings(context: dg.AssetExecutionContext, combined_generations: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+    def _ratings(context: dg.AssetExecutionContext, combined_generations: pd.DataFrame) -> Iterator[Any]:
         cache: ResponseCacheResource = context.resources.response_cache
-        return asyncio.run(
+        output = asyncio.run(
             judge(member, panel, getattr(context.resources, llm_key), cache.get_cache(), combined_generations,
                   context.log.info, context.asset_key.to_user_string())
         )
+        yield output
+        yield from evaluate_checks(panel, context.asset_key, output.value, combined_generations,
+                                   context.selected_asset_check_keys)
 
     return _ratings
 
@@ -173,7 +179,8 @@ def build_ratings_stage(panel: Panel, partitions_def: dg.PartitionsDefinition) -
     """Every judge's asset in ONE step, the judges calling at the same time (see assets/stage.py).
 
     Each judge stays its own asset and can be materialized alone; a failing judge does not hold back
-    the others, whose outputs are stored before the step fails.
+    the others, whose outputs are stored before the step fails. Each judge's checks run on its
+    frame right after its output is stored, and only when that judge ran and the check is selected.
     """
     outs = {
         m.name: dg.AssetOut(
@@ -195,15 +202,18 @@ def build_ratings_stage(panel: Panel, partitions_def: dg.PartitionsDefinition) -
         can_subset=True,
         pool=stage_pool(panel.judges, "llm_judging"),
         required_resource_keys={resource_key(m) for m in panel.judges} | {"response_cache"},
+        check_specs=[s for m in panel.judges for s in asset_check_specs(panel, ratings_key(m), partitions_def)],
     )
-    def _ratings(context: dg.AssetExecutionContext, combined_generations: pd.DataFrame):  # type: ignore[no-untyped-def]
+    def _ratings(context: dg.AssetExecutionContext, combined_generations: pd.DataFrame) -> Iterator[Any]:
         cache: ResponseCacheResource = context.resources.response_cache
         members = [m for m in panel.judges if ratings_key(m) in context.selected_asset_keys]
+        selected_checks = context.selected_asset_check_keys
         yield from run_stage(
             context,
             members,
             lambda m: judge(m, panel, getattr(context.resources, resource_key(m)), cache.get_cache(),
                             combined_generations, context.log.info, ratings_key(m).to_user_string()),
+            checks=lambda m, df: evaluate_checks(panel, ratings_key(m), df, combined_generations, selected_checks),
         )
 
     return _ratings

@@ -1,6 +1,7 @@
 """The panel's pooled rating of every generation, and how far its judges agree."""
 
 
+from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
@@ -9,6 +10,7 @@ import pandas as pd
 from poll_assets.agreement import judge_agreement
 from poll_assets.assets.judging import ratings_key
 from poll_assets.assets.metadata import table_metadata
+from poll_assets.checks import asset_check_specs, evaluate_checks
 from poll_assets.lineage import pooled_column_lineage
 from poll_assets.panel import Panel
 from poll_assets.pooling import pool_ratings, self_family_mask
@@ -41,6 +43,7 @@ def build_pooled_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) ->
         group_name="judging",
         kinds={"pandas"},
         partitions_def=partitions_def,
+        check_specs=asset_check_specs(panel, dg.AssetKey("pooled_ratings"), partitions_def),
         code_version=settings,
         description=(
             f"PoLL: each generation's {panel.pooling.method} rating over the judges "
@@ -50,7 +53,7 @@ def build_pooled_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) ->
     )
     def pooled_ratings(
         context: dg.AssetExecutionContext, combined_generations: pd.DataFrame, **ratings: pd.DataFrame
-    ) -> dg.Output[pd.DataFrame]:
+    ) -> Iterator[Any]:
         by_judge = [ratings[f"ratings_{j.name}"].set_index("prompt_id") for j in panel.judges]
         mask = self_family_mask(judge_families, generator_families) if panel.judging.exclude_self_family else None
         rows = []
@@ -91,6 +94,7 @@ def build_pooled_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) ->
         unrated = sum(v is None for avg in df["avg_poll_ratings"] for v in avg) if len(df) else 0
         meta["unrated_generations"] = unrated
         context.log.info(f"pooled {len(df)} prompts; Krippendorff alpha={alpha}")
-        return dg.Output(df, metadata=meta)
+        yield dg.Output(df, metadata=meta)
+        yield from evaluate_checks(panel, context.asset_key, df, combined_generations, context.selected_asset_check_keys)
 
     return pooled_ratings

@@ -1,11 +1,15 @@
 """The binarized preference set: chosen/rejected pairs ready for DPO."""
 
 
+from collections.abc import Iterator
+from typing import Any
+
 import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.metadata import table_metadata
 from poll_assets.assets.pooling import _plain
+from poll_assets.checks import asset_check_specs, evaluate_checks
 from poll_assets.binarize import binarize
 from poll_assets.lineage import pairs_column_lineage
 from poll_assets.panel import Panel
@@ -73,17 +77,18 @@ def build_preferences_asset(panel: Panel, partitions_def: dg.PartitionsDefinitio
         group_name="preferences",
         kinds={"pandas", "parquet"},
         partitions_def=partitions_def,
+        check_specs=asset_check_specs(panel, dg.AssetKey("preference_pairs"), partitions_def),
         code_version=cfg.model_dump_json(),
         description=(
             f"Chosen/rejected pairs ({cfg.strategy}) in distilabel's FormatTextGenerationDPO schema, plus the PoLL "
             "columns and the ids of the calls behind each pair. Ties are dropped and counted."
         ),
     )
-    def preference_pairs(context: dg.AssetExecutionContext, pooled_ratings: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+    def preference_pairs(context: dg.AssetExecutionContext, pooled_ratings: pd.DataFrame) -> Iterator[Any]:
         rows, dropped = preference_rows(pooled_ratings, panel)
         df = pd.DataFrame(rows, columns=PAIR_COLUMNS)
         context.log.info(f"{len(df)} preference pairs from {len(pooled_ratings)} prompts; dropped: {dropped or 'none'}")
-        return dg.Output(
+        yield dg.Output(
             df,
             metadata={
                 **table_metadata(df),
@@ -94,5 +99,6 @@ def build_preferences_asset(panel: Panel, partitions_def: dg.PartitionsDefinitio
                 "ties_dropped": dropped.get("tie", 0),
             },
         )
+        yield from evaluate_checks(panel, context.asset_key, df, selected=context.selected_asset_check_keys)
 
     return preference_pairs

@@ -1,12 +1,14 @@
 """The prompt set, one shard per partition."""
 
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
-import pandas as pd
 
 from poll_assets.assets.metadata import table_metadata
+from poll_assets.checks import asset_check_specs, evaluate_checks
 from poll_assets.panel import Panel
 from poll_assets.partitions import shard_bounds
 from poll_assets.prompt_source import describe_source, load_instructions, select_shard
@@ -21,13 +23,14 @@ def build_prompts_asset(panel: Panel, panel_path: Path, partitions_def: dg.Parti
         group_name="prompts",
         kinds={"huggingface", "pandas"},
         partitions_def=partitions_def,
+        check_specs=asset_check_specs(panel, dg.AssetKey("prompts"), partitions_def),
         code_version=source.model_dump_json(include={"repo_id", "data_files", "split", "revision", "subset", "column_mapping", "shard_size"}),
         description=(
             f"Prompts from {describe_source(source, base_dir)}, one shard of {source.shard_size} rows per partition. "
             "Each row gets prompt_id = sha256(instruction); empty and repeated instructions are dropped and counted."
         ),
     )
-    def prompts(context: dg.AssetExecutionContext) -> dg.Output[pd.DataFrame]:
+    def prompts(context: dg.AssetExecutionContext) -> Iterator[Any]:
         start, end = shard_bounds(context.partition_key, source)
         selection = select_shard(load_instructions(source, base_dir, end), start, end)
         if selection.dropped_empty or selection.dropped_duplicate:
@@ -35,7 +38,7 @@ def build_prompts_asset(panel: Panel, panel_path: Path, partitions_def: dg.Parti
                 f"rows {start}-{end - 1}: dropped {selection.dropped_empty} empty and "
                 f"{selection.dropped_duplicate} duplicate instructions"
             )
-        return dg.Output(
+        yield dg.Output(
             selection.rows,
             metadata={
                 **table_metadata(selection.rows),
@@ -45,5 +48,6 @@ def build_prompts_asset(panel: Panel, panel_path: Path, partitions_def: dg.Parti
                 "preview": dg.MetadataValue.md(selection.rows.head(5).to_markdown(index=False)),
             },
         )
+        yield from evaluate_checks(panel, context.asset_key, selection.rows, selected=context.selected_asset_check_keys)
 
     return prompts

@@ -9,7 +9,7 @@ its slowest member, which is what the per-member concurrency limits are sized fo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any
 
 import dagster as dg
@@ -27,11 +27,14 @@ def run_stage(
     context: dg.AssetExecutionContext,
     members: Sequence[Member],
     compute: Callable[[Member], Coroutine[Any, Any, dg.Output[Any]]],
-) -> Iterator[dg.Output[Any]]:
-    """Run `compute` for every member concurrently; yield each success as that member's output.
+    checks: Callable[[Member, Any], Iterable[dg.AssetCheckResult]] | None = None,
+) -> Iterator[dg.Output[Any] | dg.AssetCheckResult]:
+    """Run `compute` for every member concurrently; yield each success as that member's output,
+    followed by `checks(member, value)`, the results of its asset checks on the value in hand.
 
     A failing member never cancels the others. Successes are yielded (and so stored) before the
     step fails, so a re-run only has to redo the member that failed, whose finished calls are cached.
+    A member that failed has no output, so its checks are not evaluated.
     """
 
     async def _all() -> list[dg.Output[Any] | BaseException]:
@@ -54,6 +57,8 @@ def run_stage(
             failed.append((member, result))
             continue
         yield dg.Output(result.value, output_name=member.name, metadata=result.metadata)
+        if checks is not None:  # after the output: a check result refers to the stored materialization
+            yield from checks(member, result.value)
     if not failed:
         return
     for member, exc in failed:
