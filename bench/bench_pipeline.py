@@ -80,8 +80,10 @@ def member_base_url(server_url: str, provider: str, name: str) -> str:
     return f"{server_url}/{name}/v1"
 
 
-def bench_panel(server_url: str, prompts_file: Path, n: int, concurrency: int = CONCURRENCY) -> Any:
-    """The `paper` panel, aimed at the fake server, with one partition holding all n prompts."""
+def bench_panel(
+    server_url: str, prompts_file: Path, n: int, concurrency: int = CONCURRENCY, shard_size: int | None = None
+) -> Any:
+    """The `paper` panel, aimed at the fake server; one partition holds all n prompts unless `shard_size` is given."""
     from poll_assets.panel import load_panel
 
     paper, _ = load_panel("paper")
@@ -93,7 +95,7 @@ def bench_panel(server_url: str, prompts_file: Path, n: int, concurrency: int = 
         )
 
     source = paper.source.model_copy(
-        update={"repo_id": None, "data_files": [str(prompts_file)], "num_examples": n, "shard_size": n}
+        update={"repo_id": None, "data_files": [str(prompts_file)], "num_examples": n, "shard_size": shard_size or n}
     )
     return paper.model_copy(
         update={
@@ -139,6 +141,7 @@ def child_ours(args: argparse.Namespace) -> None:
     import dagster as dg
 
     from poll_assets.panel import load_panel
+    from poll_assets.partitions import build_partitions_def
     from poll_assets.pipeline import JOB_NAME, build_definitions
 
     work = Path(args.workdir)
@@ -164,10 +167,13 @@ def child_ours(args: argparse.Namespace) -> None:
             # does before any run; it is timed apart from the run itself.
             defs_s = time.monotonic() - run_start
             run_start = time.monotonic()
-            result = job.execute_in_process(
-                partition_key=PARTITION, instance=instance, raise_on_error=False
-            )
-            success = result.success
+            # Every shard in turn, in this one process (one shard unless the panel was sharded), so
+            # the peak RSS below covers all of them.
+            keys = build_partitions_def(panel.source).get_partition_keys()
+            success = True
+            for key in keys:
+                result = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+                success = success and result.success
             run_id = result.run_id
         else:
             defs_s = 0.0  # each step process loads the definitions itself
@@ -351,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="100,300", help="N values for the timed runs")
     parser.add_argument("--memory-sizes", default="300,3000", help="N values for the memory runs (zero latency)")
     parser.add_argument(
+        "--memory-shard-sizes", default="0,50",
+        help="shard_size for the memory runs: 0 = one partition of N prompts; 50 = the project default, shards run in turn",
+    )
+    parser.add_argument(
         "--executors", default="in_process,in_process_member_steps",
         help=(
             "our set-ups to time: in_process (one step per stage, the default graph), in_process_member_steps "
@@ -441,21 +451,25 @@ def run_bench(args: argparse.Namespace) -> int:
                         )
         if memory_sizes:
             print("\n== memory: zero latency, in_process executor ==")
-            for n in memory_sizes:
-                prompts = root / f"prompts_mem_{n}.jsonl"
-                write_prompts(prompts, n)
-                work = root / f"mem_{n}"
-                work.mkdir()
-                write_panel_yaml(bench_panel(url, prompts, n), work / "panel.yaml")
-                server.reset()
-                record(run_child(ours_cmd(work, "in_process", args.max_concurrent), env, server, "ours/in_process mem", n, work / "cold.log"))
-            mem = [m for m in measurements if m.label.endswith(" mem")]
-            if len(mem) >= 2:
-                a, b = mem[0], mem[-1]
-                summary.append(
-                    f"memory: peak RSS N={b.n} / N={a.n} = {b.peak_tree_rss_mb / a.peak_tree_rss_mb:.2f} "
-                    f"({a.peak_tree_rss_mb:.0f} MB -> {b.peak_tree_rss_mb:.0f} MB) for {b.n / a.n:.0f}x the rows"
-                )
+            for shard in [int(x) for x in args.memory_shard_sizes.split(",") if x]:
+                what = "one partition" if not shard else f"shards of {shard}"
+                label = f"ours/in_process mem, {what}"
+                for n in memory_sizes:
+                    prompts = root / f"prompts_mem_{n}.jsonl"
+                    if not prompts.exists():
+                        write_prompts(prompts, n)
+                    work = root / f"mem_{shard}_{n}"
+                    work.mkdir()
+                    write_panel_yaml(bench_panel(url, prompts, n, shard_size=shard or None), work / "panel.yaml")
+                    server.reset()
+                    record(run_child(ours_cmd(work, "in_process", args.max_concurrent), env, server, label, n, work / "cold.log"))
+                mem = [m for m in measurements if m.label == label]
+                if len(mem) >= 2:
+                    a, b = mem[0], mem[-1]
+                    summary.append(
+                        f"memory ({what}): peak RSS N={b.n} / N={a.n} = {b.peak_tree_rss_mb / a.peak_tree_rss_mb:.2f} "
+                        f"({a.peak_tree_rss_mb:.0f} MB -> {b.peak_tree_rss_mb:.0f} MB) for {b.n / a.n:.0f}x the rows"
+                    )
         print("\n== ratios (measured within this run) ==")
         for line in summary:
             print(line)
