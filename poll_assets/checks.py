@@ -13,16 +13,17 @@ only warns: low agreement is worth a look but is not wrong data.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence, Set as AbstractSet
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
-import numpy as np
 import pandas as pd
 
 from poll_assets.agreement import judge_agreement
 from poll_assets.panel import Panel
+from poll_assets.parquet_values import is_missing, plain_list
 from poll_assets.rubrics.ultrafeedback import get_rubric
 from poll_assets.verdicts import NA
 
@@ -34,17 +35,6 @@ class Finding:
     passed: bool
     description: str
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def _seq(value: Any) -> list[Any]:
-    """A list cell as a plain list (Parquet returns numpy arrays; missing cells are None/NaN)."""
-    if value is None or (isinstance(value, float) and value != value):
-        return []
-    return [None if (isinstance(v, float) and v != v) else (v.item() if isinstance(v, np.generic) else v) for v in value]
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and value != value)
 
 
 def _examples(items: Sequence[Any]) -> str:
@@ -64,10 +54,10 @@ def check_prompts(prompts: pd.DataFrame) -> Finding:
     problems = []
     if len(prompts) == 0:
         problems.append("the shard has no prompts")
-    missing_ids = [i for i, v in enumerate(prompts.get("prompt_id", pd.Series(dtype=object))) if _missing(v) or v == ""]
+    missing_ids = [i for i, v in enumerate(prompts.get("prompt_id", pd.Series(dtype=object))) if is_missing(v) or v == ""]
     if missing_ids:
         problems.append(f"rows without prompt_id: {_examples(missing_ids)}")
-    empty = [i for i, v in enumerate(prompts.get("instruction", pd.Series(dtype=object))) if _missing(v) or not str(v).strip()]
+    empty = [i for i, v in enumerate(prompts.get("instruction", pd.Series(dtype=object))) if is_missing(v) or not str(v).strip()]
     if empty:
         problems.append(f"rows with an empty instruction: {_examples(empty)}")
     dupes = sorted({_short(p) for p in prompts["prompt_id"][prompts["prompt_id"].duplicated()]}) if len(prompts) else []
@@ -109,7 +99,7 @@ def check_generation_failures(generations: pd.DataFrame, max_rate: float) -> Fin
     failed = [
         _short(pid)
         for pid, text, err in zip(generations["prompt_id"], generations["generation"], generations["error"])
-        if not _missing(err) or _missing(text)
+        if not is_missing(err) or is_missing(text)
     ]
     rate = len(failed) / len(generations) if len(generations) else 0.0
     passed = rate <= max_rate
@@ -128,7 +118,7 @@ def check_ratings_valid(ratings: pd.DataFrame, combined: pd.DataFrame, scale: Se
     """One row per prompt of combined_generations; per row one rating, rationale and error per
     generation; every rating on the rubric's scale, or None with the reason in rating_errors."""
     allowed = set(scale)
-    n_gen = {pid: len(_seq(g)) for pid, g in zip(combined["prompt_id"], combined["generations"])}
+    n_gen = {pid: len(plain_list(g)) for pid, g in zip(combined["prompt_id"], combined["generations"])}
     problems: list[str] = []
     if list(ratings["prompt_id"]) != list(combined["prompt_id"]):
         problems.append(
@@ -136,14 +126,14 @@ def check_ratings_valid(ratings: pd.DataFrame, combined: pd.DataFrame, scale: Se
         )
     misaligned, off_scale, unexplained = [], [], []
     for pid, rs, rats, errs in zip(ratings["prompt_id"], ratings["ratings"], ratings["rationales"], ratings["rating_errors"]):
-        rs, rats, errs = _seq(rs), _seq(rats), _seq(errs)
+        rs, rats, errs = plain_list(rs), plain_list(rats), plain_list(errs)
         expected = n_gen.get(pid)
         if expected is None or not (len(rs) == len(rats) == len(errs) == expected):
             misaligned.append(f"{_short(pid)} ({len(rs)} ratings, {expected} generations)")
             continue
         for k, (r, e) in enumerate(zip(rs, errs)):
             if r is None:
-                if _missing(e) or not str(e).strip():
+                if is_missing(e) or not str(e).strip():
                     unexplained.append(f"{_short(pid)}[{k}]")
             elif r not in allowed or isinstance(r, bool):
                 off_scale.append(f"{_short(pid)}[{k}]={r!r}")
@@ -165,8 +155,8 @@ def parse_failure_rate(ratings: pd.DataFrame) -> tuple[float, int, int]:
     failure unless the rubric's N/A explains it; the asset's own metadata counts the same way."""
     failures = judged = 0
     for rs, errs, shown in zip(ratings["ratings"], ratings["rating_errors"], ratings["shown_order"]):
-        rs, errs = _seq(rs), _seq(errs)
-        for i in _seq(shown):
+        rs, errs = plain_list(rs), plain_list(errs)
+        for i in plain_list(shown):
             judged += 1
             if i >= len(rs) or i >= len(errs):  # misaligned row: ratings_valid names it; count it here too
                 failures += 1
@@ -200,14 +190,14 @@ def check_pooled_coverage(pooled: pd.DataFrame, combined: pd.DataFrame, n_judges
         problems.append(f"prompts without pooled ratings: {_examples(missing)}")
     if len(got) != len(set(got)):
         problems.append("a prompt appears more than once")
-    n_gen = {pid: len(_seq(g)) for pid, g in zip(combined["prompt_id"], combined["generations"])}
+    n_gen = {pid: len(plain_list(g)) for pid, g in zip(combined["prompt_id"], combined["generations"])}
     short_rows, unrated = [], 0
     for pid, avg, matrix, gens in zip(pooled["prompt_id"], pooled["avg_poll_ratings"], pooled["poll_ratings"], pooled["generations"]):
-        avg, rows = _seq(avg), [_seq(r) for r in _seq(matrix)] if not _missing(matrix) else []
-        expected = n_gen.get(pid, len(_seq(gens)))
+        avg, rows = plain_list(avg), [plain_list(r) for r in plain_list(matrix)] if not is_missing(matrix) else []
+        expected = n_gen.get(pid, len(plain_list(gens)))
         if len(avg) != expected or len(rows) != n_judges or any(len(r) != expected for r in rows):
             short_rows.append(f"{_short(pid)} ({len(avg)} pooled, {expected} generations, {len(rows)} judge rows)")
-        unrated += sum(a is None and isinstance(g, str) for a, g in zip(avg, _seq(gens)))
+        unrated += sum(a is None and isinstance(g, str) for a, g in zip(avg, plain_list(gens)))
     if short_rows:
         problems.append(f"pooled ratings do not cover every generation: {_examples(short_rows)}")
     return Finding(
@@ -221,8 +211,8 @@ def pooled_alpha(pooled: pd.DataFrame, judge_names: Sequence[str], scale: Sequen
     """Krippendorff's alpha over all generations of the shard, recomputed from `poll_ratings`."""
     flat: dict[str, list[int | None]] = {j: [] for j in judge_names}
     for matrix in pooled["poll_ratings"]:
-        for name, row in zip(judge_names, _seq(matrix)):
-            flat[name].extend(_seq(row))
+        for name, row in zip(judge_names, plain_list(matrix)):
+            flat[name].extend(plain_list(row))
     if len(flat) < 2:
         return None
     return judge_agreement(flat, value_domain=list(scale)).get("krippendorff_alpha")
@@ -244,7 +234,7 @@ def check_agreement(alpha: float | None, min_agreement: float) -> Finding:
 
 
 def _answer(messages: Any) -> Any:
-    msgs = _seq(messages)
+    msgs = plain_list(messages)
     return msgs[-1].get("content") if msgs and isinstance(msgs[-1], dict) else None
 
 
@@ -252,7 +242,7 @@ def check_pairs(pairs: pd.DataFrame) -> Finding:
     """In every pair the chosen answer is rated strictly higher and differs from the rejected one."""
     not_higher, same = [], []
     for i, r in enumerate(pairs.itertuples(index=False)):
-        if _missing(r.chosen_rating) or _missing(r.rejected_rating) or not r.chosen_rating > r.rejected_rating:
+        if is_missing(r.chosen_rating) or is_missing(r.rejected_rating) or not r.chosen_rating > r.rejected_rating:
             not_higher.append(f"row {i} ({_short(r.prompt_id)}: {r.chosen_rating} vs {r.rejected_rating})")
         if _answer(r.chosen) == _answer(r.rejected) or r.chosen_call_id == r.rejected_call_id:
             same.append(f"row {i} ({_short(r.prompt_id)})")

@@ -17,11 +17,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import dagster as dg
-import numpy as np
 import pandas as pd
 from upath import UPath
 
 from poll_assets.panel import Panel
+from poll_assets.parquet_values import plain
 
 PROMPTS, COMBINED, POOLED, PAIRS = "prompts", "combined_generations", "pooled_ratings", "preference_pairs"
 MIN_PREFIX = 6  # shortest prompt-id prefix `prompt_trail` accepts
@@ -104,21 +104,6 @@ class TrailError(LookupError):
     """The prompt cannot be traced; the message says what was searched."""
 
 
-def _plain(value: Any) -> Any:
-    """Parquet values as JSON-ready Python: arrays to lists, numpy scalars to numbers, NaN to None."""
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and value != value:
-        return None
-    return value
-
-
 def _ints(values: list[Any] | None) -> list[Any] | None:
     """Ratings are integers; a list holding a None comes back from Parquet as floats."""
     if values is None:
@@ -141,7 +126,7 @@ def _row(df: pd.DataFrame | None, prompt_id: str) -> dict[str, Any] | None:
     if df is None:
         return None
     hit = df[df["prompt_id"] == prompt_id]
-    return {k: _plain(v) for k, v in hit.iloc[0].items()} if len(hit) else None
+    return {k: plain(v) for k, v in hit.iloc[0].items()} if len(hit) else None
 
 
 def _partitions(base: UPath) -> list[str]:
@@ -267,13 +252,13 @@ def prompt_trail(prompt_id: str, storage_dir: str, partition: str | None = None)
         hits = pairs_df[pairs_df["prompt_id"] == pid]
         by_call = {g["call_id"]: g["generator"] for g in generations}
         pairs = [
-            {k: _plain(r[k]) for k in ("chosen_model", "rejected_model", "chosen_rating", "rejected_rating", "margin",
+            {k: plain(r[k]) for k in ("chosen_model", "rejected_model", "chosen_rating", "rejected_rating", "margin",
                                         "chosen_call_id", "rejected_call_id")}
             | {
                 "chosen_generator": by_call.get(r["chosen_call_id"]),
                 "rejected_generator": by_call.get(r["rejected_call_id"]),
-                "chosen": _plain(r["chosen"])[-1]["content"],
-                "rejected": _plain(r["rejected"])[-1]["content"],
+                "chosen": plain(r["chosen"])[-1]["content"],
+                "rejected": plain(r["rejected"])[-1]["content"],
             }
             for _, r in hits.iterrows()
         ]

@@ -250,8 +250,6 @@ def test_a_fixed_pool_of_workers_whatever_the_batch_size():
     peak = 0
 
     async def main() -> list:
-        nonlocal peak
-
         async def watch() -> None:
             nonlocal peak
             while True:

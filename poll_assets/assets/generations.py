@@ -17,6 +17,7 @@ from poll_assets.llm.cache import ResponseCache, ResponseCacheResource
 from poll_assets.llm.resources import LLMResource, resource_key
 from poll_assets.llm.runner import run_calls
 from poll_assets.panel import Member, Panel
+from poll_assets.parquet_values import plain
 
 GENERATION_COLUMNS = [
     "prompt_id", "generation", "model_name", "generator", "finish_reason", "input_tokens", "output_tokens",
@@ -180,18 +181,14 @@ def build_combined_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) 
                 {
                     "prompt_id": pid,
                     "instruction": instruction,
-                    "generations": [_none_if_nan(r["generation"]) for r in picked],
+                    "generations": [plain(r["generation"]) for r in picked],
                     "generation_models": [r["model_name"] for r in picked],
                     "generators": [r["generator"] for r in picked],
                     "generation_call_ids": [r["call_id"] for r in picked],
-                    "generation_errors": [_none_if_nan(r["error"]) for r in picked],
+                    "generation_errors": [plain(r["error"]) for r in picked],
                 }
             )
         df = pd.DataFrame(rows)
         return dg.Output(df, metadata={**table_metadata(df), "dagster/column_lineage": combined_column_lineage(panel)})
 
     return combined_generations
-
-
-def _none_if_nan(value: object) -> object:
-    return None if value is None or (isinstance(value, float) and value != value) else value

@@ -13,21 +13,9 @@ from poll_assets.assets.metadata import table_metadata
 from poll_assets.checks import asset_check_specs, evaluate_checks
 from poll_assets.lineage import pooled_column_lineage
 from poll_assets.panel import Panel
+from poll_assets.parquet_values import plain_list
 from poll_assets.pooling import pool_ratings, self_family_mask
 from poll_assets.rubrics.ultrafeedback import get_rubric
-
-
-def _plain(values: Any) -> list[Any]:
-    """Parquet hands lists back as arrays with NaN for missing ints; turn them back into lists with None."""
-    out = []
-    for v in list(values):
-        if v is None or (isinstance(v, float) and v != v):
-            out.append(None)
-        elif hasattr(v, "item"):
-            out.append(v.item())
-        else:
-            out.append(v)
-    return out
 
 
 def build_pooled_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
@@ -61,7 +49,7 @@ def build_pooled_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) ->
         excluded = 0
         for _, row in combined_generations.iterrows():
             pid = row["prompt_id"]
-            matrix = [_plain(frame.loc[pid, "ratings"]) for frame in by_judge]
+            matrix = [plain_list(frame.loc[pid, "ratings"]) for frame in by_judge]
             pooled = pool_ratings(
                 matrix, method=panel.pooling.method, min_judges=panel.pooling.min_judges, exclude=mask
             )
@@ -72,11 +60,11 @@ def build_pooled_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) ->
                 {
                     "prompt_id": pid,
                     "instruction": row["instruction"],
-                    "generations": _plain(row["generations"]),
-                    "generation_models": _plain(row["generation_models"]),
-                    "generation_call_ids": _plain(row["generation_call_ids"]),
+                    "generations": plain_list(row["generations"]),
+                    "generation_models": plain_list(row["generation_models"]),
+                    "generation_call_ids": plain_list(row["generation_call_ids"]),
                     "poll_ratings": matrix,
-                    "poll_rationales": [_plain(frame.loc[pid, "rationales"]) for frame in by_judge],
+                    "poll_rationales": [plain_list(frame.loc[pid, "rationales"]) for frame in by_judge],
                     "poll_models": [j.model for j in panel.judges],
                     "poll_call_ids": [frame.loc[pid, "call_id"] for frame in by_judge],
                     "avg_poll_ratings": pooled.avg,

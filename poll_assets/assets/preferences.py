@@ -8,11 +8,11 @@ import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.metadata import table_metadata
-from poll_assets.assets.pooling import _plain
-from poll_assets.checks import asset_check_specs, evaluate_checks
 from poll_assets.binarize import binarize
+from poll_assets.checks import asset_check_specs, evaluate_checks
 from poll_assets.lineage import pairs_column_lineage
 from poll_assets.panel import Panel
+from poll_assets.parquet_values import plain_list
 
 PAIR_COLUMNS = [
     "prompt", "prompt_id", "chosen", "rejected", "chosen_model", "rejected_model", "chosen_rating",
@@ -31,8 +31,8 @@ def preference_rows(pooled: pd.DataFrame, panel: Panel) -> tuple[list[dict[str, 
     rows: list[dict[str, object]] = []
     dropped: dict[str, int] = {}
     for _, r in pooled.iterrows():
-        generations = _plain(r["generations"])
-        avg = _plain(r["avg_poll_ratings"])
+        generations = plain_list(r["generations"])
+        avg = plain_list(r["avg_poll_ratings"])
         result = binarize(
             avg,
             strategy=cfg.strategy,
@@ -43,8 +43,8 @@ def preference_rows(pooled: pd.DataFrame, panel: Panel) -> tuple[list[dict[str, 
         )
         if not result.pairs:
             dropped[result.reason or "no pair"] = dropped.get(result.reason or "no pair", 0) + 1
-        models = _plain(r["generation_models"])
-        call_ids = _plain(r["generation_call_ids"])
+        models = plain_list(r["generation_models"])
+        call_ids = plain_list(r["generation_call_ids"])
         for chosen, rejected, margin in result.pairs:
             rows.append(
                 {
@@ -57,12 +57,12 @@ def preference_rows(pooled: pd.DataFrame, panel: Panel) -> tuple[list[dict[str, 
                     "chosen_rating": avg[chosen],
                     "rejected_rating": avg[rejected],
                     "margin": margin,
-                    "poll_ratings": [_plain(x) for x in r["poll_ratings"]],
-                    "poll_models": _plain(r["poll_models"]),
+                    "poll_ratings": [plain_list(x) for x in r["poll_ratings"]],
+                    "poll_models": plain_list(r["poll_models"]),
                     "avg_poll_ratings": avg,
                     "chosen_call_id": call_ids[chosen],
                     "rejected_call_id": call_ids[rejected],
-                    "rating_call_ids": _plain(r["poll_call_ids"]),
+                    "rating_call_ids": plain_list(r["poll_call_ids"]),
                 }
             )
     return rows, dropped

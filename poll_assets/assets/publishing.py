@@ -14,9 +14,9 @@ import pandas as pd
 from upath import UPath
 
 from poll_assets.agreement import judge_agreement
-from poll_assets.assets.pooling import _plain
 from poll_assets.io_manager import default_dagster_home
 from poll_assets.panel import Panel
+from poll_assets.parquet_values import plain_list
 from poll_assets.publish import export_preference_set
 from poll_assets.rubrics.ultrafeedback import get_rubric, prompt_version
 
@@ -52,9 +52,9 @@ def card_info(panel: Panel, pairs: pd.DataFrame, pooled: pd.DataFrame) -> dict[s
     by_judge: dict[str, list[int | None]] = {j.name: [] for j in panel.judges}
     unrated = 0
     for _, row in pooled.iterrows():
-        generations = _plain(row["generations"])
+        generations = plain_list(row["generations"])
         for j, judge in enumerate(panel.judges):
-            ratings = _plain(row["poll_ratings"][j])
+            ratings = plain_list(row["poll_ratings"][j])
             by_judge[judge.name].extend(ratings)
             unrated += sum(r is None and isinstance(g, str) for r, g in zip(ratings, generations))
     member = lambda m: {"name": m.name, "model": m.model, "family": m.family, "provider": m.provider}  # noqa: E731
