@@ -9,7 +9,7 @@ import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.metadata import call_metadata, member_kinds, table_metadata
-from poll_assets.assets.stage import run_stage, stage_pool
+from poll_assets.assets.stage import run_stage_step, stage_asset_spec
 from poll_assets.checks import asset_check_specs, evaluate_checks
 from poll_assets.lineage import combined_column_lineage
 from poll_assets.llm.base import CallRequest, Message
@@ -119,39 +119,15 @@ def build_generation_stage(panel: Panel, partitions_def: dg.PartitionsDefinition
     stored first, then the step fails and names the member(s). Each generator's checks run on its
     frame right after its output is stored, and only when that member ran and the check is selected.
     """
-    outs = {
-        m.name: dg.AssetOut(
-            key=generation_key(m),
-            group_name="generation",
-            kinds=member_kinds(m),
-            code_version=m.fingerprint(),
-            description=_description(m),
-            is_required=False,
-        )
-        for m in panel.generators
-    }
-
     @dg.multi_asset(
-        name="generations",
-        outs=outs,
-        ins={"prompts": dg.AssetIn("prompts")},
-        partitions_def=partitions_def,
-        can_subset=True,
-        pool=stage_pool(panel.generators, "llm_generation"),
-        required_resource_keys={resource_key(m) for m in panel.generators} | {"response_cache"},
-        check_specs=[s for m in panel.generators for s in asset_check_specs(panel, generation_key(m), partitions_def)],
+        **stage_asset_spec(
+            name="generations", panel=panel, members=panel.generators, key_of=generation_key, group="generation",
+            code_version_of=lambda m: m.fingerprint(), description_of=_description, input_name="prompts",
+            default_pool="llm_generation", partitions_def=partitions_def,
+        )
     )
     def _generations(context: dg.AssetExecutionContext, prompts: pd.DataFrame) -> Iterator[Any]:
-        cache: ResponseCacheResource = context.resources.response_cache
-        members = [m for m in panel.generators if generation_key(m) in context.selected_asset_keys]
-        selected_checks = context.selected_asset_check_keys
-        yield from run_stage(
-            context,
-            members,
-            lambda m: generate(m, panel, getattr(context.resources, resource_key(m)), cache.get_cache(), prompts,
-                               context.log.info, generation_key(m).to_user_string()),
-            checks=lambda m, df: evaluate_checks(panel, generation_key(m), df, prompts, selected_checks),
-        )
+        yield from run_stage_step(context, panel, panel.generators, generation_key, prompts, generate)
 
     return _generations
 

@@ -10,7 +10,7 @@ import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.metadata import call_metadata, member_kinds, table_metadata
-from poll_assets.assets.stage import run_stage, stage_pool
+from poll_assets.assets.stage import run_stage_step, stage_asset_spec
 from poll_assets.checks import asset_check_specs, evaluate_checks
 from poll_assets.llm.base import CallRequest, Completion
 from poll_assets.llm.cache import ResponseCache, ResponseCacheResource
@@ -182,39 +182,15 @@ def build_ratings_stage(panel: Panel, partitions_def: dg.PartitionsDefinition) -
     the others, whose outputs are stored before the step fails. Each judge's checks run on its
     frame right after its output is stored, and only when that judge ran and the check is selected.
     """
-    outs = {
-        m.name: dg.AssetOut(
-            key=ratings_key(m),
-            group_name="judging",
-            kinds=member_kinds(m),
-            code_version=judge_code_version(m, panel),
-            description=_description(m, panel),
-            is_required=False,
-        )
-        for m in panel.judges
-    }
-
     @dg.multi_asset(
-        name="ratings",
-        outs=outs,
-        ins={"combined_generations": dg.AssetIn("combined_generations")},
-        partitions_def=partitions_def,
-        can_subset=True,
-        pool=stage_pool(panel.judges, "llm_judging"),
-        required_resource_keys={resource_key(m) for m in panel.judges} | {"response_cache"},
-        check_specs=[s for m in panel.judges for s in asset_check_specs(panel, ratings_key(m), partitions_def)],
+        **stage_asset_spec(
+            name="ratings", panel=panel, members=panel.judges, key_of=ratings_key, group="judging",
+            code_version_of=lambda m: judge_code_version(m, panel), description_of=lambda m: _description(m, panel),
+            input_name="combined_generations", default_pool="llm_judging", partitions_def=partitions_def,
+        )
     )
     def _ratings(context: dg.AssetExecutionContext, combined_generations: pd.DataFrame) -> Iterator[Any]:
-        cache: ResponseCacheResource = context.resources.response_cache
-        members = [m for m in panel.judges if ratings_key(m) in context.selected_asset_keys]
-        selected_checks = context.selected_asset_check_keys
-        yield from run_stage(
-            context,
-            members,
-            lambda m: judge(m, panel, getattr(context.resources, resource_key(m)), cache.get_cache(),
-                            combined_generations, context.log.info, ratings_key(m).to_user_string()),
-            checks=lambda m, df: evaluate_checks(panel, ratings_key(m), df, combined_generations, selected_checks),
-        )
+        yield from run_stage_step(context, panel, panel.judges, ratings_key, combined_generations, judge)
 
     return _ratings
 

@@ -13,14 +13,85 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any
 
 import dagster as dg
+import pandas as pd
 
-from poll_assets.panel import Member
+from poll_assets.assets.metadata import member_kinds
+from poll_assets.checks import asset_check_specs, evaluate_checks
+from poll_assets.llm.cache import ResponseCache, ResponseCacheResource
+from poll_assets.llm.resources import LLMResource, resource_key
+from poll_assets.panel import Member, Panel
+
+# What a stage does for one member: (member, panel, its client, the cache, the stage's input frame,
+# a log function, a label for messages) -> that member's output. `generate` and `judge` have this shape.
+MemberWork = Callable[
+    [Member, Panel, LLMResource, ResponseCache, pd.DataFrame, Callable[[str], None], str],
+    Coroutine[Any, Any, dg.Output[Any]],
+]
 
 
 def stage_pool(members: Sequence[Member], default: str) -> str:
     """The Dagster pool of a stage step: the members' pool when they all share one, else `default`."""
     pools = {m.pool_name for m in members}
     return pools.pop() if len(pools) == 1 else default
+
+
+def stage_asset_spec(
+    *,
+    name: str,
+    panel: Panel,
+    members: Sequence[Member],
+    key_of: Callable[[Member], dg.AssetKey],
+    group: str,
+    code_version_of: Callable[[Member], str],
+    description_of: Callable[[Member], str],
+    input_name: str,
+    default_pool: str,
+    partitions_def: dg.PartitionsDefinition,
+) -> dict[str, Any]:
+    """The `dg.multi_asset` arguments of an LLM stage: one optional output (asset) per member, with its
+    own key, kinds, code_version and checks, the stage's one input, and the members' pool."""
+    return {
+        "name": name,
+        "outs": {
+            m.name: dg.AssetOut(
+                key=key_of(m),
+                group_name=group,
+                kinds=member_kinds(m),
+                code_version=code_version_of(m),
+                description=description_of(m),
+                is_required=False,
+            )
+            for m in members
+        },
+        "ins": {input_name: dg.AssetIn(input_name)},
+        "partitions_def": partitions_def,
+        "can_subset": True,
+        "pool": stage_pool(members, default_pool),
+        "required_resource_keys": {resource_key(m) for m in members} | {"response_cache"},
+        "check_specs": [s for m in members for s in asset_check_specs(panel, key_of(m), partitions_def)],
+    }
+
+
+def run_stage_step(
+    context: dg.AssetExecutionContext,
+    panel: Panel,
+    members: Sequence[Member],
+    key_of: Callable[[Member], dg.AssetKey],
+    frame: pd.DataFrame,
+    work: MemberWork,
+) -> Iterator[dg.Output[Any] | dg.AssetCheckResult]:
+    """The body of a stage step: the selected members do `work` on `frame` at the same time, and each
+    one's checks run on its output (see `run_stage`)."""
+    cache: ResponseCacheResource = context.resources.response_cache
+    selected = [m for m in members if key_of(m) in context.selected_asset_keys]
+    checks = context.selected_asset_check_keys
+    yield from run_stage(
+        context,
+        selected,
+        lambda m: work(m, panel, getattr(context.resources, resource_key(m)), cache.get_cache(), frame,
+                       context.log.info, key_of(m).to_user_string()),
+        checks=lambda m, df: evaluate_checks(panel, key_of(m), df, frame, checks),
+    )
 
 
 def run_stage(
