@@ -1,20 +1,18 @@
 """Each generator's answers, and all answers side by side in panel order."""
 
 
-import asyncio
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.metadata import call_metadata, member_kinds, table_metadata
+from poll_assets.assets.metadata import call_metadata, table_metadata
 from poll_assets.assets.stage import run_stage_step, stage_asset_spec
-from poll_assets.checks import asset_check_specs, evaluate_checks
 from poll_assets.lineage import combined_column_lineage
 from poll_assets.llm.base import CallRequest, Message
-from poll_assets.llm.cache import ResponseCache, ResponseCacheResource
-from poll_assets.llm.resources import LLMResource, resource_key
+from poll_assets.llm.cache import ResponseCache
+from poll_assets.llm.resources import LLMResource
 from poll_assets.llm.runner import run_calls
 from poll_assets.panel import Member, Panel
 from poll_assets.parquet_values import plain
@@ -83,33 +81,15 @@ def _description(member: Member) -> str:
 
 def build_generation_asset(member: Member, panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     """One step for one generator (used with `member_steps=True`, e.g. to run members as separate processes)."""
-    llm_key = resource_key(member)
-
-    @dg.asset(
-        key=generation_key(member),
-        ins={"prompts": dg.AssetIn("prompts")},
-        group_name="generation",
-        kinds=member_kinds(member),
-        partitions_def=partitions_def,
-        code_version=member.fingerprint(),
-        pool=member.pool_name,
-        required_resource_keys={llm_key, "response_cache"},
-        description=_description(member),
-        check_specs=asset_check_specs(panel, generation_key(member), partitions_def),
-    )
-    def _generations(context: dg.AssetExecutionContext, prompts: pd.DataFrame) -> Iterator[Any]:
-        cache: ResponseCacheResource = context.resources.response_cache
-        output = asyncio.run(
-            generate(member, panel, getattr(context.resources, llm_key), cache.get_cache(), prompts,
-                     context.log.info, context.asset_key.to_user_string())
-        )
-        yield output
-        yield from evaluate_checks(panel, context.asset_key, output.value, prompts, context.selected_asset_check_keys)
-
-    return _generations
+    return build_generation_stage(panel, partitions_def, members=[member], name=f"generations__{member.name}")
 
 
-def build_generation_stage(panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+def build_generation_stage(
+    panel: Panel,
+    partitions_def: dg.PartitionsDefinition,
+    members: list[Member] | None = None,
+    name: str = "generations",
+) -> dg.AssetsDefinition:
     """Every generator's asset in ONE step, whose members call their providers at the same time.
 
     Dagster runs the steps of an in-process run one after another, so one step per generator would
@@ -119,15 +99,18 @@ def build_generation_stage(panel: Panel, partitions_def: dg.PartitionsDefinition
     stored first, then the step fails and names the member(s). Each generator's checks run on its
     frame right after its output is stored, and only when that member ran and the check is selected.
     """
+    # `members`: a subset, e.g. one member per step (`member_steps=True`); default all of them.
+    stage_members = members if members is not None else panel.generators
+
     @dg.multi_asset(
         **stage_asset_spec(
-            name="generations", panel=panel, members=panel.generators, key_of=generation_key, group="generation",
+            name=name, panel=panel, members=stage_members, key_of=generation_key, group="generation",
             code_version_of=lambda m: m.fingerprint(), description_of=_description, input_name="prompts",
             default_pool="llm_generation", partitions_def=partitions_def,
         )
     )
     def _generations(context: dg.AssetExecutionContext, prompts: pd.DataFrame) -> Iterator[Any]:
-        yield from run_stage_step(context, panel, panel.generators, generation_key, prompts, generate)
+        yield from run_stage_step(context, panel, stage_members, generation_key, prompts, generate)
 
     return _generations
 

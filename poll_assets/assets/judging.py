@@ -1,7 +1,6 @@
 """Each judge's verdicts on every generation, with the UltraFeedback rubric."""
 
 
-import asyncio
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -9,12 +8,11 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.metadata import call_metadata, member_kinds, table_metadata
+from poll_assets.assets.metadata import call_metadata, table_metadata
 from poll_assets.assets.stage import run_stage_step, stage_asset_spec
-from poll_assets.checks import asset_check_specs, evaluate_checks
 from poll_assets.llm.base import CallRequest, Completion
-from poll_assets.llm.cache import ResponseCache, ResponseCacheResource
-from poll_assets.llm.resources import LLMResource, resource_key
+from poll_assets.llm.cache import ResponseCache
+from poll_assets.llm.resources import LLMResource
 from poll_assets.llm.runner import run_calls
 from poll_assets.panel import Member, Panel
 from poll_assets.rubrics.ultrafeedback import Rubric, build_judge_messages, get_rubric, prompt_version, verdict_json_schema
@@ -148,49 +146,33 @@ async def judge(
 
 def build_ratings_asset(member: Member, panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     """One step for one judge (used with `member_steps=True`, e.g. to run members as separate processes)."""
-    llm_key = resource_key(member)
-
-    @dg.asset(
-        key=ratings_key(member),
-        ins={"combined_generations": dg.AssetIn("combined_generations")},
-        group_name="judging",
-        kinds=member_kinds(member),
-        partitions_def=partitions_def,
-        code_version=judge_code_version(member, panel),
-        pool=member.pool_name,
-        required_resource_keys={llm_key, "response_cache"},
-        description=_description(member, panel),
-        check_specs=asset_check_specs(panel, ratings_key(member), partitions_def),
-    )
-    def _ratings(context: dg.AssetExecutionContext, combined_generations: pd.DataFrame) -> Iterator[Any]:
-        cache: ResponseCacheResource = context.resources.response_cache
-        output = asyncio.run(
-            judge(member, panel, getattr(context.resources, llm_key), cache.get_cache(), combined_generations,
-                  context.log.info, context.asset_key.to_user_string())
-        )
-        yield output
-        yield from evaluate_checks(panel, context.asset_key, output.value, combined_generations,
-                                   context.selected_asset_check_keys)
-
-    return _ratings
+    return build_ratings_stage(panel, partitions_def, members=[member], name=f"ratings__{member.name}")
 
 
-def build_ratings_stage(panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+def build_ratings_stage(
+    panel: Panel,
+    partitions_def: dg.PartitionsDefinition,
+    members: list[Member] | None = None,
+    name: str = "ratings",
+) -> dg.AssetsDefinition:
     """Every judge's asset in ONE step, the judges calling at the same time (see assets/stage.py).
 
     Each judge stays its own asset and can be materialized alone; a failing judge does not hold back
     the others, whose outputs are stored before the step fails. Each judge's checks run on its
     frame right after its output is stored, and only when that judge ran and the check is selected.
     """
+    # `members`: a subset, e.g. one member per step (`member_steps=True`); default all of them.
+    stage_members = members if members is not None else panel.judges
+
     @dg.multi_asset(
         **stage_asset_spec(
-            name="ratings", panel=panel, members=panel.judges, key_of=ratings_key, group="judging",
+            name=name, panel=panel, members=stage_members, key_of=ratings_key, group="judging",
             code_version_of=lambda m: judge_code_version(m, panel), description_of=lambda m: _description(m, panel),
             input_name="combined_generations", default_pool="llm_judging", partitions_def=partitions_def,
         )
     )
     def _ratings(context: dg.AssetExecutionContext, combined_generations: pd.DataFrame) -> Iterator[Any]:
-        yield from run_stage_step(context, panel, panel.judges, ratings_key, combined_generations, judge)
+        yield from run_stage_step(context, panel, stage_members, ratings_key, combined_generations, judge)
 
     return _ratings
 
