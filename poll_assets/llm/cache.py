@@ -1,7 +1,7 @@
 """The response cache: one SQLite row per successful call, keyed by `request_key`.
 
-Every call is committed as soon as it completes, so a run killed halfway keeps everything it
-already paid for and a re-run requests only what is missing (failed calls are never stored, so
+Every call is committed moments after it completes, so a run killed halfway keeps what it already
+paid for (all but the last few milliseconds' answers) and a re-run requests only what is missing (failed calls are never stored, so
 they are requested again). WAL mode lets parallel partition runs read and write the same file.
 
 Async callers hand completions to one writer thread (`submit`), which commits whatever has queued
