@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 import anthropic
-import httpx2
 
 try:  # private module; only used to word an error message
     from anthropic._constants import ANTHROPIC_API_VERSION
@@ -14,7 +13,7 @@ except ImportError:  # pragma: no cover
     ANTHROPIC_API_VERSION = "current"
 
 from poll_assets.llm.base import CallRequest, Completion, FatalProviderError, ProviderError
-from poll_assets.llm.remote import RemoteBackend, body_message, classify_transport, schema_name
+from poll_assets.llm.remote import RemoteBackend, body_message, classify_sdk_failure, schema_name
 from poll_assets.panel import SUPPORTED_PARAMS
 
 # Anthropic's stop reasons in the vocabulary the rest of the pipeline uses (OpenAI's).
@@ -109,14 +108,4 @@ class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
     def _classify(self, exc: BaseException) -> ProviderError | None:
         if isinstance(exc, anthropic.APIStatusError):
             return self.status_error(exc.status_code, exc.response.headers, body_message(exc.body))
-        if isinstance(exc, anthropic.APITimeoutError):
-            # The SDK calls every transport "timeout" a timeout; the aiohttp transport also reports
-            # refused and dropped connections that way, which classify_transport sorts out.
-            return classify_transport(self, exc.__cause__) or ProviderError("timeout", f"{self.who}: the request timed out")
-        if isinstance(exc, anthropic.APIConnectionError):
-            return classify_transport(self, exc.__cause__) or self.connection_error(type(exc.__cause__).__name__)
-        if isinstance(exc, anthropic.APIResponseValidationError | json.JSONDecodeError):
-            return self.malformed(type(exc).__name__)
-        if isinstance(exc, httpx2.HTTPError):
-            return classify_transport(self, exc)
-        return None
+        return classify_sdk_failure(self, exc, anthropic)

@@ -3,7 +3,6 @@ OpenAI-compatible server (vLLM, TGI's OpenAI route, Ollama, llama.cpp server, Li
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import httpx2
@@ -13,7 +12,7 @@ from poll_assets.llm.base import CallRequest, Completion, ProviderError
 from poll_assets.llm.remote import (
     RemoteBackend,
     body_message,
-    classify_transport,
+    classify_sdk_failure,
     mentions_structured_output,
     schema_name,
 )
@@ -100,17 +99,7 @@ class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
             return self.status_error(
                 exc.status_code, exc.response.headers, body_message(exc.body), body_text=_safe_text(exc.response)
             )
-        if isinstance(exc, openai.APITimeoutError):
-            # The SDK calls every transport "timeout" a timeout; the aiohttp transport also reports
-            # refused and dropped connections that way, which classify_transport sorts out.
-            return classify_transport(self, exc.__cause__) or ProviderError("timeout", f"{self.who}: the request timed out")
-        if isinstance(exc, openai.APIConnectionError):
-            return classify_transport(self, exc.__cause__) or self.connection_error(type(exc.__cause__).__name__)
-        if isinstance(exc, openai.APIResponseValidationError | json.JSONDecodeError):
-            return self.malformed(type(exc).__name__)
-        if isinstance(exc, httpx2.HTTPError):
-            return classify_transport(self, exc)
-        return None
+        return classify_sdk_failure(self, exc, openai)
 
 
 def _safe_text(response: httpx2.Response) -> str:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
+from types import ModuleType
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -271,6 +273,22 @@ def schema_name(schema: dict[str, Any], default: str = "response") -> str:
     raw = str(schema.get("title") or default)
     name = re.sub(r"[^A-Za-z0-9_-]+", "_", raw).strip("_") or default
     return name[:64]
+
+
+def classify_sdk_failure(backend: RemoteBackend[Any], exc: BaseException, sdk: ModuleType) -> ProviderError | None:
+    """Failures other than an HTTP status, for the OpenAI and Anthropic SDKs, which raise the same
+    exception family (`sdk` is the module: `openai` or `anthropic`). None if `exc` is not one of them."""
+    if isinstance(exc, sdk.APITimeoutError):
+        # The SDK calls every transport "timeout" a timeout; the aiohttp transport also reports
+        # refused and dropped connections that way, which classify_transport sorts out.
+        return classify_transport(backend, exc.__cause__) or ProviderError("timeout", f"{backend.who}: the request timed out")
+    if isinstance(exc, sdk.APIConnectionError):
+        return classify_transport(backend, exc.__cause__) or backend.connection_error(type(exc.__cause__).__name__)
+    if isinstance(exc, sdk.APIResponseValidationError | json.JSONDecodeError):
+        return backend.malformed(type(exc).__name__)
+    if isinstance(exc, httpx2.HTTPError):
+        return classify_transport(backend, exc)
+    return None
 
 
 def classify_transport(backend: RemoteBackend[Any], exc: BaseException | None) -> ProviderError | None:
