@@ -42,6 +42,17 @@ def _examples(items: Sequence[Any]) -> str:
     return shown + (f", ... ({len(items)} in all)" if len(items) > MAX_EXAMPLES else "")
 
 
+def _absent(ids: Sequence[Any], among: Sequence[Any]) -> list[str]:
+    """Short forms of the ids in `ids` that `among` lacks, in order (the set is built once)."""
+    present = set(among)
+    return [_short(p) for p in ids if p not in present]
+
+
+def _generation_counts(combined: pd.DataFrame) -> dict[Any, int]:
+    """How many generations each prompt of combined_generations has."""
+    return {pid: len(plain_list(g)) for pid, g in zip(combined["prompt_id"], combined["generations"])}
+
+
 def _short(pid: Any) -> str:
     return str(pid)[:12]
 
@@ -77,8 +88,8 @@ def check_generation_rows(generations: pd.DataFrame, prompts: pd.DataFrame) -> F
     """Exactly one row per prompt of the shard, none extra, none twice."""
     want = list(prompts["prompt_id"])
     got = list(generations["prompt_id"])
-    missing = [_short(p) for p in want if p not in set(got)]
-    extra = [_short(p) for p in got if p not in set(want)]
+    missing = _absent(want, got)
+    extra = _absent(got, want)
     repeated = sorted({_short(p) for p in pd.Series(got)[pd.Series(got).duplicated()]})
     problems = []
     if missing:
@@ -118,7 +129,7 @@ def check_ratings_valid(ratings: pd.DataFrame, combined: pd.DataFrame, scale: Se
     """One row per prompt of combined_generations; per row one rating, rationale and error per
     generation; every rating on the rubric's scale, or None with the reason in rating_errors."""
     allowed = set(scale)
-    n_gen = {pid: len(plain_list(g)) for pid, g in zip(combined["prompt_id"], combined["generations"])}
+    n_gen = _generation_counts(combined)
     problems: list[str] = []
     if list(ratings["prompt_id"]) != list(combined["prompt_id"]):
         problems.append(
@@ -185,12 +196,12 @@ def check_pooled_coverage(pooled: pd.DataFrame, combined: pd.DataFrame, n_judges
     rate are counted (`unrated`), not failed: the parse-failure checks already bound them."""
     problems: list[str] = []
     want, got = list(combined["prompt_id"]), list(pooled["prompt_id"])
-    missing = [_short(p) for p in want if p not in set(got)]
+    missing = _absent(want, got)
     if missing:
         problems.append(f"prompts without pooled ratings: {_examples(missing)}")
     if len(got) != len(set(got)):
         problems.append("a prompt appears more than once")
-    n_gen = {pid: len(plain_list(g)) for pid, g in zip(combined["prompt_id"], combined["generations"])}
+    n_gen = _generation_counts(combined)
     short_rows, unrated = [], 0
     for pid, avg, matrix, gens in zip(pooled["prompt_id"], pooled["avg_poll_ratings"], pooled["poll_ratings"], pooled["generations"]):
         avg, rows = plain_list(avg), [plain_list(r) for r in plain_list(matrix)] if not is_missing(matrix) else []
