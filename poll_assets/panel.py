@@ -14,34 +14,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from poll_assets.llm.base import GenerationParams
+from poll_assets.llm.policy import Limits
+from poll_assets.llm.pricing import Price
+from poll_assets.llm.providers import PROVIDER_NAMES, provider_spec
 
 PANEL_ENV_VAR = "POLL_PANEL"
 PANELS_DIR = Path(__file__).parent / "panels"
 DEFAULT_PANEL = "local"
 
-Provider = Literal["openai", "anthropic", "hf_inference", "openai_compatible", "local"]
+# The registry's provider names, so an unknown one is refused with the list of known ones.
+Provider = Literal[PROVIDER_NAMES]  # type: ignore[valid-type]
 Aspect = Literal["instruction-following", "honesty", "helpfulness", "truthfulness", "overall-rating"]
-
-# Which generation parameters each provider's API can honour. A member that sets one its
-# provider lacks is refused at load time rather than silently dropped.
-SUPPORTED_PARAMS: dict[str, frozenset[str]] = {
-    "openai": frozenset({"temperature", "max_new_tokens", "top_p", "stop", "seed"}),
-    "openai_compatible": frozenset({"temperature", "max_new_tokens", "top_p", "stop", "seed"}),
-    # The anthropic SDK (>= 2.0) sends anthropic-version 2026-10-21, which removed temperature, top_p
-    # and top_k from the Messages API (a 400 even at default values); it never had a seed.
-    "anthropic": frozenset({"max_new_tokens", "stop"}),
-    "hf_inference": frozenset({"temperature", "max_new_tokens", "top_p", "stop", "seed"}),
-    "local": frozenset({"temperature", "max_new_tokens", "top_p", "stop", "seed"}),
-}
-
-# Providers that need a key, and the variable read when a member names none.
-DEFAULT_KEY_ENV: dict[str, str | None] = {
-    "openai": "OPENAI_API_KEY",
-    "anthropic": "ANTHROPIC_API_KEY",
-    "hf_inference": "HF_TOKEN",
-    "openai_compatible": None,  # many self-hosted servers take no key
-    "local": None,
-}
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -71,19 +54,6 @@ class Params(_Strict):
         )
 
 
-class Limits(_Strict):
-    max_concurrency: int = Field(default=8, ge=1, le=1024)
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    timeout_s: float = Field(default=120.0, gt=0)
-    max_retries: int = Field(default=5, ge=0, le=20)
-
-
-class Price(_Strict):
-    input_per_mtok: float = Field(ge=0)
-    output_per_mtok: float = Field(ge=0)
-
-
 class Member(_Strict):
     """A generator or a judge: one model behind one provider, with its own settings."""
 
@@ -96,8 +66,8 @@ class Member(_Strict):
     limits: Limits = Field(default_factory=Limits)
     base_url: str | None = None
     api_key_env: str | None = None
-    model_path: str | None = None  # local only: a GGUF file; default is the bundled SmolLM2
-    n_ctx: int = Field(default=4096, ge=256)  # local only
+    model_path: str | None = None  # in-process providers (local): a GGUF file; default is the bundled SmolLM2
+    n_ctx: int = Field(default=4096, ge=256)  # in-process providers (local) only
     pool: str | None = None  # Dagster pool; defaults to the provider's name
 
     @field_validator("name")
@@ -109,21 +79,23 @@ class Member(_Strict):
 
     @model_validator(mode="after")
     def _params_supported(self) -> "Member":
-        unsupported = self.params.to_generation_params().set_fields() - SUPPORTED_PARAMS[self.provider]
+        spec = provider_spec(self.provider)
+        unsupported = self.params.to_generation_params().set_fields() - spec.params
         if unsupported:
             raise ValueError(
                 f"params {sorted(unsupported)} are not supported by provider {self.provider!r} "
-                f"(it supports {sorted(SUPPORTED_PARAMS[self.provider])})"
+                f"(it supports {sorted(spec.params)})"
             )
-        if self.model_path is not None and self.provider != "local":
-            raise ValueError("model_path applies only to provider 'local'")
-        if self.provider == "openai_compatible" and not self.base_url:
-            raise ValueError("provider 'openai_compatible' needs a base_url (e.g. http://localhost:8000/v1)")
+        if self.model_path is not None and not spec.in_process:
+            in_process = [name for name in PROVIDER_NAMES if provider_spec(name).in_process]
+            raise ValueError(f"model_path applies only to provider {' or '.join(map(repr, in_process))}")
+        if spec.needs_base_url and not self.base_url:
+            raise ValueError(f"provider {self.provider!r} needs a base_url (e.g. http://localhost:8000/v1)")
         return self
 
     @property
     def key_env(self) -> str | None:
-        return self.api_key_env or DEFAULT_KEY_ENV[self.provider]
+        return self.api_key_env or provider_spec(self.provider).key_env
 
     @property
     def pool_name(self) -> str:

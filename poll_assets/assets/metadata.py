@@ -7,21 +7,13 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
+from poll_assets.llm.providers import provider_spec
 from poll_assets.llm.runner import CallStats
 from poll_assets.panel import Member, Panel
 
-# Dagster kind tags shown on each node of the asset graph.
-PROVIDER_KINDS = {
-    "local": "llamacpp",
-    "openai": "openai",
-    "openai_compatible": "openai",
-    "anthropic": "anthropic",
-    "hf_inference": "huggingface",
-}
-
-
 def member_kinds(member: Member) -> set[str]:
-    return {PROVIDER_KINDS[member.provider], "pandas"}
+    """Dagster kind tags shown on the member's node of the asset graph."""
+    return {provider_spec(member.provider).kind, "pandas"}
 
 
 def table_metadata(df: pd.DataFrame) -> dict[str, Any]:

@@ -14,7 +14,7 @@ except ImportError:  # pragma: no cover
 
 from poll_assets.llm.base import CallRequest, Completion, FatalProviderError, ProviderError
 from poll_assets.llm.remote import RemoteBackend, body_message, classify_sdk_failure, schema_name
-from poll_assets.panel import SUPPORTED_PARAMS
+from poll_assets.llm.providers import PROVIDERS
 
 # Anthropic's stop reasons in the vocabulary the rest of the pipeline uses (OpenAI's).
 _FINISH = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "stop", "max_tokens": "length"}
@@ -48,7 +48,7 @@ class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
         }
         if system:
             kwargs["system"] = "\n\n".join(system)
-        unsupported = sorted(p.set_fields() - SUPPORTED_PARAMS["anthropic"])
+        unsupported = sorted(p.set_fields() - PROVIDERS["anthropic"].params)
         if unsupported:
             # The panel refuses these at load; a request built elsewhere must not have them dropped silently.
             raise FatalProviderError(

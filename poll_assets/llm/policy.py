@@ -1,0 +1,75 @@
+"""How one member's calls are made: limits, timeout and retries, resolved once and apart from Dagster.
+
+`Limits` is the `limits:` section of a member in the panel file. `CallPolicy.resolve` turns it,
+with the provider's registry row, into the frozen policy `run_calls` follows.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from poll_assets.llm.providers import provider_spec
+
+
+class Limits(BaseModel):
+    """A member's `limits:` as written in the panel file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_concurrency: int = Field(default=8, ge=1, le=1024)
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=5, ge=0, le=20)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter: before retry n, sleep uniform(0, min(cap, base * 2**(n-1))).
+
+    A server's Retry-After is a floor: we never come back sooner than it asked (capped at
+    `max_retry_after_s`, so a silly value cannot park a run for hours).
+    """
+
+    base_s: float = 1.0
+    cap_s: float = 60.0
+    max_retry_after_s: float = 300.0
+
+    def delay(self, retry_number: int, retry_after: float | None, rng: random.Random) -> float:
+        backoff = rng.uniform(0.0, min(self.cap_s, self.base_s * 2 ** (retry_number - 1)))
+        if retry_after is not None and retry_after > 0:
+            return max(backoff, min(retry_after, self.max_retry_after_s))
+        return backoff
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+@dataclass(frozen=True)
+class CallPolicy:
+    """The rules one batch of calls to one member runs under."""
+
+    max_concurrency: int = 8
+    rpm: int | None = None
+    tpm: int | None = None
+    timeout_s: float = 120.0  # per attempt; enforced in one place, `runner.attempt`
+    max_retries: int = 5
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
+
+    @classmethod
+    def resolve(cls, limits: Limits, provider: str, retry: RetryPolicy = DEFAULT_RETRY) -> "CallPolicy":
+        """The policy for a member of `provider` with these limits. A provider whose calls run in this
+        process (the local llama.cpp model runs one at a time) caps the concurrency, so queued calls
+        wait for a slot, before their timeout starts, rather than inside the backend."""
+        concurrency = limits.max_concurrency
+        parallelism = provider_spec(provider).in_process_parallelism
+        if parallelism is not None:
+            concurrency = min(concurrency, parallelism)
+        return cls(concurrency, limits.rpm, limits.tpm, limits.timeout_s, limits.max_retries, retry)

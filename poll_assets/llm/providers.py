@@ -1,0 +1,91 @@
+"""The provider registry: everything the project knows about a provider, in one row.
+
+Adding a provider is one `ProviderSpec` row here plus one backend module. The panel validates
+members against these rows, the resources build backends from them, the asset graph takes its kind
+tags from them and the call policy its in-process parallelism. Backend modules are named, not
+imported, so loading the registry loads no SDK.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from poll_assets.llm.base import ChatBackend
+
+# When a member needs a key: always, only when it names a variable (`api_key_env`), or never.
+KeyRule = Literal["required", "if_named", "none"]
+
+_OPENAI_PARAMS = frozenset({"temperature", "max_new_tokens", "top_p", "stop", "seed"})
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    name: str
+    backend: str  # "module:Class" of its ChatBackend
+    params: frozenset[str]  # generation parameters its API honours; others are refused at load
+    kind: str  # Dagster kind tag on the member's asset
+    structured_output: str  # how a request with a JSON schema is sent
+    key_env: str | None = None  # the variable read when a member names none
+    key: KeyRule = "required"
+    needs_base_url: bool = False
+    # Calls that run in this process (not over the network) and how many at a time; None = remote.
+    in_process_parallelism: int | None = None
+
+    @property
+    def in_process(self) -> bool:
+        return self.in_process_parallelism is not None
+
+    def key_required(self, named: bool) -> bool:
+        """Whether a member must have a key, given whether it named its variable."""
+        return self.key == "required" or (self.key == "if_named" and named)
+
+    def backend_class(self) -> type[ChatBackend]:
+        """The backend class, importing its module (and so the provider's SDK) on first use."""
+        module, _, name = self.backend.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+PROVIDERS: dict[str, ProviderSpec] = {
+    spec.name: spec
+    for spec in (
+        ProviderSpec(
+            name="openai", backend="poll_assets.llm.openai_api:OpenAIChatBackend", params=_OPENAI_PARAMS,
+            kind="openai", structured_output="json_schema response_format", key_env="OPENAI_API_KEY",
+        ),
+        ProviderSpec(
+            # The anthropic SDK (>= 2.0) sends anthropic-version 2026-10-21, which removed temperature,
+            # top_p and top_k from the Messages API (a 400 even at default values); it never had a seed.
+            name="anthropic", backend="poll_assets.llm.anthropic_api:AnthropicChatBackend",
+            params=frozenset({"max_new_tokens", "stop"}), kind="anthropic", structured_output="forced tool call",
+            key_env="ANTHROPIC_API_KEY",
+        ),
+        ProviderSpec(
+            name="hf_inference", backend="poll_assets.llm.hf_inference:HFInferenceBackend", params=_OPENAI_PARAMS,
+            kind="huggingface", structured_output="TGI grammar for a URL, json_schema for the Hub router",
+            key_env="HF_TOKEN",
+        ),
+        ProviderSpec(
+            # Self-hosted servers often run without a key: one is sent only when the member names it.
+            name="openai_compatible", backend="poll_assets.llm.openai_api:OpenAIChatBackend", params=_OPENAI_PARAMS,
+            kind="openai", structured_output="json_schema response_format, text when refused",
+            key="if_named", needs_base_url=True,
+        ),
+        ProviderSpec(
+            # llama.cpp is not safe for concurrent use of one model: its calls take turns.
+            name="local", backend="poll_assets.llm.local:LocalLlamaBackend", params=_OPENAI_PARAMS,
+            kind="llamacpp", structured_output="llama.cpp grammar", key="none", in_process_parallelism=1,
+        ),
+    )
+}
+
+PROVIDER_NAMES: tuple[str, ...] = tuple(PROVIDERS)
+
+
+def provider_spec(name: str) -> ProviderSpec:
+    try:
+        return PROVIDERS[name]
+    except KeyError:
+        raise ValueError(f"unknown provider {name!r}; known providers: {list(PROVIDER_NAMES)}") from None
