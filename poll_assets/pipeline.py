@@ -16,8 +16,7 @@ from poll_assets.assets.prompts import build_prompts_asset
 from poll_assets.assets.publishing import build_hub_publisher, build_publish_job
 from poll_assets.automation import build_automation_sensor, with_rerun_condition
 from poll_assets.io_manager import ParquetIOManagerFactory, default_dagster_home, default_storage_dir
-from poll_assets.llm.cache import ResponseCacheResource
-from poll_assets.llm.resources import build_llm_resource, resource_key
+from poll_assets.llm.resources import ResponseCacheResource, build_llm_resource, resource_key
 from poll_assets.panel import Panel
 from poll_assets.partitions import build_partitions_def
 
@@ -75,7 +74,7 @@ def build_definitions(
     """Assets (with the scheduled re-run condition and their checks, which run in the asset's own
     step), the jobs and the automation sensor.
 
-    `resource_overrides` replaces resources by key, e.g. a test's own `llm_<member>` clients.
+    `resource_overrides` replaces resources by key, e.g. a test binds a ChatBackend to `llm_<member>`.
     `member_steps=True` gives each generator and judge its own step (see `build_assets`)."""
     assets = with_rerun_condition(build_assets(panel, panel_path, member_steps=member_steps), panel.schedule)
     dataset_spec, publish_job = build_publish_job(panel)

@@ -1,4 +1,4 @@
-"""An in-process ChatBackend for tests of the call pipeline, and a resource to hang it on.
+"""An in-process ChatBackend for tests of the call pipeline, and the policy to call it under.
 
 Run as a module it becomes a worker process (`python -m poll_assets_tests.fake_backend ...`)
 used by the cache tests to kill a run mid-batch and to write one cache from several processes.
@@ -11,28 +11,34 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any
 
 from poll_assets.llm.base import CallRequest, ChatBackend, Completion, GenerationParams
-from poll_assets.llm.resources import LLMResource
+from poll_assets.llm.policy import CallPolicy, RetryPolicy
 
 # What a script returns for (request text, attempt number): None = answer normally,
 # an exception = raise it, a float = stall that many seconds first.
 Script = Callable[[str, int], "BaseException | float | None"]
 
 
-class FakeBackend:
+# Retries a test waits for take milliseconds, not seconds.
+FAST_RETRY = RetryPolicy(base_s=0.001, cap_s=0.01)
+
+
+class FakeBackend(ChatBackend):
     provider = "fake"
 
     def __init__(
         self,
         model: str = "fake-1",
+        member: str = "fake_member",
         latency_s: float = 0.0,
         script: Script | None = None,
         prefix: str = "answer to",
         usage: tuple[int, int] | None = None,
     ) -> None:
         self.model = model
+        self.member = member
         self.latency_s = latency_s
         self.script = script
         self.prefix = prefix
@@ -47,7 +53,7 @@ class FakeBackend:
     def total_calls(self) -> int:
         return sum(self.attempts.values())
 
-    async def complete(self, request: CallRequest, timeout_s: float) -> Completion:
+    async def complete(self, request: CallRequest) -> Completion:
         text = request.messages[-1][1]
         self.attempts[text] += 1
         self.starts.append(time.monotonic())
@@ -79,20 +85,10 @@ class FakeBackend:
             self.in_flight -= 1
 
 
-class FakeResource(LLMResource):
-    """A real LLMResource whose backend is injected by the test."""
-
-    provider: ClassVar[str] = "fake"
-
-    def _make_backend(self) -> ChatBackend:
-        return FakeBackend(self.model)
-
-
-def make_llm(backend: FakeBackend, **fields: object) -> FakeResource:
-    settings: dict[str, object] = {"member": "fake_member", "model": backend.model, **fields}
-    llm = FakeResource(**settings)
-    llm._backend = backend
-    return llm
+def with_policy(backend: ChatBackend, **fields: Any) -> tuple[ChatBackend, CallPolicy]:
+    """`run_calls`' first two arguments: the backend and a policy (fast retries unless `retry` is given)."""
+    fields.setdefault("retry", FAST_RETRY)
+    return backend, CallPolicy(**fields)
 
 
 def make_requests(n: int, tag: str = "q", max_new_tokens: int = 16) -> list[CallRequest]:
@@ -112,8 +108,8 @@ def _worker() -> None:
     ap.add_argument("--concurrency", type=int, default=1)
     args = ap.parse_args()
     backend = FakeBackend(latency_s=args.latency)
-    llm = make_llm(backend, max_concurrency=args.concurrency)
-    batch = asyncio.run(run_calls(llm, make_requests(args.n, args.tag), cache=ResponseCache(args.db)))
+    policy = CallPolicy(max_concurrency=args.concurrency)
+    batch = asyncio.run(run_calls(backend, policy, make_requests(args.n, args.tag), ResponseCache(args.db)))
     print(f"ok {sum(c.ok for c in batch.completions)} calls {backend.total_calls}")
 
 

@@ -1,7 +1,7 @@
 """A small panel that runs the real graph in well under a second per shard.
 
-Members are declared `local` (so the panel validates like any other) but the test swaps their
-resources for `ScriptedLLM`: generators answer with a line naming the model, judges return JSON
+Members are declared `local` (so the panel validates like any other) but the test binds a
+`ScriptedBackend` to each member's resource key instead: generators answer with a line naming the model, judges return JSON
 verdicts shaped by the request's schema, with ratings derived from a hash so they vary between
 generations and judges. `fail` makes a member raise on every call, or on calls whose prompt
 contains one of the given words.
@@ -12,12 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import ClassVar
-
 import yaml
 
 from poll_assets.llm.base import CallRequest, ChatBackend, Completion, FatalProviderError, ProviderError
-from poll_assets.llm.resources import LLMResource, resource_key
+from poll_assets.llm.resources import resource_key
 from poll_assets.panel import Panel, load_panel
 
 PROMPTS = [
@@ -32,7 +30,7 @@ PROMPTS = [
 ]
 
 
-class ScriptedBackend:
+class ScriptedBackend(ChatBackend):
     provider = "scripted"
 
     def __init__(self, member: str, model: str, fail: str) -> None:
@@ -45,7 +43,7 @@ class ScriptedBackend:
             return False
         return self.fail == "*" or any(w in text for w in self.fail.split(","))
 
-    async def complete(self, request: CallRequest, timeout_s: float) -> Completion:
+    async def complete(self, request: CallRequest) -> Completion:
         text = request.messages[-1][1]
         if self._should_fail(text):
             if self.fail == "*":
@@ -64,14 +62,6 @@ class ScriptedBackend:
             mode = "text"
         return Completion(text=answer, finish_reason="stop", input_tokens=len(text.split()),
                           output_tokens=len(answer.split()), model=self.model, output_mode=mode)
-
-
-class ScriptedLLM(LLMResource):
-    provider: ClassVar[str] = "scripted"
-    fail: str = ""
-
-    def _make_backend(self) -> ChatBackend:
-        return ScriptedBackend(self.member, self.model, self.fail)
 
 
 def write_panel(tmp_path: Path, *, n_prompts: int = 4, shard_size: int = 2, n_generators: int = 2,
@@ -95,10 +85,8 @@ def write_panel(tmp_path: Path, *, n_prompts: int = 4, shard_size: int = 2, n_ge
     return load_panel(path)
 
 
-def scripted_resources(panel: Panel, fail: dict[str, str] | None = None) -> dict[str, LLMResource]:
-    """`fail` maps a member name to "*" (every call fails) or words that make a call fail."""
+def scripted_resources(panel: Panel, fail: dict[str, str] | None = None) -> dict[str, ChatBackend]:
+    """A backend for every member's resource key. `fail` maps a member name to "*" (every call fails)
+    or words that make a call fail; either failure is one the runner does not retry."""
     fail = fail or {}
-    return {
-        resource_key(m): ScriptedLLM(member=m.name, model=m.model, fail=fail.get(m.name, ""), max_retries=0)
-        for m in panel.members
-    }
+    return {resource_key(m): ScriptedBackend(m.name, m.model, fail.get(m.name, "")) for m in panel.members}

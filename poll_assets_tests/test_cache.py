@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 
 from poll_assets.llm.base import Completion, ProviderError
-from poll_assets.llm.cache import CacheError, ResponseCache, ResponseCacheResource, default_cache_path
-from poll_assets.llm.runner import RetryPolicy, run_calls
-from poll_assets_tests.fake_backend import FakeBackend, make_llm, make_requests
+from poll_assets.llm.cache import CacheError, ResponseCache, default_cache_path
+from poll_assets.llm.resources import ResponseCacheResource
+from poll_assets.llm.runner import run_calls
+from poll_assets_tests.fake_backend import FakeBackend, with_policy, make_requests
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(*args, **kwargs):
-    kwargs.setdefault("retry", RetryPolicy(base_s=0.001, cap_s=0.01))
-    return asyncio.run(run_calls(*args, **kwargs))
+def run(target, requests, **kwargs):
+    return asyncio.run(run_calls(*target, requests, **kwargs))
 
 
 def rows(path: Path) -> int:
@@ -74,33 +74,33 @@ def test_repeat_run_is_served_from_cache_with_zero_backend_calls(tmp_path):
     cache = ResponseCache(tmp_path / "c.sqlite")
     reqs = make_requests(25)
     first = FakeBackend()
-    run(make_llm(first), reqs, cache=cache)
+    run(with_policy(first), reqs, cache=cache)
     assert first.total_calls == 25 and len(cache) == 25
 
     second = FakeBackend(prefix="DIFFERENT")
-    batch = run(make_llm(second), reqs, cache=cache)
+    batch = run(with_policy(second), reqs, cache=cache)
     assert second.total_calls == 0
     assert batch.stats.cache_hits == 25 and batch.stats.calls == 0
     assert all(c.cached and c.text.startswith("answer to") for c in batch.completions)
-    assert [c.call_id for c in batch.completions] == [c.call_id for c in run(make_llm(first), reqs).completions]
+    assert [c.call_id for c in batch.completions] == [c.call_id for c in run(with_policy(first), reqs).completions]
 
 
 def test_key_depends_on_model_and_params(tmp_path):
     cache = ResponseCache(tmp_path / "c.sqlite")
-    run(make_llm(FakeBackend(model="a")), make_requests(3), cache=cache)
+    run(with_policy(FakeBackend(model="a")), make_requests(3), cache=cache)
     other_model = FakeBackend(model="b")
-    run(make_llm(other_model), make_requests(3), cache=cache)
+    run(with_policy(other_model), make_requests(3), cache=cache)
     assert other_model.total_calls == 3
     other_params = FakeBackend(model="a")
-    run(make_llm(other_params), make_requests(3, max_new_tokens=17), cache=cache)
+    run(with_policy(other_params), make_requests(3, max_new_tokens=17), cache=cache)
     assert other_params.total_calls == 3
 
 
 def test_bypass_neither_reads_nor_writes(tmp_path):
     path = tmp_path / "c.sqlite"
-    run(make_llm(FakeBackend()), make_requests(5), cache=ResponseCache(path))
+    run(with_policy(FakeBackend()), make_requests(5), cache=ResponseCache(path))
     backend = FakeBackend(prefix="new")
-    batch = run(make_llm(backend), make_requests(8), cache=ResponseCache(path, "bypass"))
+    batch = run(with_policy(backend), make_requests(8), cache=ResponseCache(path, "bypass"))
     assert backend.total_calls == 8 and batch.stats.cache_hits == 0
     assert rows(path) == 5  # q5..q7 were not written
     assert ResponseCache(path).get(batch.completions[0].call_id).text == "answer to q0"  # not overwritten
@@ -109,12 +109,12 @@ def test_bypass_neither_reads_nor_writes(tmp_path):
 def test_refresh_rerequests_and_overwrites(tmp_path):
     path = tmp_path / "c.sqlite"
     reqs = make_requests(5)
-    run(make_llm(FakeBackend()), reqs, cache=ResponseCache(path))
+    run(with_policy(FakeBackend()), reqs, cache=ResponseCache(path))
     backend = FakeBackend(prefix="fresh")
-    batch = run(make_llm(backend), reqs, cache=ResponseCache(path, "refresh"))
+    batch = run(with_policy(backend), reqs, cache=ResponseCache(path, "refresh"))
     assert backend.total_calls == 5 and batch.stats.cache_hits == 0
     again = FakeBackend()
-    reread = run(make_llm(again), reqs, cache=ResponseCache(path))
+    reread = run(with_policy(again), reqs, cache=ResponseCache(path))
     assert again.total_calls == 0
     assert [c.text for c in reread.completions] == [f"fresh q{i}" for i in range(5)]
 
@@ -123,10 +123,10 @@ def test_rerun_redoes_only_failed_rows(tmp_path):
     cache = ResponseCache(tmp_path / "c.sqlite")
     reqs = make_requests(10)
     flaky = FakeBackend(script=lambda t, a: ProviderError("server", "503") if t in ("q3", "q7") else None)
-    first = run(make_llm(flaky, max_retries=1), reqs, cache=cache)
+    first = run(with_policy(flaky, max_retries=1), reqs, cache=cache)
     assert first.stats.failures == 2 and len(cache) == 8
     healthy = FakeBackend()
-    second = run(make_llm(healthy), reqs, cache=cache)
+    second = run(with_policy(healthy), reqs, cache=cache)
     assert sorted(healthy.attempts) == ["q3", "q7"]
     assert all(c.ok for c in second.completions) and second.stats.cache_hits == 8
 
@@ -157,7 +157,7 @@ def test_completed_calls_survive_a_killed_run(tmp_path):
     assert 10 <= saved < n
 
     backend = FakeBackend()
-    batch = run(make_llm(backend, max_concurrency=16), make_requests(n), cache=ResponseCache(db))
+    batch = run(with_policy(backend, max_concurrency=16), make_requests(n), cache=ResponseCache(db))
     assert backend.total_calls == n - saved
     assert batch.stats.cache_hits == saved and all(c.ok for c in batch.completions)
 
@@ -199,9 +199,11 @@ def test_bad_mode_and_unwritable_path_are_clear(tmp_path):
 
 
 def test_resource_from_panel_settings(tmp_path):
-    from poll_assets.panel import CacheSettings
+    from poll_assets.pipeline import build_resources
+    from poll_assets_tests.fake_panel import write_panel
 
-    res = ResponseCacheResource.from_settings(CacheSettings(mode="bypass", path=str(tmp_path / "p.sqlite")))
+    panel, _ = write_panel(tmp_path, extra={"cache": {"mode": "bypass", "path": str(tmp_path / "p.sqlite")}})
+    res = build_resources(panel, str(tmp_path / "storage"))["response_cache"]
     assert res.get_cache().mode == "bypass" and res.resolved_path() == tmp_path / "p.sqlite"
 
 
@@ -229,6 +231,6 @@ def test_a_failed_group_write_surfaces_at_flush_naming_the_file(tmp_path):
 def test_run_calls_waits_for_its_cache_writes(tmp_path):
     db = tmp_path / "c.sqlite"
     backend = FakeBackend()
-    batch = run(make_llm(backend, max_concurrency=16), make_requests(300), cache=ResponseCache(db))
+    batch = run(with_policy(backend, max_concurrency=16), make_requests(300), cache=ResponseCache(db))
     assert all(c.ok for c in batch.completions)
     assert rows(db) == 300  # committed before run_calls returned, not "eventually"

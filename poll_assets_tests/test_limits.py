@@ -13,10 +13,10 @@ import pytest
 
 from poll_assets.llm.base import CallRequest, GenerationParams, ProviderError
 from poll_assets.llm.limits import CallLimits, TokenBucket, estimate_tokens
-from poll_assets.llm.local import LocalLlamaBackend
-from poll_assets.llm.resources import LocalLlamaResource
-from poll_assets.llm.runner import RetryPolicy, run_calls
-from poll_assets_tests.fake_backend import FakeBackend, make_llm, make_requests
+from poll_assets.llm.policy import CallPolicy, Limits, RetryPolicy
+from poll_assets.llm.resources import ChatModelResource
+from poll_assets.llm.runner import run_calls
+from poll_assets_tests.fake_backend import FakeBackend, make_requests, with_policy
 
 
 def max_in_window(times: list[float], window: float) -> int:
@@ -32,8 +32,8 @@ def max_in_window(times: list[float], window: float) -> int:
 @pytest.mark.parametrize("limit", [1, 3, 16])
 def test_concurrency_never_exceeds_max(limit):
     backend = FakeBackend(latency_s=0.005)
-    llm = make_llm(backend, max_concurrency=limit)
-    batch = asyncio.run(run_calls(llm, make_requests(60)))
+    llm = with_policy(backend, max_concurrency=limit)
+    batch = asyncio.run(run_calls(*llm, make_requests(60)))
     assert all(c.ok for c in batch.completions)
     assert backend.peak_in_flight == limit  # reached, never exceeded
 
@@ -48,8 +48,8 @@ def test_concurrency_slot_is_freed_during_backoff():
             return 1.0
 
     backend = FakeBackend(latency_s=0.07, script=script)
-    llm = make_llm(backend, max_concurrency=2, max_retries=1)
-    batch = asyncio.run(run_calls(llm, make_requests(20), retry=FixedWait()))
+    llm = with_policy(backend, max_concurrency=2, max_retries=1, retry=FixedWait())
+    batch = asyncio.run(run_calls(*llm, make_requests(20)))
     assert all(c.ok for c in batch.completions)
     assert backend.peak_in_flight == 2
     # The other 19 calls all ran while q0 waited 1 s to retry: 0.67 s of work on both slots, where a
@@ -60,9 +60,9 @@ def test_concurrency_slot_is_freed_during_backoff():
 def test_rpm_limiter_spreads_calls():
     rpm = 1200  # 20/s, burst of 20
     backend = FakeBackend()
-    llm = make_llm(backend, max_concurrency=50, rpm=rpm)
+    llm = with_policy(backend, max_concurrency=50, rpm=rpm)
     start = time.monotonic()
-    batch = asyncio.run(run_calls(llm, make_requests(50)))
+    batch = asyncio.run(run_calls(*llm, make_requests(50)))
     elapsed = time.monotonic() - start
     assert all(c.ok for c in batch.completions)
     # 50 calls at 20/s after a burst of 20 need at least 1.5 s.
@@ -80,9 +80,9 @@ def test_tpm_limiter_spreads_calls():
     tpm = per_call * 4 * 60  # 4 calls a second, burst of 4
     # Report usage equal to the estimate, so no refund changes the pace.
     backend = FakeBackend(usage=(per_call - 100, 100))
-    llm = make_llm(backend, max_concurrency=8, tpm=tpm)
+    llm = with_policy(backend, max_concurrency=8, tpm=tpm)
     start = time.monotonic()
-    batch = asyncio.run(run_calls(llm, reqs))
+    batch = asyncio.run(run_calls(*llm, reqs))
     assert all(c.ok for c in batch.completions)
     assert time.monotonic() - start >= 0.9  # 4 beyond the burst at 4/s
     assert max_in_window(backend.starts, 0.5) <= 4 + 2 + 1
@@ -141,8 +141,8 @@ def test_rate_limit_with_retry_after_pauses_the_member():
         return None
 
     backend = FakeBackend(latency_s=0.01, script=script)
-    llm = make_llm(backend, max_concurrency=1, max_retries=2)
-    asyncio.run(run_calls(llm, make_requests(4), retry=RetryPolicy(base_s=0.001)))
+    llm = with_policy(backend, max_concurrency=1, max_retries=2, retry=RetryPolicy(base_s=0.001))
+    asyncio.run(run_calls(*llm, make_requests(4)))
     # After the 429 the next attempt of any request waits out the Retry-After.
     assert backend.starts[1] - backend.starts[0] >= 0.3
 
@@ -157,16 +157,16 @@ def test_estimate_tokens_counts_prompt_and_allowance():
 def test_local_backend_runs_one_call_at_a_time():
     # The local model serializes on a lock; run_calls must queue calls itself so that their
     # timeout does not tick while they wait for that lock in a worker thread.
-    llm = LocalLlamaResource(member="local_gen", model="smollm2", max_concurrency=8)
-    backend = LocalLlamaBackend.__new__(LocalLlamaBackend)  # no weights needed to read the cap
-    assert CallLimits.for_resource(llm, backend).max_concurrency == 1
-    assert CallLimits.for_resource(llm, FakeBackend()).max_concurrency == 8
+    limits = Limits(max_concurrency=8)
+    assert CallLimits.for_policy(CallPolicy.resolve(limits, "local")).max_concurrency == 1
+    assert CallLimits.for_policy(CallPolicy.resolve(limits, "openai")).max_concurrency == 8
 
 
 def test_local_model_batch_through_run_calls():
     pytest.importorskip("llama_cpp")
-    llm = LocalLlamaResource(member="local_gen", model="smollm2", max_concurrency=4, timeout_s=60)
+    backend = ChatModelResource(provider="local", member="local_gen", model="smollm2").backend()
+    policy = CallPolicy.resolve(Limits(max_concurrency=4, timeout_s=60), "local")
     params = GenerationParams(max_new_tokens=4, temperature=0.0)
     reqs = [CallRequest.build([{"role": "user", "content": f"Say the number {i}."}], params) for i in range(3)]
-    batch = asyncio.run(run_calls(llm, reqs))
+    batch = asyncio.run(run_calls(backend, policy, reqs))
     assert all(c.ok and c.output_tokens > 0 for c in batch.completions), [c.error for c in batch.completions]

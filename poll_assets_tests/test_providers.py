@@ -6,6 +6,7 @@ Nothing is mocked: every call goes over HTTP on 127.0.0.1 through openai / anthr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -16,16 +17,19 @@ import traceback
 from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import dagster as dg
 import httpx2
 import pytest
 
-from poll_assets.llm.base import CallRequest, Completion, FatalProviderError, GenerationParams, ProviderError
+from poll_assets.llm.base import CallRequest, ChatBackend, Completion, FatalProviderError, GenerationParams, ProviderError
 from poll_assets.llm.remote import parse_retry_after, safe_url, scrub
-from poll_assets.llm.resources import LLMResource, MissingAPIKeyError, build_llm_resource, resource_key
-from poll_assets.panel import SUPPORTED_PARAMS, Limits, Member, Params
+from poll_assets.llm.providers import provider_spec
+from poll_assets.llm.resources import ChatModelResource, MissingAPIKeyError, build_llm_resource, resource_key
+from poll_assets.llm.runner import attempt
+from poll_assets.panel import Member, Params
 from poll_assets_tests.fake_llm_server import FakeLLMServer, value_for_schema
 
 CANARY = "sk-poll-SECRET-canary-123"
@@ -82,10 +86,9 @@ def make_resource(
     *,
     key: str | None = "test-key",
     params: dict[str, Any] | None = None,
-    timeout_s: float = 10.0,
     name: str | None = None,
     base_url: str | None = None,
-) -> LLMResource:
+) -> ChatModelResource:
     spec = SPECS[provider]
     env = key_env(provider)
     if key is None:
@@ -100,7 +103,6 @@ def make_resource(
         base_url=base_url or fake.url + spec.path,
         api_key_env=env,
         params=Params(**(params or {})),
-        limits=Limits(timeout_s=timeout_s),
     )
     return build_llm_resource(member)
 
@@ -110,15 +112,26 @@ def request(text: str = "Name three colours.", schema: dict[str, Any] | None = N
     return CallRequest.build(msgs, GenerationParams(**params), json_schema=schema)
 
 
-def call(resource: LLMResource, req: CallRequest, timeout_s: float | None = None) -> Completion:
+@contextlib.asynccontextmanager
+async def held(backend: ChatBackend) -> AsyncIterator[ChatBackend]:
+    """The backend held for a block of calls, as run_calls holds it for a batch."""
+    backend.hold()
+    try:
+        yield backend
+    finally:
+        await backend.release()
+
+
+def call(resource: ChatModelResource, req: CallRequest, timeout_s: float = 10.0) -> Completion:
+    """One attempt through the runner's deadline (`attempt`), as run_calls makes it."""
     async def once() -> Completion:
-        async with resource.backend().session() as backend:
-            return await backend.complete(req, timeout_s or resource.timeout_s)
+        async with held(resource.backend()) as backend:
+            return await attempt(backend, req, timeout_s)
 
     return asyncio.run(once())
 
 
-def failure(resource: LLMResource, req: CallRequest, timeout_s: float | None = None) -> ProviderError:
+def failure(resource: ChatModelResource, req: CallRequest, timeout_s: float = 10.0) -> ProviderError:
     with pytest.raises(ProviderError) as info:
         call(resource, req, timeout_s)
     return info.value
@@ -235,7 +248,7 @@ def test_anthropic_non_object_schema_is_wrapped_and_unwrapped(fake_llm, monkeypa
     assert schema_errors(value, schema) == []
 
 
-# Wire names each provider must use for each parameter panel.SUPPORTED_PARAMS says it supports.
+# Wire names each provider must use for each parameter its registry row (llm/providers.py) says it supports.
 WIRE_NAMES = {
     "openai": {"temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_tokens", "stop": "stop", "seed": "seed"},
     "anthropic": {"max_new_tokens": "max_tokens", "stop": "stop_sequences"},
@@ -246,8 +259,8 @@ PARAM_VALUES = {"temperature": 0.3, "top_p": 0.9, "max_new_tokens": 33, "stop": 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_every_supported_param_reaches_the_wire_under_the_provider_name(fake_llm, monkeypatch, provider):
-    supported = SUPPORTED_PARAMS[provider]
-    assert set(WIRE_NAMES[provider]) == supported  # the table in panel.py and the backends agree
+    supported = provider_spec(provider).params
+    assert set(WIRE_NAMES[provider]) == supported  # the registry and the backends agree
     res = make_resource(fake_llm, monkeypatch, provider)
     call(res, request(**{p: PARAM_VALUES[p] for p in supported}))
     body = fake_llm.bodies[-1]["body"]
@@ -295,8 +308,8 @@ def test_structured_output_falls_back_to_text_when_server_refuses_it(fake_llm, m
     backend = res.backend()
 
     async def two_more() -> list[Completion]:
-        async with backend.session():
-            return [await backend.complete(request(t, schema=JUDGE_SCHEMA), 10) for t in ("two", "three")]
+        async with held(backend):
+            return [await attempt(backend, request(t, schema=JUDGE_SCHEMA), 10) for t in ("two", "three")]
 
     later = asyncio.run(two_more())
     assert [c.output_mode for c in later] == ["text", "text"]
@@ -333,12 +346,12 @@ def test_one_client_per_backend_and_event_loop(fake_llm, monkeypatch):
     assert res.backend() is backend
 
     async def many() -> list[Completion]:
-        async with backend.session():
-            # Two overlapping sessions on one loop share the client; the last one out closes it.
-            async with backend.session():
-                first = await asyncio.gather(*(backend.complete(request(f"q{i}"), 10) for i in range(10)))
+        async with held(backend):
+            # Two overlapping holds on one loop share the client; the last one out closes it.
+            async with held(backend):
+                first = await asyncio.gather(*(attempt(backend, request(f"q{i}"), 10) for i in range(10)))
             assert backend.clients_closed == closed_before
-            rest = await asyncio.gather(*(backend.complete(request(f"r{i}"), 10) for i in range(10)))
+            rest = await asyncio.gather(*(attempt(backend, request(f"r{i}"), 10) for i in range(10)))
         return first + rest
 
     closed_before = 0
@@ -430,7 +443,7 @@ def test_server_and_body_failures_are_classified_and_retryable(fake_llm, monkeyp
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_hanging_server_is_a_timeout_within_the_deadline(fake_llm, monkeypatch, provider):
     fake_llm.script("timeout")
-    res = make_resource(fake_llm, monkeypatch, provider, timeout_s=1.5)
+    res = make_resource(fake_llm, monkeypatch, provider)
     res.backend()  # outside the clock: the first use imports the SDK, which alone can take seconds
     start = time.perf_counter()
     err = failure(res, request(), timeout_s=1.5)
@@ -549,7 +562,7 @@ def test_64_calls_per_model_overlap_at_500ms_latency(fake_llm, monkeypatch):
         for b in backends:
             b.hold()
         try:
-            return await asyncio.gather(*(b.complete(r, 30) for b, r in reqs))
+            return await asyncio.gather(*(attempt(b, r, 30) for b, r in reqs))
         finally:
             for b in backends:
                 await b.release()

@@ -144,6 +144,6 @@ def test_bundled_local_judge_with_grammar_yields_one_rating_per_text():
         GenerationParams(temperature=0.0, max_new_tokens=800),
         verdict_json_schema(r, len(texts)),
     )
-    done = asyncio.run(LocalLlamaBackend("smollm2-135m", None, 4096).complete(request, 120))
+    done = asyncio.run(LocalLlamaBackend("smollm2-135m", None, 4096).complete(request))
     verdicts = parse_verdicts(done.text, len(texts), r, structured=True)
     assert all(v.rating in r.ratings and v.error is None for v in verdicts), (done.text, verdicts)

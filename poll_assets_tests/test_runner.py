@@ -8,21 +8,17 @@ import pytest
 
 from poll_assets.llm.base import CallRequest, FatalProviderError, ProviderError
 from poll_assets.llm.cache import ResponseCache
-from poll_assets.llm.runner import BatchAbortedError, RetryPolicy, run_calls
-from poll_assets.panel import Price
-from poll_assets_tests.fake_backend import FakeBackend, make_llm, make_requests
+from poll_assets.llm.runner import BatchAbortedError, run_calls
+from poll_assets.llm.pricing import Price
+from poll_assets_tests.fake_backend import FakeBackend, with_policy, make_requests
 
-FAST = RetryPolicy(base_s=0.001, cap_s=0.01)
-
-
-def run(*args, **kwargs):
-    kwargs.setdefault("retry", FAST)
-    return asyncio.run(run_calls(*args, **kwargs))
+def run(target, requests, **kwargs):
+    return asyncio.run(run_calls(*target, requests, **kwargs))
 
 
 def test_results_in_request_order_with_stats():
     backend = FakeBackend(latency_s=0.001)
-    llm = make_llm(backend, max_concurrency=8)
+    llm = with_policy(backend, max_concurrency=8)
     reqs = make_requests(30)
     batch = run(llm, reqs)
     assert [c.text for c in batch.completions] == [f"answer to q{i}" for i in range(30)]
@@ -42,7 +38,7 @@ def test_retry_on_429_honours_retry_after():
         return None
 
     backend = FakeBackend(script=script)
-    llm = make_llm(backend, max_concurrency=1, max_retries=3)
+    llm = with_policy(backend, max_concurrency=1, max_retries=3)
     batch = run(llm, make_requests(3))
     assert all(c.ok for c in batch.completions)
     assert batch.completions[1].attempts == 2
@@ -59,7 +55,7 @@ def test_no_retry_on_non_retryable_errors(kind):
         return ProviderError(kind, f"fake: {kind}") if text == "q2" else None
 
     backend = FakeBackend(script=script)
-    llm = make_llm(backend, max_retries=5)
+    llm = with_policy(backend, max_retries=5)
     batch = run(llm, make_requests(4))
     bad = batch.completions[2]
     assert not bad.ok and bad.error_kind == kind and bad.attempts == 1
@@ -73,7 +69,7 @@ def test_retries_exhausted_keeps_failed_row_and_others():
         return ProviderError("server", "fake: 503 overloaded") if text == "q0" else None
 
     backend = FakeBackend(script=script)
-    llm = make_llm(backend, max_retries=2)
+    llm = with_policy(backend, max_retries=2)
     batch = run(llm, make_requests(5))
     bad = batch.completions[0]
     assert bad.text is None and bad.error == "fake: 503 overloaded" and bad.error_kind == "server"
@@ -91,7 +87,7 @@ def test_transient_errors_then_success():
         return ProviderError(kinds[attempt - 1], "flaky") if attempt <= len(kinds) else None
 
     backend = FakeBackend(script=script)
-    batch = run(make_llm(backend, max_retries=3), make_requests(2))
+    batch = run(with_policy(backend, max_retries=3), make_requests(2))
     assert all(c.ok and c.attempts == 4 for c in batch.completions)
 
 
@@ -104,7 +100,7 @@ def test_timeout_is_retried_then_reported():
         return None
 
     backend = FakeBackend(script=script)
-    llm = make_llm(backend, timeout_s=0.1, max_retries=1)
+    llm = with_policy(backend, timeout_s=0.1, max_retries=1)
     params = make_requests(1)[0].params
     reqs = [CallRequest.build([{"role": "user", "content": t}], params) for t in ("slow", "once", "fast")]
     batch = run(llm, reqs)
@@ -121,7 +117,7 @@ def test_fatal_error_stops_batch_and_says_how_to_resume(tmp_path):
 
     cache = ResponseCache(tmp_path / "c.sqlite")
     backend = FakeBackend(script=script, latency_s=0.01)
-    llm = make_llm(backend, max_concurrency=1)
+    llm = with_policy(backend, max_concurrency=1)
     reqs = make_requests(40)
     with pytest.raises(BatchAbortedError) as info:
         run(llm, reqs, cache=cache, label="generations/fake_member")
@@ -135,7 +131,7 @@ def test_fatal_error_stops_batch_and_says_how_to_resume(tmp_path):
 
     # After the fix, a re-run requests only what is missing.
     fixed = FakeBackend()
-    batch = run(make_llm(fixed, max_concurrency=4), reqs, cache=cache)
+    batch = run(with_policy(fixed, max_concurrency=4), reqs, cache=cache)
     assert fixed.total_calls == 35 and batch.stats.cache_hits == 5
     assert all(c.ok for c in batch.completions)
 
@@ -144,7 +140,7 @@ def test_fatal_error_without_cache_says_calls_will_repeat():
     def script(text, attempt):
         return FatalProviderError("not_found", "fake: 404 model fake-1 not found") if text == "q2" else None
 
-    llm = make_llm(FakeBackend(script=script), max_concurrency=1)
+    llm = with_policy(FakeBackend(script=script), max_concurrency=1)
     with pytest.raises(BatchAbortedError) as info:
         run(llm, make_requests(5))
     msg = str(info.value)
@@ -155,7 +151,7 @@ def test_unclassified_backend_exception_stops_batch_with_context(tmp_path):
     cache = ResponseCache(tmp_path / "c.sqlite")
     backend = FakeBackend(script=lambda t, a: KeyError("choices") if t == "q3" else None)
     with pytest.raises(RuntimeError) as info:
-        run(make_llm(backend, max_concurrency=1), make_requests(10), cache=cache, label="gen/x")
+        run(with_policy(backend, max_concurrency=1), make_requests(10), cache=cache, label="gen/x")
     msg = str(info.value)
     assert msg.startswith("gen/x: member 'fake_member'") and "KeyError" in msg
     assert "3 completed calls are cached" in msg
@@ -165,7 +161,7 @@ def test_unclassified_backend_exception_stops_batch_with_context(tmp_path):
 
 def test_all_failed_and_failure_message():
     backend = FakeBackend(script=lambda text, attempt: ProviderError("server", "fake: 502 bad gateway"))
-    llm = make_llm(backend, max_retries=1)
+    llm = with_policy(backend, max_retries=1)
     batch = run(llm, make_requests(6), label="judgments/j")
     assert batch.all_failed
     assert batch.stats.failures == 6 and batch.stats.calls == 12
@@ -177,16 +173,16 @@ def test_all_failed_and_failure_message():
 
 def test_all_failed_is_false_when_only_cache_hits(tmp_path):
     cache = ResponseCache(tmp_path / "c.sqlite")
-    run(make_llm(FakeBackend()), make_requests(3), cache=cache)
+    run(with_policy(FakeBackend()), make_requests(3), cache=cache)
     broken = FakeBackend(script=lambda t, a: ProviderError("server", "down"))
-    batch = run(make_llm(broken), make_requests(3), cache=cache)
+    batch = run(with_policy(broken), make_requests(3), cache=cache)
     assert broken.total_calls == 0 and not batch.all_failed
 
 
 def test_duplicate_requests_are_sent_once():
     backend = FakeBackend()
     reqs = make_requests(3)
-    batch = run(make_llm(backend), [reqs[0], reqs[1], reqs[0], reqs[2], reqs[0]])
+    batch = run(with_policy(backend), [reqs[0], reqs[1], reqs[0], reqs[2], reqs[0]])
     assert backend.total_calls == 3
     assert [c.cached for c in batch.completions] == [False, False, True, False, True]
     assert batch.completions[2].text == batch.completions[0].text
@@ -195,7 +191,7 @@ def test_duplicate_requests_are_sent_once():
 
 def test_cost_from_tokens_and_cache_hits_are_free(tmp_path):
     cache = ResponseCache(tmp_path / "c.sqlite")
-    llm = make_llm(FakeBackend())
+    llm = with_policy(FakeBackend())
     first = run(llm, make_requests(10), cache=cache)
     price = Price(input_per_mtok=2.0, output_per_mtok=10.0)
     expected = (first.stats.input_tokens * 2.0 + first.stats.output_tokens * 10.0) / 1e6
@@ -208,7 +204,7 @@ def test_cost_from_tokens_and_cache_hits_are_free(tmp_path):
 def test_progress_is_throttled_and_reports_the_end():
     lines: list[str] = []
     backend = FakeBackend(latency_s=0.02)
-    llm = make_llm(backend, max_concurrency=2)
+    llm = with_policy(backend, max_concurrency=2)
     batch = run(llm, make_requests(40), progress=lines.append, label="gen/x", progress_every_s=0.1)
     elapsed = batch.stats.elapsed_s
     assert lines[0].startswith("gen/x: 40 requests") and "40 to call" in lines[0]
@@ -223,14 +219,14 @@ def test_progress_is_throttled_and_reports_the_end():
 def test_progress_reports_failures_so_far():
     lines: list[str] = []
     backend = FakeBackend(script=lambda t, a: ProviderError("bad_request", "nope") if t.endswith("3") else None)
-    run(make_llm(backend), make_requests(20), progress=lines.append, progress_every_s=0.0)
+    run(with_policy(backend), make_requests(20), progress=lines.append, progress_every_s=0.0)
     assert "2 failed" in lines[-1]  # q3 and q13
 
 
 def test_fresh_event_loop_per_batch():
     # Limits are loop-bound; the same resource must work across separate asyncio.run calls.
     backend = FakeBackend()
-    llm = make_llm(backend, max_concurrency=2, rpm=60_000, tpm=10_000_000)
+    llm = with_policy(backend, max_concurrency=2, rpm=60_000, tpm=10_000_000)
     for tag in "abc":
         batch = run(llm, make_requests(5, tag=tag))
         assert all(c.ok for c in batch.completions)
@@ -239,14 +235,14 @@ def test_fresh_event_loop_per_batch():
 
 def test_empty_batch():
     backend = FakeBackend()
-    batch = run(make_llm(backend), [])
+    batch = run(with_policy(backend), [])
     assert batch.completions == [] and backend.total_calls == 0 and not batch.all_failed
 
 
 def test_a_fixed_pool_of_workers_whatever_the_batch_size():
     # Memory must not grow with the partition: no task per call, only one per concurrency slot.
     backend = FakeBackend(latency_s=0.0005)
-    llm = make_llm(backend, max_concurrency=8)
+    llm = with_policy(backend, max_concurrency=8)
     peak = 0
 
     async def main() -> list:
@@ -257,13 +253,13 @@ def test_a_fixed_pool_of_workers_whatever_the_batch_size():
                 await asyncio.sleep(0)
 
         watcher = asyncio.create_task(watch())
-        batch = await run_calls(llm, make_requests(2000), retry=FAST)
+        batch = await run_calls(*llm, make_requests(2000))
         watcher.cancel()
         return batch.completions
 
     done = asyncio.run(main())
     assert len(done) == 2000 and all(c.ok for c in done)
-    # main, watcher, progress ticker, 16 workers (two per slot) and the 8 tasks asyncio.wait_for wraps
-    # calls in: bounded by the concurrency, where one task per call would have made over 2000.
+    # main, watcher, progress ticker and 16 workers (two per slot), with room for 8 more: bounded by
+    # the concurrency, where one task per call would have made over 2000.
     assert peak <= 3 + 2 * 8 + 8, peak
     assert backend.total_calls == 2000

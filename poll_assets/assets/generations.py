@@ -1,19 +1,16 @@
 """Each generator's answers, and all answers side by side in panel order."""
 
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.metadata import call_metadata, table_metadata
-from poll_assets.assets.stage import run_stage_step, stage_asset_spec
+from poll_assets.assets.stage import MemberContext, run_stage_step, stage_multi_asset_kwargs
 from poll_assets.lineage import combined_column_lineage
 from poll_assets.llm.base import CallRequest, Message
-from poll_assets.llm.cache import ResponseCache
-from poll_assets.llm.resources import LLMResource
-from poll_assets.llm.runner import run_calls
 from poll_assets.panel import Member, Panel
 from poll_assets.parquet_values import plain
 
@@ -35,14 +32,12 @@ def generation_key(member: Member) -> dg.AssetKey:
     return dg.AssetKey(["generations", member.name])
 
 
-async def generate(
-    member: Member, panel: Panel, llm: LLMResource, cache: ResponseCache, prompts: pd.DataFrame,
-    log: Callable[[str], None], label: str,
-) -> dg.Output[pd.DataFrame]:
+async def generate(work: MemberContext, prompts: pd.DataFrame) -> dg.Output[pd.DataFrame]:
     """One generator's answers to a shard: the body of its asset, shared by the per-member and the stage step."""
+    member, panel = work.member, work.panel
     params = member.params.to_generation_params()
     requests = [CallRequest.build(generation_messages(member, text), params) for text in prompts["instruction"]]
-    batch = await run_calls(llm, requests, cache=cache, progress=log, label=label)
+    batch = await work.run_calls(requests)
     rows = [
         {
             "prompt_id": pid,
@@ -63,7 +58,7 @@ async def generate(
     ]
     df = pd.DataFrame(rows, columns=GENERATION_COLUMNS)
     if len(df) and batch.all_failed:
-        raise dg.Failure(description=batch.failure_message(label))
+        raise dg.Failure(description=batch.failure_message(work.label))
     failures = int(df["error"].notna().sum())
     return dg.Output(
         df,
@@ -103,7 +98,7 @@ def build_generation_stage(
     stage_members = members if members is not None else panel.generators
 
     @dg.multi_asset(
-        **stage_asset_spec(
+        **stage_multi_asset_kwargs(
             name=name, panel=panel, members=stage_members, key_of=generation_key, group="generation",
             code_version_of=lambda m: m.fingerprint(), description_of=_description, input_name="prompts",
             default_pool="llm_generation", partitions_def=partitions_def,

@@ -1,7 +1,7 @@
 """Each judge's verdicts on every generation, with the UltraFeedback rubric."""
 
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,11 +9,8 @@ import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.metadata import call_metadata, table_metadata
-from poll_assets.assets.stage import run_stage_step, stage_asset_spec
+from poll_assets.assets.stage import MemberContext, run_stage_step, stage_multi_asset_kwargs
 from poll_assets.llm.base import CallRequest, Completion
-from poll_assets.llm.cache import ResponseCache
-from poll_assets.llm.resources import LLMResource
-from poll_assets.llm.runner import run_calls
 from poll_assets.panel import Member, Panel
 from poll_assets.rubrics.ultrafeedback import Rubric, build_judge_messages, get_rubric, prompt_version, verdict_json_schema
 from poll_assets.verdicts import Verdict, parse_verdicts, presentation_order
@@ -93,15 +90,13 @@ def _description(member: Member, panel: Panel) -> str:
     )
 
 
-async def judge(
-    member: Member, panel: Panel, llm: LLMResource, cache: ResponseCache, combined_generations: pd.DataFrame,
-    log: Callable[[str], None], label: str,
-) -> dg.Output[pd.DataFrame]:
+async def judge(work: MemberContext, combined_generations: pd.DataFrame) -> dg.Output[pd.DataFrame]:
     """One judge's verdicts on a shard: the body of its asset, shared by the per-member and the stage step."""
+    member, panel = work.member, work.panel
     rubric = get_rubric(panel.judging.aspect)
     tasks = [plan_judge_task(row, member, panel, rubric) for _, row in combined_generations.iterrows()]
     requests = [t.request for t in tasks if t.request is not None]
-    batch = await run_calls(llm, requests, cache=cache, progress=log, label=label)
+    batch = await work.run_calls(requests)
     done = iter(batch.completions)
     rows = []
     parse_failures = judged = 0
@@ -131,7 +126,7 @@ async def judge(
         )
     df = pd.DataFrame(rows)
     if requests and batch.all_failed:
-        raise dg.Failure(description=batch.failure_message(label))
+        raise dg.Failure(description=batch.failure_message(work.label))
     return dg.Output(
         df,
         metadata={
@@ -165,7 +160,7 @@ def build_ratings_stage(
     stage_members = members if members is not None else panel.judges
 
     @dg.multi_asset(
-        **stage_asset_spec(
+        **stage_multi_asset_kwargs(
             name=name, panel=panel, members=stage_members, key_of=ratings_key, group="judging",
             code_version_of=lambda m: judge_code_version(m, panel), description_of=lambda m: _description(m, panel),
             input_name="combined_generations", default_pool="llm_judging", partitions_def=partitions_def,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
@@ -17,16 +18,37 @@ import pandas as pd
 
 from poll_assets.assets.metadata import member_kinds
 from poll_assets.checks import asset_check_specs, evaluate_checks
-from poll_assets.llm.cache import ResponseCache, ResponseCacheResource
-from poll_assets.llm.resources import LLMResource, resource_key
+from poll_assets.llm.base import CallRequest, ChatBackend
+from poll_assets.llm.cache import ResponseCache
+from poll_assets.llm.policy import CallPolicy
+from poll_assets.llm.providers import provider_spec
+from poll_assets.llm.resources import ResponseCacheResource, member_backend, resource_key
+from poll_assets.llm.runner import CallBatch, run_calls
 from poll_assets.panel import Member, Panel
 
-# What a stage does for one member: (member, panel, its client, the cache, the stage's input frame,
-# a log function, a label for messages) -> that member's output. `generate` and `judge` have this shape.
-MemberWork = Callable[
-    [Member, Panel, LLMResource, ResponseCache, pd.DataFrame, Callable[[str], None], str],
-    Coroutine[Any, Any, dg.Output[Any]],
-]
+
+@dataclass(frozen=True)
+class MemberContext:
+    """What one member's work in a stage step gets: its settings, its backend, its call policy
+    (resolved once, here, from its `limits` and its provider's registry row), the response cache,
+    a log function and a label for messages."""
+
+    member: Member
+    panel: Panel
+    backend: ChatBackend
+    policy: CallPolicy
+    cache: ResponseCache
+    log: Callable[[str], None]
+    label: str
+
+    async def run_calls(self, requests: Sequence[CallRequest]) -> CallBatch:
+        """The member's requests through the one call path, under its policy."""
+        return await run_calls(self.backend, self.policy, requests, self.cache, progress=self.log, label=self.label)
+
+
+# What a stage does for one member: (its context, the stage's input frame) -> that member's output.
+# `generate` and `judge` have this shape.
+MemberWork = Callable[[MemberContext, pd.DataFrame], Coroutine[Any, Any, dg.Output[Any]]]
 
 
 def stage_pool(members: Sequence[Member], default: str) -> str:
@@ -35,7 +57,7 @@ def stage_pool(members: Sequence[Member], default: str) -> str:
     return pools.pop() if len(pools) == 1 else default
 
 
-def stage_asset_spec(
+def stage_multi_asset_kwargs(
     *,
     name: str,
     panel: Panel,
@@ -85,11 +107,16 @@ def run_stage_step(
     cache: ResponseCacheResource = context.resources.response_cache
     selected = [m for m in members if key_of(m) in context.selected_asset_keys]
     checks = context.selected_asset_check_keys
+
+    def member_context(m: Member) -> MemberContext:
+        backend = member_backend(getattr(context.resources, resource_key(m)))  # resource keys are per member
+        return MemberContext(m, panel, backend, CallPolicy.resolve(m.limits, m.provider), cache.get_cache(),
+                             context.log.info, key_of(m).to_user_string())
+
     yield from run_stage(
         context,
         selected,
-        lambda m: work(m, panel, getattr(context.resources, resource_key(m)), cache.get_cache(), frame,
-                       context.log.info, key_of(m).to_user_string()),
+        lambda m: work(member_context(m), frame),
         checks=lambda m, df: evaluate_checks(panel, key_of(m), df, frame, checks),
     )
 
@@ -114,7 +141,7 @@ def run_stage(
         local_turn = asyncio.Lock()
 
         async def one(m: Member) -> dg.Output[Any]:
-            if m.provider != "local":
+            if not provider_spec(m.provider).in_process:
                 return await compute(m)
             async with local_turn:
                 return await compute(m)

@@ -24,19 +24,21 @@ _WRAP_KEY = "value"
 class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
     provider = "anthropic"
 
-    def _new_client(self, timeout_s: float) -> anthropic.AsyncAnthropic:
+    def _new_client(self) -> anthropic.AsyncAnthropic:
         return anthropic.AsyncAnthropic(
             api_key=self._api_key,
             base_url=self.base_url or None,
             max_retries=0,  # retries belong to poll_assets.llm.runner
-            timeout=timeout_s,
+            # And so does the deadline (runner.attempt). A timeout other than the SDK's default also
+            # skips its long-request guard, which refuses large max_tokens without streaming.
+            timeout=None,
             # The SDK's aiohttp transport (the `aiohttp` extra): about half the client CPU per call of
             # its default httpx pool, whose every request scans all pooled connections. Ours, not the
             # SDK's default wrapper, so `release` closes it on the loop that owns it.
-            http_client=anthropic.DefaultAioHttpClient(timeout=timeout_s),
+            http_client=anthropic.DefaultAioHttpClient(timeout=None),
         )
 
-    def _kwargs(self, request: CallRequest, timeout_s: float) -> tuple[dict[str, Any], bool]:
+    def _kwargs(self, request: CallRequest) -> tuple[dict[str, Any], bool]:
         p = request.params
         system = [c for r, c in request.messages if r == "system"]
         messages = [{"role": r, "content": c} for r, c in request.messages if r != "system"]
@@ -44,7 +46,6 @@ class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
             "model": self.model,
             "messages": messages,
             "max_tokens": p.max_new_tokens,
-            "timeout": timeout_s,  # an explicit timeout also skips the SDK's long-request guard
         }
         if system:
             kwargs["system"] = "\n\n".join(system)
@@ -72,8 +73,8 @@ class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
             kwargs["tool_choice"] = {"type": "tool", "name": name}
         return kwargs, wrapped
 
-    async def _call(self, client: anthropic.AsyncAnthropic, request: CallRequest, timeout_s: float) -> Completion:
-        kwargs, wrapped = self._kwargs(request, timeout_s)
+    async def _call(self, client: anthropic.AsyncAnthropic, request: CallRequest) -> Completion:
+        kwargs, wrapped = self._kwargs(request)
         raw = await client.messages.with_raw_response.create(**kwargs)
         try:
             msg = await raw.parse()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 
@@ -121,19 +121,52 @@ class FatalProviderError(ProviderError):
     """An error that makes every further call pointless (bad key, unknown model)."""
 
 
-class ChatBackend(Protocol):
-    """A provider's client, created once per resource and reused for every call.
-
-    A backend that cannot run calls in parallel may set an int attribute `max_parallel`;
-    run_calls then caps the member's concurrency at it.
-    """
+@dataclass(frozen=True)
+class BackendConfig:
+    """What a backend is built from: one member's model, endpoint and (already resolved) key."""
 
     provider: str
     model: str
+    member: str = ""
+    base_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    key_env: str | None = None  # the variable's name, for messages (never its value)
+    model_path: str | None = None  # in-process providers: the weights file
+    n_ctx: int = 4096
 
-    async def complete(self, request: CallRequest, timeout_s: float) -> Completion:
-        """Make one call. Raise ProviderError on failure; never retry here."""
-        ...
+
+class ChatBackend:
+    """A provider's client, created once per resource and reused for every call.
+
+    Everything `run_calls` asks of a backend is declared here, with defaults a simple backend keeps.
+    """
+
+    provider: str = ""
+    model: str = ""
+    member: str = ""
+    base_url: str | None = None
+
+    @classmethod
+    def from_config(cls, config: BackendConfig) -> "ChatBackend":
+        """The backend for one member (how the provider registry builds it)."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from a BackendConfig")
+
+    async def complete(self, request: CallRequest) -> Completion:
+        """Make one call. Raise ProviderError on failure; never retry, and leave the deadline to
+        the caller (`runner.attempt` enforces the attempt timeout)."""
+        raise NotImplementedError
+
+    def hold(self) -> None:
+        """A batch starts using this backend on the running event loop."""
+
+    async def release(self) -> None:
+        """A batch on the running loop is done; a backend holding a client per loop may close it."""
+
+    @property
+    def who(self) -> str:
+        """Member, provider and model, for messages (never a credential)."""
+        member = f"member {self.member!r}, " if self.member else ""
+        return f"{member}provider {self.provider!r}, model {self.model!r}"
 
 
 def request_key(provider: str, model: str, base_url: str | None, request: CallRequest) -> str:

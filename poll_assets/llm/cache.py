@@ -23,15 +23,9 @@ import time
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-
-import dagster as dg
-from pydantic import PrivateAttr
+from typing import Any, Literal
 
 from poll_assets.llm.base import Completion
-
-if TYPE_CHECKING:
-    from poll_assets.panel import CacheSettings
 
 CacheMode = Literal["use", "bypass", "refresh"]
 CACHE_MODES: tuple[str, ...] = ("use", "bypass", "refresh")
@@ -278,25 +272,3 @@ def _flush_all_at_exit() -> None:
             cache.flush(timeout_s=30)
         except CacheError:
             pass
-
-
-class ResponseCacheResource(dg.ConfigurableResource):
-    """The response cache as a Dagster resource. `path` defaults to $DAGSTER_HOME/llm_cache.sqlite."""
-
-    path: str | None = None
-    mode: CacheMode = "use"
-
-    _cache: ResponseCache | None = PrivateAttr(default=None)
-
-    @classmethod
-    def from_settings(cls, settings: "CacheSettings") -> "ResponseCacheResource":
-        """The resource for a panel's `cache:` section."""
-        return cls(path=settings.path, mode=settings.mode)
-
-    def resolved_path(self) -> Path:
-        return Path(self.path).expanduser() if self.path else default_cache_path()
-
-    def get_cache(self) -> ResponseCache:
-        if self._cache is None:
-            self._cache = ResponseCache(self.resolved_path(), self.mode)
-        return self._cache

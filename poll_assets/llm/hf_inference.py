@@ -69,10 +69,11 @@ class HFInferenceBackend(RemoteBackend[AsyncInferenceClient]):
         super().__init__(model, **kwargs)
         self.structured_supported = True
 
-    def _new_client(self, timeout_s: float) -> AsyncInferenceClient:
+    def _new_client(self) -> AsyncInferenceClient:
         install_pooled_client_factory()
         # A URL goes in base_url, so `model` stays free for the payload (TGI ignores it, vLLM needs it).
-        return AsyncInferenceClient(base_url=self.base_url or None, api_key=self._api_key, timeout=timeout_s)
+        # No timeout of its own: the attempt deadline is the caller's (runner.attempt).
+        return AsyncInferenceClient(base_url=self.base_url or None, api_key=self._api_key)
 
     def _kwargs(self, request: CallRequest) -> dict[str, Any]:
         return {"messages": request.message_dicts(), "model": self.model, **request.params.chat_completion_kwargs()}
@@ -85,7 +86,7 @@ class HFInferenceBackend(RemoteBackend[AsyncInferenceClient]):
             "json_schema": {"name": schema_name(schema), "schema": schema, "strict": True},
         }, "json_schema"
 
-    async def _call(self, client: AsyncInferenceClient, request: CallRequest, timeout_s: float) -> Completion:
+    async def _call(self, client: AsyncInferenceClient, request: CallRequest) -> Completion:
         kwargs = self._kwargs(request)
         if request.json_schema is not None and self.structured_supported:
             fmt, mode = self._structured_format(request.json_schema)

@@ -13,13 +13,9 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
 
 from poll_assets.llm.base import CallRequest
-
-if TYPE_CHECKING:
-    from poll_assets.llm.base import ChatBackend
-    from poll_assets.llm.resources import LLMResource
+from poll_assets.llm.policy import CallPolicy
 
 # Rough characters-per-token ratio for English; only used to pace calls before the real usage is known.
 CHARS_PER_TOKEN = 4
@@ -105,17 +101,6 @@ class CallLimits:
         self.in_flight = 0
         self.peak_in_flight = 0
 
-    @classmethod
-    def for_resource(cls, llm: "LLMResource", backend: "ChatBackend | None" = None) -> "CallLimits":
-        """Limits from the member's resource fields. A backend that can only run `max_parallel`
-        calls at a time (the local llama.cpp model runs one) caps the concurrency further, so
-        queued calls wait here, before their timeout starts, rather than inside the backend."""
-        concurrency = llm.max_concurrency
-        backend_cap = getattr(backend, "max_parallel", None)
-        if isinstance(backend_cap, int) and backend_cap >= 1:
-            concurrency = min(concurrency, backend_cap)
-        return cls(concurrency, llm.rpm, llm.tpm)
-
     def pause_for(self, seconds: float) -> None:
         """Hold back every new attempt for `seconds` (the provider asked us to slow down)."""
         self._resume_at = max(self._resume_at, time.monotonic() + max(0.0, seconds))
@@ -123,6 +108,10 @@ class CallLimits:
     def stop(self) -> None:
         """No further attempt starts; waiting calls raise BatchStopped."""
         self.stopped = True
+
+    @classmethod
+    def for_policy(cls, policy: CallPolicy) -> "CallLimits":
+        return cls(policy.max_concurrency, policy.rpm, policy.tpm)
 
     @asynccontextmanager
     async def slot(self, estimated_tokens: int = 0) -> AsyncIterator[None]:

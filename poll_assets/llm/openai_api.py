@@ -25,34 +25,28 @@ NO_KEY_PLACEHOLDER = "no-key"
 class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
     provider = "openai"
 
-    def __init__(self, model: str, *, provider: str = "openai", **kwargs: Any):
+    def __init__(self, model: str, **kwargs: Any):
         super().__init__(model, **kwargs)
-        self.provider = provider
         # Flipped off the first time the server refuses response_format, so later calls go straight to text.
         self.structured_supported = True
 
-    def _new_client(self, timeout_s: float) -> openai.AsyncOpenAI:
+    def _new_client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(
             api_key=self._api_key or NO_KEY_PLACEHOLDER,
             base_url=self.base_url or None,
             max_retries=0,  # retries belong to poll_assets.llm.runner
-            timeout=timeout_s,
+            timeout=None,  # and so does the deadline (runner.attempt)
             # The SDK's aiohttp transport (the `aiohttp` extra): about half the client CPU per call of
             # its default httpx pool, whose every request scans all pooled connections. Ours, not the
             # SDK's default wrapper, so `release` closes it on the loop that owns it.
-            http_client=openai.DefaultAioHttpClient(timeout=timeout_s),
+            http_client=openai.DefaultAioHttpClient(timeout=None),
         )
 
-    def _kwargs(self, request: CallRequest, timeout_s: float) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "messages": request.message_dicts(),
-            "timeout": timeout_s,
-            **request.params.chat_completion_kwargs(),
-        }
+    def _kwargs(self, request: CallRequest) -> dict[str, Any]:
+        return {"model": self.model, "messages": request.message_dicts(), **request.params.chat_completion_kwargs()}
 
-    async def _call(self, client: openai.AsyncOpenAI, request: CallRequest, timeout_s: float) -> Completion:
-        kwargs = self._kwargs(request, timeout_s)
+    async def _call(self, client: openai.AsyncOpenAI, request: CallRequest) -> Completion:
+        kwargs = self._kwargs(request)
         if request.json_schema is not None and self.structured_supported:
             fmt = {
                 "type": "json_schema",

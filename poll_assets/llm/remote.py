@@ -8,19 +8,18 @@ provider reports the same kinds with the same wording.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
 
-from poll_assets.llm.base import CallRequest, Completion, FatalProviderError, ProviderError
+from poll_assets.llm.base import BackendConfig, CallRequest, ChatBackend, Completion, FatalProviderError, ProviderError
 
 ClientT = TypeVar("ClientT")
 
@@ -103,46 +102,57 @@ def body_message(body: Any) -> str:
     return ""
 
 
-class RemoteBackend(Generic[ClientT]):
+class RemoteBackend(ChatBackend, Generic[ClientT]):
     """Base for SDK-backed providers.
 
     The SDK client is created lazily and then reused for every call. Connection pools are tied to
     the event loop that opened them, and assets run each stage under its own `asyncio.run`, so a
     client is kept per running loop. `run_calls` brackets each batch with `hold`/`release`; the
     client is closed when the last batch on its loop releases it, so no socket outlives its loop.
-    """
 
-    provider: str = ""
+    SDK clients are built without a timeout of their own: the attempt timeout is enforced once, by
+    the caller (`runner.attempt`), which cancels the call.
+    """
 
     def __init__(
         self,
         model: str,
         *,
+        provider: str | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         key_env: str | None = None,
         member: str | None = None,
     ):
+        if provider is not None:  # one class may serve several registry rows (openai, openai_compatible)
+            self.provider = provider
         self.model = model
         self.base_url = base_url
         self._api_key = api_key
         self.key_env = key_env
-        self.member = member
+        self.member = member or ""
         self._client: ClientT | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._holders = 0
         self.clients_created = 0
         self.clients_closed = 0
 
+    @classmethod
+    def from_config(cls, config: BackendConfig) -> "RemoteBackend[ClientT]":
+        return cls(
+            config.model, provider=config.provider, base_url=config.base_url, api_key=config.api_key,
+            key_env=config.key_env, member=config.member,
+        )
+
     def __repr__(self) -> str:  # never show the key
         return f"{type(self).__name__}(model={self.model!r}, base_url={safe_url(self.base_url)!r})"
 
     # -- subclass hooks -------------------------------------------------------------------------
 
-    def _new_client(self, timeout_s: float) -> ClientT:
+    def _new_client(self) -> ClientT:
         raise NotImplementedError
 
-    async def _call(self, client: ClientT, request: CallRequest, timeout_s: float) -> Completion:
+    async def _call(self, client: ClientT, request: CallRequest) -> Completion:
         raise NotImplementedError
 
     def _classify(self, exc: BaseException) -> ProviderError | None:
@@ -154,22 +164,13 @@ class RemoteBackend(Generic[ClientT]):
 
     # -- shared machinery -----------------------------------------------------------------------
 
-    def client(self, timeout_s: float) -> ClientT:
+    def client(self) -> ClientT:
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
-            self._client = self._new_client(timeout_s)
+            self._client = self._new_client()
             self._client_loop = loop
             self.clients_created += 1
         return self._client
-
-    @contextlib.asynccontextmanager
-    async def session(self) -> AsyncIterator["RemoteBackend[ClientT]"]:
-        """`hold` for the duration of a block of calls, then `release`."""
-        self.hold()
-        try:
-            yield self
-        finally:
-            await self.release()
 
     def hold(self) -> None:
         """A batch starts using this backend on the running loop."""
@@ -198,22 +199,18 @@ class RemoteBackend(Generic[ClientT]):
     def scrub(self, text: str) -> str:
         return scrub(text, (self._api_key,))
 
-    async def complete(self, request: CallRequest, timeout_s: float) -> Completion:
-        client = self.client(timeout_s)
+    async def complete(self, request: CallRequest) -> Completion:
+        client = self.client()
         start = time.perf_counter()
         failure: ProviderError | None = None
         try:
-            # The SDK timeouts are per socket operation; this bounds the whole call.
-            async with asyncio.timeout(timeout_s):
-                done = await self._call(client, request, timeout_s)
+            done = await self._call(client, request)
         except ProviderError as exc:
             failure = exc
         except TimeoutError as exc:
-            # Ours (asyncio.timeout) or an SDK's own TimeoutError subclass, which may hide a refused
-            # connection; the SDK's classifier knows which.
-            failure = self._classify(exc) or ProviderError(
-                "timeout", f"{self.who}: no complete response within {timeout_s:g}s"
-            )
+            # An SDK's own TimeoutError subclass, which may hide a refused connection; the SDK's
+            # classifier knows which. (The attempt deadline cancels the call instead of raising here.)
+            failure = self._classify(exc) or ProviderError("timeout", f"{self.who}: the request timed out")
         except Exception as exc:  # noqa: BLE001 - every SDK failure is classified
             failure = self._classify(exc) or ProviderError(
                 "other", f"{self.who}: {type(exc).__name__}: {self.scrub(str(exc))}"

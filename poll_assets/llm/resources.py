@@ -1,17 +1,22 @@
-"""LLM clients as Dagster resources: one resource per panel member, one class per provider."""
+"""The call layer as Dagster resources: one `ChatModelResource` per panel member, and the response cache.
+
+A resource carries only a member's connection settings (provider, model, endpoint, key); how its
+calls are paced is the member's `CallPolicy`, which the stage resolves from the panel. Keys come from
+the environment through `dg.EnvVar` and never appear in repr, logs or messages.
+"""
 
 from __future__ import annotations
 
-import importlib
 import os
-from typing import ClassVar
+from pathlib import Path
+from typing import Protocol
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
-from poll_assets.llm.base import ChatBackend
-from poll_assets.llm.local import LocalLlamaBackend
-from poll_assets.panel import Member
+from poll_assets.llm.base import BackendConfig, ChatBackend
+from poll_assets.llm.cache import CacheMode, ResponseCache, default_cache_path
+from poll_assets.llm.providers import provider_spec
 
 
 class MissingAPIKeyError(RuntimeError):
@@ -27,47 +32,20 @@ class MissingAPIKeyError(RuntimeError):
         self.env_var = env_var
 
 
-class LLMResource(dg.ConfigurableResource):
-    """Settings shared by every provider. The backend (the SDK client) is created once and reused."""
+class ChatModelResource(dg.ConfigurableResource):
+    """One member's model behind its provider. The backend (the SDK client) is built once, through
+    the provider registry, and reused for every call."""
 
-    provider: ClassVar[str] = ""
+    provider: str
     member: str
     model: str
     base_url: str | None = None
-    max_concurrency: int = 8
-    rpm: int | None = None
-    tpm: int | None = None
-    timeout_s: float = 120.0
-    max_retries: int = 5
-
-    _backend: ChatBackend | None = PrivateAttr(default=None)
-
-    def _make_backend(self) -> ChatBackend:
-        raise NotImplementedError
-
-    def backend(self) -> ChatBackend:
-        if self._backend is None:
-            self._backend = self._make_backend()
-        return self._backend
-
-
-class LocalLlamaResource(LLMResource):
-    """A GGUF model run in-process by llama-cpp-python (default: the bundled SmolLM2-135M)."""
-
-    provider: ClassVar[str] = "local"
-    model_path: str | None = None
-    n_ctx: int = 4096
-
-    def _make_backend(self) -> ChatBackend:
-        return LocalLlamaBackend(self.model, self.model_path, self.n_ctx)
-
-
-class RemoteLLMResource(LLMResource):
-    """A provider reached over HTTP with an API key read from the environment (through dg.EnvVar)."""
-
     api_key: str | None = Field(default=None, repr=False)  # resolved secret: kept out of repr/str
     api_key_env: str | None = None  # the variable's name, for error messages (never the value)
-    key_required: ClassVar[bool] = True
+    model_path: str | None = None  # in-process providers: the weights file
+    n_ctx: int = 4096
+
+    _backend: ChatBackend | None = PrivateAttr(default=None)
 
     def _key_value(self) -> str | None:
         # Inside a run Dagster has already resolved the EnvVar; a resource used directly (scripts,
@@ -78,7 +56,8 @@ class RemoteLLMResource(LLMResource):
 
     def _checked_key(self) -> str | None:
         key = self._key_value()
-        if self.key_required and not key:
+        # A member that named a variable meant to send a key, even where the provider needs none.
+        if not key and provider_spec(self.provider).key_required(named=bool(self.api_key_env)):
             raise MissingAPIKeyError(self.member, self.provider, self.api_key_env or "<api_key_env>")
         return key
 
@@ -86,109 +65,61 @@ class RemoteLLMResource(LLMResource):
         # Fail when the run initialises the resource, before any asset starts calling.
         self._checked_key()
 
-    def _backend_kwargs(self) -> dict[str, object]:
-        return {
-            "base_url": self.base_url,
-            "api_key": self._checked_key(),
-            "key_env": self.api_key_env,
-            "member": self.member,
-        }
+    def backend(self) -> ChatBackend:
+        if self._backend is None:
+            spec = provider_spec(self.provider)
+            if spec.needs_base_url and not self.base_url:
+                raise ValueError(f"panel member {self.member!r}: provider {self.provider!r} needs a base_url")
+            config = BackendConfig(
+                provider=self.provider, model=self.model, member=self.member, base_url=self.base_url,
+                api_key=self._checked_key(), key_env=self.api_key_env, model_path=self.model_path, n_ctx=self.n_ctx,
+            )
+            self._backend = spec.backend_class().from_config(config)
+        return self._backend
 
 
-class OpenAIResource(RemoteLLMResource):
-    """OpenAI's API (or Azure OpenAI's v1 endpoint through `base_url`)."""
-
-    provider: ClassVar[str] = "openai"
-
-    def _make_backend(self) -> ChatBackend:
-        from poll_assets.llm.openai_api import OpenAIChatBackend
-
-        return OpenAIChatBackend(self.model, provider=self.provider, **self._backend_kwargs())
+def member_backend(resource: ChatModelResource | ChatBackend) -> ChatBackend:
+    """The backend bound to a member's resource key. Tests bind a ChatBackend there directly
+    (`build_definitions(resource_overrides=...)`); a run binds the member's ChatModelResource."""
+    return resource if isinstance(resource, ChatBackend) else resource.backend()
 
 
-class OpenAICompatibleResource(RemoteLLMResource):
-    """Any server speaking OpenAI's chat completions (vLLM, TGI, Ollama, llama.cpp server, LiteLLM)."""
+class MemberConnection(Protocol):
+    """What a resource needs from a panel member (`poll_assets.panel.Member` has it)."""
 
-    provider: ClassVar[str] = "openai_compatible"
-    key_required: ClassVar[bool] = False  # self-hosted servers often run without a key
-
-    def _checked_key(self) -> str | None:
-        key = self._key_value()
-        if self.api_key_env and not key:
-            # The member named a variable, so it meant to send a key: a missing one is an error.
-            raise MissingAPIKeyError(self.member, self.provider, self.api_key_env)
-        return key
-
-    def _make_backend(self) -> ChatBackend:
-        from poll_assets.llm.openai_api import OpenAIChatBackend
-
-        if not self.base_url:
-            raise ValueError(f"panel member {self.member!r}: provider 'openai_compatible' needs a base_url")
-        return OpenAIChatBackend(self.model, provider=self.provider, **self._backend_kwargs())
+    @property
+    def name(self) -> str: ...
+    @property
+    def provider(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def base_url(self) -> str | None: ...
+    @property
+    def key_env(self) -> str | None: ...
+    @property
+    def model_path(self) -> str | None: ...
+    @property
+    def n_ctx(self) -> int: ...
 
 
-class AnthropicResource(RemoteLLMResource):
-    """Anthropic's Messages API."""
-
-    provider: ClassVar[str] = "anthropic"
-
-    def _make_backend(self) -> ChatBackend:
-        from poll_assets.llm.anthropic_api import AnthropicChatBackend
-
-        return AnthropicChatBackend(self.model, **self._backend_kwargs())
-
-
-class HFInferenceResource(RemoteLLMResource):
-    """Hugging Face inference: a Hub model id (serverless), or an Inference Endpoint / TGI URL in base_url."""
-
-    provider: ClassVar[str] = "hf_inference"
-
-    def _make_backend(self) -> ChatBackend:
-        from poll_assets.llm.hf_inference import HFInferenceBackend
-
-        return HFInferenceBackend(self.model, **self._backend_kwargs())
-
-
-RESOURCE_CLASSES: dict[str, type[LLMResource]] = {
-    "local": LocalLlamaResource,
-    "openai": OpenAIResource,
-    "openai_compatible": OpenAICompatibleResource,
-    "anthropic": AnthropicResource,
-    "hf_inference": HFInferenceResource,
-}
-
-
-# The SDK module behind each remote provider. Imported when the panel's resources are built (at
-# definitions load), not at the first call: `import anthropic` alone takes 2-4 s of CPU here, and paid
-# inside a stage it stalls every other member's calls on the same event loop.
-BACKEND_MODULES: dict[str, str] = {
-    "openai": "poll_assets.llm.openai_api",
-    "openai_compatible": "poll_assets.llm.openai_api",
-    "anthropic": "poll_assets.llm.anthropic_api",
-    "hf_inference": "poll_assets.llm.hf_inference",
-}
-
-
-def resource_key(member: Member) -> str:
+def resource_key(member: MemberConnection) -> str:
     return f"llm_{member.name}"
 
 
-def build_llm_resource(member: Member) -> LLMResource:
-    """The resource for one panel member; keys come from the environment through EnvVar."""
-    cls = RESOURCE_CLASSES[member.provider]
-    if member.provider in BACKEND_MODULES:
-        importlib.import_module(BACKEND_MODULES[member.provider])
+def build_llm_resource(member: MemberConnection) -> ChatModelResource:
+    """The resource for one panel member; keys come from the environment through EnvVar.
+
+    The backend's module (and so the provider's SDK) is imported here, when the panel's resources are
+    built at definitions load, not at the first call: `import anthropic` alone takes 2-4 s of CPU
+    here, and paid inside a stage it stalls every other member's calls on the same event loop.
+    """
+    spec = provider_spec(member.provider)
+    spec.backend_class()
     kwargs: dict[str, object] = {
-        "member": member.name,
-        "model": member.model,
-        "base_url": member.base_url,
-        "max_concurrency": member.limits.max_concurrency,
-        "rpm": member.limits.rpm,
-        "tpm": member.limits.tpm,
-        "timeout_s": member.limits.timeout_s,
-        "max_retries": member.limits.max_retries,
+        "provider": member.provider, "member": member.name, "model": member.model, "base_url": member.base_url,
     }
-    if member.provider == "local":
+    if spec.in_process:
         kwargs.update(model_path=member.model_path, n_ctx=member.n_ctx)
     elif member.key_env:
         kwargs["api_key_env"] = member.key_env
@@ -199,4 +130,21 @@ def build_llm_resource(member: Member) -> LLMResource:
         # run worker, so this check sees the environment the run actually has.
         if os.environ.get(member.key_env):
             kwargs["api_key"] = dg.EnvVar(member.key_env)
-    return cls(**kwargs)
+    return ChatModelResource(**kwargs)
+
+
+class ResponseCacheResource(dg.ConfigurableResource):
+    """The response cache as a Dagster resource. `path` defaults to $DAGSTER_HOME/llm_cache.sqlite."""
+
+    path: str | None = None
+    mode: CacheMode = "use"
+
+    _cache: ResponseCache | None = PrivateAttr(default=None)
+
+    def resolved_path(self) -> Path:
+        return Path(self.path).expanduser() if self.path else default_cache_path()
+
+    def get_cache(self) -> ResponseCache:
+        if self._cache is None:
+            self._cache = ResponseCache(self.resolved_path(), self.mode)
+        return self._cache

@@ -13,13 +13,13 @@ import dataclasses
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from poll_assets.llm.base import (
     RETRYABLE_KINDS,
     CallRequest,
+    ChatBackend,
     Completion,
     FatalProviderError,
     ProviderError,
@@ -27,32 +27,12 @@ from poll_assets.llm.base import (
 )
 from poll_assets.llm.cache import CacheError, ResponseCache
 from poll_assets.llm.limits import BatchStopped, CallLimits, estimate_tokens
-from poll_assets.llm.resources import LLMResource
-from poll_assets.panel import Price
+from poll_assets.llm.policy import CallPolicy, RetryPolicy
+from poll_assets.llm.pricing import Price
+
+__all__ = ["BatchAbortedError", "CallBatch", "CallPolicy", "CallStats", "RetryPolicy", "attempt", "run_calls"]
 
 ProgressFn = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with full jitter: before retry n, sleep uniform(0, min(cap, base * 2**(n-1))).
-
-    A server's Retry-After is a floor: we never come back sooner than it asked (capped at
-    `max_retry_after_s`, so a silly value cannot park a run for hours).
-    """
-
-    base_s: float = 1.0
-    cap_s: float = 60.0
-    max_retry_after_s: float = 300.0
-
-    def delay(self, retry_number: int, retry_after: float | None, rng: random.Random) -> float:
-        backoff = rng.uniform(0.0, min(self.cap_s, self.base_s * 2 ** (retry_number - 1)))
-        if retry_after is not None and retry_after > 0:
-            return max(backoff, min(retry_after, self.max_retry_after_s))
-        return backoff
-
-
-DEFAULT_RETRY = RetryPolicy()
 
 
 @dataclass
@@ -78,12 +58,7 @@ class CallStats:
 
     def cost_usd(self, price: Price | None) -> float | None:
         """What this batch's fresh calls cost at `price` (cache hits are free); None without a price."""
-        if price is None:
-            return None
-        return (self.input_tokens * price.input_per_mtok + self.output_tokens * price.output_per_mtok) / 1e6
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return None if price is None else price.cost_usd(self.input_tokens, self.output_tokens)
 
 
 @dataclass
@@ -214,205 +189,223 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
-async def _attempt_all(
-    llm: LLMResource,
-    backend: Any,
-    request: CallRequest,
-    key: str,
-    limits: CallLimits,
-    policy: RetryPolicy,
-    rng: random.Random,
-) -> Completion:
-    """One request, with retries. Returns a Completion (ok or failed); raises FatalProviderError."""
-    estimate = estimate_tokens(request)
-    attempts = 0
-    started = time.monotonic()
-    while True:
-        attempts += 1
-        err: ProviderError
-        try:
-            async with limits.slot(estimate):
-                try:
-                    done = await asyncio.wait_for(backend.complete(request, llm.timeout_s), llm.timeout_s)
-                except FatalProviderError:
-                    # Stop before the slot is released, so no queued call starts after this one.
-                    limits.stop()
-                    raise
-                except (ProviderError, asyncio.TimeoutError):
-                    raise
-                except Exception:
-                    limits.stop()  # a backend bug: stop the batch the same way
-                    raise
-        except FatalProviderError:
-            raise
-        except ProviderError as exc:
-            err = exc
-        except asyncio.TimeoutError:
-            err = ProviderError("timeout", f"{llm.provider} model {llm.model}: no response within {llm.timeout_s:g}s")
-        else:
-            limits.settle_tokens(estimate, done.input_tokens + done.output_tokens)
-            done.attempts = attempts
-            done.call_id = key
-            done.cached = False
-            return done
-        if not err.retryable or attempts > llm.max_retries:
-            return Completion(
-                text=None,
-                error=str(err),
-                error_kind=err.kind,
-                attempts=attempts,
-                model=llm.model,
-                call_id=key,
-                latency_s=time.monotonic() - started,
-            )
-        if err.kind == "rate_limit" and err.retry_after:
-            limits.pause_for(min(err.retry_after, policy.max_retry_after_s))
-        await asyncio.sleep(policy.delay(attempts, err.retry_after, rng))
+async def attempt(backend: ChatBackend, request: CallRequest, timeout_s: float) -> Completion:
+    """One call, cut off after `timeout_s`: the one place a call's deadline is enforced (backends
+    and their SDK clients set none). Raises ProviderError, a timeout included."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await backend.complete(request)
+    except TimeoutError:
+        raise ProviderError("timeout", f"{backend.who}: no complete response within {timeout_s:g}s") from None
 
 
-async def _release(backend: Any) -> None:
-    """Let the backend close its client once no batch on this loop uses it (open sockets must not
-    outlive the event loop that owns them)."""
-    release = getattr(backend, "release", None)
-    if release is not None:
-        await release()
+class _Sender:
+    """Sends one batch's uncached requests within the policy and keeps what came back.
 
-
-async def run_calls(
-    llm: LLMResource,
-    requests: Sequence[CallRequest],
-    *,
-    cache: ResponseCache | None = None,
-    progress: ProgressFn | None = None,
-    label: str | None = None,
-    retry: RetryPolicy | None = None,
-    progress_every_s: float = 5.0,
-    seed: int | None = None,
-) -> CallBatch:
-    """Run the requests within the member's limits; one Completion per request, in order.
-
-    Identical requests (same `request_key`) are sent once and shared; the copies count as cache
-    hits. Failed calls come back as Completions with `error`/`error_kind` set. A
-    FatalProviderError cancels the remaining calls and raises BatchAbortedError.
+    A fixed set of workers pulls calls from one queue, so memory and scheduling work stay flat
+    however many calls the partition holds. Twice as many workers as slots: a call sleeping before
+    its retry holds no slot, and the spare workers keep the slots busy meanwhile. Each answer is
+    handed to the cache's writer thread before the next await, so a paid-for answer is never lost
+    to a cancellation.
     """
-    label = label or llm.member
-    policy = retry or DEFAULT_RETRY
-    rng = random.Random(seed)
-    start = time.monotonic()
-    provider = llm.provider
-    keys = [request_key(provider, llm.model, llm.base_url, r) for r in requests]
 
-    # The first occurrence of each key is requested; later ones reuse its answer.
-    first_index: dict[str, int] = {}
-    for i, k in enumerate(keys):
-        first_index.setdefault(k, i)
+    def __init__(self, backend: ChatBackend, policy: CallPolicy, cache: ResponseCache | None,
+                 report: _Progress, seed: int | None) -> None:
+        self.backend = backend
+        self.policy = policy
+        self.cache = cache
+        self.report = report
+        self.rng = random.Random(seed)
+        self.limits = CallLimits.for_policy(policy)
+        self.results: dict[str, Completion] = {}
+        self.written = 0  # answers handed to the cache
 
-    hits: dict[str, Completion] = {}
-    if cache is not None and cache.reads and first_index:
-        hits = await cache.aget_many(first_index)
-    todo = [(k, i) for k, i in first_index.items() if k not in hits]
-    duplicates = len(keys) - len(first_index)
-    cache_writes = cache is not None and cache.writes
-
-    report = _Progress(progress, label, len(keys), len(keys) - len(todo), progress_every_s)
-    results: dict[str, Completion] = dict(hits)
-    written = 0
-
-    if todo:
-        backend = llm.backend()
-        if hasattr(backend, "hold"):
-            backend.hold()
-        limits = CallLimits.for_resource(llm, backend)
-        if progress:
-            rate = "".join(
-                f", {name} {value}" for name, value in (("rpm", llm.rpm), ("tpm", llm.tpm)) if value is not None
-            )
-            progress(
-                f"{label}: {len(keys)} requests to {llm.member} ({provider}: {llm.model}); "
-                f"{len(hits)} from cache, {duplicates} duplicates, {len(todo)} to call "
-                f"(concurrency {limits.max_concurrency}{rate})"
-            )
-
-        # A fixed set of workers pulls calls from one queue, so memory and scheduling work stay flat
-        # however many calls the partition holds. Twice as many workers as slots: a call sleeping
-        # before its retry holds no slot, and the spare workers keep the slots busy meanwhile.
+    async def send(self, todo: list[tuple[str, CallRequest]]) -> list[BaseException]:
+        """Make every call; returns what stopped the workers (empty when every call settled)."""
         queue = iter(todo)
-        failures: list[BaseException] = []
-
-        async def worker() -> None:
-            nonlocal written
-            for key, index in queue:
-                c = await _attempt_all(llm, backend, requests[index], key, limits, policy, rng)
-                # Handed to the cache's writer thread before the next await: a paid-for answer is
-                # never lost to a cancellation.
-                if cache is not None and cache.submit(key, c, provider, llm.model):
-                    written += 1
-                results[key] = c
-                report.record(c)
-
-        workers = [asyncio.create_task(worker()) for _ in range(min(2 * limits.max_concurrency, len(todo)))]
-        ticker = asyncio.create_task(report.ticker())
+        workers = [asyncio.create_task(self._worker(queue)) for _ in range(min(2 * self.limits.max_concurrency, len(todo)))]
+        ticker = asyncio.create_task(self.report.ticker())
         try:
             done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
-            failures = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]  # type: ignore[misc]
+            failures = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
             if failures:
                 # Abandon calls in flight or waiting; what already came back is queued for the cache.
                 for t in pending:
                     t.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
+            return failures  # type: ignore[return-value]
         finally:
             ticker.cancel()
             for t in workers:
                 if not t.done():
                     t.cancel()
-            cache_error: CacheError | None = None
-            if cache is not None and cache_writes:
-                try:
-                    await cache.aflush()
-                except CacheError as exc:
-                    cache_error = exc
-            await _release(backend)
-        if cache_error is not None:
-            if not failures:
-                raise cache_error
-            written = 0  # the message below must not promise cached calls that were not written
-        if failures:
-            completed = (len(hits) + written) if cache_writes else sum(1 for c in results.values() if c.ok)
-            fatal = next((e for e in failures if isinstance(e, FatalProviderError)), None)
-            if fatal is None:
-                # A backend bug or an error it failed to classify: stop, but keep what is cached.
-                bug = next(e for e in failures if not isinstance(e, BatchStopped))
-                raise RuntimeError(
-                    f"{label}: member {llm.member!r} (provider {provider}, model {llm.model}): the backend raised "
-                    f"{type(bug).__name__} instead of a ProviderError: {bug}; "
-                    f"{_resume_note(completed, cache_writes)}"
-                ) from bug
-            hint = _FIX_HINTS.get(fatal.kind, "the cause above")
-            message = (
-                f"{label}: member {llm.member!r} (provider {provider}, model {llm.model}) stopped on a "
-                f"{fatal.kind} error: {fatal}. {len(todo) - len(results)} of {len(todo)} calls were not completed. "
-                f"Fix {hint}, then re-materialize the partition; {_resume_note(completed, cache_writes)}."
-            )
-            raise BatchAbortedError(message, fatal.kind, completed) from fatal
 
+    async def _worker(self, queue: Iterator[tuple[str, CallRequest]]) -> None:
+        for key, request in queue:
+            c = await self._with_retries(key, request)
+            if self.cache is not None and self.cache.submit(key, c, self.backend.provider, self.backend.model):
+                self.written += 1
+            self.results[key] = c
+            self.report.record(c)
+
+    async def _with_retries(self, key: str, request: CallRequest) -> Completion:
+        """One request, retried within the policy. Returns a Completion (ok or failed); raises
+        FatalProviderError and whatever a broken backend raises."""
+        estimate = estimate_tokens(request)
+        started = time.monotonic()
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                done = await self._attempt(request, estimate)
+            except FatalProviderError:
+                raise
+            except ProviderError as err:
+                if not err.retryable or attempts > self.policy.max_retries:
+                    return Completion(text=None, error=str(err), error_kind=err.kind, attempts=attempts,
+                                      model=self.backend.model, call_id=key, latency_s=time.monotonic() - started)
+                await self._back_off(err, attempts)
+                continue
+            done.attempts, done.call_id, done.cached = attempts, key, False
+            return done
+
+    async def _attempt(self, request: CallRequest, estimate: int) -> Completion:
+        """One attempt in a slot. A fatal error or a backend bug stops the batch before the slot is
+        released, so no queued call starts after it."""
+        async with self.limits.slot(estimate):
+            try:
+                done = await attempt(self.backend, request, self.policy.timeout_s)
+            except FatalProviderError:
+                self.limits.stop()
+                raise
+            except ProviderError:
+                raise
+            except Exception:
+                self.limits.stop()  # a backend bug: stop the batch the same way
+                raise
+        self.limits.settle_tokens(estimate, done.input_tokens + done.output_tokens)
+        return done
+
+    async def _back_off(self, err: ProviderError, attempts: int) -> None:
+        retry = self.policy.retry
+        if err.kind == "rate_limit" and err.retry_after:
+            self.limits.pause_for(min(err.retry_after, retry.max_retry_after_s))
+        await asyncio.sleep(retry.delay(attempts, err.retry_after, self.rng))
+
+
+def _stop_error(failures: list[BaseException], sender: _Sender, todo: int, completed: int,
+                cache_writes: bool, label: str) -> Exception:
+    """What a batch stopped by a fatal provider error (or a backend bug) raises: what failed, and how to resume."""
+    backend = sender.backend
+    who = f"member {backend.member!r} (provider {backend.provider}, model {backend.model})"
+    fatal = next((e for e in failures if isinstance(e, FatalProviderError)), None)
+    if fatal is None:
+        # A backend bug or an error it failed to classify: stop, but keep what is cached.
+        bug = next(e for e in failures if not isinstance(e, BatchStopped))
+        error: Exception = RuntimeError(
+            f"{label}: {who}: the backend raised {type(bug).__name__} instead of a ProviderError: {bug}; "
+            f"{_resume_note(completed, cache_writes)}"
+        )
+        error.__cause__ = bug
+        return error
+    hint = _FIX_HINTS.get(fatal.kind, "the cause above")
+    message = (
+        f"{label}: {who} stopped on a {fatal.kind} error: {fatal}. {todo - len(sender.results)} of {todo} calls "
+        f"were not completed. Fix {hint}, then re-materialize the partition; {_resume_note(completed, cache_writes)}."
+    )
+    error = BatchAbortedError(message, fatal.kind, completed)
+    error.__cause__ = fatal
+    return error
+
+
+async def _send(sender: _Sender, todo: list[tuple[str, CallRequest]], hits: int, label: str) -> dict[str, Completion]:
+    """Run the sender between the backend's hold and release; wait for the cache writes; raise
+    what stopped the batch, if anything."""
+    cache = sender.cache
+    cache_writes = cache is not None and cache.writes
+    sender.backend.hold()
+    try:
+        failures = await sender.send(todo)
+    finally:
+        cache_error: CacheError | None = None
+        if cache is not None and cache_writes:
+            try:
+                await cache.aflush()
+            except CacheError as exc:
+                cache_error = exc
+        # Open sockets must not outlive the event loop that owns them.
+        await sender.backend.release()
+    if cache_error is not None:
+        if not failures:
+            raise cache_error
+        sender.written = 0  # the message below must not promise cached calls that were not written
+    if failures:
+        fresh_ok = sum(1 for c in sender.results.values() if c.ok)
+        completed = (hits + sender.written) if cache_writes else hits + fresh_ok
+        raise _stop_error(failures, sender, len(todo), completed, cache_writes, label)
+    return sender.results
+
+
+def _start_line(label: str, backend: ChatBackend, policy: CallPolicy, total: int, hits: int, todo: int) -> str:
+    rate = "".join(f", {name} {value}" for name, value in (("rpm", policy.rpm), ("tpm", policy.tpm)) if value is not None)
+    return (
+        f"{label}: {total} requests to {backend.member} ({backend.provider}: {backend.model}); "
+        f"{hits} from cache, {total - hits - todo} duplicates, {todo} to call "
+        f"(concurrency {policy.max_concurrency}{rate})"
+    )
+
+
+def _in_request_order(keys: list[str], first_index: dict[str, int], results: dict[str, Completion]) -> list[Completion]:
+    """One completion per request; a repeated request gets a copy of its first occurrence's, marked cached."""
     completions: list[Completion] = []
     for i, k in enumerate(keys):
         c = results[k]
         if i != first_index[k]:
             c = dataclasses.replace(c, cached=True, extra=dict(c.extra))
         completions.append(c)
+    return completions
 
-    batch = CallBatch(
-        completions, member=llm.member, provider=provider, model=llm.model, label=label, cache_writes=cache_writes
-    )
-    for c in completions:
+
+async def run_calls(
+    backend: ChatBackend,
+    policy: CallPolicy,
+    requests: Sequence[CallRequest],
+    cache: ResponseCache | None = None,
+    *,
+    progress: ProgressFn | None = None,
+    label: str | None = None,
+    progress_every_s: float = 5.0,
+    seed: int | None = None,
+) -> CallBatch:
+    """Run the requests under the policy; one Completion per request, in order.
+
+    Identical requests (same `request_key`) are sent once and shared; the copies count as cache
+    hits. Failed calls come back as Completions with `error`/`error_kind` set. A
+    FatalProviderError cancels the remaining calls and raises BatchAbortedError.
+    """
+    label = label or backend.member or backend.model
+    start = time.monotonic()
+    keys = [request_key(backend.provider, backend.model, backend.base_url, r) for r in requests]
+    first_index: dict[str, int] = {}  # the first occurrence of each key is requested, later ones reuse it
+    for i, k in enumerate(keys):
+        first_index.setdefault(k, i)
+    hits: dict[str, Completion] = {}
+    if cache is not None and cache.reads and first_index:
+        hits = await cache.aget_many(first_index)
+    todo = [(k, requests[i]) for k, i in first_index.items() if k not in hits]
+    report = _Progress(progress, label, len(keys), len(keys) - len(todo), progress_every_s)
+    results = dict(hits)
+    if todo:
+        if progress:
+            progress(_start_line(label, backend, policy, len(keys), len(hits), len(todo)))
+        sender = _Sender(backend, policy, cache, report, seed)
+        results.update(await _send(sender, todo, len(hits), label))
+    batch = CallBatch(_in_request_order(keys, first_index, results), member=backend.member,
+                      provider=backend.provider, model=backend.model, label=label,
+                      cache_writes=cache is not None and cache.writes)
+    for c in batch.completions:
         batch.stats.add(c)
     batch.stats.elapsed_s = time.monotonic() - start
     if progress:
         progress(report.line() if todo else f"{label}: all {len(keys)} requests served from the cache")
     return batch
-
-
-def run_calls_blocking(llm: LLMResource, requests: Sequence[CallRequest], **kwargs: Any) -> CallBatch:
-    """`run_calls` for synchronous code (a fresh event loop; not for use inside a running loop)."""
-    return asyncio.run(run_calls(llm, requests, **kwargs))
