@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 import yaml
 
 from poll_assets.llm.base import CallRequest, ChatBackend, Completion, FatalProviderError, ProviderError
@@ -64,13 +66,23 @@ class ScriptedBackend(ChatBackend):
                           output_tokens=len(answer.split()), model=self.model, output_mode=mode)
 
 
+def write_panel_file(tmp_path: Path, raw: dict[str, Any], *, prompts: Sequence[str] = (),
+                     name: str = "panel.yaml") -> Path:
+    """The one way tests write a panel file: `raw` as YAML, and `prompts` (when given) beside it as
+    prompts.jsonl, one `{"prompt": ...}` per line, for `source.data_files: [prompts.jsonl]`."""
+    if prompts:
+        (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 def write_panel(tmp_path: Path, *, n_prompts: int = 4, shard_size: int = 2, n_generators: int = 2,
                 n_judges: int = 2, extra: dict | None = None, name: str = "panel.yaml") -> tuple[Panel, Path]:
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    """The scripted panel (all members `local`, see `scripted_resources`), written and loaded."""
     raw = {
         "name": "scripted",
-        "source": {"data_files": [data.name], "column_mapping": {"prompt": "instruction"},
+        "source": {"data_files": ["prompts.jsonl"], "column_mapping": {"prompt": "instruction"},
                    "num_examples": n_prompts, "shard_size": shard_size},
         "generators": [{"name": f"gen_{i}", "provider": "local", "model": f"gen-model-{i}", "family": f"g{i}"}
                        for i in range(n_generators)],
@@ -80,9 +92,7 @@ def write_panel(tmp_path: Path, *, n_prompts: int = 4, shard_size: int = 2, n_ge
         "schedule": {"cron": "0 3 * * *", "enabled": True},
         **(extra or {}),
     }
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw))
-    return load_panel(path)
+    return load_panel(write_panel_file(tmp_path, raw, prompts=PROMPTS, name=name))
 
 
 def scripted_resources(panel: Panel, fail: dict[str, str] | None = None) -> dict[str, ChatBackend]:

@@ -265,9 +265,9 @@ def _corrupt(monkeypatch: pytest.MonkeyPatch, module: object, name: str, change)
     """Wrap `module.name` so what it returns is changed by `change` (the stage code made buggy on purpose)."""
     real = getattr(module, name)
     if name in ("generate", "judge"):
-        async def wrapped(member, *args, **kwargs):
-            out = await real(member, *args, **kwargs)
-            return dg.Output(change(member, out.value.copy()), metadata=out.metadata)
+        async def wrapped(work, *args, **kwargs):  # work: the stage's MemberContext
+            out = await real(work, *args, **kwargs)
+            return dg.Output(change(work.member, out.value.copy()), metadata=out.metadata)
     else:
         def wrapped(*args, **kwargs):
             return change(real(*args, **kwargs))

@@ -17,12 +17,12 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 import pytest
-import yaml
 
 from poll_assets.llm.cache import ResponseCache
 from poll_assets.panel import Panel, load_panel
 from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets_tests.fake_llm_server import FakeLLMServer
+from poll_assets_tests.fake_panel import write_panel_file
 
 PARTITION = "shard-00000"
 KEY_ENV = "POLL_FAULT_TEST_KEY"
@@ -44,12 +44,12 @@ def base_url(server: FakeLLMServer, name: str, provider: str) -> str:
     return f"{server.url}/{tag(name, provider)}" + ("" if provider == "anthropic" else "/v1")
 
 
-def write_panel(tmp: Path, server: FakeLLMServer, n: int, *, concurrency: int = 8, max_retries: int = 5) -> Path:
-    prompts = tmp / "prompts.jsonl"
-    prompts.write_text("".join(f'{{"prompt": "Fault test prompt number {i}: say something short."}}\n' for i in range(n)))
+def http_panel_file(tmp: Path, server: FakeLLMServer, n: int, *, concurrency: int = 8, max_retries: int = 5) -> Path:
+    """A panel of HTTP members (hf_inference, openai, anthropic), each pointed at the fake server."""
+    prompts = [f"Fault test prompt number {i}: say something short." for i in range(n)]
     raw: dict[str, Any] = {
         "name": "faults",
-        "source": {"data_files": [str(prompts)], "column_mapping": {"prompt": "instruction"},
+        "source": {"data_files": [str(tmp / "prompts.jsonl")], "column_mapping": {"prompt": "instruction"},
                    "num_examples": n, "shard_size": n},
         "judging": {"aspect": "instruction-following"},
     }
@@ -63,9 +63,7 @@ def write_panel(tmp: Path, server: FakeLLMServer, n: int, *, concurrency: int = 
             }
             for name, provider, model, family in members
         ]
-    path = tmp / "panel.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    return write_panel_file(tmp, raw, prompts=prompts)
 
 
 def materialize(panel_path: Path, storage: Path, cache: Path) -> tuple[dg.ExecuteInProcessResult, dg.DagsterInstance, Panel]:
@@ -96,7 +94,7 @@ def env_key(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_transient_429_and_500_lose_no_row_and_retries_are_recorded(fake_llm, tmp_path, env_key):
     n = 40
     fake_llm.reset(latency_ms=5, rate_limit_fraction=0.025, server_error_fraction=0.025, retry_after_s=0.05, seed=7)
-    result, instance, panel = materialize(write_panel(tmp_path, fake_llm, n), tmp_path / "storage", tmp_path / "c.sqlite")
+    result, instance, panel = materialize(http_panel_file(tmp_path, fake_llm, n), tmp_path / "storage", tmp_path / "c.sqlite")
     assert result.success
     stats = fake_llm.stats()
     faults = stats["outcomes"].get("429", 0) + stats["outcomes"].get("500", 0)
@@ -151,7 +149,7 @@ print("finished", result.success, flush=True)
 def test_a_run_killed_during_generation_never_requests_a_cached_call_again(fake_llm, tmp_path, env_key):
     n = 30
     fake_llm.reset(latency_ms=150, jitter_ms=50)
-    panel_path = write_panel(tmp_path, fake_llm, n, concurrency=3)
+    panel_path = http_panel_file(tmp_path, fake_llm, n, concurrency=3)
     storage, cache_path = tmp_path / "storage", tmp_path / "cache.sqlite"
     env = {**os.environ, "PYTHONPATH": str(REPO), KEY_ENV: "fake-key"}
     proc = subprocess.Popen(
@@ -193,7 +191,7 @@ def test_a_run_killed_during_generation_never_requests_a_cached_call_again(fake_
 def test_a_provider_that_stays_down_fails_its_asset_clearly_and_keeps_the_rest(fake_llm, tmp_path, env_key):
     n = 12
     fake_llm.reset(latency_ms=5, forced_status={"gen_openai": 503})
-    panel_path = write_panel(tmp_path, fake_llm, n, max_retries=1)
+    panel_path = http_panel_file(tmp_path, fake_llm, n, max_retries=1)
     storage, cache_path = tmp_path / "storage", tmp_path / "cache.sqlite"
     result, instance, panel = materialize(panel_path, storage, cache_path)
     assert not result.success

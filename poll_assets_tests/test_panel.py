@@ -4,15 +4,15 @@ import pytest
 import yaml
 
 from poll_assets.panel import PANELS_DIR, PanelConfigError, load_panel
+from poll_assets_tests.fake_panel import write_panel_file
 
 
-def write_panel(tmp_path: Path, mutate) -> Path:
+def local_panel_file(tmp_path: Path, mutate) -> Path:
+    """The bundled `local` panel with `mutate` applied, written to tmp_path."""
     raw = yaml.safe_load((PANELS_DIR / "local.yaml").read_text())
     raw["source"]["data_files"] = [str((PANELS_DIR / "../data/sample_prompts.jsonl").resolve())]
     mutate(raw)
-    path = tmp_path / "panel.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_panel_file(tmp_path, raw)
 
 
 @pytest.mark.parametrize("name", ["local", "paper"])
@@ -51,7 +51,7 @@ def test_unknown_panel_lists_bundled_ones(monkeypatch):
 
 
 def test_bad_provider_names_file_field_member_and_allowed_values(tmp_path):
-    path = write_panel(tmp_path, lambda raw: raw["judges"][1].update(provider="antropic"))
+    path = local_panel_file(tmp_path, lambda raw: raw["judges"][1].update(provider="antropic"))
     with pytest.raises(PanelConfigError) as err:
         load_panel(path)
     msg = str(err.value)
@@ -64,19 +64,19 @@ def test_bad_provider_names_file_field_member_and_allowed_values(tmp_path):
 def test_param_a_provider_lacks_is_refused_at_load(tmp_path):
     def mutate(raw):
         raw["judges"][0].update(provider="anthropic", model="claude-3-haiku-20240307")
-    path = write_panel(tmp_path, mutate)
+    path = local_panel_file(tmp_path, mutate)
     with pytest.raises(PanelConfigError, match=r"judges\[0\].*\['seed', 'temperature'\] are not supported by provider 'anthropic'"):
         load_panel(path)
 
 
 def test_duplicate_member_names_refused(tmp_path):
-    path = write_panel(tmp_path, lambda raw: raw["judges"][0].update(name="smol_direct"))
+    path = local_panel_file(tmp_path, lambda raw: raw["judges"][0].update(name="smol_direct"))
     with pytest.raises(PanelConfigError, match="repeated: \\['smol_direct'\\]"):
         load_panel(path)
 
 
 def test_source_needs_exactly_one_origin(tmp_path):
-    path = write_panel(tmp_path, lambda raw: raw["source"].update(repo_id="org/ds"))
+    path = local_panel_file(tmp_path, lambda raw: raw["source"].update(repo_id="org/ds"))
     with pytest.raises(PanelConfigError, match="exactly one of repo_id"):
         load_panel(path)
 
