@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from poll_assets_tests.fake_llm_server import FakeLLMServer
+from poll_assets_tests.instance import make_dagster_home
 # One `dagster dev` server per session, shared by the UI and GraphQL tests (it is declared here so
 # both modules get the same instance rather than one each).
 from poll_assets_tests.dagster_dev import dagster_server  # noqa: F401
@@ -14,9 +15,7 @@ from poll_assets_tests.dagster_dev import dagster_server  # noqa: F401
 @pytest.fixture
 def dagster_home(tmp_path, monkeypatch) -> Path:
     """A throwaway Dagster instance, so tests never touch the project's run history."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    home = make_dagster_home(tmp_path / "dagster_home")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     return home
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from poll_assets_tests.instance import make_dagster_home
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FAST_PANEL = Path(__file__).resolve().parent / "panels" / "local_fast.yaml"
 ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"
@@ -126,11 +128,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def start_dagster_dev(home: Path, panel: Path = FAST_PANEL) -> Iterator[DagsterDevServer]:
     """Generator for a fixture: yields a ready server, and kills its process tree afterwards."""
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").write_text(
-        "telemetry:\n  enabled: false\n"
-        "concurrency:\n  runs:\n    max_concurrent_runs: 2\n"
-    )
+    make_dagster_home(home, "concurrency:\n  runs:\n    max_concurrent_runs: 2\n")
     # The UI greets a fresh instance on 127.0.0.1 with a newsletter dialog that would cover the
     # page; this is the file Dagster writes when someone presses "Skip" (dagster/_core/nux.py).
     (home / ".nux").mkdir(exist_ok=True)

@@ -20,6 +20,7 @@ from poll_assets.automation import SENSOR_NAME
 from poll_assets.panel import Panel, PanelConfigError, load_panel
 from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets_tests.fake_panel import scripted_resources, write_panel
+from poll_assets_tests.instance import make_dagster_home
 
 ALL = {"prompts", "generations/gen_0", "generations/gen_1", "combined_generations", "ratings/judge_0",
        "ratings/judge_1", "pooled_ratings", "preference_pairs"}
@@ -38,8 +39,7 @@ class World:
             shutil.copytree(template, tmp_path, dirs_exist_ok=True)
             self.panel, self.path = load_panel(tmp_path / "panel.yaml")
         else:
-            home.mkdir()
-            (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+            make_dagster_home(home)
             self.panel, self.path = write_panel(tmp_path)
         self.instance = dg.DagsterInstance.local_temp(str(home))
         self.cursor = None

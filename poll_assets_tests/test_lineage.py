@@ -12,6 +12,7 @@ from poll_assets import cli
 from poll_assets.lineage import TrailError, prompt_trail
 from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets_tests.fake_panel import scripted_resources, write_panel
+from poll_assets_tests.instance import make_dagster_home
 
 SHARD = "shard-00000"
 
@@ -19,9 +20,7 @@ SHARD = "shard-00000"
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lineage")
-    home = tmp / "home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    home = make_dagster_home(tmp / "home")
     # 3 generators and 3 judges on one shard of 3 prompts; judge_2 fails on one prompt, so a
     # trail shows a judge call error next to good verdicts (parse rate 1/3 is allowed here).
     panel, path = write_panel(tmp, n_prompts=6, shard_size=3, n_generators=3, n_judges=3,

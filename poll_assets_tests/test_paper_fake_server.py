@@ -18,6 +18,7 @@ from dagster._serdes import serialize_value
 from poll_assets.panel import PANELS_DIR, load_panel
 from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets_tests.fake_llm_server import FakeLLMServer
+from poll_assets_tests.instance import make_dagster_home
 
 CANARY = "sk-poll-SECRET-canary-123"
 PARTITION = "shard-00000"
@@ -54,9 +55,7 @@ def paper_on_fake(tmp_path: Path, url: str) -> tuple[Path, dict[str, Any]]:
 def run_partition(tmp_path: Path, fake: FakeLLMServer, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, ...]:
     for var in KEY_VARS:
         monkeypatch.setenv(var, CANARY)
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    home = make_dagster_home(tmp_path / "home")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     storage = tmp_path / "storage"
     path, raw = paper_on_fake(tmp_path, fake.url)

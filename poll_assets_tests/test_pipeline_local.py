@@ -8,14 +8,14 @@ import pytest
 
 from poll_assets.panel import load_panel
 from poll_assets.pipeline import JOB_NAME, build_definitions
+from poll_assets_tests.instance import make_dagster_home
 
 PARTITION = "shard-00000"
 
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    home = make_dagster_home(tmp_path_factory.mktemp("home"))
     storage = tmp_path_factory.mktemp("storage")
     panel, path = load_panel("local")
     defs = build_definitions(panel, path, storage_dir=str(storage), cache_path=str(home / "cache.sqlite"))
