@@ -32,8 +32,8 @@ def max_in_window(times: list[float], window: float) -> int:
 @pytest.mark.parametrize("limit", [1, 3, 16])
 def test_concurrency_never_exceeds_max(limit):
     backend = FakeBackend(latency_s=0.005)
-    llm = with_policy(backend, max_concurrency=limit)
-    batch = asyncio.run(run_calls(*llm, make_requests(60)))
+    target = with_policy(backend, max_concurrency=limit)
+    batch = asyncio.run(run_calls(*target, make_requests(60)))
     assert all(c.ok for c in batch.completions)
     assert backend.peak_in_flight == limit  # reached, never exceeded
 
@@ -48,8 +48,8 @@ def test_concurrency_slot_is_freed_during_backoff():
             return 1.0
 
     backend = FakeBackend(latency_s=0.07, script=script)
-    llm = with_policy(backend, max_concurrency=2, max_retries=1, retry=FixedWait())
-    batch = asyncio.run(run_calls(*llm, make_requests(20)))
+    target = with_policy(backend, max_concurrency=2, max_retries=1, retry=FixedWait())
+    batch = asyncio.run(run_calls(*target, make_requests(20)))
     assert all(c.ok for c in batch.completions)
     assert backend.peak_in_flight == 2
     # The other 19 calls all ran while q0 waited 1 s to retry: 0.67 s of work on both slots, where a
@@ -60,9 +60,9 @@ def test_concurrency_slot_is_freed_during_backoff():
 def test_rpm_limiter_spreads_calls():
     rpm = 1200  # 20/s, burst of 20
     backend = FakeBackend()
-    llm = with_policy(backend, max_concurrency=50, rpm=rpm)
+    target = with_policy(backend, max_concurrency=50, rpm=rpm)
     start = time.monotonic()
-    batch = asyncio.run(run_calls(*llm, make_requests(50)))
+    batch = asyncio.run(run_calls(*target, make_requests(50)))
     elapsed = time.monotonic() - start
     assert all(c.ok for c in batch.completions)
     # 50 calls at 20/s after a burst of 20 need at least 1.5 s.
@@ -80,9 +80,9 @@ def test_tpm_limiter_spreads_calls():
     tpm = per_call * 4 * 60  # 4 calls a second, burst of 4
     # Report usage equal to the estimate, so no refund changes the pace.
     backend = FakeBackend(usage=(per_call - 100, 100))
-    llm = with_policy(backend, max_concurrency=8, tpm=tpm)
+    target = with_policy(backend, max_concurrency=8, tpm=tpm)
     start = time.monotonic()
-    batch = asyncio.run(run_calls(*llm, reqs))
+    batch = asyncio.run(run_calls(*target, reqs))
     assert all(c.ok for c in batch.completions)
     assert time.monotonic() - start >= 0.9  # 4 beyond the burst at 4/s
     assert max_in_window(backend.starts, 0.5) <= 4 + 2 + 1
@@ -141,8 +141,8 @@ def test_rate_limit_with_retry_after_pauses_the_member():
         return None
 
     backend = FakeBackend(latency_s=0.01, script=script)
-    llm = with_policy(backend, max_concurrency=1, max_retries=2, retry=RetryPolicy(base_s=0.001))
-    asyncio.run(run_calls(*llm, make_requests(4)))
+    target = with_policy(backend, max_concurrency=1, max_retries=2, retry=RetryPolicy(base_s=0.001))
+    asyncio.run(run_calls(*target, make_requests(4)))
     # After the 429 the next attempt of any request waits out the Retry-After.
     assert backend.starts[1] - backend.starts[0] >= 0.3
 

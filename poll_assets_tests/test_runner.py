@@ -8,8 +8,8 @@ import pytest
 
 from poll_assets.llm.base import CallRequest, FatalProviderError, ProviderError
 from poll_assets.llm.cache import ResponseCache
-from poll_assets.llm.runner import BatchAbortedError, run_calls
 from poll_assets.llm.pricing import Price
+from poll_assets.llm.runner import BatchAbortedError, run_calls
 from poll_assets_tests.fake_backend import FakeBackend, with_policy, make_requests
 
 def run(target, requests, **kwargs):
@@ -18,9 +18,9 @@ def run(target, requests, **kwargs):
 
 def test_results_in_request_order_with_stats():
     backend = FakeBackend(latency_s=0.001)
-    llm = with_policy(backend, max_concurrency=8)
+    target = with_policy(backend, max_concurrency=8)
     reqs = make_requests(30)
-    batch = run(llm, reqs)
+    batch = run(target, reqs)
     assert [c.text for c in batch.completions] == [f"answer to q{i}" for i in range(30)]
     assert all(c.call_id and not c.cached and c.attempts == 1 for c in batch.completions)
     assert len({c.call_id for c in batch.completions}) == 30
@@ -38,8 +38,8 @@ def test_retry_on_429_honours_retry_after():
         return None
 
     backend = FakeBackend(script=script)
-    llm = with_policy(backend, max_concurrency=1, max_retries=3)
-    batch = run(llm, make_requests(3))
+    target = with_policy(backend, max_concurrency=1, max_retries=3)
+    batch = run(target, make_requests(3))
     assert all(c.ok for c in batch.completions)
     assert batch.completions[1].attempts == 2
     assert backend.attempts["q1"] == 2
@@ -55,8 +55,8 @@ def test_no_retry_on_non_retryable_errors(kind):
         return ProviderError(kind, f"fake: {kind}") if text == "q2" else None
 
     backend = FakeBackend(script=script)
-    llm = with_policy(backend, max_retries=5)
-    batch = run(llm, make_requests(4))
+    target = with_policy(backend, max_retries=5)
+    batch = run(target, make_requests(4))
     bad = batch.completions[2]
     assert not bad.ok and bad.error_kind == kind and bad.attempts == 1
     assert backend.attempts["q2"] == 1
@@ -69,8 +69,8 @@ def test_retries_exhausted_keeps_failed_row_and_others():
         return ProviderError("server", "fake: 503 overloaded") if text == "q0" else None
 
     backend = FakeBackend(script=script)
-    llm = with_policy(backend, max_retries=2)
-    batch = run(llm, make_requests(5))
+    target = with_policy(backend, max_retries=2)
+    batch = run(target, make_requests(5))
     bad = batch.completions[0]
     assert bad.text is None and bad.error == "fake: 503 overloaded" and bad.error_kind == "server"
     assert bad.attempts == 3 and backend.attempts["q0"] == 3
@@ -100,10 +100,10 @@ def test_timeout_is_retried_then_reported():
         return None
 
     backend = FakeBackend(script=script)
-    llm = with_policy(backend, timeout_s=0.1, max_retries=1)
+    target = with_policy(backend, timeout_s=0.1, max_retries=1)
     params = make_requests(1)[0].params
     reqs = [CallRequest.build([{"role": "user", "content": t}], params) for t in ("slow", "once", "fast")]
-    batch = run(llm, reqs)
+    batch = run(target, reqs)
     slow, once, fast = batch.completions
     assert slow.error_kind == "timeout" and slow.attempts == 2 and "0.1s" in slow.error
     assert once.ok and once.attempts == 2
@@ -117,10 +117,10 @@ def test_fatal_error_stops_batch_and_says_how_to_resume(tmp_path):
 
     cache = ResponseCache(tmp_path / "c.sqlite")
     backend = FakeBackend(script=script, latency_s=0.01)
-    llm = with_policy(backend, max_concurrency=1)
+    target = with_policy(backend, max_concurrency=1)
     reqs = make_requests(40)
     with pytest.raises(BatchAbortedError) as info:
-        run(llm, reqs, cache=cache, label="generations/fake_member")
+        run(target, reqs, cache=cache, label="generations/fake_member")
     msg = str(info.value)
     assert info.value.kind == "auth"
     assert "generations/fake_member" in msg and "401 invalid API key" in msg
@@ -140,9 +140,9 @@ def test_fatal_error_without_cache_says_calls_will_repeat():
     def script(text, attempt):
         return FatalProviderError("not_found", "fake: 404 model fake-1 not found") if text == "q2" else None
 
-    llm = with_policy(FakeBackend(script=script), max_concurrency=1)
+    target = with_policy(FakeBackend(script=script), max_concurrency=1)
     with pytest.raises(BatchAbortedError) as info:
-        run(llm, make_requests(5))
+        run(target, make_requests(5))
     msg = str(info.value)
     assert "model name or base_url" in msg and "will be requested again" in msg
 
@@ -161,8 +161,8 @@ def test_unclassified_backend_exception_stops_batch_with_context(tmp_path):
 
 def test_all_failed_and_failure_message():
     backend = FakeBackend(script=lambda text, attempt: ProviderError("server", "fake: 502 bad gateway"))
-    llm = with_policy(backend, max_retries=1)
-    batch = run(llm, make_requests(6), label="judgments/j")
+    target = with_policy(backend, max_retries=1)
+    batch = run(target, make_requests(6), label="judgments/j")
     assert batch.all_failed
     assert batch.stats.failures == 6 and batch.stats.calls == 12
     msg = batch.failure_message()
@@ -191,21 +191,21 @@ def test_duplicate_requests_are_sent_once():
 
 def test_cost_from_tokens_and_cache_hits_are_free(tmp_path):
     cache = ResponseCache(tmp_path / "c.sqlite")
-    llm = with_policy(FakeBackend())
-    first = run(llm, make_requests(10), cache=cache)
+    target = with_policy(FakeBackend())
+    first = run(target, make_requests(10), cache=cache)
     price = Price(input_per_mtok=2.0, output_per_mtok=10.0)
     expected = (first.stats.input_tokens * 2.0 + first.stats.output_tokens * 10.0) / 1e6
     assert first.stats.cost_usd(price) == pytest.approx(expected) and expected > 0
     assert first.stats.cost_usd(None) is None
-    again = run(llm, make_requests(10), cache=cache)
+    again = run(target, make_requests(10), cache=cache)
     assert again.stats.cost_usd(price) == 0.0
 
 
 def test_progress_is_throttled_and_reports_the_end():
     lines: list[str] = []
     backend = FakeBackend(latency_s=0.02)
-    llm = with_policy(backend, max_concurrency=2)
-    batch = run(llm, make_requests(40), progress=lines.append, label="gen/x", progress_every_s=0.1)
+    target = with_policy(backend, max_concurrency=2)
+    batch = run(target, make_requests(40), progress=lines.append, label="gen/x", progress_every_s=0.1)
     elapsed = batch.stats.elapsed_s
     assert lines[0].startswith("gen/x: 40 requests") and "40 to call" in lines[0]
     assert lines[-1].startswith("gen/x: 40/40 done") and "0 failed" in lines[-1]
@@ -226,9 +226,9 @@ def test_progress_reports_failures_so_far():
 def test_fresh_event_loop_per_batch():
     # Limits are loop-bound; the same resource must work across separate asyncio.run calls.
     backend = FakeBackend()
-    llm = with_policy(backend, max_concurrency=2, rpm=60_000, tpm=10_000_000)
+    target = with_policy(backend, max_concurrency=2, rpm=60_000, tpm=10_000_000)
     for tag in "abc":
-        batch = run(llm, make_requests(5, tag=tag))
+        batch = run(target, make_requests(5, tag=tag))
         assert all(c.ok for c in batch.completions)
     assert backend.total_calls == 15
 
@@ -242,7 +242,7 @@ def test_empty_batch():
 def test_a_fixed_pool_of_workers_whatever_the_batch_size():
     # Memory must not grow with the partition: no task per call, only one per concurrency slot.
     backend = FakeBackend(latency_s=0.0005)
-    llm = with_policy(backend, max_concurrency=8)
+    target = with_policy(backend, max_concurrency=8)
     peak = 0
 
     async def main() -> list:
@@ -253,7 +253,7 @@ def test_a_fixed_pool_of_workers_whatever_the_batch_size():
                 await asyncio.sleep(0)
 
         watcher = asyncio.create_task(watch())
-        batch = await run_calls(*llm, make_requests(2000))
+        batch = await run_calls(*target, make_requests(2000))
         watcher.cancel()
         return batch.completions
 
