@@ -19,6 +19,8 @@ from poll_assets.llm.policy import CallPolicy, RetryPolicy
 # What a script returns for (request text, attempt number): None = answer normally,
 # an exception = raise it, a float = stall that many seconds first.
 Script = Callable[[str, int], "BaseException | float | None"]
+# What the backend answers, when the default echo will not do (e.g. verdicts shaped by a schema).
+Answer = Callable[[CallRequest], Completion]
 
 
 # Retries a test waits for take milliseconds, not seconds.
@@ -36,6 +38,7 @@ class FakeBackend(ChatBackend):
         script: Script | None = None,
         prefix: str = "answer to",
         usage: tuple[int, int] | None = None,
+        answer: Answer | None = None,
     ) -> None:
         self.model = model
         self.member = member
@@ -43,6 +46,7 @@ class FakeBackend(ChatBackend):
         self.script = script
         self.prefix = prefix
         self.usage = usage  # (input, output) tokens to report instead of word counts
+        self.answer = answer
         self.attempts: Counter[str] = Counter()  # per prompt text
         self.starts: list[float] = []  # monotonic time each attempt started
         self.order: list[str] = []  # prompt texts in the order attempts started
@@ -70,6 +74,8 @@ class FakeBackend(ChatBackend):
                 raise action
             if isinstance(action, (int, float)):
                 await asyncio.sleep(action)
+            if self.answer is not None:
+                return self.answer(request)
             answer = f"{self.prefix} {text}"
             tokens_in, tokens_out = self.usage or (len(text.split()) + 3, len(answer.split()))
             return Completion(

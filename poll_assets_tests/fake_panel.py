@@ -1,8 +1,8 @@
 """A small panel that runs the real graph in well under a second per shard.
 
 Members are declared `local` (so the panel validates like any other) but the test binds a
-`ScriptedBackend` to each member's resource key instead: generators answer with a line naming the model, judges return JSON
-verdicts shaped by the request's schema, with ratings derived from a hash so they vary between
+`FakeBackend` to each member's resource key instead: generators answer with a line naming the
+member, judges return JSON verdicts shaped by the request's schema, with ratings derived from a hash so they vary between
 generations and judges. `fail` makes a member raise on every call, or on calls whose prompt
 contains one of the given words.
 """
@@ -14,11 +14,13 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
 import yaml
 
 from poll_assets.llm.base import CallRequest, ChatBackend, Completion, FatalProviderError, ProviderError
 from poll_assets.llm.resources import resource_key
 from poll_assets.panel import Panel, load_panel
+from poll_assets_tests.fake_backend import Answer, FakeBackend, Script
 
 PROMPTS = [
     "Name three primary colours.",
@@ -32,38 +34,39 @@ PROMPTS = [
 ]
 
 
-class ScriptedBackend(ChatBackend):
-    provider = "scripted"
+def refusing(member: str, fail: str) -> Script | None:
+    """A FakeBackend script for `fail`: "" never fails, "*" refuses every call (fatal), otherwise
+    comma-separated words make a call whose prompt contains one fail (not retryable)."""
+    if not fail:
+        return None
 
-    def __init__(self, member: str, model: str, fail: str) -> None:
-        self.member = member
-        self.model = model
-        self.fail = fail  # "" = never, "*" = every call, otherwise comma-separated words
+    def script(text: str, attempt: int) -> BaseException | None:
+        if fail == "*":
+            return FatalProviderError("auth", f"scripted: {member} refuses every call")
+        if any(w in text for w in fail.split(",")):
+            return ProviderError("bad_request", f"scripted: {member} refuses this prompt")
+        return None
 
-    def _should_fail(self, text: str) -> bool:
-        if not self.fail:
-            return False
-        return self.fail == "*" or any(w in text for w in self.fail.split(","))
+    return script
 
-    async def complete(self, request: CallRequest) -> Completion:
+
+def panel_answer(member: str, model: str) -> Answer:
+    """Generators answer with a line naming the member; judges with JSON verdicts for the schema's keys."""
+
+    def answer(request: CallRequest) -> Completion:
         text = request.messages[-1][1]
-        if self._should_fail(text):
-            if self.fail == "*":
-                raise FatalProviderError("auth", f"scripted: {self.member} refuses every call")
-            raise ProviderError("bad_request", f"scripted: {self.member} refuses this prompt")
         if request.json_schema is not None:
-            keys = request.json_schema["required"]
             verdicts = {}
-            for k in keys:
-                digest = hashlib.sha256(f"{self.member}|{k}|{text}".encode()).digest()
-                verdicts[k] = {"rationale": f"{self.member} on {k}", "rating": 1 + digest[0] % 5}
-            answer = json.dumps(verdicts)
-            mode = "json_schema"
+            for k in request.json_schema["required"]:
+                digest = hashlib.sha256(f"{member}|{k}|{text}".encode()).digest()
+                verdicts[k] = {"rationale": f"{member} on {k}", "rating": 1 + digest[0] % 5}
+            out, mode = json.dumps(verdicts), "json_schema"
         else:
-            answer = f"[{self.member}] {text[:40]}"
-            mode = "text"
-        return Completion(text=answer, finish_reason="stop", input_tokens=len(text.split()),
-                          output_tokens=len(answer.split()), model=self.model, output_mode=mode)
+            out, mode = f"[{member}] {text[:40]}", "text"
+        return Completion(text=out, finish_reason="stop", input_tokens=len(text.split()),
+                          output_tokens=len(out.split()), model=model, output_mode=mode)
+
+    return answer
 
 
 def write_panel_file(tmp_path: Path, raw: dict[str, Any], *, prompts: Sequence[str] = (),
@@ -96,7 +99,11 @@ def write_panel(tmp_path: Path, *, n_prompts: int = 4, shard_size: int = 2, n_ge
 
 
 def scripted_resources(panel: Panel, fail: dict[str, str] | None = None) -> dict[str, ChatBackend]:
-    """A backend for every member's resource key. `fail` maps a member name to "*" (every call fails)
-    or words that make a call fail; either failure is one the runner does not retry."""
+    """A FakeBackend for every member's resource key. `fail` maps a member name to "*" (every call
+    fails) or words that make a call fail; either failure is one the runner does not retry."""
     fail = fail or {}
-    return {resource_key(m): ScriptedBackend(m.name, m.model, fail.get(m.name, "")) for m in panel.members}
+    return {
+        resource_key(m): FakeBackend(m.model, m.name, script=refusing(m.name, fail.get(m.name, "")),
+                                     answer=panel_answer(m.name, m.model))
+        for m in panel.members
+    }
