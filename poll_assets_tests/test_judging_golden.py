@@ -10,7 +10,7 @@ import pytest
 
 from poll_assets.agreement import judge_agreement
 from poll_assets.binarize import FEWER_THAN_TWO, PreferencePair, binarize
-from poll_assets.pooling import pool_ratings, self_family_mask
+from poll_assets.pooled_ratings import pool_ratings, self_family_mask
 from poll_assets.rubrics import get_rubric
 from poll_assets.verdicts import Verdict, parse_failure_rate, parse_verdicts, presentation_order, restore_order
 

@@ -14,7 +14,7 @@ from poll_assets.checks import asset_check_specs, evaluate_checks
 from poll_assets.lineage import pooled_column_lineage
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import plain_list
-from poll_assets.pooling import pool_ratings, self_family_mask
+from poll_assets.pooled_ratings import pool_ratings, self_family_mask
 from poll_assets.rubrics.ultrafeedback import get_rubric
 
 

@@ -17,7 +17,7 @@ from poll_assets.agreement import judge_agreement
 from poll_assets.io_manager import default_dagster_home
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import plain_list
-from poll_assets.publish import export_preference_set
+from poll_assets.dataset_export import export_preference_set
 from poll_assets.rubrics.ultrafeedback import get_rubric, prompt_version
 
 DATASET_KEY = dg.AssetKey("preference_dataset")

@@ -1,4 +1,5 @@
-"""Pooling the panel's ratings into one score per generation, with the self-preference mask."""
+"""Pooling the panel's ratings into one score per generation, with the self-preference mask (pure; the
+`pooled_ratings` asset in assets/pooling.py calls it)."""
 
 from __future__ import annotations
 
