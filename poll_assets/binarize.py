@@ -12,7 +12,7 @@ are skipped; a generation is never paired with itself; pairs whose margin is 0 a
 dropped and counted; pairs whose margin is below `min_margin` are dropped and counted. When several
 generations tie for best (or worst), one of them is picked with a generator seeded by (seed, key) -
 so the result is deterministic, but no generator position is systematically favoured as it would
-be by "lowest index wins" (`tie_break="lowest_index"` is available for that behaviour).
+be by "lowest index wins".
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
-STRATEGIES = ("best_vs_worst", "best_vs_random", "all_pairs")
-TIE_BREAKS = ("random", "lowest_index")
+Strategy = Literal["best_vs_worst", "best_vs_random", "all_pairs"]  # the one list; the panel's `binarization.strategy` uses it
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 FEWER_THAN_TWO = "fewer than two rated generations"
 TIE = "tie"
@@ -59,14 +59,11 @@ def binarize(
     seed: int = 0,
     key: str = "",
     valid: list[bool] | None = None,
-    tie_break: str = "random",
 ) -> BinarizeResult:
     """Pairs for one prompt from its generations' pooled ratings. `key` (e.g. the prompt id) varies
     the random choices between prompts while keeping each one reproducible."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown binarization strategy {strategy!r}; use one of {list(STRATEGIES)}")
-    if tie_break not in TIE_BREAKS:
-        raise ValueError(f"unknown tie_break {tie_break!r}; use one of {list(TIE_BREAKS)}")
     if min_margin < 0:
         raise ValueError(f"min_margin must be >= 0, got {min_margin}")
     if valid is not None and len(valid) != len(avg_ratings):
@@ -82,7 +79,7 @@ def binarize(
     score = {g: float(avg_ratings[g]) for g in rated}  # type: ignore[arg-type]
 
     def pick(candidates: list[int]) -> int:
-        return candidates[0] if tie_break == "lowest_index" or len(candidates) == 1 else rng.choice(candidates)
+        return candidates[0] if len(candidates) == 1 else rng.choice(candidates)
 
     def offer(chosen: int, rejected: int) -> None:
         margin = score[chosen] - score[rejected]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
-POOLING_METHODS = ("mean", "median", "majority")
+PoolingMethod = Literal["mean", "median", "majority"]  # the one list; the panel's `pooling.method` uses it
+POOLING_METHODS: tuple[str, ...] = get_args(PoolingMethod)
 
 
 @dataclass
