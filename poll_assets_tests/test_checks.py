@@ -400,3 +400,14 @@ def test_a_subset_of_a_stage_evaluates_only_its_selected_checks(tmp_path):
     assert not result.success
     assert set(_materialized(result)) == {"prompts", "generations/gen_0"}
     assert set(_evaluations(result)) == {("prompts", "prompts_valid"), ("generations/gen_0", "one_row_per_prompt")}
+
+
+def test_ratings_metadata_counts_parse_failures_apart_from_failed_judge_calls(tmp_path):
+    # judge_1's call on the first prompt fails: two verdicts without a rating, neither a parse failure.
+    result, _ = _run(tmp_path, fail={"judge_1": "primary colours"})
+    stored = {e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
+              for e in _events(result, "ASSET_MATERIALIZATION")}
+    meta = stored["ratings/judge_1"]
+    assert meta["judge_call_failures"].value == 2
+    assert meta["parse_failures"].value == 0 and meta["parse_failure_rate"].value == 0.0
+    assert stored["ratings/judge_0"]["judge_call_failures"].value == 0
