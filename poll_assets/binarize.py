@@ -51,6 +51,24 @@ def _rng(seed: int, key: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
+def _pick(candidates: list[int], rng: random.Random) -> int:
+    return candidates[0] if len(candidates) == 1 else rng.choice(candidates)
+
+
+def _proposed(strategy: str, rated: list[int], score: dict[int, float], rng: random.Random) -> list[tuple[int, int]]:
+    """The (chosen, rejected) pairs the strategy proposes, before margins are checked. When every
+    rating is equal it proposes the best against itself, which the caller counts as a tie."""
+    top = max(score.values())
+    best = _pick([g for g in rated if score[g] == top], rng)
+    if strategy == "best_vs_worst":
+        bottom = min(score.values())
+        return [(best, best)] if bottom == top else [(best, _pick([g for g in rated if score[g] == bottom], rng))]
+    if strategy == "best_vs_random":
+        lower = [g for g in rated if score[g] < top]
+        return [(best, rng.choice(lower))] if lower else [(best, best)]
+    return [(a, b) if score[a] >= score[b] else (b, a) for i, a in enumerate(rated) for b in rated[i + 1:]]
+
+
 def binarize(
     avg_ratings: list[float | None],
     *,
@@ -68,20 +86,13 @@ def binarize(
         raise ValueError(f"min_margin must be >= 0, got {min_margin}")
     if valid is not None and len(valid) != len(avg_ratings):
         raise ValueError(f"valid has {len(valid)} entries for {len(avg_ratings)} generations")
-    rated = [
-        g for g, r in enumerate(avg_ratings) if r is not None and (valid is None or valid[g])
-    ]
+    rated = [g for g, r in enumerate(avg_ratings) if r is not None and (valid is None or valid[g])]
     result = BinarizeResult(n_rated=len(rated))
     if len(rated) < 2:
         result.reason = FEWER_THAN_TWO
         return result
-    rng = _rng(seed, key)
     score = {g: float(avg_ratings[g]) for g in rated}  # type: ignore[arg-type]
-
-    def pick(candidates: list[int]) -> int:
-        return candidates[0] if len(candidates) == 1 else rng.choice(candidates)
-
-    def offer(chosen: int, rejected: int) -> None:
+    for chosen, rejected in _proposed(strategy, rated, score, _rng(seed, key)):
         margin = score[chosen] - score[rejected]
         if margin <= 0:
             result.ties_dropped += 1
@@ -89,26 +100,6 @@ def binarize(
             result.below_margin += 1
         else:
             result.pairs.append(PreferencePair(chosen, rejected, margin))
-
-    top = max(score.values())
-    best = pick([g for g in rated if score[g] == top])
-    if strategy == "best_vs_worst":
-        bottom = min(score.values())
-        if bottom == top:
-            result.ties_dropped += 1
-        else:
-            offer(best, pick([g for g in rated if score[g] == bottom]))
-    elif strategy == "best_vs_random":
-        lower = [g for g in rated if score[g] < top]
-        if not lower:
-            result.ties_dropped += 1
-        else:
-            offer(best, rng.choice(lower))
-    else:
-        for i, a in enumerate(rated):
-            for b in rated[i + 1:]:
-                hi, lo = (a, b) if score[a] >= score[b] else (b, a)
-                offer(hi, lo)
     if not result.pairs:
         result.reason = BELOW_MARGIN if result.below_margin else TIE
     return result
