@@ -22,6 +22,7 @@ from poll_assets.assets.judging import check_ratings_valid, check_unrated_verdic
 from poll_assets.assets.pooling import check_agreement, check_pooled_coverage, pooled_agreement
 from poll_assets.assets.preferences import check_pairs
 from poll_assets.assets.prompts import check_prompts
+from poll_assets.io_manager import partition_path
 from poll_assets.rubrics import get_rubric
 from poll_assets.pipeline import JOB_NAME, build_assets, build_definitions, build_resources
 from poll_assets_tests.fake_panel import PROMPTS, scripted_resources, write_panel
@@ -372,7 +373,7 @@ def test_a_bad_shard_fails_its_check_in_the_asset_step(tmp_path, monkeypatch, me
     # The check ran in the step that made the asset, after the asset was stored.
     materialized = _materialized(result)
     assert event.step_key == materialized[asset]
-    assert (tmp_path / "storage" / asset / f"{SHARD}.parquet").is_file()
+    assert partition_path(tmp_path / "storage", dg.AssetKey.from_user_string(asset), SHARD).is_file()
 
     graph = defs.resolve_asset_graph()
     key = dg.AssetKey.from_user_string(asset)
@@ -385,7 +386,7 @@ def test_a_bad_shard_fails_its_check_in_the_asset_step(tmp_path, monkeypatch, me
         assert f"{asset}: {check}" in failure.event_specific_data.error.message
         assert not downstream & set(materialized), "an asset was built on a shard a blocking check rejected"
         for stage in downstream:
-            assert not (tmp_path / "storage" / stage / f"{SHARD}.parquet").exists()
+            assert not partition_path(tmp_path / "storage", dg.AssetKey.from_user_string(stage), SHARD).exists()
     else:
         assert result.success and downstream <= set(materialized)
 
