@@ -10,7 +10,7 @@
       "judging": {"shuffle_positions": bool, "exclude_self_family": bool, "seed": int, "structured": bool},
       "pooling": {"method": str, "min_judges": int},
       "binarization": {"strategy": str, "min_margin": float, "seed": int},
-      "counts": {"prompts": int, "pairs": int, "ties_dropped": int, "parse_failures": int, ...},
+      "counts": {"prompts": int, "pairs": int, "prompts_without_pair": int, "unrated_verdicts": int, ...},
       "agreement": {"krippendorff_alpha": float | None, "mean_cohen_kappa_quadratic": ..., "pairwise": [...]},
     }
 
