@@ -11,6 +11,7 @@ output and parsed ratings, the pooled ratings and the pairs.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
@@ -113,20 +114,28 @@ class _Reader:
         return row
 
 
+    def member_rows(self, prefix: str, order: list[str] | None) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(member, its row) for every member stored under `prefix` that has a row for the prompt."""
+        for name in _members(self.base, prefix, order):
+            row = self.row(dg.AssetKey([prefix, name]))
+            if row is not None:
+                yield name, row
+
+
+def _usage(row: dict[str, Any], *extra: str) -> dict[str, Any]:
+    return {k: row.get(k) for k in ("input_tokens", "output_tokens", *extra)}
+
+
 def _trail_generations(read: _Reader, order: list[str] | None) -> list[dict[str, Any]]:
     generations = []
-    for name in _members(read.base, GENERATIONS_PREFIX, order):
-        row = read.row(dg.AssetKey([GENERATIONS_PREFIX, name]))
-        if row is None:
-            continue
+    for name, row in read.member_rows(GENERATIONS_PREFIX, order):
         generations.append({
             "generator": name,
             "model": row.get("model_name"),
             "served_model": row.get("served_model"),
             "text": row.get("generation"),
             "finish_reason": row.get("finish_reason"),
-            "usage": {"input_tokens": row.get("input_tokens"), "output_tokens": row.get("output_tokens"),
-                      "latency_s": row.get("latency_s"), "cached": row.get("cached")},
+            "usage": _usage(row, "latency_s", "cached"),
             "call_id": row.get("call_id"),
             "error": row.get("error"),
         })
@@ -135,16 +144,13 @@ def _trail_generations(read: _Reader, order: list[str] | None) -> list[dict[str,
 
 def _trail_judges(read: _Reader, pooled: dict[str, Any] | None) -> list[dict[str, Any]]:
     judges = []
-    for name in _members(read.base, RATINGS_PREFIX, None):
-        row = read.row(dg.AssetKey([RATINGS_PREFIX, name]))
-        if row is None:
-            continue
+    for name, row in read.member_rows(RATINGS_PREFIX, None):
         judges.append({
             "judge": name,
             "model": row.get("model_name"),
             "ratings": _ints(row.get("ratings")),
             **{k: row.get(k) for k in ("rationales", "rating_errors", "shown_order", "raw_output", "output_mode")},
-            "usage": {"input_tokens": row.get("input_tokens"), "output_tokens": row.get("output_tokens")},
+            "usage": _usage(row),
             "call_id": row.get("call_id"),
             "error": row.get("error"),
         })
