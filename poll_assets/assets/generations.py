@@ -21,9 +21,10 @@ from poll_assets.llm.runner import run_calls
 from poll_assets.panel import Member, Panel
 from poll_assets.parquet_values import is_missing, plain, plain_list
 
+GENERATIONS_PREFIX = "generations"  # generations/<member>
 COMBINED_KEY = dg.AssetKey("combined_generations")
 GENERATION_COLUMNS = schema(
-    "generations/<g>",
+    f"{GENERATIONS_PREFIX}/<g>",
     ("prompt_id", "string", "the prompt answered"),
     ("generation", "string", "the answer; None when the call failed"),
     ("model_name", "string", "the model the panel names"),
@@ -39,7 +40,7 @@ GENERATION_COLUMNS = schema(
     ("error", "string", "why the call failed; None on success"),
 )
 COMBINED_COLUMNS = schema(
-    "combined_generations",
+    COMBINED_KEY.to_user_string(),
     ("prompt_id", "string", "the prompt"),
     ("instruction", "string", "the prompt text"),
     ("generations", "list<string>", "every generator's answer, in panel order; None for a failed one"),
@@ -56,9 +57,6 @@ def generation_messages(member: Member, instruction: str) -> list[Message]:
         messages.append({"role": "system", "content": member.system_prompt})
     messages.append({"role": "user", "content": instruction})
     return messages
-
-
-GENERATIONS_PREFIX = "generations"  # generations/<member>
 
 
 def generation_key(member: Member) -> dg.AssetKey:

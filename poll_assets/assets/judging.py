@@ -23,8 +23,9 @@ from poll_assets.parquet_values import is_missing, plain_list
 from poll_assets.rubrics.ultrafeedback import Rubric, build_judge_messages, prompt_version, verdict_json_schema
 from poll_assets.verdicts import Verdict, parse_failure_rate, parse_verdicts, presentation_order, restore_order
 
+RATINGS_PREFIX = "ratings"  # ratings/<member>
 RATING_COLUMNS = schema(
-    "ratings/<j>",
+    f"{RATINGS_PREFIX}/<j>",
     ("prompt_id", "string", "the prompt judged"),
     ("judge", "string", "the panel member that judged"),
     ("model_name", "string", "the judge's model"),
@@ -40,9 +41,6 @@ RATING_COLUMNS = schema(
     ("output_tokens", "int", "answer tokens of the judge call"),
     ("error", "string", "why the judge call failed; None on success"),
 )
-
-
-RATINGS_PREFIX = "ratings"  # ratings/<member>
 
 
 def ratings_key(member: Member) -> dg.AssetKey:

@@ -23,7 +23,7 @@ from poll_assets.rubrics.ultrafeedback import Rubric
 POOLED_KEY = dg.AssetKey("pooled_ratings")
 AGREEMENT = "agreement"  # the name under which the step hands its checks the agreement it computed
 POOLED_COLUMNS = schema(
-    "pooled_ratings",
+    POOLED_KEY.to_user_string(),
     ("prompt_id", "string", "the prompt"),
     ("instruction", "string", "the prompt text"),
     ("generations", "list<string>", "the answers, in panel order (as in combined_generations)"),

@@ -19,7 +19,7 @@ from poll_assets.parquet_values import is_missing, plain_list
 
 PAIRS_KEY = dg.AssetKey("preference_pairs")
 PAIR_COLUMNS = schema(
-    "preference_pairs",
+    PAIRS_KEY.to_user_string(),
     ("prompt", "string", "the prompt text"),
     ("prompt_id", "string", "the prompt's id"),
     ("chosen", "list<struct<role,content>>", "the chat: the prompt, then the preferred answer"),

@@ -17,7 +17,7 @@ from poll_assets.prompt_source import describe_source, load_instructions, select
 
 PROMPTS_KEY = dg.AssetKey("prompts")
 PROMPT_COLUMNS = schema(
-    "prompts",
+    PROMPTS_KEY.to_user_string(),
     ("prompt_id", "string", "sha256 hex of the instruction; every later row of this prompt carries it"),
     ("instruction", "string", "the prompt text, as read from the source"),
     ("source_row", "int", "the row of the source it was read from"),
