@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -359,12 +360,16 @@ def asset_check_specs(
 ) -> list[dg.AssetCheckSpec]:
     """The check specs to declare on the asset `key` (`check_specs=` of its @asset / @multi_asset).
 
-    Partitioned like the asset, so each evaluation is recorded against the shard the step made."""
-    return [
-        dg.AssetCheckSpec(d.name, asset=key, description=d.description, blocking=d.blocking,
-                          partitions_def=partitions_def)
-        for d in _check_defs(panel, key)
-    ]
+    Partitioned like the asset, so each evaluation is recorded against the shard the step made.
+    Dagster 1.13 calls a partitioned check spec "preview" and warns once per spec on every load;
+    only that warning is silenced, here where the spec is made."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Specifying a partitions_def on an AssetCheckSpec", dg.PreviewWarning)
+        return [
+            dg.AssetCheckSpec(d.name, asset=key, description=d.description, blocking=d.blocking,
+                              partitions_def=partitions_def)
+            for d in _check_defs(panel, key)
+        ]
 
 
 def evaluate_checks(

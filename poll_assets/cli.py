@@ -49,16 +49,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# `dagster dev` warns on every start that it is superseded by `dg dev`, which needs the dagster-dg
+# CLI and a dg project; we ship neither, so this exact hint is silenced (in that process only).
+_DG_DEV_HINT = "ignore:Function `dev_command` is superseded:Warning"
+
+
+def ui_argv(host: str, port: int) -> list[str]:
+    """`dagster dev` run by this interpreter (`python -m dagster`), so it works from the venv's
+    script without the venv on PATH; its webserver and daemon start with the same interpreter."""
+    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
+    argv = [sys.executable, "-W", _DG_DEV_HINT, "-m", "dagster", "dev", "-h", host, "-p", str(port)]
+    return argv + (["-w", str(workspace)] if workspace.is_file() else ["-m", "poll_assets.definitions"])
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     home = _use_project_home()
-    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
-    argv = ["dagster", "dev", "-h", args.host, "-p", str(args.port)]
-    if workspace.is_file():
-        argv += ["-w", str(workspace)]
-    else:
-        argv += ["-m", "poll_assets.definitions"]
+    argv = ui_argv(args.host, args.port)
     print(f"DAGSTER_HOME={home}; opening http://{args.host}:{args.port}", flush=True)
-    os.execvp(argv[0], argv)
+    os.execv(argv[0], argv)
     return 0
 
 
