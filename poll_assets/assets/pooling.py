@@ -7,7 +7,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.agreement import judge_agreement
+from poll_assets.agreement import agreement_metrics, judge_agreement
 from poll_assets.assets.judging import ratings_key
 from poll_assets.assets.metadata import table_metadata
 from poll_assets.checks import asset_check_specs, evaluate_checks
@@ -79,6 +79,7 @@ def build_pooled_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) ->
         alpha = agreement.get("krippendorff_alpha")
         meta["agreement/krippendorff_alpha"] = dg.MetadataValue.float(alpha) if alpha is not None else dg.MetadataValue.null()
         meta["agreement/pairwise"] = dg.MetadataValue.json(agreement)
+        meta.update(agreement_metrics(agreement))  # each pairwise figure a number, so the UI plots it
         unrated = sum(v is None for avg in df["avg_poll_ratings"] for v in avg) if len(df) else 0
         meta["unrated_generations"] = unrated
         context.log.info(f"pooled {len(df)} prompts; Krippendorff alpha={alpha}")
