@@ -12,9 +12,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from poll_assets.cli import ui_argv
+from poll_assets.cli import run_job, ui_argv
 from poll_assets.panel import load_panel
-from poll_assets.pipeline import build_definitions
+from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets_tests.dagster_dev import _NO_PROXY, free_port, serve, server_env, write_test_home
 
 POLL_ASSETS_SCRIPT = Path(sys.executable).with_name("poll-assets")
@@ -54,3 +54,15 @@ def test_poll_assets_ui_the_readme_way_without_venv_on_path(tmp_path: Path) -> N
     log = server.log_tail(200_000)
     assert "PreviewWarning" not in log, log
     assert "dg dev" not in log, log
+
+
+def test_cli_runs_the_job_the_ui_materialize_all_runs() -> None:
+    """`poll-assets run` and the UI's *Materialize all* record one job name: Dagster's implicit asset
+    job. The UI picks the first of an asset's job names, sorted, so `__ASSET_JOB` wins over `poll_job`
+    (the browser test checks the UI's side); it must still cover every asset `poll_job` does."""
+    defs = build_definitions(*load_panel("local"))
+    job = run_job(defs)
+    assert job.name == "__ASSET_JOB"
+    assert sorted(["poll_job", job.name])[0] == job.name
+    assert job.asset_layer.executable_asset_keys == defs.resolve_job_def(JOB_NAME).asset_layer.executable_asset_keys
+    assert job.partitions_def is not None
