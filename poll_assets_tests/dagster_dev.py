@@ -24,7 +24,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FAST_PANEL = Path(__file__).resolve().parent / "panels" / "local_fast.yaml"
-ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"
+ARTIFACTS_ENV = "POLL_TEST_ARTIFACTS"  # where UI tests keep their screenshots; default: pytest's tmp dir
 DAGSTER_EXE = Path(sys.executable).with_name("dagster")
 START_TIMEOUT_S = 180.0
 RUN_TIMEOUT_S = 600.0
@@ -46,6 +46,16 @@ def require(condition: bool, what: str) -> None:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"{what} (CI=true: .ci/run should have provided it)", pytrace=False)
     pytest.skip(what)
+
+
+def artifacts_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder for a test's artifacts: `$POLL_TEST_ARTIFACTS/<name>` when set (CI collects it),
+    else `<pytest's base tmp dir>/artifacts/<name>`, which pytest keeps for the last three sessions."""
+    root = os.environ.get(ARTIFACTS_ENV)
+    base = Path(root) if root else tmp_path_factory.getbasetemp() / "artifacts"
+    path = (base / name).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def free_port() -> int:
