@@ -29,6 +29,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--no-proxy-server",  # the server is on loopback; never ask a proxy from the environment
 ]
+SIDEBAR = ("Overview", "Runs", "Catalog", "Jobs", "Automation", "Lineage", "Deployment")
 UI_PARTITION = "shard-00000"  # the GraphQL test launches another shard, so the two never collide
 
 
@@ -82,6 +83,11 @@ def test_asset_graph_has_a_node_per_generator_and_judge(dagster_server: DagsterD
     panel, path = load_panel(FAST_PANEL)
     n_assets = len(build_definitions(panel, path).resolve_all_asset_keys())
     page.goto(f"{dagster_server.url}/asset-groups", wait_until="domcontentloaded")
+    # The README names the sidebar's entries: Catalog and Lineage (there is no "Assets" entry).
+    nav = page.locator("a")
+    for entry in SIDEBAR:
+        nav.filter(has_text=re.compile(f"^{entry}$")).first.wait_for(state="visible")
+    assert nav.filter(has_text=re.compile("^Assets$")).count() == 0
     _expand_all_groups(page)
     # Asset nodes are HTML inside the graph's SVG; group titles there carry the same names as
     # some assets (`prompts`), so match the asset-name element of the pinned UI's node component.
@@ -151,6 +157,29 @@ def test_materialize_one_partition_from_the_ui(dagster_server: DagsterDevServer,
     assert int(metadata["pairs"]) == rows
     assert int(metadata["dagster/row_count"]) == rows
     assert int(metadata["prompts"]) == 1  # shard_size 1 in the fast panel
+
+    # Numeric metadata plots: Overview -> Metadata -> Plots, per partition by default, over time
+    # behind the Events toggle; each judge pair's kappa is a plot of its own.
+    page.goto(f"{dagster_server.url}/assets/pooled_ratings", wait_until="domcontentloaded")
+    plots = page.locator("button").filter(has_text=re.compile("^Plots$"))
+    plots.scroll_into_view_if_needed()
+    plots.click()
+    for toggle in ("Partitions", "Events"):
+        page.locator("button").filter(has_text=re.compile(f"^{toggle}$")).first.wait_for(state="visible")
+    page.get_by_text(re.compile(r"^agreement/kappa/\w+~\w+$")).first.wait_for(state="visible")
+    page.locator("button").filter(has_text=re.compile("^Events$")).first.click()
+    page.get_by_text("agreement/krippendorff_alpha", exact=True).first.wait_for(state="visible")
+    _shot(page, shots, "05_pooled_ratings_plots_events")
+
+
+@pytest.mark.slow
+def test_publish_job_launchpad(dagster_server: DagsterDevServer, page, shots: Path) -> None:
+    """The README's way to publish: Jobs -> publish_job -> Launchpad -> Launch Run."""
+    page.goto(f"{dagster_server.url}/jobs", wait_until="domcontentloaded")
+    page.locator("a").filter(has_text=re.compile("^publish_job$")).first.click()
+    page.get_by_role("tab", name="Launchpad").click()
+    page.locator("button").filter(has_text=re.compile("^Launch Run$")).wait_for(state="visible")
+    _shot(page, shots, "06_publish_job_launchpad")
 
 
 def _metadata_table(page, timeout_s: float = 60.0) -> dict[str, str]:
