@@ -6,6 +6,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 
 def _use_project_home() -> Path:
@@ -16,16 +20,22 @@ def _use_project_home() -> Path:
     return home
 
 
+def run_job(defs: dg.Definitions) -> dg.JobDefinition:
+    """The job `poll-assets run` launches: Dagster's implicit asset job (`__ASSET_JOB`), the one the
+    UI's *Materialize all* and the automation sensor launch, so every run of the graph carries
+    one job name. (`poll_job` selects the same assets under a name of its own, for the launchpad.)"""
+    return defs.resolve_implicit_global_asset_job_def()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _use_project_home()
     import dagster as dg
 
     from poll_assets.panel import load_panel
-    from poll_assets.pipeline import JOB_NAME, build_definitions
+    from poll_assets.pipeline import build_definitions
 
     panel, path = load_panel(args.panel)
-    defs = build_definitions(panel, path)
-    job = defs.resolve_job_def(JOB_NAME)
+    job = run_job(build_definitions(panel, path))
     keys = job.partitions_def.get_partition_keys()
     key = args.partition or keys[0]
     print(f"panel {panel.name} ({path}); materializing every asset of partition {key} ...", flush=True)
@@ -49,16 +59,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# `dagster dev` warns on every start that it is superseded by `dg dev`, which needs the dagster-dg
+# CLI and a dg project; we ship neither, so this exact hint is silenced (in that process only).
+_DG_DEV_HINT = "ignore:Function `dev_command` is superseded:Warning"
+
+
+def ui_argv(host: str, port: int) -> list[str]:
+    """`dagster dev` run by this interpreter (`python -m dagster`), so it works from the venv's
+    script without the venv on PATH; its webserver and daemon start with the same interpreter."""
+    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
+    argv = [sys.executable, "-W", _DG_DEV_HINT, "-m", "dagster", "dev", "-h", host, "-p", str(port)]
+    return argv + (["-w", str(workspace)] if workspace.is_file() else ["-m", "poll_assets.definitions"])
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     home = _use_project_home()
-    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
-    argv = ["dagster", "dev", "-h", args.host, "-p", str(args.port)]
-    if workspace.is_file():
-        argv += ["-w", str(workspace)]
-    else:
-        argv += ["-m", "poll_assets.definitions"]
+    argv = ui_argv(args.host, args.port)
     print(f"DAGSTER_HOME={home}; opening http://{args.host}:{args.port}", flush=True)
-    os.execvp(argv[0], argv)
+    os.execv(argv[0], argv)
     return 0
 
 
