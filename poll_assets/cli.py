@@ -16,12 +16,59 @@ def _use_project_home() -> Path:
     return home
 
 
+def _metadata_text(metadata: dict) -> str:
+    """`key=value` pairs of a check's metadata (rates, counts, thresholds), skipping long values."""
+    parts = []
+    for key, value in metadata.items():
+        raw = getattr(value, "value", value)
+        if isinstance(raw, float):
+            parts.append(f"{key}={raw:.4g}")
+        elif isinstance(raw, (int, str, bool)) and len(str(raw)) <= 80:
+            parts.append(f"{key}={raw}")
+    return ", ".join(parts)
+
+
+def failure_report(result) -> tuple[list[str], bool]:
+    """One line per failed check (asset, check, its message and key metadata), per failed step
+    (its error message) and for the run failure itself, read from the run's own events; and
+    whether any of it is an error (a WARN-severity check alone is reported but not an error)."""
+    import dagster as dg
+
+    lines, error = [], not result.success
+    for check in result.get_asset_check_evaluations():
+        if not check.passed:
+            warn = check.severity == dg.AssetCheckSeverity.WARN
+            error = error or not warn
+            meta = _metadata_text(dict(check.metadata))
+            lines.append(
+                f"check {'warning' if warn else 'failed'}: {check.asset_key.to_user_string()}: {check.check_name}: "
+                f"{check.description or 'no message'}{' [' + meta + ']' if meta else ''}"
+            )
+    for event in result.get_step_failure_events():
+        error = event.step_failure_data.error if event.step_failure_data else None
+        message = error.message.strip() if error is not None else event.message or "no message"
+        lines.append(f"step failed: {event.step_key}: {message}")
+    for event in result.all_events:
+        if event.event_type_value == "PIPELINE_FAILURE" and event.message:
+            lines.append(f"run failed: {event.message}")
+    return lines, error
+
+
+def _report_dead_runs(instance) -> None:
+    from poll_assets.run_liveness import fail_dead_runs
+
+    for dead in fail_dead_runs(instance):
+        print(f"run {dead.run_id} ({dead.job_name}) was still marked as running but {dead.reason}; "
+              "marked it failed", file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _use_project_home()
     import dagster as dg
 
     from poll_assets.panel import load_panel
     from poll_assets.pipeline import JOB_NAME, build_definitions
+    from poll_assets.run_liveness import process_tags
 
     panel, path = load_panel(args.panel)
     defs = build_definitions(panel, path)
@@ -30,13 +77,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     key = args.partition or keys[0]
     print(f"panel {panel.name} ({path}); materializing every asset of partition {key} ...", flush=True)
     with dg.DagsterInstance.get() as instance:
+        _report_dead_runs(instance)  # a killed run must not look in progress to this run or the next tick
         result = job.execute_in_process(
             partition_key=key,
             instance=instance,
             raise_on_error=False,
+            tags=process_tags(),
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
         )
-        if not result.success:
+        problems, failed = failure_report(result)
+        for line in problems:
+            print(line, file=sys.stderr)
+        if failed:
             print(f"run {result.run_id} failed; see `poll-assets ui` for the event log", file=sys.stderr)
             return 1
         event = instance.get_latest_materialization_event(dg.AssetKey("preference_pairs"))
