@@ -45,13 +45,25 @@ def failure_report(result) -> tuple[list[str], bool]:
                 f"{check.description or 'no message'}{' [' + meta + ']' if meta else ''}"
             )
     for event in result.get_step_failure_events():
-        error = event.step_failure_data.error if event.step_failure_data else None
-        message = error.message.strip() if error is not None else event.message or "no message"
-        lines.append(f"step failed: {event.step_key}: {message}")
+        lines.append(f"step failed: {event.step_key}: {_step_failure_message(event)}")
     for event in result.all_events:
         if event.event_type_value == "PIPELINE_FAILURE" and event.message:
             lines.append(f"run failed: {event.message}")
     return lines, error
+
+
+def _step_failure_message(event) -> str:
+    """A step's own failure sentence (a raised dg.Failure's description), else its error and causes."""
+    data = event.step_failure_data
+    if data is None:
+        return event.message or "no message"
+    if data.user_failure_data is not None and data.user_failure_data.description:
+        return data.user_failure_data.description
+    parts, error = [], data.error
+    while error is not None:
+        parts.append(error.message.strip())
+        error = error.cause
+    return " <- caused by: ".join(parts) or "no message"
 
 
 def _report_dead_runs(instance) -> None:

@@ -483,8 +483,8 @@ class ResponseCacheResource(dg.ConfigurableResource):
         # its worker's host and pid recorded before its first paid call (see run_liveness).
         from poll_assets.run_liveness import tag_run_with_process
 
-        if context.instance is not None and context.dagster_run is not None:
-            tag_run_with_process(context.instance, context.dagster_run)
+        if context.instance is not None and context.run is not None:
+            tag_run_with_process(context.instance, context.run)
 
     def get_cache(self) -> ResponseCache:
         if self._cache is None:
