@@ -74,6 +74,22 @@ def _report_dead_runs(instance) -> None:
               "marked it failed", file=sys.stderr)
 
 
+def _check_prompt_files(panel, panel_path: Path) -> bool:
+    """Read local prompt files once before any run starts: a bad file stops here, naming its line,
+    and a num_examples beyond the file is reported with the file's row count."""
+    from poll_assets.prompt_source import PromptSourceError, count_local_rows
+
+    try:
+        rows = count_local_rows(panel.source, panel_path.parent)
+    except PromptSourceError as exc:
+        print(f"poll-assets run: {exc}", file=sys.stderr)
+        return False
+    if rows is not None and panel.source.num_examples > rows:
+        print(f"warning: source.num_examples is {panel.source.num_examples} but the prompt files have {rows} rows; "
+              f"shards past row {rows - 1} will fail until num_examples is lowered or rows are added", file=sys.stderr)
+    return True
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _use_project_home()
     import dagster as dg
@@ -83,6 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from poll_assets.run_liveness import process_tags
 
     panel, path = load_panel(args.panel)
+    if not _check_prompt_files(panel, path):
+        return 2
     defs = build_definitions(panel, path)
     job = defs.resolve_job_def(JOB_NAME)
     keys = job.partitions_def.get_partition_keys()
