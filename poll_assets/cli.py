@@ -156,7 +156,9 @@ def cmd_trail(args: argparse.Namespace) -> int:
     except TrailError as exc:
         print(f"poll-assets trail: {exc}", file=sys.stderr)
         return 2
-    print(trail_json(trail) if args.json else format_trail(trail))
+    from poll_assets.terminal import escape_controls
+
+    print(escape_controls(trail_json(trail) if args.json else format_trail(trail)))
     return 0
 
 
