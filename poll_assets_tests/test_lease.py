@@ -140,3 +140,25 @@ def test_live_claimant_is_not_taken_over_while_it_renews(tmp_path):
 
     first, second = asyncio.run(both())
     assert made == ["slow"] and second.text == "slow"
+
+
+def test_many_waiters_share_one_poll(tmp_path, monkeypatch):
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    keys = [f"k{i}" for i in range(200)]
+    for k in keys:
+        assert cache.claim(k, "other process")
+    reads: list[int] = []
+    real = cache.claim_states
+    monkeypatch.setattr(cache, "claim_states", lambda ks, since=None: reads.append(len(ks)) or real(ks, since))
+
+    async def wait_all():
+        waiting = [asyncio.create_task(cache.wait_for(k, poll_s=0.05)) for k in keys]
+        await asyncio.sleep(0.5)  # about ten polls while the other process "calls"
+        for k in keys:
+            cache.submit(k, Completion(text=f"answer {k}", finish_reason="stop"), "f", "m", release_owner="other process")
+        cache.flush()
+        return await asyncio.gather(*waiting)
+
+    got = asyncio.run(wait_all())
+    assert [c.text for c in got] == [f"answer {k}" for k in keys]
+    assert len(reads) <= 25 and max(reads) == 200  # each poll reads every waiting key at once

@@ -96,10 +96,20 @@ def default_owner() -> str:
 
 
 class CallLease(Protocol):
-    """What the call path needs from a store to pay each request once across processes.
+    """What `claim_or_wait` needs from a store to pay each request once across processes.
 
-    The SQLite `ResponseCache` implements it; a PostgreSQL store can implement the same five methods.
+    The SQLite `ResponseCache` implements it; a PostgreSQL store can implement the same members
+    (claim as INSERT ... ON CONFLICT DO UPDATE ... WHERE expired, the answer and the release in one
+    transaction, `wait_for` by polling or LISTEN/NOTIFY).
     """
+
+    @property
+    def reads(self) -> bool: ...
+
+    @property
+    def writes(self) -> bool: ...
+
+    def claim_state(self, key: str, since: float | None = None) -> tuple[Completion | None, bool]: ...
 
     def claim(self, key: str, owner: str, ttl_s: float) -> bool: ...
 
@@ -157,6 +167,7 @@ class ResponseCache:
         self._writer_pid = -1
         self._write_error: CacheError | None = None
         self.written = 0  # completions committed by the writer thread
+        self._pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Poller] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"ResponseCache({str(self.path)!r}, mode={self.mode!r})"
@@ -270,38 +281,54 @@ class ResponseCache:
         self._claim_sql("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner))
 
     def claim_state(self, key: str, since: float | None = None) -> tuple[Completion | None, bool]:
-        """(the stored answer, whether a live claim is held), read in one query whatever the mode.
+        """(the stored answer, whether a live claim is held), read whatever the mode.
 
         `since` ignores answers written before that time (mode "refresh" waits for a new one)."""
+        return self.claim_states([key], since)[key]
+
+    def claim_states(self, keys: list[str], since: float | None = None) -> dict[str, tuple[Completion | None, bool]]:
+        """`claim_state` for many keys, read in one snapshot (one read transaction)."""
+        floor = since if since is not None else float("-inf")
+        held: set[str] = set()
+        answers: dict[str, Completion] = {}
         with self._lock:
             conn = self._connection()
             try:
-                row = conn.execute(
-                    "SELECT (SELECT completion FROM completions WHERE key = ?1 AND created_at >= ?2), "
-                    "EXISTS(SELECT 1 FROM claims WHERE key = ?1 AND expires_at >= ?3)",
-                    (key, since if since is not None else float("-inf"), time.time()),
-                ).fetchone()
+                conn.execute("BEGIN")
+                try:
+                    for i in range(0, len(keys), _LOOKUP_CHUNK):
+                        chunk = keys[i : i + _LOOKUP_CHUNK]
+                        marks = ",".join("?" * len(chunk))
+                        sql = f"SELECT key FROM claims WHERE expires_at >= ? AND key IN ({marks})"
+                        held.update(k for (k,) in conn.execute(sql, (time.time(), *chunk)))
+                        sql = f"SELECT key, completion FROM completions WHERE created_at >= ? AND key IN ({marks})"
+                        for k, blob in conn.execute(sql, (floor, *chunk)):
+                            answers[k] = _completion_from_json(blob)
+                finally:
+                    conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise CacheError(f"response cache {self.path}: read failed: {exc}") from exc
-        answer = None
-        if row[0] is not None:
-            answer = _completion_from_json(row[0])
-            answer.cached, answer.call_id = True, key
-        return answer, bool(row[1])
+        for k, answer in answers.items():
+            answer.cached, answer.call_id = True, k
+        return {k: (answers.get(k), k in held) for k in keys}
 
     async def wait_for(
         self, key: str, *, since: float | None = None, poll_s: float = DEFAULT_POLL_S, timeout_s: float | None = None
     ) -> Completion | None:
-        """Poll until the claimant's answer is stored (returned) or its claim is gone or expired
-        without one (None: the caller may claim the key and call). `timeout_s` bounds the wait."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            answer, held = await asyncio.to_thread(self.claim_state, key, since)
-            if answer is not None or not held:
-                return answer
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
-            await asyncio.sleep(poll_s)
+        """Wait until the claimant's answer is stored (returned) or its claim is gone or expired
+        without one (None: the caller may claim the key and call). `timeout_s` bounds the wait.
+
+        Every key this process waits for is polled by one task per event loop, in one query per
+        `poll_s`, so a thousand waiting calls cost one read every `poll_s`, not a thousand."""
+        loop = asyncio.get_running_loop()
+        poller = self._pollers.get(loop)
+        if poller is None:
+            poller = self._pollers[loop] = _Poller(self, poll_s)
+        future = poller.add(key, since)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except asyncio.TimeoutError:
+            return None
 
     # -- the writer thread ----------------------------------------------------------------------
 
@@ -387,14 +414,60 @@ class ResponseCache:
             self._conn = None
 
 
-async def _heartbeat(cache: ResponseCache, key: str, owner: str, ttl_s: float) -> None:
+class _Poller:
+    """Polls the keys one event loop waits for, all in one query, and wakes their waiters."""
+
+    def __init__(self, cache: ResponseCache, poll_s: float) -> None:
+        self.cache = cache
+        self.poll_s = poll_s
+        self.waiting: dict[tuple[str, float | None], list[asyncio.Future[Completion | None]]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, key: str, since: float | None) -> asyncio.Future[Completion | None]:
+        future: asyncio.Future[Completion | None] = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault((key, since), []).append(future)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run())
+        return future
+
+    async def _run(self) -> None:
+        while self.waiting:
+            by_since: dict[float | None, list[str]] = {}
+            for key, since in list(self.waiting):
+                by_since.setdefault(since, []).append(key)
+            try:
+                for since, keys in by_since.items():
+                    states = await asyncio.to_thread(self.cache.claim_states, keys, since)
+                    self._wake(states, since)
+            except CacheError as exc:
+                for futures in self.waiting.values():
+                    for f in futures:
+                        if not f.done():
+                            f.set_exception(exc)
+                self.waiting.clear()
+                return
+            self.waiting = {k: [f for f in fs if not f.done()] for k, fs in self.waiting.items()}
+            self.waiting = {k: fs for k, fs in self.waiting.items() if fs}
+            if self.waiting:
+                await asyncio.sleep(self.poll_s)
+
+    def _wake(self, states: dict[str, tuple[Completion | None, bool]], since: float | None) -> None:
+        for key, (answer, held) in states.items():
+            if answer is None and held:
+                continue
+            for future in self.waiting.pop((key, since), []):
+                if not future.done():
+                    future.set_result(dataclasses.replace(answer) if answer is not None else None)
+
+
+async def _heartbeat(cache: CallLease, key: str, owner: str, ttl_s: float) -> None:
     while True:
         await asyncio.sleep(ttl_s / 3)
         await asyncio.to_thread(cache.renew, key, owner, ttl_s)
 
 
 async def claim_or_wait(
-    cache: ResponseCache,
+    cache: CallLease,
     key: str,
     call: Callable[[], Awaitable[Completion]],
     provider: str,
@@ -429,7 +502,7 @@ async def claim_or_wait(
 
 
 async def _call_holding(
-    cache: ResponseCache,
+    cache: CallLease,
     key: str,
     owner: str,
     ttl_s: float,
