@@ -47,7 +47,7 @@ def failure_report(result) -> tuple[list[str], bool]:
     for event in result.get_step_failure_events():
         lines.append(f"step failed: {event.step_key}: {_step_failure_message(event)}")
     for event in result.all_events:
-        if event.event_type_value == "PIPELINE_FAILURE" and event.message:
+        if event.event_type_value == dg.DagsterEventType.RUN_FAILURE.value and event.message:
             lines.append(f"run failed: {event.message}")
     return lines, error
 
@@ -115,9 +115,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             tags=process_tags(),
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
         )
+        from poll_assets.terminal import escape_controls
+
         problems, failed = failure_report(result)
         for line in problems:
-            print(line, file=sys.stderr)
+            print(escape_controls(line), file=sys.stderr)  # messages may quote prompts
         if failed:
             print(f"run {result.run_id} failed; see `poll-assets ui` for the event log", file=sys.stderr)
             return 1
