@@ -162,3 +162,15 @@ def test_many_waiters_share_one_poll(tmp_path, monkeypatch):
     got = asyncio.run(wait_all())
     assert [c.text for c in got] == [f"answer {k}" for k in keys]
     assert len(reads) <= 25 and max(reads) == 200  # each poll reads every waiting key at once
+
+
+def test_three_processes_over_http_send_each_request_once(tmp_path, fake_llm):
+    fake_llm.reset(latency_ms=100)
+    db, log = tmp_path / "c.sqlite", tmp_path / "calls.log"
+    keys = [f"prompt-{i}" for i in range(15)]
+    orders = [keys, keys[::-1], keys[7:] + keys[:7]]
+    procs = [worker(db, log, order, "--url", fake_llm.url) for order in orders]
+    results = [answers(p) for p in procs]
+    stats = fake_llm.stats()
+    assert stats["total"] == len(keys) and stats["max_repeats"] == 1  # one HTTP request per distinct prompt
+    assert results[0] == results[1] == results[2]
