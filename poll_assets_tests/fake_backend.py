@@ -92,8 +92,10 @@ class FakeBackend(ChatBackend):
 
 
 def with_policy(backend: ChatBackend, **fields: Any) -> tuple[ChatBackend, CallPolicy]:
-    """`run_calls`' first two arguments: the backend and a policy (fast retries unless `retry` is given)."""
+    """`run_calls`' first two arguments: the backend and a policy (fast retries unless `retry` is
+    given, and no retry window unless `retry_window_s` is: `max_retries` alone says when to give up)."""
     fields.setdefault("retry", FAST_RETRY)
+    fields.setdefault("retry_window_s", 0.0)
     return backend, CallPolicy(**fields)
 
 

@@ -489,13 +489,13 @@ async def claim_or_wait(
             if answer is not None:  # stored between our lookup and our claim
                 await asyncio.to_thread(cache.release, key, owner)
                 return answer
-            return await _call_holding(cache, key, owner, ttl_s, call, provider, model)
+            return await call_holding(cache, key, owner, ttl_s, call, provider, model)
         answer = await cache.wait_for(key, since=since, poll_s=poll_s)
         if answer is not None:
             return answer
 
 
-async def _call_holding(
+async def call_holding(
     cache: CallLease,
     key: str,
     owner: str,
@@ -504,6 +504,8 @@ async def _call_holding(
     provider: str,
     model: str,
 ) -> Completion:
+    """Run `call` while holding `owner`'s claim on `key` (renewed by a heartbeat); store a successful
+    answer together with the release, or release without one so a waiter takes over at once."""
     beat = asyncio.create_task(_heartbeat(cache, key, owner, ttl_s))
     stored = False
     try:

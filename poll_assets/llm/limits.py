@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -86,20 +87,89 @@ class BatchStopped(Exception):
     """Raised to calls still waiting for a slot after the batch was stopped by a fatal error."""
 
 
+class ConcurrencyWindow:
+    """A semaphore whose size may change while calls hold it (the AIMD window of `CallLimits`).
+
+    `size` is a float so additive increase can grow it by 1/size per success; int(size) slots
+    (at least one) are open. Shrinking never interrupts a holder: new calls wait until enough
+    holders left."""
+
+    def __init__(self, size: int) -> None:
+        self.size = float(size)
+        self.held = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def _open(self) -> int:
+        return max(1, int(self.size)) - self.held
+
+    async def acquire(self) -> None:
+        while self._open() <= 0:
+            future = asyncio.get_running_loop().create_future()
+            self._waiters.append(future)
+            try:
+                await future
+            except asyncio.CancelledError:
+                if future.done():  # woken and cancelled at once: hand the wake-up on
+                    self.wake()
+                raise
+            finally:
+                if future in self._waiters:
+                    self._waiters.remove(future)
+        self.held += 1
+
+    def release(self) -> None:
+        self.held -= 1
+        self.wake()
+
+    def resize(self, size: float) -> None:
+        self.size = size
+        self.wake()
+
+    def wake(self) -> None:
+        for future in list(self._waiters)[: max(0, self._open())]:
+            if not future.done():
+                future.set_result(None)
+
+
 class CallLimits:
-    """The limits one batch of calls to one member runs under."""
+    """The limits one batch of calls to one member runs under.
+
+    Concurrency adapts to the provider (AIMD, as TCP does): the window starts at the policy's
+    `max_concurrency`, halves on a 429 (once per window: 429s from calls started before the last
+    cut do not cut again), and grows by one slot per window's worth of successes, never above
+    `max_concurrency`. A tighter provider so costs time, not rows.
+    """
 
     def __init__(self, max_concurrency: int, rpm: int | None = None, tpm: int | None = None) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         self.max_concurrency = max_concurrency
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self.window = ConcurrencyWindow(max_concurrency)
         self.requests = TokenBucket(rpm) if rpm else None
         self.tokens = TokenBucket(tpm) if tpm else None
         self._resume_at = 0.0
+        self._cuts = 0  # how many times the window was cut; an attempt remembers the count it started under
+        self.rate_limited = 0  # 429s seen
         self.stopped = False
         self.in_flight = 0
         self.peak_in_flight = 0
+
+    @property
+    def concurrency(self) -> float:
+        """The current size of the concurrency window."""
+        return self.window.size
+
+    def congested(self, started_under: int) -> None:
+        """A 429 for an attempt started under cut number `started_under`: halve the window, once per cut."""
+        self.rate_limited += 1
+        if started_under == self._cuts:
+            self._cuts += 1
+            self.window.resize(max(1.0, self.window.size / 2))
+
+    def succeeded(self) -> None:
+        """An answer: grow the window by 1/size (one slot per window's worth of answers)."""
+        if self.window.size < self.max_concurrency:
+            self.window.resize(min(float(self.max_concurrency), self.window.size + 1.0 / self.window.size))
 
     def pause_for(self, seconds: float) -> None:
         """Hold back every new attempt for `seconds` (the provider asked us to slow down)."""
@@ -114,9 +184,11 @@ class CallLimits:
         return cls(policy.max_concurrency, policy.rpm, policy.tpm)
 
     @asynccontextmanager
-    async def slot(self, estimated_tokens: int = 0) -> AsyncIterator[None]:
-        """Wait for a free slot, any pause, and the rate budgets; hold the slot for one attempt."""
-        async with self._slots:
+    async def slot(self, estimated_tokens: int = 0) -> AsyncIterator[int]:
+        """Wait for a free slot, any pause, and the rate budgets; hold the slot for one attempt.
+        Yields the window's cut count, for `congested`."""
+        await self.window.acquire()
+        try:
             while (wait := self._resume_at - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
             if self.requests is not None:
@@ -128,9 +200,11 @@ class CallLimits:
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             try:
-                yield
+                yield self._cuts
             finally:
                 self.in_flight -= 1
+        finally:
+            self.window.release()
 
     def settle_tokens(self, estimated: int, actual: int) -> None:
         """Replace the up-front token estimate with what the provider reported."""

@@ -24,6 +24,9 @@ class Limits(BaseModel):
     tpm: int | None = Field(default=None, ge=1)
     timeout_s: float = Field(default=120.0, gt=0)
     max_retries: int = Field(default=5, ge=0, le=20)
+    # A transient failure is retried until both max_retries and this window are spent, so a short
+    # outage costs time, not rows (see CallPolicy.retry_window_s).
+    retry_window_s: float = Field(default=90.0, ge=0, le=3600)
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,20 @@ class CallPolicy:
     timeout_s: float = 120.0  # per attempt; enforced in one place, `runner.attempt`
     max_retries: int = 5
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # A call failing with a transient error is retried until BOTH `max_retries` retries were made
+    # and `retry_window_s` seconds passed since its first attempt: 90 s rides out a provider's
+    # restart or a one-minute rate-limit window; the circuit breaker keeps a dead provider from
+    # costing that much per call.
+    retry_window_s: float = 90.0
+    # The circuit breaker: this many attempts in a row without any answer (connection refused or
+    # reset, timeout) mean the provider is down; so does nothing but failures for retry_window_s.
+    breaker_after: int = 8
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
+        if self.breaker_after < 1:
+            raise ValueError(f"breaker_after must be at least 1, got {self.breaker_after}")
 
     @classmethod
     def resolve(cls, limits: Limits, provider: str, retry: RetryPolicy = DEFAULT_RETRY) -> "CallPolicy":
@@ -72,4 +85,5 @@ class CallPolicy:
         parallelism = provider_spec(provider).in_process_parallelism
         if parallelism is not None:
             concurrency = min(concurrency, parallelism)
-        return cls(concurrency, limits.rpm, limits.tpm, limits.timeout_s, limits.max_retries, retry)
+        return cls(concurrency, limits.rpm, limits.tpm, limits.timeout_s, limits.max_retries, retry,
+                   retry_window_s=limits.retry_window_s)

@@ -25,7 +25,7 @@ from poll_assets.llm.base import (
     ProviderError,
     request_key,
 )
-from poll_assets.llm.cache import CacheError, ResponseCache
+from poll_assets.llm.cache import DEFAULT_CLAIM_TTL_S, CacheError, ResponseCache, call_holding, default_owner
 from poll_assets.llm.limits import BatchStopped, CallLimits, estimate_tokens
 from poll_assets.llm.policy import CallPolicy, RetryPolicy
 from poll_assets.llm.pricing import Price
@@ -44,6 +44,8 @@ class CallStats:
     output_tokens: int = 0
     retries: int = 0
     elapsed_s: float = 0.0
+    rate_limited: int = 0  # 429s the member got
+    concurrency: float = 0.0  # the size its concurrency window settled at (0: no call was made)
 
     def add(self, c: Completion) -> None:
         if c.cached:
@@ -70,6 +72,12 @@ class CallBatch:
     model: str = ""
     label: str = ""
     cache_writes: bool = False
+    breaker: str | None = None  # why the circuit breaker opened, if it did
+
+    @property
+    def provider_down(self) -> bool:
+        """Every call made failed, or the circuit breaker opened: the asset should fail, not store gaps."""
+        return self.all_failed or self.breaker is not None
 
     @property
     def attempted(self) -> list[Completion]:
@@ -87,8 +95,10 @@ class CallBatch:
         return dict(Counter(c.error_kind or "other" for c in self.completions if not c.ok))
 
     def failure_message(self, label: str | None = None) -> str:
-        """A message for failing an asset whose calls all failed: what failed, and how to resume."""
+        """A message for failing an asset whose provider is down: what failed, and how to resume."""
         where = label or self.label or self.member
+        if self.breaker is not None:
+            return self._breaker_message(where)
         fresh = self.attempted
         failed = [c for c in fresh if not c.ok]
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(c.error_kind or "other" for c in failed).items()))
@@ -106,6 +116,19 @@ class CallBatch:
             msg += ". Fix the cause above, then re-materialize the partition"
         msg += "; " + _resume_note(ok_total, self.cache_writes) + "."
         return msg
+
+
+    def _breaker_message(self, where: str) -> str:
+        failed = [c for c in self.completions if not c.ok]
+        unsent = sum(1 for c in failed if c.attempts == 0 and not c.cached)
+        ok_total = len(self.completions) - len(failed)
+        rate = len(failed) / len(self.completions) if self.completions else 0.0
+        return (
+            f"{where}: member {self.member!r} (provider {self.provider}, model {self.model}) stopped early: "
+            f"{self.breaker}. {len(failed)} of {len(self.completions)} calls failed (failure rate {rate:.3f}), "
+            f"{unsent} of them never sent. Re-run the shard when the provider is back; "
+            f"{_resume_note(ok_total, self.cache_writes)}."
+        )
 
 
 class BatchAbortedError(RuntimeError):
@@ -163,7 +186,8 @@ class _Progress:
 
     def record(self, c: Completion) -> None:
         self.done += 1
-        self.retries += max(0, c.attempts - 1)
+        if not c.cached:  # an answer another process paid for counts no retries here
+            self.retries += max(0, c.attempts - 1)
         if not c.ok:
             self.failed += 1
         now = time.monotonic()
@@ -199,6 +223,44 @@ async def attempt(backend: ChatBackend, request: CallRequest, timeout_s: float) 
         raise ProviderError("timeout", f"{backend.who}: no complete response within {timeout_s:g}s") from None
 
 
+# Failures where nothing answered: the provider (or the way to it) is down, not busy.
+NO_ANSWER_KINDS = frozenset({"connection", "timeout"})
+
+
+class _Breaker:
+    """A member's circuit breaker. It opens when the provider looks down: `after` attempts in a row
+    got no answer at all (refused or reset connections, timeouts), or every attempt failed for
+    `window_s` seconds. Once open, calls not yet made fail at once with the cause."""
+
+    def __init__(self, after: int, window_s: float) -> None:
+        self.after = after
+        self.window_s = window_s
+        self.in_a_row = 0
+        self.failing_since: float | None = None
+        self.message: str | None = None
+        self.kind: str | None = None
+        self.opened = asyncio.Event()
+
+    def success(self) -> None:
+        self.in_a_row = 0
+        self.failing_since = None
+
+    def failure(self, err: ProviderError) -> None:
+        now = time.monotonic()
+        self.failing_since = self.failing_since if self.failing_since is not None else now
+        self.in_a_row = self.in_a_row + 1 if err.kind in NO_ANSWER_KINDS else 0
+        if self.message is not None:
+            return
+        if self.in_a_row >= self.after:
+            why = f"{self.in_a_row} attempts in a row got no answer (threshold {self.after} in a row)"
+        elif now - self.failing_since >= max(self.window_s, 1.0) and err.retryable:
+            why = f"every attempt failed for {now - self.failing_since:.0f}s (retry_window_s {self.window_s:g})"
+        else:
+            return
+        self.message, self.kind = f"circuit breaker open: {why}; cause: {err}", err.kind
+        self.opened.set()
+
+
 class _Sender:
     """Sends one batch's uncached requests within the policy and keeps what came back.
 
@@ -207,6 +269,11 @@ class _Sender:
     its retry holds no slot, and the spare workers keep the slots busy meanwhile. Each answer is
     handed to the cache's writer thread before the next await, so a paid-for answer is never lost
     to a cancellation.
+
+    With a writable cache, a worker claims a call's lease before it takes a slot. A call another
+    process holds is handed to a waiting task, which holds no worker and no slot: it takes that
+    process's answer (a cache hit, not a call), or puts the call back in the queue when the claim
+    ends without one.
     """
 
     def __init__(self, backend: ChatBackend, policy: CallPolicy, cache: ResponseCache | None,
@@ -217,13 +284,22 @@ class _Sender:
         self.report = report
         self.rng = random.Random(seed)
         self.limits = CallLimits.for_policy(policy)
+        self.breaker = _Breaker(policy.breaker_after, policy.retry_window_s)
+        self.lease = _Lease(cache) if cache is not None and cache.writes else None
         self.results: dict[str, Completion] = {}
         self.written = 0  # answers handed to the cache
+        self.queue: asyncio.Queue[tuple[str, CallRequest] | None] = asyncio.Queue()
+        self.open_calls = 0
+        self.n_workers = 0
+        self.waiting: set[asyncio.Task[None]] = set()
 
     async def send(self, todo: list[tuple[str, CallRequest]]) -> list[BaseException]:
         """Make every call; returns what stopped the workers (empty when every call settled)."""
-        queue = iter(todo)
-        workers = [asyncio.create_task(self._worker(queue)) for _ in range(min(2 * self.limits.max_concurrency, len(todo)))]
+        for item in todo:
+            self.queue.put_nowait(item)
+        self.open_calls = len(todo)
+        self.n_workers = min(2 * self.limits.max_concurrency, len(todo))
+        workers = [asyncio.create_task(self._worker()) for _ in range(self.n_workers)]
         ticker = asyncio.create_task(self.report.ticker())
         try:
             done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
@@ -236,17 +312,65 @@ class _Sender:
             return failures  # type: ignore[return-value]
         finally:
             ticker.cancel()
-            for t in workers:
+            for t in [*workers, *self.waiting]:
                 if not t.done():
                     t.cancel()
 
-    async def _worker(self, queue: Iterator[tuple[str, CallRequest]]) -> None:
-        for key, request in queue:
+    def _settle(self, key: str, c: Completion) -> None:
+        self.results[key] = c
+        self.report.record(c)
+        self.open_calls -= 1
+        if self.open_calls == 0:
+            for _ in range(self.n_workers):
+                self.queue.put_nowait(None)
+
+    async def _worker(self) -> None:
+        while (item := await self.queue.get()) is not None:
+            key, request = item
+            c = await self._call_once(key, request)
+            if c is not None:
+                self._settle(key, c)
+
+    async def _call_once(self, key: str, request: CallRequest) -> Completion | None:
+        """The call's completion, paid at most once across processes; None when another process
+        holds its lease (a waiting task settles it)."""
+        if self.breaker.message is not None:
+            return self._failed(key, 0, time.monotonic(), self.breaker.message, self.breaker.kind)
+        if self.lease is None:
             c = await self._with_retries(key, request)
             if self.cache is not None and self.cache.submit(key, c, self.backend.provider, self.backend.model):
                 self.written += 1
-            self.results[key] = c
-            self.report.record(c)
+            return c
+        mine, answer = await self.lease.take(key)
+        if answer is not None:
+            return answer  # another process answered between our lookup and our claim
+        if not mine:
+            self._wait_elsewhere(key, request)
+            return None
+        c = await call_holding(self.lease.cache, key, self.lease.owner, self.lease.ttl_s,
+                               lambda: self._with_retries(key, request), self.backend.provider, self.backend.model)
+        self.written += c.ok
+        return c
+
+    def _wait_elsewhere(self, key: str, request: CallRequest) -> None:
+        async def wait() -> None:
+            assert self.lease is not None
+            try:
+                answer = await self.lease.cache.wait_for(key, since=self.lease.since)
+            except CacheError:
+                answer = None  # the worker that takes the call again meets the error itself
+            if answer is None:  # released or expired without an answer: ours to make
+                self.queue.put_nowait((key, request))
+            else:
+                self._settle(key, answer)
+
+        task = asyncio.create_task(wait())
+        self.waiting.add(task)
+        task.add_done_callback(self.waiting.discard)
+
+    def _failed(self, key: str, attempts: int, started: float, error: str | None, kind: str | None) -> Completion:
+        return Completion(text=None, error=error, error_kind=kind, attempts=attempts, model=self.backend.model,
+                          call_id=key, latency_s=time.monotonic() - started)
 
     async def _with_retries(self, key: str, request: CallRequest) -> Completion:
         """One request, retried within the policy. Returns a Completion (ok or failed); raises
@@ -255,42 +379,85 @@ class _Sender:
         started = time.monotonic()
         attempts = 0
         while True:
+            if self.breaker.message is not None:
+                return self._failed(key, attempts, started, self.breaker.message, self.breaker.kind)
             attempts += 1
             try:
                 done = await self._attempt(request, estimate)
             except FatalProviderError:
                 raise
             except ProviderError as err:
-                if not err.retryable or attempts > self.policy.max_retries:
-                    return Completion(text=None, error=str(err), error_kind=err.kind, attempts=attempts,
-                                      model=self.backend.model, call_id=key, latency_s=time.monotonic() - started)
-                await self._back_off(err, attempts)
+                self.breaker.failure(err)
+                if self._gives_up(err, attempts, started):
+                    return self._failed(key, attempts, started, str(err), err.kind)
+                await self._back_off(err, attempts, started)
                 continue
+            self.breaker.success()
             done.attempts, done.call_id, done.cached = attempts, key, False
             return done
+
+    def _gives_up(self, err: ProviderError, attempts: int, started: float) -> bool:
+        """Give up on a non-retryable error, or once both the retries and the retry window are spent."""
+        if not err.retryable:
+            return True
+        spent = time.monotonic() - started >= self.policy.retry_window_s
+        return attempts > self.policy.max_retries and spent
 
     async def _attempt(self, request: CallRequest, estimate: int) -> Completion:
         """One attempt in a slot. A fatal error or a backend bug stops the batch before the slot is
         released, so no queued call starts after it."""
-        async with self.limits.slot(estimate):
+        async with self.limits.slot(estimate) as started_under:
             try:
                 done = await attempt(self.backend, request, self.policy.timeout_s)
             except FatalProviderError:
                 self.limits.stop()
                 raise
-            except ProviderError:
+            except ProviderError as err:
+                if err.kind == "rate_limit":
+                    self.limits.congested(started_under)
                 raise
             except Exception:
                 self.limits.stop()  # a backend bug: stop the batch the same way
                 raise
+        self.limits.succeeded()
         self.limits.settle_tokens(estimate, done.input_tokens + done.output_tokens)
         return done
 
-    async def _back_off(self, err: ProviderError, attempts: int) -> None:
+    async def _back_off(self, err: ProviderError, attempts: int, started: float) -> None:
+        """Sleep before the next attempt; past max_retries no later than the window's end. An
+        opening breaker cuts the sleep short."""
         retry = self.policy.retry
         if err.kind == "rate_limit" and err.retry_after:
             self.limits.pause_for(min(err.retry_after, retry.max_retry_after_s))
-        await asyncio.sleep(retry.delay(attempts, err.retry_after, self.rng))
+        delay = retry.delay(attempts, err.retry_after, self.rng)
+        if attempts > self.policy.max_retries:
+            delay = min(delay, max(0.0, started + self.policy.retry_window_s - time.monotonic()))
+        try:
+            await asyncio.wait_for(self.breaker.opened.wait(), delay)
+        except TimeoutError:
+            pass
+
+
+class _Lease:
+    """This batch's side of the cache's lease: one owner id for every key it claims."""
+
+    def __init__(self, cache: ResponseCache, ttl_s: float = DEFAULT_CLAIM_TTL_S) -> None:
+        self.cache = cache
+        self.ttl_s = ttl_s
+        self.owner = default_owner()
+        self.since = None if cache.reads else time.time()  # "refresh" wants answers newer than this batch
+
+    def _take(self, key: str) -> tuple[bool, Completion | None]:
+        if not self.cache.claim(key, self.owner, self.ttl_s):
+            return False, None
+        answer, _ = self.cache.claim_state(key, self.since)
+        if answer is not None:
+            self.cache.release(key, self.owner)
+        return True, answer
+
+    async def take(self, key: str) -> tuple[bool, Completion | None]:
+        """(whether we hold the claim now, an answer already stored); one thread hop."""
+        return await asyncio.to_thread(self._take, key)
 
 
 def _stop_error(failures: list[BaseException], sender: _Sender, todo: int, completed: int,
@@ -395,6 +562,7 @@ async def run_calls(
     todo = [(k, requests[i]) for k, i in first_index.items() if k not in hits]
     report = _Progress(progress, label, len(keys), len(keys) - len(todo), progress_every_s)
     results = dict(hits)
+    sender: _Sender | None = None
     if todo:
         if progress:
             progress(_start_line(label, backend, policy, len(keys), len(hits), len(todo)))
@@ -405,6 +573,10 @@ async def run_calls(
                       cache_writes=cache is not None and cache.writes)
     for c in batch.completions:
         batch.stats.add(c)
+    if sender is not None:
+        batch.breaker = sender.breaker.message
+        batch.stats.rate_limited = sender.limits.rate_limited
+        batch.stats.concurrency = round(sender.limits.concurrency, 1) if batch.stats.calls else 0.0
     batch.stats.elapsed_s = time.monotonic() - start
     if progress:
         progress(report.line() if todo else f"{label}: all {len(keys)} requests served from the cache")
