@@ -5,6 +5,9 @@ the (asset, shard) pairs that need work, and nothing else:
 
 - **missing**: never materialized, e.g. a new shard after `num_examples` was raised;
 - **failed**: the latest run that planned it failed;
+- **pending rows**: its `pending_rows` check failed on the latest materialization (rows whose calls
+  failed for a transient reason: an outage, a provider that stayed down); the re-run calls only those
+  rows, the others come from the response cache;
 - **code changed**: the asset's `code_version` changed since its last materialization (a judge's
   model, params or rubric version; each member hashes only its own settings);
 - **upstream changed**: a parent was updated by a run that did not also update this asset, or a
@@ -21,8 +24,11 @@ partition is materialized again, so a change made at noon is acted on at the nex
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import dagster as dg
 
+from poll_assets.assets.metadata import PENDING_CHECK
 from poll_assets.panel import Schedule
 from poll_assets.run_liveness import fail_dead_runs
 
@@ -32,14 +38,23 @@ DEAD_RUN_SENSOR_NAME = "poll_dead_runs"
 AC = dg.AutomationCondition
 
 
-def rerun_condition(cron: str, timezone: str = "UTC") -> dg.AutomationCondition:
-    """The condition every asset of the graph carries; see the module docstring."""
+def rerun_condition(
+    cron: str, timezone: str = "UTC", pending_checks: Sequence[dg.AssetCheckKey] = ()
+) -> dg.AutomationCondition:
+    """The condition every asset of the graph carries; see the module docstring. `pending_checks`
+    are the `pending_rows` checks of the graph (only those: a failed agreement warning or a
+    blocking check failed by refusals must not re-run a shard on every tick)."""
     updated = AC.newly_updated()
     code_changed = AC.code_version_changed().since(updated).with_label("code_version_changed_since_materialized")
     deps_changed = AC.any_deps_updated().since(updated).with_label("deps_updated_since_materialized")
-    needs_run = (AC.missing() | AC.execution_failed() | code_changed | deps_changed).with_label(
-        "missing_failed_or_stale"
-    )
+    needs_run = AC.missing() | AC.execution_failed() | code_changed | deps_changed
+    if pending_checks:
+        # blocking_only=True (pending_rows is blocking) also keeps Dagster 1.13 from narrowing the
+        # asset graph's own set of check keys in place, which `allow` does on the unfiltered set.
+        pending = AC.any_checks_match(AC.check_failed(), blocking_only=True).allow(
+            dg.AssetSelection.checks(*pending_checks))
+        needs_run = needs_run | pending.with_label("has_pending_rows")
+    needs_run = needs_run.with_label("missing_failed_stale_or_pending")
     parent_rejected = AC.any_deps_match(
         AC.any_checks_match(AC.check_failed(), blocking_only=True) & ~AC.will_be_requested()
     ).with_label("parent_failed_blocking_check")
@@ -54,7 +69,8 @@ def rerun_condition(cron: str, timezone: str = "UTC") -> dg.AutomationCondition:
 
 
 def with_rerun_condition(assets: list[dg.AssetsDefinition], schedule: Schedule) -> list[dg.AssetsDefinition]:
-    condition = rerun_condition(schedule.cron, schedule.timezone)
+    pending = [key for a in assets for key in a.check_keys if key.name == PENDING_CHECK]
+    condition = rerun_condition(schedule.cron, schedule.timezone, pending)
     return [a.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=condition)) for a in assets]
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.metadata import call_metadata
+from poll_assets.assets.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids
 from poll_assets.assets.prompts import PROMPT_COLUMNS, PROMPTS_KEY
 from poll_assets.assets.schema import column_of, column_of_each, schema
 from poll_assets.assets.stage import MemberContext, run_stage_step, stage_multi_asset_kwargs
@@ -35,6 +35,7 @@ GENERATION_COLUMNS = schema(
     ("call_id", "string", "hash of the request; the response cache's key"),
     ("cached", "bool", "served from the response cache"),
     ("error", "string", "why the call failed; None on success"),
+    ("error_kind", "string", "the failure's kind (server, timeout, rate_limit, connection, bad_request, ...); None on success"),
 )
 COMBINED_COLUMNS = schema(
     COMBINED_KEY.to_user_string(),
@@ -105,6 +106,7 @@ def generation_checks(panel: Panel) -> list[StageCheck]:
                    lambda df, given: check_generation_rows(df, given[STEP_INPUT]), needs=(STEP_INPUT,)),
         StageCheck("failure_rate", f"Share of failed generations <= {max_rate}.",
                    lambda df, _: check_generation_failures(df, max_rate)),
+        pending_check(),
     ]
 
 
@@ -147,11 +149,12 @@ async def generate(work: MemberContext, prompts: pd.DataFrame) -> dg.Output[pd.D
             "call_id": c.call_id,
             "cached": c.cached,
             "error": c.error,
+            "error_kind": c.error_kind,
         }
         for pid, c in zip(prompts["prompt_id"], batch.completions)
     ]
     df = GENERATION_COLUMNS.frame(rows)
-    if len(df) and batch.all_failed:
+    if len(df) and batch.provider_down:
         raise dg.Failure(description=batch.failure_message(work.label))
     failures = int(df["error"].notna().sum())
     return dg.Output(
@@ -160,6 +163,7 @@ async def generate(work: MemberContext, prompts: pd.DataFrame) -> dg.Output[pd.D
             **GENERATION_COLUMNS.output_metadata(df),
             **call_metadata(batch.stats, member, panel),
             "failure_rate": dg.MetadataValue.float(failures / len(df) if len(df) else 0.0),
+            PENDING_CHECK: len(pending_ids(df)),
         },
     )
 

@@ -10,7 +10,7 @@ import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.generations import generation_counts
-from poll_assets.assets.metadata import call_metadata
+from poll_assets.assets.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids
 from poll_assets.assets.schema import schema
 from poll_assets.assets.stage import MemberContext, run_stage_step, stage_multi_asset_kwargs
 from poll_assets.checks import STEP_INPUT, Finding, StageCheck, examples, problems_finding, short_id
@@ -37,6 +37,7 @@ RATING_COLUMNS = schema(
     ("input_tokens", "int", "prompt tokens of the judge call"),
     ("output_tokens", "int", "answer tokens of the judge call"),
     ("error", "string", "why the judge call failed; None on success"),
+    ("error_kind", "string", "the failure's kind (server, timeout, rate_limit, connection, bad_request, ...); None on success"),
 )
 
 
@@ -171,6 +172,7 @@ def rating_checks(panel: Panel, rubric: Rubric) -> list[StageCheck]:
         StageCheck("unrated_verdict_rate",
                    f"Share of verdicts without a rating (unreadable answer or failed judge call) <= {max_rate}.",
                    lambda df, _: check_unrated_verdicts(df, max_rate)),
+        pending_check(),
     ]
 
 
@@ -218,10 +220,11 @@ async def judge(work: MemberContext, combined_generations: pd.DataFrame, *, rubr
                 "input_tokens": completion.input_tokens if completion else 0,
                 "output_tokens": completion.output_tokens if completion else 0,
                 "error": completion.error if completion else None,
+                "error_kind": completion.error_kind if completion else None,
             }
         )
     df = RATING_COLUMNS.frame(rows)
-    if requests and batch.all_failed:
+    if requests and batch.provider_down:
         raise dg.Failure(description=batch.failure_message(work.label))
     return dg.Output(
         df,
@@ -232,6 +235,7 @@ async def judge(work: MemberContext, combined_generations: pd.DataFrame, *, rubr
             "parse_failures": sum(v.kind == "parse_failed" for v in asked),
             "parse_failure_rate": dg.MetadataValue.float(parse_failure_rate(asked)),
             "judge_call_failures": sum(v.kind == "judge_failed" for v in asked),
+            PENDING_CHECK: len(pending_ids(df)),
         },
     )
 
