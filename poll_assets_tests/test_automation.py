@@ -16,7 +16,11 @@ import dagster as dg
 import pytest
 import yaml
 
+from poll_assets.assets.metadata import PENDING_CHECK
 from poll_assets.automation import SENSOR_NAME
+from poll_assets.llm.base import ProviderError
+from poll_assets.llm.policy import Limits
+from poll_assets.llm.resources import resource_key
 from poll_assets.panel import Panel, PanelConfigError, load_panel
 from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets_tests.fake_panel import scripted_resources, write_panel
@@ -219,3 +223,43 @@ def test_schedule_defaults_to_off_and_bundled_panels_set_it():
     assert Panel.model_fields["schedule"].default_factory().enabled is False
     assert load_panel("local")[0].schedule.enabled is True
     assert load_panel("paper")[0].schedule.enabled is False
+
+
+def test_pending_rows_are_requested_again_and_only_they_are_called(tmp_path):
+    # gen_1's call for one prompt of shard-00001 fails with a 503-like error and is not retried
+    # (max_retries 0, no retry window): the row is pending, its blocking pending_rows check fails,
+    # and the next tick requests that shard again. The re-run calls gen_1 for that one row only.
+    w = World(tmp_path)
+    try:
+        quick = Limits(max_retries=0, retry_window_s=0)
+        gen_1 = w.panel.generators[1].model_copy(update={"limits": quick})
+        panel = w.panel.model_copy(update={"generators": [w.panel.generators[0], gen_1]})
+        assert w.run("shard-00000", panel=panel).success
+        resources = scripted_resources(panel)
+        backend = resources[resource_key(gen_1)]
+        backend.script = lambda text, attempt: ProviderError("server", "HTTP 503") if "Translate" in text else None
+        result = run_with(w, panel, resources, "shard-00001")
+        assert not result.success  # pending rows fail the run instead of passing as a success
+        failed = {(c.asset_key.to_user_string(), c.check_name) for c in result.get_asset_check_evaluations() if not c.passed}
+        assert ("generations/gen_1", PENDING_CHECK) in failed and ("generations/gen_0", PENDING_CHECK) not in failed
+        meta = w.instance.get_latest_materialization_event(dg.AssetKey(["generations", "gen_1"]))
+        assert meta.asset_materialization.metadata[PENDING_CHECK].value == 1
+
+        assert w.tick(panel, advance=dt.timedelta(0)) == set()
+        requested = w.tick(panel)
+        assert requested == pairs(ALL - {"prompts", "generations/gen_0"}, ["shard-00001"])
+        backend.script = None  # the provider is back
+        calls_before = backend.total_calls
+        assets = [dg.AssetKey.from_user_string(a) for a, _ in sorted(requested)]
+        assert run_with(w, panel, resources, "shard-00001", assets).success
+        assert backend.total_calls - calls_before == 1  # only the pending row; the other came from the cache
+        assert w.tick(panel) == set()
+    finally:
+        w.close()
+
+
+def run_with(w: World, panel: Panel, resources: dict, partition: str, assets=None) -> dg.ExecuteInProcessResult:
+    defs = build_definitions(panel, w.path, storage_dir=str(w.tmp / "storage"), cache_path=str(w.tmp / "cache.sqlite"),
+                             resource_overrides=resources)
+    return defs.resolve_job_def(JOB_NAME).execute_in_process(partition_key=partition, instance=w.instance,
+                                                              raise_on_error=False, asset_selection=assets)

@@ -44,8 +44,14 @@ def base_url(server: FakeLLMServer, name: str, provider: str) -> str:
     return f"{server.url}/{tag(name, provider)}" + ("" if provider == "anthropic" else "/v1")
 
 
-def http_panel_file(tmp: Path, server: FakeLLMServer, n: int, *, concurrency: int = 8, max_retries: int = 5) -> Path:
-    """A panel of HTTP members (hf_inference, openai, anthropic), each pointed at the fake server."""
+def http_panel_file(tmp: Path, server: FakeLLMServer, n: int, *, concurrency: int = 8, max_retries: int = 5,
+                    retry_window_s: float | None = 0.0) -> Path:
+    """A panel of HTTP members (hf_inference, openai, anthropic), each pointed at the fake server.
+    `retry_window_s` 0 (the default here) makes `max_retries` alone say when a call gives up;
+    None keeps the panel default."""
+    limits: dict[str, Any] = {"max_concurrency": concurrency, "max_retries": max_retries, "timeout_s": 20}
+    if retry_window_s is not None:
+        limits["retry_window_s"] = retry_window_s
     prompts = [f"Fault test prompt number {i}: say something short." for i in range(n)]
     raw: dict[str, Any] = {
         "name": "faults",
@@ -58,7 +64,7 @@ def http_panel_file(tmp: Path, server: FakeLLMServer, n: int, *, concurrency: in
             {
                 "name": name, "provider": provider, "model": model, "family": family,
                 "params": {"max_new_tokens": 64},
-                "limits": {"max_concurrency": concurrency, "max_retries": max_retries, "timeout_s": 20},
+                "limits": limits,
                 "base_url": base_url(server, name, provider), "api_key_env": KEY_ENV,
             }
             for name, provider, model, family in members
