@@ -113,3 +113,66 @@ def test_two_processes_running_one_batch_pay_each_call_once(fake_llm, tmp_path):
     assert all(ok == 40 for ok, _, _ in counts)
     assert sum(calls for _, calls, _ in counts) == 40  # each process made its share; the other's were cache hits
     assert all(calls + hits == 40 for _, calls, hits in counts)
+
+
+def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "DAGSTER_HOME": str(home), **extra}
+
+
+def test_two_poll_assets_runs_of_one_shard_make_7n_requests(fake_llm, tmp_path):
+    # The paper panel (4 generators, 3 judges) on N = 10 prompts: 4N generation calls and 3N judge
+    # calls, 7N = 70 requests. Two `poll-assets run` processes of the same shard, started together on
+    # one DAGSTER_HOME (so one response cache), make those 70 between them, not 140.
+    from poll_assets_tests.test_paper_fake_server import CANARY, KEY_VARS, paper_on_fake
+
+    fake_llm.reset(latency_ms=1500)
+    path, raw = paper_on_fake(tmp_path, fake_llm.url)
+    raw.pop("cache")  # the default: the shared cache in $DAGSTER_HOME
+    raw["source"].update(num_examples=10, shard_size=10)
+    path.write_text(__import__("yaml").safe_dump(raw))
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = cli_env(home, **{var: CANARY for var in KEY_VARS})
+    argv = [sys.executable, "-m", "poll_assets.cli", "run", "--panel", str(path)]
+    procs = [subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    n, members = 10, len(raw["generators"]) + len(raw["judges"])
+    stats = fake_llm.stats()
+    print(f"\ntwo runs of one shard, paper panel, N={n}: {stats['total']} requests (7N = {members * n})")
+    assert members == 7 and stats["total"] == members * n and stats["max_repeats"] == 1
+
+
+def test_cli_says_why_a_dead_provider_stopped_the_run_and_how_to_resume(fake_llm, tmp_path):
+    # Both generators point at a port nothing listens on: 2 x 70 = 140 calls, default retry settings.
+    import yaml
+
+    from poll_assets_tests.test_faults import KEY_ENV, http_panel_file
+
+    path = http_panel_file(tmp_path, fake_llm, 70, retry_window_s=None, max_retries=5)
+    raw = yaml.safe_load(path.read_text())
+    dead = f"http://127.0.0.1:{closed_port()}"
+    for g in raw["generators"]:
+        g["base_url"] = dead + ("/v1" if g["provider"] == "openai" else "")
+    path.write_text(yaml.safe_dump(raw))
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "poll_assets.cli", "run", "--panel", str(path)], cwd=tmp_path,
+                          env=cli_env(home, **{KEY_ENV: "fake-key"}), capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - start
+    print(f"\ndead provider through the CLI: exit {proc.returncode} after {took:.1f}s (process start included)")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert took < 60  # Dagster's start-up included; the calls themselves take well under a second
+    # One failure line for the stage step, then one line per member with its own message.
+    assert "step failed: generations: 2 of 2 members failed" in proc.stderr, proc.stderr
+    text = proc.stderr[proc.stderr.index("step failed: generations: "):]
+    for member in ("gen_hf", "gen_openai"):
+        assert f"generations/{member}: member '{member}'" in text, text
+    assert "circuit breaker open: 8 attempts in a row got no answer (threshold 8 in a row)" in text
+    assert "connection failed" in text and "failure rate 1.000" in text
+    assert "Re-run the shard when the provider is back" in text
+    assert fake_llm.stats()["total"] == 0  # the judges never ran
