@@ -223,3 +223,49 @@ def test_a_provider_that_stays_down_fails_its_asset_clearly_and_keeps_the_rest(f
     assert result.success
     assert fake_llm.stats()["by_tag"] == {"gen_openai": n, "judge_openai": n, "judge_claude": n}
     assert len(read(storage, "preference_pairs")) > 0
+
+
+def member_keys(panel: Panel) -> list[list[str]]:
+    return [["generations", g.name] for g in panel.generators] + [["ratings", j.name] for j in panel.judges]
+
+
+def assert_no_failed_row(storage: Path, instance: dg.DagsterInstance, panel: Panel) -> None:
+    for key in member_keys(panel):
+        frame = read(storage, *key)
+        assert frame["error"].isna().all(), (key, frame["error"].dropna().tolist())
+        event = instance.get_latest_materialization_event(dg.AssetKey(key))
+        assert event.asset_materialization.metadata["pending_rows"].value == 0
+
+
+def test_a_server_capped_at_8_with_members_at_64_finishes_with_no_failed_row(fake_llm, tmp_path, env_key):
+    n = 40
+    fake_llm.reset(latency_ms=30, max_concurrent=8, retry_after_s=0.2)
+    panel_path = http_panel_file(tmp_path, fake_llm, n, concurrency=64, retry_window_s=None)  # default retries
+    result, instance, panel = materialize(panel_path, tmp_path / "storage", tmp_path / "c.sqlite")
+    assert result.success
+    assert_no_failed_row(tmp_path / "storage", instance, panel)
+    metas = {"/".join(k): llm_metadata(instance, k) for k in member_keys(panel)}
+    stats = fake_llm.stats()
+    print(f"\ncap 8, members at 64, {n} prompts: {stats['over_cap']} 429s over {stats['total']} requests; "
+          f"settled at {({k: m['llm/concurrency'] for k, m in metas.items()})}")
+    assert stats["over_cap"] > 0
+    assert sum(m["llm/rate_limited"] for m in metas.values()) == stats["over_cap"]
+    # Two members share the server at a time, so each settles well below its 64.
+    assert all(1 <= m["llm/concurrency"] <= 16 for m in metas.values()), metas
+
+
+@pytest.mark.slow
+def test_a_ten_second_outage_mid_run_leaves_no_failed_row(fake_llm, tmp_path, env_key):
+    # Default retry settings (5 retries, full jitter from 1 s, retry_window_s 90): every request gets
+    # a 503 for 10 s from the 60th on, in the middle of the generations (80 of them, then 80 judge calls).
+    n = 40
+    fake_llm.reset(latency_ms=50, outage_from_request=60, outage_s=10.0)
+    panel_path = http_panel_file(tmp_path, fake_llm, n, retry_window_s=None)
+    start = time.monotonic()
+    result, instance, panel = materialize(panel_path, tmp_path / "storage", tmp_path / "c.sqlite")
+    took = time.monotonic() - start
+    outage = fake_llm.stats()["outcomes"].get("outage", 0)
+    print(f"\n10 s outage: {outage} refused requests, run took {took:.1f}s")
+    assert outage > 0 and took >= 10
+    assert result.success
+    assert_no_failed_row(tmp_path / "storage", instance, panel)
