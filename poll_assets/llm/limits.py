@@ -12,11 +12,32 @@ import asyncio
 import math
 import time
 from collections import deque
+from collections.abc import Mapping
+from contextvars import ContextVar
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from poll_assets.llm.base import CallRequest
 from poll_assets.llm.policy import CallPolicy
+
+# What the provider's rate-limit headers said about the attempt running in this task: the runner
+# sets a fresh dict around each attempt, and an HTTP backend's response hook fills it in.
+PROVIDER_LIMITS: ContextVar[dict[str, int] | None] = ContextVar("poll_provider_limits", default=None)
+_REMAINING_HEADERS = ("x-ratelimit-remaining-requests", "anthropic-ratelimit-requests-remaining")
+
+
+def note_rate_limit_headers(headers: Mapping[str, str]) -> None:
+    """Record the requests the provider says are left (OpenAI's or Anthropic's header) for the
+    attempt running in this task; nothing when no attempt is listening or no header is there."""
+    note = PROVIDER_LIMITS.get()
+    if note is None:
+        return
+    for name in _REMAINING_HEADERS:
+        value = headers.get(name)
+        if value is not None and value.strip().isdigit():
+            note["remaining_requests"] = int(value)
+            return
+
 
 # Rough characters-per-token ratio for English; only used to pace calls before the real usage is known.
 CHARS_PER_TOKEN = 4
@@ -135,8 +156,8 @@ class CallLimits:
     """The limits one batch of calls to one member runs under.
 
     Concurrency adapts to the provider (AIMD, as TCP does): the window starts at the policy's
-    `max_concurrency`, halves on a 429 (once per window: 429s from calls started before the last
-    cut do not cut again), and grows by one slot per window's worth of successes, never above
+    `max_concurrency`, halves on a 429 or on an answer saying no request is left (once per window:
+    signals from calls started before the last cut do not cut again), and grows by one slot per window's worth of successes, never above
     `max_concurrency`. A tighter provider so costs time, not rows.
     """
 
@@ -162,13 +183,19 @@ class CallLimits:
     def congested(self, started_under: int) -> None:
         """A 429 for an attempt started under cut number `started_under`: halve the window, once per cut."""
         self.rate_limited += 1
+        self._cut(started_under)
+
+    def _cut(self, started_under: int) -> None:
         if started_under == self._cuts:
             self._cuts += 1
             self.window.resize(max(1.0, self.window.size / 2))
 
-    def succeeded(self) -> None:
-        """An answer: grow the window by 1/size (one slot per window's worth of answers)."""
-        if self.window.size < self.max_concurrency:
+    def succeeded(self, started_under: int, remaining_requests: int | None = None) -> None:
+        """An answer: grow the window by 1/size (one slot per window's worth of answers), or, when
+        the provider said no request is left, cut it as a 429 would (without the 429)."""
+        if remaining_requests == 0:
+            self._cut(started_under)
+        elif self.window.size < self.max_concurrency:
             self.window.resize(min(float(self.max_concurrency), self.window.size + 1.0 / self.window.size))
 
     def pause_for(self, seconds: float) -> None:

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
 
+from poll_assets.llm.limits import note_rate_limit_headers
 from poll_assets.llm.base import BackendConfig, CallRequest, ChatBackend, Completion, FatalProviderError, ProviderError
 
 ClientT = TypeVar("ClientT")
@@ -168,6 +169,7 @@ class RemoteBackend(ChatBackend, Generic[ClientT]):
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
             self._client = self._new_client()
+            _listen_for_rate_limits(self._client)
             self._client_loop = loop
             self.clients_created += 1
         return self._client
@@ -255,6 +257,18 @@ class RemoteBackend(ChatBackend, Generic[ClientT]):
 
     def connection_error(self, why: str) -> ProviderError:
         return ProviderError("connection", f"{self.who}: connection failed ({self.scrub(why)})")
+
+
+def _listen_for_rate_limits(client: Any) -> None:
+    """Hand every response's rate-limit headers to the runner's adaptive limits. The OpenAI and
+    Anthropic SDK clients keep their httpx client in `_client`; other clients are left alone."""
+    hooks = getattr(getattr(client, "_client", None), "event_hooks", None)
+    if isinstance(hooks, dict) and isinstance(hooks.get("response"), list):
+        hooks["response"].append(_note_response_limits)
+
+
+async def _note_response_limits(response: Any) -> None:
+    note_rate_limit_headers(response.headers)
 
 
 def mentions_structured_output(status: int, detail: str) -> bool:
