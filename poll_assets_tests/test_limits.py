@@ -12,7 +12,7 @@ import time
 import pytest
 
 from poll_assets.llm.base import CallRequest, GenerationParams, ProviderError
-from poll_assets.llm.limits import CallLimits, TokenBucket, estimate_tokens
+from poll_assets.llm.limits import PROVIDER_LIMITS, CallLimits, TokenBucket, estimate_tokens, note_rate_limit_headers
 from poll_assets.llm.policy import CallPolicy, Limits, RetryPolicy
 from poll_assets.llm.resources import ChatModelResource
 from poll_assets.llm.runner import run_calls
@@ -170,3 +170,60 @@ def test_local_model_batch_through_run_calls():
     reqs = [CallRequest.build([{"role": "user", "content": f"Say the number {i}."}], params) for i in range(3)]
     batch = asyncio.run(run_calls(backend, policy, reqs))
     assert all(c.ok and c.output_tokens > 0 for c in batch.completions), [c.error for c in batch.completions]
+
+
+def test_aimd_window_halves_once_per_cut_and_grows_back_slowly():
+    async def go():
+        limits = CallLimits(64)
+        async with limits.slot() as first:
+            pass
+        limits.congested(first)
+        limits.congested(first)  # a second 429 from a call started before the cut: no second cut
+        assert limits.concurrency == 32 and limits.rate_limited == 2
+        async with limits.slot() as second:
+            pass
+        limits.succeeded(second, remaining_requests=0)  # the provider says nothing is left: cut
+        assert limits.concurrency == 16 and limits.rate_limited == 2
+        for _ in range(16):  # one window's worth of answers grows it by about one slot
+            limits.succeeded(second, remaining_requests=5)
+        assert 16.9 < limits.concurrency < 17.1
+        for _ in range(10_000):
+            limits.succeeded(second)
+        assert limits.concurrency == 64  # never above max_concurrency
+
+    asyncio.run(go())
+
+
+def test_a_shrunk_window_admits_no_new_call_until_holders_leave():
+    async def go():
+        limits = CallLimits(4)
+        entered = asyncio.Event()
+        release = asyncio.Event()
+
+        async def hold():
+            async with limits.slot():
+                entered.set()
+                await release.wait()
+
+        holders = [asyncio.create_task(hold()) for _ in range(4)]
+        await asyncio.sleep(0.01)
+        limits.congested(0)  # 4 -> 2 while 4 are in flight
+        late = asyncio.create_task(hold())
+        await asyncio.sleep(0.01)
+        assert limits.in_flight == 4 and not late.done()
+        release.set()
+        await asyncio.gather(*holders, late)
+        assert limits.peak_in_flight == 4 and limits.window.held == 0
+
+    asyncio.run(go())
+
+
+def test_rate_limit_headers_reach_the_attempt_listening_in_this_task():
+    note_rate_limit_headers({"x-ratelimit-remaining-requests": "3"})  # nobody listening: ignored
+    heard: dict[str, int] = {}
+    token = PROVIDER_LIMITS.set(heard)
+    try:
+        note_rate_limit_headers({"anthropic-ratelimit-requests-remaining": "0"})
+    finally:
+        PROVIDER_LIMITS.reset(token)
+    assert heard == {"remaining_requests": 0}

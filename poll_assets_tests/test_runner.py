@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -263,3 +264,30 @@ def test_a_fixed_pool_of_workers_whatever_the_batch_size():
     # the concurrency, where one task per call would have made over 2000.
     assert peak <= 3 + 2 * 8 + 8, peak
     assert backend.total_calls == 2000
+
+
+def test_a_provider_failing_every_attempt_for_the_retry_window_opens_the_breaker():
+    # 503 on every attempt: each call would retry for the whole window, one pair of calls after
+    # another (25 x 0.4 s); the breaker's time rule fails the rest at once after one window.
+    backend = FakeBackend(script=lambda text, attempt: ProviderError("server", "fake: 503 overloaded"))
+    target = with_policy(backend, max_concurrency=2, max_retries=0, retry_window_s=0.4)
+    batch = run(target, make_requests(50))
+    assert batch.stats.elapsed_s < 2.0
+    assert not any(c.ok for c in batch.completions) and batch.provider_down
+    assert batch.breaker.startswith("circuit breaker open: every attempt failed for 0.4s (retry_window_s 0.4)")
+    unsent = [c for c in batch.completions if c.attempts == 0]
+    assert len(unsent) > 40 and all(c.error == batch.breaker and c.error_kind == "server" for c in unsent)
+
+
+def test_retries_continue_past_max_retries_until_the_window_ends():
+    # Fails for its first 0.3 s; max_retries 1 alone would give up after two quick attempts.
+    start = []
+
+    def script(text, attempt):
+        start.append(start[0] if start else time.monotonic())
+        return ProviderError("server", "fake: 503") if time.monotonic() - start[0] < 0.3 else None
+
+    backend = FakeBackend(script=script)
+    target = with_policy(backend, max_retries=1, retry_window_s=5.0)
+    batch = run(target, make_requests(1))
+    assert batch.completions[0].ok and batch.completions[0].attempts > 2

@@ -254,7 +254,7 @@ class _Breaker:
         if self.in_a_row >= self.after:
             why = f"{self.in_a_row} attempts in a row got no answer (threshold {self.after} in a row)"
         elif self.window_s > 0 and now - self.failing_since >= self.window_s and err.retryable:
-            why = f"every attempt failed for {now - self.failing_since:.0f}s (retry_window_s {self.window_s:g})"
+            why = f"every attempt failed for {now - self.failing_since:.1f}s (retry_window_s {self.window_s:g})"
         else:
             return
         self.message, self.kind = f"circuit breaker open: {why}; cause: {err}", err.kind
