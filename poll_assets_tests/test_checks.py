@@ -19,6 +19,7 @@ from poll_assets.assets import preferences as preferences_module
 from poll_assets.assets import prompts as prompts_module
 from poll_assets.assets.generations import check_generation_failures, check_generation_rows
 from poll_assets.assets.judging import check_ratings_valid, check_unrated_verdicts
+from poll_assets.assets.metadata import check_pending_rows
 from poll_assets.assets.pooling import check_agreement, check_pooled_coverage, pooled_agreement
 from poll_assets.assets.preferences import check_pairs
 from poll_assets.assets.prompts import check_prompts
@@ -36,7 +37,8 @@ def prompts() -> pd.DataFrame:
 
 
 def generations(texts=("x", "y"), errors=(None, None)) -> pd.DataFrame:
-    return pd.DataFrame({"prompt_id": [P1, P2], "generation": list(texts), "error": list(errors)})
+    return pd.DataFrame({"prompt_id": [P1, P2], "generation": list(texts), "error": list(errors),
+                         "error_kind": [None if e is None else "server" for e in errors]})
 
 
 def combined() -> pd.DataFrame:
@@ -175,7 +177,8 @@ def test_checks_are_blocking_except_agreement(tmp_path):
     defs = build_definitions(panel, path, storage_dir=str(tmp_path / "s"), cache_path=str(tmp_path / "c.sqlite"))
     graph = defs.resolve_asset_graph()
     specs = {(k.asset_key.to_user_string(), k.name): graph.get_check_spec(k) for k in graph.asset_check_keys}
-    assert len(specs) == 1 + 2 * len(panel.generators) + 2 * len(panel.judges) + 2 + 1
+    # prompts; per generator and per judge two checks of its stage and pending_rows; pooled; pairs.
+    assert len(specs) == 1 + 3 * len(panel.generators) + 3 * len(panel.judges) + 2 + 1
     non_blocking = {key for key, spec in specs.items() if not spec.blocking}
     assert non_blocking == {("pooled_ratings", "judge_agreement")}
     # Partitioned like their asset, so each evaluation is recorded against its shard.
@@ -229,7 +232,8 @@ def test_a_check_that_needs_the_step_input_refuses_to_run_without_it(tmp_path):
     with pytest.raises(ValueError, match="generations/gen_0:one_row_per_prompt needs step_input, but the step gave none"):
         c.evaluate_checks(checks, dg.AssetKey(["generations", "gen_0"]), generations())
     results = c.evaluate_checks(checks, dg.AssetKey(["generations", "gen_0"]), generations(), {c.STEP_INPUT: prompts()})
-    assert [(r.check_name, r.passed) for r in results] == [("one_row_per_prompt", True), ("failure_rate", True)]
+    assert [(r.check_name, r.passed) for r in results] == [
+        ("one_row_per_prompt", True), ("failure_rate", True), ("pending_rows", True)]
 
 
 # --- through the asset steps ---------------------------------------------------------------------
@@ -394,7 +398,7 @@ def test_a_bad_shard_fails_its_check_in_the_asset_step(tmp_path, monkeypatch, me
 def test_a_subset_of_a_stage_evaluates_only_its_selected_checks(tmp_path):
     gen_0, gen_1 = dg.AssetKey(["generations", "gen_0"]), dg.AssetKey(["generations", "gen_1"])
     selection = dg.AssetSelection.assets("prompts", gen_0, gen_1) - dg.AssetSelection.checks(
-        dg.AssetCheckKey(gen_0, "failure_rate")
+        dg.AssetCheckKey(gen_0, "failure_rate"), dg.AssetCheckKey(gen_0, "pending_rows")
     )
     # gen_1 fails every call: only gen_0 runs, and its one selected check is evaluated.
     result, _ = _run(tmp_path, fail={"gen_1": "*"}, selection=selection)
@@ -412,3 +416,12 @@ def test_ratings_metadata_counts_parse_failures_apart_from_failed_judge_calls(tm
     assert meta["judge_call_failures"].value == 2
     assert meta["parse_failures"].value == 0 and meta["parse_failure_rate"].value == 0.0
     assert stored["ratings/judge_0"]["judge_call_failures"].value == 0
+
+
+def test_pending_rows_are_the_transient_failures_only():
+    frame = pd.DataFrame({"prompt_id": [P1, P2, "c" * 64, "d" * 64],
+                          "error_kind": ["server", "bad_request", None, "connection"]})
+    finding = check_pending_rows(frame)
+    assert not finding.passed and finding.metadata == {"pending_rows": 2}
+    assert finding.description.startswith("2 of 4 rows pending") and "aaaaaaaaaaaa, dddddddddddd" in finding.description
+    assert check_pending_rows(frame.iloc[1:3]).passed  # a refusal fails the same way again: not pending
