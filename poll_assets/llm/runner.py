@@ -1,8 +1,10 @@
 """The one call path: every LLM call of every asset goes through `run_calls`.
 
-It looks requests up in the response cache, sends the rest within the member's limits
-(concurrency, requests/minute, tokens/minute), retries transient failures with backoff, stores
-each success in the cache as soon as it arrives, reports progress, and counts tokens for cost.
+It looks requests up in the response cache, claims each missing one's lease (so a request is paid
+once across processes), sends the rest within the member's limits (an adaptive concurrency window,
+requests/minute, tokens/minute), retries transient failures with backoff until both the retry count
+and the retry window are spent, stops early when the circuit breaker says the provider is down,
+stores each success in the cache as soon as it arrives, reports progress, and counts tokens for cost.
 Retries live here and nowhere else: backends make exactly one attempt per `complete` call.
 """
 
@@ -116,7 +118,6 @@ class CallBatch:
             msg += ". Fix the cause above, then re-materialize the partition"
         msg += "; " + _resume_note(ok_total, self.cache_writes) + "."
         return msg
-
 
     def _breaker_message(self, where: str) -> str:
         failed = [c for c in self.completions if not c.ok]
