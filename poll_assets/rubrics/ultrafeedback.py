@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from poll_assets.rubrics.answer_format import quote_lookalikes
+from poll_assets.rubrics.answer_format import normalize_breaks, quote_lookalikes
 
 DEFAULT_ASPECT = "instruction-following"
 DEFAULT_MAX_RATIONALE_CHARS = 300
@@ -270,6 +271,23 @@ def _json_format(rubric: Rubric, n: int, max_chars: int | None) -> list[str]:
     ]
 
 
+def _fenced_body(text: str) -> str:
+    # One line rule with the parser: breaks normalized first, then look-alike lines quoted.
+    return quote_lookalikes(normalize_breaks(text))
+
+
+def fence_nonce(messages: list[dict[str, str]]) -> str | None:
+    """The fence id of a judge prompt built by build_judge_messages, None if it has none."""
+    for m in messages:
+        found = _NONCE_RE.search(m.get("content") or "")
+        if found:
+            return found[1]
+    return None
+
+
+_NONCE_RE = re.compile(r"<<<BEGIN INSTRUCTION ([0-9a-f]{12})>>>")
+
+
 def build_judge_messages(
     rubric: Rubric,
     instruction: str,
@@ -315,11 +333,11 @@ def build_judge_messages(
         "",
         "## Material",
         f"<<<BEGIN INSTRUCTION {nonce}>>>",
-        quote_lookalikes(instruction),
+        _fenced_body(instruction),
         f"<<<END INSTRUCTION {nonce}>>>",
     ]
     for k, text in enumerate(texts, start=1):
-        lines += ["", f"<<<BEGIN TEXT {k} {nonce}>>>", quote_lookalikes(text), f"<<<END TEXT {k} {nonce}>>>"]
+        lines += ["", f"<<<BEGIN TEXT {k} {nonce}>>>", _fenced_body(text), f"<<<END TEXT {k} {nonce}>>>"]
     lines += ["", f"Now rate the {n} text{'s' if n != 1 else ''} for {rubric.aspect}."]
     return [
         {"role": "system", "content": system_prompt if system_prompt is not None else DEFAULT_SYSTEM_PROMPT},
