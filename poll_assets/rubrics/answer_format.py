@@ -33,7 +33,7 @@ FIELD_RE = re.compile(
 )
 # "... the text meets every restriction. **Rating: 4**": a rating closing a prose line.
 INLINE_RATING_RE = re.compile(
-    rf"^(?P<pre>.*?\S)[ \t]+[*_]*{QUALIFIER}(?:rating|score)[*_]*[ \t]*[:=][*_ \t]*"
+    rf"^(?![ \t]*>)(?P<pre>.*?\S)[ \t]+[*_]*{QUALIFIER}(?:rating|score)[*_]*[ \t]*[:=][*_ \t]*"
     r"(?P<value>\d+(?:[ \t]*/[ \t]*\d+)?)[*_]*\.?[ \t]*$",
     re.IGNORECASE,
 )
