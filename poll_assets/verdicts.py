@@ -332,7 +332,12 @@ def canonical_lines(text: str) -> list[str]:
     return out
 
 
-def _heading(line: str) -> tuple[int, str | None, bool] | None:
+def _is_label(text: str, rubric: Rubric) -> bool:
+    lowered = text.strip(_STRIP).lower()
+    return any(lowered == part.strip().lower() for _, label in rubric.scale for part in {label, *label.split(" / ")})
+
+
+def _heading(line: str, rubric: Rubric) -> tuple[int, str | None, bool] | None:
     """(k, inline content, weak) when the line opens the block of text k.
 
     weak: a bulleted "- **Text 4:** prose" line, which is a mention inside another block whenever
@@ -349,8 +354,8 @@ def _heading(line: str) -> tuple[int, str | None, bool] | None:
     k = int(m["k"])
     if inline and FIELD_RE.match(inline):
         return k, inline, False
-    if inline and _COMPACT_RATING_RE.fullmatch(inline):
-        return k, f"Rating: {inline}", False
+    if inline and (_COMPACT_RATING_RE.fullmatch(inline) or _is_label(inline, rubric)):
+        return k, f"Rating: {inline}", False  # "### Text 1 - 4/5", "Output for Text 1: Almost There"
     if inline and not decorated:
         return None  # a bare "Text 2: some sentence" in a rationale
     return k, inline or None, bool(inline) and bool(_BULLET_RE.match(line))
@@ -363,7 +368,7 @@ class _Block:
 
 
 def _split_blocks(lines: list[str], answer: _Answer) -> list[_Block]:
-    headings = [_heading(x) for x in lines]
+    headings = [_heading(x, answer.rubric) for x in lines]
     strong = any(h is not None and not h[2] for h in headings)
     blocks = [_Block(None, [])]  # the preamble
     for line, h in zip(lines, headings):

@@ -17,6 +17,7 @@ can at worst be removed (the text gets None with the reason), never set or chang
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
 
@@ -74,6 +75,21 @@ def _untrusted_lines(messages: list[dict[str, str]] | None, generations: list[st
     return out
 
 
+_DECODER = json.JSONDecoder(strict=False)
+
+
+def _json_fragments(line: str) -> list[str]:
+    """The JSON values written inside one line of a text, as they were written."""
+    out = []
+    for m in re.finditer(r"[\[{]", line):
+        try:
+            _, end = _DECODER.raw_decode(line, m.start())
+        except json.JSONDecodeError:
+            continue
+        out.append(line[m.start():end])
+    return out
+
+
 def strip_untrusted(
     answer: str,
     rubric: Rubric,
@@ -88,9 +104,10 @@ def strip_untrusted(
     keys.discard("")
     lines = _drop_fenced(split_lines(answer), fence_nonce(messages) if messages else None)
     lines = [x for x in lines if line_key(x) not in keys]
+    candidates = [x.strip().lstrip("> \t").strip() for x in untrusted]
+    candidates += [j for x in untrusted for j in _json_fragments(x)]
     fragments = sorted(
-        {s for s in (x.strip().lstrip("> \t").strip() for x in untrusted)
-         if len(s) >= 8 and _VERDICT_SHAPED_RE(s) and _VERDICT_WORD_RE(s)},
+        {s for s in candidates if len(s) >= 8 and _VERDICT_SHAPED_RE(s) and _VERDICT_WORD_RE(s)},
         key=len, reverse=True,
     )
     text = "\n".join(lines)
