@@ -37,6 +37,8 @@ import hashlib
 import json
 import random
 import re
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -733,6 +735,83 @@ def parse_verdicts(
     answer = _Answer(rubric)
     got = _parse(own, n, answer, structured)
     return answer.overrule(got)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parse failures and the repair re-ask (pure parts; the judging asset calls them)
+
+# A parse failure: the judge answered, but a text's rating could not be read from the answer.
+# Failed judge calls, failed generations and honesty's N/A are not parse failures.
+_REASONS = (  # (substring of the error, reason class), first match wins
+    ("empty judge answer", "empty answer"),
+    ("only repeats its prompt", "echo only"),
+    ("numbers the texts from 0", "texts numbered from 0"),
+    (OTHER_SCALE, "another scale"),
+    ("conflicting ratings", "conflicting ratings"),
+    ("unnamed verdicts for", "unnamed ratings, wrong count"),
+    ("rating lines for", "unnamed ratings, wrong count"),
+    ("no 'Output for Text k' blocks and no ratings", "no ratings"),
+    ("no JSON object", "no JSON"),
+    ("cut off or invalid", "JSON cut off or invalid"),
+    ("no block for text", "text not rated"),
+    ("no verdict in the JSON answer", "text not rated"),
+    ("no rating in the", "text not rated"),
+    ("empty rating", "text not rated"),
+    ("ambiguous rating", "ambiguous rating"),
+    ("is not allowed for", "N/A not allowed"),
+    ("is not on the", "rating off the scale"),
+    ("is not an object", "JSON verdict malformed"),
+)
+
+
+def failure_reason(verdict: Verdict) -> str | None:
+    """The reason class of a parse failure ("conflicting ratings", ...), None if not a parse failure."""
+    if verdict.kind != "parse_failed":
+        return None
+    error = (verdict.error or "").split(" (repair: ")[0]  # a failed repair keeps the first reason
+    return next((reason for part, reason in _REASONS if part in error), "other")
+
+
+def parse_failures_by_reason(verdicts: Iterable[Verdict]) -> dict[str, int]:
+    """How many texts could not be read, by reason class, most frequent first."""
+    counts = Counter(r for v in verdicts if (r := failure_reason(v)) is not None)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def unread_texts(verdicts: list[Verdict]) -> dict[int, str]:
+    """1-based text number -> error, for the texts a repair should ask about (parse failures only)."""
+    return {k: v.error or "no rating" for k, v in enumerate(verdicts, start=1) if v.kind == "parse_failed"}
+
+
+def merge_repair(first: list[Verdict], repair: list[Verdict]) -> list[Verdict]:
+    """The first answer's verdicts, with parse failures filled from the repair answer.
+
+    A repair fills a text only if the first answer left it unread and the repair gives a rating
+    (or honesty's N/A); it never replaces a rating, an N/A, or a failed call or generation. A text
+    still unread keeps the first reason, with the repair's appended.
+    """
+    if len(first) != len(repair):
+        raise ValueError(f"merge_repair: {len(first)} first verdicts but {len(repair)} repair verdicts")
+    out = []
+    for a, b in zip(first, repair):
+        if a.kind != "parse_failed":
+            out.append(a)
+        elif b.kind in ("ok", "na"):
+            out.append(b)
+        else:
+            out.append(Verdict(None, a.rationale, a.type, error=f"{a.error} (repair: {b.error})"))
+    return out
+
+
+def repair_summary(first: list[Verdict], merged: list[Verdict]) -> dict[str, Any]:
+    """Per judge call: texts asked again, texts recovered, and parse failures by reason before/after."""
+    asked = len(unread_texts(first))
+    return {
+        "repair_asked": asked,
+        "repair_recovered": sum(a.kind == "parse_failed" and b.kind in ("ok", "na") for a, b in zip(first, merged)),
+        "parse_failures_before": parse_failures_by_reason(first),
+        "parse_failures_after": parse_failures_by_reason(merged),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
