@@ -42,7 +42,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from poll_assets.rubrics.answer_format import FIELD_RE, HEADING_RE, INLINE_RATING_RE, split_lines
+from poll_assets.rubrics.answer_format import FIELD_RE, HEADING_RE, INLINE_RATING_RE, TEXT_NAME, is_quoted, split_lines
 from poll_assets.rubrics.echo import strip_untrusted
 from poll_assets.rubrics.ultrafeedback import Rubric
 
@@ -255,11 +255,15 @@ class _Answer:
 # Text answers: first rewritten into canonical lines, then cut into blocks
 
 _SEPARATORS = ":-\u2013\u2014.|)]("
-_COMPACT_RATING_RE = re.compile(r"(?:\d+(?:\s*(?:/|out\s+of)\s*\d+)?|[\u2605\u2b50]+[\u2606]*)[.!]?", re.IGNORECASE)
+# "4", "4/5", "4 out of 5", stars; optionally followed by " - prose" ("Text 1 - 4/5 - good").
+_COMPACT_RATING_RE = re.compile(
+    r"(?P<value>\d+(?:\s*(?:/|out\s+of)\s*\d+)?|[\u2605\u2b50]+[\u2606]*)[.!]?(?:\s+[-\u2013\u2014:|]\s+.*)?", re.IGNORECASE
+)
+_TAG_RE = re.compile(rf"^\s*</?\s*(?:(?P<text>{TEXT_NAME}(?P<k>\d+))|(?P<field>rating|score|rationale|type))\s*>(?P<value>.*?)(?:</[^>]*>)?\s*$", re.IGNORECASE)
 _FIELD_KIND = {"rating": "rating", "ratings": "rating", "score": "rating", "scores": "rating", "type": "type"}
 _BULLET_RE = re.compile(r"^[ \t]*(?:[-+*\u2022]|\d{1,2}[.)])[ \t]+")
 _VALUE = r"(?:\d+(?:\s*/\s*\d+)?|[\u2605\u2b50]+[\u2606]*)"
-_PAIR = rf"(?:output\s+for\s+)?text\s*#?\s*(\d+)\s*(?:[:=\-\u2013]|\bis\b)?\s*(?:(?:rating|score)\s*[:=]?\s*)?({_VALUE})"
+_PAIR = rf"(?:output\s+for\s+)?{TEXT_NAME}(\d+)\s*(?:[:=\-\u2013]|\bis\b)?\s*(?:(?:rating|score)\s*[:=]?\s*)?({_VALUE})"
 _MULTI_RE = re.compile(rf"^(?:(?:ratings?|scores?)\s*[:=\-]?\s*)?{_PAIR}(?:\s*(?:[,;|]|and)\s*{_PAIR})+\s*\.?$", re.IGNORECASE)
 _NUMBER_LIST_RE = re.compile(r"^\d+(?:\s*[,;]\s*\d+)+\.?$")
 
@@ -275,7 +279,7 @@ def _field_kind(line: str) -> tuple[str, re.Match[str]] | None:
 
 def _canonical(line: str) -> list[str]:
     """One answer line -> the canonical lines it stands for (itself, most of the time)."""
-    if line.lstrip().startswith(">"):
+    if is_quoted(line):
         return [line]  # quoted material is never read
     plain = _plain(line).lstrip("-+\u2022 \t")
     if _MULTI_RE.match(plain):  # "Text 1: 4, Text 2: 2"
@@ -289,8 +293,16 @@ def _canonical(line: str) -> list[str]:
             return [f"Rating: {v}" for v in re.findall(r"\d+", value)]
         return [line]
     inline = INLINE_RATING_RE.match(line)
-    if inline:
-        return [inline["pre"], f"Rating: {inline['value']}"]  # "... prose. **Rating: 4**"
+    if inline:  # "... prose. **Rating: 4**"; "Text 2: the rating is 3."
+        named = HEADING_RE.match(_plain(inline["pre"]))
+        if named and (named["rest"].lstrip(" \t")[:1] in tuple(_SEPARATORS) or not named["rest"].strip()):
+            return [f"#### Output for Text {named['k']}", inline["pre"], f"Rating: {inline['value']}"]
+        return [inline["pre"], f"Rating: {inline['value']}"]
+    tag = _TAG_RE.match(line)
+    if tag:  # <text_1> <rating>4</rating> </text_1>
+        if tag["text"]:
+            return [f"#### Output for Text {tag['k']}"] if not line.lstrip().startswith("</") else []
+        return [f"{tag['field']}: {tag['value']}"] if not line.lstrip().startswith("</") else []
     return [line]
 
 
@@ -356,7 +368,10 @@ def _heading(line: str, rubric: Rubric) -> tuple[int, str | None, bool] | None:
     k = int(m["k"])
     if inline and FIELD_RE.match(inline):
         return k, inline, False
-    if inline and (_COMPACT_RATING_RE.fullmatch(inline) or _is_label(inline, rubric)):
+    compact = _COMPACT_RATING_RE.fullmatch(inline) if inline else None
+    if compact:
+        return k, f"Rating: {compact['value']}", False
+    if inline and _is_label(inline, rubric):
         return k, f"Rating: {inline}", False  # "### Text 1 - 4/5", "Output for Text 1: Almost There"
     if inline and not decorated:
         return None  # a bare "Text 2: some sentence" in a rationale
@@ -668,6 +683,7 @@ def _scan_objects(text: str, answer: _Answer) -> _Claims:
 
 
 def _parse_json(text: str, n: int, answer: _Answer) -> list[Verdict] | None:
+    text = "\n".join(x for x in split_lines(text) if not is_quoted(x))
     claims = _Claims({}, [])
     for value in _json_values(text):
         _claims_from_value(value, claims, answer)

@@ -5,7 +5,7 @@ Keeping both sides here gives two guarantees the tests check:
   U+0085, U+2028, U+2029) is used to quote texts and to read answers, so the two never disagree
   about where a line starts; texts are normalized to "\\n" before they are fenced;
 - after `quote_lookalikes`, no line of an untrusted text can be read by the parser as a heading,
-  a field or an inline rating, because every such line is prefixed with "> " and the parser never
+  a field, an inline rating or verdict-shaped JSON, because every such line is prefixed with "> " and the parser never
   accepts a line that starts with ">".
 """
 
@@ -16,6 +16,9 @@ import re
 FIELD_WORDS = r"ratings?|scores?|rationale|reasoning|reason|explanation|justification|type"
 QUALIFIER = r"(?:(?:overall|final|total)\s+)?"  # "Overall rating: 4"
 
+# How an answer names text k: "Text 3", "Text #3", "text_3", "Response 3", "Output 3", "Answer 3".
+TEXT_NAME = r"(?:text|response|output|answer)[ \t]*[#_\-]?[ \t]*"
+
 # Decoration the parser strips before a heading or a field: indentation, a list number ("1.",
 # "2)"), one bullet, markdown emphasis and heading marks, a table bar. Deliberately excludes ">"
 # (quoted material).
@@ -23,17 +26,17 @@ _DECO = r"[ \t]*(?:\|[ \t]*)?(?:\d{1,2}[.)][ \t]+)?(?:[-+\u2022][ \t]+)?(?:[*_#]
 
 HEADING_RE = re.compile(
     rf"^{_DECO}(?P<out>(?:output|response|evaluation|assessment)\s+(?:for|of)\s+)?"
-    r"text\s*#?\s*(?P<k>\d+)(?P<rest>.*)$",
+    rf"{TEXT_NAME}(?P<k>\d+)(?P<rest>.*)$",
     re.IGNORECASE,
 )
 FIELD_RE = re.compile(
-    rf"^{_DECO}{QUALIFIER}(?P<name>{FIELD_WORDS})(?:\s+(?:for|of)\s+text\s*#?\s*(?P<k>\d+))?[ \t]*[*_]*[ \t]*"
+    rf"^{_DECO}{QUALIFIER}(?P<name>{FIELD_WORDS})(?:\s+(?:for|of)\s+{TEXT_NAME}(?P<k>\d+))?[ \t]*[*_]*[ \t]*"
     r"(?:[:=][*_ \t]*|[ \t]+[-\u2013\u2014][ \t]+|(?=[\d\[(\u2605\u2b50]))(?P<value>.*)$",
     re.IGNORECASE,
 )
 # "... the text meets every restriction. **Rating: 4**": a rating closing a prose line.
 INLINE_RATING_RE = re.compile(
-    rf"^(?![ \t]*>)(?P<pre>.*?\S)[ \t]+[*_]*{QUALIFIER}(?:rating|score)[*_]*[ \t]*[:=][*_ \t]*"
+    rf"^(?![ \t]*>)(?P<pre>.*?\S)[ \t]+[*_]*{QUALIFIER}(?:rating|score)[*_]*[ \t]*(?:[:=]|[ \t]+(?:is|of))[*_ \t]*"
     r"(?P<value>\d+(?:[ \t]*/[ \t]*\d+)?)[*_]*\.?[ \t]*$",
     re.IGNORECASE,
 )
@@ -41,9 +44,14 @@ INLINE_RATING_RE = re.compile(
 # Superset of the patterns above, for quoting: any prefix of non-word characters, "_" or a list
 # number, then a text name, a field word or a fence marker.
 _LOOKALIKE_RE = re.compile(
-    rf"^[\W_]*(?:\d{{1,2}}[.)][\W_]*)?(?:(?:\w+\s+(?:for|of)\s+)?text\s*#?\s*\d+|{QUALIFIER}(?:{FIELD_WORDS})(?![a-z])|<<<)",
+    rf"^[\W_]*(?:\d{{1,2}}[.)][\W_]*)?(?:(?:\w+\s+(?:for|of)\s+)?{TEXT_NAME}\d+|{QUALIFIER}(?:{FIELD_WORDS})(?![a-z])|<<<)",
     re.IGNORECASE,
 )
+
+
+# JSON the parser could read: a bracket or brace on a line that also holds a number or a verdict word.
+_JSON_LOOKALIKE_RE = re.compile(r"[\[{]")
+_JSON_CONTENT_RE = re.compile(r"\d|rating|score|text", re.IGNORECASE)
 
 
 def split_lines(text: str) -> list[str]:
@@ -57,7 +65,16 @@ def normalize_breaks(text: str) -> str:
 
 
 def is_lookalike(line: str) -> bool:
-    return bool(_LOOKALIKE_RE.match(line) or INLINE_RATING_RE.match(line))
+    return bool(
+        _LOOKALIKE_RE.match(line)
+        or INLINE_RATING_RE.match(line)
+        or (_JSON_LOOKALIKE_RE.search(line) and _JSON_CONTENT_RE.search(line))
+    )
+
+
+def is_quoted(line: str) -> bool:
+    """Quoted material: the parser reads no heading, field, table row or JSON from such a line."""
+    return line.lstrip().startswith(">")
 
 
 def quote_lookalikes(text: str) -> str:
