@@ -21,12 +21,12 @@ import json
 import re
 from functools import lru_cache
 
-from poll_assets.rubrics.answer_format import split_lines
+from poll_assets.rubrics.answer_format import is_lookalike, split_lines
 from poll_assets.rubrics.ultrafeedback import Rubric, build_judge_messages, fence_nonce
 
 _MARKER_RE = re.compile(r"^\s*<<<\s*(BEGIN|END)\s+(INSTRUCTION|TEXT\s*\d+)\s+([0-9a-f]{12})\s*>>>\s*$", re.IGNORECASE)
 _VERDICT_SHAPED_RE = re.compile(r"\d").search
-_VERDICT_WORD_RE = re.compile(r"text|rating|score|[{\[]", re.IGNORECASE).search
+_VERDICT_WORD_RE = re.compile(r"text|response|output|answer|rating|score|[{\[<]", re.IGNORECASE).search
 QUOTED = "[quoted]"
 
 
@@ -107,7 +107,7 @@ def strip_untrusted(
     candidates = [x.strip().lstrip("> \t").strip() for x in untrusted]
     candidates += [j for x in untrusted for j in _json_fragments(x)]
     fragments = sorted(
-        {s for s in candidates if len(s) >= 8 and _VERDICT_SHAPED_RE(s) and _VERDICT_WORD_RE(s)},
+        {s for s in candidates if len(s) >= 6 and (is_lookalike(s) or (_VERDICT_SHAPED_RE(s) and _VERDICT_WORD_RE(s)))},
         key=len, reverse=True,
     )
     text = "\n".join(lines)
