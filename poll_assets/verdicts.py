@@ -109,6 +109,7 @@ _RANGE_RE = re.compile(r"^\s*(?:-|\u2013|\u2014|to|or|and|,)\s*(?:\d|" + "|".joi
 _NA_RE = re.compile(r"^(?:n\s*/\s*a|na|not\s+applicable)\b", re.IGNORECASE)
 _STRIP = " \t*_`\"'[](){}<>.,;:!"
 _SCALE_NOTE_RE = re.compile(r"^\s*[(\[]\s*(\d+)\s*(?:-|\u2013|to)\s*(\d+)\s*[)\]]\s*:?\s*")  # "Rating (1-5): 4"
+_STATED_SCALE_RE = re.compile(r"\bscale\s+(?:of|from)\s+(?:(?P<lo>\d+)\s*(?:-|\u2013|to)\s*)?(?P<hi>\d+)", re.IGNORECASE)
 _STARS_RE = re.compile(r"^(?P<full>[\u2605\u2b50]+)(?P<empty>[\u2606]*)")
 OTHER_SCALE = "the answer uses another scale"
 
@@ -174,6 +175,9 @@ def read_rating(value: object, rubric: Rubric) -> _Reading:
     if note and (int(note[1]), int(note[2])) != (rubric.min_rating, rubric.max_rating):
         return _off_scale(raw.strip()[:40], rubric, other=True)  # "Rating (1-10): 4"
     raw = _SCALE_NOTE_RE.sub("", raw, count=1)
+    stated = _STATED_SCALE_RE.search(raw)
+    if stated and (int(stated["lo"] or rubric.min_rating), int(stated["hi"])) != (rubric.min_rating, rubric.max_rating):
+        return _off_scale(raw.strip()[:40], rubric, other=True)  # "4 (on a scale of 1 to 10)"
     text = raw.strip(_STRIP)
     shown = raw.strip()[:40]
     if not text:
@@ -613,6 +617,8 @@ def _claims_from_value(value: Any, claims: _Claims, answer: _Answer) -> None:
             claims.add(answer.name(k), value)
         else:
             claims.positional.append([value])
+    elif len(pairs) == 1 and isinstance(pairs[0][1], (dict, list)):
+        _claims_from_value(pairs[0][1], claims, answer)  # {"evaluation": {"text_1": ...}}
 
 
 def _json_reading(k: int, item: Any, answer: _Answer) -> tuple[_Reading, str | None, str | None]:
