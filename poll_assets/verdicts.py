@@ -555,8 +555,7 @@ def _json_values(text: str) -> list[Any]:
                 value, used = _DECODER.raw_decode(fixed)
             except json.JSONDecodeError:
                 continue
-            end = m.start() + len(fixed[:used]) + (len(text) - m.start() - len(fixed))  # approximate
-            end = max(end, m.start() + 1)
+            end = m.start() + used  # at most a few removed commas short of the real end: only closers lie there
         if isinstance(value, (dict, list)):
             out.append(value)
             pos = end
