@@ -540,9 +540,9 @@ def _get(obj: dict[str, Any], *names: str) -> tuple[bool, Any]:
     return False, None
 
 
-def _json_values(text: str) -> list[Any]:
-    """Every top-level JSON object or array in the text (trailing commas forgiven)."""
-    out: list[Any] = []
+def _json_values(text: str) -> list[tuple[Any, int, int]]:
+    """Every top-level JSON object or array in the text (trailing commas forgiven), with its span."""
+    out: list[tuple[Any, int, int]] = []
     pos = 0
     for m in re.finditer(r"[\[{]", text):
         if m.start() < pos:
@@ -557,7 +557,7 @@ def _json_values(text: str) -> list[Any]:
                 continue
             end = m.start() + used  # at most a few removed commas short of the real end: only closers lie there
         if isinstance(value, (dict, list)):
-            out.append(value)
+            out.append((value, m.start(), end))
             pos = end
     return out
 
@@ -690,7 +690,7 @@ def _scan_objects(text: str, answer: _Answer) -> _Claims:
 def _parse_json(text: str, n: int, answer: _Answer) -> list[Verdict] | None:
     text = "\n".join(x for x in split_lines(text) if not is_quoted(x))
     claims = _Claims({}, [])
-    for value in _json_values(text):
+    for value, _, _ in _json_values(text):
         _claims_from_value(value, claims, answer)
     cut = "JSON answer cut off or invalid before the verdict"
     if not claims.named:
@@ -709,6 +709,13 @@ def _parse_json(text: str, n: int, answer: _Answer) -> list[Verdict] | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _mostly_json(text: str) -> bool:
+    """A text answer that is JSON (at least half of it), not prose quoting some JSON."""
+    unquoted = "\n".join(x for x in split_lines(text) if not is_quoted(x))
+    covered = sum(end - start for _, start, end in _json_values(unquoted))
+    return covered * 2 >= len(unquoted.strip())
+
+
 def _usable(verdicts: list[Verdict]) -> bool:
     return any(v.rating is not None or v.error == NA for v in verdicts)
 
@@ -723,7 +730,7 @@ def _parse(text: str, n: int, answer: _Answer, structured: bool) -> list[Verdict
             return got
         return [Verdict(None, None, error="no JSON object in the judge's answer") for _ in range(n)]
     got = _parse_text(text, n, answer)
-    if not _usable(got) and re.search(r"[\[{]", text):
+    if not _usable(got) and _mostly_json(text):
         as_json = _parse_json(text, n, _Answer(answer.rubric))
         if as_json is not None and _usable(as_json):
             return as_json

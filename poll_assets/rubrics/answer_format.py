@@ -69,6 +69,7 @@ def is_lookalike(line: str) -> bool:
         _LOOKALIKE_RE.match(line)
         or INLINE_RATING_RE.match(line)
         or (_JSON_LOOKALIKE_RE.search(line) and _JSON_CONTENT_RE.search(line))
+        or line.lstrip().startswith("|")  # a table row: the parser reads tables with a rating column
     )
 
 
