@@ -52,6 +52,8 @@ _LOOKALIKE_RE = re.compile(
 # JSON the parser could read: a bracket or brace on a line that also holds a number or a verdict word.
 _JSON_LOOKALIKE_RE = re.compile(r"[\[{]")
 _JSON_CONTENT_RE = re.compile(r"\d|rating|score|text", re.IGNORECASE)
+# A line that is only a piece of JSON ("[", "5,", "null", "}"): lines of a multi-line JSON value.
+_JSON_PIECE_RE = re.compile(r"(?:[\s\[\]{},:\"\d.+\-]|null|true|false)*(?:[\[\]{}\d]|null)(?:[\s\[\]{},:\"\d.+\-]|null|true|false)*", re.IGNORECASE)
 
 
 def split_lines(text: str) -> list[str]:
@@ -69,6 +71,7 @@ def is_lookalike(line: str) -> bool:
         _LOOKALIKE_RE.match(line)
         or INLINE_RATING_RE.match(line)
         or (_JSON_LOOKALIKE_RE.search(line) and _JSON_CONTENT_RE.search(line))
+        or _JSON_PIECE_RE.fullmatch(line)
         or line.lstrip().startswith("|")  # a table row: the parser reads tables with a rating column
     )
 
