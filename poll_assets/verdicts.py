@@ -301,6 +301,9 @@ def _canonical(line: str) -> list[str]:
         named = HEADING_RE.match(_plain(inline["pre"]))
         if named and (named["rest"].lstrip(" \t")[:1] in tuple(_SEPARATORS) or not named["rest"].strip()):
             return [f"#### Output for Text {named['k']}", inline["pre"], f"Rating: {inline['value']}"]
+        mentioned = {int(k) for k in re.findall(rf"\b{TEXT_NAME}(\d+)\b", inline["pre"], re.IGNORECASE)}
+        if len(mentioned) == 1:  # "For Text 2, I would give a rating of 4.": a weak heading, a mention inside real blocks
+            return [f"{_MENTION}{mentioned.pop()}", inline["pre"], f"Rating: {inline['value']}"]
         return [inline["pre"], f"Rating: {inline['value']}"]
     tag = _TAG_RE.match(line)
     if tag:  # <text_1> <rating>4</rating> </text_1>
@@ -350,6 +353,9 @@ def canonical_lines(text: str) -> list[str]:
     return out
 
 
+_MENTION = "\x00mention "  # canonical-only line: a rating line names text k in prose (never in real input)
+
+
 def _is_label(text: str, rubric: Rubric) -> bool:
     lowered = text.strip(_STRIP).lower()
     return any(lowered == part.strip().lower() for _, label in rubric.scale for part in {label, *label.split(" / ")})
@@ -361,6 +367,8 @@ def _heading(line: str, rubric: Rubric) -> tuple[int, str | None, bool] | None:
     weak: a bulleted "- **Text 4:** prose" line, which is a mention inside another block whenever
     the answer also has real headings.
     """
+    if line.startswith(_MENTION):
+        return int(line[len(_MENTION):]), None, True
     m = HEADING_RE.match(line)
     if not m:
         return None
@@ -394,7 +402,8 @@ def _split_blocks(lines: list[str], answer: _Answer) -> list[_Block]:
     blocks = [_Block(None, [])]  # the preamble
     for line, h in zip(lines, headings):
         if h is None or (h[2] and strong):
-            blocks[-1].lines.append(line)
+            if not line.startswith(_MENTION):
+                blocks[-1].lines.append(line)
             continue
         k, inline, _ = h
         blocks.append(_Block(answer.name(k), [inline] if inline else []))
@@ -471,7 +480,7 @@ def _verdict(reading: _Reading, fields: _Fields | None) -> Verdict:
 
 
 def _parse_text(text: str, n: int, answer: _Answer) -> list[Verdict]:
-    lines = canonical_lines(text)
+    lines = canonical_lines(text.replace("\x00", ""))  # NUL is reserved for _MENTION lines
     blocks = _split_blocks(lines, answer)
     headed = [b for b in blocks if b.k is not None]
     if not headed:
