@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from poll_assets.rubrics.answer_format import FIELD_RE, HEADING_RE, INLINE_RATING_RE, TEXT_NAME, is_quoted, split_lines
-from poll_assets.rubrics.echo import strip_untrusted
+from poll_assets.rubrics.echo import QUOTED, strip_untrusted
 from poll_assets.rubrics.ultrafeedback import Rubric
 
 NA = "N/A"
@@ -538,6 +538,7 @@ _TEXT_KEY_RE = re.compile(r"^\s*(?:(?:text|response|output|answer)[\s_\-#]*)?(\d
 _KEY_SCAN_RE = re.compile(r'"(?:text[ _\-]?)?(\d+)"\s*:\s*(?=\{)', re.IGNORECASE)
 _LIST_KEYS = ("verdicts", "ratings", "results", "evaluations", "texts", "outputs", "responses", "scores")
 _NAME_KEYS = ("text", "text_id", "text_number", "id", "index", "response", "output")
+_NAMES_A_TEXT_RE = re.compile(rf'"\s*{TEXT_NAME}\d+\s*"\s*:', re.IGNORECASE)
 _TRAILING_COMMA_RE = re.compile(r",(\s*[}\]])")
 
 
@@ -701,6 +702,8 @@ def _parse_json(text: str, n: int, answer: _Answer) -> list[Verdict] | None:
     claims = _Claims({}, [])
     for value, _, _ in _json_values(text):
         _claims_from_value(value, claims, answer)
+    if _NAMES_A_TEXT_RE.search(text) or QUOTED in text:
+        claims.positional = []  # I2: an answer that names texts (or pasted one) is never read by position
     cut = "JSON answer cut off or invalid before the verdict"
     if not claims.named:
         scanned = _scan_keys(text, answer)
@@ -708,7 +711,7 @@ def _parse_json(text: str, n: int, answer: _Answer) -> list[Verdict] | None:
             return _verdicts_from_claims(scanned, n, answer, cut)
     if claims.named or claims.positional:
         return _verdicts_from_claims(claims, n, answer, "no verdict in the JSON answer")
-    if re.search(r"[\[{]", text):
+    if re.search(r"[\[{]", text) and QUOTED not in text:
         scanned = _scan_objects(text, answer)
         if scanned.named or scanned.positional:
             return _verdicts_from_claims(scanned, n, answer, cut)
