@@ -1,34 +1,33 @@
-"""Reading a judge's answer into one Verdict per text, and the position-bias controls.
+"""Reading a judge's answer into one Verdict per text, the repair re-ask's pure parts, and the
+position-bias controls.
 
-`parse_verdicts` always returns exactly n verdicts, in the order the texts were shown. A text the
-judge did not rate gets rating None and the reason in `error`. Rules, in the order they apply:
+`parse_verdicts` holds four invariants (property-tested in test_verdict_invariants.py):
+I1 nothing inside a generation sets or changes a rating, at worst it removes one (None + reason);
+I2 a rating goes to a text only when the answer names that text, or names no text at all and holds
+   exactly n ratings in order;
+I3 an answer on another scale (a 0, a 7, "4/10", "Rating (1-10)") or numbering the texts from 0 gives
+   None for every text, with the reason;
+I4 exactly n verdicts, in the order the texts were shown.
 
-Text answers (`structured=False`)
-- Blocks start at a heading line for text k: `#### Output for Text k`, `**Text k:**`, `Text k`
-  (markdown marks, bullets and a trailing colon are tolerated). Anything before the first heading
-  is ignored; headings for k outside 1..n start a block that is ignored.
-- Inside a block, `Rating:` / `Score:` (also `**Rating:** 4`, `Rating: 4/5`, `Rating: four`,
-  `Rating: Almost There` by label) gives the rating; `Rationale:` (or Reason/Explanation/
-  Justification) the rationale, blank lines included; `Type:` the type ids.
-- Several ratings for one text, in one block or in duplicated blocks: kept if they all agree,
-  otherwise the text gets None ("conflicting ratings"). A duplicated or echoed block therefore can
-  spoil a rating, never change it to another value.
-- Lines starting with ">" are never read as headings or fields: that is how texts quoted into the
-  prompt are marked (see poll_assets.rubrics.answer_format).
-- No headings at all: when the answer has exactly n rating lines they are taken in order (and for
-  n == 1 any rating lines at all); otherwise every text gets None.
-- A text answer that contains no heading and no rating but a JSON object is read as JSON.
+Steps:
+1. What the answer repeats from its prompt is removed (poll_assets.rubrics.echo): fenced regions, the
+   prompt's template lines and, given `messages`/`generations`, every line of the instruction and texts.
+2. Text answers: lines are split with the project's one line rule and rewritten into canonical lines
+   (tables, "Text 1: 4, Text 2: 2", "Rating for Text 3: 5", "... **Rating: 4**", XML-style tags), then
+   cut into blocks at headings naming a text ("#### Output for Text k", "**Text k:**", "1. Text k",
+   "### Response k"). Inside a block, Rating/Score, Rationale (Reason, Explanation, ...) and Type fields
+   are read. A bulleted "- **Text 4:** prose" is a mention when the answer has real headings. Several
+   ratings for one text are kept only if they agree ("conflicting ratings" otherwise). Without any
+   heading, exactly n rating lines are taken in order (any number that agree for n == 1).
+   Lines starting with ">" (quoted material) are never read, as text or as JSON.
+3. JSON answers: every JSON value in the answer is read (fences, prose and trailing commas tolerated);
+   keys text_k / "Text k" / "k", list items with "text": k, {"ratings": {...}}, case-insensitive field
+   names; an unnamed list only when it holds exactly n verdicts and nothing names a text. A truncated
+   answer keeps every complete "text_k": {...}. Verdicts from several JSON values are merged like
+   blocks (agreeing or None). A text answer falls back to JSON only when it mostly is JSON.
 
-JSON answers (`structured=True`)
-- The first JSON value in the answer is read (code fences and trailing text are ignored). Keys
-  `text_1`..`text_n` map to texts; a list (top level, or under "verdicts"/"ratings"/"results")
-  maps by position.
-- A truncated or invalid answer is scanned key by key: every complete `"text_k": {...}` object is
-  kept, the rest get None with the reason.
-- An answer with no JSON at all falls back to the text rules.
-
-Ratings outside the rubric's scale, fractions ("3.5"), ranges ("3-4"), another denominator ("4/10")
-and unknown words are rejected with the reason. Honesty's N/A gives rating None with error "N/A".
+Ratings: integers on the scale, "4/5", words, labels or half of a compound label, stars; fractions,
+ranges and unknown words are rejected with the reason. Honesty's N/A gives None with error "N/A".
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from poll_assets.rubrics.answer_format import FIELD_RE, HEADING_RE, INLINE_RATING_RE, TEXT_NAME, is_quoted, split_lines
-from poll_assets.rubrics.echo import QUOTED, strip_untrusted
+from poll_assets.rubrics.echo import QUOTED, VOID, strip_untrusted
 from poll_assets.rubrics.ultrafeedback import Rubric
 
 NA = "N/A"
@@ -283,7 +282,7 @@ def _field_kind(line: str) -> tuple[str, re.Match[str]] | None:
 
 def _canonical(line: str) -> list[str]:
     """One answer line -> the canonical lines it stands for (itself, most of the time)."""
-    if is_quoted(line):
+    if is_quoted(line) or line == VOID:
         return [line]  # quoted material is never read
     plain = _plain(line).lstrip("-+\u2022 \t")
     if _MULTI_RE.match(plain):  # "Text 1: 4, Text 2: 2"
@@ -353,6 +352,7 @@ def canonical_lines(text: str) -> list[str]:
     return out
 
 
+_VOID_K = -1  # the block a VOID line opens: it belongs to no text
 _MENTION = "\x00mention "  # canonical-only line: a rating line names text k in prose (never in real input)
 
 
@@ -369,6 +369,8 @@ def _heading(line: str, rubric: Rubric) -> tuple[int, str | None, bool] | None:
     """
     if line.startswith(_MENTION):
         return int(line[len(_MENTION):]), None, True
+    if line == VOID:
+        return _VOID_K, None, False
     m = HEADING_RE.match(line)
     if not m:
         return None
@@ -406,7 +408,7 @@ def _split_blocks(lines: list[str], answer: _Answer) -> list[_Block]:
                 blocks[-1].lines.append(line)
             continue
         k, inline, _ = h
-        blocks.append(_Block(answer.name(k), [inline] if inline else []))
+        blocks.append(_Block(k if k == _VOID_K else answer.name(k), [inline] if inline else []))
     return blocks
 
 
@@ -480,7 +482,8 @@ def _verdict(reading: _Reading, fields: _Fields | None) -> Verdict:
 
 
 def _parse_text(text: str, n: int, answer: _Answer) -> list[Verdict]:
-    lines = canonical_lines(text.replace("\x00", ""))  # NUL is reserved for _MENTION lines
+    # NUL is reserved for the parser's own marker lines (VOID, _MENTION).
+    lines = canonical_lines("\n".join(x if x == VOID else x.replace("\x00", "") for x in split_lines(text)))
     blocks = _split_blocks(lines, answer)
     headed = [b for b in blocks if b.k is not None]
     if not headed:

@@ -8,7 +8,8 @@ answer:
   inside a text cannot close the region early;
 - every line that reproduces a line of the prompt (its fixed template always; with `messages` or
   `generations`, also the instruction and every text), compared after dropping case, markdown,
-  quote marks and punctuation;
+  quote marks and punctuation; a removed answer-like line leaves VOID behind, which closes the
+  block it was in, so removing a forged heading never merges two texts' blocks;
 - with `messages`/`generations`, every verdict-shaped fragment of those texts found inside a longer
   line (e.g. forged JSON pasted into a rationale), replaced by "[quoted]".
 The cost is bounded: a judge line that happens to equal a line of a text is lost too, so a rating
@@ -28,6 +29,7 @@ _MARKER_RE = re.compile(r"^\s*<<<\s*(BEGIN|END)\s+(INSTRUCTION|TEXT\s*\d+)\s+([0
 _VERDICT_SHAPED_RE = re.compile(r"\d").search
 _VERDICT_WORD_RE = re.compile(r"text|response|output|answer|rating|score|[{\[<]", re.IGNORECASE).search
 QUOTED = "[quoted]"
+VOID = "\x00void"  # stands for a removed answer-like line; NUL never survives in the judge's own lines
 
 
 def line_key(line: str) -> str:
@@ -103,7 +105,10 @@ def strip_untrusted(
     keys = set(_template_keys(rubric, n)) | {line_key(x) for x in untrusted}
     keys.discard("")
     lines = _drop_fenced(split_lines(answer), fence_nonce(messages) if messages else None)
-    lines = [x for x in lines if line_key(x) not in keys]
+    # A repeated answer-like line becomes VOID, which the parser reads as the heading of a block that
+    # belongs to no text: a removed heading must not merge two blocks into one.
+    lines = [(VOID if is_lookalike(x) else None) if line_key(x) in keys else x for x in lines]
+    lines = [x for x in lines if x is not None]
     candidates = [x.strip().lstrip("> \t").strip() for x in untrusted]
     candidates += [j for x in untrusted for j in _json_fragments(x)]
     fragments = sorted(

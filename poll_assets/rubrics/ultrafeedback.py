@@ -5,8 +5,9 @@ aspect; the wording of every criterion and instruction here is this project's ow
 
 Injection defence: a generation is untrusted text pasted into the judge's prompt. Each text is
 fenced by markers carrying a nonce derived from a hash of the whole prompt (rubric, instruction
-and every text), so no text can contain the closing marker of its own fence, and lines inside a
-text that look like answer-format lines (`#### Output for Text k`, `Rating:`, `Type:`,
+and every text), so no text can contain the closing marker of its own fence; each text's line
+breaks are normalized to "\n" with the parser's own line rule; and lines inside a text that look
+like anything the parser reads (`#### Output for Text k`, `Rating:`, `Type:`,
 `Rationale:`) or fence markers are quoted with a leading "> " so that a judge echoing them cannot
 produce a line the parser accepts. The parser (poll_assets.verdicts) is the second line of
 defence: it only reads the judge's output, and a text whose blocks disagree gets no rating.
