@@ -294,16 +294,30 @@ def test_anthropic_backend_refuses_sampling_params_instead_of_dropping_them(fake
     assert fake_llm.stats()["total"] == 0
 
 
-@pytest.mark.parametrize("provider", ["openai_compatible", "hf_inference"])
+def sent_form(body: dict[str, Any]) -> str:
+    """The structured-output form a chat request asked for, as the backends name it."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return "text"
+    if fmt["type"] == "json":
+        return "grammar"
+    return fmt["type"]
+
+
+# Each negotiating provider's forms, in the order it tries them against a server that refuses them all.
+LADDERS = {"openai_compatible": ["json_schema", "json_object", "text"], "hf_inference": ["grammar", "text"]}
+
+
+@pytest.mark.parametrize("provider", list(LADDERS))
 def test_structured_output_falls_back_to_text_when_server_refuses_it(fake_llm, monkeypatch, provider):
     tag = SPECS[provider].path.strip("/").removesuffix("/v1")
     fake_llm.configure(reject_response_format=[tag])
     res = make_resource(fake_llm, monkeypatch, provider)
     first = call(res, request("one", schema=JUDGE_SCHEMA))
     assert first.ok and first.output_mode == "text"
-    assert fake_llm.stats()["total"] == 2  # the refused structured call, then the text call
-    assert "response_format" in fake_llm.bodies[0]["body"]
-    assert "response_format" not in fake_llm.bodies[1]["body"]
+    # Each refused form was tried once, in order, then the text call; no refusal was retried.
+    assert [sent_form(b["body"]) for b in fake_llm.bodies] == LADDERS[provider]
+    assert [r.split(":")[0] for r in first.extra["structured_refusals"]] == LADDERS[provider][:-1]
     # Within one backend the refusal is remembered: later calls go straight to text.
     backend = res.backend()
 
@@ -313,7 +327,7 @@ def test_structured_output_falls_back_to_text_when_server_refuses_it(fake_llm, m
 
     later = asyncio.run(two_more())
     assert [c.output_mode for c in later] == ["text", "text"]
-    assert fake_llm.stats()["total"] == 4
+    assert fake_llm.stats()["total"] == len(LADDERS[provider]) + 2
 
 
 def test_a_400_unrelated_to_response_format_is_bad_request_without_fallback(fake_llm, monkeypatch):
