@@ -314,7 +314,11 @@ def sent_form(body: dict[str, Any]) -> str:
 
 
 # Each negotiating provider's forms, in the order it tries them against a server that refuses them all.
-LADDERS = {"openai_compatible": ["json_schema", "json_object", "text"], "hf_inference": ["grammar", "text"]}
+LADDERS = {
+    "openai": ["json_schema", "json_object", "text"],
+    "openai_compatible": ["json_schema", "json_object", "text"],
+    "hf_inference": ["grammar", "text"],
+}
 
 
 @pytest.mark.parametrize("provider", list(LADDERS))
