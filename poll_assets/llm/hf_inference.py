@@ -24,7 +24,6 @@ from poll_assets.llm.remote import (
     RemoteBackend,
     body_message,
     classify_transport,
-    mentions_structured_output,
     schema_name,
     structured_reading,
 )
@@ -112,10 +111,7 @@ class HFInferenceBackend(RemoteBackend[AsyncInferenceClient]):
         """The server's words when `exc` is a capability refusal of the response_format, else None."""
         if not isinstance(exc, HfHubHTTPError) or exc.response is None:
             return None
-        status, detail = exc.response.status_code, _detail(exc)
-        if not mentions_structured_output(status, detail):
-            return None
-        return f"HTTP {status}, {self.scrub(detail)}"
+        return self.capability_refusal(exc.response.status_code, _detail(exc))
 
     async def _send(self, client: AsyncInferenceClient, kwargs: dict[str, Any], form: str) -> Completion:
         out = await client.chat_completion(**kwargs)

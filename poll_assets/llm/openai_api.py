@@ -14,7 +14,6 @@ from poll_assets.llm.remote import (
     RemoteBackend,
     body_message,
     classify_sdk_failure,
-    mentions_structured_output,
     schema_name,
     structured_reading,
 )
@@ -69,10 +68,7 @@ class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
         """The server's words when `exc` is a capability refusal of the response_format, else None."""
         if not isinstance(exc, openai.APIStatusError):
             return None
-        detail = body_message(exc.body) or exc.message
-        if not mentions_structured_output(exc.status_code, detail):
-            return None
-        return f"HTTP {exc.status_code}, {self.scrub(detail)}"
+        return self.capability_refusal(exc.status_code, body_message(exc.body) or exc.message)
 
     async def _send(self, client: openai.AsyncOpenAI, kwargs: dict[str, Any], form: str) -> Completion:
         raw = await client.chat.completions.with_raw_response.create(**kwargs)

@@ -259,6 +259,12 @@ class RemoteBackend(ChatBackend, Generic[ClientT]):
             return ProviderError("timeout", f"{self.who}: HTTP 408, the server timed out{suffix}")
         return ProviderError("bad_request", f"{self.who}: HTTP {status}, request rejected{suffix}")
 
+    def capability_refusal(self, status: int, detail: str) -> str | None:
+        """How a refusal of the structured-output request reads in records, or None if this error is not one."""
+        if not mentions_structured_output(status, detail):
+            return None
+        return f"HTTP {status}, {self.scrub(detail)}"
+
     def malformed(self, why: str) -> ProviderError:
         return ProviderError("malformed", f"{self.who}: unreadable response ({self.scrub(why)})")
 
