@@ -156,7 +156,7 @@ class _Collector:
             resumed = []
             for record in batches:
                 self.tries.update(k for k in record.request_keys if k in self.pending)
-            await asyncio.gather(*(self._collect(r) for r in batches))
+            self.jobs += await asyncio.gather(*(self._collect(r) for r in batches))
             self._settle()
             if self.pending and self.batch_policy.on_error == "online":
                 await self._online()
@@ -187,7 +187,8 @@ class _Collector:
                 await asyncio.sleep(self.policy.retry.delay(attempt, err.retry_after, self.rng))
         raise AssertionError("unreachable")
 
-    async def _collect(self, record: BatchRecord) -> None:
+    async def _collect(self, record: BatchRecord) -> dict[str, Any]:
+        """Wait for one batch, take its results, and mark it collected; returns its metadata entry."""
         state = await self._wait(record)
         requests = {k: self.pending[k] for k in record.request_keys if k in self.pending}
         items = await self.transport.results(record.batch_id, requests)
@@ -197,8 +198,8 @@ class _Collector:
             await self.cache.aflush()  # committed before the batch is marked collected
         counts = dict(Counter(i.outcome for i in items))
         await asyncio.to_thread(self.store.close, record.batch_id, counts)
-        self.jobs.append({"batch_id": record.batch_id, "status": state.status,
-                          "requests": len(record.request_keys), "counts": counts})
+        return {"batch_id": record.batch_id, "status": state.status, "requests": len(record.request_keys),
+                "counts": counts}
 
     def _take(self, item: BatchItem, batch_id: str) -> None:
         """One downloaded result: into the cache at once if it succeeded, else remembered for a retry."""

@@ -1,0 +1,194 @@
+"""Batch mode over real HTTP, for both wire formats: `run_batch_calls` against the loopback server's
+OpenAI (`/v1/files`, `/v1/batches`) and Anthropic (`/v1/messages/batches`) batch endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from poll_assets.llm.base import BackendConfig, CallRequest, ChatBackend, GenerationParams, request_key
+from poll_assets.llm.batch import run_batch_calls, split
+from poll_assets.llm.batch_settings import BatchPolicy, BatchSettings
+from poll_assets.llm.batch_store import BatchStore
+from poll_assets.llm.cache import ResponseCache
+from poll_assets.llm.policy import CallPolicy
+from poll_assets.llm.providers import provider_spec
+from poll_assets.llm.runner import run_calls
+from poll_assets_tests.fake_llm_server import FakeLLMServer
+
+WIRES = ["openai", "anthropic"]
+SCHEMA = {"type": "object", "properties": {"rating": {"type": "integer", "minimum": 1, "maximum": 5}},
+          "required": ["rating"], "additionalProperties": False}
+
+
+@pytest.fixture
+def fake(fake_llm: FakeLLMServer) -> FakeLLMServer:
+    fake_llm.batches.reset()
+    return fake_llm
+
+
+def backend_for(provider: str, url: str) -> ChatBackend:
+    base = f"{url}/{provider}_m/v1" if provider == "openai" else f"{url}/{provider}_m"
+    config = BackendConfig(provider=provider, model=f"{provider}-model", member=f"{provider}_m", base_url=base,
+                           api_key="test-key")
+    return provider_spec(provider).backend_class().from_config(config)
+
+
+def make_requests(n: int) -> list[CallRequest]:
+    """Plain and structured requests, one repeated (sent once, shared)."""
+    params = GenerationParams(max_new_tokens=24)
+    out = [CallRequest.build([{"role": "user", "content": f"question number {i}"}], params,
+                             json_schema=SCHEMA if i % 3 == 0 else None) for i in range(n)]
+    return out + [out[1]]
+
+
+def batch_policy(provider: str, **settings: object) -> BatchPolicy:
+    return BatchPolicy.resolve(BatchSettings(enabled=True, poll_interval_s=0.05, max_poll_interval_s=0.2,
+                                             **settings), provider)  # type: ignore[arg-type]
+
+
+def run(provider: str, url: str, cache_path: Path, n: int, *, policy: CallPolicy | None = None,
+        log: list[str] | None = None, **settings: object):
+    cache = ResponseCache(cache_path)
+    backend = backend_for(provider, url)
+    return asyncio.run(run_batch_calls(backend, policy or CallPolicy(max_retries=3), batch_policy(provider, **settings),
+                                       make_requests(n), cache, progress=(log.append if log is not None else None)))
+
+
+@pytest.mark.parametrize("provider", WIRES)
+def test_batch_answers_every_request_like_the_online_call_and_caches_it(tmp_path, fake, provider):
+    log: list[str] = []
+    batch = run(provider, fake.url, tmp_path / "c.sqlite", 7, log=log)
+    assert len(batch.completions) == 8 and all(c.ok for c in batch.completions)
+    assert fake.stats()["total"] == 0  # nothing went online
+    stats = fake.batches.stats()
+    assert stats["batches"] == 1 and stats["submitted_requests"] == 7 and stats["max_body_submissions"] == 1
+    assert [b["requests"] for b in batch.stats.batches] == [7]
+    assert batch.stats.batches[0]["counts"] == {"succeeded": 7}
+    assert any("submitted batch" in line for line in log) and any("ended" in line or "completed" in line for line in log)
+    structured = [c for r, c in zip(make_requests(7), batch.completions) if r.json_schema is not None]
+    assert {c.output_mode for c in structured} == {"json_schema" if provider == "openai" else "tool_use"}
+    # Same requests, same cache keys and the same answers as online calls.
+    online = asyncio.run(run_calls(backend_for(provider, fake.url), CallPolicy(), make_requests(7),
+                                   ResponseCache(tmp_path / "online.sqlite")))
+    assert [c.call_id for c in online.completions] == [c.call_id for c in batch.completions]
+    assert [c.text for c in online.completions] == [c.text for c in batch.completions]
+    # A second run is served from the cache: no new batch.
+    again = run(provider, fake.url, tmp_path / "c.sqlite", 7)
+    assert all(c.cached for c in again.completions) and fake.batches.stats()["batches"] == 1
+    assert BatchStore(tmp_path / "c.sqlite").open_batches(f"{provider}_m", provider, f"{provider}-model") == []
+
+
+@pytest.mark.parametrize("provider", WIRES)
+def test_requests_are_split_within_the_batch_limits(tmp_path, fake, provider):
+    batch = run(provider, fake.url, tmp_path / "c.sqlite", 7, max_requests=3)
+    assert [b["requests"] for b in batch.stats.batches] == [3, 3, 1]
+    assert all(c.ok for c in batch.completions) and fake.batches.stats()["max_submissions"] == 1
+
+
+def test_split_respects_both_limits():
+    lines = [(str(i), b"x" * size) for i, size in enumerate([400, 400, 400, 1500, 10])]
+    assert [[k for k, _ in c] for c in split(lines, 10, 1000)] == [["0", "1"], ["2"], ["3"], ["4"]]
+    assert [[k for k, _ in c] for c in split(lines, 2, 10_000)] == [["0", "1"], ["2", "3"], ["4"]]
+
+
+@pytest.mark.parametrize("provider", WIRES)
+def test_partial_failures_and_expiry_are_resubmitted_without_losing_a_row(tmp_path, fake, provider):
+    fake.batches.configure(error_fraction=0.3, expire_batches=1, expire_keep=0.5)
+    batch = run(provider, fake.url, tmp_path / "c.sqlite", 12)
+    assert all(c.ok for c in batch.completions), [c.error for c in batch.completions if not c.ok]
+    first = batch.stats.batches[0]["counts"]
+    assert first.get("expired", 0) == 6 and first.get("errored", 0) >= 1  # both faults really happened
+    submissions = fake.batches.submissions
+    # Only the requests without a result went again, each once more; none that had an answer.
+    assert sum(submissions.values()) == 12 + first["expired"] + first["errored"]
+    assert max(submissions.values()) == 2 and fake.stats()["total"] == 0
+    assert len(ResponseCache(tmp_path / "c.sqlite")) == 12
+
+
+@pytest.mark.parametrize("provider", WIRES)
+def test_on_error_online_sends_the_failed_requests_online(tmp_path, fake, provider):
+    fake.batches.configure(error_fraction=0.3)
+    batch = run(provider, fake.url, tmp_path / "c.sqlite", 12, on_error="online")
+    errored = batch.stats.batches[0]["counts"]["errored"]
+    assert errored >= 1 and all(c.ok for c in batch.completions)
+    assert fake.stats()["total"] == errored and fake.batches.stats()["batches"] == 1
+
+
+@pytest.mark.parametrize("provider", WIRES)
+def test_a_request_the_provider_rejects_fails_its_row_and_is_not_resubmitted(tmp_path, fake, provider):
+    fake.batches.configure(error_fraction=0.3, error_status=400)
+    batch = run(provider, fake.url, tmp_path / "c.sqlite", 12)
+    failed = [c for c in batch.completions if not c.ok]
+    assert failed and {c.error_kind for c in failed} == {"bad_request"}
+    assert "batch request failed" in failed[0].error or "HTTP 400" in failed[0].error
+    assert fake.batches.stats()["batches"] == 1 and fake.batches.stats()["max_submissions"] == 1
+    assert batch.stats.failures == len(failed)
+
+
+# -- a run killed while it waits ------------------------------------------------------------------------
+
+CHILD = """
+import sys
+from pathlib import Path
+from poll_assets_tests.test_batch import run
+run(sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))
+"""
+
+
+def open_batch_ids(cache_path: Path) -> list[str]:
+    if not cache_path.exists():
+        return []
+    with sqlite3.connect(cache_path) as conn:
+        try:
+            return [r[0] for r in conn.execute("SELECT batch_id FROM batches WHERE state = 'open'")]
+        except sqlite3.OperationalError:  # the table is not created yet
+            return []
+
+
+@pytest.mark.parametrize("provider", WIRES)
+def test_a_run_killed_while_waiting_resumes_its_batches_without_resubmitting(tmp_path, fake, provider):
+    fake.batches.configure(processing_s=3600)  # the batch stays pending until the test says otherwise
+    cache_path = tmp_path / "c.sqlite"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, provider, fake.url, str(cache_path), "9", ],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not open_batch_ids(cache_path):
+            assert child.poll() is None, child.stdout.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the child never recorded a batch"
+            time.sleep(0.1)
+        time.sleep(0.3)  # it is now polling the pending batch
+        assert child.poll() is None
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    recorded = open_batch_ids(cache_path)
+    assert len(recorded) == 1 and fake.batches.stats()["batches"] == 1
+    fake.batches.configure(processing_s=0.0)
+    log: list[str] = []
+    batch = run(provider, fake.url, cache_path, 9, log=log)
+    assert all(c.ok for c in batch.completions)
+    assert [b["batch_id"] for b in batch.stats.batches] == recorded  # the same batch, collected
+    assert any(f"resuming 1 batch(es) submitted earlier: {recorded[0]}" in line for line in log)
+    stats = fake.batches.stats()
+    assert stats["batches"] == 1 and stats["submitted_requests"] == 9 and stats["max_submissions"] == 1
+    assert open_batch_ids(cache_path) == []
+
+
+def test_the_batch_key_is_the_online_cache_key(tmp_path, fake):
+    backend = backend_for("openai", fake.url)
+    requests = make_requests(4)
+    batch = run("openai", fake.url, tmp_path / "c.sqlite", 4)
+    keys = [request_key(backend.provider, backend.model, backend.base_url, r) for r in requests]
+    assert [c.call_id for c in batch.completions] == keys
+    assert set(fake.batches.submissions) == set(keys)  # the custom_id sent is the cache key
