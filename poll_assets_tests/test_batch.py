@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from poll_assets.llm.base import BackendConfig, CallRequest, ChatBackend, GenerationParams, request_key
-from poll_assets.llm.batch import run_batch_calls, split
+from poll_assets.llm.batch import BatchWaitTimeout, run_batch_calls, split
 from poll_assets.llm.batch_settings import BatchPolicy, BatchSettings
 from poll_assets.llm.batch_store import BatchStore
 from poll_assets.llm.cache import ResponseCache
@@ -192,3 +192,16 @@ def test_the_batch_key_is_the_online_cache_key(tmp_path, fake):
     keys = [request_key(backend.provider, backend.model, backend.base_url, r) for r in requests]
     assert [c.call_id for c in batch.completions] == keys
     assert set(fake.batches.submissions) == set(keys)  # the custom_id sent is the cache key
+
+
+@pytest.mark.parametrize("provider", WIRES)
+def test_a_step_that_waits_too_long_fails_and_the_next_run_collects_the_same_batch(tmp_path, fake, provider):
+    fake.batches.configure(processing_s=3600)
+    with pytest.raises(BatchWaitTimeout) as err:
+        run(provider, fake.url, tmp_path / "c.sqlite", 5, max_wait_s=0.3)
+    (pending,) = open_batch_ids(tmp_path / "c.sqlite")
+    assert pending in str(err.value) and "without submitting its requests again" in str(err.value)
+    fake.batches.configure(processing_s=0.0)
+    batch = run(provider, fake.url, tmp_path / "c.sqlite", 5)
+    assert all(c.ok for c in batch.completions) and [b["batch_id"] for b in batch.stats.batches] == [pending]
+    assert fake.batches.stats()["max_submissions"] == 1 and fake.batches.stats()["batches"] == 1
