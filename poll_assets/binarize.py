@@ -12,7 +12,7 @@ are skipped; a generation is never paired with itself; pairs whose margin is 0 a
 dropped and counted; pairs whose margin is below `min_margin` are dropped and counted. When several
 generations tie for best (or worst), one of them is picked with a generator seeded by (seed, key) -
 so the result is deterministic, but no generator position is systematically favoured as it would
-be by "lowest index wins" (`tie_break="lowest_index"` is available for that behaviour).
+be by "lowest index wins".
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
-STRATEGIES = ("best_vs_worst", "best_vs_random", "all_pairs")
-TIE_BREAKS = ("random", "lowest_index")
+Strategy = Literal["best_vs_worst", "best_vs_random", "all_pairs"]  # the one list; the panel's `binarization.strategy` uses it
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 FEWER_THAN_TWO = "fewer than two rated generations"
 TIE = "tie"
@@ -51,6 +51,24 @@ def _rng(seed: int, key: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
+def _pick(candidates: list[int], rng: random.Random) -> int:
+    return candidates[0] if len(candidates) == 1 else rng.choice(candidates)
+
+
+def _proposed(strategy: str, rated: list[int], score: dict[int, float], rng: random.Random) -> list[tuple[int, int]]:
+    """The (chosen, rejected) pairs the strategy proposes, before margins are checked. When every
+    rating is equal it proposes the best against itself, which the caller counts as a tie."""
+    top = max(score.values())
+    best = _pick([g for g in rated if score[g] == top], rng)
+    if strategy == "best_vs_worst":
+        bottom = min(score.values())
+        return [(best, best)] if bottom == top else [(best, _pick([g for g in rated if score[g] == bottom], rng))]
+    if strategy == "best_vs_random":
+        lower = [g for g in rated if score[g] < top]
+        return [(best, rng.choice(lower))] if lower else [(best, best)]
+    return [(a, b) if score[a] >= score[b] else (b, a) for i, a in enumerate(rated) for b in rated[i + 1:]]
+
+
 def binarize(
     avg_ratings: list[float | None],
     *,
@@ -59,32 +77,22 @@ def binarize(
     seed: int = 0,
     key: str = "",
     valid: list[bool] | None = None,
-    tie_break: str = "random",
 ) -> BinarizeResult:
     """Pairs for one prompt from its generations' pooled ratings. `key` (e.g. the prompt id) varies
     the random choices between prompts while keeping each one reproducible."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown binarization strategy {strategy!r}; use one of {list(STRATEGIES)}")
-    if tie_break not in TIE_BREAKS:
-        raise ValueError(f"unknown tie_break {tie_break!r}; use one of {list(TIE_BREAKS)}")
     if min_margin < 0:
         raise ValueError(f"min_margin must be >= 0, got {min_margin}")
     if valid is not None and len(valid) != len(avg_ratings):
         raise ValueError(f"valid has {len(valid)} entries for {len(avg_ratings)} generations")
-    rated = [
-        g for g, r in enumerate(avg_ratings) if r is not None and (valid is None or valid[g])
-    ]
+    rated = [g for g, r in enumerate(avg_ratings) if r is not None and (valid is None or valid[g])]
     result = BinarizeResult(n_rated=len(rated))
     if len(rated) < 2:
         result.reason = FEWER_THAN_TWO
         return result
-    rng = _rng(seed, key)
     score = {g: float(avg_ratings[g]) for g in rated}  # type: ignore[arg-type]
-
-    def pick(candidates: list[int]) -> int:
-        return candidates[0] if tie_break == "lowest_index" or len(candidates) == 1 else rng.choice(candidates)
-
-    def offer(chosen: int, rejected: int) -> None:
+    for chosen, rejected in _proposed(strategy, rated, score, _rng(seed, key)):
         margin = score[chosen] - score[rejected]
         if margin <= 0:
             result.ties_dropped += 1
@@ -92,26 +100,6 @@ def binarize(
             result.below_margin += 1
         else:
             result.pairs.append(PreferencePair(chosen, rejected, margin))
-
-    top = max(score.values())
-    best = pick([g for g in rated if score[g] == top])
-    if strategy == "best_vs_worst":
-        bottom = min(score.values())
-        if bottom == top:
-            result.ties_dropped += 1
-        else:
-            offer(best, pick([g for g in rated if score[g] == bottom]))
-    elif strategy == "best_vs_random":
-        lower = [g for g in rated if score[g] < top]
-        if not lower:
-            result.ties_dropped += 1
-        else:
-            offer(best, rng.choice(lower))
-    else:
-        for i, a in enumerate(rated):
-            for b in rated[i + 1:]:
-                hi, lo = (a, b) if score[a] >= score[b] else (b, a)
-                offer(hi, lo)
     if not result.pairs:
         result.reason = BELOW_MARGIN if result.below_margin else TIE
     return result

@@ -1,4 +1,8 @@
-"""Parquet per asset and partition, at paths a person can open: <base>/<asset key>/<partition>.parquet."""
+"""Parquet per asset and partition, at paths a person can open: <base>/<asset key>/<partition>.parquet.
+
+This module owns that layout: code that reads stored partitions outside a run (the trail, the
+publish job, tests) finds them with `partition_path` and `stored_partitions`.
+"""
 
 from __future__ import annotations
 
@@ -22,8 +26,37 @@ def default_storage_dir() -> str:
     return os.environ.get(STORAGE_ENV_VAR) or str(default_dagster_home() / "storage")
 
 
+EXTENSION = ".parquet"
+
+
+def asset_dir(base_dir: str | UPath, key: dg.AssetKey) -> UPath:
+    """The folder of an asset's partitions: one level per part of its key (`generations/<member>`)."""
+    return UPath(base_dir).joinpath(*key.path)
+
+
+def partition_path(base_dir: str | UPath, key: dg.AssetKey, partition: str) -> UPath:
+    return asset_dir(base_dir, key) / f"{partition}{EXTENSION}"
+
+
+def stored_partitions(base_dir: str | UPath, key: dg.AssetKey) -> list[str]:
+    """The partition keys stored for `key`, sorted; empty when none is."""
+    folder = asset_dir(base_dir, key)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[: -len(EXTENSION)] for p in folder.iterdir() if p.name.endswith(EXTENSION))
+
+
+def read_partition(base_dir: str | UPath, key: dg.AssetKey, partition: str) -> pd.DataFrame | None:
+    """One stored partition, or None when it is not stored."""
+    path = partition_path(base_dir, key, partition)
+    if not path.is_file():
+        return None
+    with path.open("rb") as f:
+        return pd.read_parquet(f)
+
+
 class ParquetIOManager(dg.UPathIOManager):
-    extension = ".parquet"
+    extension = EXTENSION
 
     def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame, path: UPath) -> None:
         with path.open("wb") as f:

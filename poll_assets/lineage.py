@@ -1,100 +1,32 @@
-"""Lineage: which upstream columns each column comes from, and the full trail of one prompt.
+"""Row lineage: the full trail of one prompt through the stored Parquet files.
 
-Column lineage (`dagster/column_lineage`) is declared on the stages that merge others
-(combined_generations, pooled_ratings, preference_pairs), so the UI's column view leads from a
-pair's `chosen_rating` back to the judges' `ratings`.
-
-Row lineage needs no extra bookkeeping: every row keeps `prompt_id`, and the rows that came from
-a model keep the `call_id` of that call. `prompt_trail` follows a prompt through the stored
-Parquet files and gathers everything about it: the prompt, each generation with its model and
-token usage, each judge's raw output and parsed ratings, the pooled ratings and the pairs.
+Column lineage (`dagster/column_lineage`) is declared by the stages that merge others, next to their
+columns (assets/generations.py, assets/pooling.py, assets/preferences.py). Row lineage needs no
+extra bookkeeping: every row keeps `prompt_id`, and the rows that came from a model keep the
+`call_id` of that call. `prompt_trail` follows a prompt through the stored Parquet files and gathers
+everything about it: the prompt, each generation with its model and token usage, each judge's raw
+output and parsed ratings, the pooled ratings and the pairs.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 from upath import UPath
 
-from poll_assets.panel import Panel
+from poll_assets.assets.generations import COMBINED_KEY, GENERATIONS_PREFIX
+from poll_assets.assets.judging import RATINGS_PREFIX
+from poll_assets.assets.pooling import POOLED_KEY
+from poll_assets.assets.preferences import PAIRS_KEY
+from poll_assets.assets.prompts import PROMPTS_KEY
+from poll_assets.io_manager import asset_dir, read_partition, stored_partitions
 from poll_assets.parquet_values import plain
 
-PROMPTS, COMBINED, POOLED, PAIRS = "prompts", "combined_generations", "pooled_ratings", "preference_pairs"
 MIN_PREFIX = 6  # shortest prompt-id prefix `prompt_trail` accepts
-
-
-def _dep(asset: str | list[str], column: str) -> dg.TableColumnDep:
-    key = dg.AssetKey(asset if isinstance(asset, list) else [asset])
-    return dg.TableColumnDep(asset_key=key, column_name=column)
-
-
-def _each(prefix: str, names: Iterable[str], column: str) -> list[dg.TableColumnDep]:
-    return [_dep([prefix, n], column) for n in names]
-
-
-def combined_column_lineage(panel: Panel) -> dg.TableColumnLineage:
-    gens = [g.name for g in panel.generators]
-    return dg.TableColumnLineage(
-        deps_by_column={
-            "prompt_id": [_dep(PROMPTS, "prompt_id")],
-            "instruction": [_dep(PROMPTS, "instruction")],
-            "generations": _each("generations", gens, "generation"),
-            "generation_models": _each("generations", gens, "model_name"),
-            "generators": _each("generations", gens, "generator"),
-            "generation_call_ids": _each("generations", gens, "call_id"),
-            "generation_errors": _each("generations", gens, "error"),
-        }
-    )
-
-
-def pooled_column_lineage(panel: Panel) -> dg.TableColumnLineage:
-    judges = [j.name for j in panel.judges]
-    return dg.TableColumnLineage(
-        deps_by_column={
-            "prompt_id": [_dep(COMBINED, "prompt_id")],
-            "instruction": [_dep(COMBINED, "instruction")],
-            "generations": [_dep(COMBINED, "generations")],
-            "generation_models": [_dep(COMBINED, "generation_models")],
-            "generation_call_ids": [_dep(COMBINED, "generation_call_ids")],
-            "poll_ratings": _each("ratings", judges, "ratings"),
-            "poll_rationales": _each("ratings", judges, "rationales"),
-            "poll_models": _each("ratings", judges, "model_name"),
-            "poll_call_ids": _each("ratings", judges, "call_id"),
-            "avg_poll_ratings": _each("ratings", judges, "ratings"),
-            "n_valid_judges": _each("ratings", judges, "ratings"),
-        }
-    )
-
-
-def pairs_column_lineage(panel: Panel) -> dg.TableColumnLineage:
-    """Pair columns back to where their values were first made (not only to pooled_ratings)."""
-    judges = [j.name for j in panel.judges]
-    gens = [g.name for g in panel.generators]
-    answer = [_dep(PROMPTS, "instruction"), _dep(COMBINED, "generations")]  # a chat: the prompt, then the answer
-    rating = [_dep(POOLED, "avg_poll_ratings")]
-    return dg.TableColumnLineage(
-        deps_by_column={
-            "prompt": [_dep(PROMPTS, "instruction")],
-            "prompt_id": [_dep(PROMPTS, "prompt_id")],
-            "chosen": answer,
-            "rejected": answer,
-            "chosen_model": [_dep(COMBINED, "generation_models")],
-            "rejected_model": [_dep(COMBINED, "generation_models")],
-            "chosen_rating": rating,
-            "rejected_rating": rating,
-            "margin": rating,
-            "avg_poll_ratings": rating,
-            "poll_ratings": _each("ratings", judges, "ratings"),
-            "poll_models": _each("ratings", judges, "model_name"),
-            "chosen_call_id": _each("generations", gens, "call_id"),
-            "rejected_call_id": _each("generations", gens, "call_id"),
-            "rating_call_ids": _each("ratings", judges, "call_id"),
-        }
-    )
 
 
 # --- the trail of one prompt ---------------------------------------------------------------------
@@ -115,13 +47,6 @@ def _num(value: Any) -> str:
     return "-" if value is None else f"{value:.2f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
 
 
-def _read(path: UPath) -> pd.DataFrame | None:
-    if not path.is_file():
-        return None
-    with path.open("rb") as f:
-        return pd.read_parquet(f)
-
-
 def _row(df: pd.DataFrame | None, prompt_id: str) -> dict[str, Any] | None:
     if df is None:
         return None
@@ -130,10 +55,10 @@ def _row(df: pd.DataFrame | None, prompt_id: str) -> dict[str, Any] | None:
 
 
 def _partitions(base: UPath) -> list[str]:
-    folder = base / PROMPTS
+    folder = asset_dir(base, PROMPTS_KEY)
     if not folder.is_dir():
         raise TrailError(f"no prompts have been materialized under {base} (no folder {folder})")
-    return sorted(p.name[: -len(".parquet")] for p in folder.iterdir() if p.name.endswith(".parquet"))
+    return stored_partitions(base, PROMPTS_KEY)
 
 
 def _find(base: UPath, prompt_id: str, partition: str | None) -> tuple[str, str, pd.DataFrame]:
@@ -143,7 +68,7 @@ def _find(base: UPath, prompt_id: str, partition: str | None) -> tuple[str, str,
     searched = [partition] if partition else _partitions(base)
     matches: list[tuple[str, str, pd.DataFrame]] = []
     for key in searched:
-        prompts = _read(base / PROMPTS / f"{key}.parquet")
+        prompts = read_partition(base, PROMPTS_KEY, key)
         if prompts is None:
             raise TrailError(f"partition {key!r} of prompts is not materialized under {base}")
         for pid in prompts["prompt_id"]:
@@ -160,13 +85,97 @@ def _find(base: UPath, prompt_id: str, partition: str | None) -> tuple[str, str,
     return matches[0]
 
 
-def _members(base: UPath, stage: str, order: list[str] | None) -> list[str]:
-    """Member names with a file for this stage, in panel order when known (from combined/pooled rows)."""
-    folder = base / stage
+def _members(base: UPath, prefix: str, order: list[str] | None) -> list[str]:
+    """Member names with a folder under `prefix` (generations, ratings), in panel order when known."""
+    folder = asset_dir(base, dg.AssetKey(prefix))
     found = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
     if order:
         return [m for m in order if m in found] + [m for m in found if m not in order]
     return found
+
+
+class _Reader:
+    """Rows of one prompt in one partition, noting every asset not materialized yet in `missing`."""
+
+    def __init__(self, base: UPath, partition: str, prompt_id: str) -> None:
+        self.base, self.partition, self.prompt_id = base, partition, prompt_id
+        self.missing: list[str] = []
+
+    def frame(self, key: dg.AssetKey) -> pd.DataFrame | None:
+        df = read_partition(self.base, key, self.partition)
+        if df is None:
+            self.missing.append(key.to_user_string())
+        return df
+
+    def row(self, key: dg.AssetKey) -> dict[str, Any] | None:
+        row = _row(read_partition(self.base, key, self.partition), self.prompt_id)
+        if row is None:
+            self.missing.append(key.to_user_string())
+        return row
+
+
+    def member_rows(self, prefix: str, order: list[str] | None) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(member, its row) for every member stored under `prefix` that has a row for the prompt."""
+        for name in _members(self.base, prefix, order):
+            row = self.row(dg.AssetKey([prefix, name]))
+            if row is not None:
+                yield name, row
+
+
+def _usage(row: dict[str, Any], *extra: str) -> dict[str, Any]:
+    return {k: row.get(k) for k in ("input_tokens", "output_tokens", *extra)}
+
+
+def _trail_generations(read: _Reader, order: list[str] | None) -> list[dict[str, Any]]:
+    generations = []
+    for name, row in read.member_rows(GENERATIONS_PREFIX, order):
+        generations.append({
+            "generator": name,
+            "model": row.get("model_name"),
+            "served_model": row.get("served_model"),
+            "text": row.get("generation"),
+            "finish_reason": row.get("finish_reason"),
+            "usage": _usage(row, "latency_s", "cached"),
+            "call_id": row.get("call_id"),
+            "error": row.get("error"),
+        })
+    return generations
+
+
+def _trail_judges(read: _Reader, pooled: dict[str, Any] | None) -> list[dict[str, Any]]:
+    judges = []
+    for name, row in read.member_rows(RATINGS_PREFIX, None):
+        judges.append({
+            "judge": name,
+            "model": row.get("model_name"),
+            "ratings": _ints(row.get("ratings")),
+            **{k: row.get(k) for k in ("rationales", "rating_errors", "shown_order", "raw_output", "output_mode")},
+            "usage": _usage(row),
+            "call_id": row.get("call_id"),
+            "error": row.get("error"),
+        })
+    if pooled is not None:  # judges in the pooled (panel) order
+        rank = {cid: i for i, cid in enumerate(pooled.get("poll_call_ids") or [])}
+        judges.sort(key=lambda j: rank.get(j["call_id"], len(rank)))
+    return judges
+
+
+def _trail_pairs(read: _Reader, generations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    pairs_df = read.frame(PAIRS_KEY)
+    if pairs_df is None:
+        return []
+    by_call = {g["call_id"]: g["generator"] for g in generations}
+    return [
+        {k: plain(r[k]) for k in ("chosen_model", "rejected_model", "chosen_rating", "rejected_rating", "margin",
+                                    "chosen_call_id", "rejected_call_id")}
+        | {
+            "chosen_generator": by_call.get(r["chosen_call_id"]),
+            "rejected_generator": by_call.get(r["rejected_call_id"]),
+            "chosen": plain(r["chosen"])[-1]["content"],
+            "rejected": plain(r["rejected"])[-1]["content"],
+        }
+        for _, r in pairs_df[pairs_df["prompt_id"] == read.prompt_id].iterrows()
+    ]
 
 
 def prompt_trail(prompt_id: str, storage_dir: str, partition: str | None = None) -> dict[str, Any]:
@@ -190,79 +199,12 @@ def prompt_trail(prompt_id: str, storage_dir: str, partition: str | None = None)
     base = UPath(storage_dir)
     key, pid, prompts = _find(base, prompt_id, partition)
     prompt = _row(prompts, pid) or {}
-    file = f"{key}.parquet"
-    missing: list[str] = []
-
-    combined = _row(_read(base / COMBINED / file), pid)
-    if combined is None:
-        missing.append(COMBINED)
-    generations = []
-    for name in _members(base, "generations", combined and combined.get("generators")):
-        row = _row(_read(base / "generations" / name / file), pid)
-        if row is None:
-            missing.append(f"generations/{name}")
-            continue
-        generations.append(
-            {
-                "generator": name,
-                "model": row.get("model_name"),
-                "served_model": row.get("served_model"),
-                "text": row.get("generation"),
-                "finish_reason": row.get("finish_reason"),
-                "usage": {"input_tokens": row.get("input_tokens"), "output_tokens": row.get("output_tokens"),
-                          "latency_s": row.get("latency_s"), "cached": row.get("cached")},
-                "call_id": row.get("call_id"),
-                "error": row.get("error"),
-            }
-        )
-
-    pooled = _row(_read(base / POOLED / file), pid)
-    if pooled is None:
-        missing.append(POOLED)
-    judges = []
-    for name in _members(base, "ratings", None):
-        row = _row(_read(base / "ratings" / name / file), pid)
-        if row is None:
-            missing.append(f"ratings/{name}")
-            continue
-        judges.append(
-            {
-                "judge": name,
-                "model": row.get("model_name"),
-                "ratings": _ints(row.get("ratings")),
-                "rationales": row.get("rationales"),
-                "rating_errors": row.get("rating_errors"),
-                "shown_order": row.get("shown_order"),
-                "raw_output": row.get("raw_output"),
-                "output_mode": row.get("output_mode"),
-                "usage": {"input_tokens": row.get("input_tokens"), "output_tokens": row.get("output_tokens")},
-                "call_id": row.get("call_id"),
-                "error": row.get("error"),
-            }
-        )
-    if pooled is not None:  # judges in the pooled (panel) order
-        rank = {cid: i for i, cid in enumerate(pooled.get("poll_call_ids") or [])}
-        judges.sort(key=lambda j: rank.get(j["call_id"], len(rank)))
-
-    pairs_df = _read(base / PAIRS / file)
-    if pairs_df is None:
-        missing.append(PAIRS)
-        pairs: list[dict[str, Any]] = []
-    else:
-        hits = pairs_df[pairs_df["prompt_id"] == pid]
-        by_call = {g["call_id"]: g["generator"] for g in generations}
-        pairs = [
-            {k: plain(r[k]) for k in ("chosen_model", "rejected_model", "chosen_rating", "rejected_rating", "margin",
-                                        "chosen_call_id", "rejected_call_id")}
-            | {
-                "chosen_generator": by_call.get(r["chosen_call_id"]),
-                "rejected_generator": by_call.get(r["rejected_call_id"]),
-                "chosen": plain(r["chosen"])[-1]["content"],
-                "rejected": plain(r["rejected"])[-1]["content"],
-            }
-            for _, r in hits.iterrows()
-        ]
-
+    read = _Reader(base, key, pid)
+    combined = read.row(COMBINED_KEY)
+    generations = _trail_generations(read, combined and combined.get("generators"))
+    pooled = read.row(POOLED_KEY)
+    judges = _trail_judges(read, pooled)
+    pairs = _trail_pairs(read, generations)
     return {
         "prompt_id": pid,
         "partition": key,
@@ -271,13 +213,10 @@ def prompt_trail(prompt_id: str, storage_dir: str, partition: str | None = None)
         "generations": generations,
         "judges": judges,
         "pooled": None if pooled is None else {
-            "avg_poll_ratings": pooled.get("avg_poll_ratings"),
-            "poll_ratings": pooled.get("poll_ratings"),
-            "poll_models": pooled.get("poll_models"),
-            "n_valid_judges": pooled.get("n_valid_judges"),
+            k: pooled.get(k) for k in ("avg_poll_ratings", "poll_ratings", "poll_models", "n_valid_judges")
         },
         "pairs": pairs,
-        "missing": missing,
+        "missing": read.missing,
     }
 
 

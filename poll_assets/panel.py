@@ -13,11 +13,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from poll_assets.binarize import Strategy
 from poll_assets.llm.base import GenerationParams
 from poll_assets.llm.batch_settings import BatchSettings
+from poll_assets.llm.cache import CacheMode
 from poll_assets.llm.policy import Limits
 from poll_assets.llm.pricing import Price
 from poll_assets.llm.providers import PROVIDER_NAMES, provider_spec
+from poll_assets.pooled_ratings import PoolingMethod
+from poll_assets.rubrics.ultrafeedback import RUBRICS
 
 PANEL_ENV_VAR = "POLL_PANEL"
 PANELS_DIR = Path(__file__).parent / "panels"
@@ -25,7 +29,7 @@ DEFAULT_PANEL = "local"
 
 # The registry's provider names, so an unknown one is refused with the list of known ones.
 Provider = Literal[PROVIDER_NAMES]  # type: ignore[valid-type]
-Aspect = Literal["instruction-following", "honesty", "helpfulness", "truthfulness", "overall-rating"]
+Aspect = Literal[tuple(RUBRICS)]  # type: ignore[valid-type]  # the aspects are the rubrics there are
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -150,12 +154,12 @@ class Judging(_Strict):
 
 
 class Pooling(_Strict):
-    method: Literal["mean", "median", "majority"] = "mean"
+    method: PoolingMethod = "mean"
     min_judges: int = Field(default=1, ge=1)
 
 
 class Binarization(_Strict):
-    strategy: Literal["best_vs_worst", "best_vs_random", "all_pairs"] = "best_vs_worst"
+    strategy: Strategy = "best_vs_worst"
     min_margin: float = Field(default=0.0, ge=0.0)  # pairs below this margin are dropped, for every strategy
     seed: int = 0
 
@@ -197,7 +201,7 @@ class Schedule(_Strict):
 
 
 class CacheSettings(_Strict):
-    mode: Literal["use", "bypass", "refresh"] = "use"
+    mode: CacheMode = "use"
     path: str | None = None  # default: $DAGSTER_HOME/llm_cache.sqlite
 
 

@@ -19,31 +19,36 @@ from poll_assets.io_manager import ParquetIOManagerFactory, default_dagster_home
 from poll_assets.llm.resources import ResponseCacheResource, build_llm_resource, resource_key
 from poll_assets.panel import Panel
 from poll_assets.partitions import build_partitions_def
+from poll_assets.rubrics.ultrafeedback import Rubric, get_rubric
 
 JOB_NAME = "poll_job"
 
 
-def build_assets(panel: Panel, panel_path: Path, *, member_steps: bool = False) -> list[dg.AssetsDefinition]:
+def build_assets(
+    panel: Panel, panel_path: Path, *, member_steps: bool = False, rubric: Rubric | None = None
+) -> list[dg.AssetsDefinition]:
     """One asset per stage, and one per generator and per judge, all on the same shards.
 
     By default the generators share one step, and the judges another, so a stage's members call
     their providers at the same time even under the in-process executor (see assets/stage.py).
     `member_steps=True` gives every member its own step and its own pool instead, for running
-    members as separate processes with the multiprocess executor.
+    members as separate processes with the multiprocess executor. `rubric`: the panel's, when the
+    caller has resolved it already.
     """
+    rubric = rubric or get_rubric(panel.judging.aspect)
     parts = build_partitions_def(panel.source)
     if member_steps:
         generators = [build_generation_asset(m, panel, parts) for m in panel.generators]
-        judges = [build_ratings_asset(m, panel, parts) for m in panel.judges]
+        judges = [build_ratings_asset(m, panel, parts, rubric) for m in panel.judges]
     else:
         generators = [build_generation_stage(panel, parts)]
-        judges = [build_ratings_stage(panel, parts)]
+        judges = [build_ratings_stage(panel, parts, rubric)]
     return [
         build_prompts_asset(panel, panel_path, parts),
         *generators,
         build_combined_asset(panel, parts),
         *judges,
-        build_pooled_asset(panel, parts),
+        build_pooled_asset(panel, parts, rubric),
         build_preferences_asset(panel, parts),
     ]
 
@@ -76,8 +81,10 @@ def build_definitions(
 
     `resource_overrides` replaces resources by key, e.g. a test binds a ChatBackend to `llm_<member>`.
     `member_steps=True` gives each generator and judge its own step (see `build_assets`)."""
-    assets = with_rerun_condition(build_assets(panel, panel_path, member_steps=member_steps), panel.schedule)
-    dataset_spec, publish_job = build_publish_job(panel)
+    rubric = get_rubric(panel.judging.aspect)  # resolved once, passed to every stage that uses it
+    assets = with_rerun_condition(build_assets(panel, panel_path, member_steps=member_steps, rubric=rubric),
+                                  panel.schedule)
+    dataset_spec, publish_job = build_publish_job(panel, rubric)
     job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.assets(*assets),
                               description=f"Every asset of the `{panel.name}` panel for one shard.")
     resources = build_resources(panel, storage_dir, cache_path)

@@ -16,6 +16,14 @@ from poll_assets.assets import generations as generations_module
 from poll_assets.assets import judging as judging_module
 from poll_assets.assets import pooling as pooling_module
 from poll_assets.assets import preferences as preferences_module
+from poll_assets.assets import prompts as prompts_module
+from poll_assets.assets.generations import check_generation_failures, check_generation_rows
+from poll_assets.assets.judging import check_ratings_valid, check_unrated_verdicts
+from poll_assets.assets.pooling import check_agreement, check_pooled_coverage, pooled_agreement
+from poll_assets.assets.preferences import check_pairs
+from poll_assets.assets.prompts import check_prompts
+from poll_assets.io_manager import partition_path
+from poll_assets.rubrics import get_rubric
 from poll_assets.pipeline import JOB_NAME, build_assets, build_definitions, build_resources
 from poll_assets_tests.fake_panel import PROMPTS, scripted_resources, write_panel
 
@@ -73,14 +81,14 @@ def pairs(**overrides) -> pd.DataFrame:
 
 
 def test_good_data_passes_every_check():
-    assert c.check_prompts(prompts()).passed
-    assert c.check_generation_rows(generations(), prompts()).passed
-    assert c.check_generation_failures(generations(), 0.1).passed
-    assert c.check_ratings_valid(ratings(), combined(), SCALE).passed
-    assert c.check_parse_failures(ratings(), 0.0).passed
-    assert c.check_pooled_coverage(pooled(), combined(), n_judges=2).passed
-    assert c.check_agreement(c.pooled_alpha(pooled(), ["j0", "j1"], SCALE), 0.5).passed
-    assert c.check_pairs(pairs()).passed
+    assert check_prompts(prompts()).passed
+    assert check_generation_rows(generations(), prompts()).passed
+    assert check_generation_failures(generations(), 0.1).passed
+    assert check_ratings_valid(ratings(), combined(), SCALE).passed
+    assert check_unrated_verdicts(ratings(), 0.0).passed
+    assert check_pooled_coverage(pooled(), combined(), n_judges=2).passed
+    assert check_agreement(pooled_agreement(pooled(), ["j0", "j1"], SCALE)["krippendorff_alpha"], 0.5).passed
+    assert check_pairs(pairs()).passed
 
 
 @pytest.mark.parametrize(
@@ -92,72 +100,73 @@ def test_good_data_passes_every_check():
     ],
 )
 def test_prompts_check_fails(frame, message):
-    finding = c.check_prompts(frame)
+    finding = check_prompts(frame)
     assert not finding.passed and message in finding.description
 
 
 def test_generation_rows_check_fails_on_missing_and_repeated_rows():
     gens = pd.DataFrame({"prompt_id": [P1, P1], "generation": ["x", "x"], "error": [None, None]})
-    finding = c.check_generation_rows(gens, prompts())
+    finding = check_generation_rows(gens, prompts())
     assert not finding.passed
     assert "no row for prompts bbbbbbbbbbbb" in finding.description
     assert "prompts with more than one row: aaaaaaaaaaaa" in finding.description
 
 
 def test_generation_failure_rate_check_fails_above_threshold():
-    finding = c.check_generation_failures(generations(texts=("x", None), errors=(None, "timeout")), 0.1)
+    finding = check_generation_failures(generations(texts=("x", None), errors=(None, "timeout")), 0.1)
     assert not finding.passed
     assert finding.metadata["failure_rate"] == 0.5
     assert "failure rate 0.500 > max_generation_failure_rate 0.1; failed prompts: bbbbbbbbbbbb" in finding.description
-    assert c.check_generation_failures(generations(texts=("x", None), errors=(None, "timeout")), 0.5).passed
+    assert check_generation_failures(generations(texts=("x", None), errors=(None, "timeout")), 0.5).passed
 
 
 def test_ratings_check_fails_off_scale():
-    finding = c.check_ratings_valid(ratings(ratings=[[4, 7], [3, None]]), combined(), SCALE)
+    finding = check_ratings_valid(ratings(ratings=[[4, 7], [3, None]]), combined(), SCALE)
     assert not finding.passed and "ratings off the 1-5 scale: aaaaaaaaaaaa[1]=7" in finding.description
 
 
 def test_ratings_check_fails_on_none_without_reason():
-    finding = c.check_ratings_valid(ratings(rating_errors=[[None, None], [None, None]]), combined(), SCALE)
+    finding = check_ratings_valid(ratings(rating_errors=[[None, None], [None, None]]), combined(), SCALE)
     assert not finding.passed and "missing ratings without a reason: bbbbbbbbbbbb[1]" in finding.description
 
 
 def test_ratings_check_fails_when_not_aligned_with_generations():
     bad = ratings(ratings=[[4], [3, None]], rationales=[["ok"], ["fine", None]], rating_errors=[[None], [None, "x"]])
-    finding = c.check_ratings_valid(bad, combined(), SCALE)
+    finding = check_ratings_valid(bad, combined(), SCALE)
     assert not finding.passed
     assert "ratings not aligned with generations: aaaaaaaaaaaa (1 ratings, 2 generations)" in finding.description
 
 
-def test_parse_failure_check_fails_above_threshold():
+def test_unrated_verdict_check_fails_above_threshold():
     bad = ratings(ratings=[[None, 2], [3, None]], rating_errors=[["no rating found", None], [None, "generation failed"]])
-    finding = c.check_parse_failures(bad, 0.2)
+    finding = check_unrated_verdicts(bad, 0.2)
     # Three verdicts were asked for (shown_order), one came back unparseable; the failed generation is not counted.
     assert not finding.passed and finding.metadata["judged"] == 3 and finding.metadata["failures"] == 1
-    assert "parse failure rate 0.333 > max_parse_failure_rate 0.2" in finding.description
+    assert "unrated verdict rate 0.333 > max_parse_failure_rate 0.2" in finding.description
+    assert "1 unreadable, 0 from failed judge calls" in finding.description
 
 
 def test_pooled_coverage_check_fails_on_a_missing_generation_slot():
-    finding = c.check_pooled_coverage(pooled(avg_poll_ratings=[[4.5], [3.5, None]]), combined(), n_judges=2)
+    finding = check_pooled_coverage(pooled(avg_poll_ratings=[[4.5], [3.5, None]]), combined(), n_judges=2)
     assert not finding.passed
     assert "pooled ratings do not cover every generation: aaaaaaaaaaaa (1 pooled, 2 generations" in finding.description
-    missing_prompt = c.check_pooled_coverage(pooled().iloc[:1], combined(), n_judges=2)
+    missing_prompt = check_pooled_coverage(pooled().iloc[:1], combined(), n_judges=2)
     assert not missing_prompt.passed and "prompts without pooled ratings: bbbbbbbbbbbb" in missing_prompt.description
 
 
 def test_agreement_check_fails_below_threshold():
     opposed = pooled(poll_ratings=[[[5, 1], [1, 5]], [[4, None], [2, None]]])
-    alpha = c.pooled_alpha(opposed, ["j0", "j1"], SCALE)
+    alpha = pooled_agreement(opposed, ["j0", "j1"], SCALE)["krippendorff_alpha"]
     assert alpha is not None and alpha < 0
-    finding = c.check_agreement(alpha, 0.0)
+    finding = check_agreement(alpha, 0.0)
     assert not finding.passed and "< min_agreement 0.0" in finding.description
 
 
 def test_pairs_check_fails_when_chosen_not_higher_or_identical():
-    finding = c.check_pairs(pairs(chosen_rating=[1.5], rejected_rating=[1.5]))
+    finding = check_pairs(pairs(chosen_rating=[1.5], rejected_rating=[1.5]))
     assert not finding.passed and "chosen_rating not above rejected_rating: row 0" in finding.description
     same = pairs(rejected=pairs()["chosen"].tolist())
-    finding = c.check_pairs(same)
+    finding = check_pairs(same)
     assert not finding.passed and "chosen is the same answer as rejected: row 0" in finding.description
 
 
@@ -183,19 +192,44 @@ def test_every_check_is_declared_by_the_asset_it_checks(tmp_path, member_steps):
     for assets_def in build_assets(panel, path, member_steps=member_steps):
         assert {k.asset_key for k in assets_def.check_keys} <= set(assets_def.keys)
         for key in assets_def.keys:
-            names = {spec.name for spec in c.asset_check_specs(panel, key)}
+            names = {check.name for check in _owned_checks(panel, key)}
             assert {k.name for k in assets_def.check_keys if k.asset_key == key} == names
     assert {k for a in build_assets(panel, path, member_steps=member_steps) for k in a.check_keys} == set(
         graph.asset_check_keys
     )
 
 
-def test_checks_of_an_unknown_asset_are_refused(tmp_path):
+def _owned_checks(panel, key: dg.AssetKey) -> list[c.StageCheck]:
+    """The checks the module that owns `key` declares for it."""
+    owned = {
+        prompts_module.PROMPTS_KEY: list(prompts_module.PROMPT_CHECKS),
+        generations_module.COMBINED_KEY: generations_module.COMBINED_CHECKS,
+        pooling_module.POOLED_KEY: pooling_module.pooled_checks(panel),
+        preferences_module.PAIRS_KEY: list(preferences_module.PAIR_CHECKS),
+        **{generations_module.generation_key(m): generations_module.generation_checks(panel) for m in panel.generators},
+        **{judging_module.ratings_key(m): judging_module.rating_checks(panel, get_rubric(panel.judging.aspect))
+           for m in panel.judges},
+    }
+    return owned[key]
+
+
+def test_every_stage_module_owns_checks_for_its_assets(tmp_path):
+    # Only combined_generations declares none (a reshaping of checked frames, whose coverage
+    # pooled_ratings checks); every other asset's module declares at least one, with a description.
+    panel, path = write_panel(tmp_path)
+    keys = {k for a in build_assets(panel, path) for k in a.keys}
+    without = {k.to_user_string() for k in keys if not _owned_checks(panel, k)}
+    assert without == {"combined_generations"}
+    assert all(check.description for k in keys for check in _owned_checks(panel, k))
+
+
+def test_a_check_that_needs_the_step_input_refuses_to_run_without_it(tmp_path):
     panel, _ = write_panel(tmp_path)
-    with pytest.raises(ValueError, match="no checks are defined for asset 'generation/gen_0'"):
-        c.asset_check_specs(panel, dg.AssetKey(["generation", "gen_0"]))
-    with pytest.raises(ValueError, match="generations/gen_0:one_row_per_prompt compares with prompts"):
-        c.evaluate_checks(panel, dg.AssetKey(["generations", "gen_0"]), generations())
+    checks = generations_module.generation_checks(panel)
+    with pytest.raises(ValueError, match="generations/gen_0:one_row_per_prompt needs step_input, but the step gave none"):
+        c.evaluate_checks(checks, dg.AssetKey(["generations", "gen_0"]), generations())
+    results = c.evaluate_checks(checks, dg.AssetKey(["generations", "gen_0"]), generations(), {c.STEP_INPUT: prompts()})
+    assert [(r.check_name, r.passed) for r in results] == [("one_row_per_prompt", True), ("failure_rate", True)]
 
 
 # --- through the asset steps ---------------------------------------------------------------------
@@ -305,8 +339,8 @@ CASES = [
      "failure rate 0.500 > max_generation_failure_rate 0.1", True),
     ("ratings/judge_1", "ratings_valid", (judging_module, "judge", _off_scale_rating_from_judge_1),
      "ratings off the 1-5 scale", True),
-    ("ratings/judge_1", "parse_failure_rate", {"fail": {"judge_1": "primary colours"}},
-     "parse failure rate 0.500 > max_parse_failure_rate 0.2", True),
+    ("ratings/judge_1", "unrated_verdict_rate", {"fail": {"judge_1": "primary colours"}},
+     "unrated verdict rate 0.500 > max_parse_failure_rate 0.2", True),
     ("pooled_ratings", "covers_every_generation", (pooling_module, "pool_ratings", _shorten_pooled),
      "pooled ratings do not cover every generation", True),
     ("pooled_ratings", "judge_agreement",
@@ -339,7 +373,7 @@ def test_a_bad_shard_fails_its_check_in_the_asset_step(tmp_path, monkeypatch, me
     # The check ran in the step that made the asset, after the asset was stored.
     materialized = _materialized(result)
     assert event.step_key == materialized[asset]
-    assert (tmp_path / "storage" / asset / f"{SHARD}.parquet").is_file()
+    assert partition_path(tmp_path / "storage", dg.AssetKey.from_user_string(asset), SHARD).is_file()
 
     graph = defs.resolve_asset_graph()
     key = dg.AssetKey.from_user_string(asset)
@@ -352,7 +386,7 @@ def test_a_bad_shard_fails_its_check_in_the_asset_step(tmp_path, monkeypatch, me
         assert f"{asset}: {check}" in failure.event_specific_data.error.message
         assert not downstream & set(materialized), "an asset was built on a shard a blocking check rejected"
         for stage in downstream:
-            assert not (tmp_path / "storage" / stage / f"{SHARD}.parquet").exists()
+            assert not partition_path(tmp_path / "storage", dg.AssetKey.from_user_string(stage), SHARD).exists()
     else:
         assert result.success and downstream <= set(materialized)
 
@@ -367,3 +401,14 @@ def test_a_subset_of_a_stage_evaluates_only_its_selected_checks(tmp_path):
     assert not result.success
     assert set(_materialized(result)) == {"prompts", "generations/gen_0"}
     assert set(_evaluations(result)) == {("prompts", "prompts_valid"), ("generations/gen_0", "one_row_per_prompt")}
+
+
+def test_ratings_metadata_counts_parse_failures_apart_from_failed_judge_calls(tmp_path):
+    # judge_1's call on the first prompt fails: two verdicts without a rating, neither a parse failure.
+    result, _ = _run(tmp_path, fail={"judge_1": "primary colours"})
+    stored = {e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
+              for e in _events(result, "ASSET_MATERIALIZATION")}
+    meta = stored["ratings/judge_1"]
+    assert meta["judge_call_failures"].value == 2
+    assert meta["parse_failures"].value == 0 and meta["parse_failure_rate"].value == 0.0
+    assert stored["ratings/judge_0"]["judge_call_failures"].value == 0

@@ -1,18 +1,25 @@
 """Golden test of the whole judging layer: fixed answers from 3 judges on 3 prompts (one judge
 fails a call and writes one unreadable rating) -> verdicts -> pooled ratings -> agreement -> pairs.
-Every expected number below is worked out by hand in the comments."""
+The verdicts go through the judging stage's own planning (`plan_judge_task`: shuffle, prompt,
+schema) and reading (`verdicts_for`: parse, undo the shuffle). Every expected number below is
+worked out by hand in the comments."""
 
 from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 
 from poll_assets.agreement import judge_agreement
+from poll_assets.assets.judging import plan_judge_task, verdicts_for
 from poll_assets.binarize import FEWER_THAN_TWO, PreferencePair, binarize
-from poll_assets.pooling import pool_ratings, self_family_mask
+from poll_assets.llm.base import Completion
+from poll_assets.panel import Panel
+from poll_assets.pooled_ratings import pool_ratings, self_family_mask
 from poll_assets.rubrics import get_rubric
-from poll_assets.verdicts import Verdict, parse_failure_rate, parse_verdicts, presentation_order, restore_order
+from poll_assets.verdicts import Verdict, parse_failure_rate
+from poll_assets_tests.fake_panel import write_panel
 
 RUBRIC = get_rubric("instruction-following")
 PROMPTS = ["p1", "p2", "p3"]
@@ -52,23 +59,37 @@ ANSWERS = {
 }
 
 
-def _verdicts() -> dict[tuple[str, str], list[Verdict]]:
+@pytest.fixture(scope="module")
+def panel(tmp_path_factory) -> Panel:
+    member = lambda name, family: {"name": name, "provider": "local", "model": f"{name}-model", "family": family}  # noqa: E731
+    panel, _ = write_panel(tmp_path_factory.mktemp("golden"), extra={
+        "generators": [member(f"gen_{i}", f) for i, f in enumerate(GEN_FAMILIES)],
+        "judges": [member(j, family) for j, (family, _) in JUDGES.items()],
+        "judging": {"aspect": RUBRIC.aspect, "seed": SEED, "shuffle_positions": True},
+    })
+    return panel
+
+
+def _completion(answer: str | None, structured: bool) -> Completion:
+    if answer is None:
+        return Completion(text=None, error="timeout")
+    return Completion(text=answer, output_mode="json_schema" if structured else "text")
+
+
+def _verdicts(panel: Panel) -> dict[tuple[str, str], list[Verdict]]:
     out = {}
     for p in PROMPTS:
-        for j, (_, structured) in JUDGES.items():
-            order = presentation_order(p, j, 3, seed=SEED)
-            assert order == ORDERS[(p, j)]
-            answer = ANSWERS[(p, j)]
-            if answer is None:
-                shown = [Verdict.judge_failed("timeout") for _ in order]
-            else:
-                shown = parse_verdicts(answer, 3, RUBRIC, structured=structured)
-            out[(p, j)] = restore_order(shown, order)
+        row = pd.Series({"prompt_id": p, "instruction": f"question {p}", "generations": [f"{p} g{i}" for i in range(3)]})
+        for judge in panel.judges:
+            task = plan_judge_task(row, judge, panel, RUBRIC)
+            assert task.shown == ORDERS[(p, judge.name)] and task.request is not None
+            structured = JUDGES[judge.name][1]
+            out[(p, judge.name)] = verdicts_for(task, _completion(ANSWERS[(p, judge.name)], structured), RUBRIC)
     return out
 
 
-def test_verdicts_land_on_the_right_generation():
-    v = _verdicts()
+def test_verdicts_land_on_the_right_generation(panel):
+    v = _verdicts(panel)
     ratings = {k: [x.rating for x in vs] for k, vs in v.items()}
     assert ratings[("p1", "judge_a")] == [4, 2, 5]
     assert ratings[("p1", "judge_b")] == [3, 2, 4]
@@ -79,6 +100,8 @@ def test_verdicts_land_on_the_right_generation():
     assert ratings[("p3", "judge_b")] == [2, 4, 4]
     assert ratings[("p3", "judge_c")] == [1, None, 3]
     assert "'great'" in v[("p3", "judge_c")][1].error
+    assert [x.kind for x in v[("p2", "judge_c")]] == ["judge_failed"] * 3
+    assert v[("p2", "judge_c")][0].error == "judge call failed: timeout"
     # judge_c: 5 readable of 6 answered (p2 failed calls are not parse failures) -> 1/6
     judge_c = [x for p in PROMPTS for x in v[(p, "judge_c")]]
     assert parse_failure_rate(judge_c) == pytest.approx(1 / 6)
@@ -90,8 +113,8 @@ def _matrix(v, p):
     return [[x.rating for x in v[(p, j)]] for j in JUDGES]
 
 
-def test_pooled_ratings_with_self_family_exclusion():
-    v = _verdicts()
+def test_pooled_ratings_with_self_family_exclusion(panel):
+    v = _verdicts(panel)
     mask = self_family_mask([f for f, _ in JUDGES.values()], GEN_FAMILIES)
     # judge_a (llama) skips g0, judge_b (qwen) skips g1, judge_c (gemma) skips nothing.
     assert mask == [[True, False, False], [False, True, False], [False, False, False]]
@@ -122,8 +145,8 @@ def test_pooled_ratings_with_self_family_exclusion():
     assert pool_ratings(_matrix(v, "p1")).avg == pytest.approx([11 / 3, 5 / 3, 14 / 3])
 
 
-def test_agreement_over_the_flattened_partition():
-    v = _verdicts()
+def test_agreement_over_the_flattened_partition(panel):
+    v = _verdicts(panel)
     flat = {j: [x.rating for p in PROMPTS for x in v[(p, j)]] for j in JUDGES}
     assert flat == {
         "judge_a": [4, 2, 5, 3, 3, 3, 2, 5, 4],

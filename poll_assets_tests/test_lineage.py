@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from poll_assets import cli
+from poll_assets.io_manager import partition_path, read_partition, stored_partitions
 from poll_assets.lineage import TrailError, prompt_trail
 from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets_tests.fake_panel import scripted_resources, write_panel
@@ -35,6 +36,12 @@ def shard(tmp_path_factory):
     instance.dispose()
 
 
+def _stored(storage, key: str) -> pd.DataFrame:
+    df = read_partition(storage, dg.AssetKey.from_user_string(key), SHARD)
+    assert df is not None, key
+    return df
+
+
 def _meta(instance, key: str):
     event = instance.get_latest_materialization_event(dg.AssetKey.from_user_string(key))
     return event.asset_materialization.metadata
@@ -46,12 +53,25 @@ def test_every_asset_has_schema_and_row_count(shard):
             *(f"generations/{g.name}" for g in panel.generators), *(f"ratings/{j.name}" for j in panel.judges)]
     for key in keys:
         meta = _meta(instance, key)
-        df = pd.read_parquet(storage.joinpath(*key.split("/"), f"{SHARD}.parquet"))
+        df = _stored(storage, key)
         assert meta["dagster/row_count"].value == len(df), key
         schema = meta["dagster/column_schema"].value
         assert [c.name for c in schema.columns] == list(df.columns), key
+        assert all(c.description for c in schema.columns), key
         if key.startswith(("generations/", "ratings/")):
             assert meta["llm/input_tokens"].value > 0 and meta["llm/calls"].value > 0, key
+
+
+def test_the_io_manager_stores_each_partition_where_the_layout_says(shard):
+    # The layout the README documents, <storage>/<asset key parts>/<partition>.parquet, is the one
+    # the IO manager writes and partition_path / stored_partitions read.
+    panel, storage, _ = shard
+    member = panel.judges[0].name
+    path = partition_path(storage, dg.AssetKey(["ratings", member]), SHARD)
+    assert str(path) == str(storage / "ratings" / member / f"{SHARD}.parquet") and path.is_file()
+    assert stored_partitions(storage, dg.AssetKey("preference_pairs")) == [SHARD]
+    assert stored_partitions(storage, dg.AssetKey("nothing_here")) == []
+    assert read_partition(storage, dg.AssetKey("prompts"), "shard-00099") is None
 
 
 def test_preference_pairs_column_lineage_points_at_upstream_columns(shard):
@@ -63,12 +83,12 @@ def test_preference_pairs_column_lineage_points_at_upstream_columns(shard):
     assert deps["chosen_rating"] == deps["rejected_rating"] == {("pooled_ratings", "avg_poll_ratings")}
     assert deps["poll_ratings"] == {(f"ratings/{j.name}", "ratings") for j in panel.judges}
     assert deps["rating_call_ids"] == {(f"ratings/{j.name}", "call_id") for j in panel.judges}
-    pairs = pd.read_parquet(storage / "preference_pairs" / f"{SHARD}.parquet")
+    pairs = _stored(storage, "preference_pairs")
     assert set(deps) <= set(pairs.columns)
     # and every upstream column named exists in that upstream's stored table
     for col_deps in deps.values():
         for asset, column in col_deps:
-            upstream = pd.read_parquet(storage.joinpath(*asset.split("/"), f"{SHARD}.parquet"))
+            upstream = _stored(storage, asset)
             assert column in upstream.columns, (asset, column)
     pooled_lineage = _meta(instance, "pooled_ratings")["dagster/column_lineage"].value
     assert {d.asset_key.to_user_string() for d in pooled_lineage.deps_by_column["poll_ratings"]} == {
@@ -78,9 +98,9 @@ def test_preference_pairs_column_lineage_points_at_upstream_columns(shard):
 
 def test_trail_of_every_prompt_matches_the_stored_rows(shard):
     panel, storage, _ = shard
-    prompts = pd.read_parquet(storage / "prompts" / f"{SHARD}.parquet")
-    pooled = pd.read_parquet(storage / "pooled_ratings" / f"{SHARD}.parquet").set_index("prompt_id")
-    pairs = pd.read_parquet(storage / "preference_pairs" / f"{SHARD}.parquet")
+    prompts = _stored(storage, "prompts")
+    pooled = _stored(storage, "pooled_ratings").set_index("prompt_id")
+    pairs = _stored(storage, "preference_pairs")
     for pid, instruction in zip(prompts["prompt_id"], prompts["instruction"]):
         trail = prompt_trail(pid, str(storage))  # no partition: searches every shard
         assert trail["partition"] == SHARD and trail["instruction"] == instruction and trail["missing"] == []
@@ -110,7 +130,7 @@ def test_trail_of_every_prompt_matches_the_stored_rows(shard):
 
 def test_trail_shows_a_failed_judge_call(shard):
     _, storage, _ = shard
-    prompts = pd.read_parquet(storage / "prompts" / f"{SHARD}.parquet")
+    prompts = _stored(storage, "prompts")
     pid = prompts.loc[prompts["instruction"].str.contains("rivers"), "prompt_id"].item()
     trail = prompt_trail(pid[:10], str(storage), partition=SHARD)  # a prefix is enough
     judge_2 = next(j for j in trail["judges"] if j["judge"] == "judge_2")
@@ -132,7 +152,7 @@ def test_unknown_prompt_id_is_a_clear_error(shard):
 
 def test_trail_cli_text_json_and_error(shard, capsys):
     _, storage, _ = shard
-    pid = pd.read_parquet(storage / "prompts" / f"{SHARD}.parquet")["prompt_id"][0]
+    pid = _stored(storage, "prompts")["prompt_id"][0]
     assert cli.main(["trail", pid, "--storage", str(storage)]) == 0
     text = capsys.readouterr().out
     assert text.startswith(f"prompt {pid}  ({SHARD}, source row 0)")

@@ -1,4 +1,4 @@
-"""Each generator's answers, and all answers side by side in panel order."""
+"""Each generator's answers, and all answers side by side in panel order: keys, columns, checks, lineage."""
 
 
 from collections.abc import Iterator
@@ -7,17 +7,45 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.metadata import call_metadata, table_metadata
+from poll_assets.assets.metadata import call_metadata
+from poll_assets.assets.prompts import PROMPT_COLUMNS, PROMPTS_KEY
+from poll_assets.assets.schema import column_of, column_of_each, schema
 from poll_assets.assets.stage import MemberContext, run_stage_step, stage_multi_asset_kwargs
-from poll_assets.lineage import combined_column_lineage
+from poll_assets.checks import (
+    STEP_INPUT, Finding, StageCheck, absent_ids, asset_check_specs, examples, problems_finding, repeated_ids, short_id,
+)
 from poll_assets.llm.base import CallRequest, Message
 from poll_assets.panel import Member, Panel
-from poll_assets.parquet_values import plain
+from poll_assets.parquet_values import is_missing, plain, plain_list
 
-GENERATION_COLUMNS = [
-    "prompt_id", "generation", "model_name", "generator", "finish_reason", "input_tokens", "output_tokens",
-    "latency_s", "served_model", "request_id", "call_id", "cached", "error",
-]
+GENERATIONS_PREFIX = "generations"  # generations/<member>
+COMBINED_KEY = dg.AssetKey("combined_generations")
+GENERATION_COLUMNS = schema(
+    f"{GENERATIONS_PREFIX}/<g>",
+    ("prompt_id", "string", "the prompt answered"),
+    ("generation", "string", "the answer; None when the call failed"),
+    ("model_name", "string", "the model the panel names"),
+    ("generator", "string", "the panel member that answered"),
+    ("finish_reason", "string", "why the model stopped (stop, length, ...)"),
+    ("input_tokens", "int", "prompt tokens the provider counted"),
+    ("output_tokens", "int", "answer tokens the provider counted"),
+    ("latency_s", "float", "seconds the call took (0 for a cache hit)"),
+    ("served_model", "string", "the model as the server reported it"),
+    ("request_id", "string", "the provider's request id"),
+    ("call_id", "string", "hash of the request; the response cache's key"),
+    ("cached", "bool", "served from the response cache"),
+    ("error", "string", "why the call failed; None on success"),
+)
+COMBINED_COLUMNS = schema(
+    COMBINED_KEY.to_user_string(),
+    ("prompt_id", "string", "the prompt"),
+    ("instruction", "string", "the prompt text"),
+    ("generations", "list<string>", "every generator's answer, in panel order; None for a failed one"),
+    ("generation_models", "list<string>", "the model behind each answer"),
+    ("generators", "list<string>", "the panel member behind each answer"),
+    ("generation_call_ids", "list<string>", "the call id of each answer"),
+    ("generation_errors", "list<string>", "why each failed answer failed; None for the others"),
+)
 
 
 def generation_messages(member: Member, instruction: str) -> list[Message]:
@@ -29,7 +57,73 @@ def generation_messages(member: Member, instruction: str) -> list[Message]:
 
 
 def generation_key(member: Member) -> dg.AssetKey:
-    return dg.AssetKey(["generations", member.name])
+    return dg.AssetKey([GENERATIONS_PREFIX, member.name])
+
+
+def generation_counts(combined: pd.DataFrame) -> dict[Any, int]:
+    """How many generations each prompt of combined_generations has."""
+    return {pid: len(plain_list(g)) for pid, g in zip(combined["prompt_id"], combined["generations"])}
+
+
+def check_generation_rows(generations: pd.DataFrame, prompts: pd.DataFrame) -> Finding:
+    """Exactly one row per prompt of the shard, none extra, none twice."""
+    want, got = list(prompts["prompt_id"]), list(generations["prompt_id"])
+    missing, extra, repeated = absent_ids(want, got), absent_ids(got, want), repeated_ids(got)
+    problems = []
+    if missing:
+        problems.append(f"no row for prompts {examples(missing)}")
+    if extra:
+        problems.append(f"rows for prompts not in the shard: {examples(extra)}")
+    if repeated:
+        problems.append(f"prompts with more than one row: {examples(repeated)}")
+    return problems_finding(problems, f"one row for each of {len(want)} prompts",
+                            {"rows": len(got), "prompts": len(want), "missing": len(missing), "extra": len(extra)})
+
+
+def check_generation_failures(generations: pd.DataFrame, max_rate: float) -> Finding:
+    """Share of prompts without a generation (call failed or empty text) is at most `max_rate`."""
+    failed = [
+        short_id(pid)
+        for pid, text, err in zip(generations["prompt_id"], generations["generation"], generations["error"])
+        if not is_missing(err) or is_missing(text)
+    ]
+    rate = len(failed) / len(generations) if len(generations) else 0.0
+    passed = rate <= max_rate
+    desc = (
+        f"failure rate {rate:.3f} <= {max_rate}"
+        if passed
+        else f"failure rate {rate:.3f} > max_generation_failure_rate {max_rate}; failed prompts: {examples(failed)}"
+    )
+    return Finding(passed, desc, {"failure_rate": float(rate), "failures": len(failed), "threshold": float(max_rate)})
+
+
+def generation_checks(panel: Panel) -> list[StageCheck]:
+    """Every generator's checks; the step hands them the prompts it answered."""
+    max_rate = panel.thresholds.max_generation_failure_rate
+    return [
+        StageCheck("one_row_per_prompt", "Exactly one row for each prompt of the shard.",
+                   lambda df, given: check_generation_rows(df, given[STEP_INPUT]), needs=(STEP_INPUT,)),
+        StageCheck("failure_rate", f"Share of failed generations <= {max_rate}.",
+                   lambda df, _: check_generation_failures(df, max_rate)),
+    ]
+
+
+# combined_generations is a reshaping of checked frames; pooled_ratings checks that it covers it.
+COMBINED_CHECKS: list[StageCheck] = []
+
+
+def combined_column_lineage(panel: Panel) -> dg.TableColumnLineage:
+    keys = [generation_key(g) for g in panel.generators]
+    each = lambda column: column_of_each(keys, GENERATION_COLUMNS, column)  # noqa: E731
+    return COMBINED_COLUMNS.lineage({
+        "prompt_id": [column_of(PROMPTS_KEY, PROMPT_COLUMNS, "prompt_id")],
+        "instruction": [column_of(PROMPTS_KEY, PROMPT_COLUMNS, "instruction")],
+        "generations": each("generation"),
+        "generation_models": each("model_name"),
+        "generators": each("generator"),
+        "generation_call_ids": each("call_id"),
+        "generation_errors": each("error"),
+    })
 
 
 async def generate(work: MemberContext, prompts: pd.DataFrame) -> dg.Output[pd.DataFrame]:
@@ -56,14 +150,14 @@ async def generate(work: MemberContext, prompts: pd.DataFrame) -> dg.Output[pd.D
         }
         for pid, c in zip(prompts["prompt_id"], batch.completions)
     ]
-    df = pd.DataFrame(rows, columns=GENERATION_COLUMNS)
+    df = GENERATION_COLUMNS.frame(rows)
     if len(df) and batch.all_failed:
         raise dg.Failure(description=batch.failure_message(work.label))
     failures = int(df["error"].notna().sum())
     return dg.Output(
         df,
         metadata={
-            **table_metadata(df),
+            **GENERATION_COLUMNS.output_metadata(df),
             **call_metadata(batch.stats, member, panel),
             "failure_rate": dg.MetadataValue.float(failures / len(df) if len(df) else 0.0),
         },
@@ -96,27 +190,31 @@ def build_generation_stage(
     """
     # `members`: a subset, e.g. one member per step (`member_steps=True`); default all of them.
     stage_members = members if members is not None else panel.generators
+    stage_checks = generation_checks(panel)
 
     @dg.multi_asset(
         **stage_multi_asset_kwargs(
             name=name, panel=panel, members=stage_members, key_of=generation_key, group="generation",
             code_version_of=lambda m: m.fingerprint(), description_of=_description, input_name="prompts",
             default_pool="llm_generation", partitions_def=partitions_def,
+            checks=stage_checks, columns=GENERATION_COLUMNS,
         )
     )
     def _generations(context: dg.AssetExecutionContext, prompts: pd.DataFrame) -> Iterator[Any]:
-        yield from run_stage_step(context, panel, stage_members, generation_key, prompts, generate)
+        yield from run_stage_step(context, panel, stage_members, generation_key, prompts, generate, stage_checks)
 
     return _generations
 
 
 def build_combined_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     ins = {f"gen_{m.name}": dg.AssetIn(key=generation_key(m)) for m in panel.generators}
-    ins["prompts"] = dg.AssetIn("prompts")
+    ins["prompts"] = dg.AssetIn(key=PROMPTS_KEY)
 
     @dg.asset(
-        name="combined_generations",
+        key=COMBINED_KEY,
         ins=ins,
+        metadata=COMBINED_COLUMNS.definition_metadata(),
+        check_specs=asset_check_specs(COMBINED_CHECKS, COMBINED_KEY, partitions_def),
         group_name="generation",
         kinds={"pandas"},
         partitions_def=partitions_def,
@@ -142,7 +240,7 @@ def build_combined_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) 
                     "generation_errors": [plain(r["error"]) for r in picked],
                 }
             )
-        df = pd.DataFrame(rows)
-        return dg.Output(df, metadata={**table_metadata(df), "dagster/column_lineage": combined_column_lineage(panel)})
+        df = COMBINED_COLUMNS.frame(rows)
+        return dg.Output(df, metadata={**COMBINED_COLUMNS.output_metadata(df), "dagster/column_lineage": combined_column_lineage(panel)})
 
     return combined_generations

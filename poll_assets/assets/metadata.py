@@ -1,11 +1,12 @@
-"""Metadata every asset reports: row counts, column schemas, and the cost of its calls."""
+"""What the LLM assets report beyond their columns: their kinds, and the cost of their calls.
+
+Row counts and column schemas come from each stage's `ColumnSchema` (assets/schema.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import dagster as dg
-import pandas as pd
 
 from poll_assets.llm.providers import provider_spec
 from poll_assets.llm.runner import CallStats
@@ -14,13 +15,6 @@ from poll_assets.panel import Member, Panel
 def member_kinds(member: Member) -> set[str]:
     """Dagster kind tags shown on the member's node of the asset graph."""
     return {provider_spec(member.provider).kind, "pandas"}
-
-
-def table_metadata(df: pd.DataFrame) -> dict[str, Any]:
-    schema = dg.TableSchema(
-        columns=[dg.TableColumn(name=str(c), type=str(df[c].dtype)) for c in df.columns]
-    )
-    return {"dagster/row_count": len(df), "dagster/column_schema": schema}
 
 
 def call_metadata(stats: CallStats, member: Member, panel: Panel) -> dict[str, Any]:

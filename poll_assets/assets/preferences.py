@@ -1,4 +1,4 @@
-"""The binarized preference set: chosen/rejected pairs ready for DPO."""
+"""The binarized preference set: chosen/rejected pairs ready for DPO. Key, columns, checks, lineage."""
 
 
 from collections.abc import Iterator
@@ -7,18 +7,90 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.metadata import table_metadata
+from poll_assets.assets.generations import COMBINED_COLUMNS, COMBINED_KEY, GENERATION_COLUMNS, generation_key
+from poll_assets.assets.judging import RATING_COLUMNS, ratings_key
+from poll_assets.assets.pooling import POOLED_COLUMNS, POOLED_KEY
+from poll_assets.assets.prompts import PROMPT_COLUMNS, PROMPTS_KEY
+from poll_assets.assets.schema import column_of, column_of_each, schema
 from poll_assets.binarize import binarize
-from poll_assets.checks import asset_check_specs, evaluate_checks
-from poll_assets.lineage import pairs_column_lineage
+from poll_assets.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, problems_finding, short_id
 from poll_assets.panel import Panel
-from poll_assets.parquet_values import plain_list
+from poll_assets.parquet_values import is_missing, plain_list
 
-PAIR_COLUMNS = [
-    "prompt", "prompt_id", "chosen", "rejected", "chosen_model", "rejected_model", "chosen_rating",
-    "rejected_rating", "margin", "poll_ratings", "poll_models", "avg_poll_ratings",
-    "chosen_call_id", "rejected_call_id", "rating_call_ids",
-]
+PAIRS_KEY = dg.AssetKey("preference_pairs")
+PAIR_COLUMNS = schema(
+    PAIRS_KEY.to_user_string(),
+    ("prompt", "string", "the prompt text"),
+    ("prompt_id", "string", "the prompt's id"),
+    ("chosen", "list<struct<role,content>>", "the chat: the prompt, then the preferred answer"),
+    ("rejected", "list<struct<role,content>>", "the chat: the prompt, then the other answer"),
+    ("chosen_model", "string", "the model that wrote the chosen answer"),
+    ("rejected_model", "string", "the model that wrote the rejected answer"),
+    ("chosen_rating", "float", "the chosen answer's pooled rating"),
+    ("rejected_rating", "float", "the rejected answer's pooled rating"),
+    ("margin", "float", "chosen_rating - rejected_rating, > 0"),
+    ("poll_ratings", "list<list<int>>", "judge x generation: every rating of the prompt's answers"),
+    ("poll_models", "list<string>", "the judges' models, in panel order"),
+    ("avg_poll_ratings", "list<float>", "the pooled rating of every answer of the prompt"),
+    ("chosen_call_id", "string", "the call that wrote the chosen answer"),
+    ("rejected_call_id", "string", "the call that wrote the rejected answer"),
+    ("rating_call_ids", "list<string>", "the judge calls behind the ratings, in panel order"),
+)
+
+
+def _answer(messages: Any) -> Any:
+    msgs = plain_list(messages)
+    return msgs[-1].get("content") if msgs and isinstance(msgs[-1], dict) else None
+
+
+def check_pairs(pairs: pd.DataFrame) -> Finding:
+    """In every pair the chosen answer is rated strictly higher and differs from the rejected one."""
+    not_higher, same = [], []
+    for i, r in enumerate(pairs.itertuples(index=False)):
+        if is_missing(r.chosen_rating) or is_missing(r.rejected_rating) or not r.chosen_rating > r.rejected_rating:
+            not_higher.append(f"row {i} ({short_id(r.prompt_id)}: {r.chosen_rating} vs {r.rejected_rating})")
+        if _answer(r.chosen) == _answer(r.rejected) or r.chosen_call_id == r.rejected_call_id:
+            same.append(f"row {i} ({short_id(r.prompt_id)})")
+    problems = []
+    if not_higher:
+        problems.append(f"chosen_rating not above rejected_rating: {examples(not_higher)}")
+    if same:
+        problems.append(f"chosen is the same answer as rejected: {examples(same)}")
+    return problems_finding(problems, f"{len(pairs)} pairs, chosen above rejected in each",
+                            {"pairs": len(pairs), "not_higher": len(not_higher), "identical": len(same)})
+
+
+PAIR_CHECKS = (
+    StageCheck("chosen_beats_rejected", "chosen_rating > rejected_rating and chosen != rejected in every pair.",
+               lambda df, _: check_pairs(df)),
+)
+
+
+def pairs_column_lineage(panel: Panel) -> dg.TableColumnLineage:
+    """Pair columns back to where their values were first made (not only to pooled_ratings)."""
+    judges = [ratings_key(j) for j in panel.judges]
+    generators = [generation_key(g) for g in panel.generators]
+    prompt = lambda column: [column_of(PROMPTS_KEY, PROMPT_COLUMNS, column)]  # noqa: E731
+    combined = lambda column: [column_of(COMBINED_KEY, COMBINED_COLUMNS, column)]  # noqa: E731
+    answer = prompt("instruction") + combined("generations")  # a chat: the prompt, then the answer
+    rating = [column_of(POOLED_KEY, POOLED_COLUMNS, "avg_poll_ratings")]
+    return PAIR_COLUMNS.lineage({
+        "prompt": prompt("instruction"),
+        "prompt_id": prompt("prompt_id"),
+        "chosen": answer,
+        "rejected": answer,
+        "chosen_model": combined("generation_models"),
+        "rejected_model": combined("generation_models"),
+        "chosen_rating": rating,
+        "rejected_rating": rating,
+        "margin": rating,
+        "avg_poll_ratings": rating,
+        "poll_ratings": column_of_each(judges, RATING_COLUMNS, "ratings"),
+        "poll_models": column_of_each(judges, RATING_COLUMNS, "model_name"),
+        "chosen_call_id": column_of_each(generators, GENERATION_COLUMNS, "call_id"),
+        "rejected_call_id": column_of_each(generators, GENERATION_COLUMNS, "call_id"),
+        "rating_call_ids": column_of_each(judges, RATING_COLUMNS, "call_id"),
+    })
 
 
 def chat(prompt: str, answer: str) -> list[dict[str, str]]:
@@ -72,12 +144,13 @@ def build_preferences_asset(panel: Panel, partitions_def: dg.PartitionsDefinitio
     cfg = panel.binarization
 
     @dg.asset(
-        name="preference_pairs",
-        ins={"pooled_ratings": dg.AssetIn("pooled_ratings")},
+        key=PAIRS_KEY,
+        ins={"pooled_ratings": dg.AssetIn(key=POOLED_KEY)},
         group_name="preferences",
         kinds={"pandas", "parquet"},
         partitions_def=partitions_def,
-        check_specs=asset_check_specs(panel, dg.AssetKey("preference_pairs"), partitions_def),
+        check_specs=asset_check_specs(PAIR_CHECKS, PAIRS_KEY, partitions_def),
+        metadata=PAIR_COLUMNS.definition_metadata(),
         code_version=cfg.model_dump_json(),
         description=(
             f"Chosen/rejected pairs ({cfg.strategy}) in distilabel's FormatTextGenerationDPO schema, plus the PoLL "
@@ -86,12 +159,12 @@ def build_preferences_asset(panel: Panel, partitions_def: dg.PartitionsDefinitio
     )
     def preference_pairs(context: dg.AssetExecutionContext, pooled_ratings: pd.DataFrame) -> Iterator[Any]:
         rows, dropped = preference_rows(pooled_ratings, panel)
-        df = pd.DataFrame(rows, columns=PAIR_COLUMNS)
+        df = PAIR_COLUMNS.frame(rows)
         context.log.info(f"{len(df)} preference pairs from {len(pooled_ratings)} prompts; dropped: {dropped or 'none'}")
         yield dg.Output(
             df,
             metadata={
-                **table_metadata(df),
+                **PAIR_COLUMNS.output_metadata(df),
                 "dagster/column_lineage": pairs_column_lineage(panel),
                 "pairs": len(df),
                 "prompts": len(pooled_ratings),
@@ -99,6 +172,6 @@ def build_preferences_asset(panel: Panel, partitions_def: dg.PartitionsDefinitio
                 "ties_dropped": dropped.get("tie", 0),
             },
         )
-        yield from evaluate_checks(panel, context.asset_key, df, selected=context.selected_asset_check_keys)
+        yield from evaluate_checks(PAIR_CHECKS, PAIRS_KEY, df, selected=context.selected_asset_check_keys)
 
     return preference_pairs

@@ -1,4 +1,4 @@
-"""The prompt set, one shard per partition."""
+"""The prompt set, one shard per partition: its key, columns and checks."""
 
 
 from collections.abc import Iterator
@@ -6,12 +6,49 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pandas as pd
 
-from poll_assets.assets.metadata import table_metadata
-from poll_assets.checks import asset_check_specs, evaluate_checks
+from poll_assets.assets.schema import schema
+from poll_assets.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, repeated_ids
 from poll_assets.panel import Panel
+from poll_assets.parquet_values import is_missing
 from poll_assets.partitions import shard_bounds
 from poll_assets.prompt_source import describe_source, load_instructions, select_shard
+
+PROMPTS_KEY = dg.AssetKey("prompts")
+PROMPT_COLUMNS = schema(
+    PROMPTS_KEY.to_user_string(),
+    ("prompt_id", "string", "sha256 hex of the instruction; every later row of this prompt carries it"),
+    ("instruction", "string", "the prompt text, as read from the source"),
+    ("source_row", "int", "the row of the source it was read from"),
+)
+
+
+def check_prompts(prompts: pd.DataFrame) -> Finding:
+    """The shard has at least one prompt, every prompt has an id and text, and ids are unique."""
+    problems = []
+    if len(prompts) == 0:
+        problems.append("the shard has no prompts")
+    missing_ids = [i for i, v in enumerate(prompts.get("prompt_id", pd.Series(dtype=object))) if is_missing(v) or v == ""]
+    if missing_ids:
+        problems.append(f"rows without prompt_id: {examples(missing_ids)}")
+    empty = [i for i, v in enumerate(prompts.get("instruction", pd.Series(dtype=object))) if is_missing(v) or not str(v).strip()]
+    if empty:
+        problems.append(f"rows with an empty instruction: {examples(empty)}")
+    dupes = repeated_ids(prompts["prompt_id"]) if len(prompts) else []
+    if dupes:
+        problems.append(f"repeated prompt_id: {examples(dupes)}")
+    return Finding(
+        passed=not problems,
+        description="; ".join(problems) or f"{len(prompts)} prompts, ids unique",
+        metadata={"rows": len(prompts), "duplicate_ids": len(dupes), "empty_instructions": len(empty)},
+    )
+
+
+PROMPT_CHECKS = (
+    StageCheck("prompts_valid", "At least one prompt; ids present and unique; no empty instruction.",
+               lambda df, _: check_prompts(df)),
+)
 
 
 def build_prompts_asset(panel: Panel, panel_path: Path, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
@@ -19,11 +56,12 @@ def build_prompts_asset(panel: Panel, panel_path: Path, partitions_def: dg.Parti
     base_dir = panel_path.parent
 
     @dg.asset(
-        name="prompts",
+        key=PROMPTS_KEY,
         group_name="prompts",
         kinds={"huggingface", "pandas"},
         partitions_def=partitions_def,
-        check_specs=asset_check_specs(panel, dg.AssetKey("prompts"), partitions_def),
+        check_specs=asset_check_specs(PROMPT_CHECKS, PROMPTS_KEY, partitions_def),
+        metadata=PROMPT_COLUMNS.definition_metadata(),
         code_version=source.model_dump_json(include={"repo_id", "data_files", "split", "revision", "subset", "column_mapping", "shard_size"}),
         description=(
             f"Prompts from {describe_source(source, base_dir)}, one shard of {source.shard_size} rows per partition. "
@@ -41,13 +79,13 @@ def build_prompts_asset(panel: Panel, panel_path: Path, partitions_def: dg.Parti
         yield dg.Output(
             selection.rows,
             metadata={
-                **table_metadata(selection.rows),
+                **PROMPT_COLUMNS.output_metadata(selection.rows),
                 "source_rows": f"{start}-{end - 1}",
                 "dropped_empty": selection.dropped_empty,
                 "dropped_duplicate": selection.dropped_duplicate,
                 "preview": dg.MetadataValue.md(selection.rows.head(5).to_markdown(index=False)),
             },
         )
-        yield from evaluate_checks(panel, context.asset_key, selection.rows, selected=context.selected_asset_check_keys)
+        yield from evaluate_checks(PROMPT_CHECKS, PROMPTS_KEY, selection.rows, selected=context.selected_asset_check_keys)
 
     return prompts

@@ -11,14 +11,14 @@ from typing import Any
 
 import dagster as dg
 import pandas as pd
-from upath import UPath
 
-from poll_assets.agreement import judge_agreement
-from poll_assets.io_manager import default_dagster_home
+from poll_assets.assets.pooling import POOLED_KEY, pooled_agreement
+from poll_assets.assets.preferences import PAIRS_KEY
+from poll_assets.dataset_export import export_preference_set
+from poll_assets.io_manager import asset_dir, default_dagster_home, read_partition, stored_partitions
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import plain_list
-from poll_assets.publish import export_preference_set
-from poll_assets.rubrics.ultrafeedback import get_rubric, prompt_version
+from poll_assets.rubrics.ultrafeedback import Rubric, prompt_version
 
 DATASET_KEY = dg.AssetKey("preference_dataset")
 PUBLISH_JOB = "publish_job"
@@ -34,29 +34,27 @@ class HubPublisherResource(dg.ConfigurableResource):
     token: str | None = None
 
 
-def read_all_partitions(storage_dir: str, asset: str) -> pd.DataFrame:
+def read_all_partitions(storage_dir: str, key: dg.AssetKey) -> pd.DataFrame:
     """Every stored partition of an asset, in partition order."""
-    folder = UPath(storage_dir) / asset
-    files = sorted(folder.glob("*.parquet")) if folder.exists() else []
-    if not files:
-        raise dg.Failure(f"no stored partitions of {asset!r} under {folder}; materialize some shards first")
-    frames = []
-    for f in files:
-        with f.open("rb") as fh:
-            frames.append(pd.read_parquet(fh))
+    frames = [read_partition(storage_dir, key, p) for p in stored_partitions(storage_dir, key)]
+    if not frames:
+        raise dg.Failure(f"no stored partitions of {key.to_user_string()!r} under {asset_dir(storage_dir, key)}; "
+                         "materialize some shards first")
     return pd.concat(frames, ignore_index=True)
 
 
-def card_info(panel: Panel, pairs: pd.DataFrame, pooled: pd.DataFrame) -> dict[str, Any]:
-    rubric = get_rubric(panel.judging.aspect)
-    by_judge: dict[str, list[int | None]] = {j.name: [] for j in panel.judges}
-    unrated = 0
-    for _, row in pooled.iterrows():
-        generations = plain_list(row["generations"])
-        for j, judge in enumerate(panel.judges):
-            ratings = plain_list(row["poll_ratings"][j])
-            by_judge[judge.name].extend(ratings)
-            unrated += sum(r is None and isinstance(g, str) for r, g in zip(ratings, generations))
+def unrated_verdicts(pooled: pd.DataFrame) -> int:
+    """Judge ratings missing for a generation that exists: unreadable answers, failed judge calls and
+    the rubric's N/A together (the frame keeps only the rating, not why it is missing)."""
+    return sum(
+        r is None and isinstance(g, str)
+        for matrix, gens in zip(pooled["poll_ratings"], pooled["generations"])
+        for row in plain_list(matrix)
+        for r, g in zip(plain_list(row), plain_list(gens))
+    )
+
+
+def card_info(panel: Panel, rubric: Rubric, pairs: pd.DataFrame, pooled: pd.DataFrame) -> dict[str, Any]:
     member = lambda m: {"name": m.name, "model": m.model, "family": m.family, "provider": m.provider}  # noqa: E731
     return {
         "panel": {
@@ -73,16 +71,16 @@ def card_info(panel: Panel, pairs: pd.DataFrame, pooled: pd.DataFrame) -> dict[s
             "prompts": len(pooled),
             "pairs": len(pairs),
             "prompts_without_pair": len(pooled) - int(pairs["prompt_id"].nunique()) if len(pairs) else len(pooled),
-            "parse_failures": unrated,  # verdicts missing for an existing generation: unparsed or failed calls
+            "unrated_verdicts": unrated_verdicts(pooled),
         },
-        "agreement": judge_agreement(by_judge, value_domain=list(rubric.ratings)),
+        "agreement": pooled_agreement(pooled, [j.name for j in panel.judges], rubric.ratings),
     }
 
 
-def build_publish_job(panel: Panel) -> tuple[dg.AssetSpec, dg.JobDefinition]:
+def build_publish_job(panel: Panel, rubric: Rubric) -> tuple[dg.AssetSpec, dg.JobDefinition]:
     spec = dg.AssetSpec(
         DATASET_KEY,
-        deps=["preference_pairs", "pooled_ratings"],
+        deps=[PAIRS_KEY, POOLED_KEY],
         group_name="publishing",
         kinds={"huggingface", "parquet"},
         description=(
@@ -94,9 +92,9 @@ def build_publish_job(panel: Panel) -> tuple[dg.AssetSpec, dg.JobDefinition]:
     @dg.op(required_resource_keys={"hub_publisher"})
     def export_preference_dataset(context: dg.OpExecutionContext) -> None:
         hub: HubPublisherResource = context.resources.hub_publisher
-        pairs = read_all_partitions(hub.storage_dir, "preference_pairs")
-        pooled = read_all_partitions(hub.storage_dir, "pooled_ratings")
-        info = card_info(panel, pairs, pooled)
+        pairs = read_all_partitions(hub.storage_dir, PAIRS_KEY)
+        pooled = read_all_partitions(hub.storage_dir, POOLED_KEY)
+        info = card_info(panel, rubric, pairs, pooled)
         result = export_preference_set(
             pairs, Path(hub.out_dir), info, repo_id=hub.repo_id, token=hub.token, private=hub.private
         )

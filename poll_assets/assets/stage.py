@@ -17,7 +17,8 @@ import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.metadata import member_kinds
-from poll_assets.checks import asset_check_specs, evaluate_checks
+from poll_assets.assets.schema import ColumnSchema
+from poll_assets.checks import STEP_INPUT, StageCheck, asset_check_specs, evaluate_checks
 from poll_assets.llm.base import CallRequest, ChatBackend
 from poll_assets.llm.batch import run_batch_calls
 from poll_assets.llm.batch_settings import BatchPolicy
@@ -76,6 +77,8 @@ def stage_multi_asset_kwargs(
     input_name: str,
     default_pool: str,
     partitions_def: dg.PartitionsDefinition,
+    checks: Sequence[StageCheck],
+    columns: ColumnSchema,
 ) -> dict[str, Any]:
     """The `dg.multi_asset` arguments of an LLM stage: one optional output (asset) per member, with its
     own key, kinds, code_version and checks, the stage's one input, and the members' pool."""
@@ -88,6 +91,7 @@ def stage_multi_asset_kwargs(
                 kinds=member_kinds(m),
                 code_version=code_version_of(m),
                 description=description_of(m),
+                metadata=columns.definition_metadata(),
                 is_required=False,
             )
             for m in members
@@ -97,7 +101,7 @@ def stage_multi_asset_kwargs(
         "can_subset": True,
         "pool": stage_pool(members, default_pool),
         "required_resource_keys": {resource_key(m) for m in members} | {"response_cache"},
-        "check_specs": [s for m in members for s in asset_check_specs(panel, key_of(m), partitions_def)],
+        "check_specs": [s for m in members for s in asset_check_specs(checks, key_of(m), partitions_def)],
     }
 
 
@@ -108,6 +112,7 @@ def run_stage_step(
     key_of: Callable[[Member], dg.AssetKey],
     frame: pd.DataFrame,
     work: MemberWork,
+    stage_checks: Sequence[StageCheck],
 ) -> Iterator[dg.Output[Any] | dg.AssetCheckResult]:
     """The body of a stage step: the selected members do `work` on `frame` at the same time, and each
     one's checks run on its output (see `run_stage`)."""
@@ -124,7 +129,7 @@ def run_stage_step(
         context,
         selected,
         lambda m: work(member_context(m), frame),
-        checks=lambda m, df: evaluate_checks(panel, key_of(m), df, frame, checks),
+        checks=lambda m, df: evaluate_checks(stage_checks, key_of(m), df, {STEP_INPUT: frame}, checks),
     )
 
 

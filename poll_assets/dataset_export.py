@@ -10,7 +10,7 @@
       "judging": {"shuffle_positions": bool, "exclude_self_family": bool, "seed": int, "structured": bool},
       "pooling": {"method": str, "min_judges": int},
       "binarization": {"strategy": str, "min_margin": float, "seed": int},
-      "counts": {"prompts": int, "pairs": int, "ties_dropped": int, "parse_failures": int, ...},
+      "counts": {"prompts": int, "pairs": int, "prompts_without_pair": int, "unrated_verdicts": int, ...},
       "agreement": {"krippendorff_alpha": float | None, "mean_cohen_kappa_quadratic": ..., "pairwise": [...]},
     }
 
@@ -80,8 +80,7 @@ def _members_table(members: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
-def build_dataset_card(info: dict[str, Any], *, repo_id: str | None = None, split: str = "train") -> str:
-    """The README.md of the dataset: YAML header plus a description of how it was built."""
+def _validated_rubric(info: dict[str, Any]) -> dict[str, Any]:
     leaks = _secret_keys(info)
     if leaks:
         raise ValueError(f"card info must not carry credentials; remove {leaks}")
@@ -89,14 +88,12 @@ def build_dataset_card(info: dict[str, Any], *, repo_id: str | None = None, spli
     if not isinstance(rubric, dict) or not rubric.get("aspect") or not rubric.get("version"):
         raise ValueError("card_info['rubric'] must give 'aspect' and 'version' (e.g. {'aspect': "
                          "'instruction-following', 'version': 'if-1'})")
-    panel = info.get("panel") or {}
-    counts = info.get("counts") or {}
-    agreement = info.get("agreement") or {}
-    pooling = info.get("pooling") or {}
-    binar = info.get("binarization") or {}
-    judging = info.get("judging") or {}
-    pretty = info.get("pretty_name") or f"{panel.get('name', 'poll')} preference pairs ({rubric['aspect']})"
+    return rubric
 
+
+def _card_header(info: dict[str, Any], pretty: str, split: str) -> str:
+    """The YAML header: the Hub's own fields, plus everything about the build under `poll`."""
+    counts = info.get("counts") or {}
     poll_meta = {k: info[k] for k in ("panel", "source", "rubric", "judging", "pooling", "binarization",
                                       "counts", "agreement") if k in info}
     extra = {k: v for k, v in info.items() if k not in poll_meta and k not in ("pretty_name", "license", "description")}
@@ -109,31 +106,20 @@ def build_dataset_card(info: dict[str, Any], *, repo_id: str | None = None, spli
         configs=[{"config_name": "default", "data_files": [{"split": split, "path": f"{DATA_DIR}/{split}-*"}]}],
         poll={**poll_meta, **extra},
     )
-    lines = [
-        "---",
-        card_data.to_yaml(),
-        "---",
-        "",
-        f"# {pretty}",
-        "",
-        info.get("description") or (
-            "Preference pairs (prompt, chosen, rejected) for DPO-style training. Several generator models "
-            "answered each prompt; a panel of judge models (PoLL) rated every answer with an UltraFeedback "
-            "rubric; ratings were pooled per answer and turned into chosen/rejected pairs."
-        ),
-        "",
-        "## Panel",
-        "",
-        f"Panel config: `{panel.get('name', 'n/a')}`.",
-        "",
-        "Generators:",
-        "",
-        *_members_table(panel.get("generators") or []),
-        "",
-        "Judges:",
-        "",
-        *_members_table(panel.get("judges") or []),
-        "",
+    return card_data.to_yaml()
+
+
+def _panel_section(panel: dict[str, Any]) -> list[str]:
+    return [
+        "## Panel", "", f"Panel config: `{panel.get('name', 'n/a')}`.", "",
+        "Generators:", "", *_members_table(panel.get("generators") or []), "",
+        "Judges:", "", *_members_table(panel.get("judges") or []), "",
+    ]
+
+
+def _judging_section(info: dict[str, Any], rubric: dict[str, Any]) -> list[str]:
+    judging, pooling, binar = info.get("judging") or {}, info.get("pooling") or {}, info.get("binarization") or {}
+    return [
         "## Judging",
         "",
         f"- Rubric: UltraFeedback **{rubric['aspect']}**, prompt version `{rubric['version']}` (ratings 1-5).",
@@ -148,10 +134,13 @@ def build_dataset_card(info: dict[str, Any], *, repo_id: str | None = None, spli
         f"- Binarization: {_fmt(binar.get('strategy'))}, min margin {_fmt(binar.get('min_margin'))}, "
         f"seed {_fmt(binar.get('seed'))}; ties dropped.",
         "",
-        "## Counts",
-        "",
-        "| what | count |",
-        "| --- | --- |",
+    ]
+
+
+def _counts_and_agreement_sections(info: dict[str, Any]) -> list[str]:
+    counts, agreement = info.get("counts") or {}, info.get("agreement") or {}
+    lines = [
+        "## Counts", "", "| what | count |", "| --- | --- |",
         *[f"| {k.replace('_', ' ')} | {_fmt(v)} |" for k, v in counts.items()],
         "",
         "## Judge agreement",
@@ -165,7 +154,11 @@ def build_dataset_card(info: dict[str, Any], *, repo_id: str | None = None, spli
         lines += ["", "| judges | items | kappa (quadratic) | Kendall tau |", "| --- | --- | --- | --- |"]
         lines += [f"| {_cell(p.get('judge_a'))} / {_cell(p.get('judge_b'))} | {_fmt(p.get('n_items'))} | "
                   f"{_fmt(p.get('cohen_kappa_quadratic'))} | {_fmt(p.get('kendall_tau'))} |" for p in pairwise]
-    lines += [
+    return lines
+
+
+def _use_and_limits_sections(repo_id: str | None, split: str) -> list[str]:
+    return [
         "",
         "## Use",
         "",
@@ -180,6 +173,25 @@ def build_dataset_card(info: dict[str, Any], *, repo_id: str | None = None, spli
         "several judges reduces but does not remove them. Check the agreement figures above before "
         "relying on small margins.",
         "",
+    ]
+
+
+def build_dataset_card(info: dict[str, Any], *, repo_id: str | None = None, split: str = "train") -> str:
+    """The README.md of the dataset: YAML header plus a description of how it was built."""
+    rubric = _validated_rubric(info)
+    panel = info.get("panel") or {}
+    pretty = info.get("pretty_name") or f"{panel.get('name', 'poll')} preference pairs ({rubric['aspect']})"
+    description = info.get("description") or (
+        "Preference pairs (prompt, chosen, rejected) for DPO-style training. Several generator models "
+        "answered each prompt; a panel of judge models (PoLL) rated every answer with an UltraFeedback "
+        "rubric; ratings were pooled per answer and turned into chosen/rejected pairs."
+    )
+    lines = [
+        "---", _card_header(info, pretty, split), "---", "", f"# {pretty}", "", description, "",
+        *_panel_section(panel),
+        *_judging_section(info, rubric),
+        *_counts_and_agreement_sections(info),
+        *_use_and_limits_sections(repo_id, split),
     ]
     return "\n".join(lines)
 
@@ -234,7 +246,14 @@ def export_preference_set(
     if not token:
         result["push_skipped"] = "no token given"
         return result
-    api = api or HfApi()
+    message = commit_message or f"Upload preference set ({ds.num_rows} pairs)"
+    result["commit_url"] = _upload(api or HfApi(), out_dir, repo_id, token, private, message)
+    result["pushed"] = True
+    return result
+
+
+def _upload(api: HfApi, out_dir: Path, repo_id: str, token: str, private: bool | None, message: str) -> str | None:
+    """Create the dataset repo if needed and upload the card and Parquet; the commit's URL."""
     try:
         api.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private, token=token)
         commit = api.upload_folder(
@@ -242,12 +261,10 @@ def export_preference_set(
             folder_path=str(out_dir),
             repo_type="dataset",
             allow_patterns=UPLOAD_PATTERNS,
-            commit_message=commit_message or f"Upload preference set ({ds.num_rows} pairs)",
+            commit_message=message,
             token=token,
         )
     except Exception as exc:  # the Hub client's errors name the repo and status; never the token
         detail = str(exc).replace(token, "***")
         raise RuntimeError(f"uploading {out_dir} to Hub dataset {repo_id!r} failed: {type(exc).__name__}: {detail}") from None
-    result["pushed"] = True
-    result["commit_url"] = getattr(commit, "commit_url", None)
-    return result
+    return getattr(commit, "commit_url", None)

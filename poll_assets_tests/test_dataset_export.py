@@ -11,7 +11,7 @@ import pytest
 import yaml
 from huggingface_hub import DatasetCard, HfApi
 
-from poll_assets.publish import UPLOAD_PATTERNS, build_dataset_card, export_preference_set
+from poll_assets.dataset_export import UPLOAD_PATTERNS, build_dataset_card, export_preference_set
 
 CARD_INFO = {
     "panel": {

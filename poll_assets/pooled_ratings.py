@@ -1,11 +1,14 @@
-"""Pooling the panel's ratings into one score per generation, with the self-preference mask."""
+"""Pooling the panel's ratings into one score per generation, with the self-preference mask (pure; the
+`pooled_ratings` asset in assets/pooling.py calls it)."""
 
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
-POOLING_METHODS = ("mean", "median", "majority")
+PoolingMethod = Literal["mean", "median", "majority"]  # the one list; the panel's `pooling.method` uses it
+POOLING_METHODS: tuple[str, ...] = get_args(PoolingMethod)
 
 
 @dataclass

@@ -1,0 +1,71 @@
+"""Column schemas: one per asset, feeding the definitions, the materializations and the README."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from poll_assets.assets.generations import COMBINED_COLUMNS, GENERATION_COLUMNS
+from poll_assets.assets.judging import RATING_COLUMNS
+from poll_assets.assets.pooling import POOLED_COLUMNS
+from poll_assets.assets.preferences import PAIR_COLUMNS
+from poll_assets.assets.prompts import PROMPT_COLUMNS
+from poll_assets.assets.schema import schema
+from poll_assets.pipeline import build_definitions
+from poll_assets_tests.fake_panel import write_panel
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+SCHEMAS = [PROMPT_COLUMNS, GENERATION_COLUMNS, COMBINED_COLUMNS, RATING_COLUMNS, POOLED_COLUMNS, PAIR_COLUMNS]
+
+
+def _readme_columns() -> dict[str, list[str]]:
+    """asset -> the backquoted names in its row of the README's asset table."""
+    rows = {}
+    for line in README.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = re.findall(r"`([^`]+)`", cells[3])
+    return rows
+
+
+def test_the_readme_table_lists_exactly_the_columns_of_each_schema():
+    rows = _readme_columns()
+    assert set(rows) == {s.asset for s in SCHEMAS}
+    for s in SCHEMAS:
+        assert rows[s.asset] == s.names, s.asset
+
+
+def test_every_column_has_a_description_and_names_are_unique():
+    for s in SCHEMAS:
+        assert len(set(s.names)) == len(s.names), s.asset
+        assert all(c.description.strip() for c in s.columns), s.asset
+
+
+def test_definitions_describe_every_column_before_anything_is_materialized(tmp_path):
+    panel, path = write_panel(tmp_path)
+    defs = build_definitions(panel, path, storage_dir=str(tmp_path / "s"), cache_path=str(tmp_path / "c.sqlite"))
+    graph = defs.resolve_asset_graph()
+    described = {}
+    for key in graph.materializable_asset_keys:
+        if key == dg.AssetKey("preference_dataset"):
+            continue
+        table = graph.get(key).metadata["dagster/column_schema"]
+        assert all(c.description for c in table.columns), key
+        described[key.to_user_string()] = [c.name for c in table.columns]
+    assert described["generations/gen_0"] == GENERATION_COLUMNS.names
+    assert described["ratings/judge_1"] == RATING_COLUMNS.names
+    assert described["pooled_ratings"] == POOLED_COLUMNS.names
+    assert len(described) == 4 + len(panel.generators) + len(panel.judges)
+
+
+def test_a_frame_or_lineage_that_strays_from_the_schema_is_refused():
+    s = schema("thing", ("a", "int", "first"), ("b", "string", "second"))
+    assert s.output_metadata(s.frame([{"a": 1, "b": "x"}]))["dagster/row_count"] == 1
+    with pytest.raises(ValueError, match=r"thing: the frame's columns \['b', 'a'\] are not the declared ones"):
+        s.output_metadata(pd.DataFrame({"b": ["x"], "a": [1]}))
+    with pytest.raises(ValueError, match=r"thing: column lineage names columns it does not have: \['c'\]"):
+        s.lineage({"c": []})
