@@ -56,11 +56,12 @@ def batch_policy(provider: str, **settings: object) -> BatchPolicy:
 
 
 def run(provider: str, url: str, cache_path: Path, n: int, *, policy: CallPolicy | None = None,
-        log: list[str] | None = None, **settings: object):
+        log: list[str] | None = None, requests: list[CallRequest] | None = None, **settings: object):
     cache = ResponseCache(cache_path)
     backend = backend_for(provider, url)
     return asyncio.run(run_batch_calls(backend, policy or CallPolicy(max_retries=3), batch_policy(provider, **settings),
-                                       make_requests(n), cache, progress=(log.append if log is not None else None)))
+                                       requests or make_requests(n), cache,
+                                       progress=(log.append if log is not None else None)))
 
 
 @pytest.mark.parametrize("provider", WIRES)
@@ -205,3 +206,24 @@ def test_a_step_that_waits_too_long_fails_and_the_next_run_collects_the_same_bat
     batch = run(provider, fake.url, tmp_path / "c.sqlite", 5)
     assert all(c.ok for c in batch.completions) and [b["batch_id"] for b in batch.stats.batches] == [pending]
     assert fake.batches.stats()["max_submissions"] == 1 and fake.batches.stats()["batches"] == 1
+
+
+def test_a_batch_resumed_by_another_partition_stays_open_for_its_own(tmp_path, fake):
+    """Two shards share one request. Shard A's batch is pending when shard B runs: B takes the shared
+    answer from A's batch and leaves the batch open, so A's next run collects the rest of it."""
+    shard_a, extra = make_requests(4)[:4], make_requests(6)[4:6]
+    shard_b = [shard_a[0], *extra]
+    cache = tmp_path / "c.sqlite"
+    fake.batches.configure(processing_s=3600)
+    with pytest.raises(BatchWaitTimeout):
+        run("anthropic", fake.url, cache, 0, requests=shard_a, max_wait_s=0.2)
+    (batch_a,) = open_batch_ids(cache)
+    fake.batches.configure(processing_s=0.0)
+    log: list[str] = []
+    b = run("anthropic", fake.url, cache, 0, requests=shard_b, log=log)
+    assert all(c.ok for c in b.completions) and batch_a in [j["batch_id"] for j in b.stats.batches]
+    assert any("stays open for that run" in line for line in log)
+    assert batch_a in open_batch_ids(cache)
+    a = run("anthropic", fake.url, cache, 0, requests=shard_a)
+    assert all(c.ok for c in a.completions) and [j["batch_id"] for j in a.stats.batches] == [batch_a]
+    assert fake.batches.stats()["max_submissions"] == 1 and open_batch_ids(cache) == []

@@ -197,9 +197,24 @@ class _Collector:
         if self.cache is not None and self.cache.writes:
             await self.cache.aflush()  # committed before the batch is marked collected
         counts = dict(Counter(i.outcome for i in items))
-        await asyncio.to_thread(self.store.close, record.batch_id, counts)
+        if await self._all_taken(record, requests):
+            await asyncio.to_thread(self.store.close, record.batch_id, counts)
         return {"batch_id": record.batch_id, "status": state.status, "requests": len(record.request_keys),
                 "counts": counts}
+
+    async def _all_taken(self, record: BatchRecord, requests: dict[str, CallRequest]) -> bool:
+        """Whether every request of a batch is now answered in the cache or was ours to take. A batch
+        resumed by another partition's run (it shared a request) holds answers this run cannot read:
+        it stays open, so the partition that submitted it collects it instead of submitting again."""
+        others = [k for k in record.request_keys if k not in requests]
+        if not others or self.cache is None:
+            return True
+        found = await self.cache.aget_many(others) if self.cache.reads else {}
+        if len(found) == len(others):
+            return True
+        self.log(f"{self.label}: batch {record.batch_id} also holds {len(others) - len(found)} requests of another "
+                 "run; it stays open for that run to collect")
+        return False
 
     def _take(self, item: BatchItem, batch_id: str) -> None:
         """One downloaded result: into the cache at once if it succeeded, else remembered for a retry."""
