@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from poll_assets.llm.base import BackendConfig, CallRequest, ChatBackend, GenerationParams, request_key
-from poll_assets.llm.batch import BatchWaitTimeout, run_batch_calls, split
+from poll_assets.llm.batch import BatchWaitTimeout, run_batch_calls, split, transport_for
 from poll_assets.llm.batch_settings import BatchPolicy, BatchSettings
 from poll_assets.llm.batch_store import BatchStore
 from poll_assets.llm.cache import ResponseCache
@@ -227,3 +227,29 @@ def test_a_batch_resumed_by_another_partition_stays_open_for_its_own(tmp_path, f
     a = run("anthropic", fake.url, cache, 0, requests=shard_a)
     assert all(c.ok for c in a.completions) and [j["batch_id"] for j in a.stats.batches] == [batch_a]
     assert fake.batches.stats()["max_submissions"] == 1 and open_batch_ids(cache) == []
+
+
+@pytest.mark.parametrize("provider", WIRES)
+def test_a_batch_cancelled_at_the_provider_is_resubmitted_for_its_unanswered_requests(tmp_path, fake, provider):
+    cache = tmp_path / "c.sqlite"
+    fake.batches.configure(processing_s=3600)
+    with pytest.raises(BatchWaitTimeout):
+        run(provider, fake.url, cache, 4, max_wait_s=0.2)
+    (cancelled,) = open_batch_ids(cache)
+    backend = backend_for(provider, fake.url)
+    transport = transport_for(backend, batch_policy(provider))
+
+    async def cancel() -> None:
+        backend.hold()
+        try:
+            await transport.cancel(cancelled)
+        finally:
+            await backend.release()
+
+    asyncio.run(cancel())  # e.g. someone cancelled it in the provider's console
+    fake.batches.configure(processing_s=0.0)
+    batch = run(provider, fake.url, cache, 4)
+    assert all(c.ok for c in batch.completions)
+    first, second = batch.stats.batches
+    assert first["batch_id"] == cancelled and first["counts"] == {"canceled": 4}
+    assert second["counts"] == {"succeeded": 4} and set(fake.batches.submissions.values()) == {2}
