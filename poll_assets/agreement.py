@@ -88,3 +88,21 @@ def judge_agreement(
         "mean_kendall_tau": float(np.mean(taus)) if taus else None,
         "pairwise": pairs,
     }
+
+
+def agreement_metrics(agreement: dict[str, Any]) -> dict[str, float]:
+    """`judge_agreement`'s pairwise figures as flat numbers, one metadata entry each, so the UI can
+    plot them over time (it plots numbers, not the entries of a JSON blob). Named
+    `agreement/<figure>/<judge_a>~<judge_b>`; undefined figures are left out rather than faked."""
+    figures = {"kappa": "cohen_kappa_quadratic", "tau": "kendall_tau", "exact": "exact_agreement"}
+    flat = {
+        f"agreement/{short}/{p['judge_a']}~{p['judge_b']}": float(p[field])
+        for p in agreement["pairwise"]
+        for short, field in figures.items()
+        if p[field] is not None
+    }
+    for short in ("kappa", "tau"):
+        mean = agreement[f"mean_{figures[short]}"]
+        if mean is not None:
+            flat[f"agreement/mean_{short}"] = float(mean)
+    return flat

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,12 +98,16 @@ def asset_check_specs(
 ) -> list[dg.AssetCheckSpec]:
     """The check specs the asset `key` declares (`check_specs=` of its @asset / @multi_asset).
 
-    Partitioned like the asset, so each evaluation is recorded against the shard the step made."""
-    return [
-        dg.AssetCheckSpec(c.name, asset=key, description=c.description, blocking=c.blocking,
-                          partitions_def=partitions_def)
-        for c in checks
-    ]
+    Partitioned like the asset, so each evaluation is recorded against the shard the step made.
+    Dagster 1.13 calls a partitioned check spec "preview" and warns once per spec on every load;
+    only that warning is silenced, here where the spec is made."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Specifying a partitions_def on an AssetCheckSpec", dg.PreviewWarning)
+        return [
+            dg.AssetCheckSpec(c.name, asset=key, description=c.description, blocking=c.blocking,
+                              partitions_def=partitions_def)
+            for c in checks
+        ]
 
 
 def evaluate_checks(

@@ -293,7 +293,21 @@ def load_panel(spec: str | Path | None = None) -> tuple[Panel, Path]:
             where = _name_member(raw, err["loc"], where)
             problems.append(f"{path}: {where}: {err['msg']}")
         raise PanelConfigError("\n".join(problems)) from None
+    _check_data_files(panel.source, path)
     return panel, path
+
+
+def _check_data_files(source: "Source", path: Path) -> None:
+    """Local prompt files are relative to the panel file: name it, and that rule, when one is missing."""
+    missing = [f for f in source.data_files or [] if not (path.parent / f).is_file()]
+    if not missing:
+        return
+    lines = [f"{path}: source.data_files: no such file: {f} (looked for {(path.parent / f).resolve()}; "
+             f"relative paths are relative to the folder of this panel file, {path.parent})" for f in missing]
+    bundled = [PANELS_DIR.parent / "data" / Path(f).name for f in missing]
+    hints = [str(b) for b in bundled if b.is_file()]
+    hint = f"; the bundled file is at {', '.join(hints)}" if hints else ""
+    raise PanelConfigError("\n".join(lines) + f"\nGive an absolute path, or one relative to {path.parent}{hint}.")
 
 
 def _name_member(raw: dict[str, Any], loc: tuple[Any, ...], where: str) -> str:

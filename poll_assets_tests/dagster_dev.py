@@ -26,7 +26,7 @@ from poll_assets_tests.instance import make_dagster_home
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FAST_PANEL = Path(__file__).resolve().parent / "panels" / "local_fast.yaml"
-ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"
+ARTIFACTS_ENV = "POLL_TEST_ARTIFACTS"  # where UI tests keep their screenshots; default: pytest's tmp dir
 DAGSTER_EXE = Path(sys.executable).with_name("dagster")
 START_TIMEOUT_S = 180.0
 RUN_TIMEOUT_S = 600.0
@@ -48,6 +48,16 @@ def require(condition: bool, what: str) -> None:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"{what} (CI=true: .ci/run should have provided it)", pytrace=False)
     pytest.skip(what)
+
+
+def artifacts_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder for a test's artifacts: `$POLL_TEST_ARTIFACTS/<name>` when set (CI collects it),
+    else `<pytest's base tmp dir>/artifacts/<name>`, which pytest keeps for the last three sessions."""
+    root = os.environ.get(ARTIFACTS_ENV)
+    base = Path(root) if root else tmp_path_factory.getbasetemp() / "artifacts"
+    path = (base / name).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def free_port() -> int:
@@ -126,26 +136,35 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=5)
 
 
-def start_dagster_dev(home: Path, panel: Path = FAST_PANEL) -> Iterator[DagsterDevServer]:
-    """Generator for a fixture: yields a ready server, and kills its process tree afterwards."""
+def write_test_home(home: Path) -> None:
+    """A throwaway instance: no telemetry, two runs at once, and no first-visit dialog."""
     make_dagster_home(home, "concurrency:\n  runs:\n    max_concurrent_runs: 2\n")
     # The UI greets a fresh instance on 127.0.0.1 with a newsletter dialog that would cover the
     # page; this is the file Dagster writes when someone presses "Skip" (dagster/_core/nux.py).
     (home / ".nux").mkdir(exist_ok=True)
     (home / ".nux" / "nux.yaml").write_text("seen: 1\n")
-    host, port = "127.0.0.1", free_port()
-    env = {
+
+
+def server_env(home: Path, panel: Path = FAST_PANEL, **extra: str) -> dict[str, str]:
+    """The environment of a server under test: its home, the panel, and this checkout first on the
+    import path (the code server imports poll_assets from here, whatever is installed)."""
+    return {
         **os.environ,
         "DAGSTER_HOME": str(home),
         "POLL_PANEL": str(panel),
-        # The code server imports poll_assets from this checkout, whatever is installed.
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        **extra,
     }
+
+
+def serve(argv: list[str], env: dict[str, str], home: Path, port: int, cwd: Path = REPO_ROOT,
+          host: str = "127.0.0.1") -> Iterator[DagsterDevServer]:
+    """Start `argv` (a command that runs `dagster dev` on host:port), yield the server once the
+    poll_assets code location has loaded, and kill its whole process tree afterwards."""
     log_path = home / "dagster_dev.log"
     log = log_path.open("wb")
-    argv = [str(DAGSTER_EXE), "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", host, "-p", str(port)]
     proc = subprocess.Popen(
-        argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True,  # own process group: killed as a whole at the end
     )
     server = DagsterDevServer(host=host, port=port, home=home, log_path=log_path)
@@ -154,7 +173,7 @@ def start_dagster_dev(home: Path, panel: Path = FAST_PANEL) -> Iterator[DagsterD
         why = "not polled yet"
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise AssertionError(f"`dagster dev` exited with {proc.returncode}; log:\n{server.log_tail()}")
+                raise AssertionError(f"`{' '.join(argv)}` exited with {proc.returncode}; log:\n{server.log_tail()}")
             ready, why = _location_state(server)
             if ready:
                 break
@@ -166,6 +185,14 @@ def start_dagster_dev(home: Path, panel: Path = FAST_PANEL) -> Iterator[DagsterD
     finally:
         _kill_group(proc)
         log.close()
+
+
+def start_dagster_dev(home: Path, panel: Path = FAST_PANEL) -> Iterator[DagsterDevServer]:
+    """Generator for a fixture: yields a ready server, and kills its process tree afterwards."""
+    write_test_home(home)
+    host, port = "127.0.0.1", free_port()
+    argv = [str(DAGSTER_EXE), "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", host, "-p", str(port)]
+    yield from serve(argv, server_env(home, panel), home, port, host=host)
 
 
 _RUN_QUERY = """

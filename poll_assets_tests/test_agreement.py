@@ -7,7 +7,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from poll_assets.agreement import judge_agreement
+from poll_assets.agreement import agreement_metrics, judge_agreement
 
 
 def ref_quadratic_kappa(a: list[int], b: list[int], labels: list[int]) -> float:
@@ -113,3 +113,24 @@ def test_undefined_figures_are_none():
 def test_misaligned_lists_are_refused():
     with pytest.raises(ValueError, match="equal length"):
         judge_agreement({"x": [1, 2], "y": [1]})
+
+
+def test_agreement_metrics_are_one_number_per_pair_and_figure():
+    ratings = {"a": [1, 2, 3, 4, 5], "b": [1, 2, 3, 5, 4], "c": [5, 5, 5, 5, 5]}
+    agreement = judge_agreement(ratings, value_domain=[1, 2, 3, 4, 5])
+    flat = agreement_metrics(agreement)
+    assert all(isinstance(v, float) for v in flat.values())
+    ab = next(p for p in agreement["pairwise"] if (p["judge_a"], p["judge_b"]) == ("a", "b"))
+    assert flat["agreement/kappa/a~b"] == pytest.approx(ab["cohen_kappa_quadratic"])
+    assert flat["agreement/tau/a~b"] == pytest.approx(ab["kendall_tau"])
+    assert flat["agreement/exact/a~b"] == pytest.approx(3 / 5)
+    # c never varies: tau with it is undefined, so it has no entry; its exact agreement with a is 1/5.
+    assert "agreement/tau/a~c" not in flat and "agreement/tau/b~c" not in flat
+    assert flat["agreement/exact/a~c"] == pytest.approx(1 / 5)
+    assert flat["agreement/mean_tau"] == pytest.approx(agreement["mean_kendall_tau"])
+    assert set(flat) == {f"agreement/{f}/{p}" for f in ("kappa", "tau", "exact") for p in ("a~b", "a~c", "b~c")} - {
+        "agreement/tau/a~c", "agreement/tau/b~c"} | {"agreement/mean_kappa", "agreement/mean_tau"}
+
+
+def test_agreement_metrics_of_one_judge_is_empty():
+    assert agreement_metrics(judge_agreement({"a": [1, 2, 3]})) == {}

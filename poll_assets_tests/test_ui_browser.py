@@ -1,5 +1,6 @@
 """The Dagster UI in a real headless Chromium: the asset graph, a launch from the UI, and the
-metadata of the result. Screenshots land in test-artifacts/ui/ for a person to look at."""
+metadata of the result, and the places the README sends a new user to. Screenshots are kept as
+test artifacts in `$POLL_TEST_ARTIFACTS/ui` (or pytest's tmp dir); the path is printed."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from poll_assets.cli import run_job
 from poll_assets.panel import load_panel
 from poll_assets.pipeline import build_definitions
 from poll_assets_tests.dagster_dev import (
-    ARTIFACTS_DIR,
     FAST_PANEL,
     DagsterDevServer,
+    artifacts_dir,
     require,
     wait_for_run,
 )
@@ -27,8 +29,8 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--no-proxy-server",  # the server is on loopback; never ask a proxy from the environment
 ]
+SIDEBAR = ("Overview", "Runs", "Catalog", "Jobs", "Automation", "Lineage", "Deployment")
 UI_PARTITION = "shard-00000"  # the GraphQL test launches another shard, so the two never collide
-SHOTS = ARTIFACTS_DIR / "ui"
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +47,17 @@ def browser() -> Iterator[object]:
         b.close()
 
 
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Path:
+    """Where this module's screenshots go, printed past pytest's output capture so it is seen."""
+    path = artifacts_dir(tmp_path_factory, "ui")
+    with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        print(f"\nUI screenshots: {path}")
+    return path
+
+
 @pytest.fixture
 def page(browser):
-    SHOTS.mkdir(parents=True, exist_ok=True)
     context = browser.new_context(viewport={"width": 1600, "height": 1000})
     context.set_default_timeout(60_000)
     pg = context.new_page()
@@ -55,8 +65,8 @@ def page(browser):
     context.close()
 
 
-def _shot(page, name: str) -> Path:
-    path = SHOTS / f"{name}.png"
+def _shot(page, shots: Path, name: str) -> Path:
+    path = shots / f"{name}.png"
     page.screenshot(path=str(path))
     return path
 
@@ -69,10 +79,15 @@ def _expand_all_groups(page) -> None:
 
 
 @pytest.mark.slow
-def test_asset_graph_has_a_node_per_generator_and_judge(dagster_server: DagsterDevServer, page) -> None:
+def test_asset_graph_has_a_node_per_generator_and_judge(dagster_server: DagsterDevServer, page, shots: Path) -> None:
     panel, path = load_panel(FAST_PANEL)
     n_assets = len(build_definitions(panel, path).resolve_all_asset_keys())
     page.goto(f"{dagster_server.url}/asset-groups", wait_until="domcontentloaded")
+    # The README names the sidebar's entries: Catalog and Lineage (there is no "Assets" entry).
+    nav = page.locator("a")
+    for entry in SIDEBAR:
+        nav.filter(has_text=re.compile(f"^{entry}$")).first.wait_for(state="visible")
+    assert nav.filter(has_text=re.compile("^Assets$")).count() == 0
     _expand_all_groups(page)
     # Asset nodes are HTML inside the graph's SVG; group titles there carry the same names as
     # some assets (`prompts`), so match the asset-name element of the pinned UI's node component.
@@ -85,11 +100,11 @@ def test_asset_graph_has_a_node_per_generator_and_judge(dagster_server: DagsterD
     # assets are counted rather than read: one node per asset of the code location.
     assert names.count() == n_assets, names.all_inner_texts()
     page.keyboard.press("Escape")  # close the settings menu before the picture
-    _shot(page, "01_asset_graph")
+    _shot(page, shots, "01_asset_graph")
 
 
 @pytest.mark.slow
-def test_materialize_one_partition_from_the_ui(dagster_server: DagsterDevServer, page) -> None:
+def test_materialize_one_partition_from_the_ui(dagster_server: DagsterDevServer, page, shots: Path) -> None:
     page.goto(f"{dagster_server.url}/asset-groups", wait_until="domcontentloaded")
     page.locator("button:has([aria-label=zoom_in])").wait_for()
     page.get_by_role("button", name="Materialize all").click()
@@ -101,7 +116,7 @@ def test_materialize_one_partition_from_the_ui(dagster_server: DagsterDevServer,
     page.keyboard.press("Escape")  # close the partition menu, not the dialog
     launch = dialog.get_by_role("button", name="Launch 1 run")
     launch.wait_for(state="visible")
-    _shot(page, "02_launch_dialog")
+    _shot(page, shots, "02_launch_dialog")
     launch.click()
 
     # The toast links to the new run.
@@ -115,23 +130,25 @@ def test_materialize_one_partition_from_the_ui(dagster_server: DagsterDevServer,
     page.goto(f"{dagster_server.url}/runs/{run_id}", wait_until="domcontentloaded")
     status = wait_for_run(dagster_server, run_id)
     assert status == "SUCCESS", f"run {run_id} ended {status}; server log:\n{dagster_server.log_tail()}"
-    tags = dagster_server.graphql(
-        "query($id: ID!){ runOrError(runId: $id){ ... on Run { tags { key value } } } }", {"id": run_id}
-    )["runOrError"]["tags"]
-    assert {"key": "dagster/partition", "value": UI_PARTITION} in tags
+    run = dagster_server.graphql(
+        "query($id: ID!){ runOrError(runId: $id){ ... on Run { jobName tags { key value } } } }", {"id": run_id}
+    )["runOrError"]
+    assert {"key": "dagster/partition", "value": UI_PARTITION} in run["tags"]
+    # The UI launches the implicit asset job; `poll-assets run` uses the same one (cli.run_job).
+    assert run["jobName"] == run_job(build_definitions(*load_panel(FAST_PANEL))).name == "__ASSET_JOB"
     page.reload(wait_until="domcontentloaded")
     page.get_by_text("Success", exact=True).first.wait_for(state="visible")
     page.get_by_text(f"partition: {UI_PARTITION}").wait_for(state="visible")
     page.get_by_text("Errored (0)").wait_for(state="visible")  # no step failed
     page.get_by_text("RUN_SUCCESS").first.wait_for(state="visible")  # the event log has loaded
-    _shot(page, "03_run_succeeded")
+    _shot(page, shots, "03_run_succeeded")
 
     # The preference_pairs asset page, on the partition the UI launched.
     page.goto(f"{dagster_server.url}/assets/preference_pairs", wait_until="domcontentloaded")
     page.get_by_role("tab", name="Partitions").click()
     page.get_by_text(UI_PARTITION, exact=True).first.click()
     metadata = _metadata_table(page)
-    _shot(page, "04_preference_pairs_metadata")
+    _shot(page, shots, "04_preference_pairs_metadata")
 
     assert metadata.get("path", "").endswith(f"preference_pairs/{UI_PARTITION}.parquet"), metadata
     parquet = Path(metadata["path"])
@@ -140,6 +157,29 @@ def test_materialize_one_partition_from_the_ui(dagster_server: DagsterDevServer,
     assert int(metadata["pairs"]) == rows
     assert int(metadata["dagster/row_count"]) == rows
     assert int(metadata["prompts"]) == 1  # shard_size 1 in the fast panel
+
+    # Numeric metadata plots: Overview -> Metadata -> Plots, per partition by default, over time
+    # behind the Events toggle; each judge pair's kappa is a plot of its own.
+    page.goto(f"{dagster_server.url}/assets/pooled_ratings", wait_until="domcontentloaded")
+    plots = page.locator("button").filter(has_text=re.compile("^Plots$"))
+    plots.scroll_into_view_if_needed()
+    plots.click()
+    for toggle in ("Partitions", "Events"):
+        page.locator("button").filter(has_text=re.compile(f"^{toggle}$")).first.wait_for(state="visible")
+    page.get_by_text(re.compile(r"^agreement/kappa/\w+~\w+$")).first.wait_for(state="visible")
+    page.locator("button").filter(has_text=re.compile("^Events$")).first.click()
+    page.get_by_text("agreement/krippendorff_alpha", exact=True).first.wait_for(state="visible")
+    _shot(page, shots, "05_pooled_ratings_plots_events")
+
+
+@pytest.mark.slow
+def test_publish_job_launchpad(dagster_server: DagsterDevServer, page, shots: Path) -> None:
+    """The README's way to publish: Jobs -> publish_job -> Launchpad -> Launch Run."""
+    page.goto(f"{dagster_server.url}/jobs", wait_until="domcontentloaded")
+    page.locator("a").filter(has_text=re.compile("^publish_job$")).first.click()
+    page.get_by_role("tab", name="Launchpad").click()
+    page.locator("button").filter(has_text=re.compile("^Launch Run$")).wait_for(state="visible")
+    _shot(page, shots, "06_publish_job_launchpad")
 
 
 def _metadata_table(page, timeout_s: float = 60.0) -> dict[str, str]:

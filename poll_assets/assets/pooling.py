@@ -8,7 +8,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.agreement import judge_agreement
+from poll_assets.agreement import agreement_metrics, judge_agreement
 from poll_assets.assets.generations import COMBINED_COLUMNS, COMBINED_KEY, generation_counts
 from poll_assets.assets.judging import RATING_COLUMNS, ratings_key
 from poll_assets.assets.schema import column_of, column_of_each, schema
@@ -154,6 +154,7 @@ def _pooled_metadata(panel: Panel, df: pd.DataFrame, excluded: int, agreement: d
         "self_family_excluded": excluded,
         "agreement/krippendorff_alpha": dg.MetadataValue.float(alpha) if alpha is not None else dg.MetadataValue.null(),
         "agreement/pairwise": dg.MetadataValue.json(agreement),
+        **agreement_metrics(agreement),  # each pairwise figure a number, so the UI plots it
         "unrated_generations": sum(v is None for avg in df["avg_poll_ratings"] for v in avg) if len(df) else 0,
     }
 

@@ -83,9 +83,17 @@ def build_prompts_asset(panel: Panel, panel_path: Path, partitions_def: dg.Parti
                 "source_rows": f"{start}-{end - 1}",
                 "dropped_empty": selection.dropped_empty,
                 "dropped_duplicate": selection.dropped_duplicate,
-                "preview": dg.MetadataValue.md(selection.rows.head(5).to_markdown(index=False)),
+                "preview": dg.MetadataValue.md(prompts_preview(selection.rows)),
             },
         )
         yield from evaluate_checks(PROMPT_CHECKS, PROMPTS_KEY, selection.rows, selected=context.selected_asset_check_keys)
 
     return prompts
+
+
+def prompts_preview(rows: pd.DataFrame, n: int = 5, id_chars: int = 10) -> str:
+    """A markdown table of the first prompts, instruction first and the id cut to a prefix (the full
+    64-character id came first and pushed the instruction out of the UI's view)."""
+    head = rows.head(n)
+    short = head["prompt_id"].str[:id_chars]
+    return head.drop(columns="prompt_id").assign(id=short).to_markdown(index=False)
