@@ -3,6 +3,12 @@ its provider's batch API on the loopback server (OpenAI and Anthropic wire forma
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +45,12 @@ def batch_panel(tmp_path: Path, url: str) -> Path:
     return write_panel_file(tmp_path, raw, prompts=PROMPTS)
 
 
-def materialize(tmp_path: Path, fake: FakeLLMServer, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Path, Any]:
-    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+def materialize(tmp_path: Path, url: str, setenv: Callable[[str, str], None]) -> tuple[Any, Path, Any]:
+    setenv("OPENAI_API_KEY", "test-key")
+    setenv("ANTHROPIC_API_KEY", "test-key")
     home = make_dagster_home(tmp_path / "home")
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    path = batch_panel(tmp_path, fake.url)
+    setenv("DAGSTER_HOME", str(home))
+    path = batch_panel(tmp_path, url)
     panel, _ = load_panel(path)
     storage = tmp_path / "storage"
     defs = build_definitions(panel, path, storage_dir=str(storage), cache_path=str(home / "cache.sqlite"))
@@ -60,7 +66,7 @@ def read(storage: Path, *key: str) -> pd.DataFrame:
 
 def test_a_partition_in_batch_mode_end_to_end_with_failures_and_expiry(tmp_path, fake_llm, monkeypatch):
     fake_llm.batches.reset(processing_s=0.2, error_fraction=0.25, expire_batches=2, expire_keep=0.5)
-    result, storage, instance = materialize(tmp_path, fake_llm, monkeypatch)
+    result, storage, instance = materialize(tmp_path, fake_llm.url, monkeypatch.setenv)
     assert result.success
     for name in ("gen_oa", "gen_an"):
         gen = read(storage, "generations", name)
@@ -87,3 +93,42 @@ def test_a_partition_in_batch_mode_end_to_end_with_failures_and_expiry(tmp_path,
     assert all(b["batch_id"].startswith("msgbatch_") for b in an.metadata["llm/batches"].value)
     logs = " ".join(e.message for e in instance.all_logs(result.run_id) if e.message)
     assert "in batch mode" in logs and "submitted batch" in logs
+
+
+CHILD = """
+import os, sys
+from pathlib import Path
+from poll_assets_tests.test_batch_pipeline import materialize
+materialize(Path(sys.argv[1]), sys.argv[2], os.environ.__setitem__)
+"""
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_its_batches_are_pending_is_relaunched_without_a_second_submission(
+    tmp_path, fake_llm, monkeypatch
+):
+    from poll_assets_tests.test_batch import open_batch_ids
+
+    fake_llm.batches.reset(processing_s=3600)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), fake_llm.url], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cache = tmp_path / "home" / "cache.sqlite"
+    try:
+        deadline = time.monotonic() + 120
+        while len(open_batch_ids(cache)) < 2:  # both generators are waiting on their batch
+            assert child.poll() is None and time.monotonic() < deadline, "the run never submitted its batches"
+            time.sleep(0.2)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    pending = sorted(open_batch_ids(cache))
+    fake_llm.batches.configure(processing_s=0.2)
+    result, storage, instance = materialize(tmp_path, fake_llm.url, monkeypatch.setenv)
+    assert result.success
+    stats = fake_llm.batches.stats()
+    assert stats["max_submissions"] == 1 and stats["submitted_requests"] == 4 * 4 and stats["batches"] == 4
+    ids = [b["batch_id"] for m in ("gen_oa", "gen_an") for b in instance.get_latest_materialization_event(
+        dg.AssetKey(["generations", m])).asset_materialization.metadata["llm/batches"].value]
+    assert sorted(ids) == pending  # the relaunch collected the batches the killed run submitted
+    assert all(read(storage, "generations", m)["error"].isna().all() for m in ("gen_oa", "gen_an"))
