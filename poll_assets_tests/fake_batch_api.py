@@ -9,7 +9,7 @@
 Any path prefix before `/v1` is allowed, as on the online routes. A batch ends `processing_s` after
 it was created. `error_fraction` of the requests fail (HTTP `error_status`) the first time they are
 submitted; the next `expire_batches` batches end expired with only `expire_keep` of their requests
-answered. `submissions` counts, per custom_id and per request body, how often a request was
+answered; the next `flaky_reads` GETs (or `flaky_downloads` result downloads) answer 503. `submissions` counts, per custom_id and per request body, how often a request was
 submitted: the counter that proves a resumed run sends nothing twice.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
-import hashlib
 import itertools
 import json
 import random
@@ -49,6 +48,8 @@ class BatchConfig:
     error_status: int = 500
     expire_batches: int = 0  # the next N batches created end expired
     expire_keep: float = 0.5  # the share of an expiring batch's requests answered before it expired
+    flaky_reads: int = 0  # the next N GETs (status, results, file content) answer 503
+    flaky_downloads: int = 0  # the next N result downloads (Anthropic results, OpenAI file content) answer 503
 
 
 @dataclass
@@ -117,6 +118,9 @@ class FakeBatchAPI:
         presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or request.headers.get("x-api-key", "")
         if expected is not None and presented != expected:
             return _error(what, 401, "invalid API key")
+        download = request.method == "GET" and (action == "results" or (what == "files" and action == "content"))
+        if request.method == "GET" and (self._flaky("flaky_reads") or (download and self._flaky("flaky_downloads"))):
+            return _error(what, 503, "overloaded, try again")
         if what == "files":
             if request.method == "POST" and bid is None:
                 return await self._upload(request)
@@ -131,6 +135,12 @@ class FakeBatchAPI:
         if action == "results":
             return Response(self._anthropic_results(batch), media_type="application/binary")
         return JSONResponse(self._view(batch, str(request.base_url).rstrip("/")))
+
+    def _flaky(self, knob: str) -> bool:
+        with self._lock:
+            flaky = getattr(self.config, knob) > 0
+            setattr(self.config, knob, getattr(self.config, knob) - flaky)
+        return flaky
 
     async def _upload(self, request: Request) -> Response:
         raw = await request.body()
@@ -175,7 +185,7 @@ class FakeBatchAPI:
                 self.submissions[custom_id] += 1
                 self.by_body[canonical_hash(params)] += 1
                 first = self.submissions[custom_id] == 1
-                if first and _draw(custom_id) < cfg.error_fraction:
+                if first and _draw(canonical_hash(params)) < cfg.error_fraction:
                     failing.add(custom_id)
             expires = cfg.expire_batches > 0
             cfg.expire_batches -= expires
@@ -282,9 +292,10 @@ class FakeBatchAPI:
         }
 
 
-def _draw(custom_id: str) -> float:
-    """A fixed number in [0, 1) per request, so which requests fail does not depend on order."""
-    return int(hashlib.sha256(custom_id.encode()).hexdigest()[:8], 16) / 16**8
+def _draw(body_hash: str) -> float:
+    """A fixed number in [0, 1) per request body, so which requests fail depends neither on their
+    order nor on the server's port (which is part of the custom_id, a cache key)."""
+    return int(body_hash[:8], 16) / 16**8
 
 
 def _error(what: str, status: int, message: str) -> Response:

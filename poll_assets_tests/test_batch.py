@@ -19,7 +19,7 @@ from poll_assets.llm.batch import BatchWaitTimeout, run_batch_calls, split, tran
 from poll_assets.llm.batch_settings import BatchPolicy, BatchSettings
 from poll_assets.llm.batch_store import BatchStore
 from poll_assets.llm.cache import ResponseCache
-from poll_assets.llm.policy import CallPolicy
+from poll_assets.llm.policy import CallPolicy, RetryPolicy
 from poll_assets.llm.providers import provider_spec
 from poll_assets.llm.runner import run_calls
 from poll_assets_tests.fake_llm_server import FakeLLMServer
@@ -253,3 +253,15 @@ def test_a_batch_cancelled_at_the_provider_is_resubmitted_for_its_unanswered_req
     first, second = batch.stats.batches
     assert first["batch_id"] == cancelled and first["counts"] == {"canceled": 4}
     assert second["counts"] == {"succeeded": 4} and set(fake.batches.submissions.values()) == {2}
+
+
+@pytest.mark.parametrize("provider", WIRES)
+def test_status_checks_and_downloads_that_fail_are_tried_again(tmp_path, fake, provider):
+    fake.batches.configure(flaky_reads=2, flaky_downloads=2)  # status checks, then downloads, answer 503
+    log: list[str] = []
+    policy = CallPolicy(max_retries=3, retry=RetryPolicy(base_s=0.01))
+    batch = run(provider, fake.url, tmp_path / "c.sqlite", 5, policy=policy, log=log)
+    assert all(c.ok for c in batch.completions)
+    assert fake.batches.config.flaky_reads == fake.batches.config.flaky_downloads == 0
+    assert any("status check failed" in line for line in log)
+    assert fake.batches.stats()["max_submissions"] == 1

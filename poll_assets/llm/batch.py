@@ -25,7 +25,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from poll_assets.llm.base import CallRequest, ChatBackend, Completion, FatalProviderError, ProviderError, request_key
+from poll_assets.llm.base import (
+    RETRYABLE_KINDS,
+    CallRequest,
+    ChatBackend,
+    Completion,
+    FatalProviderError,
+    ProviderError,
+    request_key,
+)
 from poll_assets.llm.batch_settings import BatchPolicy
 from poll_assets.llm.batch_store import BatchRecord, BatchStore
 from poll_assets.llm.cache import ResponseCache
@@ -128,7 +136,7 @@ class _Collector:
     policy: CallPolicy
     batch_policy: BatchPolicy
     transport: BatchTransport
-    cache: ResponseCache | None
+    cache: ResponseCache
     store: BatchStore
     log: ProgressFn
     label: str
@@ -175,14 +183,18 @@ class _Collector:
         return records
 
     async def _submit_one(self, lines: list[bytes]) -> str:
+        # Retried only when the server answered that it is busy or broken: the batch was not created.
+        return await self._retrying(lambda: self.transport.submit(lines), frozenset({"rate_limit", "server"}))
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]], kinds: frozenset[str] = RETRYABLE_KINDS) -> T:
+        """A transport call, retried with the policy's backoff on the error kinds given."""
         for attempt in range(1, self.policy.max_retries + 2):
             try:
-                return await self.transport.submit(lines)
+                return await call()
             except FatalProviderError:
                 raise
             except ProviderError as err:
-                # Retried only when the server answered that it is busy or broken: the batch was not created.
-                if err.kind not in ("rate_limit", "server") or attempt > self.policy.max_retries:
+                if err.kind not in kinds or attempt > self.policy.max_retries:
                     raise
                 await asyncio.sleep(self.policy.retry.delay(attempt, err.retry_after, self.rng))
         raise AssertionError("unreachable")
@@ -191,10 +203,10 @@ class _Collector:
         """Wait for one batch, take its results, and mark it collected; returns its metadata entry."""
         state = await self._wait(record)
         requests = {k: self.pending[k] for k in record.request_keys if k in self.pending}
-        items = await self.transport.results(record.batch_id, requests)
+        items = await self._retrying(lambda: self.transport.results(record.batch_id, requests))
         for item in items:
             self._take(item, record.batch_id)
-        if self.cache is not None and self.cache.writes:
+        if self.cache.writes:
             await self.cache.aflush()  # committed before the batch is marked collected
         counts = dict(Counter(i.outcome for i in items))
         if await self._all_taken(record, requests):
@@ -207,7 +219,7 @@ class _Collector:
         resumed by another partition's run (it shared a request) holds answers this run cannot read:
         it stays open, so the partition that submitted it collects it instead of submitting again."""
         others = [k for k in record.request_keys if k not in requests]
-        if not others or self.cache is None:
+        if not others:
             return True
         found = await self.cache.aget_many(others) if self.cache.reads else {}
         if len(found) == len(others):
@@ -222,8 +234,7 @@ class _Collector:
             c = item.completion
             c.call_id, c.cached, c.attempts = item.key, False, max(1, self.tries[item.key])
             c.extra = {**c.extra, "batch_id": batch_id}
-            if self.cache is not None:
-                self.cache.submit(item.key, c, self.backend.provider, self.backend.model)
+            self.cache.submit(item.key, c, self.backend.provider, self.backend.model)
             if item.key in self.pending:
                 self.results[item.key] = c
                 self.pending.pop(item.key)
