@@ -50,6 +50,7 @@ class BatchConfig:
     expire_keep: float = 0.5  # the share of an expiring batch's requests answered before it expired
     flaky_reads: int = 0  # the next N GETs (status, results, file content) answer 503
     flaky_downloads: int = 0  # the next N result downloads (Anthropic results, OpenAI file content) answer 503
+    invalid_batches: int = 0  # the next N OpenAI batches fail validation (status "failed", no results)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class _Batch:
     created: float
     failing: frozenset[str]  # custom_ids that fail this time
     expires: bool
+    invalid: bool = False
     input_file_id: str = ""
     cancelled: bool = False
     results: list[tuple[str, str, dict[str, Any] | None]] | None = None  # (custom_id, outcome, body)
@@ -189,9 +191,11 @@ class FakeBatchAPI:
                     failing.add(custom_id)
             expires = cfg.expire_batches > 0
             cfg.expire_batches -= expires
+            invalid = wire == "openai" and cfg.invalid_batches > 0
+            cfg.invalid_batches -= invalid
             prefix = "batch_" if wire == "openai" else "msgbatch_"
             batch = _Batch(f"{prefix}{next(self._ids):06d}", wire, tag, reqs, time.monotonic(), frozenset(failing),
-                           expires, input_file)
+                           expires, invalid, input_file)
             self.batches[batch.id] = batch
         return batch
 
@@ -283,6 +287,13 @@ class FakeBatchAPI:
         status = "in_progress"
         if ended:
             status = "cancelled" if batch.cancelled else "expired" if batch.expires else "completed"
+        if batch.invalid:
+            return {**self._openai_view(batch, "failed", Counter()), "output_file_id": None, "error_file_id": None,
+                    "errors": {"object": "list", "data": [{"code": "invalid_json_line", "message": "line 1 is not valid"}]}}
+        return self._openai_view(batch, status, outcomes)
+
+    def _openai_view(self, batch: _Batch, status: str, outcomes: Counter[str]) -> dict[str, Any]:
+        ended = status != "in_progress"
         return {
             "id": batch.id, "object": "batch", "endpoint": "/v1/chat/completions", "completion_window": "24h",
             "input_file_id": batch.input_file_id, "status": status, "created_at": CREATED, "errors": None,

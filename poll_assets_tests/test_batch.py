@@ -265,3 +265,12 @@ def test_status_checks_and_downloads_that_fail_are_tried_again(tmp_path, fake, p
     assert fake.batches.config.flaky_reads == fake.batches.config.flaky_downloads == 0
     assert any("status check failed" in line for line in log)
     assert fake.batches.stats()["max_submissions"] == 1
+
+
+def test_a_batch_refused_as_a_whole_fails_its_rows_with_the_reason_and_is_not_resubmitted(tmp_path, fake):
+    fake.batches.configure(invalid_batches=1)
+    batch = run("openai", fake.url, tmp_path / "c.sqlite", 4)
+    assert not any(c.ok for c in batch.completions)
+    assert {c.error_kind for c in batch.completions} == {"bad_request"}
+    assert "failed validation: line 1 is not valid" in batch.completions[0].error
+    assert batch.stats.batches[0]["status"] == "failed" and fake.batches.stats()["batches"] == 1

@@ -58,6 +58,11 @@ class OpenAIBatchTransport(BatchTransport):
     async def results(self, batch_id: str, requests: dict[str, CallRequest]) -> list[BatchItem]:
         client = self.backend.client()
         batch = await sdk_call(self.backend, lambda: client.batches.retrieve(batch_id))
+        if batch.status == "failed":  # the input was refused as a whole: sending it again would fail again
+            errors = batch.errors.data if batch.errors and batch.errors.data else []
+            why = "; ".join(self.backend.scrub(e.message or e.code or "") for e in errors) or "no reason given"
+            err = ProviderError("bad_request", f"{self.backend.who}: batch {batch_id} failed validation: {why}")
+            return [BatchItem(key, error=err, outcome="errored") for key in requests]
         items: list[BatchItem] = []
         for file_id in (batch.output_file_id, batch.error_file_id):
             if file_id:
