@@ -156,3 +156,19 @@ class PostgresStore:
 def _reason(exc: psycopg2.Error) -> str:
     """The server's message, first line only (psycopg2 appends context that may repeat the URL)."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def instance_database_url(instance: Any) -> str:
+    """The PostgreSQL URL of a Dagster instance's run storage (deploy/dagster.yaml), for
+    `cache: {backend: instance}`; a clear error when the instance is not on PostgreSQL."""
+    storage = getattr(instance, "run_storage", None)
+    url = getattr(storage, "postgres_url", None)
+    if not url:
+        raise CacheError(
+            "response cache: panel setting `cache: {backend: instance}` needs the Dagster instance's storage in "
+            f"PostgreSQL (see deploy/dagster.yaml), but this instance stores runs in {type(storage).__name__}; "
+            "use `cache: {url_env: ...}` or the default SQLite file instead"
+        )
+    # dagster-postgres may name the SQLAlchemy driver (postgresql+psycopg2://); libpq wants the plain scheme.
+    scheme, rest = url.split("://", 1)
+    return f"postgresql://{rest}" if scheme.startswith("postgres") else url
