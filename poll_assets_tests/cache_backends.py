@@ -1,6 +1,7 @@
 """The response cache's two databases for the cache and lease tests: a SQLite file, and a fresh
 PostgreSQL database on the server named by POLL_TEST_POSTGRES_URL (`.ci/run` starts one; locally
-`url="$(bash .ci/start_postgres.sh)"`). Without that variable the PostgreSQL cases skip, saying so."""
+`url="$(bash .ci/start_postgres.sh)"`). Without that variable the PostgreSQL cases skip, saying so
+(and fail under CI=true, where a skip would hide a broken .ci/run)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+
+from poll_assets_tests.dagster_dev import require
 
 PG_URL_ENV = "POLL_TEST_POSTGRES_URL"
 PG_SKIP_REASON = f"{PG_URL_ENV} is not set: no PostgreSQL server for the PostgreSQL cache (CI sets it; see .ci/run)"
@@ -48,10 +51,10 @@ class PostgresDatabases:
 
 
 def postgres_server_url() -> str:
+    """The server's URL; skips (fails under CI=true, where .ci/run sets it) when it is unset."""
     url = os.environ.get(PG_URL_ENV)
-    if not url:
-        pytest.skip(PG_SKIP_REASON)
-    return url
+    require(bool(url), PG_SKIP_REASON)
+    return url  # type: ignore[return-value]
 
 
 @pytest.fixture

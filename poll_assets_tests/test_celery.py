@@ -24,6 +24,7 @@ import pytest
 
 from poll_assets.io_manager import read_partition, stored_partitions
 from poll_assets_tests.cache_backends import PostgresDatabases, pg_databases, stored_rows  # noqa: F401
+from poll_assets_tests.dagster_dev import require
 from poll_assets_tests.fake_llm_server import FakeLLMServer, canonical_hash
 from poll_assets_tests.scaleout import API_KEY_ENV, S3_ENV, http_panel, s3_endpoint, s3_prefix  # noqa: F401
 
@@ -44,14 +45,13 @@ JUDGES = ("judge_0", "judge_1")
 @pytest.fixture
 def redis_url() -> str:
     url = os.environ.get(REDIS_URL_ENV)
-    if not url:
-        pytest.skip(f"{REDIS_URL_ENV} is not set: no Redis broker for the Celery workers (CI sets it; "
-                    "locally `bash .ci/start_redis.sh`)")
+    require(bool(url), f"{REDIS_URL_ENV} is not set: no Redis broker for the Celery workers (.ci/run sets it; "
+                       "locally `export POLL_TEST_REDIS_URL=$(bash .ci/start_redis.sh)`)")
     try:
         import dagster_celery  # noqa: F401
     except ImportError as exc:
         pytest.fail(f"dagster-celery is not installed ({exc}); .ci/run installs it with --no-deps", pytrace=False)
-    return url
+    return url  # type: ignore[return-value]
 
 
 class Cluster:
