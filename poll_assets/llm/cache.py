@@ -1,4 +1,7 @@
-"""The response cache: one SQLite row per successful call, keyed by `request_key`.
+"""The response cache: one row per successful call, keyed by `request_key`, in a SQLite file (the
+default, `SqliteStore`) or a PostgreSQL database shared by several machines (`cache_pg.PostgresStore`).
+`ResponseCache` holds everything both share (modes, the writer thread, the lease's polling); a
+store holds only its database's SQL.
 
 Every call is committed moments after it completes, so a run killed halfway keeps what it already
 paid for (all but the last few milliseconds' answers) and a re-run requests only what is missing (failed calls are never stored, so
@@ -101,9 +104,9 @@ def default_owner() -> str:
 class CallLease(Protocol):
     """What `claim_or_wait` needs from a store to pay each request once across processes.
 
-    The SQLite `ResponseCache` implements it; a PostgreSQL store can implement the same members
-    (claim as INSERT ... ON CONFLICT DO UPDATE ... WHERE expired, the answer and the release in one
-    transaction, `wait_for` by polling or LISTEN/NOTIFY).
+    `ResponseCache` implements it over either store (SQLite or PostgreSQL): a claim is one
+    INSERT ... ON CONFLICT DO UPDATE ... WHERE expired, the answer and the release are one
+    transaction, and `wait_for` polls.
     """
 
     @property
