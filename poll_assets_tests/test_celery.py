@@ -151,7 +151,7 @@ def _flush_redis(*urls: str) -> None:
 
 def test_a_shard_runs_over_two_celery_workers_and_a_killed_worker_pays_nothing_twice(cluster, fake_llm):
     nodes, instance_db, storage = cluster
-    fake_llm.reset(latency_ms=400, jitter_ms=50)
+    fake_llm.reset(latency_ms=500, jitter_ms=50)  # a generator step lasts ~6 s
     first = nodes.worker("w1")
     nodes.worker("w2")
     run1 = nodes.run("run1")
@@ -190,7 +190,7 @@ def test_a_shard_runs_over_two_celery_workers_and_a_killed_worker_pays_nothing_t
     assert distinct == {t: N_PROMPTS for t in (*GENERATORS, *JUDGES)}
     assert stats["total"] == 4 * N_PROMPTS + len(repeated)
     print(f"requests: {stats['total']} for {4 * N_PROMPTS} distinct; repeated after the kill: {len(repeated)} "
-          f"(in flight at the server at the kill: {in_flight_at_kill}); by tag {stats['by_tag']}")
+          f"(in flight at the server just after the kill: {in_flight_at_kill}); by tag {stats['by_tag']}")
 
     # The answers are in the instance's own database, the shard's files in the bucket, and the
     # re-run's steps ran on both live workers.
