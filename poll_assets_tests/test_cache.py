@@ -241,3 +241,20 @@ def test_unreachable_postgres_is_a_clear_error_without_the_password():
     with pytest.raises(CacheError, match=r"response cache postgresql://127\.0\.0\.1:1/cache_db: cannot open") as err:
         cache.get("k")
     assert "s3cret" not in str(err.value)
+
+
+def test_a_forked_child_opens_its_own_connection_and_leaves_the_parents(cache_at: CacheAt):
+    cache = ResponseCache(cache_at())
+    assert cache.put("k", Completion(text="before"), "fake", "m")
+    pid = os.fork()
+    if pid == 0:  # the child: reads and writes through its own connection, then exits at once
+        code = 1
+        try:
+            code = 0 if cache.get("k").text == "before" and cache.put("c", Completion(text="child"), "fake", "m") else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's own connection still works (a child closing the inherited one would end it).
+    assert cache.get("c").text == "child"
+    assert cache.put("p", Completion(text="parent"), "fake", "m") and len(cache) == 3

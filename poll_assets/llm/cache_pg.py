@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -60,6 +62,8 @@ class PostgresStore:
 
     def _connection(self) -> Any:
         if self._conn is None or self._conn.closed or self._pid != os.getpid():
+            # After a fork the inherited connection is the parent's: open our own, never close theirs
+            # (psycopg2 does not end a session from a process other than the one that opened it).
             try:
                 conn = psycopg2.connect(self.url, connect_timeout=self.connect_timeout_s,
                                         application_name="poll-assets response cache")
@@ -71,18 +75,24 @@ class PostgresStore:
             self._conn, self._pid = conn, os.getpid()
         return self._conn
 
-    def _run(self, what: str, sql: str, params: Any = None) -> Any:
-        """Execute one statement in its own transaction; its rows, or its rowcount."""
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[Any]:
+        """A cursor in one transaction, committed on exit; a database error becomes a CacheError."""
         with self._lock:
             conn = self._connection()
             try:
                 with conn, conn.cursor() as cur:
-                    cur.execute(sql, params)
-                    return cur.fetchall() if cur.description is not None else cur.rowcount
+                    yield cur
             except psycopg2.Error as exc:
                 if conn.closed:  # the server went away: reconnect on the next call
                     self._conn = None
                 raise CacheError(f"response cache {self.label}: {what} failed: {_reason(exc)}") from exc
+
+    def _run(self, what: str, sql: str, params: Any = None) -> Any:
+        """Execute one statement in its own transaction; its rows, or its rowcount."""
+        with self._transaction(what) as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description is not None else cur.rowcount
 
     def read(self, keys: list[str]) -> dict[str, str]:
         rows = self._run("read", f"SELECT key, completion FROM {COMPLETIONS} WHERE key = ANY(%s)", (keys,))
@@ -92,25 +102,18 @@ class PostgresStore:
         # One key twice in one INSERT ... ON CONFLICT is an error in PostgreSQL: the later row wins,
         # as it would in SQLite's INSERT OR REPLACE.
         latest = list({row[0]: row for row in rows}.values())
-        with self._lock:
-            conn = self._connection()
-            try:
-                with conn, conn.cursor() as cur:
-                    psycopg2.extras.execute_values(
-                        cur,
-                        f"INSERT INTO {COMPLETIONS} (key, provider, model, completion, created_at) VALUES %s "
-                        "ON CONFLICT (key) DO UPDATE SET provider = EXCLUDED.provider, model = EXCLUDED.model, "
-                        "completion = EXCLUDED.completion, created_at = EXCLUDED.created_at",
-                        latest,
-                    )
-                    if releases:
-                        psycopg2.extras.execute_values(
-                            cur, f"DELETE FROM {CLAIMS} c USING (VALUES %s) AS r(key, owner) "
-                                 "WHERE c.key = r.key AND c.owner = r.owner", releases)
-            except psycopg2.Error as exc:
-                if conn.closed:
-                    self._conn = None
-                raise CacheError(f"response cache {self.label}: write failed: {_reason(exc)}") from exc
+        with self._transaction("write") as cur:
+            psycopg2.extras.execute_values(
+                cur,
+                f"INSERT INTO {COMPLETIONS} (key, provider, model, completion, created_at) VALUES %s "
+                "ON CONFLICT (key) DO UPDATE SET provider = EXCLUDED.provider, model = EXCLUDED.model, "
+                "completion = EXCLUDED.completion, created_at = EXCLUDED.created_at",
+                latest,
+            )
+            if releases:
+                psycopg2.extras.execute_values(
+                    cur, f"DELETE FROM {CLAIMS} c USING (VALUES %s) AS r(key, owner) "
+                         "WHERE c.key = r.key AND c.owner = r.owner", releases)
 
     def claim(self, key: str, owner: str, ttl_s: float) -> bool:
         # One statement: PostgreSQL's upsert either inserts or updates a row that exists, so two
