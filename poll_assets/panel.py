@@ -269,6 +269,19 @@ class Panel(_Strict):
             raise ValueError(f"member names must be unique across generators and judges; repeated: {dupes}")
         return self
 
+    @model_validator(mode="after")
+    def _batch_ids_need_sqlite(self) -> "Panel":
+        # Batch ids are recorded in a table of the SQLite cache file; the PostgreSQL cache has no such
+        # table yet, and a batch whose id cannot be recorded could be submitted twice.
+        batched = [m.name for m in self.members if m.batch.enabled]
+        if batched and self.cache.resolved_backend != "sqlite":
+            raise ValueError(
+                f"members {batched} run in batch mode, which records its batch ids in the SQLite cache; "
+                f"cache.backend {self.cache.resolved_backend!r} cannot hold them yet: use the SQLite cache "
+                "or turn batch mode off for these members"
+            )
+        return self
+
     @property
     def members(self) -> list[Member]:
         return [*self.generators, *self.judges]
