@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from poll_assets.llm.base import (
     RETRYABLE_KINDS,
@@ -48,6 +49,7 @@ class CallStats:
     elapsed_s: float = 0.0
     rate_limited: int = 0  # 429s the member got
     concurrency: float = 0.0  # the size its concurrency window settled at (0: no call was made)
+    batches: list[dict[str, Any]] = field(default_factory=list)  # batch mode: the provider batches used
 
     def add(self, c: Completion) -> None:
         if c.cached:
