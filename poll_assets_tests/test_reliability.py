@@ -18,6 +18,7 @@ from poll_assets.llm.cache import ResponseCache
 from poll_assets.llm.openai_api import OpenAIChatBackend
 from poll_assets.llm.policy import CallPolicy, RetryPolicy
 from poll_assets.llm.runner import run_calls
+from poll_assets_tests.cache_backends import CacheAt, cache_at  # noqa: F401 (a fixture)
 from poll_assets_tests.fake_backend import make_requests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,10 +101,11 @@ print(sum(c.ok for c in batch.completions), batch.stats.calls, batch.stats.cache
 """
 
 
-def test_two_processes_running_one_batch_pay_each_call_once(fake_llm, tmp_path):
+def test_two_processes_running_one_batch_pay_each_call_once(fake_llm, cache_at: CacheAt):
+    # On each database the cache can live in (SQLite; PostgreSQL when POLL_TEST_POSTGRES_URL is set).
     fake_llm.reset(latency_ms=150)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    argv = [sys.executable, "-c", _TWO_RUNS, fake_llm.url, str(tmp_path / "c.sqlite")]
+    argv = [sys.executable, "-c", _TWO_RUNS, fake_llm.url, cache_at()]
     procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
