@@ -798,7 +798,8 @@ def test_llama_cpp_like_server_settles_on_json_object_after_one_refusal(fake_llm
 def test_an_error_that_is_no_capability_refusal_is_still_retried_as_an_outage(fake_llm, monkeypatch, status):
     fake_llm.configure(forced_status={"vllm": status})  # "forced status ..." says nothing about response_format
     res = make_resource(fake_llm, monkeypatch, "openai_compatible")
-    batch = run_batch(res, 1, policy=CallPolicy(max_retries=2, timeout_s=10, retry=RetryPolicy(base_s=0.01, cap_s=0.02)))
+    batch = run_batch(res, 1, policy=CallPolicy(max_retries=2, timeout_s=10, retry=RetryPolicy(base_s=0.01, cap_s=0.02),
+                                                retry_window_s=0))  # max_retries alone says when to stop
     assert batch.completions[0].error_kind == "server"
     assert fake_llm.stats()["total"] == 3  # the first attempt and two retries, all with json_schema
     assert {sent_form(b["body"]) for b in fake_llm.bodies} == {"json_schema"}

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+import dagster as dg
 
 from poll_assets.llm.cache import ResponseCache
 from poll_assets.llm.openai_api import OpenAIChatBackend
@@ -135,6 +135,11 @@ def test_two_poll_assets_runs_of_one_shard_make_7n_requests(fake_llm, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    # The instance's SQLite tables exist before the two runs start: two processes creating a fresh
+    # instance's schema at the same moment race each other (a Dagster set-up matter, not the calls').
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.get_runs(limit=1)
+        instance.get_latest_materialization_event(dg.AssetKey("prompts"))
     env = cli_env(home, **{var: CANARY for var in KEY_VARS})
     argv = [sys.executable, "-m", "poll_assets.cli", "run", "--panel", str(path)]
     procs = [subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
