@@ -48,8 +48,6 @@ def chat_answer(messages: Any) -> Any:
 
 def pairs_preview(pairs: pd.DataFrame, n: int = 5, answer_chars: int = ANSWER_CHARS) -> str:
     """The first `n` preference pairs: prompt, chosen and rejected generator, ratings, margin, answers."""
-    if pairs.empty:
-        return "_no pairs in this shard_"
     rows = [
         (short_id(r.prompt_id), r.prompt, r.chosen_model, r.rejected_model,
          f"{md_cell(r.chosen_rating)} vs {md_cell(r.rejected_rating)}", r.margin,
@@ -57,7 +55,8 @@ def pairs_preview(pairs: pd.DataFrame, n: int = 5, answer_chars: int = ANSWER_CH
         for r in pairs.head(n).itertuples(index=False)
     ]
     headers = ("id", "prompt", "chosen model", "rejected model", "ratings", "margin", "chosen answer", "rejected answer")
-    return md_table(headers, rows, (12, TEXT_CHARS, 60, 60, 20, 10, answer_chars, answer_chars))
+    table = md_table(headers, rows, (12, TEXT_CHARS, 60, 60, 20, 10, answer_chars, answer_chars))
+    return table if rows else table + "\n\n_no pairs in this shard_"
 
 
 def verdicts_preview(ratings: pd.DataFrame, generators: Sequence[str], n: int = 6, max_unrated: int = 2,
