@@ -21,27 +21,17 @@ from urllib.parse import urlsplit
 
 from poll_assets.llm.providers import provider_spec
 from poll_assets.llm.remote import safe_url, scrub
+from poll_assets.llm.resources import MemberConnection
 
 LIST_TIMEOUT_S = 5.0
 
 
-class PreflightMember(Protocol):
-    """What the preflight reads from a panel member (`poll_assets.panel.Member` has it)."""
+class PreflightMember(MemberConnection, Protocol):
+    """What the preflight reads from a panel member (`poll_assets.panel.Member` has it): its
+    connection, and whether it named its key variable (`key_env` is the one read, named or default)."""
 
     @property
-    def name(self) -> str: ...
-    @property
-    def provider(self) -> str: ...
-    @property
-    def model(self) -> str: ...
-    @property
-    def base_url(self) -> str | None: ...
-    @property
-    def api_key_env(self) -> str | None: ...  # the variable the member named, if any
-    @property
-    def key_env(self) -> str | None: ...  # the variable read: the named one or the provider's default
-    @property
-    def model_path(self) -> str | None: ...
+    def api_key_env(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
