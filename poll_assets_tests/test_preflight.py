@@ -7,6 +7,7 @@ with missing keys fails before any request reaches the server, naming every memb
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -22,7 +23,7 @@ from poll_assets.llm.preflight import (
     preflight,
 )
 from poll_assets.panel import Member, load_panel
-from poll_assets.pipeline import build_definitions
+from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets_tests.instance import make_dagster_home
 from poll_assets_tests.test_paper_fake_server import CANARY, KEY_VARS, PARTITION, paper_on_fake, tag_of
 
@@ -220,6 +221,39 @@ def test_subset_runs_check_only_their_members_and_unknown_models_fail_first(tmp_
     assert set(fake_llm.stats()["model_lists"]) == {tag_of(m) for m in raw["judges"] if m["provider"] != "hf_inference"}
     text = failure_text(instance, result.run_id)
     assert f"- {claude['name']} (anthropic): model '{claude['model']}'" in text and "1 of 2 panel members" in text
+
+
+def paper_asset_job() -> dg.JobDefinition:
+    """`poll_job` (the same assets as the implicit asset job, which cannot be reconstructed by that
+    reserved name) of the panel in $POLL_PANEL, rebuilt in every step process: the multiprocess
+    executor reconstructs it there, as a run worker launched by the UI does."""
+    panel, path = load_panel(os.environ["POLL_PANEL"])
+    return build_definitions(panel, path, cache_path=os.environ["POLL_TEST_CACHE"]).resolve_job_def(JOB_NAME)
+
+
+@pytest.mark.slow
+def test_multiprocess_run_fails_in_its_first_paid_step_naming_a_judge(tmp_path, fake_llm, monkeypatch):
+    # The UI's runs use the multiprocess executor: each step in its own process with only its own
+    # resources. The generators' step still checks the judges, so nothing is bought.
+    fake_llm.configure(expected_key=CANARY)
+    for var in KEY_VARS:
+        monkeypatch.setenv(var, CANARY)
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    home = make_dagster_home(tmp_path / "home")
+    path, raw = paper_on_fake(tmp_path, fake_llm.url)
+    for var, value in {"DAGSTER_HOME": str(home), "POLL_PANEL": str(path), "POLL_STORAGE_DIR": str(tmp_path / "storage"),
+                       "POLL_TEST_CACHE": str(home / "c.sqlite")}.items():
+        monkeypatch.setenv(var, value)
+    instance = dg.DagsterInstance.get()
+    with dg.execute_job(dg.reconstructable(paper_asset_job), instance=instance,
+                        tags={"dagster/partition": PARTITION}, raise_on_error=False) as result:
+        assert not result.success
+        failed = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert [e.step_key for e in failed] == ["generations"]
+    assert failed[0].pid != os.getpid()  # the step ran in a process of its own
+    assert fake_llm.stats()["total"] == 0
+    claude = next(m for m in raw["judges"] if m["provider"] == "anthropic")
+    assert f"- {claude['name']} (anthropic): environment variable ANTHROPIC_API_KEY" in failure_text(instance, result.run_id)
 
 
 def test_not_ready_line_reads_as_one_sentence():
