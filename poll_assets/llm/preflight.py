@@ -156,8 +156,7 @@ def _model_problem(m: PreflightMember, environ: Mapping[str, str], timeout_s: fl
     except ModelListDenied:
         return NotReady(m.name, m.provider, f"{where} refused the key in {m.key_env} (HTTP 401 listing models)",
                         f"Check that {m.key_env} holds a valid key for this provider.")
-    except Exception as exc:  # noqa: BLE001 - an optional check never fails a run by itself
-        del exc
+    except Exception:  # noqa: BLE001 - an optional check never fails a run by itself
         return None
     if served is None or m.model in served:
         return None
