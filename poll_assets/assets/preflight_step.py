@@ -9,6 +9,7 @@ themselves are `poll_assets.llm.preflight`; this module only finds the run's mem
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import dagster as dg
 
@@ -35,9 +36,11 @@ def run_members(context: dg.AssetExecutionContext, panel: Panel) -> list[Member]
     return [m for m in panel.members if m.name in names]
 
 
-def preflight_run(context: dg.AssetExecutionContext, panel: Panel) -> None:
-    """Fail the step (and so the run) naming every member of the run that is not ready."""
-    members = run_members(context, panel)
+def preflight_run(context: dg.AssetExecutionContext, panel: Panel, own: Sequence[Member]) -> None:
+    """Fail the step (and so the run) naming every member of the run that is not ready. `own`: the
+    step's own members, always checked, whatever the job's layout says."""
+    in_run = {m.name for m in [*run_members(context, panel), *own]}
+    members = [m for m in panel.members if m.name in in_run]
     try:
         preflight(members, os.environ)
     except PreflightError as exc:

@@ -110,9 +110,9 @@ def run_stage_step(
 ) -> Iterator[dg.Output[Any] | dg.AssetCheckResult]:
     """The body of a stage step: the selected members do `work` on `frame` at the same time, and each
     one's checks run on its output (see `run_stage`). First, every member of the run is checked."""
-    preflight_run(context, panel)
     cache: ResponseCacheResource = context.resources.response_cache
     selected = [m for m in members if key_of(m) in context.selected_asset_keys]
+    preflight_run(context, panel, selected)
     checks = context.selected_asset_check_keys
 
     def member_context(m: Member) -> MemberContext:
