@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from poll_assets.binarize import Strategy
 from poll_assets.llm.base import GenerationParams
+from poll_assets.llm.batch_settings import BatchSettings
 from poll_assets.llm.cache import CacheMode
 from poll_assets.llm.policy import Limits
 from poll_assets.llm.pricing import Price
@@ -73,6 +74,7 @@ class Member(_Strict):
     model_path: str | None = None  # in-process providers (local): a GGUF file; default is the bundled SmolLM2
     n_ctx: int = Field(default=4096, ge=256)  # in-process providers (local) only
     pool: str | None = None  # Dagster pool; defaults to the provider's name
+    batch: BatchSettings = Field(default_factory=BatchSettings)  # the provider's batch API instead of online calls
 
     @field_validator("name")
     @classmethod
@@ -95,6 +97,9 @@ class Member(_Strict):
             raise ValueError(f"model_path applies only to provider {' or '.join(map(repr, in_process))}")
         if spec.needs_base_url and not self.base_url:
             raise ValueError(f"provider {self.provider!r} needs a base_url (e.g. http://localhost:8000/v1)")
+        refusal = self.batch.refusal(self.name, self.provider)
+        if refusal:
+            raise ValueError(refusal)
         return self
 
     @property
@@ -146,6 +151,7 @@ class Judging(_Strict):
     exclude_self_family: bool = True  # self-preference control
     seed: int = 0
     max_rationale_chars: int | None = Field(default=300, ge=20)  # None where a provider refuses maxLength
+    repair_attempts: int = Field(default=1, ge=0)  # re-asks of a judge whose answer left texts unread; 0 = off
 
 
 class Pooling(_Strict):

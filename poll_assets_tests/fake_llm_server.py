@@ -14,8 +14,10 @@ member, e.g. base_url `http://127.0.0.1:P/judge_a/v1`):
 Fault modes (FakeConfig): injected 429/500/timeouts/malformed bodies by fraction or script; a
 concurrency cap (`max_concurrent`: 429 with Retry-After above N in flight, and x-ratelimit-* /
 anthropic-ratelimit-* headers on every reply); an outage window (`outage_from_request`, `outage_s`,
-or `start_outage()`); Anthropic 200s without the tool_use block (`omit_tool_use`); a llama.cpp-like
-server that answers json_schema with HTTP 500 and accepts json_object with a schema (`llama_cpp`).
+or `start_outage()`); Anthropic 200s without the tool_use block (`omit_tool_use`); chat 200s that
+ignore response_format and answer in prose (`ignore_response_format`) or decline in
+`message.refusal` (`model_refusal`); a llama.cpp-like server that answers json_schema with HTTP 500
+and accepts json_object with a schema (`llama_cpp`).
 `requests_for(body)` and `stats()["by_body"]` count how often each distinct request arrived.
 
 Answers are deterministic: derived from a hash of the request body. Structured answers are generated
@@ -80,6 +82,10 @@ class FakeConfig:
     # Tags that behave like llama-cpp-python's server: `response_format` json_schema is refused with
     # an HTTP 500 validation message; json_object with a `schema` is accepted.
     llama_cpp: list[str] = field(default_factory=list)
+    # Tags whose chat 200s ignore `response_format` and answer a structured request in prose.
+    ignore_response_format: list[str] = field(default_factory=list)
+    # Tags whose chat 200s to a structured request decline in `message.refusal`, with no content.
+    model_refusal: list[str] = field(default_factory=list)
     seed: int = 0
 
 
@@ -151,6 +157,26 @@ def value_for_schema(schema: dict[str, Any], rng: random.Random, root: dict[str,
     return text[:hi]
 
 
+def verdict_prose(value: Any) -> str:
+    """What a judge writes when it ignores the structure it was asked for: for verdicts keyed
+    text_1..text_n, the rubric's own text blocks; for anything else, the JSON after a lead-in."""
+    keys = sorted(value, key=lambda k: int(k.rsplit("_", 1)[1])) if isinstance(value, dict) and value and all(
+        str(k).startswith("text_") and str(k).rsplit("_", 1)[1].isdigit() and isinstance(v, dict) for k, v in value.items()
+    ) else None
+    if not keys:
+        return f"Here is my assessment: {json.dumps(value)}"
+    blocks = ["I will rate each text in turn."]
+    for key in keys:
+        verdict = value[key]
+        lines = [f"#### Output for Text {key.rsplit('_', 1)[1]}"]
+        if "type" in verdict:
+            lines.append(f"Type: {', '.join(map(str, verdict['type'])) or 'None'}")
+        rating = verdict.get("rating")
+        lines += [f"Rating: {'N/A' if rating is None else rating}", f"Rationale: {verdict.get('rationale', '')}"]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def text_for(rng: random.Random, max_tokens: int, stop: list[str]) -> tuple[str, str]:
     """A deterministic reply of at most `max_tokens` words, and the finish reason."""
     wanted = rng.randint(8, 40)
@@ -180,8 +206,12 @@ class FakeLLMServer:
         self._rng = random.Random(self.config.seed)
         self._script: deque[str] = deque()
         self._reset_counts()
+        from poll_assets_tests.fake_batch_api import FakeBatchAPI  # it builds on this module's answers
+
+        self.batches = FakeBatchAPI(self)  # OpenAI's /v1/files + /v1/batches, Anthropic's /v1/messages/batches
         self.app = Starlette(
             routes=[
+                self.batches.route(),
                 Route("/_stats", self._stats_endpoint, methods=["GET"]),
                 Route("/_config", self._config_endpoint, methods=["POST"]),
                 Route("/_reset", self._reset_endpoint, methods=["POST"]),
@@ -493,7 +523,7 @@ class FakeLLMServer:
 
         rng = random.Random(int(digest[:16], 16))
         if kind == "chat":
-            payload, headers = self._chat(body, digest, number, rng)
+            payload, headers = self._chat(body, digest, number, rng, tag)
         else:
             payload, headers = self._messages(body, digest, number, rng, tag)
         data = json.dumps(payload).encode()
@@ -507,7 +537,7 @@ class FakeLLMServer:
         return f"{body.get('model') or 'tgi'}{self.config.served_model_suffix}"
 
     def _chat(
-        self, body: dict[str, Any], digest: str, number: int, rng: random.Random
+        self, body: dict[str, Any], digest: str, number: int, rng: random.Random, tag: str = ""
     ) -> tuple[dict[str, Any], dict[str, str]]:
         messages = body.get("messages") or []
         prompt_tokens = count_tokens(*(str(m.get("content", "")) for m in messages))
@@ -520,12 +550,17 @@ class FakeLLMServer:
         elif fmt.get("type") == "json_object" and isinstance(fmt.get("schema"), dict):
             schema = fmt["schema"]  # llama.cpp's servers
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 256)
-        if schema is not None:
+        refusal = None
+        if schema is not None and tag in self.config.model_refusal:
+            text, refusal, finish = None, "I can't help with rating these texts.", "stop"
+        elif schema is not None and tag in self.config.ignore_response_format:
+            text, finish = verdict_prose(value_for_schema(schema, rng)), "stop"
+        elif schema is not None:
             text = json.dumps(value_for_schema(schema, rng))
             finish = "stop"
         else:
             text, finish = text_for(rng, max_tokens, list(body.get("stop") or []))
-        completion_tokens = count_tokens(text)
+        completion_tokens = count_tokens(text or refusal or "")
         payload = {
             "id": f"chatcmpl-{digest[:24]}",
             "object": "chat.completion",
@@ -535,7 +570,7 @@ class FakeLLMServer:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text},
+                    "message": {"role": "assistant", "content": text, **({"refusal": refusal} if refusal else {})},
                     "finish_reason": finish,
                     "logprobs": None,
                 }
@@ -564,7 +599,7 @@ class FakeLLMServer:
         if choice.get("type") == "tool" and choice.get("name") in tools and tag in self.config.omit_tool_use:
             # Paid and answered, but in prose: the JSON is in a text block, and there is no tool_use block.
             value = value_for_schema(tools[choice["name"]].get("input_schema") or {"type": "object"}, rng)
-            content = [{"type": "text", "text": f"Here is my assessment: {json.dumps(value)}"}]
+            content = [{"type": "text", "text": verdict_prose(value)}]
             stop_reason = "end_turn"
             output_tokens = count_tokens(content[0]["text"])
         elif choice.get("type") == "tool" and choice.get("name") in tools:

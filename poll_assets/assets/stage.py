@@ -21,6 +21,8 @@ from poll_assets.assets.preflight_step import preflight_run
 from poll_assets.assets.schema import ColumnSchema
 from poll_assets.checks import STEP_INPUT, StageCheck, asset_check_specs, evaluate_checks
 from poll_assets.llm.base import CallRequest, ChatBackend
+from poll_assets.llm.batch import run_batch_calls
+from poll_assets.llm.batch_settings import BatchPolicy
 from poll_assets.llm.cache import ResponseCache
 from poll_assets.llm.policy import CallPolicy
 from poll_assets.llm.providers import provider_spec
@@ -44,7 +46,12 @@ class MemberContext:
     label: str
 
     async def run_calls(self, requests: Sequence[CallRequest]) -> CallBatch:
-        """The member's requests through the one call path, under its policy."""
+        """The member's requests through the one call path, under its policy: online, or through its
+        provider's batch API when the member's `batch.enabled` (same cache keys, same CallBatch)."""
+        if self.member.batch.enabled:
+            batch_policy = BatchPolicy.resolve(self.member.batch, self.member.provider)
+            return await run_batch_calls(self.backend, self.policy, batch_policy, requests, self.cache,
+                                         progress=self.log, label=self.label)
         return await run_calls(self.backend, self.policy, requests, self.cache, progress=self.log, label=self.label)
 
 
