@@ -1,0 +1,178 @@
+"""The repair re-ask inside the judging stage: `judge()` with a scripted judge and a real response cache.
+
+A repair is one more call through the member's call path: counted, cached, priced; it fills a text the
+first answer left unread and never changes a rating the first answer gave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pandas as pd
+import pytest
+
+from poll_assets.assets.judging import check_unrated_verdicts, judge
+from poll_assets.assets.stage import MemberContext
+from poll_assets.llm.base import CallRequest, Completion, ProviderError
+from poll_assets.llm.cache import ResponseCache
+from poll_assets.llm.policy import CallPolicy
+from poll_assets.rubrics import get_rubric
+from poll_assets_tests.fake_backend import FAST_RETRY, FakeBackend
+from poll_assets_tests.fake_panel import write_panel
+
+RUBRIC = get_rubric("instruction-following")
+REPAIR_MARK = "could not be read"  # in the repair turn's first line (build_repair_messages)
+
+
+def _panel(tmp_path, **judging):
+    panel, _ = write_panel(tmp_path, n_judges=1, extra={
+        "judging": {"aspect": RUBRIC.aspect, "shuffle_positions": False, **judging}})
+    return panel
+
+
+def _combined(n_prompts: int = 2) -> pd.DataFrame:
+    return pd.DataFrame({
+        "prompt_id": [f"p{i}" for i in range(n_prompts)],
+        "instruction": [f"Question number {i}?" for i in range(n_prompts)],
+        "generations": [[f"First reply to {i}.", f"Second reply to {i}.", f"Third reply to {i}."]
+                        for i in range(n_prompts)],
+    })
+
+
+def _json(ratings: dict[int, int]) -> str:
+    return json.dumps({f"text_{k}": {"rationale": f"why {k}", "rating": r} for k, r in ratings.items()})
+
+
+def scripted(first: str, repair: str | list[str], mode: str = "json_schema"):
+    """A judge that answers `first` to the rating prompt and `repair` (or the next of several) to a repair."""
+    repairs = [repair] if isinstance(repair, str) else list(repair)
+    seen: list[CallRequest] = []
+
+    def answer(request: CallRequest) -> Completion:
+        seen.append(request)
+        is_repair = REPAIR_MARK in request.messages[-1][1]
+        rounds = sum(REPAIR_MARK in c for role, c in request.messages if role == "user")
+        text = repairs[min(rounds, len(repairs)) - 1] if is_repair else first
+        return Completion(text=text, finish_reason="stop", input_tokens=100, output_tokens=10, output_mode=mode)
+
+    return answer, seen
+
+
+class Run:
+    def __init__(self, out) -> None:
+        self.value = out.value
+        self.metadata = {k: getattr(v, "value", v) for k, v in out.metadata.items()}  # plain numbers
+
+
+def _run(panel, backend, cache) -> Run:
+    member = panel.judges[0]
+    work = MemberContext(member, panel, backend, CallPolicy(retry=FAST_RETRY), cache, lambda _: None, "ratings/test")
+    return Run(asyncio.run(judge(work, _combined(), rubric=RUBRIC)))
+
+
+def _backend(panel, answer, script=None):
+    member = panel.judges[0]
+    return FakeBackend(member.model, member.name, answer=answer, script=script)
+
+
+FIRST = _json({1: 4, 2: 5})  # text 3 left out: "no verdict in the JSON answer for text 3"
+
+
+def test_one_repair_fills_the_unread_text_and_a_warm_rerun_calls_nothing(tmp_path):
+    panel = _panel(tmp_path)
+    answer, seen = scripted(FIRST, _json({3: 2}))
+    cache = ResponseCache(tmp_path / "cache.sqlite")
+    out = _run(panel, _backend(panel, answer), cache)
+    df, meta = out.value, out.metadata
+    assert [list(r) for r in df["ratings"]] == [[4, 5, 2], [4, 5, 2]]
+    repairs = [r for r in seen if REPAIR_MARK in r.messages[-1][1]]
+    assert len(seen) == 4 and len(repairs) == 2  # one first call and one repair per prompt
+    assert all(r.json_schema["required"] == ["text_3"] for r in repairs)
+    assert repairs[0].messages[-2] == ("assistant", FIRST)  # the same conversation, first answer kept
+    assert [list(x) for x in df["repair_outputs"]] == [[_json({3: 2})]] * 2
+    assert all(len(ids) == 1 and ids[0] and ids[0] != cid for ids, cid in zip(df["repair_call_ids"], df["call_id"]))
+    assert "no verdict in the JSON answer for text 3" in df["repaired_errors"][0][2]
+    assert df["repaired_errors"][0][0] is None and df["rating_errors"][0][2] is None
+    assert meta["llm/calls"] == 4 and meta["llm/input_tokens"] == 400  # repairs counted and priced
+    assert meta["repairs_asked"] == 2 and meta["texts_recovered"] == 2 and meta["repair_call_failures"] == 0
+    assert meta["parse_failures_before"] == 2 and meta["parse_failures_after"] == 0 == meta["parse_failures"]
+    assert meta["parse_failures_before/text not rated"] == 2 and meta["parse_failures_after/text not rated"] == 0
+    assert meta["parse_failure_rate_before"] == pytest.approx(2 / 6)
+
+    # A re-run of the shard: the first calls and the repairs both come from the cache.
+    again = _backend(panel, scripted("unused", "unused")[0])
+    warm = _run(panel, again, ResponseCache(tmp_path / "cache.sqlite"))
+    assert again.total_calls == 0 and warm.metadata["llm/calls"] == 0 and warm.metadata["llm/cache_hits"] == 4
+    pd.testing.assert_frame_equal(warm.value, df)
+
+
+def test_a_repair_never_changes_a_rating_the_first_answer_gave(tmp_path):
+    panel = _panel(tmp_path)
+    answer, _ = scripted(FIRST, _json({1: 1, 2: 1, 3: 3}))  # rates 1 and 2 again, against the request
+    out = _run(panel, _backend(panel, answer), ResponseCache(tmp_path / "c.sqlite"))
+    assert [list(r) for r in out.value["ratings"]] == [[4, 5, 3], [4, 5, 3]]
+    assert out.metadata["texts_recovered"] == 2
+
+
+def test_repair_attempts_zero_makes_no_repair_call(tmp_path):
+    panel = _panel(tmp_path, repair_attempts=0)
+    answer, seen = scripted(FIRST, _json({3: 2}))
+    out = _run(panel, _backend(panel, answer), ResponseCache(tmp_path / "c.sqlite"))
+    assert len(seen) == 2 and [list(r) for r in out.value["ratings"]] == [[4, 5, None]] * 2
+    assert out.metadata["repairs_asked"] == 0 and out.metadata["parse_failures_after/text not rated"] == 2
+    assert [list(x) for x in out.value["repair_outputs"]] == [[], []]
+
+
+def test_nothing_unread_means_no_repair(tmp_path):
+    panel = _panel(tmp_path)
+    answer, seen = scripted(_json({1: 4, 2: 5, 3: 1}), "unused")
+    out = _run(panel, _backend(panel, answer), ResponseCache(tmp_path / "c.sqlite"))
+    assert len(seen) == 2 and out.metadata["repairs_asked"] == 0 and out.metadata["parse_failures_before"] == 0
+
+
+def test_a_failed_repair_call_keeps_the_first_verdicts_and_is_counted(tmp_path):
+    panel = _panel(tmp_path, repair_attempts=3)
+    answer, _ = scripted(FIRST, _json({3: 2}))
+    refuse = lambda text, attempt: ProviderError("bad_request", "scripted refusal") if REPAIR_MARK in text else None  # noqa: E731
+    backend = _backend(panel, answer, script=refuse)
+    out = _run(panel, backend, ResponseCache(tmp_path / "c.sqlite"))
+    df, meta = out.value, out.metadata
+    assert [list(r) for r in df["ratings"]] == [[4, 5, None]] * 2
+    assert "no verdict in the JSON answer for text 3" in df["rating_errors"][0][2]
+    assert [list(x) for x in df["repair_outputs"]] == [[None], [None]]  # one round: a failed repair ends it
+    assert meta["repairs_asked"] == 2 and meta["repair_call_failures"] == 2 and meta["llm/failures"] == 2
+    assert meta["texts_recovered"] == 0 and meta["parse_failures_after"] == 2
+    assert backend.total_calls == 4
+
+
+def test_a_second_round_continues_the_conversation(tmp_path):
+    panel = _panel(tmp_path, repair_attempts=2)
+    answer, seen = scripted(FIRST, ["I am not sure about text 3.", _json({3: 5})])
+    out = _run(panel, _backend(panel, answer), ResponseCache(tmp_path / "c.sqlite"))
+    assert [list(r) for r in out.value["ratings"]] == [[4, 5, 5]] * 2
+    second = [r for r in seen if sum(REPAIR_MARK in c for _, c in r.messages) == 2]
+    assert len(second) == 2 and second[0].messages[-2] == ("assistant", "I am not sure about text 3.")
+    assert out.metadata["repairs_asked"] == 4 and out.metadata["texts_recovered"] == 2
+
+
+def test_a_text_only_judge_is_asked_for_text_blocks(tmp_path):
+    panel = _panel(tmp_path)
+    first = "#### Output for Text 1\nRating: 4\nRationale: ok.\n\n#### Output for Text 2\nRating: 3\nRating: 5\n"
+    fix = "#### Output for Text 2\nRating: 3\nRationale: partial.\n\n#### Output for Text 3\nRating: 1\nRationale: off."
+    answer, seen = scripted(first, fix, mode="text")
+    out = _run(panel, _backend(panel, answer), ResponseCache(tmp_path / "c.sqlite"))
+    repairs = [r for r in seen if REPAIR_MARK in r.messages[-1][1]]
+    assert repairs and all(r.json_schema is None and "#### Output for Text <k>" in r.messages[-1][1] for r in repairs)
+    assert [list(r) for r in out.value["ratings"]] == [[4, 3, 1]] * 2
+    assert out.metadata["parse_failures_before/conflicting ratings"] == 2
+    assert out.metadata["parse_failures_before/text not rated"] == 2
+
+
+def test_the_unrated_check_names_a_single_reason(tmp_path):
+    panel = _panel(tmp_path, repair_attempts=0)
+    answer, _ = scripted(FIRST, "unused")
+    df = _run(panel, _backend(panel, answer), ResponseCache(tmp_path / "c.sqlite")).value
+    finding = check_unrated_verdicts(df, 0.1)
+    assert not finding.passed
+    assert "all 2 unreadable verdicts: 'text not rated' (e.g. 'no verdict in the JSON answer for text 3')" in finding.description
