@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from poll_assets.assets.judging import check_unrated_verdicts, judge
 from poll_assets.assets.stage import MemberContext
@@ -18,6 +21,7 @@ from poll_assets.llm.base import CallRequest, Completion, ProviderError
 from poll_assets.llm.cache import ResponseCache
 from poll_assets.llm.policy import CallPolicy
 from poll_assets.rubrics import get_rubric
+from poll_assets.verdicts import Verdict
 from poll_assets_tests.fake_backend import FAST_RETRY, FakeBackend
 from poll_assets_tests.fake_panel import write_panel
 
@@ -176,3 +180,114 @@ def test_the_unrated_check_names_a_single_reason(tmp_path):
     finding = check_unrated_verdicts(df, 0.1)
     assert not finding.passed
     assert "all 2 unreadable verdicts: 'text not rated' (e.g. 'no verdict in the JSON answer for text 3')" in finding.description
+
+
+# ---------------------------------------------------------------------------------------------
+# Recovery on the corpus: every answer in poll_assets_tests/data/judge_outputs/ that leaves a text
+# unread for a parse reason goes through judge() as a first answer; a scripted judge then answers the
+# repair for exactly the texts it names, in the standard format or in a realistic other style.
+
+CORPUS = Path(__file__).parent / "data" / "judge_outputs"
+CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text(encoding="utf-8"))
+ASKED_RE = re.compile(r"^- Text (\d+): ", re.MULTILINE)
+CASE_RE = re.compile(r"instruction for corpus case (\S+\.txt)")
+
+
+def meant(k: int, rubric) -> int:
+    """The rating the scripted judge means for text k in its repair."""
+    return rubric.ratings[(k + 1) % len(rubric.ratings)]
+
+
+def standard_repair(ks: list[int], rubric, as_json: bool, _: int) -> str:
+    if as_json:
+        return json.dumps({f"text_{k}": {**({"type": [1]} if rubric.has_type else {}), "rationale": "Re-rated.",
+                                         "rating": meant(k, rubric)} for k in ks})
+    return "\n\n".join(f"#### Output for Text {k}\n" + ("Type: 1\n" if rubric.has_type else "")
+                       + f"Rating: {meant(k, rubric)}\nRationale: Re-rated." for k in ks)
+
+
+def realistic_repair(ks: list[int], rubric, as_json: bool, i: int) -> str:
+    """Styles judges use when asked again: apologies, bold names, x/5, tables, fenced JSON with other
+    keys, prose, and (for one text) a bare rating that names no text."""
+    r = {k: meant(k, rubric) for k in ks}
+    if as_json:
+        body = {f"Text {k}": {"Rating": f"{r[k]}/5", "Rationale": "Looked again."} for k in ks}
+        return "I apologize for the oversight. Here is the corrected JSON:\n```json\n" + json.dumps(body, indent=2) + "\n```"
+    styles = [
+        lambda: "Apologies for the confusion! Here are the ratings again:\n\n"
+                + "\n".join(f"Text {k}: {r[k]}/5 - on a second look it follows the task." for k in ks),
+        lambda: "\n\n".join(f"**Text {k}**\nRating: {r[k]} ({rubric.label(r[k])})\nThe answer is judged again."
+                            for k in ks),
+        lambda: "| Text | Rating | Rationale |\n|---|---|---|\n" + "\n".join(f"| {k} | {r[k]} | revisited |" for k in ks),
+        lambda: (f"Sure. Rating: {r[ks[0]]}\nRationale: it does what was asked." if len(ks) == 1
+                 else "\n".join(f"{j}. Text {k} - Rating: {r[k]}" for j, k in enumerate(ks, start=1))),
+        lambda: "\n".join(f"After looking again, I would rate Text {k} a {r[k]} out of 5, since it mostly does "
+                          "what was asked." for k in ks),
+    ]
+    return styles[i % len(styles)]()
+
+
+def corpus_recovery(tmp_path, style) -> dict[str, int]:
+    """Texts left unread by the corpus answers, asked again, recovered, and recovered with another
+    rating than the scripted judge meant (must be 0), over all cases and the realistic ones."""
+    panel = _panel(tmp_path)
+    figures = {"cases": 0, "asked": 0, "recovered": 0, "wrong": 0, "realistic_asked": 0, "realistic_recovered": 0}
+    for aspect in sorted({c.get("aspect", "instruction-following") for c in CASES}):
+        rubric = get_rubric(aspect)
+        cases = {c["file"]: c for c in CASES if c.get("aspect", "instruction-following") == aspect}
+        files = sorted(cases)
+
+        def answer(request: CallRequest, cases=cases, files=files, rubric=rubric) -> Completion:
+            case = cases[CASE_RE.search(" ".join(c for _, c in request.messages)).group(1)]
+            mode = "json_schema" if case["structured"] else "text"
+            if REPAIR_MARK not in request.messages[-1][1]:
+                text = (CORPUS / case["file"]).read_bytes().decode("utf-8")
+            else:
+                ks = [int(k) for k in ASKED_RE.findall(request.messages[-1][1])]
+                text = style(ks, rubric, request.json_schema is not None, files.index(case["file"]))
+            return Completion(text=text, finish_reason="stop", output_mode=mode)
+
+        frame = pd.DataFrame({
+            "prompt_id": files,
+            "instruction": [f"Write the instruction for corpus case {f}" for f in files],
+            "generations": [cases[f].get("generations") or [f"Reply {k} of {f}." for k in range(1, cases[f]["n"] + 1)]
+                            for f in files],
+        })
+        member = panel.judges[0]
+        work = MemberContext(member, panel, FakeBackend(member.model, member.name, answer=answer),
+                             CallPolicy(retry=FAST_RETRY), ResponseCache(tmp_path / f"{aspect}.sqlite"), lambda _: None, "t")
+        df = asyncio.run(judge(work, frame, rubric=rubric)).value
+        for f, ratings, errors, fixed, outputs in zip(df["prompt_id"], df["ratings"], df["rating_errors"],
+                                                      df["repaired_errors"], df["repair_outputs"]):
+            if not len(outputs):
+                continue
+            realistic = cases[f].get("style") != "adversarial"
+            figures["cases"] += 1
+            recovered = [k for k, e in enumerate(fixed, start=1) if e is not None]
+            still = sum(Verdict(r, None, error=e).kind == "parse_failed" for r, e in zip(ratings, errors))
+            first_unread = len(recovered) + still
+            figures["asked"] += first_unread
+            figures["recovered"] += len(recovered)
+            figures["wrong"] += sum(ratings[k - 1] != meant(k, rubric) for k in recovered)
+            if realistic:
+                figures["realistic_asked"] += first_unread
+                figures["realistic_recovered"] += len(recovered)
+    return figures
+
+
+def test_corpus_recovery_standard_format(tmp_path):
+    got = corpus_recovery(tmp_path, standard_repair)
+    print("recovery, standard repair answers:", got)
+    assert got["cases"] >= 30 and got["wrong"] == 0
+    # An answer in the asked format fills every text of a realistic answer. In adversarial cases a text
+    # whose generation holds the very heading or JSON key the repair needs can stay unread: the parser
+    # drops a judge line identical to a line of a text (I1's bounded cost), it never misreads it.
+    assert got["realistic_recovered"] == got["realistic_asked"] > 0
+    assert got["recovered"] >= got["asked"] - 3
+
+
+def test_corpus_recovery_realistic_styles(tmp_path):
+    got = corpus_recovery(tmp_path, realistic_repair)
+    print("recovery, realistic repair answers:", got)
+    assert got["wrong"] == 0  # whatever is recovered is the rating the judge meant, on the text it meant
+    assert 0 < got["recovered"] < got["asked"]  # the bare single rating names no text: it stays unread (I2)
