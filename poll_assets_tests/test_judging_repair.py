@@ -15,8 +15,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from poll_assets.assets.judging import check_unrated_verdicts, judge
+from poll_assets.assets.judging import check_unrated_verdicts, judge, ratings_key
+from poll_assets.assets.publishing import judge_verdicts
 from poll_assets.assets.stage import MemberContext
+from poll_assets.dataset_export import build_dataset_card
+from poll_assets.io_manager import partition_path
 from poll_assets.llm.base import CallRequest, Completion, ProviderError
 from poll_assets.llm.cache import ResponseCache
 from poll_assets.llm.policy import CallPolicy
@@ -180,6 +183,33 @@ def test_the_unrated_check_names_a_single_reason(tmp_path):
     finding = check_unrated_verdicts(df, 0.1)
     assert not finding.passed
     assert "all 2 unreadable verdicts: 'text not rated' (e.g. 'no verdict in the JSON answer for text 3')" in finding.description
+
+
+def test_the_dataset_card_reads_the_figures_from_stored_ratings(tmp_path):
+    """Two shards stored (one repaired, one not): the card's per-judge figures add them up."""
+    panel = _panel(tmp_path)
+    storage = tmp_path / "storage"
+    (tmp_path / "off").mkdir()
+    judge_0 = panel.judges[0]
+    frames = {"shard-00000": _run(panel, _backend(panel, scripted(FIRST, _json({3: 2}))[0]),
+                                  ResponseCache(tmp_path / "a.sqlite")).value,
+              "shard-00001": _run(_panel(tmp_path / "off", repair_attempts=0), _backend(panel, scripted(FIRST, "")[0]),
+                                  ResponseCache(tmp_path / "b.sqlite")).value}
+    for shard, df in frames.items():
+        path = partition_path(str(storage), ratings_key(judge_0), shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        df.to_parquet(str(path))
+    figures = judge_verdicts(panel, str(storage))
+    assert list(figures) == [judge_0.name]
+    got = figures[judge_0.name]
+    assert (got["parse_failures_before"], got["repairs_asked"], got["texts_recovered"], got["parse_failures_after"]) == (4, 2, 2, 2)
+    assert got["by_reason_before"] == {"text not rated": 4} and got["by_reason_after"] == {"text not rated": 2}
+    assert got["parse_failure_rate_before"] == pytest.approx(4 / 12)
+    assert got["parse_failure_rate_after"] == pytest.approx(2 / 12)
+    info = {"rubric": {"aspect": RUBRIC.aspect, "version": "if-1"}, "verdicts": figures}
+    card = build_dataset_card(info)
+    assert yaml.safe_load(card.split("---\n", 2)[1])["poll"]["verdicts"][judge_0.name]["texts_recovered"] == 2
+    assert f"| {judge_0.name} | 4 | 2 | 2 | 2 | 0.333 | 0.167 | text not rated: 4 (2) |" in card
 
 
 # ---------------------------------------------------------------------------------------------
