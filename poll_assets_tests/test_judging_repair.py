@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from poll_assets.assets.judging import check_unrated_verdicts, judge, ratings_key
+from poll_assets.assets.judging import check_unrated_verdicts, judge, judge_code_version, ratings_key
 from poll_assets.assets.publishing import judge_verdicts
 from poll_assets.assets.stage import MemberContext
 from poll_assets.dataset_export import build_dataset_card
@@ -33,6 +33,7 @@ REPAIR_MARK = "could not be read"  # in the repair turn's first line (build_repa
 
 
 def _panel(tmp_path, **judging):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     panel, _ = write_panel(tmp_path, n_judges=1, extra={
         "judging": {"aspect": RUBRIC.aspect, "shuffle_positions": False, **judging}})
     return panel
@@ -189,7 +190,6 @@ def test_the_dataset_card_reads_the_figures_from_stored_ratings(tmp_path):
     """Two shards stored (one repaired, one not): the card's per-judge figures add them up."""
     panel = _panel(tmp_path)
     storage = tmp_path / "storage"
-    (tmp_path / "off").mkdir()
     judge_0 = panel.judges[0]
     frames = {"shard-00000": _run(panel, _backend(panel, scripted(FIRST, _json({3: 2}))[0]),
                                   ResponseCache(tmp_path / "a.sqlite")).value,
@@ -321,3 +321,10 @@ def test_corpus_recovery_realistic_styles(tmp_path):
     print("recovery, realistic repair answers:", got)
     assert got["wrong"] == 0  # whatever is recovered is the rating the judge meant, on the text it meant
     assert 0 < got["recovered"] < got["asked"]  # the bare single rating names no text: it stays unread (I2)
+
+
+def test_repair_attempts_is_part_of_the_judge_code_version(tmp_path):
+    one, two, again = _panel(tmp_path / "one"), _panel(tmp_path / "two", repair_attempts=2), _panel(tmp_path / "again")
+    member = one.judges[0]
+    assert judge_code_version(member, one, RUBRIC) != judge_code_version(member, two, RUBRIC)
+    assert judge_code_version(member, one, RUBRIC) == judge_code_version(member, again, RUBRIC)
