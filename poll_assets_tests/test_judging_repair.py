@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+import dagster as dg
 import pandas as pd
 import pytest
 import yaml
@@ -23,10 +24,12 @@ from poll_assets.io_manager import partition_path
 from poll_assets.llm.base import CallRequest, Completion, ProviderError
 from poll_assets.llm.cache import ResponseCache
 from poll_assets.llm.policy import CallPolicy
+from poll_assets.llm.resources import resource_key
+from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets.rubrics import get_rubric
 from poll_assets.verdicts import Verdict
 from poll_assets_tests.fake_backend import FAST_RETRY, FakeBackend
-from poll_assets_tests.fake_panel import write_panel
+from poll_assets_tests.fake_panel import scripted_resources, write_panel
 
 RUBRIC = get_rubric("instruction-following")
 REPAIR_MARK = "could not be read"  # in the repair turn's first line (build_repair_messages)
@@ -328,3 +331,61 @@ def test_repair_attempts_is_part_of_the_judge_code_version(tmp_path):
     member = one.judges[0]
     assert judge_code_version(member, one, RUBRIC) != judge_code_version(member, two, RUBRIC)
     assert judge_code_version(member, one, RUBRIC) == judge_code_version(member, again, RUBRIC)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through Dagster: the scripted panel's shard, with judge_1 leaving its last text out of every first answer.
+
+SHARD = "shard-00000"
+
+
+def forgetful_judge(model: str):
+    """JSON verdicts for the schema's keys, leaving the last key out unless asked in a repair."""
+
+    def answer(request: CallRequest) -> Completion:
+        keys = list(request.json_schema["required"])
+        if REPAIR_MARK not in request.messages[-1][1]:
+            keys = keys[:-1]
+        text = json.dumps({k: {"rationale": f"on {k}", "rating": 1 + int(k.split("_")[1]) % 5} for k in keys})
+        return Completion(text=text, finish_reason="stop", input_tokens=50, output_tokens=20, model=model,
+                          output_mode="json_schema")
+
+    return answer
+
+
+def _shard(tmp_path, **judging):
+    panel, path = write_panel(tmp_path, extra={"judging": judging} if judging else None)
+    resources = scripted_resources(panel)
+    judge_1 = panel.judges[1]
+    resources[resource_key(judge_1)] = FakeBackend(judge_1.model, judge_1.name, answer=forgetful_judge(judge_1.model))
+    defs = build_definitions(panel, path, storage_dir=str(tmp_path / "storage"), cache_path=str(tmp_path / "c.sqlite"),
+                             resource_overrides=resources)
+    result = defs.resolve_job_def(JOB_NAME).execute_in_process(partition_key=SHARD, raise_on_error=False)
+    events = {e.asset_key.to_user_string(): e for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"}
+    checks = {(e.event_specific_data.asset_key.to_user_string(), e.event_specific_data.check_name): e.event_specific_data
+              for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+    return result, resources[resource_key(judge_1)], events, checks
+
+
+def test_a_shard_through_dagster_repairs_and_reports(tmp_path):
+    result, backend, events, checks = _shard(tmp_path)
+    assert result.success
+    meta = {k: v.value for k, v in events["ratings/judge_1"].event_specific_data.materialization.metadata.items()}
+    assert backend.total_calls == 4  # 2 prompts: a first call and a repair each
+    assert meta["repairs_asked"] == 2 and meta["texts_recovered"] == 2 and meta["parse_failures"] == 0
+    assert meta["parse_failures_before/text not rated"] == 2 and meta["parse_failures_after/text not rated"] == 0
+    assert meta["llm/calls"] == 4 and meta["llm/input_tokens"] == 200
+    assert checks[("ratings/judge_1", "unrated_verdict_rate")].passed
+    stored = pd.read_parquet(partition_path(str(tmp_path / "storage"), dg.AssetKey(["ratings", "judge_1"]), SHARD))
+    assert all(None not in list(r) for r in stored["ratings"]) and all(len(x) == 1 for x in stored["repair_call_ids"])
+
+    again, backend, _, _ = _shard(tmp_path)  # the same shard again: every call of judge_1 is cached
+    assert again.success and backend.total_calls == 0
+
+
+def test_without_repairs_the_check_names_the_one_reason(tmp_path):
+    result, backend, events, checks = _shard(tmp_path, repair_attempts=0)
+    assert backend.total_calls == 2
+    check = checks[("ratings/judge_1", "unrated_verdict_rate")]
+    assert not check.passed
+    assert "all 2 unreadable verdicts: 'text not rated' (e.g. 'no verdict in the JSON answer for text 2')" in check.description
