@@ -9,8 +9,8 @@ its slowest member, which is what the per-member concurrency limits are sized fo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dagster as dg
@@ -18,21 +18,74 @@ import pandas as pd
 
 from poll_assets.assets.metadata import member_kinds
 from poll_assets.assets.schema import ColumnSchema
+from poll_assets.assets.shards import shard_events, shard_frames
 from poll_assets.checks import STEP_INPUT, StageCheck, asset_check_specs, evaluate_checks
 from poll_assets.llm.base import CallRequest, ChatBackend
 from poll_assets.llm.cache import ResponseCache
 from poll_assets.llm.policy import CallPolicy
 from poll_assets.llm.providers import provider_spec
 from poll_assets.llm.resources import ResponseCacheResource, member_backend, resource_key
-from poll_assets.llm.runner import CallBatch, run_calls
+from poll_assets.llm.runner import CallBatch, CallStats, run_calls
 from poll_assets.panel import Member, Panel
 
 
-@dataclass(frozen=True)
+class SharedCalls:
+    """The calls of every shard of a run, for one member, sent through ONE `run_calls`: the shards'
+    requests overlap within the member's limits instead of waiting for each other. Each shard hands
+    in its requests once (`submit`) or withdraws; when every shard has, the batch is sent, and each
+    shard gets back its own part (its completions, and stats counted over them)."""
+
+    def __init__(self, send: Callable[[Sequence[CallRequest]], Awaitable[CallBatch]], shards: int):
+        self._send = send
+        self._outstanding = shards
+        self._parts: list[tuple[list[CallRequest], asyncio.Future[CallBatch]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, requests: Sequence[CallRequest]) -> CallBatch:
+        future: asyncio.Future[CallBatch] = asyncio.get_running_loop().create_future()
+        self._parts.append((list(requests), future))
+        self._arrived()
+        return await future
+
+    def withdraw(self) -> None:
+        """A shard that will not submit (it failed first): the others need not wait for it."""
+        self._arrived()
+
+    def _arrived(self) -> None:
+        self._outstanding -= 1
+        if self._outstanding == 0 and self._parts:
+            self._task = asyncio.ensure_future(self._run(self._parts))
+
+    async def _run(self, parts: list[tuple[list[CallRequest], asyncio.Future[CallBatch]]]) -> None:
+        try:
+            batch = await self._send([r for requests, _ in parts for r in requests])
+        except Exception as exc:  # every shard of this member fails with it (e.g. an invalid key)
+            for _, future in parts:
+                future.set_exception(exc)
+            return
+        except BaseException:
+            for _, future in parts:
+                future.cancel()
+            raise
+        start = 0
+        for requests, future in parts:
+            future.set_result(batch_part(batch, start, start + len(requests)))
+            start += len(requests)
+
+
+def batch_part(batch: CallBatch, start: int, end: int) -> CallBatch:
+    """The completions [start, end) of a batch, with stats counted over them (elapsed: the batch's)."""
+    stats = CallStats(elapsed_s=batch.stats.elapsed_s)
+    for completion in batch.completions[start:end]:
+        stats.add(completion)
+    return replace(batch, completions=batch.completions[start:end], stats=stats)
+
+
+@dataclass
 class MemberContext:
-    """What one member's work in a stage step gets: its settings, its backend, its call policy
+    """What one member's work on one shard gets: its settings, its backend, its call policy
     (resolved once, here, from its `limits` and its provider's registry row), the response cache,
-    a log function and a label for messages."""
+    a log function, a label for messages, and the member's calls shared by the run's shards."""
 
     member: Member
     panel: Panel
@@ -41,10 +94,27 @@ class MemberContext:
     cache: ResponseCache
     log: Callable[[str], None]
     label: str
+    shared: SharedCalls | None = None
+    submitted: bool = False
 
     async def run_calls(self, requests: Sequence[CallRequest]) -> CallBatch:
-        """The member's requests through the one call path, under its policy."""
+        """The member's requests through the one call path, under its policy; in a run of several
+        shards, together with the other shards' requests (once per shard)."""
+        if self.shared is None:
+            return await self.send(requests)
+        if self.submitted:
+            raise RuntimeError(f"{self.label}: a shard sends its calls in one batch")
+        self.submitted = True
+        return await self.shared.submit(requests)
+
+    async def send(self, requests: Sequence[CallRequest]) -> CallBatch:
         return await run_calls(self.backend, self.policy, requests, self.cache, progress=self.log, label=self.label)
+
+    def close(self) -> None:
+        """The shard's work is over: if it never sent its calls, the other shards stop waiting for it."""
+        if self.shared is not None and not self.submitted:
+            self.submitted = True
+            self.shared.withdraw()
 
 
 # What a stage does for one member: (its context, the stage's input frame) -> that member's output.
@@ -103,49 +173,83 @@ def run_stage_step(
     panel: Panel,
     members: Sequence[Member],
     key_of: Callable[[Member], dg.AssetKey],
-    frame: pd.DataFrame,
+    step_input: Any,
     work: MemberWork,
     stage_checks: Sequence[StageCheck],
-) -> Iterator[dg.Output[Any] | dg.AssetCheckResult]:
-    """The body of a stage step: the selected members do `work` on `frame` at the same time, and each
-    one's checks run on its output (see `run_stage`)."""
+    input_name: str,
+) -> Iterator[dg.Output[Any] | dg.AssetCheckResult | dg.AssetCheckEvaluation]:
+    """The body of a stage step: the selected members do `work` on every shard of the run at the
+    same time (each member's calls for all shards in one batch), and each shard's checks run on its
+    output (see `run_stage`)."""
     cache: ResponseCacheResource = context.resources.response_cache
     selected = [m for m in members if key_of(m) in context.selected_asset_keys]
     checks = context.selected_asset_check_keys
+    frames = shard_frames(context, input_name, step_input)
 
-    def member_context(m: Member) -> MemberContext:
+    async def member_shards(m: Member) -> dict[str, dg.Output[Any]]:
         backend = member_backend(getattr(context.resources, resource_key(m)))  # resource keys are per member
-        return MemberContext(m, panel, backend, CallPolicy.resolve(m.limits, m.provider), cache.get_cache(),
-                             context.log.info, key_of(m).to_user_string())
+        policy, label = CallPolicy.resolve(m.limits, m.provider), key_of(m).to_user_string()
+        shared = SharedCalls(
+            MemberContext(m, panel, backend, policy, cache.get_cache(), context.log.info, label).send, len(frames)
+        )
+
+        async def one(shard: str) -> dg.Output[Any]:
+            work_ctx = MemberContext(m, panel, backend, policy, cache.get_cache(), context.log.info, label, shared)
+            try:
+                return await work(work_ctx, frames[shard])
+            finally:
+                work_ctx.close()
+
+        return await shard_outcomes(label, list(frames), [one(s) for s in frames])
 
     yield from run_stage(
         context,
         selected,
-        lambda m: work(member_context(m), frame),
-        checks=lambda m, df: evaluate_checks(stage_checks, key_of(m), df, {STEP_INPUT: frame}, checks),
+        member_shards,
+        key_of,
+        checks=lambda m, shard, df: evaluate_checks(stage_checks, key_of(m), df, {STEP_INPUT: frames[shard]}, checks),
     )
+
+
+async def shard_outcomes(
+    label: str, shards: list[str], work: list[Coroutine[Any, Any, dg.Output[Any]]]
+) -> dict[str, dg.Output[Any]]:
+    """Every shard's output, or the failure: one shard's error as it is, several named by shard."""
+    results = await asyncio.gather(*work, return_exceptions=True)
+    failed = [(s, r) for s, r in zip(shards, results) if isinstance(r, BaseException)]
+    for _, exc in failed:
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: not ours to reword
+            raise exc
+    if len(failed) == 1 or (failed and len(shards) == 1):
+        raise failed[0][1]
+    if failed:
+        lines = [f"- {s}: {exc.description if isinstance(exc, dg.Failure) else exc}" for s, exc in failed]
+        raise dg.Failure(description=f"{label}: {len(failed)} of {len(shards)} shards failed:\n" + "\n".join(lines)) from failed[0][1]
+    return dict(zip(shards, results))  # type: ignore[arg-type]
 
 
 def run_stage(
     context: dg.AssetExecutionContext,
     members: Sequence[Member],
-    compute: Callable[[Member], Coroutine[Any, Any, dg.Output[Any]]],
-    checks: Callable[[Member, Any], Iterable[dg.AssetCheckResult]] | None = None,
-) -> Iterator[dg.Output[Any] | dg.AssetCheckResult]:
-    """Run `compute` for every member concurrently; yield each success as that member's output,
-    followed by `checks(member, value)`, the results of its asset checks on the value in hand.
+    compute: Callable[[Member], Coroutine[Any, Any, Mapping[str, dg.Output[Any]]]],
+    key_of: Callable[[Member], dg.AssetKey],
+    checks: Callable[[Member, str, Any], Iterable[dg.AssetCheckResult]] | None = None,
+) -> Iterator[dg.Output[Any] | dg.AssetCheckResult | dg.AssetCheckEvaluation]:
+    """Run `compute` for every member concurrently; yield each success ({shard: output}) as that
+    member's output, followed by `checks(member, shard, value)`, the results of its asset checks on
+    each shard's value in hand.
 
     A failing member never cancels the others. Successes are yielded (and so stored) before the
     step fails, so a re-run only has to redo the member that failed, whose finished calls are cached.
     A member that failed has no output, so its checks are not evaluated.
     """
 
-    async def _all() -> list[dg.Output[Any] | BaseException]:
+    async def _all() -> list[Mapping[str, dg.Output[Any]] | BaseException]:
         # In-process models share the CPU (and llama.cpp's per-model lock): running them side by side
         # gains nothing and would start their call timeouts while they wait, so they take turns.
         local_turn = asyncio.Lock()
 
-        async def one(m: Member) -> dg.Output[Any]:
+        async def one(m: Member) -> Mapping[str, dg.Output[Any]]:
             if not provider_spec(m.provider).in_process:
                 return await compute(m)
             async with local_turn:
@@ -159,9 +263,8 @@ def run_stage(
         if isinstance(result, BaseException):
             failed.append((member, result))
             continue
-        yield dg.Output(result.value, output_name=member.name, metadata=result.metadata)
-        if checks is not None:  # after the output: a check result refers to the stored materialization
-            yield from checks(member, result.value)
+        made = {shard: (out, list(checks(member, shard, out.value)) if checks else []) for shard, out in result.items()}
+        yield from shard_events(context, key_of(member), made, output_name=member.name)
     if not failed:
         return
     for member, exc in failed:

@@ -1,0 +1,126 @@
+"""Many shards in one run: a partition range of the `paper` panel over the loopback fake server.
+
+Each shard is stored, described and checked as its own partition, while every member's calls for
+all the range's shards go through one batch (assets/shards.py, assets/stage.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import pytest
+import yaml
+
+from poll_assets.io_manager import partition_path
+from poll_assets.panel import PANELS_DIR, load_panel
+from poll_assets.pipeline import build_definitions
+from poll_assets_tests.fake_llm_server import FakeLLMServer
+from poll_assets_tests.instance import make_dagster_home
+from poll_assets_tests.test_paper_fake_server import member_path
+
+SHARDS = ["shard-00000", "shard-00001", "shard-00002"]
+RANGE_TAGS = {"dagster/asset_partition_range_start": SHARDS[0], "dagster/asset_partition_range_end": SHARDS[-1]}
+KEY_VARS = ("HF_TOKEN", "OPENAI_API_KEY", "ANTHROPIC_API_KEY")
+
+
+def paper_in_shards(tmp_path: Path, url: str, *, shards: int = 3, shard_size: int = 2, **source: Any) -> Path:
+    """The `paper` panel aimed at the fake server, over `shards` shards of the bundled prompts."""
+    raw = yaml.safe_load((PANELS_DIR / "paper.yaml").read_text())
+    raw["source"] = {
+        "data_files": [str((PANELS_DIR / "../data/sample_prompts.jsonl").resolve())],
+        "column_mapping": {"prompt": "instruction"},
+        "num_examples": shards * shard_size,
+        "shard_size": shard_size,
+        **source,
+    }
+    for member in (*raw["generators"], *raw["judges"]):
+        member["base_url"] = url + member_path(member)
+        member["limits"] = {**member.get("limits", {}), "rpm": None, "tpm": None}  # the fake server has no quota
+    path = tmp_path / "paper_shards.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def range_run(tmp_path: Path, panel_path: Path, monkeypatch: pytest.MonkeyPatch, tags=RANGE_TAGS) -> tuple[Any, ...]:
+    """Every asset of the range in ONE run of Dagster's implicit asset job (as `poll-assets run` launches it)."""
+    for var in KEY_VARS:
+        monkeypatch.setenv(var, "sk-test")
+    home = make_dagster_home(tmp_path / "home")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    storage = tmp_path / "storage"
+    panel, _ = load_panel(panel_path)
+    defs = build_definitions(panel, panel_path, storage_dir=str(storage), cache_path=str(home / "cache.sqlite"))
+    instance = dg.DagsterInstance.local_temp(str(home))
+    job = defs.resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(instance=instance, tags=tags, raise_on_error=False)
+    return panel, storage, instance, result
+
+
+def asset_keys(panel: Any) -> list[dg.AssetKey]:
+    return [
+        dg.AssetKey("prompts"), *[dg.AssetKey(["generations", g.name]) for g in panel.generators],
+        dg.AssetKey("combined_generations"), *[dg.AssetKey(["ratings", j.name]) for j in panel.judges],
+        dg.AssetKey("pooled_ratings"), dg.AssetKey("preference_pairs"),
+    ]
+
+
+def check_evaluations(instance: dg.DagsterInstance, run_id: str) -> list[Any]:
+    return [e.dagster_event.event_specific_data
+            for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)]
+
+
+def materializations(instance: dg.DagsterInstance, run_id: str) -> list[dg.AssetMaterialization]:
+    return [e.asset_materialization for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)]
+
+
+@pytest.mark.slow
+def test_a_range_of_three_shards_runs_as_one_run_and_stores_each_shard(tmp_path, fake_llm: FakeLLMServer, monkeypatch):
+    fake_llm.configure(latency_ms=20, jitter_ms=10)
+    panel, storage, instance, result = range_run(tmp_path, paper_in_shards(tmp_path, fake_llm.url), monkeypatch)
+    assert result.success
+    assert len(instance.get_run_records()) == 1
+
+    # every asset: one file per shard, each with that shard's prompts only
+    prompt_ids = {}
+    for shard in SHARDS:
+        prompts = pd.read_parquet(partition_path(storage, dg.AssetKey("prompts"), shard))
+        assert len(prompts) == 2
+        prompt_ids[shard] = prompts["prompt_id"].tolist()
+    assert len({p for ids in prompt_ids.values() for p in ids}) == 6
+    for key in asset_keys(panel)[1:-1]:
+        for shard in SHARDS:
+            frame = pd.read_parquet(partition_path(storage, key, shard))
+            assert frame["prompt_id"].tolist() == prompt_ids[shard], (key, shard)
+
+    # one materialization per asset and shard, with that shard's own metadata (row count, path)
+    mats = materializations(instance, result.run_id)
+    assert sorted((m.asset_key.to_user_string(), m.partition) for m in mats) == sorted(
+        (k.to_user_string(), s) for k in asset_keys(panel) for s in SHARDS)
+    for m in mats:
+        assert m.metadata["path"].value == str(partition_path(storage, m.asset_key, m.partition))
+        if m.asset_key != dg.AssetKey("preference_pairs"):
+            assert m.metadata["dagster/row_count"].value == 2
+
+    # every check of every asset recorded once per shard; the blocking ones passed (the fake's random
+    # ratings may well disagree, which only warns)
+    evaluations = check_evaluations(instance, result.run_id)
+    n_checks = 1 + 2 * len(panel.generators) + 2 * len(panel.judges) + 2 + 1
+    assert len(evaluations) == n_checks * len(SHARDS)
+    assert {e.partition for e in evaluations} == set(SHARDS)
+    assert all(e.passed for e in evaluations if e.blocking)
+    assert all(e.target_materialization_data is not None for e in evaluations)
+
+    # each request made once: one call per prompt per member over the whole range
+    stats = fake_llm.stats()
+    assert stats["total"] == 6 * (len(panel.generators) + len(panel.judges))
+    assert stats["max_repeats"] == 1
+
+    # a warm re-run of the range makes no request
+    fake_llm.reset()
+    again = dg.DagsterInstance.local_temp(str(tmp_path / "home"))
+    job = build_definitions(panel, tmp_path / "paper_shards.yaml", storage_dir=str(storage),
+                            cache_path=str(tmp_path / "home" / "cache.sqlite")).resolve_implicit_global_asset_job_def()
+    assert job.execute_in_process(instance=again, tags=RANGE_TAGS).success
+    assert fake_llm.stats()["total"] == 0
