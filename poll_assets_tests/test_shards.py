@@ -15,8 +15,9 @@ import yaml
 
 from poll_assets.io_manager import partition_path
 from poll_assets.panel import PANELS_DIR, load_panel
-from poll_assets.pipeline import build_definitions
+from poll_assets.pipeline import build_assets, build_definitions
 from poll_assets_tests.fake_llm_server import FakeLLMServer
+from poll_assets_tests.fake_panel import PROMPTS, scripted_resources, write_panel
 from poll_assets_tests.instance import make_dagster_home
 from poll_assets_tests.test_paper_fake_server import member_path
 
@@ -124,3 +125,56 @@ def test_a_range_of_three_shards_runs_as_one_run_and_stores_each_shard(tmp_path,
                             cache_path=str(tmp_path / "home" / "cache.sqlite")).resolve_implicit_global_asset_job_def()
     assert job.execute_in_process(instance=again, tags=RANGE_TAGS).success
     assert fake_llm.stats()["total"] == 0
+
+
+def test_a_check_failing_on_one_shard_of_a_range_is_recorded_against_that_shard_only(tmp_path, monkeypatch):
+    # gen_0 refuses "Write one sentence about rivers.", the 2nd prompt: shard-00000 of two shards of 2
+    panel, path = write_panel(tmp_path, n_prompts=4, shard_size=2)
+    home = make_dagster_home(tmp_path / "home")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    backends = scripted_resources(panel, fail={"gen_0": "rivers"})
+    defs = build_definitions(panel, path, storage_dir=str(tmp_path / "storage"), cache_path=str(home / "cache.sqlite"),
+                             resource_overrides=backends)
+    instance = dg.DagsterInstance.local_temp(str(home))
+    tags = {"dagster/asset_partition_range_start": "shard-00000", "dagster/asset_partition_range_end": "shard-00001"}
+    result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        instance=instance, tags=tags, raise_on_error=False)
+    assert not result.success  # the blocking check stops the stage's downstream steps
+
+    by_check = {(e.asset_key.to_user_string(), e.check_name, e.partition): e.passed
+                for e in check_evaluations(instance, result.run_id)}
+    assert by_check[("generations/gen_0", "failure_rate", "shard-00000")] is False
+    assert by_check[("generations/gen_0", "failure_rate", "shard-00001")] is True
+    assert [k for k, passed in by_check.items() if not passed] == [("generations/gen_0", "failure_rate", "shard-00000")]
+    # both shards of every generator are stored and materialized (each once), before the step failed
+    mats = {(m.asset_key.to_user_string(), m.partition) for m in materializations(instance, result.run_id)}
+    assert {("generations/gen_0", "shard-00000"), ("generations/gen_0", "shard-00001"),
+            ("generations/gen_1", "shard-00001")} <= mats
+    # one batch per member over both shards: every prompt asked once
+    assert backends["llm_gen_1"].attempts == {p: 1 for p in PROMPTS[:4]}
+
+
+def test_a_range_of_scripted_shards_makes_each_call_once_and_a_warm_rerun_none(tmp_path, monkeypatch):
+    panel, path = write_panel(tmp_path, n_prompts=6, shard_size=2)
+    home = make_dagster_home(tmp_path / "home")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    tags = {"dagster/asset_partition_range_start": "shard-00000", "dagster/asset_partition_range_end": "shard-00002"}
+    for attempt in ("cold", "warm"):
+        backends = scripted_resources(panel)
+        defs = build_definitions(panel, path, storage_dir=str(tmp_path / "storage"),
+                                 cache_path=str(home / "cache.sqlite"), resource_overrides=backends)
+        instance = dg.DagsterInstance.local_temp(str(home))
+        assert defs.resolve_implicit_global_asset_job_def().execute_in_process(instance=instance, tags=tags).success
+        calls = sum(b.total_calls for b in backends.values())
+        assert calls == (6 * len(panel.members) if attempt == "cold" else 0), attempt
+    pairs = [pd.read_parquet(partition_path(tmp_path / "storage", dg.AssetKey("preference_pairs"), s)) for s in SHARDS]
+    assert all(len(p) > 0 for p in pairs)
+
+
+def test_every_shard_asset_backfills_in_runs_of_shards_per_run(tmp_path):
+    panel, path = write_panel(tmp_path, n_prompts=8, shard_size=2, extra={})
+    panel = panel.model_copy(update={"source": panel.source.model_copy(update={"shards_per_run": 3})})
+    assets = build_assets(panel, path)
+    assert len(assets) == 6
+    for a in assets:  # the UI's Materialize all over many shards launches runs of this size
+        assert a.backfill_policy == dg.BackfillPolicy.multi_run(max_partitions_per_run=3), a.keys
