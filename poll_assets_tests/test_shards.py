@@ -5,6 +5,8 @@ all the range's shards go through one batch (assets/shards.py, assets/stage.py).
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,15 @@ import pandas as pd
 import pytest
 import yaml
 
+from poll_assets.assets.stage import BackendGate, MemberCalls
 from poll_assets.io_manager import partition_path
+from poll_assets.llm.base import CallRequest, GenerationParams
+from poll_assets.llm.cache import ResponseCache
+from poll_assets.llm.policy import CallPolicy, Limits
 from poll_assets.panel import PANELS_DIR, load_panel
 from poll_assets.pipeline import build_assets, build_definitions
 from poll_assets_tests.fake_llm_server import FakeLLMServer
+from poll_assets_tests.fake_backend import FakeBackend
 from poll_assets_tests.fake_panel import PROMPTS, scripted_resources, write_panel
 from poll_assets_tests.instance import make_dagster_home
 from poll_assets_tests.test_paper_fake_server import member_path
@@ -178,3 +185,39 @@ def test_every_shard_asset_backfills_in_runs_of_shards_per_run(tmp_path):
     assert len(assets) == 6
     for a in assets:  # the UI's Materialize all over many shards launches runs of this size
         assert a.backfill_policy == dg.BackfillPolicy.multi_run(max_partitions_per_run=3), a.keys
+
+
+class SlowToBuild:
+    """A member's resource whose client takes `build_s` to build (as an SDK import does)."""
+
+    def __init__(self, name: str, backend: FakeBackend, build_s: float = 0.0):
+        self.provider, self.model, self.member, self.base_url = backend.provider, backend.model, name, None
+        self._backend, self._build_s = backend, build_s
+        self.built_at: float | None = None
+
+    def backend(self) -> FakeBackend:
+        time.sleep(self._build_s)  # blocks the event loop, like an import
+        self.built_at = time.monotonic()
+        return self._backend
+
+
+def test_members_build_their_clients_only_for_uncached_calls_and_all_before_any_sends(tmp_path):
+    cache = ResponseCache(tmp_path / "cache.sqlite")
+    policy = CallPolicy.resolve(Limits(), "openai_compatible")
+    requests = [CallRequest.build([{"role": "user", "content": f"q{i}"}], GenerationParams()) for i in range(4)]
+
+    async def stage(resources: list[SlowToBuild]) -> None:
+        gate = BackendGate(len(resources))
+        calls = [MemberCalls(r, policy, cache, lambda _: None, r.member, gate) for r in resources]
+        await asyncio.gather(*(c.send(requests) for c in calls))
+
+    fast, slow = FakeBackend("m-fast", "fast"), FakeBackend("m-slow", "slow")
+    cold = [SlowToBuild("fast", fast), SlowToBuild("slow", slow, build_s=0.3)]
+    asyncio.run(stage(cold))
+    assert fast.total_calls == slow.total_calls == 4
+    assert min(fast.starts) >= cold[1].built_at  # the fast member waited for the slow one's client
+
+    warm = [SlowToBuild("fast", FakeBackend("m-fast", "fast")), SlowToBuild("slow", FakeBackend("m-slow", "slow"))]
+    asyncio.run(stage(warm))
+    assert [r.built_at for r in warm] == [None, None]  # the cache served every call: no client built
+    cache.close()

@@ -20,11 +20,11 @@ from poll_assets.assets.metadata import member_kinds
 from poll_assets.assets.schema import ColumnSchema
 from poll_assets.assets.shards import shard_events, shard_frames
 from poll_assets.checks import STEP_INPUT, StageCheck, asset_check_specs, evaluate_checks
-from poll_assets.llm.base import CallRequest, ChatBackend
+from poll_assets.llm.base import CallRequest, ChatBackend, Completion, ProviderError, request_key
 from poll_assets.llm.cache import ResponseCache
 from poll_assets.llm.policy import CallPolicy
 from poll_assets.llm.providers import provider_spec
-from poll_assets.llm.resources import ResponseCacheResource, member_backend, resource_key
+from poll_assets.llm.resources import ChatModelResource, ResponseCacheResource, member_backend, resource_key
 from poll_assets.llm.runner import CallBatch, CallStats, run_calls
 from poll_assets.panel import Member, Panel
 
@@ -35,8 +35,10 @@ class SharedCalls:
     in its requests once (`submit`) or withdraws; when every shard has, the batch is sent, and each
     shard gets back its own part (its completions, and stats counted over them)."""
 
-    def __init__(self, send: Callable[[Sequence[CallRequest]], Awaitable[CallBatch]], shards: int):
+    def __init__(self, send: Callable[[Sequence[CallRequest]], Awaitable[CallBatch]], shards: int,
+                 on_nothing: Callable[[], None] = lambda: None):
         self._send = send
+        self._on_nothing = on_nothing  # every shard withdrew: nothing will be sent
         self._outstanding = shards
         self._parts: list[tuple[list[CallRequest], asyncio.Future[CallBatch]]] = []
         self._task: asyncio.Task[None] | None = None
@@ -53,8 +55,11 @@ class SharedCalls:
 
     def _arrived(self) -> None:
         self._outstanding -= 1
-        if self._outstanding == 0 and self._parts:
-            self._task = asyncio.ensure_future(self._run(self._parts))
+        if self._outstanding == 0:
+            if self._parts:
+                self._task = asyncio.ensure_future(self._run(self._parts))
+            else:
+                self._on_nothing()
 
     async def _run(self, parts: list[tuple[list[CallRequest], asyncio.Future[CallBatch]]]) -> None:
         try:
@@ -81,38 +86,101 @@ def batch_part(batch: CallBatch, start: int, end: int) -> CallBatch:
     return replace(batch, completions=batch.completions[start:end], stats=stats)
 
 
-@dataclass
-class MemberContext:
-    """What one member's work on one shard gets: its settings, its backend, its call policy
-    (resolved once, here, from its `limits` and its provider's registry row), the response cache,
-    a log function, a label for messages, and the member's calls shared by the run's shards."""
+class BackendGate:
+    """A stage's members build their provider clients only when some of their calls are not cached
+    (building one imports its SDK: seconds for some, and llama.cpp loads its weights), and all of
+    them before any member sends: an import on the event loop would stall every call in flight. So
+    a warm re-run imports no SDK, and a cold run imports them all before the first request."""
 
-    member: Member
-    panel: Panel
-    backend: ChatBackend
+    def __init__(self, members: int):
+        self._waiting = members
+        self._open = asyncio.Event()
+
+    async def passed(self) -> None:
+        """This member has said whether it needs its client; wait until every member has."""
+        self.leave()
+        await self._open.wait()
+
+    def leave(self) -> None:
+        """This member will not send (it failed first, or has nothing to send)."""
+        self._waiting -= 1
+        if self._waiting <= 0:
+            self._open.set()
+
+
+class CacheOnlyBackend(ChatBackend):
+    """A member's identity for the response cache (the call ids), without its client: for a batch
+    that the cache serves whole. A call reaching it means the cache lost an answer under us."""
+
+    def __init__(self, resource: ChatModelResource):
+        self.provider, self.model = resource.provider, resource.model
+        self.member, self.base_url = resource.member, resource.base_url
+
+    async def complete(self, request: CallRequest) -> Completion:
+        raise ProviderError("server", f"{self.who}: an answer found in the response cache a moment ago is gone")
+
+
+@dataclass
+class MemberCalls:
+    """How one member's batch is sent: through `run_calls`, under its policy, with its backend built
+    only if the cache cannot serve the whole batch (see BackendGate)."""
+
+    resource: ChatModelResource | ChatBackend  # tests bind a ChatBackend directly
     policy: CallPolicy
     cache: ResponseCache
     log: Callable[[str], None]
     label: str
-    shared: SharedCalls | None = None
+    gate: BackendGate
+    turn: asyncio.Lock | None = None  # in-process models take turns (see run_stage_step)
+
+    async def send(self, requests: Sequence[CallRequest]) -> CallBatch:
+        try:
+            backend = await self._backend_for(requests)
+        except BaseException:
+            self.gate.leave()
+            raise
+        await self.gate.passed()
+        if backend is None:
+            backend = member_backend(self.resource)  # every member builds before any member sends
+        if self.turn is None:
+            return await run_calls(backend, self.policy, requests, self.cache, progress=self.log, label=self.label)
+        async with self.turn:
+            return await run_calls(backend, self.policy, requests, self.cache, progress=self.log, label=self.label)
+
+    async def _backend_for(self, requests: Sequence[CallRequest]) -> ChatBackend | None:
+        """The cache-only backend when the cache holds every answer; None when the real one is needed."""
+        if isinstance(self.resource, ChatBackend):
+            return self.resource
+        if not self.cache.reads:
+            return None
+        identity = CacheOnlyBackend(self.resource)
+        keys = {request_key(identity.provider, identity.model, identity.base_url, r) for r in requests}
+        return identity if len(await self.cache.aget_many(keys)) == len(keys) else None
+
+
+@dataclass
+class MemberContext:
+    """What one member's work on one shard gets: its settings, a log function, a label for messages,
+    and the member's calls, which the run's shards send together."""
+
+    member: Member
+    panel: Panel
+    log: Callable[[str], None]
+    label: str
+    shared: SharedCalls
     submitted: bool = False
 
     async def run_calls(self, requests: Sequence[CallRequest]) -> CallBatch:
-        """The member's requests through the one call path, under its policy; in a run of several
-        shards, together with the other shards' requests (once per shard)."""
-        if self.shared is None:
-            return await self.send(requests)
+        """The member's requests through the one call path, under its policy, together with the
+        run's other shards' requests (once per shard)."""
         if self.submitted:
             raise RuntimeError(f"{self.label}: a shard sends its calls in one batch")
         self.submitted = True
         return await self.shared.submit(requests)
 
-    async def send(self, requests: Sequence[CallRequest]) -> CallBatch:
-        return await run_calls(self.backend, self.policy, requests, self.cache, progress=self.log, label=self.label)
-
     def close(self) -> None:
         """The shard's work is over: if it never sent its calls, the other shards stop waiting for it."""
-        if self.shared is not None and not self.submitted:
+        if not self.submitted:
             self.submitted = True
             self.shared.withdraw()
 
@@ -185,16 +253,21 @@ def run_stage_step(
     selected = [m for m in members if key_of(m) in context.selected_asset_keys]
     checks = context.selected_asset_check_keys
     frames = shard_frames(context, input_name, step_input)
+    gate = BackendGate(len(selected))
+    # In-process models share the CPU (and llama.cpp's per-model lock): running them side by side
+    # gains nothing and would start their call timeouts while they wait, so they take turns.
+    local_turn = asyncio.Lock()
 
     async def member_shards(m: Member) -> dict[str, dg.Output[Any]]:
-        backend = member_backend(getattr(context.resources, resource_key(m)))  # resource keys are per member
-        policy, label = CallPolicy.resolve(m.limits, m.provider), key_of(m).to_user_string()
-        shared = SharedCalls(
-            MemberContext(m, panel, backend, policy, cache.get_cache(), context.log.info, label).send, len(frames)
-        )
+        label = key_of(m).to_user_string()
+        turn = local_turn if provider_spec(m.provider).in_process else None
+        calls = MemberCalls(getattr(context.resources, resource_key(m)),  # resource keys are per member
+                            CallPolicy.resolve(m.limits, m.provider), cache.get_cache(), context.log.info, label,
+                            gate, turn)
+        shared = SharedCalls(calls.send, len(frames), on_nothing=gate.leave)
 
         async def one(shard: str) -> dg.Output[Any]:
-            work_ctx = MemberContext(m, panel, backend, policy, cache.get_cache(), context.log.info, label, shared)
+            work_ctx = MemberContext(m, panel, context.log.info, label, shared)
             try:
                 return await work(work_ctx, frames[shard])
             finally:
@@ -245,17 +318,7 @@ def run_stage(
     """
 
     async def _all() -> list[Mapping[str, dg.Output[Any]] | BaseException]:
-        # In-process models share the CPU (and llama.cpp's per-model lock): running them side by side
-        # gains nothing and would start their call timeouts while they wait, so they take turns.
-        local_turn = asyncio.Lock()
-
-        async def one(m: Member) -> Mapping[str, dg.Output[Any]]:
-            if not provider_spec(m.provider).in_process:
-                return await compute(m)
-            async with local_turn:
-                return await compute(m)
-
-        return await asyncio.gather(*(one(m) for m in members), return_exceptions=True)
+        return await asyncio.gather(*(compute(m) for m in members), return_exceptions=True)
 
     results = asyncio.run(_all())
     failed: list[tuple[Member, BaseException]] = []
