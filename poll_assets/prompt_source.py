@@ -48,24 +48,47 @@ def _file_format(files: list[Path]) -> str:
 
 def load_instructions(source: Source, base_dir: Path, end: int) -> pd.Series:
     """The instruction column of the first `end` rows, as strings (None for missing values)."""
-    import datasets
-
     if source.repo_id:
         where = f"hub dataset {source.repo_id!r} (split {source.split!r})"
-        ds = datasets.load_dataset(source.repo_id, source.subset, split=source.split, revision=source.revision)
+        columns, values = _hub_column(source)
     else:
         files = resolve_data_files(source, base_dir)
         where = ", ".join(str(f) for f in files)
-        ds = datasets.load_dataset(_file_format(files), data_files=[str(f) for f in files], split="train")
+        columns, values = _local_column(files, _file_format(files), source.instruction_column)
     column = source.instruction_column
-    if column not in ds.column_names:
+    if values is None:
         raise PromptSourceError(
             f"{where}: column {column!r} (mapped to 'instruction' by source.column_mapping) not found; "
-            f"the source has columns {ds.column_names}"
+            f"the source has columns {columns}"
         )
-    ds = ds.select_columns([column]).select(range(min(end, len(ds))))
-    values = ds[column]
-    return pd.Series([v if isinstance(v, str) else None if v is None else str(v) for v in values], dtype=object)
+    return pd.Series([v if isinstance(v, str) else None if v is None else str(v) for v in values[:end]], dtype=object)
+
+
+def _hub_column(source: Source) -> tuple[list[str], list[object] | None]:
+    """The source's columns, and its instruction column's values (None when it has no such column)."""
+    import datasets  # only a Hub source needs it (importing it costs a second of CPU here)
+
+    ds = datasets.load_dataset(source.repo_id, source.subset, split=source.split, revision=source.revision)
+    column = source.instruction_column
+    return ds.column_names, (ds[column] if column in ds.column_names else None)
+
+
+def _local_column(files: list[Path], fmt: str, column: str) -> tuple[list[str], list[object] | None]:
+    """As `_hub_column`, for local files, read with pyarrow (files in order, rows in file order).
+    A `.json` file may hold one JSON array rather than JSON lines: `datasets` reads those."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+    import pyarrow.json as pa_json
+    import pyarrow.parquet as pq
+
+    if fmt == "json" and any(f.suffix.lower() == ".json" for f in files):
+        import datasets
+
+        ds = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
+        return ds.column_names, (ds[column] if column in ds.column_names else None)
+    read = {"json": pa_json.read_json, "csv": pa_csv.read_csv, "parquet": pq.read_table}[fmt]
+    table = pa.concat_tables([read(str(f)) for f in files], promote_options="default")
+    return table.column_names, (table.column(column).to_pylist() if column in table.column_names else None)
 
 
 @dataclass
