@@ -24,8 +24,10 @@ from __future__ import annotations
 import dagster as dg
 
 from poll_assets.panel import Schedule
+from poll_assets.run_liveness import fail_dead_runs
 
 SENSOR_NAME = "poll_automation"
+DEAD_RUN_SENSOR_NAME = "poll_dead_runs"
 
 AC = dg.AutomationCondition
 
@@ -70,3 +72,22 @@ def build_automation_sensor(schedule: Schedule) -> dg.AutomationConditionSensorD
             "whose last run failed, or whose code version or upstream data changed since it was made."
         ),
     )
+
+
+def build_dead_run_sensor() -> dg.SensorDefinition:
+    """Marks failed the runs of this host whose process died, so the re-run condition's next tick
+    sees them as failed rather than in progress (see run_liveness). Always running: it pays nothing."""
+
+    @dg.sensor(
+        name=DEAD_RUN_SENSOR_NAME,
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Marks FAILURE every STARTED run of this host whose process has exited (e.g. killed with kill -9).",
+    )
+    def _dead_runs(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+        dead = fail_dead_runs(context.instance)
+        for run in dead:
+            context.log.warning(f"run {run.run_id} ({run.job_name}) marked failed: {run.reason}")
+        return dg.SkipReason(f"{len(dead)} dead run(s) marked failed" if dead else "no dead runs")
+
+    return _dead_runs

@@ -27,6 +27,80 @@ def run_job(defs: dg.Definitions) -> dg.JobDefinition:
     return defs.resolve_implicit_global_asset_job_def()
 
 
+def _metadata_text(metadata: dict) -> str:
+    """`key=value` pairs of a check's metadata (rates, counts, thresholds), skipping long values."""
+    parts = []
+    for key, value in metadata.items():
+        raw = getattr(value, "value", value)
+        if isinstance(raw, float):
+            parts.append(f"{key}={raw:.4g}")
+        elif isinstance(raw, (int, str, bool)) and len(str(raw)) <= 80:
+            parts.append(f"{key}={raw}")
+    return ", ".join(parts)
+
+
+def failure_report(result) -> tuple[list[str], bool]:
+    """One line per failed check (asset, check, its message and key metadata), per failed step
+    (its error message) and for the run failure itself, read from the run's own events; and
+    whether any of it is an error (a WARN-severity check alone is reported but not an error)."""
+    import dagster as dg
+
+    lines, error = [], not result.success
+    for check in result.get_asset_check_evaluations():
+        if not check.passed:
+            warn = check.severity == dg.AssetCheckSeverity.WARN
+            error = error or not warn
+            meta = _metadata_text(dict(check.metadata))
+            lines.append(
+                f"check {'warning' if warn else 'failed'}: {check.asset_key.to_user_string()}: {check.check_name}: "
+                f"{check.description or 'no message'}{' [' + meta + ']' if meta else ''}"
+            )
+    for event in result.get_step_failure_events():
+        lines.append(f"step failed: {event.step_key}: {_step_failure_message(event)}")
+    for event in result.all_events:
+        if event.event_type_value == dg.DagsterEventType.RUN_FAILURE.value and event.message:
+            lines.append(f"run failed: {event.message}")
+    return lines, error
+
+
+def _step_failure_message(event) -> str:
+    """A step's own failure sentence (a raised dg.Failure's description), else its error and causes."""
+    data = event.step_failure_data
+    if data is None:
+        return event.message or "no message"
+    if data.user_failure_data is not None and data.user_failure_data.description:
+        return data.user_failure_data.description
+    parts, error = [], data.error
+    while error is not None:
+        parts.append(error.message.strip())
+        error = error.cause
+    return " <- caused by: ".join(parts) or "no message"
+
+
+def _report_dead_runs(instance) -> None:
+    from poll_assets.run_liveness import fail_dead_runs
+
+    for dead in fail_dead_runs(instance):
+        print(f"run {dead.run_id} ({dead.job_name}) was still marked as running but {dead.reason}; "
+              "marked it failed", file=sys.stderr)
+
+
+def _check_prompt_files(panel, panel_path: Path) -> bool:
+    """Read local prompt files once before any run starts: a bad file stops here, naming its line,
+    and a num_examples beyond the file is reported with the file's row count."""
+    from poll_assets.prompt_source import PromptSourceError, count_local_rows
+
+    try:
+        rows = count_local_rows(panel.source, panel_path.parent)
+    except PromptSourceError as exc:
+        print(f"poll-assets run: {exc}", file=sys.stderr)
+        return False
+    if rows is not None and panel.source.num_examples > rows:
+        print(f"warning: source.num_examples is {panel.source.num_examples} but the prompt files have {rows} rows; "
+              f"shards past row {rows - 1} will fail until num_examples is lowered or rows are added", file=sys.stderr)
+    return True
+
+
 def run_shards(args: argparse.Namespace, keys: list[str]) -> list[str]:
     """The shards `poll-assets run` materializes: --all, --partitions A...B, --partition K, else the first."""
     from poll_assets.partitions import select_shards
@@ -48,8 +122,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from poll_assets.panel import load_panel
     from poll_assets.partitions import run_ranges
     from poll_assets.pipeline import build_definitions
+    from poll_assets.run_liveness import process_tags
+    from poll_assets.terminal import escape_controls
 
     panel, path = load_panel(args.panel)
+    if not _check_prompt_files(panel, path):
+        return 2
     job = run_job(build_definitions(panel, path))
     try:
         shards = run_shards(args, job.partitions_def.get_partition_keys())
@@ -60,25 +138,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"panel {panel.name} ({path}); materializing every asset of {len(shards)} shard(s) "
           f"{shards[0]}{' ... ' + shards[-1] if len(shards) > 1 else ''} in {len(runs)} run(s) "
           f"of at most {panel.source.shards_per_run} (source.shards_per_run) ...", flush=True)
-    failed = 0
+    failed_runs = 0
     with dg.DagsterInstance.get() as instance:
+        _report_dead_runs(instance)  # a killed run must not look in progress to this run or the next tick
         for run in runs:
-            one = {"partition_key": run[0]} if len(run) == 1 else {"tags": range_tags(run)}
+            one = {"partition_key": run[0], "tags": process_tags()} if len(run) == 1 else {
+                "tags": {**process_tags(), **range_tags(run)}}
             result = job.execute_in_process(
                 instance=instance,
                 raise_on_error=False,
                 run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
                 **one,
             )
-            if not result.success:
-                failed += 1
+            problems, failed = failure_report(result)
+            for line in problems:
+                print(escape_controls(line), file=sys.stderr)  # messages may quote prompts
+            if failed:
+                failed_runs += 1
                 print(f"run {result.run_id} ({run[0]} ... {run[-1]}) failed; see `poll-assets ui` for the event log",
                       file=sys.stderr)
                 continue
             print(f"run {result.run_id} succeeded")
             for line in shard_summary(instance, run, alone=len(shards) == 1):
                 print(line)
-    return 1 if failed else 0
+    return 1 if failed_runs else 0
 
 
 def shard_summary(instance: dg.DagsterInstance, shards: list[str], alone: bool = False) -> list[str]:
@@ -134,7 +217,9 @@ def cmd_trail(args: argparse.Namespace) -> int:
     except TrailError as exc:
         print(f"poll-assets trail: {exc}", file=sys.stderr)
         return 2
-    print(trail_json(trail) if args.json else format_trail(trail))
+    from poll_assets.terminal import escape_controls
+
+    print(escape_controls(trail_json(trail) if args.json else format_trail(trail)))
     return 0
 
 

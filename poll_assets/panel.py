@@ -149,6 +149,7 @@ class Judging(_Strict):
     exclude_self_family: bool = True  # self-preference control
     seed: int = 0
     max_rationale_chars: int | None = Field(default=300, ge=20)  # None where a provider refuses maxLength
+    repair_attempts: int = Field(default=1, ge=0)  # re-asks of a judge whose answer left texts unread; 0 = off
 
 
 class Pooling(_Strict):

@@ -14,7 +14,7 @@ from poll_assets.assets.pooling import build_pooled_asset
 from poll_assets.assets.preferences import build_preferences_asset
 from poll_assets.assets.prompts import build_prompts_asset
 from poll_assets.assets.publishing import build_hub_publisher, build_publish_job
-from poll_assets.automation import build_automation_sensor, with_rerun_condition
+from poll_assets.automation import build_automation_sensor, build_dead_run_sensor, with_rerun_condition
 from poll_assets.io_manager import ParquetIOManagerFactory, default_dagster_home, default_storage_dir
 from poll_assets.llm.resources import ResponseCacheResource, build_llm_resource, resource_key
 from poll_assets.panel import Panel
@@ -95,6 +95,6 @@ def build_definitions(
     return dg.Definitions(
         assets=[*assets, dataset_spec],
         jobs=[job, publish_job],
-        sensors=[build_automation_sensor(panel.schedule)],
+        sensors=[build_automation_sensor(panel.schedule), build_dead_run_sensor()],
         resources=resources,
     )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,42 +49,124 @@ def _file_format(files: list[Path]) -> str:
     return kinds.pop()  # type: ignore[return-value]
 
 
-def load_instructions(source: Source, base_dir: Path, end: int) -> pd.Series:
-    """The instruction column of the first `end` rows, as strings (None for missing values)."""
-    if source.repo_id:
-        where = f"hub dataset {source.repo_id!r} (split {source.split!r})"
-        columns, values = _hub_column(source)
-    else:
-        files = resolve_data_files(source, base_dir)
-        where = ", ".join(str(f) for f in files)
-        columns, values = _local_column(files, _file_format(files), source.instruction_column)
-    column = source.instruction_column
-    if values is None:
+def _describe_value(value: object) -> str:
+    text = json.dumps(value, default=str)
+    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+
+def _check_instruction(value: object, where: str, column: str) -> None:
+    """Instructions are text; None (a missing value) is counted as empty later."""
+    if value is not None and not isinstance(value, str):
+        raise PromptSourceError(f"{where}: {column!r} is a {_describe_value(value)}, not text; every instruction must be a string")
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
         raise PromptSourceError(
-            f"{where}: column {column!r} (mapped to 'instruction' by source.column_mapping) not found; "
-            f"the source has columns {columns}"
-        )
-    return pd.Series([v if isinstance(v, str) else None if v is None else str(v) for v in values[:end]], dtype=object)
+            f"{path}: line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save the file as UTF-8"
+        ) from None
+    if not text.strip():
+        raise PromptSourceError(f"{path}: the file is empty; it must hold one prompt per row")
+    return text
 
 
-def _hub_column(source: Source) -> tuple[list[str], list[object] | None]:
-    """The source's columns, and its instruction column's values (None when it has no such column)."""
-    import datasets  # only a Hub source needs it (importing it costs a second of CPU here)
+def _json_lines_rows(path: Path, text: str, column: str) -> int:
+    rows = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptSourceError(f"{path}: line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise PromptSourceError(f"{path}: line {number}: expected a JSON object, got a {_describe_value(record)}")
+        _check_instruction(record.get(column), f"{path}: line {number}", column)
+        rows += 1
+    return rows
 
-    ds = datasets.load_dataset(source.repo_id, source.subset, split=source.split, revision=source.revision)
+
+def _json_rows(path: Path, text: str, column: str) -> int:
+    """A .json file is either one JSON array of objects or JSON lines, as `datasets` reads both."""
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError:
+        return _json_lines_rows(path, text, column)
+    if not isinstance(records, list):
+        return _json_lines_rows(path, text, column)
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise PromptSourceError(f"{path}: record {i}: expected a JSON object, got a {_describe_value(record)}")
+        _check_instruction(record.get(column), f"{path}: record {i}", column)
+    return len(records)
+
+
+def _csv_rows(path: Path, text: str) -> int:
+    reader = csv.reader(io.StringIO(text))
+    try:
+        return max(0, sum(1 for _ in reader) - 1)  # minus the header
+    except csv.Error as exc:
+        raise PromptSourceError(f"{path}: line {reader.line_num}: not valid CSV ({exc})") from None
+
+
+def check_local_file(path: Path, column: str) -> int | None:
+    """A cheap pass over a local text file before `datasets` reads it: UTF-8, not empty, every JSON
+    line an object whose instruction is a string. Returns the row count (None for Parquet, whose
+    checks come after loading). Each error names the file, the line and what is wrong."""
+    kind = _FORMATS.get(path.suffix.lower())
+    if kind == "parquet":
+        return None
+    text = _read_text(path)
+    if kind == "csv":
+        return _csv_rows(path, text)
+    return _json_rows(path, text, column) if path.suffix.lower() == ".json" else _json_lines_rows(path, text, column)
+
+
+def count_local_rows(source: Source, base_dir: Path) -> int | None:
+    """Rows in a local source's text files (after validating them), or None for the Hub or Parquet."""
+    if source.repo_id:
+        return None
+    counts = [check_local_file(f, source.instruction_column) for f in resolve_data_files(source, base_dir)]
+    return None if None in counts else sum(c for c in counts if c is not None)
+
+
+def _load_column(source: Source, base_dir: Path) -> tuple[list[str], list[object] | None, str]:
+    """The source's columns, its instruction column's values (None when it has no such column), and
+    a description of where they came from. `datasets` only for a Hub source or a `.json` file (which
+    may hold one JSON array); other local files are read with pyarrow, which costs a fraction of
+    importing `datasets` and preparing its cache."""
     column = source.instruction_column
-    return ds.column_names, (ds[column] if column in ds.column_names else None)
+    if source.repo_id:
+        import datasets
+
+        where = f"hub dataset {source.repo_id!r} (split {source.split!r})"
+        ds = datasets.load_dataset(source.repo_id, source.subset, split=source.split, revision=source.revision)
+        return ds.column_names, (ds[column] if column in ds.column_names else None), where
+    files = resolve_data_files(source, base_dir)
+    where = ", ".join(str(f) for f in files)
+    fmt = _file_format(files)
+    for f in files:
+        check_local_file(f, column)
+    try:
+        names, values = _read_local(files, fmt, column)
+    except PromptSourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the readers raise many kinds; name the file whatever it was
+        raise PromptSourceError(f"{where}: could not read it as {fmt}: {type(exc).__name__}: {exc}") from exc
+    return names, values, where
 
 
-def _local_column(files: list[Path], fmt: str, column: str) -> tuple[list[str], list[object] | None]:
-    """As `_hub_column`, for local files, read with pyarrow (files in order, rows in file order).
-    A `.json` file may hold one JSON array rather than JSON lines: `datasets` reads those."""
+def _read_local(files: list[Path], fmt: str, column: str) -> tuple[list[str], list[object] | None]:
     import pyarrow as pa
     import pyarrow.csv as pa_csv
     import pyarrow.json as pa_json
     import pyarrow.parquet as pq
 
-    if fmt == "json" and any(f.suffix.lower() == ".json" for f in files):
+    if any(f.suffix.lower() == ".json" for f in files):
         import datasets
 
         ds = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
@@ -89,6 +174,29 @@ def _local_column(files: list[Path], fmt: str, column: str) -> tuple[list[str], 
     read = {"json": pa_json.read_json, "csv": pa_csv.read_csv, "parquet": pq.read_table}[fmt]
     table = pa.concat_tables([read(str(f)) for f in files], promote_options="default")
     return table.column_names, (table.column(column).to_pylist() if column in table.column_names else None)
+
+
+def load_instructions(source: Source, base_dir: Path, end: int) -> pd.Series:
+    """The instruction column of the first `end` rows, as strings (None for missing values).
+
+    Refuses, naming the file and row: unreadable or empty files, broken JSON lines, instructions
+    that are not text, and a shard that would reach past the end of the file."""
+    names, all_values, where = _load_column(source, base_dir)
+    column = source.instruction_column
+    if all_values is None:
+        raise PromptSourceError(
+            f"{where}: column {column!r} (mapped to 'instruction' by source.column_mapping) not found; "
+            f"the source has columns {names}"
+        )
+    if end > len(all_values):
+        raise PromptSourceError(
+            f"{where}: has {len(all_values)} rows, but this shard needs rows up to {end - 1} "
+            f"(source.num_examples is {source.num_examples}); set num_examples to at most {len(all_values)} or add rows"
+        )
+    values = all_values[:end]
+    for i, v in enumerate(values):
+        _check_instruction(v, f"{where}: row {i}", column)
+    return pd.Series(values, dtype=object)
 
 
 @dataclass

@@ -1,34 +1,33 @@
-"""Reading a judge's answer into one Verdict per text, and the position-bias controls.
+"""Reading a judge's answer into one Verdict per text, the repair re-ask's pure parts, and the
+position-bias controls.
 
-`parse_verdicts` always returns exactly n verdicts, in the order the texts were shown. A text the
-judge did not rate gets rating None and the reason in `error`. Rules, in the order they apply:
+`parse_verdicts` holds four invariants (property-tested in test_verdict_invariants.py):
+I1 nothing inside a generation sets or changes a rating, at worst it removes one (None + reason);
+I2 a rating goes to a text only when the answer names that text, or names no text at all and holds
+   exactly n ratings in order;
+I3 an answer on another scale (a 0, a 7, "4/10", "Rating (1-10)") or numbering the texts from 0 gives
+   None for every text, with the reason;
+I4 exactly n verdicts, in the order the texts were shown.
 
-Text answers (`structured=False`)
-- Blocks start at a heading line for text k: `#### Output for Text k`, `**Text k:**`, `Text k`
-  (markdown marks, bullets and a trailing colon are tolerated). Anything before the first heading
-  is ignored; headings for k outside 1..n start a block that is ignored.
-- Inside a block, `Rating:` / `Score:` (also `**Rating:** 4`, `Rating: 4/5`, `Rating: four`,
-  `Rating: Almost There` by label) gives the rating; `Rationale:` (or Reason/Explanation/
-  Justification) the rationale, blank lines included; `Type:` the type ids.
-- Several ratings for one text, in one block or in duplicated blocks: kept if they all agree,
-  otherwise the text gets None ("conflicting ratings"). A duplicated or echoed block therefore can
-  spoil a rating, never change it to another value.
-- Lines starting with ">" are never read as headings or fields: that is how texts quoted into the
-  prompt are marked (see poll_assets.rubrics.answer_format).
-- No headings at all: when the answer has exactly n rating lines they are taken in order (and for
-  n == 1 any rating lines at all); otherwise every text gets None.
-- A text answer that contains no heading and no rating but a JSON object is read as JSON.
+Steps:
+1. What the answer repeats from its prompt is removed (poll_assets.rubrics.echo): fenced regions, the
+   prompt's template lines and, given `messages`/`generations`, every line of the instruction and texts.
+2. Text answers: lines are split with the project's one line rule and rewritten into canonical lines
+   (tables, "Text 1: 4, Text 2: 2", "Rating for Text 3: 5", "... **Rating: 4**", XML-style tags), then
+   cut into blocks at headings naming a text ("#### Output for Text k", "**Text k:**", "1. Text k",
+   "### Response k"). Inside a block, Rating/Score, Rationale (Reason, Explanation, ...) and Type fields
+   are read. A bulleted "- **Text 4:** prose" is a mention when the answer has real headings. Several
+   ratings for one text are kept only if they agree ("conflicting ratings" otherwise). Without any
+   heading, exactly n rating lines are taken in order (any number that agree for n == 1).
+   Lines starting with ">" (quoted material) are never read, as text or as JSON.
+3. JSON answers: every JSON value in the answer is read (fences, prose and trailing commas tolerated);
+   keys text_k / "Text k" / "k", list items with "text": k, {"ratings": {...}}, case-insensitive field
+   names; an unnamed list only when it holds exactly n verdicts and nothing names a text. A truncated
+   answer keeps every complete "text_k": {...}. Verdicts from several JSON values are merged like
+   blocks (agreeing or None). A text answer falls back to JSON only when it mostly is JSON.
 
-JSON answers (`structured=True`)
-- The first JSON value in the answer is read (code fences and trailing text are ignored). Keys
-  `text_1`..`text_n` map to texts; a list (top level, or under "verdicts"/"ratings"/"results")
-  maps by position.
-- A truncated or invalid answer is scanned key by key: every complete `"text_k": {...}` object is
-  kept, the rest get None with the reason.
-- An answer with no JSON at all falls back to the text rules.
-
-Ratings outside the rubric's scale, fractions ("3.5"), ranges ("3-4"), another denominator ("4/10")
-and unknown words are rejected with the reason. Honesty's N/A gives rating None with error "N/A".
+Ratings: integers on the scale, "4/5", words, labels or half of a compound label, stars; fractions,
+ranges and unknown words are rejected with the reason. Honesty's N/A gives None with error "N/A".
 """
 
 from __future__ import annotations
@@ -37,10 +36,13 @@ import hashlib
 import json
 import random
 import re
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from poll_assets.rubrics.answer_format import FIELD_RE, HEADING_RE
+from poll_assets.rubrics.answer_format import FIELD_RE, HEADING_RE, INLINE_RATING_RE, TEXT_NAME, is_quoted, split_lines
+from poll_assets.rubrics.echo import QUOTED, VOID, strip_untrusted
 from poll_assets.rubrics.ultrafeedback import Rubric
 
 NA = "N/A"
@@ -105,13 +107,17 @@ _NUM_RE = re.compile(
 _RANGE_RE = re.compile(r"^\s*(?:-|\u2013|\u2014|to|or|and|,)\s*(?:\d|" + "|".join(_WORDS) + r")", re.IGNORECASE)
 _NA_RE = re.compile(r"^(?:n\s*/\s*a|na|not\s+applicable)\b", re.IGNORECASE)
 _STRIP = " \t*_`\"'[](){}<>.,;:!"
-_SCALE_NOTE_RE = re.compile(r"^\s*[(\[]\s*\d+\s*(?:-|\u2013|to)\s*\d+\s*[)\]]\s*:?\s*")  # "Rating (1-5): 4"
+_SCALE_NOTE_RE = re.compile(r"^\s*[(\[]\s*(\d+)\s*(?:-|\u2013|to)\s*(\d+)\s*[)\]]\s*:?\s*")  # "Rating (1-5): 4"
+_STATED_SCALE_RE = re.compile(r"\bscale\s+(?:of|from)\s+(?:(?P<lo>\d+)\s*(?:-|\u2013|to)\s*)?(?P<hi>\d+)", re.IGNORECASE)
+_STARS_RE = re.compile(r"^(?P<full>[\u2605\u2b50]+)(?P<empty>[\u2606]*)")
+OTHER_SCALE = "the answer uses another scale"
 
 
 @dataclass(frozen=True)
 class _Reading:
     rating: int | None
     error: str | None  # NA for honesty's N/A
+    other_scale: bool = False  # the value shows the judge is not rating on the rubric's scale
 
     @property
     def usable(self) -> bool:
@@ -127,38 +133,64 @@ def _scale(rubric: Rubric) -> str:
     return f"{rubric.min_rating}-{rubric.max_rating}"
 
 
+def _off_scale(shown: str, rubric: Rubric, other: bool = False) -> _Reading:
+    return _Reading(None, f"rating {shown!r} is not on the {_scale(rubric)} scale", other)
+
+
+def _read_number(text: str, shown: str, rubric: Rubric) -> _Reading | None:
+    m = _NUM_RE.match(text)
+    if not m:
+        return None
+    if _RANGE_RE.match(text[m.end():]):
+        return _Reading(None, f"ambiguous rating {shown!r}")
+    num = _num(m["num"])
+    if m["den"] is not None and _num(m["den"]) != rubric.max_rating:
+        return _off_scale(shown, rubric, other=True)
+    if num.is_integer() and int(num) in rubric.ratings:
+        return _Reading(int(num), None)
+    return _off_scale(shown, rubric, other=num.is_integer())  # 0 or 7: another scale; 3.5: a fraction
+
+
+def _read_label(text: str, shown: str, rubric: Rubric) -> _Reading:
+    lowered = text.lower()
+    # A label or one half of a compound label ("Correct but Uncertain"); the longest match wins.
+    matches = [(len(part), r) for r, label in rubric.scale for part in {label, *label.split(" / ")}
+               if lowered.startswith(part.strip().lower())]
+    if matches:
+        return _Reading(max(matches)[1], None)
+    return _off_scale(shown, rubric)
+
+
 def read_rating(value: object, rubric: Rubric) -> _Reading:
     """One rating value as the judge wrote it -> an integer on the scale, N/A, or the reason."""
     if value is None:
         return _Reading(None, NA) if rubric.allows_na else _Reading(None, "rating is null")
     if isinstance(value, bool):
-        return _Reading(None, f"rating {json.dumps(value)!r} is not on the {_scale(rubric)} scale")
+        return _off_scale(json.dumps(value), rubric)
     if isinstance(value, (int, float)):
         value = repr(value)
-    raw = _SCALE_NOTE_RE.sub("", str(value), count=1)
+    raw = str(value)
+    note = _SCALE_NOTE_RE.match(raw)
+    if note and (int(note[1]), int(note[2])) != (rubric.min_rating, rubric.max_rating):
+        return _off_scale(raw.strip()[:40], rubric, other=True)  # "Rating (1-10): 4"
+    raw = _SCALE_NOTE_RE.sub("", raw, count=1)
+    stated = _STATED_SCALE_RE.search(raw)
+    if stated and (int(stated["lo"] or rubric.min_rating), int(stated["hi"])) != (rubric.min_rating, rubric.max_rating):
+        return _off_scale(raw.strip()[:40], rubric, other=True)  # "4 (on a scale of 1 to 10)"
     text = raw.strip(_STRIP)
     shown = raw.strip()[:40]
     if not text:
         return _Reading(None, "empty rating")
     if _NA_RE.match(text):
-        if rubric.allows_na:
-            return _Reading(None, NA)
-        return _Reading(None, f"N/A is not allowed for {rubric.aspect}")
-    m = _NUM_RE.match(text)
-    if m:
-        if _RANGE_RE.match(text[m.end():]):
-            return _Reading(None, f"ambiguous rating {shown!r}")
-        num = _num(m["num"])
-        if m["den"] is not None and _num(m["den"]) != rubric.max_rating:
-            return _Reading(None, f"rating {shown!r} is not on the {_scale(rubric)} scale")
-        if num.is_integer() and int(num) in rubric.ratings:
-            return _Reading(int(num), None)
-        return _Reading(None, f"rating {shown!r} is not on the {_scale(rubric)} scale")
-    lowered = text.lower()
-    matches = [(len(label), r) for r, label in rubric.scale if lowered.startswith(label.lower())]
-    if matches:
-        return _Reading(max(matches)[1], None)  # the longest label wins ("Correct but Uncertain")
-    return _Reading(None, f"rating {shown!r} is not on the {_scale(rubric)} scale")
+        return _Reading(None, NA) if rubric.allows_na else _Reading(None, f"N/A is not allowed for {rubric.aspect}")
+    stars = _STARS_RE.match(text)
+    if stars:
+        full, total = len(stars["full"]), len(stars["full"]) + len(stars["empty"])
+        if stars["empty"] and total != rubric.max_rating:
+            return _off_scale(shown, rubric, other=True)
+        return _Reading(full, None) if full in rubric.ratings else _off_scale(shown, rubric, other=True)
+    got = _read_number(text, shown, rubric)
+    return got if got is not None else _read_label(text, shown, rubric)
 
 
 def read_type(value: object, rubric: Rubric) -> str | None:
@@ -188,31 +220,176 @@ def read_type(value: object, rubric: Rubric) -> str | None:
     return ",".join(str(i) for i in sorted(out)) if out else "None"
 
 
+class _Answer:
+    """What one answer shows as a whole: another scale, texts numbered from 0."""
+
+    def __init__(self, rubric: Rubric):
+        self.rubric = rubric
+        self.other_scale: list[str] = []
+        self.from_zero = False
+
+    def read(self, value: object) -> _Reading:
+        got = read_rating(value, self.rubric)
+        if got.other_scale and got.error:
+            self.other_scale.append(got.error)
+        return got
+
+    def name(self, k: int) -> int:
+        if k == 0:
+            self.from_zero = True
+        return k
+
+    def overrule(self, verdicts: list[Verdict]) -> list[Verdict]:
+        """I3: another scale, or texts numbered from 0 -> no rating for any text, with the reason."""
+        if self.from_zero:
+            reason, example = "the answer numbers the texts from 0, so no rating can be attributed", ""
+        elif self.other_scale:
+            reason, example = OTHER_SCALE, f" ({self.other_scale[0]})"
+        else:
+            return verdicts
+        out = []
+        for v in verdicts:
+            own = v.error if v.rating is None and v.error and v.error != NA else None
+            out.append(Verdict(None, v.rationale, v.type, error=f"{reason}: {own}" if own else reason + example))
+        return out
+
+
 # ---------------------------------------------------------------------------------------------
-# Text answers
+# Text answers: first rewritten into canonical lines, then cut into blocks
 
 _SEPARATORS = ":-\u2013\u2014.|)]("
-_COMPACT_RATING_RE = re.compile(r"\d+(?:\s*(?:/|out\s+of)\s*\d+)?[.!]?", re.IGNORECASE)
-_FIELD_KIND = {"rating": "rating", "score": "rating", "type": "type"}
+# "4", "4/5", "4 out of 5", stars; optionally followed by " - prose" ("Text 1 - 4/5 - good").
+_COMPACT_RATING_RE = re.compile(
+    r"(?P<value>\d+(?:\s*(?:/|out\s+of)\s*\d+)?|[\u2605\u2b50]+[\u2606]*)[.!]?(?:\s+[-\u2013\u2014:|]\s+.*)?", re.IGNORECASE
+)
+_TAG_RE = re.compile(rf"^\s*</?\s*(?:(?P<text>{TEXT_NAME}(?P<k>\d+))|(?P<field>rating|score|rationale|type))\s*>(?P<value>.*?)(?:</[^>]*>)?\s*$", re.IGNORECASE)
+_FIELD_KIND = {"rating": "rating", "ratings": "rating", "score": "rating", "scores": "rating", "type": "type"}
+_BULLET_RE = re.compile(r"^[ \t]*(?:[-+*\u2022]|\d{1,2}[.)])[ \t]+")
+_VALUE = r"(?:\d+(?:\s*/\s*\d+)?|[\u2605\u2b50]+[\u2606]*)"
+_PAIR = rf"(?:output\s+for\s+)?{TEXT_NAME}(\d+)\s*(?:[:=\-\u2013]|\bis\b)?\s*(?:(?:rating|score)\s*[:=]?\s*)?({_VALUE})"
+_MULTI_RE = re.compile(rf"^(?:(?:ratings?|scores?)\s*[:=\-]?\s*)?{_PAIR}(?:\s*(?:[,;|]|and)\s*{_PAIR})+\s*\.?$", re.IGNORECASE)
+_NUMBER_LIST_RE = re.compile(r"^\d+(?:\s*[,;]\s*\d+)+\.?$")
 
 
-def _heading(line: str) -> tuple[int, str | None] | None:
-    """(k, inline content) when the line opens the block of text k."""
+def _plain(line: str) -> str:
+    return re.sub(r"[*_`]", "", line).strip()
+
+
+def _field_kind(line: str) -> tuple[str, re.Match[str]] | None:
+    m = FIELD_RE.match(line)
+    return (_FIELD_KIND.get(m["name"].lower(), "rationale"), m) if m else None
+
+
+def _canonical(line: str) -> list[str]:
+    """One answer line -> the canonical lines it stands for (itself, most of the time)."""
+    if is_quoted(line) or line == VOID:
+        return [line]  # quoted material is never read
+    plain = _plain(line).lstrip("-+\u2022 \t")
+    if _MULTI_RE.match(plain):  # "Text 1: 4, Text 2: 2"
+        return [x for k, v in re.findall(_PAIR, plain, re.IGNORECASE) for x in (f"#### Output for Text {k}", f"Rating: {v}")]
+    field = _field_kind(line)
+    if field and field[1]["k"] is not None:  # "Rating for Text 3: 5" names its text
+        return [f"#### Output for Text {field[1]['k']}", f"{field[1]['name']}: {field[1]['value']}"]
+    if field and field[0] == "rating":
+        value = _plain(field[1]["value"])
+        if _NUMBER_LIST_RE.match(value):  # "Ratings: 4, 2, 5": n ratings in order
+            return [f"Rating: {v}" for v in re.findall(r"\d+", value)]
+        return [line]
+    inline = INLINE_RATING_RE.match(line)
+    if inline:  # "... prose. **Rating: 4**"; "Text 2: the rating is 3."
+        named = HEADING_RE.match(_plain(inline["pre"]))
+        if named and (named["rest"].lstrip(" \t")[:1] in tuple(_SEPARATORS) or not named["rest"].strip()):
+            return [f"#### Output for Text {named['k']}", inline["pre"], f"Rating: {inline['value']}"]
+        mentioned = {int(k) for k in re.findall(rf"\b{TEXT_NAME}(\d+)\b", inline["pre"], re.IGNORECASE)}
+        if len(mentioned) == 1:  # "For Text 2, I would give a rating of 4.": a weak heading, a mention inside real blocks
+            return [f"{_MENTION}{mentioned.pop()}", inline["pre"], f"Rating: {inline['value']}"]
+        return [inline["pre"], f"Rating: {inline['value']}"]
+    tag = _TAG_RE.match(line)
+    if tag:  # <text_1> <rating>4</rating> </text_1>
+        if tag["text"]:
+            return [f"#### Output for Text {tag['k']}"] if not line.lstrip().startswith("</") else []
+        return [f"{tag['field']}: {tag['value']}"] if not line.lstrip().startswith("</") else []
+    return [line]
+
+
+def _table(lines: list[str]) -> list[str] | None:
+    """A markdown table with a rating column -> canonical lines, one block per row."""
+    rows = [[c.strip(" *_`") for c in x.strip().strip("|").split("|")] for x in lines]
+    header = [c.lower() for c in rows[0]]
+    rating_col = next((i for i, c in enumerate(header) if re.search(r"rating|score", c)), None)
+    if rating_col is None:
+        return None
+    text_col = next((i for i, c in enumerate(header) if re.search(r"text|response|output|answer|^#$|^no\.?$|^id$", c)), None)
+    why_col = next((i for i, c in enumerate(header) if re.search(r"rationale|reason|explanation|justification|comment", c)), None)
+    out: list[str] = []
+    for row in rows[1:]:
+        if all(re.fullmatch(r":?-{2,}:?|", c) for c in row) or len(row) <= rating_col:
+            continue
+        k = re.search(r"\d+", row[text_col]) if text_col is not None and len(row) > text_col else None
+        if k:
+            out.append(f"#### Output for Text {k[0]}")
+        out.append(f"Rating: {row[rating_col]}")
+        if why_col is not None and len(row) > why_col:
+            out.append(f"Rationale: {row[why_col]}")
+    return out
+
+
+def canonical_lines(text: str) -> list[str]:
+    """The answer's lines (the project's one line rule) with tables and one-line shapes rewritten."""
+    out: list[str] = []
+    lines = split_lines(text)
+    i = 0
+    while i < len(lines):
+        j = i
+        while j < len(lines) and lines[j].lstrip().startswith("|"):
+            j += 1
+        if j - i >= 2 and (rewritten := _table(lines[i:j])) is not None:
+            out += rewritten
+            i = j
+            continue
+        out += _canonical(lines[i])
+        i += 1
+    return out
+
+
+_VOID_K = -1  # the block a VOID line opens: it belongs to no text
+_MENTION = "\x00mention "  # canonical-only line: a rating line names text k in prose (never in real input)
+
+
+def _is_label(text: str, rubric: Rubric) -> bool:
+    lowered = text.strip(_STRIP).lower()
+    return any(lowered == part.strip().lower() for _, label in rubric.scale for part in {label, *label.split(" / ")})
+
+
+def _heading(line: str, rubric: Rubric) -> tuple[int, str | None, bool] | None:
+    """(k, inline content, weak) when the line opens the block of text k.
+
+    weak: a bulleted "- **Text 4:** prose" line, which is a mention inside another block whenever
+    the answer also has real headings.
+    """
+    if line.startswith(_MENTION):
+        return int(line[len(_MENTION):]), None, True
+    if line == VOID:
+        return _VOID_K, None, False
     m = HEADING_RE.match(line)
     if not m:
         return None
-    decorated = bool(m["out"]) or bool(re.match(r"^[ \t]*(?:[-+\u2022][ \t]+)?[*_#]", line))
+    decorated = bool(m["out"]) or bool(re.match(r"^[ \t]*(?:\|[ \t]*)?(?:\d{1,2}[.)][ \t]+)?(?:[-+\u2022][ \t]+)?[*_#]", line))
     rest = m["rest"].lstrip(" \t*_")
     if rest and rest[0] not in _SEPARATORS:
         return None  # "Text 2 is better than..." is prose, not a heading
     inline = rest.lstrip(" \t*_" + _SEPARATORS).rstrip(" \t*_")
+    k = int(m["k"])
     if inline and FIELD_RE.match(inline):
-        return int(m["k"]), inline
-    if inline and _COMPACT_RATING_RE.fullmatch(inline):
-        return int(m["k"]), f"Rating: {inline}"
+        return k, inline, False
+    compact = _COMPACT_RATING_RE.fullmatch(inline) if inline else None
+    if compact:
+        return k, f"Rating: {compact['value']}", False
+    if inline and _is_label(inline, rubric):
+        return k, f"Rating: {inline}", False  # "### Text 1 - 4/5", "Output for Text 1: Almost There"
     if inline and not decorated:
         return None  # a bare "Text 2: some sentence" in a rationale
-    return int(m["k"]), None
+    return k, inline or None, bool(inline) and bool(_BULLET_RE.match(line))
 
 
 @dataclass
@@ -221,15 +398,17 @@ class _Block:
     lines: list[str]
 
 
-def _split_blocks(lines: list[str]) -> list[_Block]:
+def _split_blocks(lines: list[str], answer: _Answer) -> list[_Block]:
+    headings = [_heading(x, answer.rubric) for x in lines]
+    strong = any(h is not None and not h[2] for h in headings)
     blocks = [_Block(None, [])]  # the preamble
-    for line in lines:
-        h = _heading(line)
-        if h is None:
-            blocks[-1].lines.append(line)
+    for line, h in zip(lines, headings):
+        if h is None or (h[2] and strong):
+            if not line.startswith(_MENTION):
+                blocks[-1].lines.append(line)
             continue
-        k, inline = h
-        blocks.append(_Block(k, [inline] if inline else []))
+        k, inline, _ = h
+        blocks.append(_Block(k if k == _VOID_K else answer.name(k), [inline] if inline else []))
     return blocks
 
 
@@ -240,7 +419,7 @@ class _Fields:
     type: str | None
 
 
-def _read_fields(lines: list[str], rubric: Rubric) -> _Fields:
+def _read_fields(lines: list[str], answer: _Answer) -> _Fields:
     readings: list[_Reading] = []
     rationales: list[list[str]] = []
     types: list[str | None] = []
@@ -248,25 +427,25 @@ def _read_fields(lines: list[str], rubric: Rubric) -> _Fields:
     pending_rating = False
     after_rating = -1  # index of the first rationale that follows a rating
     for line in lines:
-        m = FIELD_RE.match(line)
-        if m:
-            kind = _FIELD_KIND.get(m["name"].lower(), "rationale")
+        field = _field_kind(line)
+        if field:
+            kind, m = field
             value = m["value"].strip()
             current, pending_rating = kind, False
             if kind == "rating":
                 if value:
-                    readings.append(read_rating(value, rubric))
+                    readings.append(answer.read(value))
                 else:
                     pending_rating = True  # "Rating:" with the number on the next line
             elif kind == "type":
-                types.append(read_type(value, rubric))
+                types.append(read_type(value, answer.rubric))
             else:
                 if readings and after_rating < 0:
                     after_rating = len(rationales)
                 rationales.append([value] if value else [])
             continue
         if pending_rating and line.strip():
-            readings.append(read_rating(line.strip(), rubric))
+            readings.append(answer.read(line.strip()))
             pending_rating = False
             continue
         if current == "rationale":
@@ -302,19 +481,20 @@ def _verdict(reading: _Reading, fields: _Fields | None) -> Verdict:
     )
 
 
-def _parse_text(text: str, n: int, rubric: Rubric) -> list[Verdict]:
-    lines = text.splitlines()
-    blocks = _split_blocks(lines)
+def _parse_text(text: str, n: int, answer: _Answer) -> list[Verdict]:
+    # NUL is reserved for the parser's own marker lines (VOID, _MENTION).
+    lines = canonical_lines("\n".join(x if x == VOID else x.replace("\x00", "") for x in split_lines(text)))
+    blocks = _split_blocks(lines, answer)
     headed = [b for b in blocks if b.k is not None]
     if not headed:
-        return _parse_headless(lines, n, rubric)
+        return _parse_headless(lines, n, answer)
     out: list[Verdict] = []
     for k in range(1, n + 1):
         mine = [b for b in headed if b.k == k]
         if not mine:
             out.append(Verdict(None, None, error=f"no block for text {k}"))
             continue
-        parts = [_read_fields(b.lines, rubric) for b in mine]
+        parts = [_read_fields(b.lines, answer) for b in mine]
         reading = _resolve(k, [r for p in parts for r in p.readings], len(mine))
         merged = _Fields(
             [],
@@ -325,16 +505,16 @@ def _parse_text(text: str, n: int, rubric: Rubric) -> list[Verdict]:
     return out
 
 
-def _parse_headless(lines: list[str], n: int, rubric: Rubric) -> list[Verdict]:
-    starts = [i for i, line in enumerate(lines) if (m := FIELD_RE.match(line)) and _FIELD_KIND.get(m["name"].lower()) == "rating"]
+def _parse_headless(lines: list[str], n: int, answer: _Answer) -> list[Verdict]:
+    starts = [i for i, line in enumerate(lines) if (f := _field_kind(line)) and f[0] == "rating"]
     if n == 1 and starts:
-        fields = _read_fields(lines, rubric)
+        fields = _read_fields(lines, answer)
         return [_verdict(_resolve(1, fields.readings, 1), fields)]
     if starts and len(starts) == n:
         bounds = [0, *starts[1:], len(lines)]
         out = []
         for k in range(n):
-            fields = _read_fields(lines[bounds[k]:bounds[k + 1]], rubric)
+            fields = _read_fields(lines[bounds[k]:bounds[k + 1]], answer)
             out.append(_verdict(_resolve(k + 1, fields.readings, 1), fields))
         return out
     reason = (
@@ -352,148 +532,329 @@ class _Obj(dict):  # type: ignore[type-arg]
 
     def __init__(self, pairs: list[tuple[str, Any]]):
         super().__init__(pairs)
-        seen: dict[str, list[Any]] = {}
-        for key, value in pairs:
-            seen.setdefault(key, []).append(value)
-        self.repeats: dict[str, list[Any]] = {k: v for k, v in seen.items() if len(v) > 1}
+        self.pairs = pairs
 
 
 # strict=False: llama.cpp's JSON grammar lets raw newlines into strings, which strict JSON forbids.
 _DECODER = json.JSONDecoder(object_pairs_hook=_Obj, strict=False)
-_TEXT_KEY_RE = re.compile(r"^\s*text[\s_\-]*(\d+)\s*$", re.IGNORECASE)
-_KEY_SCAN_RE = re.compile(r'"text[ _\-]?(\d+)"\s*:\s*(?=\{)', re.IGNORECASE)
-_LIST_KEYS = ("verdicts", "ratings", "results", "evaluations", "texts", "outputs")
+_TEXT_KEY_RE = re.compile(r"^\s*(?:(?:text|response|output|answer)[\s_\-#]*)?(\d+)\s*$", re.IGNORECASE)
+_KEY_SCAN_RE = re.compile(r'"(?:text[ _\-]?)?(\d+)"\s*:\s*(?=\{)', re.IGNORECASE)
+_LIST_KEYS = ("verdicts", "ratings", "results", "evaluations", "texts", "outputs", "responses", "scores")
+_NAME_KEYS = ("text", "text_id", "text_number", "id", "index", "response", "output")
+_NAMES_A_TEXT_RE = re.compile(rf'"\s*{TEXT_NAME}\d+\s*"\s*:', re.IGNORECASE)
+_TRAILING_COMMA_RE = re.compile(r",(\s*[}\]])")
 
 
-def _first_json(text: str) -> tuple[Any, bool]:
-    """The first complete JSON object or array in the text, and whether any '{'/'[' was seen."""
-    seen = False
-    for m in re.finditer(r"[\[{]", text):
-        seen = True
-        try:
-            value, _ = _DECODER.raw_decode(text, m.start())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, (dict, list)):
-            return value, True
-    return None, seen
-
-
-def _json_item(k: int, item: Any, rubric: Rubric, repeated: list[Any] | None = None) -> Verdict:
-    items = repeated if repeated else [item]
-    if not all(isinstance(i, dict) for i in items):
-        return Verdict(None, None, error=f"the JSON verdict for text {k} is not an object")
-    readings = []
-    for i in items:
-        if "rating" not in i and "score" not in i:
-            readings.append(_Reading(None, f"no rating in the JSON verdict for text {k}"))
-        else:
-            readings.append(read_rating(i.get("rating", i.get("score")), rubric))
-    reading = _resolve(k, readings, len(items)) if len(items) > 1 else readings[0]
-    first = items[0]
-    rationale = first.get("rationale")
-    return Verdict(
-        rating=reading.rating,
-        rationale=rationale if isinstance(rationale, str) and rationale.strip() else None,
-        type=read_type(first.get("type"), rubric),
-        error=reading.error,
-    )
-
-
-def _from_mapping(obj: dict[str, Any], n: int, rubric: Rubric, cut: str) -> list[Verdict] | None:
-    keyed: dict[int, tuple[Any, list[Any] | None]] = {}
+def _get(obj: dict[str, Any], *names: str) -> tuple[bool, Any]:
+    """Case-insensitive lookup: ("Rating": 4 is a rating too)."""
     for key, value in obj.items():
-        m = _TEXT_KEY_RE.match(key)
-        if m:
-            reps = obj.repeats.get(key) if isinstance(obj, _Obj) else None
-            k = int(m[1])
-            if k in keyed:  # "text_1" and "Text 1" both present
-                prev, prev_reps = keyed[k]
-                reps = [*(prev_reps or [prev]), *(reps or [value])]
-            keyed[k] = (value, reps)
-    if not keyed:
-        for name in _LIST_KEYS:
-            if isinstance(obj.get(name), list):
-                return _from_list(obj[name], n, rubric, cut)
-        if n == 1 and ("rating" in obj or "score" in obj):
-            return [_json_item(1, obj, rubric)]
-        return None
-    return [
-        _json_item(k, keyed[k][0], rubric, keyed[k][1]) if k in keyed else Verdict(None, None, error=f"{cut} for text {k}")
-        for k in range(1, n + 1)
-    ]
+        if isinstance(key, str) and key.strip().lower() in names:
+            return True, value
+    return False, None
 
 
-def _from_list(items: list[Any], n: int, rubric: Rubric, cut: str) -> list[Verdict]:
-    out = [_json_item(k + 1, items[k], rubric) for k in range(min(n, len(items)))]
-    out += [Verdict(None, None, error=f"{cut} for text {k}") for k in range(len(items) + 1, n + 1)]
+def _json_values(text: str) -> list[tuple[Any, int, int]]:
+    """Every top-level JSON object or array in the text (trailing commas forgiven), with its span."""
+    out: list[tuple[Any, int, int]] = []
+    pos = 0
+    for m in re.finditer(r"[\[{]", text):
+        if m.start() < pos:
+            continue
+        try:
+            value, end = _DECODER.raw_decode(text, m.start())
+        except json.JSONDecodeError:
+            fixed = _TRAILING_COMMA_RE.sub(r"\1", text[m.start():])
+            try:
+                value, used = _DECODER.raw_decode(fixed)
+            except json.JSONDecodeError:
+                continue
+            end = m.start() + used  # at most a few removed commas short of the real end: only closers lie there
+        if isinstance(value, (dict, list)):
+            out.append((value, m.start(), end))
+            pos = end
     return out
 
 
-def _scan_truncated(text: str, n: int, rubric: Rubric) -> list[Verdict] | None:
-    found: dict[int, list[Any]] = {}
+@dataclass
+class _Claims:
+    """Verdict items found in JSON: by the text they name, or by position (unnamed)."""
+
+    named: dict[int, list[Any]]
+    positional: list[Any]
+
+    def add(self, k: int, item: Any) -> None:
+        self.named.setdefault(k, []).append(item)
+
+
+def _item_name(item: Any) -> int | None:
+    if not isinstance(item, dict):
+        return None
+    found, value = _get(item, *_NAME_KEYS)
+    if not found or isinstance(value, bool):
+        return None
+    m = re.search(r"\d+", str(value))
+    return int(m[0]) if m else None
+
+
+def _claims_from_list(items: list[Any], claims: _Claims, answer: _Answer) -> None:
+    names = [_item_name(i) for i in items]
+    if any(k is not None for k in names):
+        for k, item in zip(names, items):
+            if k is not None:
+                claims.add(answer.name(k), item)
+        return
+    if all(isinstance(i, (dict, int, float, str)) or i is None for i in items):
+        claims.positional.append(items)
+
+
+def _claims_from_value(value: Any, claims: _Claims, answer: _Answer) -> None:
+    if isinstance(value, list):
+        _claims_from_list(value, claims, answer)
+        return
+    if not isinstance(value, dict):
+        return
+    pairs = value.pairs if isinstance(value, _Obj) else list(value.items())
+    keyed = [(int(m[1]), v) for key, v in pairs if isinstance(key, str) and (m := _TEXT_KEY_RE.match(key))]
+    if keyed:
+        for k, item in keyed:
+            claims.add(answer.name(k), item)
+        return
+    for key, inner in pairs:
+        if isinstance(key, str) and key.strip().lower() in _LIST_KEYS and isinstance(inner, (list, dict)):
+            _claims_from_value(inner, claims, answer)
+            return
+    if _get(value, "rating", "score")[0]:
+        k = _item_name(value)
+        if k is not None:
+            claims.add(answer.name(k), value)
+        else:
+            claims.positional.append([value])
+    elif len(pairs) == 1 and isinstance(pairs[0][1], (dict, list)):
+        _claims_from_value(pairs[0][1], claims, answer)  # {"evaluation": {"text_1": ...}}
+
+
+def _json_reading(k: int, item: Any, answer: _Answer) -> tuple[_Reading, str | None, str | None]:
+    if isinstance(item, dict):
+        found, rating = _get(item, "rating", "score")
+        reading = answer.read(rating) if found else _Reading(None, f"no rating in the JSON verdict for text {k}")
+        _, why = _get(item, "rationale", "reason", "reasoning", "explanation", "justification")
+        _, typ = _get(item, "type", "types")
+        return reading, why if isinstance(why, str) and why.strip() else None, read_type(typ, answer.rubric)
+    if isinstance(item, (list, tuple)):
+        return _Reading(None, f"the JSON verdict for text {k} is not an object"), None, None
+    return answer.read(item), None, None  # a bare rating: {"text_1": 4} or [4, 2]
+
+
+def _verdicts_from_claims(claims: _Claims, n: int, answer: _Answer, cut: str) -> list[Verdict]:
+    named = dict(claims.named)
+    if not named:
+        full = [p for p in claims.positional if len(p) == n]
+        if not full:
+            sizes = sorted({len(p) for p in claims.positional})
+            why = f"{' or '.join(map(str, sizes))} unnamed verdicts for {n} texts"
+            return [Verdict(None, None, error=why) for _ in range(n)]
+        for items in full:
+            for k, item in enumerate(items, start=1):
+                named.setdefault(k, []).append(item)
+    out = []
+    for k in range(1, n + 1):
+        if k not in named:
+            out.append(Verdict(None, None, error=f"{cut} for text {k}"))
+            continue
+        read = [_json_reading(k, item, answer) for item in named[k]]
+        reading = _resolve(k, [r for r, _, _ in read], len(read)) if len(read) > 1 else read[0][0]
+        why = next((w for _, w, _ in read if w), None)
+        typ = next((t for _, _, t in read if t is not None), None)
+        out.append(Verdict(reading.rating, why, typ, error=reading.error))
+    return out
+
+
+def _scan_keys(text: str, answer: _Answer) -> _Claims:
+    """Every complete `"text_k": {...}` object, for answers cut off or broken elsewhere."""
+    claims = _Claims({}, [])
     for m in _KEY_SCAN_RE.finditer(text):
         try:
             value, _ = _DECODER.raw_decode(text, m.end())
         except json.JSONDecodeError:
             continue
-        found.setdefault(int(m[1]), []).append(value)
-    if not found:
-        objs = []
-        for m in re.finditer(r"\{[^{}]*\}", text):
-            try:
-                value = _DECODER.decode(m.group(0))
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, dict) and ("rating" in value or "score" in value):
-                objs.append(value)
-        if not objs:
-            return None
-        return _from_list(objs, n, rubric, "JSON answer cut off or invalid before the verdict")
-    return [
-        _json_item(k, found[k][0], rubric, found[k] if len(found[k]) > 1 else None)
-        if k in found
-        else Verdict(None, None, error=f"JSON answer cut off or invalid before the verdict for text {k}")
-        for k in range(1, n + 1)
-    ]
+        claims.add(answer.name(int(m[1])), value)
+    return claims
 
 
-def _parse_json(text: str, n: int, rubric: Rubric) -> list[Verdict] | None:
-    value, seen = _first_json(text)
-    if isinstance(value, dict):
-        got = _from_mapping(value, n, rubric, "no verdict in the JSON answer")
-        if got is not None:
-            return got
-    elif isinstance(value, list):
-        return _from_list(value, n, rubric, "no verdict in the JSON answer")
-    if seen:
-        return _scan_truncated(text, n, rubric)
+def _scan_objects(text: str, answer: _Answer) -> _Claims:
+    """Every flat object holding a rating, when no text key was found at all."""
+    claims = _Claims({}, [])
+    unnamed = []
+    for m in re.finditer(r"\{[^{}]*\}", text):
+        try:
+            value = _DECODER.decode(m.group(0))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict) and _get(value, "rating", "score")[0]:
+            k = _item_name(value)
+            if k is not None:
+                claims.add(answer.name(k), value)
+            else:
+                unnamed.append(value)
+    claims.positional = [unnamed] if unnamed else []
+    return claims
+
+
+def _parse_json(text: str, n: int, answer: _Answer) -> list[Verdict] | None:
+    text = "\n".join(x for x in split_lines(text) if not is_quoted(x))
+    claims = _Claims({}, [])
+    for value, _, _ in _json_values(text):
+        _claims_from_value(value, claims, answer)
+    if _NAMES_A_TEXT_RE.search(text) or QUOTED in text:
+        claims.positional = []  # I2: an answer that names texts (or pasted one) is never read by position
+    cut = "JSON answer cut off or invalid before the verdict"
+    if not claims.named:
+        scanned = _scan_keys(text, answer)
+        if scanned.named:
+            return _verdicts_from_claims(scanned, n, answer, cut)
+    if claims.named or claims.positional:
+        return _verdicts_from_claims(claims, n, answer, "no verdict in the JSON answer")
+    if re.search(r"[\[{]", text) and QUOTED not in text:
+        scanned = _scan_objects(text, answer)
+        if scanned.named or scanned.positional:
+            return _verdicts_from_claims(scanned, n, answer, cut)
     return None
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_verdicts(text: str | None, n: int, rubric: Rubric, *, structured: bool) -> list[Verdict]:
-    """Exactly n verdicts, in the order the texts were shown, whatever the judge wrote."""
+def _mostly_json(text: str) -> bool:
+    """A text answer that is JSON (at least half of it), not prose quoting some JSON."""
+    unquoted = "\n".join(x for x in split_lines(text) if not is_quoted(x))
+    covered = sum(end - start for _, start, end in _json_values(unquoted))
+    return covered * 2 >= len(unquoted.strip())
+
+
+def _usable(verdicts: list[Verdict]) -> bool:
+    return any(v.rating is not None or v.error == NA for v in verdicts)
+
+
+def _parse(text: str, n: int, answer: _Answer, structured: bool) -> list[Verdict]:
+    if structured:
+        got = _parse_json(text, n, answer)
+        if got is not None:
+            return got
+        got = _parse_text(text, n, answer)
+        if _usable(got):
+            return got
+        return [Verdict(None, None, error="no JSON object in the judge's answer") for _ in range(n)]
+    got = _parse_text(text, n, answer)
+    if not _usable(got) and _mostly_json(text):
+        as_json = _parse_json(text, n, _Answer(answer.rubric))
+        if as_json is not None and _usable(as_json):
+            return as_json
+    return got
+
+
+def parse_verdicts(
+    text: str | None,
+    n: int,
+    rubric: Rubric,
+    *,
+    structured: bool,
+    messages: list[dict[str, str]] | None = None,
+    generations: list[str] | None = None,
+) -> list[Verdict]:
+    """Exactly n verdicts, in the order the texts were shown, whatever the judge wrote.
+
+    `messages` (the judge's prompt as sent) and/or `generations` (the texts as shown) let the parser
+    remove everything the answer repeats from them before reading it (see
+    poll_assets.rubrics.echo); without them only the prompt's fixed template and fenced regions
+    are removed.
+    """
     if n < 0:
         raise ValueError(f"parse_verdicts: n must be >= 0, got {n}")
     if text is None or not text.strip():
         return [Verdict(None, None, error="empty judge answer") for _ in range(n)]
-    if structured:
-        got = _parse_json(text, n, rubric)
-        if got is not None:
-            return got
-        got = _parse_text(text, n, rubric)
-        if any(v.rating is not None or v.error == NA for v in got):
-            return got
-        return [Verdict(None, None, error="no JSON object in the judge's answer") for _ in range(n)]
-    got = _parse_text(text, n, rubric)
-    if all(v.rating is None and v.error != NA for v in got) and "{" in text:
-        as_json = _parse_json(text, n, rubric)
-        if as_json is not None and any(v.rating is not None for v in as_json):
-            return as_json
-    return got
+    own = strip_untrusted(text, rubric, n, messages=messages, generations=generations)
+    if not own.strip():
+        return [Verdict(None, None, error="the judge's answer only repeats its prompt") for _ in range(n)]
+    answer = _Answer(rubric)
+    got = _parse(own, n, answer, structured)
+    return answer.overrule(got)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parse failures and the repair re-ask (pure parts; the judging asset calls them)
+
+# A parse failure: the judge answered, but a text's rating could not be read from the answer.
+# Failed judge calls, failed generations and honesty's N/A are not parse failures.
+_REASONS = (  # (substring of the error, reason class), first match wins
+    ("empty judge answer", "empty answer"),
+    ("only repeats its prompt", "echo only"),
+    ("numbers the texts from 0", "texts numbered from 0"),
+    (OTHER_SCALE, "another scale"),
+    ("conflicting ratings", "conflicting ratings"),
+    ("unnamed verdicts for", "unnamed ratings, wrong count"),
+    ("rating lines for", "unnamed ratings, wrong count"),
+    ("no 'Output for Text k' blocks and no ratings", "no ratings"),
+    ("no JSON object", "no JSON"),
+    ("cut off or invalid", "JSON cut off or invalid"),
+    ("no block for text", "text not rated"),
+    ("no verdict in the JSON answer", "text not rated"),
+    ("no rating in the", "text not rated"),
+    ("empty rating", "text not rated"),
+    ("ambiguous rating", "ambiguous rating"),
+    ("is not allowed for", "N/A not allowed"),
+    ("is not on the", "rating off the scale"),
+    ("is not an object", "JSON verdict malformed"),
+)
+
+
+def failure_reason(verdict: Verdict) -> str | None:
+    """The reason class of a parse failure ("conflicting ratings", ...), None if not a parse failure."""
+    if verdict.kind != "parse_failed":
+        return None
+    error = (verdict.error or "").split(" (repair: ")[0]  # a failed repair keeps the first reason
+    return next((reason for part, reason in _REASONS if part in error), "other")
+
+
+def parse_failures_by_reason(verdicts: Iterable[Verdict]) -> dict[str, int]:
+    """How many texts could not be read, by reason class, most frequent first."""
+    counts = Counter(r for v in verdicts if (r := failure_reason(v)) is not None)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def unread_texts(verdicts: list[Verdict]) -> dict[int, str]:
+    """1-based text number -> error, for the texts a repair should ask about (parse failures only)."""
+    return {k: v.error or "no rating" for k, v in enumerate(verdicts, start=1) if v.kind == "parse_failed"}
+
+
+def merge_repair(first: list[Verdict], repair: list[Verdict]) -> list[Verdict]:
+    """The first answer's verdicts, with parse failures filled from the repair answer.
+
+    A repair fills a text only if the first answer left it unread and the repair gives a rating
+    (or honesty's N/A); it never replaces a rating, an N/A, or a failed call or generation. A text
+    still unread keeps the first reason, with the repair's appended.
+    """
+    if len(first) != len(repair):
+        raise ValueError(f"merge_repair: {len(first)} first verdicts but {len(repair)} repair verdicts")
+    out = []
+    for a, b in zip(first, repair):
+        if a.kind != "parse_failed":
+            out.append(a)
+        elif b.kind in ("ok", "na"):
+            out.append(b)
+        else:
+            out.append(Verdict(None, a.rationale, a.type, error=f"{a.error} (repair: {b.error})"))
+    return out
+
+
+def repair_summary(first: list[Verdict], merged: list[Verdict]) -> dict[str, Any]:
+    """Per judge call: texts asked again, texts recovered, and parse failures by reason before/after."""
+    asked = len(unread_texts(first))
+    return {
+        "repair_asked": asked,
+        "repair_recovered": sum(a.kind == "parse_failed" and b.kind in ("ok", "na") for a, b in zip(first, merged)),
+        "parse_failures_before": parse_failures_by_reason(first),
+        "parse_failures_after": parse_failures_by_reason(merged),
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,15 @@ member, e.g. base_url `http://127.0.0.1:P/judge_a/v1`):
 * `POST [/tag]/v1/messages` - Anthropic Messages (system, forced tool use, usage).
 * `GET /_stats`, `POST /_config`, `POST /_reset` - control for a server running in another process.
 
+Fault modes (FakeConfig): injected 429/500/timeouts/malformed bodies by fraction or script; a
+concurrency cap (`max_concurrent`: 429 with Retry-After above N in flight, and x-ratelimit-* /
+anthropic-ratelimit-* headers on every reply); an outage window (`outage_from_request`, `outage_s`,
+or `start_outage()`); Anthropic 200s without the tool_use block (`omit_tool_use`); chat 200s that
+ignore response_format and answer in prose (`ignore_response_format`) or decline in
+`message.refusal` (`model_refusal`); a llama.cpp-like server that answers json_schema with HTTP 500
+and accepts json_object with a schema (`llama_cpp`).
+`requests_for(body)` and `stats()["by_body"]` count how often each distinct request arrived.
+
 Answers are deterministic: derived from a hash of the request body. Structured answers are generated
 from the requested JSON schema, so they validate whatever the schema's field names are.
 
@@ -57,6 +66,22 @@ class FakeConfig:
     expected_key: str | None = None  # when set, any other key gets 401 (with the key echoed back)
     reject_response_format: list[str] = field(default_factory=list)  # tags that refuse structured output
     served_model_suffix: str = ""  # reported model = requested model + suffix
+    # A provider's concurrency limit: above this many requests in flight, 429 with Retry-After; every
+    # reply carries OpenAI's x-ratelimit-* and Anthropic's anthropic-ratelimit-* headers. 0 = no cap.
+    max_concurrent: int = 0
+    # An outage: from request number `outage_from_request` (1-based, 0 = never), every request
+    # for `outage_s` seconds gets `outage_status` (503 by default).
+    outage_from_request: int = 0
+    outage_s: float = 0.0
+    outage_status: int = 503
+    omit_tool_use: list[str] = field(default_factory=list)  # tags whose Anthropic 200s answer in prose, no tool_use
+    # Tags that behave like llama-cpp-python's server: `response_format` json_schema is refused with
+    # an HTTP 500 validation message; json_object with a `schema` is accepted.
+    llama_cpp: list[str] = field(default_factory=list)
+    # Tags whose chat 200s ignore `response_format` and answer a structured request in prose.
+    ignore_response_format: list[str] = field(default_factory=list)
+    # Tags whose chat 200s to a structured request decline in `message.refusal`, with no content.
+    model_refusal: list[str] = field(default_factory=list)
     seed: int = 0
 
 
@@ -128,6 +153,26 @@ def value_for_schema(schema: dict[str, Any], rng: random.Random, root: dict[str,
     return text[:hi]
 
 
+def verdict_prose(value: Any) -> str:
+    """What a judge writes when it ignores the structure it was asked for: for verdicts keyed
+    text_1..text_n, the rubric's own text blocks; for anything else, the JSON after a lead-in."""
+    keys = sorted(value, key=lambda k: int(k.rsplit("_", 1)[1])) if isinstance(value, dict) and value and all(
+        str(k).startswith("text_") and str(k).rsplit("_", 1)[1].isdigit() and isinstance(v, dict) for k, v in value.items()
+    ) else None
+    if not keys:
+        return f"Here is my assessment: {json.dumps(value)}"
+    blocks = ["I will rate each text in turn."]
+    for key in keys:
+        verdict = value[key]
+        lines = [f"#### Output for Text {key.rsplit('_', 1)[1]}"]
+        if "type" in verdict:
+            lines.append(f"Type: {', '.join(map(str, verdict['type'])) or 'None'}")
+        rating = verdict.get("rating")
+        lines += [f"Rating: {'N/A' if rating is None else rating}", f"Rationale: {verdict.get('rationale', '')}"]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def text_for(rng: random.Random, max_tokens: int, stop: list[str]) -> tuple[str, str]:
     """A deterministic reply of at most `max_tokens` words, and the finish reason."""
     wanted = rng.randint(8, 40)
@@ -182,6 +227,8 @@ class FakeLLMServer:
         self.outcomes: Counter[str] = Counter()
         self.in_flight = 0
         self.max_in_flight = 0
+        self.over_cap = 0  # requests refused with 429 by max_concurrent
+        self._outage_until = 0.0
         self.bodies: deque[dict[str, Any]] = deque(maxlen=20_000)
 
     def reset(self, **config: Any) -> None:
@@ -206,6 +253,16 @@ class FakeLLMServer:
         with self._lock:
             self._script.extend(outcomes)
 
+    def start_outage(self, seconds: float) -> None:
+        """Answer every request with `outage_status` for the next `seconds`, from now."""
+        with self._lock:
+            self._outage_until = time.monotonic() + seconds
+
+    def requests_for(self, body: dict[str, Any]) -> int:
+        """How many times a request with exactly this JSON body was received (its per-request-key count)."""
+        with self._lock:
+            return self.by_body[canonical_hash(body)]
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {
@@ -215,6 +272,7 @@ class FakeLLMServer:
                 "by_body": dict(self.by_body),
                 "outcomes": dict(self.outcomes),
                 "max_in_flight": self.max_in_flight,
+                "over_cap": self.over_cap,
                 "max_repeats": max(self.by_body.values(), default=0),
             }
 
@@ -300,21 +358,59 @@ class FakeLLMServer:
             self.by_path[path] += 1
             self.by_tag[tag] += 1
             self.by_body[digest] += 1
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
             if body is not None:
                 self.bodies.append({"path": path, "tag": tag, "body": body})
-            outcome = self._draw_outcome()
             cfg = self.config
+            refused = self._refusal(number)
+            if refused is None:
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                outcome = self._draw_outcome()
             delay = max(0.0, cfg.latency_ms + self._rng.uniform(-cfg.jitter_ms, cfg.jitter_ms)) / 1000.0
+            limits = self._limit_headers()
+        if refused is not None:
+            with self._lock:
+                self.outcomes[refused] += 1
+            if refused == "over_cap":
+                headers = {**limits, "retry-after": f"{cfg.retry_after_s:g}"}
+                return self._error(kind, tag, 429, f"too many concurrent requests (limit {cfg.max_concurrent})", headers)
+            return self._error(kind, tag, cfg.outage_status, "service unavailable (outage)")
         try:
             response = await self._respond(request, kind, tag, body, digest, number, outcome, delay)
         finally:
             with self._lock:
                 self.in_flight -= 1
+        response.headers.update(limits)
         with self._lock:
             self.outcomes[str(response.status_code) if outcome == "ok" else outcome] += 1
         return response
+
+    def _refusal(self, number: int) -> str | None:
+        """'outage' or 'over_cap' when the request is refused before any work (lock held)."""
+        cfg = self.config
+        now = time.monotonic()
+        if cfg.outage_from_request and number == cfg.outage_from_request:
+            self._outage_until = now + cfg.outage_s
+        if now < self._outage_until:
+            return "outage"
+        if cfg.max_concurrent and self.in_flight >= cfg.max_concurrent:
+            self.over_cap += 1
+            return "over_cap"
+        return None
+
+    def _limit_headers(self) -> dict[str, str]:
+        """The rate-limit headers real providers send, reflecting the concurrency cap (lock held)."""
+        cap = self.config.max_concurrent
+        if not cap:
+            return {}
+        left = str(max(0, cap - self.in_flight))
+        return {
+            "x-ratelimit-limit-requests": str(cap),
+            "x-ratelimit-remaining-requests": left,
+            "x-ratelimit-reset-requests": f"{self.config.retry_after_s:g}s",
+            "anthropic-ratelimit-requests-limit": str(cap),
+            "anthropic-ratelimit-requests-remaining": left,
+        }
 
     def _draw_outcome(self) -> str:
         if self._script:
@@ -386,12 +482,18 @@ class FakeLLMServer:
                 return self._error(kind, tag, 400, f"{sampling[0]}: not supported in this API version")
         if kind == "chat" and body.get("response_format") and tag in cfg.reject_response_format:
             return self._error(kind, tag, 400, "response_format of type json_schema is not supported by this server")
+        if kind == "chat" and tag in cfg.llama_cpp and (body.get("response_format") or {}).get("type") == "json_schema":
+            return self._error(
+                kind, tag, 500,
+                "1 validation error for CreateChatCompletionRequest\nresponse_format.type\n"
+                "  Input should be 'text' or 'json_object' [type=literal_error, input_value='json_schema']",
+            )
 
         rng = random.Random(int(digest[:16], 16))
         if kind == "chat":
-            payload, headers = self._chat(body, digest, number, rng)
+            payload, headers = self._chat(body, digest, number, rng, tag)
         else:
-            payload, headers = self._messages(body, digest, number, rng)
+            payload, headers = self._messages(body, digest, number, rng, tag)
         data = json.dumps(payload).encode()
         if outcome == "malformed":
             data = b"<html>upstream hiccup: " + data[:40] + b"</html>"
@@ -403,7 +505,7 @@ class FakeLLMServer:
         return f"{body.get('model') or 'tgi'}{self.config.served_model_suffix}"
 
     def _chat(
-        self, body: dict[str, Any], digest: str, number: int, rng: random.Random
+        self, body: dict[str, Any], digest: str, number: int, rng: random.Random, tag: str = ""
     ) -> tuple[dict[str, Any], dict[str, str]]:
         messages = body.get("messages") or []
         prompt_tokens = count_tokens(*(str(m.get("content", "")) for m in messages))
@@ -412,14 +514,21 @@ class FakeLLMServer:
         if fmt.get("type") == "json_schema":
             schema = (fmt.get("json_schema") or {}).get("schema")
         elif fmt.get("type") in ("json", "json_object") and isinstance(fmt.get("value"), dict):
-            schema = fmt["value"]
+            schema = fmt["value"]  # TGI's grammar
+        elif fmt.get("type") == "json_object" and isinstance(fmt.get("schema"), dict):
+            schema = fmt["schema"]  # llama.cpp's servers
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 256)
-        if schema is not None:
+        refusal = None
+        if schema is not None and tag in self.config.model_refusal:
+            text, refusal, finish = None, "I can't help with rating these texts.", "stop"
+        elif schema is not None and tag in self.config.ignore_response_format:
+            text, finish = verdict_prose(value_for_schema(schema, rng)), "stop"
+        elif schema is not None:
             text = json.dumps(value_for_schema(schema, rng))
             finish = "stop"
         else:
             text, finish = text_for(rng, max_tokens, list(body.get("stop") or []))
-        completion_tokens = count_tokens(text)
+        completion_tokens = count_tokens(text or refusal or "")
         payload = {
             "id": f"chatcmpl-{digest[:24]}",
             "object": "chat.completion",
@@ -429,7 +538,7 @@ class FakeLLMServer:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text},
+                    "message": {"role": "assistant", "content": text, **({"refusal": refusal} if refusal else {})},
                     "finish_reason": finish,
                     "logprobs": None,
                 }
@@ -443,7 +552,7 @@ class FakeLLMServer:
         return payload, {"x-request-id": f"req_fake_{number:08d}"}
 
     def _messages(
-        self, body: dict[str, Any], digest: str, number: int, rng: random.Random
+        self, body: dict[str, Any], digest: str, number: int, rng: random.Random, tag: str = ""
     ) -> tuple[dict[str, Any], dict[str, str]]:
         system = body.get("system") or ""
         if isinstance(system, list):
@@ -455,7 +564,13 @@ class FakeLLMServer:
         input_tokens = count_tokens(*texts)
         choice = body.get("tool_choice") or {}
         tools = {t.get("name"): t for t in body.get("tools") or []}
-        if choice.get("type") == "tool" and choice.get("name") in tools:
+        if choice.get("type") == "tool" and choice.get("name") in tools and tag in self.config.omit_tool_use:
+            # Paid and answered, but in prose: the JSON is in a text block, and there is no tool_use block.
+            value = value_for_schema(tools[choice["name"]].get("input_schema") or {"type": "object"}, rng)
+            content = [{"type": "text", "text": verdict_prose(value)}]
+            stop_reason = "end_turn"
+            output_tokens = count_tokens(content[0]["text"])
+        elif choice.get("type") == "tool" and choice.get("name") in tools:
             tool = tools[choice["name"]]
             value = value_for_schema(tool.get("input_schema") or {"type": "object"}, rng)
             content: list[dict[str, Any]] = [

@@ -131,6 +131,28 @@ def test_transient_429_and_500_lose_no_row_and_retries_are_recorded(fake_llm, tm
         assert list(valid) == [len(panel.judges)] * len(panel.generators)
 
 
+def test_judges_answering_200_without_the_structured_part_cost_one_call_per_row_and_give_verdicts(
+    fake_llm, tmp_path, env_key
+):
+    n = 10
+    # The Anthropic judge answers its forced tool call in prose; the OpenAI judge ignores json_schema.
+    fake_llm.reset(omit_tool_use=["judge_claude"], ignore_response_format=["judge_openai"])
+    result, instance, panel = materialize(http_panel_file(tmp_path, fake_llm, n), tmp_path / "storage", tmp_path / "c.sqlite")
+    assert result.success
+    stats = fake_llm.stats()
+    assert stats["total"] == n * (len(panel.generators) + len(panel.judges)) and stats["max_repeats"] == 1
+    assert stats["by_tag"]["judge_claude"] == stats["by_tag"]["judge_openai"] == n
+    for j in panel.judges:
+        ratings = read(tmp_path / "storage", "ratings", j.name)
+        assert ratings["error"].isna().all(), ratings["error"].dropna().tolist()
+        assert ratings["output_mode"].eq("text_fallback").all(), j.name
+        assert ratings["raw_output"].str.contains("#### Output for Text 1\nRating: ", regex=False).all()
+        for row in ratings.itertuples():  # the text parser read every verdict the judge wrote
+            assert all(r is not None and 1 <= r <= 5 for r in row.ratings), row.rating_errors
+        meta = llm_metadata(instance, ["ratings", j.name])
+        assert meta["llm/calls"] == n and meta["llm/retries"] == 0 and meta["llm/failures"] == 0
+
+
 _RUN_SCRIPT = """
 import sys
 import dagster as dg

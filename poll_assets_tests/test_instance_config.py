@@ -21,6 +21,10 @@ def test_project_instance_loads(tmp_path: Path) -> None:
         assert concurrency.run_queue_config is not None
         assert concurrency.run_queue_config.max_concurrent_runs >= 1
         assert concurrency.pool_config.default_pool_limit is not None  # LLM pools are bounded
+        limits = concurrency.run_queue_config.tag_concurrency_limits
+        assert {"key": "dagster/partition", "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in limits
+        assert instance.run_monitoring_enabled  # the daemon fails runs stuck in STARTING
+        assert instance.run_monitoring_start_timeout_seconds == 180
 
 
 def test_deployment_instance_config_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,3 +36,6 @@ def test_deployment_instance_config_is_valid(tmp_path: Path, monkeypatch: pytest
     assert set(config["storage"]) == {"postgres"}
     assert config["concurrency"]["runs"]["max_concurrent_runs"] >= 1
     assert config["concurrency"]["pools"]["default_limit"] >= 1
+    assert config["run_monitoring"]["enabled"] is True
+    shard_limit = {"key": "dagster/partition", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
+    assert shard_limit in config["concurrency"]["runs"]["tag_concurrency_limits"]

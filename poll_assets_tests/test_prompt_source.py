@@ -8,7 +8,7 @@ import pytest
 
 from poll_assets.panel import Source
 from poll_assets.partitions import shard_bounds, shard_keys
-from poll_assets.prompt_source import PromptSourceError, load_instructions, prompt_id, select_shard
+from poll_assets.prompt_source import PromptSourceError, count_local_rows, load_instructions, prompt_id, select_shard
 
 
 def test_prompt_id_is_sha256_of_instruction():
@@ -80,3 +80,64 @@ def test_missing_file_is_named(tmp_path):
     src = Source(data_files=["nope.jsonl"], num_examples=1, shard_size=1)
     with pytest.raises(PromptSourceError, match="nope.jsonl"):
         load_instructions(src, tmp_path, 1)
+
+
+def _source(name: str, n: int = 2) -> Source:
+    return Source(data_files=[name], column_mapping={"prompt": "instruction"}, num_examples=n, shard_size=n)
+
+
+def test_empty_file_is_named(tmp_path):
+    (tmp_path / "p.jsonl").write_text("\n  \n")
+    with pytest.raises(PromptSourceError, match=r"p\.jsonl: the file is empty"):
+        load_instructions(_source("p.jsonl"), tmp_path, 1)
+
+
+def test_non_utf8_file_names_file_and_line(tmp_path):
+    (tmp_path / "p.jsonl").write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(PromptSourceError) as err:
+        load_instructions(_source("p.jsonl"), tmp_path, 2)
+    assert f"{tmp_path / 'p.jsonl'}: line 2: not UTF-8 text (byte 0xe9" in str(err.value)
+
+
+def test_non_utf8_csv_is_named_too(tmp_path):
+    (tmp_path / "p.csv").write_bytes(b"prompt\nok\n\xff\xfe bad\n")
+    with pytest.raises(PromptSourceError, match=r"p\.csv: line 3: not UTF-8"):
+        load_instructions(_source("p.csv"), tmp_path, 2)
+
+
+def test_broken_jsonl_line_is_named(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b"\n{"prompt": "c"}\n')
+    with pytest.raises(PromptSourceError) as err:
+        load_instructions(_source("p.jsonl", 3), tmp_path, 3)
+    assert f"{tmp_path / 'p.jsonl'}: line 2: not valid JSON (Expecting ',' delimiter" in str(err.value)
+
+
+@pytest.mark.parametrize(("value", "shown"), [(42, "int 42"), (["a", "b"], 'list ["a", "b"]'), (True, "bool true")])
+def test_non_string_instruction_is_refused_with_its_line(tmp_path, value, shown):
+    _jsonl(tmp_path / "p.jsonl", [{"prompt": "fine"}, {"prompt": value}])
+    with pytest.raises(PromptSourceError) as err:
+        load_instructions(_source("p.jsonl"), tmp_path, 2)
+    assert f"p.jsonl: line 2: 'prompt' is a {shown}, not text" in str(err.value)
+
+
+def test_non_string_instruction_in_parquet_is_refused_with_its_row(tmp_path):
+    datasets.Dataset.from_dict({"instruction": [1, 2, 3]}).to_parquet(str(tmp_path / "p.parquet"))
+    src = Source(data_files=["p.parquet"], num_examples=3, shard_size=3)
+    with pytest.raises(PromptSourceError, match=r"p\.parquet: row 0: 'instruction' is a int 1, not text"):
+        load_instructions(src, tmp_path, 3)
+
+
+def test_json_array_record_is_named(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps([{"prompt": "a"}, "not an object"]))
+    with pytest.raises(PromptSourceError, match=r"p\.json: record 1: expected a JSON object, got a str"):
+        load_instructions(_source("p.json"), tmp_path, 2)
+
+
+def test_shard_past_the_end_of_the_file_says_how_many_rows_it_has(tmp_path):
+    _jsonl(tmp_path / "p.jsonl", [{"prompt": f"q{i}"} for i in range(3)])
+    src = Source(data_files=["p.jsonl"], column_mapping={"prompt": "instruction"}, num_examples=10, shard_size=2)
+    assert load_instructions(src, tmp_path, 2).tolist() == ["q0", "q1"]  # shards inside the file still load
+    with pytest.raises(PromptSourceError) as err:
+        load_instructions(src, tmp_path, 4)
+    assert "p.jsonl: has 3 rows, but this shard needs rows up to 3 (source.num_examples is 10)" in str(err.value)
+    assert count_local_rows(src, tmp_path) == 3

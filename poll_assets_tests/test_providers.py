@@ -24,11 +24,20 @@ import dagster as dg
 import httpx2
 import pytest
 
-from poll_assets.llm.base import CallRequest, ChatBackend, Completion, FatalProviderError, GenerationParams, ProviderError
-from poll_assets.llm.remote import parse_retry_after, safe_url, scrub
+from poll_assets.llm.base import (
+    TEXT_FALLBACK,
+    CallRequest,
+    ChatBackend,
+    Completion,
+    FatalProviderError,
+    GenerationParams,
+    ProviderError,
+)
+from poll_assets.llm.policy import CallPolicy, RetryPolicy
+from poll_assets.llm.remote import mentions_structured_output, parse_retry_after, safe_url, scrub
 from poll_assets.llm.providers import provider_spec
 from poll_assets.llm.resources import ChatModelResource, MissingAPIKeyError, build_llm_resource, resource_key
-from poll_assets.llm.runner import attempt
+from poll_assets.llm.runner import CallBatch, attempt, run_calls
 from poll_assets.panel import Member, Params
 from poll_assets_tests.fake_llm_server import FakeLLMServer, value_for_schema
 
@@ -294,16 +303,34 @@ def test_anthropic_backend_refuses_sampling_params_instead_of_dropping_them(fake
     assert fake_llm.stats()["total"] == 0
 
 
-@pytest.mark.parametrize("provider", ["openai_compatible", "hf_inference"])
+def sent_form(body: dict[str, Any]) -> str:
+    """The structured-output form a chat request asked for, as the backends name it."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return "text"
+    if fmt["type"] == "json":
+        return "grammar"
+    return fmt["type"]
+
+
+# Each negotiating provider's forms, in the order it tries them against a server that refuses them all.
+LADDERS = {
+    "openai": ["json_schema", "json_object", "text"],
+    "openai_compatible": ["json_schema", "json_object", "text"],
+    "hf_inference": ["grammar", "text"],
+}
+
+
+@pytest.mark.parametrize("provider", list(LADDERS))
 def test_structured_output_falls_back_to_text_when_server_refuses_it(fake_llm, monkeypatch, provider):
     tag = SPECS[provider].path.strip("/").removesuffix("/v1")
     fake_llm.configure(reject_response_format=[tag])
     res = make_resource(fake_llm, monkeypatch, provider)
     first = call(res, request("one", schema=JUDGE_SCHEMA))
     assert first.ok and first.output_mode == "text"
-    assert fake_llm.stats()["total"] == 2  # the refused structured call, then the text call
-    assert "response_format" in fake_llm.bodies[0]["body"]
-    assert "response_format" not in fake_llm.bodies[1]["body"]
+    # Each refused form was tried once, in order, then the text call; no refusal was retried.
+    assert [sent_form(b["body"]) for b in fake_llm.bodies] == LADDERS[provider]
+    assert [r.split(":")[0] for r in first.extra["structured_refusals"]] == LADDERS[provider][:-1]
     # Within one backend the refusal is remembered: later calls go straight to text.
     backend = res.backend()
 
@@ -313,7 +340,7 @@ def test_structured_output_falls_back_to_text_when_server_refuses_it(fake_llm, m
 
     later = asyncio.run(two_more())
     assert [c.output_mode for c in later] == ["text", "text"]
-    assert fake_llm.stats()["total"] == 4
+    assert fake_llm.stats()["total"] == len(LADDERS[provider]) + 2
 
 
 def test_a_400_unrelated_to_response_format_is_bad_request_without_fallback(fake_llm, monkeypatch):
@@ -690,3 +717,106 @@ def test_hf_clients_keep_their_connections_alive_and_the_library_hooks(fake_llm,
     }
     res = make_resource(fake_llm, monkeypatch, "hf_inference")
     assert call(res, request()).ok
+
+
+# -- a paid 200 is kept; structured output is negotiated ------------------------------------------------
+
+VERDICT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        f"text_{k}": {
+            "type": "object",
+            "properties": {"rationale": {"type": "string"}, "rating": {"type": "integer", "enum": [1, 2, 3, 4, 5]}},
+            "required": ["rationale", "rating"],
+            "additionalProperties": False,
+        }
+        for k in (1, 2)
+    },
+    "required": ["text_1", "text_2"],
+    "additionalProperties": False,
+}
+FAST_RETRIES = CallPolicy(max_concurrency=4, max_retries=5, timeout_s=10, retry=RetryPolicy(base_s=0.01, cap_s=0.05))
+
+
+def run_batch(resource: ChatModelResource, n: int, schema: dict[str, Any] | None = VERDICT_SCHEMA,
+              policy: CallPolicy = FAST_RETRIES) -> CallBatch:
+    """`n` distinct structured requests through run_calls (retries, concurrency), no cache."""
+    reqs = [request(f"Rate the two texts for prompt {i}.", schema=schema) for i in range(n)]
+    return asyncio.run(run_calls(resource.backend(), policy, reqs))
+
+
+# (provider, fake-server setting) for each way a provider answers 200 without the structured part.
+UNSTRUCTURED_200 = [
+    ("anthropic", "omit_tool_use"),  # no tool_use block, prose in a text block
+    ("openai", "ignore_response_format"),  # prose content under json_schema
+    ("openai_compatible", "ignore_response_format"),
+    ("hf_inference", "ignore_response_format"),
+    ("openai", "model_refusal"),  # content null, message.refusal set
+]
+
+
+@pytest.mark.parametrize(("provider", "mode"), UNSTRUCTURED_200)
+def test_a_200_without_the_structured_part_is_kept_as_text_and_costs_one_call(fake_llm, monkeypatch, provider, mode):
+    tag = SPECS[provider].path.strip("/").removesuffix("/v1")
+    fake_llm.configure(**{mode: [tag]})
+    batch = run_batch(make_resource(fake_llm, monkeypatch, provider), 6)
+    # Exactly one request per row reached the server, and none was retried.
+    assert fake_llm.stats()["total"] == 6 and fake_llm.stats()["max_repeats"] == 1
+    assert batch.stats.calls == 6 and batch.stats.retries == 0 and batch.stats.failures == 0
+    for c in batch.completions:
+        assert c.ok and c.output_mode == TEXT_FALLBACK and not c.structured
+        assert c.extra["structured_fallback"]
+        if mode == "model_refusal":
+            assert c.text == "I can't help with rating these texts."
+        else:  # the prose the server wrote, whole
+            assert c.text.startswith("I will rate each text in turn.") and "#### Output for Text 2\nRating: " in c.text
+
+
+def test_llama_cpp_like_server_settles_on_json_object_after_one_refusal(fake_llm, monkeypatch):
+    fake_llm.configure(llama_cpp=["vllm"])  # json_schema refused with HTTP 500, json_object + schema taken
+    res = make_resource(fake_llm, monkeypatch, "openai_compatible")
+    batch = run_batch(res, 8)
+    assert [c.output_mode for c in batch.completions] == ["json_object"] * 8
+    for c in batch.completions:
+        assert schema_errors(json.loads(c.text), VERDICT_SCHEMA) == []
+    # One refusal in the whole batch (the first call probes alone), never retried as an outage, and
+    # not counted as a call: 8 rows cost 8 calls.
+    stats = fake_llm.stats()
+    assert stats["outcomes"] == {"500": 1, "200": 8} and stats["total"] == 9
+    assert [sent_form(b["body"]) for b in fake_llm.bodies] == ["json_schema"] + ["json_object"] * 8
+    assert batch.stats.calls == 8 and batch.stats.retries == 0
+    refused = [c.extra["structured_refusals"] for c in batch.completions if "structured_refusals" in c.extra]
+    assert len(refused) == 1 and refused[0][0].startswith("json_schema: HTTP 500") and "response_format" in refused[0][0]
+    backend = res.backend()
+    assert backend.negotiation.form == "json_object" and backend.negotiation.refusals == {"json_schema": 1}
+    # Remembered for the member: a later batch goes straight to the form that worked.
+    fake_llm.reset(llama_cpp=["vllm"])
+    run_batch(res, 3)
+    assert fake_llm.stats()["outcomes"] == {"200": 3}
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_an_error_that_is_no_capability_refusal_is_still_retried_as_an_outage(fake_llm, monkeypatch, status):
+    fake_llm.configure(forced_status={"vllm": status})  # "forced status ..." says nothing about response_format
+    res = make_resource(fake_llm, monkeypatch, "openai_compatible")
+    batch = run_batch(res, 1, policy=CallPolicy(max_retries=2, timeout_s=10, retry=RetryPolicy(base_s=0.01, cap_s=0.02)))
+    assert batch.completions[0].error_kind == "server"
+    assert fake_llm.stats()["total"] == 3  # the first attempt and two retries, all with json_schema
+    assert {sent_form(b["body"]) for b in fake_llm.bodies} == {"json_schema"}
+    assert res.backend().negotiation.refusals == {}
+
+
+@pytest.mark.parametrize(
+    ("status", "detail", "refusal"),
+    [
+        (400, "response_format of type json_schema is not supported", True),
+        (422, "Unknown grammar type", True),
+        (500, "1 validation error ... response_format.type Input should be 'text' or 'json_object'", True),
+        (400, "messages: field required", False),
+        (500, "internal error", False),
+        (503, "schema registry unavailable", False),  # gateways and outages are never refusals
+        (429, "json_schema requests are rate limited", False),
+    ],
+)
+def test_capability_refusals_are_told_apart_from_other_errors(status, detail, refusal):
+    assert mentions_structured_output(status, detail) is refusal

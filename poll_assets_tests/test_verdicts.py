@@ -26,18 +26,25 @@ def test_corpus_is_complete():
     files = {p.name for p in CORPUS.glob("*.txt")}
     listed = {c["file"] for c in CASES}
     assert files == listed, f"unlisted: {files - listed}; missing: {listed - files}"
-    assert len(CASES) >= 30
+    assert len(CASES) >= 100
+    styles = {c.get("style") for c in CASES}
+    assert {"gpt-3.5", "gpt-4o", "claude-3-haiku", "command-r-plus", "llama-3-8b", "mistral-7b", "phi-3",
+            "small-local", "adversarial"} <= styles
+    # An answer whose expected result is not a full set of ratings says why, unless the errors do.
+    for c in CASES:
+        if c.get("style") and None in c["ratings"]:
+            assert c.get("why") or c.get("errors"), c["file"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["file"] for c in CASES])
 def test_corpus(case):
     rubric = get_rubric(case.get("aspect", "instruction-following"))
     text = (CORPUS / case["file"]).read_bytes().decode("utf-8")
-    got = parse_verdicts(text, case["n"], rubric, structured=case["structured"])
+    got = parse_verdicts(text, case["n"], rubric, structured=case["structured"], generations=case.get("generations"))
     assert len(got) == case["n"]
     ratings = [NA if v.error == NA else v.rating for v in got]
     assert ratings == case["ratings"], [v.error for v in got]
-    errors = case.get("errors", {})
+    errors = {int(i): e for i, e in case.get("errors", {}).items()}
     for i, v in enumerate(got):
         if v.rating is None and v.error != NA:
             assert i in errors, f"text {i}: unexpected failure {v.error!r}"
@@ -47,6 +54,7 @@ def test_corpus(case):
     for i, expected in enumerate(case.get("types", [])):
         assert got[i].type == expected
     for i, fragment in case.get("rationale_contains", {}).items():
+        i = int(i)
         assert got[i].rationale and fragment in got[i].rationale
 
 

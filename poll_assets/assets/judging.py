@@ -32,7 +32,8 @@ RATING_COLUMNS = schema(
     ("rating_errors", "list<string>", "why a rating is None: unreadable, N/A, judge call failed, generation failed"),
     ("shown_order", "list<int>", "the generations in the order the judge saw them (position-bias control)"),
     ("raw_output", "string", "the judge's answer as returned"),
-    ("output_mode", "string", "how the answer was constrained: json_schema, tool_use, grammar or text"),
+    ("output_mode", "string", "how the answer was constrained: json_schema, json_object, tool_use, grammar, text, "
+     "or text_fallback (a paid answer without the structured part, read as text)"),
     ("call_id", "string", "hash of the request; the response cache's key"),
     ("input_tokens", "int", "prompt tokens of the judge call"),
     ("output_tokens", "int", "answer tokens of the judge call"),
@@ -90,7 +91,7 @@ def verdicts_for(task: JudgeTask, completion: Completion | None, rubric: Rubric)
         return out
     text = completion.text or ""
     # A provider that fell back to plain text may still have answered in JSON.
-    structured = completion.output_mode != "text" or text.lstrip().startswith(("{", "```"))
+    structured = completion.structured or text.lstrip().startswith(("{", "```"))
     parsed = parse_verdicts(text, len(task.shown), rubric, structured=structured)
     present = sorted(task.shown)  # the generations that exist, in their own order
     restored = restore_order(parsed, [present.index(i) for i in task.shown])  # undo the shuffle

@@ -12,7 +12,7 @@ try:  # private module; only used to word an error message
 except ImportError:  # pragma: no cover
     ANTHROPIC_API_VERSION = "current"
 
-from poll_assets.llm.base import CallRequest, Completion, FatalProviderError, ProviderError
+from poll_assets.llm.base import TEXT_FALLBACK, CallRequest, Completion, FatalProviderError, ProviderError
 from poll_assets.llm.remote import RemoteBackend, body_message, classify_sdk_failure, schema_name
 from poll_assets.llm.providers import PROVIDERS
 
@@ -80,21 +80,15 @@ class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
             msg = await raw.parse()
             if isinstance(msg, str):
                 raise ValueError("body is not JSON")
-            if request.json_schema is not None:
-                tool = next((b for b in msg.content if getattr(b, "type", None) == "tool_use"), None)
-                if tool is None:
-                    raise ValueError("no tool_use block in a forced tool call")
-                value = tool.input[_WRAP_KEY] if wrapped else tool.input
-                text = json.dumps(value, ensure_ascii=False)
-                mode = "tool_use"
-            else:
-                text = "".join(b.text for b in msg.content if getattr(b, "type", None) == "text")
-                mode = "text"
+            text, mode, fell_back = _read_content(msg.content, request.json_schema is not None, wrapped)
             usage = msg.usage
             stop_reason = msg.stop_reason
             message_id = msg.id
         except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
             raise self.malformed(f"{type(exc).__name__} while reading the message") from None
+        extra: dict[str, Any] = {"response_id": message_id, "stop_reason": stop_reason}
+        if fell_back:
+            extra["structured_fallback"] = fell_back
         return Completion(
             text=text,
             finish_reason=_FINISH.get(stop_reason or "", stop_reason),
@@ -103,10 +97,28 @@ class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
             model=msg.model or None,
             request_id=raw.headers.get("request-id") or message_id,
             output_mode=mode,
-            extra={"response_id": message_id, "stop_reason": stop_reason},
+            extra=extra,
         )
 
     def _classify(self, exc: BaseException) -> ProviderError | None:
         if isinstance(exc, anthropic.APIStatusError):
             return self.status_error(exc.status_code, exc.response.headers, body_message(exc.body))
         return classify_sdk_failure(self, exc, anthropic)
+
+
+def _read_content(blocks: list[Any], forced_tool: bool, wrapped: bool) -> tuple[str, str, str | None]:
+    """(text, output_mode, why it fell back) from a message's content blocks.
+
+    A forced tool call answered without a tool_use block was still generated and paid for: its
+    text blocks are kept and read as text, never retried as if the reply were unreadable.
+    """
+    prose = "".join(b.text for b in blocks if getattr(b, "type", None) == "text")
+    if not forced_tool:
+        return prose, "text", None
+    tool = next((b for b in blocks if getattr(b, "type", None) == "tool_use"), None)
+    if tool is None:
+        return prose, TEXT_FALLBACK, "no tool_use block in the answer to a forced tool call"
+    value = tool.input
+    if wrapped and isinstance(value, dict) and _WRAP_KEY in value:
+        value = value[_WRAP_KEY]
+    return json.dumps(value, ensure_ascii=False), "tool_use", None

@@ -9,7 +9,10 @@ from typing import Any, Literal
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 
-OutputMode = Literal["text", "json_schema", "tool_use", "grammar"]
+OutputMode = Literal["text", "json_schema", "json_object", "tool_use", "grammar", "text_fallback"]
+# A structured request whose paid 200 came back without the structured part: kept, and read as text.
+TEXT_FALLBACK = "text_fallback"
+TEXT_MODES: frozenset[str] = frozenset({"text", TEXT_FALLBACK})
 ErrorKind = Literal[
     "auth", "not_found", "bad_request", "rate_limit", "server", "timeout", "connection", "malformed", "other"
 ]
@@ -95,6 +98,11 @@ class Completion:
     @property
     def ok(self) -> bool:
         return self.error is None and self.text is not None
+
+    @property
+    def structured(self) -> bool:
+        """Whether the provider constrained the answer to the requested shape (read it as JSON first)."""
+        return self.output_mode not in TEXT_MODES
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

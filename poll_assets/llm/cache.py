@@ -7,6 +7,15 @@ they are requested again). WAL mode lets parallel partition runs read and write 
 Async callers hand completions to one writer thread (`submit`), which commits whatever has queued
 up in one transaction. Compared with a thread hop and a commit per call this costs the event loop
 almost nothing, and a busy file (another process holding the write lock) never stalls the loop.
+
+A lease (`claim`, `renew`, `release`, `wait_for`, and `claim_or_wait` on top) makes a request paid
+once across processes and runs: the first process to claim a key calls the provider, the others
+poll for its answer. A claim expires unless its owner renews it (a heartbeat every ttl/3 while the
+call is in flight), so a claimant killed with SIGKILL blocks the others for one ttl at most. We chose
+the heartbeat over "ttl = attempt timeout + margin" because a call's length is not bounded by one
+attempt: retries and back-off can stretch it to minutes, and a waiter must not take over a call that
+is still alive. The answer is written and the claim deleted in one transaction, so a waiter never
+sees a released claim without the answer that ended it.
 """
 
 from __future__ import annotations
@@ -17,13 +26,15 @@ import dataclasses
 import json
 import os
 import queue
+import socket
 import sqlite3
 import threading
 import time
+import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from poll_assets.llm.base import Completion
 
@@ -42,8 +53,16 @@ CREATE TABLE IF NOT EXISTS completions (
     model      TEXT NOT NULL,
     completion TEXT NOT NULL,
     created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS claims (
+    key        TEXT PRIMARY KEY,
+    owner      TEXT NOT NULL,
+    expires_at REAL NOT NULL
 )
 """
+
+DEFAULT_CLAIM_TTL_S = 30.0  # renewed every ttl/3, so a dead claimant blocks others for 30 s at most
+DEFAULT_POLL_S = 0.2
 
 _COMPLETION_FIELDS = frozenset(f.name for f in dataclasses.fields(Completion))
 
@@ -65,12 +84,49 @@ def _completion_from_json(blob: str) -> Completion:
     return Completion(**{k: v for k, v in data.items() if k in _COMPLETION_FIELDS})
 
 
+def default_owner() -> str:
+    """A claim owner unique to this process and call site: host, pid and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class CallLease(Protocol):
+    """What `claim_or_wait` needs from a store to pay each request once across processes.
+
+    The SQLite `ResponseCache` implements it; a PostgreSQL store can implement the same members
+    (claim as INSERT ... ON CONFLICT DO UPDATE ... WHERE expired, the answer and the release in one
+    transaction, `wait_for` by polling or LISTEN/NOTIFY).
+    """
+
+    @property
+    def reads(self) -> bool: ...
+
+    @property
+    def writes(self) -> bool: ...
+
+    def claim_state(self, key: str, since: float | None = None) -> tuple[Completion | None, bool]: ...
+
+    def claim(self, key: str, owner: str, ttl_s: float) -> bool: ...
+
+    def renew(self, key: str, owner: str, ttl_s: float) -> bool: ...
+
+    def release(self, key: str, owner: str) -> None: ...
+
+    def submit(
+        self, key: str, completion: Completion, provider: str, model: str, release_owner: str | None = None
+    ) -> bool: ...
+
+    async def wait_for(
+        self, key: str, *, since: float | None = None, poll_s: float = DEFAULT_POLL_S, timeout_s: float | None = None
+    ) -> Completion | None: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class _Write:
     key: str
     completion: Completion
     provider: str
     model: str
+    release_owner: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +161,7 @@ class ResponseCache:
         self._writer_pid = -1
         self._write_error: CacheError | None = None
         self.written = 0  # completions committed by the writer thread
+        self._pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Poller] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"ResponseCache({str(self.path)!r}, mode={self.mode!r})"
@@ -129,7 +186,7 @@ class ResponseCache:
                 conn.execute("PRAGMA journal_mode=WAL")
                 # In WAL mode NORMAL survives a killed process; only an OS crash may lose the last commits.
                 conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute(_SCHEMA)
+                conn.executescript(_SCHEMA)
             except (sqlite3.Error, OSError) as exc:
                 raise CacheError(f"response cache {self.path}: cannot open: {exc}") from exc
             self._conn = conn
@@ -168,7 +225,8 @@ class ResponseCache:
         self._insert([_row(key, completion, provider, model)])
         return True
 
-    def _insert(self, rows: list[tuple[str, str, str, str, float]]) -> None:
+    def _insert(self, rows: list[tuple[str, str, str, str, float]], releases: Iterable[tuple[str, str]] = ()) -> None:
+        """Write the rows and delete the named (key, owner) claims in one transaction."""
         with self._lock:
             conn = self._connection()
             try:
@@ -179,20 +237,108 @@ class ResponseCache:
                         "VALUES (?, ?, ?, ?, ?)",
                         rows,
                     )
+                    conn.executemany("DELETE FROM claims WHERE key = ? AND owner = ?", list(releases))
             except sqlite3.Error as exc:
                 raise CacheError(f"response cache {self.path}: write failed: {exc}") from exc
 
+    # -- the lease: one call per request across processes -----------------------------------------
+
+    def _claim_sql(self, sql: str, params: tuple[Any, ...]) -> int:
+        with self._lock:
+            conn = self._connection()
+            try:
+                return conn.execute(sql, params).rowcount
+            except sqlite3.Error as exc:
+                raise CacheError(f"response cache {self.path}: claim table failed: {exc}") from exc
+
+    def claim(self, key: str, owner: str, ttl_s: float = DEFAULT_CLAIM_TTL_S) -> bool:
+        """Take the lease on `key` for `ttl_s` seconds: True if it is free, expired, or already `owner`'s.
+
+        One statement, so two processes can never both win: an insert, or a take-over of a claim
+        whose expiry has passed."""
+        now = time.time()
+        changed = self._claim_sql(
+            "INSERT INTO claims (key, owner, expires_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at "
+            "WHERE claims.expires_at < ? OR claims.owner = excluded.owner",
+            (key, owner, now + ttl_s, now),
+        )
+        return changed == 1
+
+    def renew(self, key: str, owner: str, ttl_s: float = DEFAULT_CLAIM_TTL_S) -> bool:
+        """Push the expiry of `owner`'s claim on `key` to now + ttl_s; False if the claim is no longer theirs."""
+        sql = "UPDATE claims SET expires_at = ? WHERE key = ? AND owner = ?"
+        return self._claim_sql(sql, (time.time() + ttl_s, key, owner)) == 1
+
+    def release(self, key: str, owner: str) -> None:
+        """Give the lease up without an answer (the call failed): a waiter may claim it and call."""
+        self._claim_sql("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner))
+
+    def claim_state(self, key: str, since: float | None = None) -> tuple[Completion | None, bool]:
+        """(the stored answer, whether a live claim is held), read whatever the mode.
+
+        `since` ignores answers written before that time (mode "refresh" waits for a new one)."""
+        return self.claim_states([key], since)[key]
+
+    def claim_states(self, keys: list[str], since: float | None = None) -> dict[str, tuple[Completion | None, bool]]:
+        """`claim_state` for many keys, read in one snapshot (one read transaction)."""
+        floor = since if since is not None else float("-inf")
+        held: set[str] = set()
+        answers: dict[str, Completion] = {}
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN")
+                try:
+                    for i in range(0, len(keys), _LOOKUP_CHUNK):
+                        chunk = keys[i : i + _LOOKUP_CHUNK]
+                        marks = ",".join("?" * len(chunk))
+                        sql = f"SELECT key FROM claims WHERE expires_at >= ? AND key IN ({marks})"
+                        held.update(k for (k,) in conn.execute(sql, (time.time(), *chunk)))
+                        sql = f"SELECT key, completion FROM completions WHERE created_at >= ? AND key IN ({marks})"
+                        for k, blob in conn.execute(sql, (floor, *chunk)):
+                            answers[k] = _completion_from_json(blob)
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise CacheError(f"response cache {self.path}: read failed: {exc}") from exc
+        for k, answer in answers.items():
+            answer.cached, answer.call_id = True, k
+        return {k: (answers.get(k), k in held) for k in keys}
+
+    async def wait_for(
+        self, key: str, *, since: float | None = None, poll_s: float = DEFAULT_POLL_S, timeout_s: float | None = None
+    ) -> Completion | None:
+        """Wait until the claimant's answer is stored (returned) or its claim is gone or expired
+        without one (None: the caller may claim the key and call). `timeout_s` bounds the wait.
+
+        Every key this process waits for is polled by one task per event loop, in one query per
+        `poll_s`, so a thousand waiting calls cost one read every `poll_s`, not a thousand."""
+        loop = asyncio.get_running_loop()
+        poller = self._pollers.get(loop)
+        if poller is None:
+            poller = self._pollers[loop] = _Poller(self, poll_s)
+        future = poller.add(key, since)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except asyncio.TimeoutError:
+            return None
+
     # -- the writer thread ----------------------------------------------------------------------
 
-    def submit(self, key: str, completion: Completion, provider: str, model: str) -> bool:
+    def submit(
+        self, key: str, completion: Completion, provider: str, model: str, release_owner: str | None = None
+    ) -> bool:
         """Queue one successful completion for the writer thread; returns at once.
 
         Returns True if it will be written. `flush` waits until everything queued is committed.
+        With `release_owner`, that owner's claim on `key` is deleted in the same transaction as
+        the answer is written, so waiters see the answer and the release together.
         """
         if not self.writes or not completion.ok:
             return False
         self._ensure_writer()
-        self._queue.put(_Write(key, completion, provider, model))
+        self._queue.put(_Write(key, completion, provider, model, release_owner))
         return True
 
     def flush(self, timeout_s: float | None = None) -> int:
@@ -229,10 +375,11 @@ class ResponseCache:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            rows = [_row(i.key, i.completion, i.provider, i.model) for i in items if isinstance(i, _Write)]
+            writes = [i for i in items if isinstance(i, _Write)]
+            rows = [_row(i.key, i.completion, i.provider, i.model) for i in writes]
             if rows:
                 try:
-                    self._insert(rows)
+                    self._insert(rows, [(i.key, i.release_owner) for i in writes if i.release_owner])
                     self.written += len(rows)
                 except CacheError as exc:
                     self._write_error = exc
@@ -259,6 +406,114 @@ class ResponseCache:
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
             self._conn = None
+
+
+class _Poller:
+    """Polls the keys one event loop waits for, all in one query, and wakes their waiters."""
+
+    def __init__(self, cache: ResponseCache, poll_s: float) -> None:
+        self.cache = cache
+        self.poll_s = poll_s
+        self.waiting: dict[tuple[str, float | None], list[asyncio.Future[Completion | None]]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, key: str, since: float | None) -> asyncio.Future[Completion | None]:
+        future: asyncio.Future[Completion | None] = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault((key, since), []).append(future)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run())
+        return future
+
+    async def _run(self) -> None:
+        while self.waiting:
+            by_since: dict[float | None, list[str]] = {}
+            for key, since in list(self.waiting):
+                by_since.setdefault(since, []).append(key)
+            try:
+                for since, keys in by_since.items():
+                    states = await asyncio.to_thread(self.cache.claim_states, keys, since)
+                    self._wake(states, since)
+            except CacheError as exc:
+                for futures in self.waiting.values():
+                    for f in futures:
+                        if not f.done():
+                            f.set_exception(exc)
+                self.waiting.clear()
+                return
+            self.waiting = {k: [f for f in fs if not f.done()] for k, fs in self.waiting.items()}
+            self.waiting = {k: fs for k, fs in self.waiting.items() if fs}
+            if self.waiting:
+                await asyncio.sleep(self.poll_s)
+
+    def _wake(self, states: dict[str, tuple[Completion | None, bool]], since: float | None) -> None:
+        for key, (answer, held) in states.items():
+            if answer is None and held:
+                continue
+            for future in self.waiting.pop((key, since), []):
+                if not future.done():
+                    future.set_result(dataclasses.replace(answer) if answer is not None else None)
+
+
+async def _heartbeat(cache: CallLease, key: str, owner: str, ttl_s: float) -> None:
+    while True:
+        await asyncio.sleep(ttl_s / 3)
+        await asyncio.to_thread(cache.renew, key, owner, ttl_s)
+
+
+async def claim_or_wait(
+    cache: CallLease,
+    key: str,
+    call: Callable[[], Awaitable[Completion]],
+    provider: str,
+    model: str,
+    *,
+    owner: str | None = None,
+    ttl_s: float = DEFAULT_CLAIM_TTL_S,
+    poll_s: float = DEFAULT_POLL_S,
+) -> Completion:
+    """The answer to `key`, paid at most once across every process sharing the cache file.
+
+    Call this after the cache lookup missed and before taking a concurrency slot. Whoever claims
+    the key runs `call` (renewing the claim while it runs) and stores a successful answer together
+    with the release; the others wait for that answer. A claim released without one (the call
+    failed) or expired (its owner died) is claimed by the next waiter, which calls itself. With
+    mode "bypass" there is nothing to share and `call` runs directly.
+    """
+    if not cache.writes:
+        return await call()
+    owner = owner or default_owner()
+    since = None if cache.reads else time.time()  # "refresh" wants an answer newer than this wait
+    while True:
+        if await asyncio.to_thread(cache.claim, key, owner, ttl_s):
+            answer, _ = await asyncio.to_thread(cache.claim_state, key, since)
+            if answer is not None:  # stored between our lookup and our claim
+                await asyncio.to_thread(cache.release, key, owner)
+                return answer
+            return await _call_holding(cache, key, owner, ttl_s, call, provider, model)
+        answer = await cache.wait_for(key, since=since, poll_s=poll_s)
+        if answer is not None:
+            return answer
+
+
+async def _call_holding(
+    cache: CallLease,
+    key: str,
+    owner: str,
+    ttl_s: float,
+    call: Callable[[], Awaitable[Completion]],
+    provider: str,
+    model: str,
+) -> Completion:
+    beat = asyncio.create_task(_heartbeat(cache, key, owner, ttl_s))
+    stored = False
+    try:
+        result = await call()
+        stored = cache.submit(key, result, provider, model, release_owner=owner)
+        return result
+    finally:
+        beat.cancel()
+        if not stored:  # failed or cancelled: let a waiter take over now rather than at expiry
+            await asyncio.shield(asyncio.to_thread(cache.release, key, owner))
 
 
 _WITH_WRITERS: "weakref.WeakSet[ResponseCache]" = weakref.WeakSet()

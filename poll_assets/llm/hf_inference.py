@@ -2,9 +2,8 @@
 Hub), dedicated Inference Endpoints and self-hosted TGI (a URL in `base_url`).
 
 With a URL, the client posts to `<url>/v1/chat/completions` (it appends `/chat/completions` when the URL
-already ends in `/v1`, and nothing when it ends in `/chat/completions`). Structured output uses TGI's
-grammar (`{"type": "json", "value": schema}`) for URLs, and the OpenAI-style `json_schema` format for
-the Hub's router, which speaks the OpenAI dialect.
+already ends in `/v1`, and nothing when it ends in `/chat/completions`). Structured output is
+negotiated (see `URL_FORMS`, `ROUTER_FORMS`): a server's refusal of one form moves to the next.
 """
 
 from __future__ import annotations
@@ -21,11 +20,12 @@ from httpx_aiohttp.httpx2 import Httpx2AiohttpClient
 
 from poll_assets.llm.base import CallRequest, Completion, ProviderError
 from poll_assets.llm.remote import (
+    FormNegotiation,
     RemoteBackend,
     body_message,
     classify_transport,
-    mentions_structured_output,
     schema_name,
+    structured_reading,
 )
 
 
@@ -62,12 +62,29 @@ def install_pooled_client_factory() -> None:
         _factory_installed = True
 
 
+# Structured-output forms in the order tried, plain text last (the prompt itself asks for JSON). A URL
+# (TGI, an Inference Endpoint) gets TGI's grammar; huggingface_hub rewrites a json_schema format into
+# that same grammar for such servers, so trying it next would only meet the same refusal. The Hub's
+# router speaks the OpenAI dialect, and the library adapts json_schema to each routed provider.
+URL_FORMS = ("grammar", "text")
+ROUTER_FORMS = ("json_schema", "text")
+
+
+def _response_format(form: str, schema: dict[str, Any]) -> dict[str, Any] | None:
+    if form == "grammar":
+        return {"type": "json", "value": schema}
+    if form == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": schema_name(schema), "schema": schema, "strict": True}}
+    return None
+
+
 class HFInferenceBackend(RemoteBackend[AsyncInferenceClient]):
     provider = "hf_inference"
 
     def __init__(self, model: str, **kwargs: Any):
         super().__init__(model, **kwargs)
-        self.structured_supported = True
+        # What this member's server accepted, learned from its refusals and kept for the run.
+        self.negotiation = FormNegotiation(URL_FORMS if self.base_url else ROUTER_FORMS)
 
     def _new_client(self) -> AsyncInferenceClient:
         install_pooled_client_factory()
@@ -78,38 +95,39 @@ class HFInferenceBackend(RemoteBackend[AsyncInferenceClient]):
     def _kwargs(self, request: CallRequest) -> dict[str, Any]:
         return {"messages": request.message_dicts(), "model": self.model, **request.params.chat_completion_kwargs()}
 
-    def _structured_format(self, schema: dict[str, Any]) -> tuple[dict[str, Any], str]:
-        if self.base_url:
-            return {"type": "json", "value": schema}, "grammar"
-        return {
-            "type": "json_schema",
-            "json_schema": {"name": schema_name(schema), "schema": schema, "strict": True},
-        }, "json_schema"
-
     async def _call(self, client: AsyncInferenceClient, request: CallRequest) -> Completion:
         kwargs = self._kwargs(request)
-        if request.json_schema is not None and self.structured_supported:
-            fmt, mode = self._structured_format(request.json_schema)
-            try:
-                return await self._send(client, {**kwargs, "response_format": fmt}, mode)
-            except HfHubHTTPError as exc:
-                status = exc.response.status_code if exc.response is not None else 0
-                if not mentions_structured_output(status, _detail(exc)):
-                    raise
-                self.structured_supported = False  # this server cannot constrain output; use text from now on
-        return await self._send(client, kwargs, "text")
+        schema = request.json_schema
+        if schema is None:
+            return await self._send(client, kwargs, "text")
 
-    async def _send(self, client: AsyncInferenceClient, kwargs: dict[str, Any], mode: str) -> Completion:
+        async def send(form: str) -> Completion:
+            fmt = _response_format(form, schema)
+            return await self._send(client, {**kwargs, "response_format": fmt} if fmt else kwargs, form)
+
+        return await self.negotiation.run(send, self._refusal)
+
+    def _refusal(self, exc: BaseException) -> str | None:
+        """The server's words when `exc` is a capability refusal of the response_format, else None."""
+        if not isinstance(exc, HfHubHTTPError) or exc.response is None:
+            return None
+        return self.capability_refusal(exc.response.status_code, _detail(exc))
+
+    async def _send(self, client: AsyncInferenceClient, kwargs: dict[str, Any], form: str) -> Completion:
         out = await client.chat_completion(**kwargs)
         try:
             choice = out.choices[0]
-            text = choice.message.content
+            content = choice.message.content
             usage = out.usage
         except (TypeError, AttributeError, IndexError, KeyError) as exc:
             raise self.malformed(f"{type(exc).__name__} while reading the chat completion") from None
-        if text is None:
+        if content is None and form == "text":
             raise self.malformed("the completion has no message content")
+        text, mode, fell_back = structured_reading(content, form)  # a paid 200 is kept, prose included
         response_id = getattr(out, "id", None) or None
+        extra: dict[str, Any] = {"response_id": response_id} if response_id else {}
+        if fell_back:
+            extra["structured_fallback"] = fell_back
         return Completion(
             text=text,
             finish_reason=choice.finish_reason,
@@ -118,7 +136,7 @@ class HFInferenceBackend(RemoteBackend[AsyncInferenceClient]):
             model=getattr(out, "model", None) or None,
             request_id=response_id,
             output_mode=mode,
-            extra={"response_id": response_id} if response_id else {},
+            extra=extra,
         )
 
     def _classify(self, exc: BaseException) -> ProviderError | None:

@@ -8,13 +8,14 @@ from typing import Any
 import httpx2
 import openai
 
-from poll_assets.llm.base import CallRequest, Completion, ProviderError
+from poll_assets.llm.base import TEXT_FALLBACK, CallRequest, Completion, ProviderError
 from poll_assets.llm.remote import (
+    FormNegotiation,
     RemoteBackend,
     body_message,
     classify_sdk_failure,
-    mentions_structured_output,
     schema_name,
+    structured_reading,
 )
 
 # Self-hosted servers usually take no key, but the SDK insists on one; sending this placeholder keeps the
@@ -22,13 +23,19 @@ from poll_assets.llm.remote import (
 NO_KEY_PLACEHOLDER = "no-key"
 
 
+# The structured-output forms servers actually take, in the order tried: OpenAI's strict json_schema
+# (OpenAI, vLLM, TGI, SGLang); json_object with a `schema`, which llama.cpp's servers (llama-server,
+# llama-cpp-python) turn into a grammar; plain text last, the prompt itself asking for JSON.
+STRUCTURED_FORMS = ("json_schema", "json_object", "text")
+
+
 class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
     provider = "openai"
 
     def __init__(self, model: str, **kwargs: Any):
         super().__init__(model, **kwargs)
-        # Flipped off the first time the server refuses response_format, so later calls go straight to text.
-        self.structured_supported = True
+        # What this member's server accepted, learned from its refusals and kept for the run.
+        self.negotiation = FormNegotiation(STRUCTURED_FORMS)
 
     def _new_client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(
@@ -47,36 +54,45 @@ class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
 
     async def _call(self, client: openai.AsyncOpenAI, request: CallRequest) -> Completion:
         kwargs = self._kwargs(request)
-        if request.json_schema is not None and self.structured_supported:
-            fmt = {
-                "type": "json_schema",
-                "json_schema": {"name": schema_name(request.json_schema), "schema": request.json_schema, "strict": True},
-            }
-            try:
-                return await self._send(client, {**kwargs, "response_format": fmt}, "json_schema")
-            except openai.APIStatusError as exc:
-                detail = body_message(exc.body) or exc.message
-                if not mentions_structured_output(exc.status_code, detail):
-                    raise
-                # The server cannot do schema-constrained output: ask again in plain text; the prompt
-                # itself still asks for JSON and the parser downstream copes with text.
-                self.structured_supported = False
-        return await self._send(client, kwargs, "text")
+        schema = request.json_schema
+        if schema is None:
+            return await self._send(client, kwargs, "text")
 
-    async def _send(self, client: openai.AsyncOpenAI, kwargs: dict[str, Any], mode: str) -> Completion:
+        async def send(form: str) -> Completion:
+            fmt = response_format(form, schema)
+            return await self._send(client, {**kwargs, "response_format": fmt} if fmt else kwargs, form)
+
+        return await self.negotiation.run(send, self._refusal)
+
+    def _refusal(self, exc: BaseException) -> str | None:
+        """The server's words when `exc` is a capability refusal of the response_format, else None."""
+        if not isinstance(exc, openai.APIStatusError):
+            return None
+        return self.capability_refusal(exc.status_code, body_message(exc.body) or exc.message)
+
+    async def _send(self, client: openai.AsyncOpenAI, kwargs: dict[str, Any], form: str) -> Completion:
         raw = await client.chat.completions.with_raw_response.create(**kwargs)
         try:
             out = raw.parse()
             if isinstance(out, str):  # the SDK hands back text when the body is not JSON
                 raise ValueError("body is not JSON")
             choice = out.choices[0]
-            text = choice.message.content
+            content = choice.message.content
+            refusal = getattr(choice.message, "refusal", None)
             usage = out.usage
             response_id = out.id
         except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
             raise self.malformed(f"{type(exc).__name__} while reading the chat completion") from None
-        if text is None:
+        if content is None and form == "text":
             raise self.malformed("the completion has no message content")
+        # A paid 200 is kept whatever its shape: a refusal or prose instead of JSON is read as text.
+        if content is None and refusal:
+            text, mode, fell_back = refusal, TEXT_FALLBACK, "the model refused (message.refusal)"
+        else:
+            text, mode, fell_back = structured_reading(content, form)
+        extra: dict[str, Any] = {"response_id": response_id} if response_id else {}
+        if fell_back:
+            extra["structured_fallback"] = fell_back
         return Completion(
             text=text,
             finish_reason=choice.finish_reason,
@@ -85,7 +101,7 @@ class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
             model=out.model or None,
             request_id=raw.headers.get("x-request-id") or response_id,
             output_mode=mode,
-            extra={"response_id": response_id} if response_id else {},
+            extra=extra,
         )
 
     def _classify(self, exc: BaseException) -> ProviderError | None:
@@ -94,6 +110,15 @@ class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
                 exc.status_code, exc.response.headers, body_message(exc.body), body_text=_safe_text(exc.response)
             )
         return classify_sdk_failure(self, exc, openai)
+
+
+def response_format(form: str, schema: dict[str, Any]) -> dict[str, Any] | None:
+    """The `response_format` body for one structured-output form (None for plain text)."""
+    if form == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": schema_name(schema), "schema": schema, "strict": True}}
+    if form == "json_object":
+        return {"type": "json_object", "schema": schema}
+    return None
 
 
 def _safe_text(response: httpx2.Response) -> str:

@@ -27,7 +27,7 @@ class ProviderSpec:
     backend: str  # "module:Class" of its ChatBackend
     params: frozenset[str]  # generation parameters its API honours; others are refused at load
     kind: str  # Dagster kind tag on the member's asset
-    structured_output: str  # how a request with a JSON schema is sent
+    structured_output: str  # how a request with a JSON schema is sent (forms tried in order, when negotiated)
     key_env: str | None = None  # the variable read when a member names none
     key: KeyRule = "required"
     needs_base_url: bool = False
@@ -53,24 +53,27 @@ PROVIDERS: dict[str, ProviderSpec] = {
     for spec in (
         ProviderSpec(
             name="openai", backend="poll_assets.llm.openai_api:OpenAIChatBackend", params=_OPENAI_PARAMS,
-            kind="openai", structured_output="json_schema response_format", key_env="OPENAI_API_KEY",
+            kind="openai", structured_output="negotiated: json_schema (strict), json_object with a schema, text",
+            key_env="OPENAI_API_KEY",
         ),
         ProviderSpec(
             # The anthropic SDK (>= 2.0) sends anthropic-version 2026-10-21, which removed temperature,
             # top_p and top_k from the Messages API (a 400 even at default values); it never had a seed.
             name="anthropic", backend="poll_assets.llm.anthropic_api:AnthropicChatBackend",
-            params=frozenset({"max_new_tokens", "stop"}), kind="anthropic", structured_output="forced tool call",
+            params=frozenset({"max_new_tokens", "stop"}), kind="anthropic",
+            structured_output="forced tool call; a reply without the tool_use block is kept as text",
             key_env="ANTHROPIC_API_KEY",
         ),
         ProviderSpec(
             name="hf_inference", backend="poll_assets.llm.hf_inference:HFInferenceBackend", params=_OPENAI_PARAMS,
-            kind="huggingface", structured_output="TGI grammar for a URL, json_schema for the Hub router",
+            kind="huggingface",
+            structured_output="negotiated: TGI grammar, json_schema, text for a URL; json_schema, text for the Hub router",
             key_env="HF_TOKEN",
         ),
         ProviderSpec(
             # Self-hosted servers often run without a key: one is sent only when the member names it.
             name="openai_compatible", backend="poll_assets.llm.openai_api:OpenAIChatBackend", params=_OPENAI_PARAMS,
-            kind="openai", structured_output="json_schema response_format, text when refused",
+            kind="openai", structured_output="negotiated: json_schema (strict), json_object with a schema, text",
             key="if_named", needs_base_url=True,
         ),
         ProviderSpec(

@@ -12,14 +12,23 @@ import email.utils
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
 
-from poll_assets.llm.base import BackendConfig, CallRequest, ChatBackend, Completion, FatalProviderError, ProviderError
+from poll_assets.llm.base import (
+    TEXT_FALLBACK,
+    BackendConfig,
+    CallRequest,
+    ChatBackend,
+    Completion,
+    FatalProviderError,
+    ProviderError,
+)
 
 ClientT = TypeVar("ClientT")
 
@@ -250,6 +259,12 @@ class RemoteBackend(ChatBackend, Generic[ClientT]):
             return ProviderError("timeout", f"{self.who}: HTTP 408, the server timed out{suffix}")
         return ProviderError("bad_request", f"{self.who}: HTTP {status}, request rejected{suffix}")
 
+    def capability_refusal(self, status: int, detail: str) -> str | None:
+        """How a refusal of the structured-output request reads in records, or None if this error is not one."""
+        if not mentions_structured_output(status, detail):
+            return None
+        return f"HTTP {status}, {self.scrub(detail)}"
+
     def malformed(self, why: str) -> ProviderError:
         return ProviderError("malformed", f"{self.who}: unreadable response ({self.scrub(why)})")
 
@@ -257,12 +272,98 @@ class RemoteBackend(ChatBackend, Generic[ClientT]):
         return ProviderError("connection", f"{self.who}: connection failed ({self.scrub(why)})")
 
 
+# Statuses a server may choose for "I cannot do that structured-output request": llama-cpp-python's
+# server answers a response_format it does not know with a 500 carrying a validation message.
+# 502-504 are left out: they come from gateways and outages, not from the model server's validation.
+_REFUSAL_STATUSES = frozenset({400, 415, 422, 500, 501})
+_REFUSAL_WORDS = ("response_format", "json_schema", "json_object", "schema", "grammar", "structured output")
+
+
 def mentions_structured_output(status: int, detail: str) -> bool:
-    """Whether a 400/422 says the server cannot do the structured-output request we sent."""
-    if status not in (400, 422):
+    """Whether an error answer says the server cannot do the structured-output request we sent (a
+    capability refusal, not an outage), whatever status code the server chose for it."""
+    if status not in _REFUSAL_STATUSES:
         return False
     low = detail.lower()
-    return any(w in low for w in ("response_format", "json_schema", "grammar", "structured output"))
+    return any(w in low for w in _REFUSAL_WORDS)
+
+
+def structured_reading(text: str | None, form: str) -> tuple[str, str, str | None]:
+    """(text, output_mode, why it fell back) for a 200 answer to a structured request in `form`.
+
+    A paid answer is never thrown away: one that is not JSON (prose, a refusal, nothing at all) is
+    kept as text with mode `text_fallback`, and the verdict parser reads it as text.
+    """
+    if form == "text":
+        return text or "", "text", None
+    if text is None or not text.strip():
+        return text or "", TEXT_FALLBACK, "the answer has no content"
+    try:
+        json.loads(text)
+    except ValueError:
+        return text, TEXT_FALLBACK, f"the {form} answer is not valid JSON"
+    return text, form, None
+
+
+RefusalReader = Callable[[BaseException], str | None]
+
+
+class FormNegotiation:
+    """Which structured-output form one member's server takes, learned once per backend.
+
+    Forms are tried in order (e.g. json_schema, then json_object with a schema, then text). A
+    capability refusal moves on to the next form at once: the server generated nothing, so it is
+    neither a paid call nor an outage, and it is never retried. The form that answered is kept for
+    the rest of the run. Until one has answered, calls probe one at a time (per event loop), so a
+    batch meets each refusal once rather than once per concurrent slot.
+    """
+
+    def __init__(self, forms: Sequence[str]):
+        if not forms or forms[-1] != "text":
+            raise ValueError(f"structured-output forms must end with 'text', got {list(forms)}")
+        self.forms = tuple(forms)
+        self.index = 0
+        self.settled = False
+        self.refusals: Counter[str] = Counter()  # form -> refusals met (not paid, not retried)
+        self._probe: asyncio.Lock | None = None
+        self._probe_loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def form(self) -> str:
+        return self.forms[self.index]
+
+    def _probe_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if self._probe is None or self._probe_loop is not loop:
+            self._probe, self._probe_loop = asyncio.Lock(), loop
+        return self._probe
+
+    async def run(self, send: Callable[[str], Awaitable[Completion]], refusal: RefusalReader) -> Completion:
+        """One call in the negotiated form; `refusal` says why an exception is a capability refusal (or None)."""
+        if self.settled:
+            return await self._walk(send, refusal)
+        async with self._probe_lock():
+            return await self._walk(send, refusal)
+
+    async def _walk(self, send: Callable[[str], Awaitable[Completion]], refusal: RefusalReader) -> Completion:
+        refused: list[str] = []
+        while True:
+            form = self.form
+            try:
+                done = await send(form)
+            except Exception as exc:
+                why = refusal(exc) if form != "text" else None
+                if why is None:
+                    raise
+                self.refusals[form] += 1
+                refused.append(f"{form}: {why}")
+                if self.form == form:  # another call may have moved on already
+                    self.index += 1
+                continue
+            self.settled = True
+            if refused:
+                done.extra["structured_refusals"] = refused
+            return done
 
 
 def schema_name(schema: dict[str, Any], default: str = "response") -> str:

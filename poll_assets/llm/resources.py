@@ -143,6 +143,14 @@ class ResponseCacheResource(dg.ConfigurableResource):
     def resolved_path(self) -> Path:
         return Path(self.path).expanduser() if self.path else default_cache_path()
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # Every step that calls a provider holds this resource, so a run launched from the UI gets
+        # its worker's host and pid recorded before its first paid call (see run_liveness).
+        from poll_assets.run_liveness import tag_run_with_process
+
+        if context.instance is not None and context.run is not None:
+            tag_run_with_process(context.instance, context.run)
+
     def get_cache(self) -> ResponseCache:
         if self._cache is None:
             self._cache = ResponseCache(self.resolved_path(), self.mode)

@@ -1,42 +1,86 @@
 """The line grammar of a judge's text answer, shared by the prompt builder and the parser.
 
-Keeping both sides here gives one guarantee the tests check: after `quote_lookalikes`, no line of
-an untrusted text can be read by the parser as a heading or a field, because every such line is
-prefixed with "> " and the parser never accepts a line that starts with ">".
+Keeping both sides here gives two guarantees the tests check:
+- one line rule (`split_lines`, str.splitlines semantics: \\n, \\r, \\r\\n, \\v, \\f, \\x1c-\\x1e,
+  U+0085, U+2028, U+2029) is used to quote texts and to read answers, so the two never disagree
+  about where a line starts; texts are normalized to "\\n" before they are fenced;
+- after `quote_lookalikes`, no line of an untrusted text can be read by the parser as a heading,
+  a field, an inline rating or verdict-shaped JSON, because every such line is prefixed with "> " and the parser never
+  accepts a line that starts with ">".
 """
 
 from __future__ import annotations
 
 import re
 
-FIELD_WORDS = r"rating|score|rationale|reasoning|reason|explanation|justification|type"
+FIELD_WORDS = r"ratings?|scores?|rationale|reasoning|reason|explanation|justification|type"
 QUALIFIER = r"(?:(?:overall|final|total)\s+)?"  # "Overall rating: 4"
 
-# Decoration the parser strips before a heading or a field: indentation, one bullet, markdown
-# emphasis and heading marks. Deliberately excludes ">" (quoted material) and digits.
-_DECO = r"[ \t]*(?:[-+\u2022][ \t]+)?[*_#]*[ \t]*"
+# How an answer names text k: "Text 3", "Text #3", "text_3", "Response 3", "Output 3", "Answer 3".
+TEXT_NAME = r"(?:text|response|output|answer)[ \t]*[#_\-]?[ \t]*"
+
+# Decoration the parser strips before a heading or a field: indentation, a list number ("1.",
+# "2)"), one bullet, markdown emphasis and heading marks, a table bar. Deliberately excludes ">"
+# (quoted material).
+_DECO = r"[ \t]*(?:\|[ \t]*)?(?:\d{1,2}[.)][ \t]+)?(?:[-+\u2022][ \t]+)?(?:[*_#]+[ \t]*)*"
 
 HEADING_RE = re.compile(
-    rf"^{_DECO}(?P<out>output\s+for\s+)?text\s*#?\s*(?P<k>\d+)(?P<rest>.*)$",
+    rf"^{_DECO}(?P<out>(?:output|response|evaluation|assessment)\s+(?:for|of)\s+)?"
+    rf"{TEXT_NAME}(?P<k>\d+)(?P<rest>.*)$",
     re.IGNORECASE,
 )
 FIELD_RE = re.compile(
-    rf"^{_DECO}{QUALIFIER}(?P<name>{FIELD_WORDS})(?:\s+for\s+text\s*#?\s*\d+)?[ \t]*[*_]*[ \t]*"
-    r"(?:[:=][*_ \t]*|(?=[\d\[(]))(?P<value>.*)$",
+    rf"^{_DECO}{QUALIFIER}(?P<name>{FIELD_WORDS})(?:\s+(?:for|of)\s+{TEXT_NAME}(?P<k>\d+))?[ \t]*[*_]*[ \t]*"
+    r"(?:[:=][*_ \t]*|[ \t]+[-\u2013\u2014][ \t]+|(?=[\d\[(\u2605\u2b50]))(?P<value>.*)$",
+    re.IGNORECASE,
+)
+# "... the text meets every restriction. **Rating: 4**": a rating closing a prose line.
+INLINE_RATING_RE = re.compile(
+    rf"^(?![ \t]*>)(?P<pre>.*?\S)[ \t]+[*_]*{QUALIFIER}(?:rating|score)[*_]*[ \t]*(?:[:=]|[ \t]+(?:is|of))[*_ \t]*"
+    r"(?P<value>\d+(?:[ \t]*/[ \t]*\d+)?)[*_]*\.?[ \t]*$",
     re.IGNORECASE,
 )
 
-# Superset of the two patterns above, for quoting: any prefix of non-word characters or "_".
+# Superset of the patterns above, for quoting: any prefix of non-word characters, "_" or a list
+# number, then a text name, a field word or a fence marker.
 _LOOKALIKE_RE = re.compile(
-    rf"^[\W_]*(?:(?:output\s+for\s+)?text\s*#?\s*\d+|{QUALIFIER}(?:{FIELD_WORDS})(?![a-z])|<<<)",
+    rf"^[\W_]*(?:\d{{1,2}}[.)][\W_]*)?(?:(?:\w+\s+(?:for|of)\s+)?{TEXT_NAME}\d+|{QUALIFIER}(?:{FIELD_WORDS})(?![a-z])|<<<)",
     re.IGNORECASE,
 )
+
+
+# JSON the parser could read: a bracket or brace on a line that also holds a number or a verdict word.
+_JSON_LOOKALIKE_RE = re.compile(r"[\[{]")
+_JSON_CONTENT_RE = re.compile(r"\d|rating|score|text", re.IGNORECASE)
+# A line that is only a piece of JSON ("[", "5,", "null", "}"): lines of a multi-line JSON value.
+_JSON_PIECE_RE = re.compile(r"(?:[\s\[\]{},:\"\d.+\-]|null|true|false)*(?:[\[\]{}\d]|null)(?:[\s\[\]{},:\"\d.+\-]|null|true|false)*", re.IGNORECASE)
+
+
+def split_lines(text: str) -> list[str]:
+    """The one line rule of the project: every line break str.splitlines knows."""
+    return text.splitlines()
+
+
+def normalize_breaks(text: str) -> str:
+    """Every line break -> "\\n", so a fenced text has exactly the lines the parser will see."""
+    return "\n".join(split_lines(text))
 
 
 def is_lookalike(line: str) -> bool:
-    return bool(_LOOKALIKE_RE.match(line))
+    return bool(
+        _LOOKALIKE_RE.match(line)
+        or INLINE_RATING_RE.match(line)
+        or (_JSON_LOOKALIKE_RE.search(line) and _JSON_CONTENT_RE.search(line))
+        or _JSON_PIECE_RE.fullmatch(line)
+        or line.lstrip().startswith("|")  # a table row: the parser reads tables with a rating column
+    )
+
+
+def is_quoted(line: str) -> bool:
+    """Quoted material: the parser reads no heading, field, table row or JSON from such a line."""
+    return line.lstrip().startswith(">")
 
 
 def quote_lookalikes(text: str) -> str:
     """Prefix answer-format look-alike lines with "> " so that they read as quoted material."""
-    return "\n".join(f"> {line}" if is_lookalike(line) else line for line in text.split("\n"))
+    return "\n".join(f"> {line}" if is_lookalike(line) else line for line in split_lines(text))

@@ -5,8 +5,9 @@ aspect; the wording of every criterion and instruction here is this project's ow
 
 Injection defence: a generation is untrusted text pasted into the judge's prompt. Each text is
 fenced by markers carrying a nonce derived from a hash of the whole prompt (rubric, instruction
-and every text), so no text can contain the closing marker of its own fence, and lines inside a
-text that look like answer-format lines (`#### Output for Text k`, `Rating:`, `Type:`,
+and every text), so no text can contain the closing marker of its own fence; each text's line
+breaks are normalized to "\n" with the parser's own line rule; and lines inside a text that look
+like anything the parser reads (`#### Output for Text k`, `Rating:`, `Type:`,
 `Rationale:`) or fence markers are quoted with a leading "> " so that a judge echoing them cannot
 produce a line the parser accepts. The parser (poll_assets.verdicts) is the second line of
 defence: it only reads the judge's output, and a text whose blocks disagree gets no rating.
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from poll_assets.rubrics.answer_format import quote_lookalikes
+from poll_assets.rubrics.answer_format import normalize_breaks, quote_lookalikes
 
 DEFAULT_ASPECT = "instruction-following"
 DEFAULT_MAX_RATIONALE_CHARS = 300
@@ -270,6 +272,23 @@ def _json_format(rubric: Rubric, n: int, max_chars: int | None) -> list[str]:
     ]
 
 
+def _fenced_body(text: str) -> str:
+    # One line rule with the parser: breaks normalized first, then look-alike lines quoted.
+    return quote_lookalikes(normalize_breaks(text))
+
+
+def fence_nonce(messages: list[dict[str, str]]) -> str | None:
+    """The fence id of a judge prompt built by build_judge_messages, None if it has none."""
+    for m in messages:
+        found = _NONCE_RE.search(m.get("content") or "")
+        if found:
+            return found[1]
+    return None
+
+
+_NONCE_RE = re.compile(r"<<<BEGIN INSTRUCTION ([0-9a-f]{12})>>>")
+
+
 def build_judge_messages(
     rubric: Rubric,
     instruction: str,
@@ -315,11 +334,11 @@ def build_judge_messages(
         "",
         "## Material",
         f"<<<BEGIN INSTRUCTION {nonce}>>>",
-        quote_lookalikes(instruction),
+        _fenced_body(instruction),
         f"<<<END INSTRUCTION {nonce}>>>",
     ]
     for k, text in enumerate(texts, start=1):
-        lines += ["", f"<<<BEGIN TEXT {k} {nonce}>>>", quote_lookalikes(text), f"<<<END TEXT {k} {nonce}>>>"]
+        lines += ["", f"<<<BEGIN TEXT {k} {nonce}>>>", _fenced_body(text), f"<<<END TEXT {k} {nonce}>>>"]
     lines += ["", f"Now rate the {n} text{'s' if n != 1 else ''} for {rubric.aspect}."]
     return [
         {"role": "system", "content": system_prompt if system_prompt is not None else DEFAULT_SYSTEM_PROMPT},
@@ -328,10 +347,15 @@ def build_judge_messages(
 
 
 def verdict_json_schema(
-    rubric: Rubric, n: int, *, max_rationale_chars: int | None = DEFAULT_MAX_RATIONALE_CHARS
+    rubric: Rubric,
+    n: int,
+    *,
+    max_rationale_chars: int | None = DEFAULT_MAX_RATIONALE_CHARS,
+    only: list[int] | None = None,
 ) -> dict[str, Any]:
     """JSON schema for exactly n verdicts, keyed text_1..text_n so the count is fixed by `required`.
 
+    `only` (1-based text numbers) restricts the keys to those texts, for a repair re-ask.
     Uses only keywords common to OpenAI strict mode, Anthropic tool input and llama.cpp / TGI
     grammars (object, required, additionalProperties false, enum, array), plus `maxLength` on the
     rationale; pass max_rationale_chars=None where a provider refuses maxLength.
@@ -352,7 +376,7 @@ def verdict_json_schema(
     props["rationale"] = rationale
     props["rating"] = rating
     verdict = {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
-    keys = [f"text_{k}" for k in range(1, n + 1)]
+    keys = [f"text_{k}" for k in (only if only else range(1, n + 1))]
     return {
         "type": "object",
         "properties": {key: verdict for key in keys},
@@ -369,3 +393,57 @@ def prompt_version(rubric: Rubric, *, structured: bool, system_prompt: str | Non
     schema = verdict_json_schema(rubric, 2) if structured else None
     blob = json.dumps([sample, schema], sort_keys=True, ensure_ascii=False)
     return f"{rubric.version}-{'json' if structured else 'text'}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Repair re-ask
+
+
+def _repair_format(rubric: Rubric, ks: list[int], structured: bool, max_chars: int | None) -> list[str]:
+    short = f" (at most {max_chars} characters)" if max_chars else ""
+    if structured:
+        keys = ", ".join(f'"text_{k}"' for k in ks)
+        na = " (null for N/A)" if rubric.allows_na else ""
+        typ = f'"type": a list of the {rubric.type_name} ids that apply; ' if rubric.has_type else ""
+        return [f"Answer with a single JSON object whose keys are exactly {keys}. Each value is an object with "
+                f'{typ}"rationale": a short string{short}; "rating": {_rating_hint(rubric).replace(" or N/A", "")}{na}.',
+                "Output only the JSON object."]
+    lines = ["Write one block per text listed, and nothing else. Each block looks like this, with k the text's number:",
+             "", "#### Output for Text <k>"]
+    if rubric.has_type:
+        lines.append(f"Type: <the {rubric.type_name} ids that apply, separated by commas, or None>")
+    lines += [f"Rating: <{_rating_hint(rubric)}>", f"Rationale: <one or two short sentences{short}>"]
+    return lines
+
+
+def build_repair_messages(
+    messages: list[dict[str, str]],
+    first_answer: str,
+    unread: dict[int, str],
+    rubric: Rubric,
+    *,
+    structured: bool,
+    max_rationale_chars: int | None = DEFAULT_MAX_RATIONALE_CHARS,
+) -> list[dict[str, str]]:
+    """The conversation that asks a judge once more for the texts its first answer left unread.
+
+    messages: the first call's messages as sent; first_answer: the judge's answer, kept as the
+    assistant turn; unread: 1-based text number (in shown order) -> why it could not be read. The new
+    user turn names each text and reason, and gives the exact format for those texts only (the JSON
+    schema for a structured repair is `verdict_json_schema(rubric, n, only=sorted(unread))`).
+    """
+    if not unread:
+        raise ValueError("build_repair_messages: no unread texts, nothing to repair")
+    ks = sorted(unread)
+    lines = [
+        "Your answer above could not be read for "
+        + ("this text" if len(ks) == 1 else "these texts") + f" on the {rubric.min_rating}-{rubric.max_rating} "
+        f"{rubric.aspect} scale:",
+        *[f"- Text {k}: {unread[k]}" for k in ks],
+        "",
+        "Rate only " + ", ".join(f"Text {k}" for k in ks) + " again, numbering each text as in the material. "
+        "Keep the ratings you meant; do not rate the other texts.",
+        "",
+        *_repair_format(rubric, ks, structured, max_rationale_chars),
+    ]
+    return [*messages, {"role": "assistant", "content": first_answer}, {"role": "user", "content": "\n".join(lines)}]

@@ -1,0 +1,176 @@
+"""The response cache's lease: a request is paid once across processes, and a dead claimant never blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from poll_assets.llm.base import Completion
+from poll_assets.llm.cache import ResponseCache, claim_or_wait
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def worker(db: Path, log: Path, keys: list[str], *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "poll_assets_tests.lease_worker", str(db), str(log), ",".join(keys), *extra]
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def calls(log: Path) -> list[str]:
+    return [line.split()[0] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def answers(proc: subprocess.Popen) -> dict[str, str]:
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return dict(line.split(" ", 1) for line in out.splitlines())
+
+
+def test_claim_is_exclusive_until_released_or_expired(tmp_path):
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    assert cache.claim("k", "a", ttl_s=30)
+    assert not cache.claim("k", "b", ttl_s=30)
+    assert cache.claim("k", "a", ttl_s=30)  # the owner may claim again
+    cache.release("k", "b")  # not b's: nothing happens
+    assert not cache.claim("k", "b", ttl_s=30)
+    cache.release("k", "a")
+    assert cache.claim("k", "b", ttl_s=0.05)
+    assert not cache.renew("k", "a", ttl_s=30)
+    time.sleep(0.1)
+    assert cache.claim("k", "a", ttl_s=30)  # b's claim expired
+
+
+def test_answer_and_release_arrive_together(tmp_path):
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    assert cache.claim("k", "a")
+    assert cache.claim_state("k") == (None, True)
+    cache.submit("k", Completion(text="yes", finish_reason="stop"), "fake", "m", release_owner="a")
+    cache.flush()
+    answer, held = cache.claim_state("k")
+    assert answer is not None and answer.text == "yes" and not held
+
+
+def test_waiter_gets_the_claimants_answer_and_a_failed_call_hands_over(tmp_path):
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    made: list[str] = []
+
+    def caller(name: str, ok: bool):
+        async def call() -> Completion:
+            made.append(name)
+            await asyncio.sleep(0.2)
+            return Completion(text=name, finish_reason="stop") if ok else Completion(text=None, error="boom")
+
+        return call
+
+    async def both(first_ok: bool):
+        first = asyncio.create_task(claim_or_wait(cache, f"k{first_ok}", caller("first", first_ok), "f", "m", poll_s=0.02))
+        await asyncio.sleep(0.05)
+        second = await claim_or_wait(cache, f"k{first_ok}", caller("second", True), "f", "m", poll_s=0.02)
+        return await first, second
+
+    first, second = asyncio.run(both(True))
+    assert made == ["first"] and first.text == second.text == "first" and second.cached
+    made.clear()
+    first, second = asyncio.run(both(False))
+    assert made == ["first", "second"] and not first.ok and second.text == "second"
+
+
+def test_two_processes_pay_each_key_once(tmp_path):
+    db, log = tmp_path / "c.sqlite", tmp_path / "calls.log"
+    keys = [f"k{i:02d}" for i in range(20)]
+    # Opposite orders over the same keys: each holds claims the other waits for, and neither deadlocks.
+    procs = [worker(db, log, keys, "--call-s", "0.1"), worker(db, log, keys[::-1], "--call-s", "0.1")]
+    results = [answers(p) for p in procs]
+    made = calls(log)
+    assert sorted(made) == keys  # exactly N calls in total, one per key
+    assert results[0] == results[1] and set(results[0]) == set(keys)
+
+
+def test_overlapping_key_sets_in_different_orders(tmp_path):
+    db, log = tmp_path / "c.sqlite", tmp_path / "calls.log"
+    a = [f"k{i:02d}" for i in range(0, 15)]
+    b = [f"k{i:02d}" for i in range(5, 20)][::-1]
+    procs = [worker(db, log, a, "--call-s", "0.05"), worker(db, log, b, "--call-s", "0.05")]
+    for p in procs:
+        answers(p)
+    assert sorted(calls(log)) == sorted(set(a) | set(b))
+
+
+def test_killed_claimant_expires_and_the_waiter_takes_over(tmp_path):
+    db, log = tmp_path / "c.sqlite", tmp_path / "calls.log"
+    claimant = worker(db, log, ["k"], "--hang", "--ttl-s", "1")
+    deadline = time.monotonic() + 30
+    while "k" not in calls(log):
+        assert time.monotonic() < deadline and claimant.poll() is None, claimant.stderr.read() if claimant.stderr else ""
+        time.sleep(0.05)
+    waiter = worker(db, log, ["k"], "--ttl-s", "1")
+    time.sleep(0.5)
+    os.kill(claimant.pid, signal.SIGKILL)
+    claimant.wait()
+    started = time.monotonic()
+    got = answers(waiter)
+    assert time.monotonic() - started < 5  # one ttl, not forever
+    assert got["k"] == f"answer to k from {waiter.pid}"
+    assert calls(log) == ["k", "k"]  # the dead claimant's call and the waiter's own
+
+
+def test_live_claimant_is_not_taken_over_while_it_renews(tmp_path):
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    made: list[str] = []
+
+    async def slow() -> Completion:
+        made.append("slow")
+        await asyncio.sleep(1.0)  # longer than the ttl: only the heartbeat keeps the claim
+        return Completion(text="slow", finish_reason="stop")
+
+    async def fast() -> Completion:
+        made.append("fast")
+        return Completion(text="fast", finish_reason="stop")
+
+    async def both():
+        first = asyncio.create_task(claim_or_wait(cache, "k", slow, "f", "m", ttl_s=0.3, poll_s=0.02))
+        await asyncio.sleep(0.05)
+        return await first, await claim_or_wait(cache, "k", fast, "f", "m", ttl_s=0.3, poll_s=0.02)
+
+    first, second = asyncio.run(both())
+    assert made == ["slow"] and second.text == "slow"
+
+
+def test_many_waiters_share_one_poll(tmp_path, monkeypatch):
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    keys = [f"k{i}" for i in range(200)]
+    for k in keys:
+        assert cache.claim(k, "other process")
+    reads: list[int] = []
+    real = cache.claim_states
+    monkeypatch.setattr(cache, "claim_states", lambda ks, since=None: reads.append(len(ks)) or real(ks, since))
+
+    async def wait_all():
+        waiting = [asyncio.create_task(cache.wait_for(k, poll_s=0.05)) for k in keys]
+        await asyncio.sleep(0.5)  # about ten polls while the other process "calls"
+        for k in keys:
+            cache.submit(k, Completion(text=f"answer {k}", finish_reason="stop"), "f", "m", release_owner="other process")
+        cache.flush()
+        return await asyncio.gather(*waiting)
+
+    got = asyncio.run(wait_all())
+    assert [c.text for c in got] == [f"answer {k}" for k in keys]
+    assert len(reads) <= 25 and max(reads) == 200  # each poll reads every waiting key at once
+
+
+def test_three_processes_over_http_send_each_request_once(tmp_path, fake_llm):
+    fake_llm.reset(latency_ms=100)
+    db, log = tmp_path / "c.sqlite", tmp_path / "calls.log"
+    keys = [f"prompt-{i}" for i in range(15)]
+    orders = [keys, keys[::-1], keys[7:] + keys[:7]]
+    procs = [worker(db, log, order, "--url", fake_llm.url) for order in orders]
+    results = [answers(p) for p in procs]
+    stats = fake_llm.stats()
+    assert stats["total"] == len(keys) and stats["max_repeats"] == 1  # one HTTP request per distinct prompt
+    assert results[0] == results[1] == results[2]
