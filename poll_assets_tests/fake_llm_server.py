@@ -202,8 +202,12 @@ class FakeLLMServer:
         self._rng = random.Random(self.config.seed)
         self._script: deque[str] = deque()
         self._reset_counts()
+        from poll_assets_tests.fake_batch_api import FakeBatchAPI  # it builds on this module's answers
+
+        self.batches = FakeBatchAPI(self)  # OpenAI's /v1/files + /v1/batches, Anthropic's /v1/messages/batches
         self.app = Starlette(
             routes=[
+                self.batches.route(),
                 Route("/_stats", self._stats_endpoint, methods=["GET"]),
                 Route("/_config", self._config_endpoint, methods=["POST"]),
                 Route("/_reset", self._reset_endpoint, methods=["POST"]),

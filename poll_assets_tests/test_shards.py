@@ -206,9 +206,11 @@ def test_members_build_their_clients_only_for_uncached_calls_and_all_before_any_
     policy = CallPolicy.resolve(Limits(), "openai_compatible")
     requests = [CallRequest.build([{"role": "user", "content": f"q{i}"}], GenerationParams()) for i in range(4)]
 
+    member = write_panel(tmp_path)[0].generators[0]  # online calls (no batch API)
+
     async def stage(resources: list[SlowToBuild]) -> None:
         gate = BackendGate(len(resources))
-        calls = [MemberCalls(r, policy, cache, lambda _: None, r.member, gate) for r in resources]
+        calls = [MemberCalls(member, r, policy, cache, lambda _: None, r.member, gate) for r in resources]
         await asyncio.gather(*(c.send(requests) for c in calls))
 
     fast, slow = FakeBackend("m-fast", "fast"), FakeBackend("m-slow", "slow")

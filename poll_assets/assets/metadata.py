@@ -28,7 +28,13 @@ def call_metadata(stats: CallStats, member: Member, panel: Panel) -> dict[str, A
         "llm/model": member.model,
         "llm/provider": member.provider,
     }
-    cost = stats.cost_usd(panel.prices.get(member.model))
+    price = panel.prices.get(member.model)
+    cost = stats.cost_usd(price)
     if cost is not None:
         meta["llm/cost_usd"] = dg.MetadataValue.float(round(cost, 6))
+    if stats.batches:  # batch mode: the provider's batch ids, their requests by status, the batch price
+        meta["llm/batches"] = dg.MetadataValue.json(stats.batches)
+        batch_cost = price.batch_cost_usd(stats.input_tokens, stats.output_tokens) if price else None
+        if batch_cost is not None:
+            meta["llm/batch_cost_usd"] = dg.MetadataValue.float(round(batch_cost, 6))
     return meta

@@ -21,6 +21,8 @@ from poll_assets.assets.schema import ColumnSchema
 from poll_assets.assets.shards import shard_events, shard_frames
 from poll_assets.checks import STEP_INPUT, StageCheck, asset_check_specs, evaluate_checks
 from poll_assets.llm.base import CallRequest, ChatBackend, Completion, ProviderError, request_key
+from poll_assets.llm.batch import run_batch_calls
+from poll_assets.llm.batch_settings import BatchPolicy
 from poll_assets.llm.cache import ResponseCache
 from poll_assets.llm.policy import CallPolicy
 from poll_assets.llm.providers import provider_spec
@@ -125,6 +127,7 @@ class MemberCalls:
     """How one member's batch is sent: through `run_calls`, under its policy, with its backend built
     only if the cache cannot serve the whole batch (see BackendGate)."""
 
+    member: Member
     resource: ChatModelResource | ChatBackend  # tests bind a ChatBackend directly
     policy: CallPolicy
     cache: ResponseCache
@@ -143,15 +146,24 @@ class MemberCalls:
         if backend is None:
             backend = member_backend(self.resource)  # every member builds before any member sends
         if self.turn is None:
-            return await run_calls(backend, self.policy, requests, self.cache, progress=self.log, label=self.label)
+            return await self._calls(backend, requests)
         async with self.turn:
-            return await run_calls(backend, self.policy, requests, self.cache, progress=self.log, label=self.label)
+            return await self._calls(backend, requests)
+
+    async def _calls(self, backend: ChatBackend, requests: Sequence[CallRequest]) -> CallBatch:
+        """Online, or through the provider's batch API when the member's `batch.enabled` (same cache
+        keys, same CallBatch)."""
+        if self.member.batch.enabled:
+            batch_policy = BatchPolicy.resolve(self.member.batch, self.member.provider)
+            return await run_batch_calls(backend, self.policy, batch_policy, requests, self.cache,
+                                         progress=self.log, label=self.label)
+        return await run_calls(backend, self.policy, requests, self.cache, progress=self.log, label=self.label)
 
     async def _backend_for(self, requests: Sequence[CallRequest]) -> ChatBackend | None:
         """The cache-only backend when the cache holds every answer; None when the real one is needed."""
         if isinstance(self.resource, ChatBackend):
             return self.resource
-        if not self.cache.reads:
+        if not self.cache.reads or self.member.batch.enabled:  # a batch job's client is always built
             return None
         identity = CacheOnlyBackend(self.resource)
         keys = {request_key(identity.provider, identity.model, identity.base_url, r) for r in requests}
@@ -261,7 +273,7 @@ def run_stage_step(
     async def member_shards(m: Member) -> dict[str, dg.Output[Any]]:
         label = key_of(m).to_user_string()
         turn = local_turn if provider_spec(m.provider).in_process else None
-        calls = MemberCalls(getattr(context.resources, resource_key(m)),  # resource keys are per member
+        calls = MemberCalls(m, getattr(context.resources, resource_key(m)),  # resource keys are per member
                             CallPolicy.resolve(m.limits, m.provider), cache.get_cache(), context.log.info, label,
                             gate, turn)
         shared = SharedCalls(calls.send, len(frames), on_nothing=gate.leave)

@@ -78,6 +78,13 @@ class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
         raw = await client.messages.with_raw_response.create(**kwargs)
         try:
             msg = await raw.parse()
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+            raise self.malformed(f"{type(exc).__name__} while reading the message") from None
+        return self.read_message(msg, request, wrapped, raw.headers.get("request-id"))
+
+    def read_message(self, msg: Any, request: CallRequest, wrapped: bool, request_id: str | None = None) -> Completion:
+        """The Completion in a Messages API answer (online, or one result of a message batch)."""
+        try:
             if isinstance(msg, str):
                 raise ValueError("body is not JSON")
             text, mode, fell_back = _read_content(msg.content, request.json_schema is not None, wrapped)
@@ -95,7 +102,7 @@ class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
             input_tokens=int(getattr(usage, "input_tokens", 0) or 0),
             output_tokens=int(getattr(usage, "output_tokens", 0) or 0),
             model=msg.model or None,
-            request_id=raw.headers.get("request-id") or message_id,
+            request_id=request_id or message_id,
             output_mode=mode,
             extra=extra,
         )

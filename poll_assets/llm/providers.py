@@ -18,6 +18,20 @@ if TYPE_CHECKING:
 # When a member needs a key: always, only when it names a variable (`api_key_env`), or never.
 KeyRule = Literal["required", "if_named", "none"]
 
+@dataclass(frozen=True)
+class BatchAPI:
+    """A provider's batch endpoint: its wire format and how much one batch may hold."""
+
+    wire: Literal["openai", "anthropic"]  # OpenAI's /v1/files + /v1/batches, or Anthropic's /v1/messages/batches
+    max_requests: int
+    max_bytes: int
+    # True when only some servers of this provider have it, so a member must say its server does.
+    needs_declaration: bool = False
+
+
+_OPENAI_BATCH = BatchAPI("openai", max_requests=50_000, max_bytes=200 * 1024 * 1024)
+_ANTHROPIC_BATCH = BatchAPI("anthropic", max_requests=100_000, max_bytes=256 * 1024 * 1024)
+
 _OPENAI_PARAMS = frozenset({"temperature", "max_new_tokens", "top_p", "stop", "seed"})
 
 
@@ -33,6 +47,7 @@ class ProviderSpec:
     needs_base_url: bool = False
     # Calls that run in this process (not over the network) and how many at a time; None = remote.
     in_process_parallelism: int | None = None
+    batch: BatchAPI | None = None  # its batch API (half price, answers within 24 h); None = online only
 
     @property
     def in_process(self) -> bool:
@@ -54,7 +69,7 @@ PROVIDERS: dict[str, ProviderSpec] = {
         ProviderSpec(
             name="openai", backend="poll_assets.llm.openai_api:OpenAIChatBackend", params=_OPENAI_PARAMS,
             kind="openai", structured_output="negotiated: json_schema (strict), json_object with a schema, text",
-            key_env="OPENAI_API_KEY",
+            key_env="OPENAI_API_KEY", batch=_OPENAI_BATCH,
         ),
         ProviderSpec(
             # The anthropic SDK (>= 2.0) sends anthropic-version 2026-10-21, which removed temperature,
@@ -62,7 +77,7 @@ PROVIDERS: dict[str, ProviderSpec] = {
             name="anthropic", backend="poll_assets.llm.anthropic_api:AnthropicChatBackend",
             params=frozenset({"max_new_tokens", "stop"}), kind="anthropic",
             structured_output="forced tool call; a reply without the tool_use block is kept as text",
-            key_env="ANTHROPIC_API_KEY",
+            key_env="ANTHROPIC_API_KEY", batch=_ANTHROPIC_BATCH,
         ),
         ProviderSpec(
             name="hf_inference", backend="poll_assets.llm.hf_inference:HFInferenceBackend", params=_OPENAI_PARAMS,
@@ -75,6 +90,8 @@ PROVIDERS: dict[str, ProviderSpec] = {
             name="openai_compatible", backend="poll_assets.llm.openai_api:OpenAIChatBackend", params=_OPENAI_PARAMS,
             kind="openai", structured_output="negotiated: json_schema (strict), json_object with a schema, text",
             key="if_named", needs_base_url=True,
+            # vLLM and LiteLLM serve /v1/batches, most others do not: the member says whether its server does.
+            batch=BatchAPI("openai", max_requests=50_000, max_bytes=200 * 1024 * 1024, needs_declaration=True),
         ),
         ProviderSpec(
             # llama.cpp is not safe for concurrent use of one model: its calls take turns.
@@ -85,6 +102,7 @@ PROVIDERS: dict[str, ProviderSpec] = {
 }
 
 PROVIDER_NAMES: tuple[str, ...] = tuple(PROVIDERS)
+BATCH_PROVIDERS: tuple[str, ...] = tuple(name for name, spec in PROVIDERS.items() if spec.batch is not None)
 
 
 def provider_spec(name: str) -> ProviderSpec:

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from poll_assets.llm.base import (
     RETRYABLE_KINDS,
@@ -44,6 +45,7 @@ class CallStats:
     output_tokens: int = 0
     retries: int = 0
     elapsed_s: float = 0.0
+    batches: list[dict[str, Any]] = field(default_factory=list)  # batch mode: the provider batches used
 
     def add(self, c: Completion) -> None:
         if c.cached:
