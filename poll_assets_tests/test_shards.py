@@ -15,11 +15,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from poll_assets.assets.stage import BackendGate, MemberCalls
+from poll_assets.assets.stage import BackendGate, MemberCalls, batch_part
 from poll_assets.io_manager import partition_path
-from poll_assets.llm.base import CallRequest, GenerationParams
+from poll_assets.llm.base import CallRequest, Completion, GenerationParams
 from poll_assets.llm.cache import ResponseCache
 from poll_assets.llm.policy import CallPolicy, Limits
+from poll_assets.llm.runner import CallBatch
 from poll_assets.panel import PANELS_DIR, load_panel
 from poll_assets.pipeline import build_assets, build_definitions
 from poll_assets_tests.fake_llm_server import FakeLLMServer
@@ -223,3 +224,16 @@ def test_members_build_their_clients_only_for_uncached_calls_and_all_before_any_
     asyncio.run(stage(warm))
     assert [r.built_at for r in warm] == [None, None]  # the cache served every call: no client built
     cache.close()
+
+
+def test_a_shards_part_of_a_batch_counts_its_own_calls_and_keeps_the_batch_wide_figures():
+    completions = [Completion(text="a", input_tokens=3, output_tokens=5), Completion(text=None, error="x", attempts=3),
+                   Completion(text="c", cached=True)]
+    batch = CallBatch(completions, member="m")
+    for c in completions:
+        batch.stats.add(c)
+    batch.stats.elapsed_s, batch.stats.batches = 7.0, [{"batch_id": "batch_1"}]
+    first, rest = batch_part(batch, 0, 2), batch_part(batch, 2, 3)
+    assert (first.stats.calls, first.stats.retries, first.stats.failures, first.stats.input_tokens) == (4, 2, 1, 3)
+    assert (rest.stats.calls, rest.stats.cache_hits, rest.completions) == (0, 1, completions[2:])
+    assert first.stats.elapsed_s == rest.stats.elapsed_s == 7.0 and rest.stats.batches == [{"batch_id": "batch_1"}]
