@@ -258,3 +258,27 @@ def test_a_forked_child_opens_its_own_connection_and_leaves_the_parents(cache_at
     # The parent's own connection still works (a child closing the inherited one would end it).
     assert cache.get("c").text == "child"
     assert cache.put("p", Completion(text="parent"), "fake", "m") and len(cache) == 3
+
+
+_OPEN_AT_ONCE = """
+import sys, time
+from poll_assets.llm.cache import ResponseCache
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+print(len(ResponseCache(sys.argv[1])))
+"""
+
+
+def test_processes_opening_a_new_sqlite_file_at_once_all_succeed(tmp_path):
+    """The switch of a new file to WAL can answer "database is locked" without waiting; every
+    process that opens the cache at the same moment must still get it."""
+    for round_ in range(3):
+        db = tmp_path / f"new-{round_}.sqlite"
+        start = time.time() + 1.5  # after every interpreter has started
+        procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT_ONCE, str(db), str(start)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+            assert out.strip() == "0"

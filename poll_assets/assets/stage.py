@@ -17,6 +17,7 @@ import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.metadata import member_kinds
+from poll_assets.assets.preflight_step import preflight_run
 from poll_assets.assets.schema import ColumnSchema
 from poll_assets.assets.shards import shard_events, shard_frames
 from poll_assets.checks import STEP_INPUT, StageCheck, asset_check_specs, evaluate_checks
@@ -259,11 +260,12 @@ def run_stage_step(
     stage_checks: Sequence[StageCheck],
     input_name: str,
 ) -> Iterator[dg.Output[Any] | dg.AssetCheckResult | dg.AssetCheckEvaluation]:
-    """The body of a stage step: the selected members do `work` on every shard of the run at the
-    same time (each member's calls for all shards in one batch), and each shard's checks run on its
-    output (see `run_stage`)."""
+    """The body of a stage step: first, every member of the run is checked; then the selected
+    members do `work` on every shard of the run at the same time (each member's calls for all shards
+    in one batch), and each shard's checks run on its output (see `run_stage`)."""
     cache: ResponseCacheResource = context.resources.response_cache
     selected = [m for m in members if key_of(m) in context.selected_asset_keys]
+    preflight_run(context, panel, selected)
     checks = context.selected_asset_check_keys
     frames = shard_frames(context, input_name, step_input)
     gate = BackendGate(len(selected))

@@ -193,21 +193,36 @@ class SqliteStore:
     def _connection(self) -> sqlite3.Connection:
         # A connection must not cross a fork; reopen in a child process.
         if self._conn is None or self._pid != os.getpid():
+            self._conn = self._open()
+            self._pid = os.getpid()
+        return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        # Two processes opening a new file at once can see "database is locked" from the switch to WAL,
+        # which SQLite reports at once instead of waiting on the busy timeout: try again for a while.
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(
                     self.path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False, isolation_level=None
                 )
-                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-                conn.execute("PRAGMA journal_mode=WAL")
-                # In WAL mode NORMAL survives a killed process; only an OS crash may lose the last commits.
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.executescript(_SCHEMA)
+                try:
+                    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    # In WAL mode NORMAL survives a killed process; only an OS crash may lose the last commits.
+                    conn.execute("PRAGMA synchronous=NORMAL")
+                    conn.executescript(_SCHEMA)
+                except sqlite3.Error:
+                    conn.close()
+                    raise
+                return conn
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise CacheError(f"response cache {self.path}: cannot open: {exc}") from exc
+                time.sleep(0.05)
             except (sqlite3.Error, OSError) as exc:
                 raise CacheError(f"response cache {self.path}: cannot open: {exc}") from exc
-            self._conn = conn
-            self._pid = os.getpid()
-        return self._conn
 
     def read(self, keys: list[str]) -> dict[str, str]:
         found: dict[str, str] = {}

@@ -61,10 +61,6 @@ class ChatModelResource(dg.ConfigurableResource):
             raise MissingAPIKeyError(self.member, self.provider, self.api_key_env or "<api_key_env>")
         return key
 
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        # Fail when the run initialises the resource, before any asset starts calling.
-        self._checked_key()
-
     def backend(self) -> ChatBackend:
         if self._backend is None:
             spec = provider_spec(self.provider)
@@ -124,9 +120,9 @@ def build_llm_resource(member: MemberConnection) -> ChatModelResource:
         kwargs["api_key_env"] = member.key_env
         # Dagster resolves an unset EnvVar into a config error at run launch that names the resource
         # key but not the member, and with a long stack trace. So the EnvVar is passed only when the
-        # variable is set here; otherwise api_key stays None and setup_for_execution raises
-        # MissingAPIKeyError naming the variable and the member. Definitions are loaded again in the
-        # run worker, so this check sees the environment the run actually has.
+        # variable is set here; otherwise api_key stays None, and the run's preflight (the first thing
+        # every LLM stage step does, `assets/preflight_step.py`) fails naming every member without a
+        # key. Definitions are loaded again in the run worker, so this sees the run's environment.
         if os.environ.get(member.key_env):
             kwargs["api_key"] = dg.EnvVar(member.key_env)
     return ChatModelResource(**kwargs)
