@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from poll_assets.assets.stage import BackendGate, MemberCalls, batch_part
+from poll_assets.assets.stage import BackendGate, MemberCalls, SharedCalls, batch_part
 from poll_assets.io_manager import partition_path
 from poll_assets.llm.base import CallRequest, Completion, GenerationParams
 from poll_assets.llm.cache import ResponseCache
@@ -237,3 +237,28 @@ def test_a_shards_part_of_a_batch_counts_its_own_calls_and_keeps_the_batch_wide_
     assert (first.stats.calls, first.stats.retries, first.stats.failures, first.stats.input_tokens) == (4, 2, 1, 3)
     assert (rest.stats.calls, rest.stats.cache_hits, rest.completions) == (0, 1, completions[2:])
     assert first.stats.elapsed_s == rest.stats.elapsed_s == 7.0 and rest.stats.batches == [{"batch_id": "batch_1"}]
+
+
+def test_shards_send_their_rounds_together_and_a_finished_shard_is_not_waited_for():
+    sent: list[list[str]] = []
+
+    async def send(requests):
+        sent.append([r.messages[-1][1] for r in requests])
+        return CallBatch([Completion(text="ok") for _ in requests])
+
+    async def shard(shared: SharedCalls, name: str, rounds: int) -> int:
+        try:
+            for k in range(rounds):  # e.g. a judge's repair re-asks after its first calls
+                batch = await shared.submit([CallRequest.build([{"role": "user", "content": f"{name}{k}"}],
+                                                               GenerationParams())])
+                assert len(batch.completions) == 1
+            return rounds
+        finally:
+            shared.finish()
+
+    async def both() -> list[int]:
+        shared = SharedCalls(send, 2)
+        return await asyncio.gather(shard(shared, "a", 2), shard(shared, "b", 1))
+
+    assert asyncio.run(both()) == [2, 1]
+    assert sent == [["a0", "b0"], ["a1"]]  # one batch per round; round 2 did not wait for the finished shard

@@ -33,36 +33,40 @@ from poll_assets.panel import Member, Panel
 
 
 class SharedCalls:
-    """The calls of every shard of a run, for one member, sent through ONE `run_calls`: the shards'
-    requests overlap within the member's limits instead of waiting for each other. Each shard hands
-    in its requests once (`submit`) or withdraws; when every shard has, the batch is sent, and each
-    shard gets back its own part (its completions, and stats counted over them)."""
+    """The calls of every shard of a run, for one member, sent through ONE `run_calls` per round:
+    the shards' requests overlap within the member's limits instead of waiting for each other. A
+    round is sent when every shard still working has handed in its requests (`submit`); a shard
+    that is done (`finish`) is no longer waited for. Most work sends one round; a judge's repair
+    re-asks are later rounds. Each shard gets back its own part (its completions, and stats counted
+    over them)."""
 
     def __init__(self, send: Callable[[Sequence[CallRequest]], Awaitable[CallBatch]], shards: int,
                  on_nothing: Callable[[], None] = lambda: None):
         self._send = send
-        self._on_nothing = on_nothing  # every shard withdrew: nothing will be sent
-        self._outstanding = shards
+        self._on_nothing = on_nothing  # every shard finished without sending anything
+        self._working = shards
+        self._sent = False
         self._parts: list[tuple[list[CallRequest], asyncio.Future[CallBatch]]] = []
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def submit(self, requests: Sequence[CallRequest]) -> CallBatch:
         future: asyncio.Future[CallBatch] = asyncio.get_running_loop().create_future()
         self._parts.append((list(requests), future))
-        self._arrived()
+        self._next_round()
         return await future
 
-    def withdraw(self) -> None:
-        """A shard that will not submit (it failed first): the others need not wait for it."""
-        self._arrived()
+    def finish(self) -> None:
+        """A shard's work is over (done, or failed): the others stop waiting for it."""
+        self._working -= 1
+        self._next_round()
 
-    def _arrived(self) -> None:
-        self._outstanding -= 1
-        if self._outstanding == 0:
-            if self._parts:
-                self._task = asyncio.ensure_future(self._run(self._parts))
-            else:
-                self._on_nothing()
+    def _next_round(self) -> None:
+        if self._parts and len(self._parts) == self._working:
+            parts, self._parts, self._sent = self._parts, [], True
+            self._tasks.append(asyncio.ensure_future(self._run(parts)))
+        elif self._working == 0 and not self._sent:
+            self._sent = True
+            self._on_nothing()
 
     async def _run(self, parts: list[tuple[list[CallRequest], asyncio.Future[CallBatch]]]) -> None:
         try:
@@ -182,21 +186,25 @@ class MemberContext:
     log: Callable[[str], None]
     label: str
     shared: SharedCalls
-    submitted: bool = False
+    finished: bool = False
+
+    @classmethod
+    def alone(cls, member: Member, panel: Panel, backend: ChatModelResource | ChatBackend, policy: CallPolicy,
+              cache: ResponseCache, log: Callable[[str], None], label: str) -> MemberContext:
+        """A member's work on one shard outside a stage step (tests call `generate` or `judge` so)."""
+        calls = MemberCalls(member, backend, policy, cache, log, label, BackendGate(1))
+        return cls(member, panel, log, label, SharedCalls(calls.send, 1))
 
     async def run_calls(self, requests: Sequence[CallRequest]) -> CallBatch:
         """The member's requests through the one call path, under its policy, together with the
-        run's other shards' requests (once per shard)."""
-        if self.submitted:
-            raise RuntimeError(f"{self.label}: a shard sends its calls in one batch")
-        self.submitted = True
+        run's other shards' requests of the same round."""
         return await self.shared.submit(requests)
 
     def close(self) -> None:
-        """The shard's work is over: if it never sent its calls, the other shards stop waiting for it."""
-        if not self.submitted:
-            self.submitted = True
-            self.shared.withdraw()
+        """The shard's work is over: the other shards stop waiting for it."""
+        if not self.finished:
+            self.finished = True
+            self.shared.finish()
 
 
 # What a stage does for one member: (its context, the stage's input frame) -> that member's output.
