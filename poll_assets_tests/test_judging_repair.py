@@ -78,7 +78,7 @@ class Run:
 
 def _run(panel, backend, cache) -> Run:
     member = panel.judges[0]
-    work = MemberContext(member, panel, backend, CallPolicy(retry=FAST_RETRY), cache, lambda _: None, "ratings/test")
+    work = MemberContext.alone(member, panel, backend, CallPolicy(retry=FAST_RETRY), cache, lambda _: None, "ratings/test")
     return Run(asyncio.run(judge(work, _combined(), rubric=RUBRIC)))
 
 
@@ -287,7 +287,7 @@ def corpus_recovery(tmp_path, style) -> dict[str, int]:
                             for f in files],
         })
         member = panel.judges[0]
-        work = MemberContext(member, panel, FakeBackend(member.model, member.name, answer=answer),
+        work = MemberContext.alone(member, panel, FakeBackend(member.model, member.name, answer=answer),
                              CallPolicy(retry=FAST_RETRY), ResponseCache(tmp_path / f"{aspect}.sqlite"), lambda _: None, "t")
         df = asyncio.run(judge(work, frame, rubric=rubric)).value
         for f, ratings, errors, fixed, outputs in zip(df["prompt_id"], df["ratings"], df["rating_errors"],

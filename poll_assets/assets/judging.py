@@ -435,9 +435,11 @@ def build_ratings_stage(
             checks=stage_checks, columns=RATING_COLUMNS,
         )
     )
-    def _ratings(context: dg.AssetExecutionContext, combined_generations: pd.DataFrame) -> Iterator[Any]:
+    def _ratings(context: dg.AssetExecutionContext, combined_generations: Any) -> Iterator[Any]:
+        # `combined_generations`: one shard's frame, or {shard: frame} in a run of several shards
         work = partial(judge, rubric=rubric)
-        yield from run_stage_step(context, panel, stage_members, ratings_key, combined_generations, work, stage_checks)
+        yield from run_stage_step(context, panel, stage_members, ratings_key, combined_generations, work, stage_checks,
+                                  input_name="combined_generations")
 
     return _ratings
 

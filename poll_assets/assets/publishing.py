@@ -15,7 +15,6 @@ import pandas as pd
 from poll_assets.assets.judging import ratings_key, repair_figures
 from poll_assets.assets.pooling import POOLED_KEY, pooled_agreement
 from poll_assets.assets.preferences import PAIRS_KEY
-from poll_assets.dataset_export import export_preference_set
 from poll_assets.io_manager import asset_dir, default_dagster_home, read_partition, stored_partitions
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import plain_list
@@ -106,6 +105,9 @@ def build_publish_job(panel: Panel, rubric: Rubric) -> tuple[dg.AssetSpec, dg.Jo
 
     @dg.op(required_resource_keys={"hub_publisher"})
     def export_preference_dataset(context: dg.OpExecutionContext) -> None:
+        # imported here: huggingface_hub's Hub client is only needed when publishing
+        from poll_assets.dataset_export import export_preference_set
+
         hub: HubPublisherResource = context.resources.hub_publisher
         pairs = read_all_partitions(hub.storage_dir, PAIRS_KEY)
         pooled = read_all_partitions(hub.storage_dir, POOLED_KEY)
