@@ -43,6 +43,8 @@ class CallStats:
     failures: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_input_tokens: int = 0  # part of input_tokens: read from the provider's prompt cache
+    cache_write_tokens: int = 0  # part of input_tokens: written to it (Anthropic)
     retries: int = 0
     elapsed_s: float = 0.0
     batches: list[dict[str, Any]] = field(default_factory=list)  # batch mode: the provider batches used
@@ -55,6 +57,8 @@ class CallStats:
             self.retries += max(0, c.attempts - 1)
             self.input_tokens += c.input_tokens
             self.output_tokens += c.output_tokens
+            self.cached_input_tokens += c.cached_input_tokens
+            self.cache_write_tokens += c.cache_write_tokens
         if not c.ok:
             self.failures += 1
 
