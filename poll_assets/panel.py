@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from poll_assets.binarize import Strategy
 from poll_assets.llm.base import GenerationParams
 from poll_assets.llm.batch_settings import BatchSettings
+from poll_assets.llm.budget import BudgetSettings
 from poll_assets.llm.cache import CacheMode
 from poll_assets.llm.policy import Limits
 from poll_assets.llm.pricing import Price
@@ -229,6 +230,16 @@ class Panel(_Strict):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     prices: dict[str, Price] = Field(default_factory=dict)  # model id -> price per million tokens
     publish: Publish = Field(default_factory=Publish)
+    budget: BudgetSettings | None = None  # a spending cap per run, over every member's calls
+
+    @model_validator(mode="after")
+    def _budget_needs_prices(self) -> "Panel":
+        if self.budget is None:
+            return self
+        unpriced = sorted({m.model for m in self.members if not provider_spec(m.provider).in_process} - set(self.prices))
+        if unpriced:
+            raise ValueError(f"budget: needs a price (prices:) for every paid member's model; missing: {unpriced}")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Panel":
@@ -241,6 +252,13 @@ class Panel(_Strict):
     @property
     def members(self) -> list[Member]:
         return [*self.generators, *self.judges]
+
+    def price_of(self, member: Member) -> Price | None:
+        """The member's model's price, unset rates filled from its provider's published ones; None if unpriced."""
+        price = self.prices.get(member.model)
+        if price is None and provider_spec(member.provider).in_process:
+            return Price(input_per_mtok=0, output_per_mtok=0)  # runs on this machine: no bill
+        return None if price is None else price.for_provider(member.provider)
 
     def member(self, name: str) -> Member:
         for m in self.members:

@@ -22,6 +22,7 @@ from poll_assets.checks import STEP_INPUT, StageCheck, asset_check_specs, evalua
 from poll_assets.llm.base import CallRequest, ChatBackend
 from poll_assets.llm.batch import run_batch_calls
 from poll_assets.llm.batch_settings import BatchPolicy
+from poll_assets.llm.budget import BudgetLedger, MemberBudget, RunBudget
 from poll_assets.llm.cache import ResponseCache
 from poll_assets.llm.policy import CallPolicy
 from poll_assets.llm.providers import provider_spec
@@ -43,6 +44,7 @@ class MemberContext:
     cache: ResponseCache
     log: Callable[[str], None]
     label: str
+    budget: MemberBudget | None = None  # the run's spending cap (panel `budget:`), priced for this member
 
     async def run_calls(self, requests: Sequence[CallRequest]) -> CallBatch:
         """The member's requests through the one call path, under its policy: online, or through its
@@ -51,7 +53,8 @@ class MemberContext:
             batch_policy = BatchPolicy.resolve(self.member.batch, self.member.provider)
             return await run_batch_calls(self.backend, self.policy, batch_policy, requests, self.cache,
                                          progress=self.log, label=self.label)
-        return await run_calls(self.backend, self.policy, requests, self.cache, progress=self.log, label=self.label)
+        return await run_calls(self.backend, self.policy, requests, self.cache, progress=self.log, label=self.label,
+                               budget=self.budget)
 
 
 # What a stage does for one member: (its context, the stage's input frame) -> that member's output.
@@ -119,11 +122,14 @@ def run_stage_step(
     cache: ResponseCacheResource = context.resources.response_cache
     selected = [m for m in members if key_of(m) in context.selected_asset_keys]
     checks = context.selected_asset_check_keys
+    budget = run_budget(panel, context.run.run_id, cache)
 
     def member_context(m: Member) -> MemberContext:
         backend = member_backend(getattr(context.resources, resource_key(m)))  # resource keys are per member
+        price = panel.price_of(m)
         return MemberContext(m, panel, backend, CallPolicy.resolve(m.limits, m.provider), cache.get_cache(),
-                             context.log.info, key_of(m).to_user_string())
+                             context.log.info, key_of(m).to_user_string(),
+                             MemberBudget(budget, m.name, price) if budget and price else None)
 
     yield from run_stage(
         context,
@@ -131,6 +137,13 @@ def run_stage_step(
         lambda m: work(member_context(m), frame),
         checks=lambda m, df: evaluate_checks(stage_checks, key_of(m), df, {STEP_INPUT: frame}, checks),
     )
+
+
+def run_budget(panel: Panel, run_id: str, cache: ResponseCacheResource) -> RunBudget | None:
+    """The run's budget, with what its earlier steps spent (the ledger beside the response cache)."""
+    if panel.budget is None:
+        return None
+    return RunBudget.open(panel.budget, run_id, BudgetLedger(cache.resolved_path()))
 
 
 def run_stage(

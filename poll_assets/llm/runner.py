@@ -26,10 +26,11 @@ from poll_assets.llm.base import (
     ProviderError,
     request_key,
 )
+from poll_assets.llm.budget import MemberBudget
 from poll_assets.llm.cache import CacheError, ResponseCache
 from poll_assets.llm.limits import BatchStopped, CallLimits, estimate_tokens
 from poll_assets.llm.policy import CallPolicy, RetryPolicy
-from poll_assets.llm.pricing import Price
+from poll_assets.llm.pricing import Price, TokenUsage
 
 __all__ = ["BatchAbortedError", "CallBatch", "CallPolicy", "CallStats", "RetryPolicy", "attempt", "run_calls"]
 
@@ -48,6 +49,9 @@ class CallStats:
     retries: int = 0
     elapsed_s: float = 0.0
     batches: list[dict[str, Any]] = field(default_factory=list)  # batch mode: the provider batches used
+    # The fresh calls' tokens by how they were billed: online, or through a provider's batch API.
+    online_usage: TokenUsage = field(default_factory=TokenUsage)
+    batch_usage: TokenUsage = field(default_factory=TokenUsage)
 
     def add(self, c: Completion) -> None:
         if c.cached:
@@ -59,12 +63,20 @@ class CallStats:
             self.output_tokens += c.output_tokens
             self.cached_input_tokens += c.cached_input_tokens
             self.cache_write_tokens += c.cache_write_tokens
+            usage = self.batch_usage if "batch_id" in c.extra else self.online_usage
+            usage.add(c.input_tokens, c.output_tokens, c.cached_input_tokens, c.cache_write_tokens)
         if not c.ok:
             self.failures += 1
 
     def cost_usd(self, price: Price | None) -> float | None:
-        """What this batch's fresh calls cost at `price` (cache hits are free); None without a price."""
+        """What this batch's fresh calls cost at `price` online and uncached (cache hits are free); None without a price."""
         return None if price is None else price.cost_usd(self.input_tokens, self.output_tokens)
+
+    def paid_usd(self, price: Price | None) -> float | None:
+        """What the fresh calls were billed: prompt-cache reads and writes and batch calls at their rates."""
+        if price is None:
+            return None
+        return price.usage_cost_usd(self.online_usage) + price.usage_cost_usd(self.batch_usage, batch=True)
 
 
 @dataclass
@@ -215,6 +227,8 @@ class _Sender:
     to a cancellation.
     """
 
+    budget: MemberBudget | None = None  # the run's spending cap, when the panel sets one
+
     def __init__(self, backend: ChatBackend, policy: CallPolicy, cache: ResponseCache | None,
                  report: _Progress, seed: int | None) -> None:
         self.backend = backend
@@ -248,7 +262,12 @@ class _Sender:
 
     async def _worker(self, queue: Iterator[tuple[str, CallRequest]]) -> None:
         for key, request in queue:
+            held = await self.budget.reserve(request) if self.budget is not None else 0.0
+            if held is None:
+                continue  # it would pass the run's budget: not started (run_calls says so)
             c = await self._with_retries(key, request)
+            if self.budget is not None:
+                self.budget.settle(held, c)
             if self.cache is not None and self.cache.submit(key, c, self.backend.provider, self.backend.model):
                 self.written += 1
             self.results[key] = c
@@ -382,6 +401,7 @@ async def run_calls(
     label: str | None = None,
     progress_every_s: float = 5.0,
     seed: int | None = None,
+    budget: MemberBudget | None = None,
 ) -> CallBatch:
     """Run the requests under the policy; one Completion per request, in order.
 
@@ -405,7 +425,10 @@ async def run_calls(
         if progress:
             progress(_start_line(label, backend, policy, len(keys), len(hits), len(todo)))
         sender = _Sender(backend, policy, cache, report, seed)
+        sender.budget = budget
         results.update(await _send(sender, todo, len(hits), label))
+        if budget is not None and budget.refused:
+            raise budget.exceeded(label, len(hits) + sender.written, cache is not None and cache.writes)
     batch = CallBatch(_in_request_order(keys, first_index, results), member=backend.member,
                       provider=backend.provider, model=backend.model, label=label,
                       cache_writes=cache is not None and cache.writes)
