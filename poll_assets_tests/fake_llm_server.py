@@ -85,7 +85,8 @@ class FakeConfig:
     ignore_response_format: list[str] = field(default_factory=list)
     # Tags whose chat 200s to a structured request decline in `message.refusal`, with no content.
     model_refusal: list[str] = field(default_factory=list)
-    # How usage counts tokens: "words" (whitespace split) or "gguf" (the bundled SmolLM2's real tokenizer).
+    # How usage counts tokens: "words" (whitespace split) or "gguf" (the bundled SmolLM2's real tokenizer,
+    # and the structured-output schema or tool definitions billed as input, as providers do).
     tokenizer: str = "words"
     # Prompt caching as the providers do it: a chat prompt's prefix up to CACHE_BREAK (OpenAI's automatic
     # caching) or an Anthropic prefix up to its last cache_control block, seen before and at least this
@@ -209,9 +210,16 @@ def _gguf_vocab() -> Any:
     return Llama(model_path=str(bundled_model_path()), vocab_only=True, verbose=False)
 
 
-def count_gguf_tokens(*texts: str) -> int:
+def count_gguf_tokens(*texts: str, special: bool = False) -> int:
     vocab = _gguf_vocab()
-    return sum(len(vocab.tokenize(t.encode("utf-8"), add_bos=False, special=False)) for t in texts if t)
+    return sum(len(vocab.tokenize(t.encode("utf-8"), add_bos=False, special=special)) for t in texts if t)
+
+
+def chatml(messages: list[dict[str, Any]]) -> str:
+    """Messages in SmolLM2's chat template (ChatML), ending with the assistant's turn opened."""
+    turns = [f"<|im_start|>{m.get('role', 'user')}\n" + "\n".join(t for t, _ in _block_texts(m.get("content", "")))
+             + "<|im_end|>\n" for m in messages]
+    return "".join(turns) + "<|im_start|>assistant\n"
 
 
 def _block_texts(content: Any) -> list[tuple[str, bool]]:
@@ -222,6 +230,12 @@ def _block_texts(content: Any) -> list[tuple[str, bool]]:
         return [(str(b.get("text", "")) if b.get("type") == "text" else json.dumps(b), "cache_control" in b)
                 for b in content if isinstance(b, dict)]
     return [(json.dumps(content), False)]
+
+
+def fmt_schema(body: dict[str, Any]) -> Any:
+    """The JSON schema a chat request's response_format carries, if any (OpenAI, TGI or llama.cpp form)."""
+    fmt = body.get("response_format") or {}
+    return (fmt.get("json_schema") or {}).get("schema") or fmt.get("value") or fmt.get("schema")
 
 
 # -- the server -----------------------------------------------------------------------------------------
@@ -566,6 +580,10 @@ class FakeLLMServer:
         messages = body.get("messages") or []
         prompt = "\n".join(t for m in messages for t, _ in _block_texts(m.get("content", "")))
         prompt_tokens = self.count(*(t for m in messages for t, _ in _block_texts(m.get("content", ""))))
+        if self.config.tokenizer == "gguf":  # as a llama.cpp server counts: the prompt in its chat template
+            prompt_tokens = count_gguf_tokens(chatml(messages), special=True)
+        if self.config.tokenizer == "gguf" and fmt_schema(body) is not None:  # providers bill the schema too
+            prompt_tokens += self.count(json.dumps(fmt_schema(body)))
         cut = prompt.find(f"\n{CACHE_BREAK}\n")
         seen, size = self._prefix_seen(prompt[:cut]) if cut > 0 else (False, 0)
         cached_tokens = size if seen else 0  # OpenAI reports reads only
@@ -619,6 +637,10 @@ class FakeLLMServer:
         for m in body.get("messages") or []:
             blocks += _block_texts(m.get("content", ""))
         input_tokens = self.count(*(t for t, _ in blocks))
+        if self.config.tokenizer == "gguf":  # the system and turns in a chat template, and the tools, are billed
+            system = [{"role": "system", "content": body["system"]}] if body.get("system") else []
+            input_tokens = count_gguf_tokens(chatml(system + list(body.get("messages") or [])), special=True)
+            input_tokens += self.count(json.dumps(body["tools"])) if body.get("tools") else 0
         marked = [i for i, (_, mark) in enumerate(blocks) if mark]
         written = read = 0
         if marked:  # Anthropic caches only what the request marks

@@ -20,8 +20,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from poll_assets.llm.base import CallRequest, Completion
-from poll_assets.llm.limits import estimate_tokens
 from poll_assets.llm.pricing import Price, TokenUsage
+from poll_assets.llm.tokens import request_input_tokens
 
 
 _RECHECK_S = 0.02  # how often a call waiting for room in the budget looks again
@@ -118,8 +118,7 @@ class MemberBudget:
 
     def worst_case_usd(self, request: CallRequest) -> float:
         """The request online, uncached, with the whole max_new_tokens allowance used."""
-        input_tokens = estimate_tokens(request) - request.params.max_new_tokens
-        return self.price.cost_usd(input_tokens, request.params.max_new_tokens)
+        return self.price.cost_usd(request_input_tokens(request), request.params.max_new_tokens)
 
     async def reserve(self, request: CallRequest) -> float | None:
         """The amount held for the request, or None when it must not start. While calls in flight

@@ -395,6 +395,18 @@ class ResponseCache:
     async def aflush(self) -> int:
         return await asyncio.to_thread(self.flush)
 
+    def output_tokens_seen(self, provider: str, model: str) -> tuple[int, float]:
+        """(answers stored, their mean output tokens) for one provider's model: what a cost estimate
+        expects that model to write per call."""
+        with self._lock:
+            try:
+                count, mean = self._connection().execute(
+                    "SELECT COUNT(*), AVG(json_extract(completion, '$.output_tokens')) FROM completions "
+                    "WHERE provider = ? AND model = ?", (provider, model)).fetchone()
+            except sqlite3.Error as exc:
+                raise CacheError(f"response cache {self.path}: read failed: {exc}") from exc
+        return int(count), float(mean or 0.0)
+
     def __len__(self) -> int:
         with self._lock:
             conn = self._connection()
