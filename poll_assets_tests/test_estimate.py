@@ -42,7 +42,11 @@ def materialize(path: Path, home: Path, partition: str = PARTITION) -> tuple[Any
 
 
 def member_meta(instance: dg.DagsterInstance, prefix: str, name: str) -> dict[str, Any]:
-    event = instance.get_latest_materialization_event(dg.AssetKey([prefix, name]))
+    return member_meta_of(instance, dg.AssetKey([prefix, name]))
+
+
+def member_meta_of(instance: dg.DagsterInstance, key: dg.AssetKey) -> dict[str, Any]:
+    event = instance.get_latest_materialization_event(key)
     return {k: getattr(v, "value", v) for k, v in event.asset_materialization.metadata.items()}
 
 
@@ -111,6 +115,16 @@ def test_the_cli_prints_the_estimate_and_the_prompts_asset_carries_it(tmp_path, 
     assert fake_llm.stats()["total"] == 0
     assert cli_main(["estimate", "--panel", str(path), "--partition", "shard-00009"]) == 2
     print(out)
+
+    panel, _ = load_panel(path)
+    defs = build_definitions(panel, path, storage_dir=str(env / "storage"), cache_path=str(env / "cache.sqlite"))
+    instance = dg.DagsterInstance.local_temp(str(env))
+    job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={dg.AssetKey("prompts")})
+    assert job.execute_in_process(partition_key=PARTITION, instance=instance).success
+    meta = member_meta_of(instance, dg.AssetKey("prompts"))
+    assert meta["estimate/calls"] == 70 and meta["estimate/cached_calls"] == 0
+    assert meta["estimate/input_tokens"] > 0 and "gpt35_turbo" in meta["estimate"]
+    assert fake_llm.stats()["total"] == 0  # materializing the prompts called no model
 
 
 def test_format_estimate_names_where_output_tokens_come_from(tmp_path, fake_llm):
