@@ -188,7 +188,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from poll_assets.estimate import estimate_prompts, format_estimate, partition_prompts
-    from poll_assets.llm.cache import ResponseCache, default_cache_path
+    from poll_assets.llm.resources import build_cache_resource
     from poll_assets.panel import PanelConfigError, load_panel
     from poll_assets.partitions import shard_keys
 
@@ -204,8 +204,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         print(f"poll-assets estimate: no partition {unknown[0]!r} in panel {panel.name}; "
               f"they are {keys[0]} .. {keys[-1]}", file=sys.stderr)
         return 2
-    cache_path = Path(panel.cache.path).expanduser() if panel.cache.path else default_cache_path()
-    cache = ResponseCache(cache_path, "use" if panel.cache.mode == "use" else "bypass") if cache_path.is_file() else None
+    resource = build_cache_resource(panel.cache)
+    # Read what is cached; a SQLite file that does not exist yet is not created just to find it empty.
+    fresh = panel.cache.resolved_backend == "sqlite" and not resource.resolved_path().is_file()
+    cache = None if fresh or panel.cache.mode != "use" else resource.get_cache()
     try:
         prompts = pd.concat([partition_prompts(panel, path, k) for k in chosen], ignore_index=True)
     except (OSError, ValueError) as exc:  # an unreadable prompt file, or a Hub dataset out of reach

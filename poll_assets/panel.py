@@ -8,6 +8,7 @@ import json
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Literal
 
 import yaml
@@ -17,7 +18,7 @@ from poll_assets.binarize import Strategy
 from poll_assets.llm.base import GenerationParams
 from poll_assets.llm.batch_settings import BatchSettings
 from poll_assets.llm.budget import BudgetSettings
-from poll_assets.llm.cache import CacheMode
+from poll_assets.llm.cache import PG_URL_PREFIXES, CacheMode
 from poll_assets.llm.policy import Limits
 from poll_assets.llm.pricing import Price
 from poll_assets.llm.providers import PROVIDER_NAMES, provider_spec
@@ -203,8 +204,38 @@ class Schedule(_Strict):
 
 
 class CacheSettings(_Strict):
+    """Where the response cache lives: a SQLite file (the default), a PostgreSQL database (`url`, or
+    `url_env` naming a variable that holds a URL with a password), or the Dagster instance's own
+    PostgreSQL database (`backend: instance`)."""
+
     mode: CacheMode = "use"
     path: str | None = None  # default: $DAGSTER_HOME/llm_cache.sqlite
+    backend: Literal["sqlite", "postgres", "instance"] | None = None  # default: postgres with a url, else sqlite
+    url: str | None = None
+    url_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_place(self) -> "CacheSettings":
+        if self.url and self.url_env:
+            raise ValueError("cache: give `url` or `url_env`, not both")
+        if self.url:
+            if not self.url.startswith(PG_URL_PREFIXES):
+                raise ValueError(f"cache.url must start with postgresql:// (got {self.url.split(':', 1)[0]}://...)")
+            if urlsplit(self.url).password:
+                raise ValueError("cache.url holds a password: put the URL in an environment variable and name it "
+                                 "with `cache: {url_env: VAR}`, so no secret is written in the panel")
+        has_url = bool(self.url or self.url_env)
+        if self.backend in ("sqlite", "instance") and has_url:
+            raise ValueError(f"cache: backend {self.backend!r} takes no url; drop `url`/`url_env` or use backend 'postgres'")
+        if self.backend == "postgres" and not has_url:
+            raise ValueError("cache: backend 'postgres' needs `url` or `url_env` (or use backend 'instance')")
+        if self.path and self.resolved_backend != "sqlite":
+            raise ValueError(f"cache.path is the SQLite file; backend {self.resolved_backend!r} does not use it")
+        return self
+
+    @property
+    def resolved_backend(self) -> str:
+        return self.backend or ("postgres" if self.url or self.url_env else "sqlite")
 
 
 class Publish(_Strict):
@@ -239,6 +270,9 @@ class Panel(_Strict):
         unpriced = sorted({m.model for m in self.members if not provider_spec(m.provider).in_process} - set(self.prices))
         if unpriced:
             raise ValueError(f"budget: needs a price (prices:) for every paid member's model; missing: {unpriced}")
+        if self.cache.resolved_backend != "sqlite":  # the run's spend ledger is a table of that file
+            raise ValueError(f"budget: keeps each run's spend in the SQLite cache file; cache.backend "
+                             f"{self.cache.resolved_backend!r} cannot hold it yet: use the SQLite cache or drop the budget")
         return self
 
     @model_validator(mode="after")
@@ -247,6 +281,19 @@ class Panel(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"member names must be unique across generators and judges; repeated: {dupes}")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_ids_need_sqlite(self) -> "Panel":
+        # Batch ids are recorded in a table of the SQLite cache file; the PostgreSQL cache has no such
+        # table yet, and a batch whose id cannot be recorded could be submitted twice.
+        batched = [m.name for m in self.members if m.batch.enabled]
+        if batched and self.cache.resolved_backend != "sqlite":
+            raise ValueError(
+                f"members {batched} run in batch mode, which records its batch ids in the SQLite cache; "
+                f"cache.backend {self.cache.resolved_backend!r} cannot hold them yet: use the SQLite cache "
+                "or turn batch mode off for these members"
+            )
         return self
 
     @property

@@ -15,8 +15,8 @@ from poll_assets.assets.preferences import build_preferences_asset
 from poll_assets.assets.prompts import build_prompts_asset
 from poll_assets.assets.publishing import build_hub_publisher, build_publish_job
 from poll_assets.automation import build_automation_sensor, build_dead_run_sensor, with_rerun_condition
-from poll_assets.io_manager import ParquetIOManagerFactory, default_dagster_home, default_storage_dir
-from poll_assets.llm.resources import ResponseCacheResource, build_llm_resource, resource_key
+from poll_assets.io_manager import ParquetIOManagerFactory, default_storage_dir
+from poll_assets.llm.resources import build_cache_resource, build_llm_resource, resource_key
 from poll_assets.panel import Panel
 from poll_assets.partitions import build_partitions_def
 from poll_assets.rubrics.ultrafeedback import Rubric, get_rubric
@@ -56,11 +56,10 @@ def build_assets(
 def build_resources(panel: Panel, storage_dir: str | None = None, cache_path: str | None = None) -> dict[str, object]:
     """Every resource in one place: the IO manager, the response cache, one LLM client per member."""
     storage_dir = storage_dir or default_storage_dir()
-    cache_file = cache_path or panel.cache.path or str(default_dagster_home() / "llm_cache.sqlite")
     resources: dict[str, object] = {
         "io_manager": ParquetIOManagerFactory(base_dir=storage_dir),
         "hub_publisher": build_hub_publisher(panel, storage_dir),
-        "response_cache": ResponseCacheResource(path=cache_file, mode=panel.cache.mode),
+        "response_cache": build_cache_resource(panel.cache, cache_path),
     }
     for member in panel.members:
         resources[resource_key(member)] = build_llm_resource(member)

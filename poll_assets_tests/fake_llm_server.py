@@ -6,6 +6,9 @@ member, e.g. base_url `http://127.0.0.1:P/judge_a/v1`):
 * `POST [/tag]/v1/chat/completions` - OpenAI chat completions, also what the HF client and TGI use
   (`response_format` json_schema, TGI grammar `{"type": "json"|"json_object", "value": schema}`, usage).
 * `POST [/tag]/v1/messages` - Anthropic Messages (system, forced tool use, usage).
+* `GET [/tag]/v1/models` - the model list (OpenAI's or Anthropic's shape, by the headers), when the
+  config's `models` names them; 404 otherwise, like a server that cannot list. Counted apart
+  (`model_lists`), not as calls.
 * `GET /_stats`, `POST /_config`, `POST /_reset` - control for a server running in another process.
 
 Fault modes (FakeConfig): injected 429/500/timeouts/malformed bodies by fraction or script; a
@@ -69,6 +72,7 @@ class FakeConfig:
     expected_key: str | None = None  # when set, any other key gets 401 (with the key echoed back)
     reject_response_format: list[str] = field(default_factory=list)  # tags that refuse structured output
     served_model_suffix: str = ""  # reported model = requested model + suffix
+    models: list[str] | None = None  # what GET /v1/models lists; None = the route is missing (404)
     # A provider's concurrency limit: above this many requests in flight, 429 with Retry-After; every
     # reply carries OpenAI's x-ratelimit-* and Anthropic's anthropic-ratelimit-* headers. 0 = no cap.
     max_concurrent: int = 0
@@ -262,6 +266,7 @@ class FakeLLMServer:
                 Route("/_config", self._config_endpoint, methods=["POST"]),
                 Route("/_reset", self._reset_endpoint, methods=["POST"]),
                 Route("/{path:path}", self._dispatch, methods=["POST"]),
+                Route("/{path:path}", self._list_models, methods=["GET"]),
             ]
         )
         self._server: Any = None
@@ -282,6 +287,7 @@ class FakeLLMServer:
         self.outcomes: Counter[str] = Counter()
         self.in_flight = 0
         self.max_in_flight = 0
+        self.model_lists: Counter[str] = Counter()  # GET /v1/models per tag
         self.over_cap = 0  # requests refused with 429 by max_concurrent
         self._outage_until = 0.0
         self.bodies: deque[dict[str, Any]] = deque(maxlen=20_000)
@@ -329,6 +335,7 @@ class FakeLLMServer:
                 "max_in_flight": self.max_in_flight,
                 "over_cap": self.over_cap,
                 "max_repeats": max(self.by_body.values(), default=0),
+                "model_lists": dict(self.model_lists),
             }
 
     def start(self) -> "FakeLLMServer":
@@ -439,6 +446,27 @@ class FakeLLMServer:
         with self._lock:
             self.outcomes[str(response.status_code) if outcome == "ok" else outcome] += 1
         return response
+
+    async def _list_models(self, request: Request) -> Response:
+        path = "/" + request.path_params["path"]
+        if not path.endswith("/v1/models"):
+            return JSONResponse({"error": {"message": f"no route {path}", "type": "not_found"}}, status_code=404)
+        tag = path[: path.rindex("/v1/")].strip("/")
+        kind = "messages" if request.headers.get("anthropic-version") else "chat"
+        with self._lock:
+            self.model_lists[tag] += 1
+            cfg = self.config
+        presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        presented = presented or request.headers.get("x-api-key", "")
+        if cfg.expected_key is not None and presented != cfg.expected_key:
+            return self._error(kind, tag, 401, f"Incorrect API key provided: {presented}")
+        if cfg.models is None:
+            return self._error(kind, tag, 404, f"no route {path}")
+        if kind == "messages":
+            data = [{"id": m, "type": "model", "display_name": m, "created_at": "2024-01-01T00:00:00Z"} for m in cfg.models]
+            return JSONResponse({"data": data, "has_more": False, "first_id": None, "last_id": None})
+        data = [{"id": m, "object": "model", "created": CREATED, "owned_by": "fake"} for m in cfg.models]
+        return JSONResponse({"object": "list", "data": data})
 
     def _refusal(self, number: int) -> str | None:
         """'outage' or 'over_cap' when the request is refused before any work (lock held)."""

@@ -61,3 +61,18 @@ def test_policy_takes_the_provider_limits_and_never_exceeds_them():
     assert [round(policy.next_interval(x), 2) for x in (30.0, 250.0)] == [45.0, 300.0]
     with pytest.raises(ValueError, match="provider 'local' has no batch API"):
         BatchPolicy.resolve(BatchSettings(enabled=True), "local")
+
+
+
+def test_batch_mode_with_a_postgres_cache_is_refused_at_load(tmp_path):
+    """Batch ids live in the SQLite cache file; a PostgreSQL cache cannot record them, so the
+    panel is refused rather than risking a second submission."""
+    def mutate(raw):
+        judge = raw["judges"][1]
+        judge.update(provider="openai", model="gpt-4o-mini", batch={"enabled": True})
+        judge.pop("model_path", None)
+        judge.pop("n_ctx", None)
+        raw["cache"] = {"backend": "postgres", "url_env": "SOME_PG_URL"}
+
+    with pytest.raises(PanelConfigError, match=r"\['smol_fair'\] run in batch mode.*SQLite cache"):
+        load_panel(local_panel_file(tmp_path, mutate))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from poll_assets.llm.base import Completion, ProviderError
 from poll_assets.llm.cache import CacheError, ResponseCache, default_cache_path
 from poll_assets.llm.resources import ResponseCacheResource
 from poll_assets.llm.runner import run_calls
+from poll_assets_tests.cache_backends import CacheAt, cache_at, stored_rows  # noqa: F401 (a fixture)
 from poll_assets_tests.fake_backend import FakeBackend, with_policy, make_requests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,12 +26,7 @@ def run(target, requests, **kwargs):
     return asyncio.run(run_calls(*target, requests, **kwargs))
 
 
-def rows(path: Path) -> int:
-    with sqlite3.connect(path) as conn:
-        return conn.execute("SELECT COUNT(*) FROM completions").fetchone()[0]
-
-
-def worker(db: Path, *args: str) -> subprocess.Popen:
+def worker(db: str, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(
         [sys.executable, "-m", "poll_assets_tests.fake_backend", str(db), *args],
@@ -43,35 +38,43 @@ def worker(db: Path, *args: str) -> subprocess.Popen:
     )
 
 
-def test_put_get_roundtrip_and_wal(tmp_path):
-    cache = ResponseCache(tmp_path / "sub" / "c.sqlite")
+def test_put_get_roundtrip_and_wal(cache_at: CacheAt):
+    cache = ResponseCache(cache_at())
     c = Completion(text="hi", finish_reason="stop", input_tokens=3, output_tokens=1, model="m", extra={"x": [1]})
     assert cache.put("k1", c, "fake", "m")
     got = cache.get("k1")
     assert got is not None and got.text == "hi" and got.extra == {"x": [1]}
     assert got.cached and got.call_id == "k1"
     assert cache.get("missing") is None
-    with sqlite3.connect(cache.path) as conn:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    if cache.path is not None:
+        import sqlite3
+
+        with sqlite3.connect(cache.path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_failures_are_not_stored(tmp_path):
-    cache = ResponseCache(tmp_path / "c.sqlite")
+def test_sqlite_file_folders_are_created(tmp_path):
+    cache = ResponseCache(tmp_path / "sub" / "c.sqlite")
+    assert cache.put("k1", Completion(text="hi"), "fake", "m") and cache.get("k1").text == "hi"
+
+
+def test_failures_are_not_stored(cache_at: CacheAt):
+    cache = ResponseCache(cache_at())
     failed = Completion(text=None, error="boom", error_kind="server")
     assert not cache.put("k", failed, "fake", "m")
     assert len(cache) == 0
 
 
-def test_get_many_handles_large_key_sets(tmp_path):
-    cache = ResponseCache(tmp_path / "c.sqlite")
+def test_get_many_handles_large_key_sets(cache_at: CacheAt):
+    cache = ResponseCache(cache_at())
     for i in range(1200):
         cache.put(f"k{i}", Completion(text=str(i)), "fake", "m")
     found = cache.get_many([f"k{i}" for i in range(0, 2400, 2)])
     assert len(found) == 600 and found["k1198"].text == "1198"
 
 
-def test_repeat_run_is_served_from_cache_with_zero_backend_calls(tmp_path):
-    cache = ResponseCache(tmp_path / "c.sqlite")
+def test_repeat_run_is_served_from_cache_with_zero_backend_calls(cache_at: CacheAt):
+    cache = ResponseCache(cache_at())
     reqs = make_requests(25)
     first = FakeBackend()
     run(with_policy(first), reqs, cache=cache)
@@ -85,8 +88,8 @@ def test_repeat_run_is_served_from_cache_with_zero_backend_calls(tmp_path):
     assert [c.call_id for c in batch.completions] == [c.call_id for c in run(with_policy(first), reqs).completions]
 
 
-def test_key_depends_on_model_and_params(tmp_path):
-    cache = ResponseCache(tmp_path / "c.sqlite")
+def test_key_depends_on_model_and_params(cache_at: CacheAt):
+    cache = ResponseCache(cache_at())
     run(with_policy(FakeBackend(model="a")), make_requests(3), cache=cache)
     other_model = FakeBackend(model="b")
     run(with_policy(other_model), make_requests(3), cache=cache)
@@ -96,18 +99,18 @@ def test_key_depends_on_model_and_params(tmp_path):
     assert other_params.total_calls == 3
 
 
-def test_bypass_neither_reads_nor_writes(tmp_path):
-    path = tmp_path / "c.sqlite"
+def test_bypass_neither_reads_nor_writes(cache_at: CacheAt):
+    path = cache_at()
     run(with_policy(FakeBackend()), make_requests(5), cache=ResponseCache(path))
     backend = FakeBackend(prefix="new")
     batch = run(with_policy(backend), make_requests(8), cache=ResponseCache(path, "bypass"))
     assert backend.total_calls == 8 and batch.stats.cache_hits == 0
-    assert rows(path) == 5  # q5..q7 were not written
+    assert stored_rows(path) == 5  # q5..q7 were not written
     assert ResponseCache(path).get(batch.completions[0].call_id).text == "answer to q0"  # not overwritten
 
 
-def test_refresh_rerequests_and_overwrites(tmp_path):
-    path = tmp_path / "c.sqlite"
+def test_refresh_rerequests_and_overwrites(cache_at: CacheAt):
+    path = cache_at()
     reqs = make_requests(5)
     run(with_policy(FakeBackend()), reqs, cache=ResponseCache(path))
     backend = FakeBackend(prefix="fresh")
@@ -119,8 +122,8 @@ def test_refresh_rerequests_and_overwrites(tmp_path):
     assert [c.text for c in reread.completions] == [f"fresh q{i}" for i in range(5)]
 
 
-def test_rerun_redoes_only_failed_rows(tmp_path):
-    cache = ResponseCache(tmp_path / "c.sqlite")
+def test_rerun_redoes_only_failed_rows(cache_at: CacheAt):
+    cache = ResponseCache(cache_at())
     reqs = make_requests(10)
     flaky = FakeBackend(script=lambda t, a: ProviderError("server", "503") if t in ("q3", "q7") else None)
     first = run(with_policy(flaky, max_retries=1), reqs, cache=cache)
@@ -131,19 +134,15 @@ def test_rerun_redoes_only_failed_rows(tmp_path):
     assert all(c.ok for c in second.completions) and second.stats.cache_hits == 8
 
 
-def test_completed_calls_survive_a_killed_run(tmp_path):
-    db = tmp_path / "c.sqlite"
+def test_completed_calls_survive_a_killed_run(cache_at: CacheAt):
+    db = cache_at()
     n = 200
     proc = worker(db, "--n", str(n), "--latency", "0.02", "--concurrency", "2")
     try:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            if db.exists():
-                try:
-                    if rows(db) >= 10:
-                        break
-                except sqlite3.OperationalError:
-                    pass  # table not created yet
+            if stored_rows(db) >= 10:
+                break
             time.sleep(0.02)
         else:
             pytest.fail(f"worker wrote nothing in 15 s: {proc.stderr.read() if proc.poll() is not None else ''}")
@@ -153,7 +152,7 @@ def test_completed_calls_survive_a_killed_run(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    saved = rows(db)
+    saved = stored_rows(db)
     assert 10 <= saved < n
 
     backend = FakeBackend()
@@ -162,14 +161,14 @@ def test_completed_calls_survive_a_killed_run(tmp_path):
     assert batch.stats.cache_hits == saved and all(c.ok for c in batch.completions)
 
 
-def test_several_processes_share_one_cache(tmp_path):
-    db = tmp_path / "c.sqlite"
+def test_several_processes_share_one_cache(cache_at: CacheAt):
+    db = cache_at()
     procs = [worker(db, "--n", "300", "--tag", tag, "--concurrency", "16") for tag in ("a", "b", "c")]
     for p in procs:
         out, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
         assert out.strip() == "ok 300 calls 300"
-    assert rows(db) == 900
+    assert stored_rows(db) == 900
 
 
 def test_cache_resource_paths(tmp_path, monkeypatch):
@@ -207,15 +206,15 @@ def test_resource_from_panel_settings(tmp_path):
     assert res.get_cache().mode == "bypass" and res.resolved_path() == tmp_path / "p.sqlite"
 
 
-def test_submitted_completions_are_committed_in_groups_by_the_writer_thread(tmp_path):
-    cache = ResponseCache(tmp_path / "c.sqlite")
+def test_submitted_completions_are_committed_in_groups_by_the_writer_thread(cache_at: CacheAt):
+    cache = ResponseCache(cache_at())
     for i in range(500):
         assert cache.submit(f"k{i}", Completion(text=str(i)), "fake", "m")
     assert not cache.submit("failed", Completion(text=None, error="boom"), "fake", "m")
     assert cache.flush(timeout_s=30) == 500
     # Another connection (another process, in real runs) sees every row once flush returns.
-    assert rows(tmp_path / "c.sqlite") == 500
-    assert ResponseCache(tmp_path / "c.sqlite").get("k499").text == "499"
+    assert stored_rows(cache_at()) == 500
+    assert ResponseCache(cache_at()).get("k499").text == "499"
 
 
 def test_a_failed_group_write_surfaces_at_flush_naming_the_file(tmp_path):
@@ -228,9 +227,58 @@ def test_a_failed_group_write_surfaces_at_flush_naming_the_file(tmp_path):
     assert cache.flush(timeout_s=30) == 0  # reported once; nothing was written
 
 
-def test_run_calls_waits_for_its_cache_writes(tmp_path):
-    db = tmp_path / "c.sqlite"
+def test_run_calls_waits_for_its_cache_writes(cache_at: CacheAt):
+    db = cache_at()
     backend = FakeBackend()
     batch = run(with_policy(backend, max_concurrency=16), make_requests(300), cache=ResponseCache(db))
     assert all(c.ok for c in batch.completions)
-    assert rows(db) == 300  # committed before run_calls returned, not "eventually"
+    assert stored_rows(db) == 300  # committed before run_calls returned, not "eventually"
+
+
+def test_unreachable_postgres_is_a_clear_error_without_the_password():
+    cache = ResponseCache("postgresql://poll:s3cret-pw@127.0.0.1:1/cache_db")
+    assert "s3cret" not in repr(cache)
+    with pytest.raises(CacheError, match=r"response cache postgresql://127\.0\.0\.1:1/cache_db: cannot open") as err:
+        cache.get("k")
+    assert "s3cret" not in str(err.value)
+
+
+def test_a_forked_child_opens_its_own_connection_and_leaves_the_parents(cache_at: CacheAt):
+    cache = ResponseCache(cache_at())
+    assert cache.put("k", Completion(text="before"), "fake", "m")
+    pid = os.fork()
+    if pid == 0:  # the child: reads and writes through its own connection, then exits at once
+        code = 1
+        try:
+            code = 0 if cache.get("k").text == "before" and cache.put("c", Completion(text="child"), "fake", "m") else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's own connection still works (a child closing the inherited one would end it).
+    assert cache.get("c").text == "child"
+    assert cache.put("p", Completion(text="parent"), "fake", "m") and len(cache) == 3
+
+
+_OPEN_AT_ONCE = """
+import sys, time
+from poll_assets.llm.cache import ResponseCache
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+print(len(ResponseCache(sys.argv[1])))
+"""
+
+
+def test_processes_opening_a_new_sqlite_file_at_once_all_succeed(tmp_path):
+    """The switch of a new file to WAL can answer "database is locked" without waiting; every
+    process that opens the cache at the same moment must still get it."""
+    for round_ in range(3):
+        db = tmp_path / f"new-{round_}.sqlite"
+        start = time.time() + 1.5  # after every interpreter has started
+        procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT_ONCE, str(db), str(start)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+            assert out.strip() == "0"

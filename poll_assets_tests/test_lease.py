@@ -12,13 +12,14 @@ from pathlib import Path
 
 from poll_assets.llm.base import Completion
 from poll_assets.llm.cache import ResponseCache, claim_or_wait
+from poll_assets_tests.cache_backends import CacheAt, cache_at  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def worker(db: Path, log: Path, keys: list[str], *extra: str) -> subprocess.Popen:
+def worker(db: str, log: Path, keys: list[str], *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    argv = [sys.executable, "-m", "poll_assets_tests.lease_worker", str(db), str(log), ",".join(keys), *extra]
+    argv = [sys.executable, "-m", "poll_assets_tests.lease_worker", db, str(log), ",".join(keys), *extra]
     return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -32,8 +33,8 @@ def answers(proc: subprocess.Popen) -> dict[str, str]:
     return dict(line.split(" ", 1) for line in out.splitlines())
 
 
-def test_claim_is_exclusive_until_released_or_expired(tmp_path):
-    cache = ResponseCache(tmp_path / "c.sqlite")
+def test_claim_is_exclusive_until_released_or_expired(cache_at: CacheAt):
+    cache = ResponseCache(cache_at())
     assert cache.claim("k", "a", ttl_s=30)
     assert not cache.claim("k", "b", ttl_s=30)
     assert cache.claim("k", "a", ttl_s=30)  # the owner may claim again
@@ -46,8 +47,8 @@ def test_claim_is_exclusive_until_released_or_expired(tmp_path):
     assert cache.claim("k", "a", ttl_s=30)  # b's claim expired
 
 
-def test_answer_and_release_arrive_together(tmp_path):
-    cache = ResponseCache(tmp_path / "c.sqlite")
+def test_answer_and_release_arrive_together(cache_at: CacheAt):
+    cache = ResponseCache(cache_at())
     assert cache.claim("k", "a")
     assert cache.claim_state("k") == (None, True)
     cache.submit("k", Completion(text="yes", finish_reason="stop"), "fake", "m", release_owner="a")
@@ -56,8 +57,8 @@ def test_answer_and_release_arrive_together(tmp_path):
     assert answer is not None and answer.text == "yes" and not held
 
 
-def test_waiter_gets_the_claimants_answer_and_a_failed_call_hands_over(tmp_path):
-    cache = ResponseCache(tmp_path / "c.sqlite")
+def test_waiter_gets_the_claimants_answer_and_a_failed_call_hands_over(cache_at: CacheAt):
+    cache = ResponseCache(cache_at())
     made: list[str] = []
 
     def caller(name: str, ok: bool):
@@ -81,8 +82,8 @@ def test_waiter_gets_the_claimants_answer_and_a_failed_call_hands_over(tmp_path)
     assert made == ["first", "second"] and not first.ok and second.text == "second"
 
 
-def test_two_processes_pay_each_key_once(tmp_path):
-    db, log = tmp_path / "c.sqlite", tmp_path / "calls.log"
+def test_two_processes_pay_each_key_once(tmp_path, cache_at: CacheAt):
+    db, log = cache_at(), tmp_path / "calls.log"
     keys = [f"k{i:02d}" for i in range(20)]
     # Opposite orders over the same keys: each holds claims the other waits for, and neither deadlocks.
     procs = [worker(db, log, keys, "--call-s", "0.1"), worker(db, log, keys[::-1], "--call-s", "0.1")]
@@ -92,8 +93,8 @@ def test_two_processes_pay_each_key_once(tmp_path):
     assert results[0] == results[1] and set(results[0]) == set(keys)
 
 
-def test_overlapping_key_sets_in_different_orders(tmp_path):
-    db, log = tmp_path / "c.sqlite", tmp_path / "calls.log"
+def test_overlapping_key_sets_in_different_orders(tmp_path, cache_at: CacheAt):
+    db, log = cache_at(), tmp_path / "calls.log"
     a = [f"k{i:02d}" for i in range(0, 15)]
     b = [f"k{i:02d}" for i in range(5, 20)][::-1]
     procs = [worker(db, log, a, "--call-s", "0.05"), worker(db, log, b, "--call-s", "0.05")]
@@ -102,8 +103,8 @@ def test_overlapping_key_sets_in_different_orders(tmp_path):
     assert sorted(calls(log)) == sorted(set(a) | set(b))
 
 
-def test_killed_claimant_expires_and_the_waiter_takes_over(tmp_path):
-    db, log = tmp_path / "c.sqlite", tmp_path / "calls.log"
+def test_killed_claimant_expires_and_the_waiter_takes_over(tmp_path, cache_at: CacheAt):
+    db, log = cache_at(), tmp_path / "calls.log"
     claimant = worker(db, log, ["k"], "--hang", "--ttl-s", "1")
     deadline = time.monotonic() + 30
     while "k" not in calls(log):
@@ -120,8 +121,8 @@ def test_killed_claimant_expires_and_the_waiter_takes_over(tmp_path):
     assert calls(log) == ["k", "k"]  # the dead claimant's call and the waiter's own
 
 
-def test_live_claimant_is_not_taken_over_while_it_renews(tmp_path):
-    cache = ResponseCache(tmp_path / "c.sqlite")
+def test_live_claimant_is_not_taken_over_while_it_renews(cache_at: CacheAt):
+    cache = ResponseCache(cache_at())
     made: list[str] = []
 
     async def slow() -> Completion:
@@ -142,8 +143,8 @@ def test_live_claimant_is_not_taken_over_while_it_renews(tmp_path):
     assert made == ["slow"] and second.text == "slow"
 
 
-def test_many_waiters_share_one_poll(tmp_path, monkeypatch):
-    cache = ResponseCache(tmp_path / "c.sqlite")
+def test_many_waiters_share_one_poll(cache_at: CacheAt, monkeypatch):
+    cache = ResponseCache(cache_at())
     keys = [f"k{i}" for i in range(200)]
     for k in keys:
         assert cache.claim(k, "other process")
@@ -164,9 +165,9 @@ def test_many_waiters_share_one_poll(tmp_path, monkeypatch):
     assert len(reads) <= 25 and max(reads) == 200  # each poll reads every waiting key at once
 
 
-def test_three_processes_over_http_send_each_request_once(tmp_path, fake_llm):
+def test_three_processes_over_http_send_each_request_once(tmp_path, cache_at: CacheAt, fake_llm):
     fake_llm.reset(latency_ms=100)
-    db, log = tmp_path / "c.sqlite", tmp_path / "calls.log"
+    db, log = cache_at(), tmp_path / "calls.log"
     keys = [f"prompt-{i}" for i in range(15)]
     orders = [keys, keys[::-1], keys[7:] + keys[:7]]
     procs = [worker(db, log, order, "--url", fake_llm.url) for order in orders]

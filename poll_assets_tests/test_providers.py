@@ -36,6 +36,7 @@ from poll_assets.llm.base import (
 from poll_assets.llm.policy import CallPolicy, RetryPolicy
 from poll_assets.llm.remote import mentions_structured_output, parse_retry_after, safe_url, scrub
 from poll_assets.llm.providers import provider_spec
+from poll_assets.llm.preflight import PreflightError, preflight
 from poll_assets.llm.resources import ChatModelResource, MissingAPIKeyError, build_llm_resource, resource_key
 from poll_assets.llm.runner import CallBatch, attempt, run_calls
 from poll_assets.panel import Member, Params
@@ -545,21 +546,17 @@ def test_missing_key_names_variable_and_member(fake_llm, monkeypatch, provider, 
     assert fake_llm.stats()["total"] == 0
 
 
-def test_missing_key_fails_dagster_resource_init_naming_variable_and_member(fake_llm, monkeypatch, tmp_path):
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
-    member = Member(name="judge_claude", provider="anthropic", model="claude", family="c", api_key_env="POLL_TEST_NOPE_KEY")
+def test_missing_key_fails_the_preflight_naming_variable_and_member(fake_llm, monkeypatch):
+    # Inside a run, the key is checked by the run's preflight (every member at once, before any
+    # call; see test_preflight.py), no longer one resource at a time when resources start.
+    member = Member(name="judge_claude", provider="anthropic", model="claude", family="c",
+                    api_key_env="POLL_TEST_NOPE_KEY", base_url=fake_llm.url)
     monkeypatch.delenv("POLL_TEST_NOPE_KEY", raising=False)
-    key = resource_key(member)
-
-    @dg.asset(required_resource_keys={key})
-    def uses_llm(context) -> int:  # noqa: ANN001 - Dagster rejects string annotations here
-        return 1
-
-    with pytest.raises(Exception) as info:
-        dg.materialize([uses_llm], resources={key: build_llm_resource(member)})
-    text = all_text(info.value)
+    with pytest.raises(PreflightError) as info:
+        preflight([member], os.environ)
+    text = str(info.value)
     assert "POLL_TEST_NOPE_KEY" in text and "judge_claude" in text
-    assert "resource" in text.lower()  # it failed while initialising the resource, not later
+    assert fake_llm.stats()["total"] == 0 and fake_llm.stats()["model_lists"] == {}
 
 
 def test_key_from_env_resolves_inside_a_dagster_run(fake_llm, monkeypatch, tmp_path):

@@ -157,6 +157,27 @@ def test_materialize_one_partition_from_the_ui(dagster_server: DagsterDevServer,
     assert int(metadata["pairs"]) == rows
     assert int(metadata["dagster/row_count"]) == rows
     assert int(metadata["prompts"]) == 1  # shard_size 1 in the fast panel
+    # The shard's LLM totals: 1 prompt x (2 generators + 2 judges) calls, every member accounted for.
+    assert int(metadata["shard/calls"]) == 4 and int(metadata["shard/failures"]) == 0, metadata
+    preview = _markdown_table(page, "preview", "chosen model")
+    assert len(preview) == rows  # one line per pair (none when the shard's answers tied)
+    _shot(page, shots, "04b_preference_pairs_preview")
+    page.keyboard.press("Escape")
+    _column_descriptions(page, dagster_server, "preference_pairs", {"margin": "chosen_rating - rejected_rating, > 0"})
+    _shot(page, shots, "04c_preference_pairs_columns")
+
+    # A judge's page: a few verdicts with their rationales, and its column descriptions.
+    judge = load_panel(FAST_PANEL)[0].judges[0].name
+    page.goto(f"{dagster_server.url}/assets/ratings/{judge}", wait_until="domcontentloaded")
+    page.get_by_role("tab", name="Partitions").click()
+    page.get_by_text(UI_PARTITION, exact=True).first.click()
+    _metadata_table(page, needs=("preview", "rubric"))
+    verdicts = _markdown_table(page, "preview", "rationale")
+    assert len(verdicts) == 2  # 1 prompt x 2 generators
+    _shot(page, shots, "04d_judge_verdicts_preview")
+    page.keyboard.press("Escape")
+    _column_descriptions(page, dagster_server, f"ratings/{judge}", {"judge": "the panel member that judged"})
+    _shot(page, shots, "04e_judge_columns")
 
     # Numeric metadata plots: Overview -> Metadata -> Plots, per partition by default, over time
     # behind the Events toggle; each judge pair's kappa is a plot of its own.
@@ -182,8 +203,8 @@ def test_publish_job_launchpad(dagster_server: DagsterDevServer, page, shots: Pa
     _shot(page, shots, "06_publish_job_launchpad")
 
 
-def _metadata_table(page, timeout_s: float = 60.0) -> dict[str, str]:
-    """Key -> value text of the metadata table shown for the selected partition."""
+def _metadata_table(page, timeout_s: float = 60.0, needs: tuple[str, ...] = ("pairs", "path")) -> dict[str, str]:
+    """Key -> value text of the metadata table shown for the selected partition, once it has `needs`."""
     deadline = time.monotonic() + timeout_s
     while True:
         rows = page.locator("tr").filter(has=page.locator("td"))
@@ -192,9 +213,32 @@ def _metadata_table(page, timeout_s: float = 60.0) -> dict[str, str]:
             cells = rows.nth(i).locator("td")
             if cells.count() >= 2:
                 found[cells.nth(0).inner_text().strip()] = cells.nth(1).inner_text().strip()
-        if "pairs" in found and "path" in found:
+        if all(k in found for k in needs):
             return found
         if time.monotonic() > deadline:
-            raise AssertionError(f"no `pairs`/`path` metadata on the preference_pairs page; saw {found}")
+            raise AssertionError(f"no {needs} metadata on the page; saw {found}")
         time.sleep(1.0)
 
+
+def _markdown_table(page, key: str, header: str) -> list[str]:
+    """The body rows (text) of the markdown table in metadata entry `key`. The UI shows a long
+    markdown entry behind a `[Show Markdown]` link that opens a dialog, a short one in place."""
+    row = page.locator("tr").filter(has=page.locator("td", has_text=re.compile(f"^{re.escape(key)}$"))).first
+    show = row.get_by_text("[Show Markdown]")
+    scope = row
+    if show.count():
+        show.click()
+        scope = page.get_by_role("dialog")
+    table = scope.locator("table").filter(has=page.locator("th", has_text=re.compile(f"^{re.escape(header)}$")))
+    table.first.wait_for(state="visible")
+    return table.first.locator("tbody tr").all_inner_texts()
+
+
+def _column_descriptions(page, server: DagsterDevServer, asset: str, described: dict[str, str]) -> None:
+    """The asset's Overview lists its columns with their descriptions (from `dagster/column_schema`)."""
+    page.goto(f"{server.url}/assets/{asset}", wait_until="domcontentloaded")
+    page.get_by_text("Columns", exact=True).first.wait_for(state="visible")
+    for column, description in described.items():
+        page.get_by_text(column, exact=True).first.wait_for(state="visible")
+        page.get_by_text(description, exact=True).first.scroll_into_view_if_needed()
+        page.get_by_text(description, exact=True).first.wait_for(state="visible")

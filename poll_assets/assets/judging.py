@@ -11,6 +11,7 @@ import pandas as pd
 
 from poll_assets.assets.generations import generation_counts
 from poll_assets.assets.metadata import call_metadata
+from poll_assets.assets.previews import verdicts_preview
 from poll_assets.assets.schema import schema
 from poll_assets.assets.stage import MemberContext, run_stage_step, stage_multi_asset_kwargs
 from poll_assets.checks import STEP_INPUT, Finding, StageCheck, examples, problems_finding, short_id
@@ -233,6 +234,7 @@ async def judge(work: MemberContext, combined_generations: pd.DataFrame, *, rubr
             "parse_failures": sum(v.kind == "parse_failed" for v in asked),
             "parse_failure_rate": dg.MetadataValue.float(parse_failure_rate(asked)),
             "judge_call_failures": sum(v.kind == "judge_failed" for v in asked),
+            "preview": dg.MetadataValue.md(verdicts_preview(df, [g.name for g in panel.generators])),
         },
     )
 

@@ -10,8 +10,10 @@ import pandas as pd
 from poll_assets.assets.generations import COMBINED_COLUMNS, COMBINED_KEY, GENERATION_COLUMNS, generation_key
 from poll_assets.assets.judging import RATING_COLUMNS, ratings_key
 from poll_assets.assets.pooling import POOLED_COLUMNS, POOLED_KEY
+from poll_assets.assets.previews import chat_answer, pairs_preview
 from poll_assets.assets.prompts import PROMPT_COLUMNS, PROMPTS_KEY
 from poll_assets.assets.schema import column_of, column_of_each, schema
+from poll_assets.assets.totals import shard_totals
 from poll_assets.binarize import binarize
 from poll_assets.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, problems_finding, short_id
 from poll_assets.panel import Panel
@@ -38,18 +40,13 @@ PAIR_COLUMNS = schema(
 )
 
 
-def _answer(messages: Any) -> Any:
-    msgs = plain_list(messages)
-    return msgs[-1].get("content") if msgs and isinstance(msgs[-1], dict) else None
-
-
 def check_pairs(pairs: pd.DataFrame) -> Finding:
     """In every pair the chosen answer is rated strictly higher and differs from the rejected one."""
     not_higher, same = [], []
     for i, r in enumerate(pairs.itertuples(index=False)):
         if is_missing(r.chosen_rating) or is_missing(r.rejected_rating) or not r.chosen_rating > r.rejected_rating:
             not_higher.append(f"row {i} ({short_id(r.prompt_id)}: {r.chosen_rating} vs {r.rejected_rating})")
-        if _answer(r.chosen) == _answer(r.rejected) or r.chosen_call_id == r.rejected_call_id:
+        if chat_answer(r.chosen) == chat_answer(r.rejected) or r.chosen_call_id == r.rejected_call_id:
             same.append(f"row {i} ({short_id(r.prompt_id)})")
     problems = []
     if not_higher:
@@ -142,6 +139,7 @@ def preference_rows(pooled: pd.DataFrame, panel: Panel) -> tuple[list[dict[str, 
 
 def build_preferences_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     cfg = panel.binarization
+    member_keys = {k.to_user_string(): k for k in [*map(generation_key, panel.generators), *map(ratings_key, panel.judges)]}
 
     @dg.asset(
         key=PAIRS_KEY,
@@ -170,6 +168,8 @@ def build_preferences_asset(panel: Panel, partitions_def: dg.PartitionsDefinitio
                 "prompts": len(pooled_ratings),
                 "dropped_prompts": dg.MetadataValue.json(dropped),
                 "ties_dropped": dropped.get("tie", 0),
+                "preview": dg.MetadataValue.md(pairs_preview(df)),
+                **shard_totals(context.instance, member_keys, context.partition_key),
             },
         )
         yield from evaluate_checks(PAIR_CHECKS, PAIRS_KEY, df, selected=context.selected_asset_check_keys)

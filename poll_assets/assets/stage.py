@@ -17,6 +17,7 @@ import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.metadata import member_kinds
+from poll_assets.assets.preflight_step import preflight_run
 from poll_assets.assets.schema import ColumnSchema
 from poll_assets.checks import STEP_INPUT, StageCheck, asset_check_specs, evaluate_checks
 from poll_assets.llm.base import CallRequest, ChatBackend
@@ -118,9 +119,10 @@ def run_stage_step(
     stage_checks: Sequence[StageCheck],
 ) -> Iterator[dg.Output[Any] | dg.AssetCheckResult]:
     """The body of a stage step: the selected members do `work` on `frame` at the same time, and each
-    one's checks run on its output (see `run_stage`)."""
+    one's checks run on its output (see `run_stage`). First, every member of the run is checked."""
     cache: ResponseCacheResource = context.resources.response_cache
     selected = [m for m in members if key_of(m) in context.selected_asset_keys]
+    preflight_run(context, panel, selected)
     checks = context.selected_asset_check_keys
     budget = run_budget(panel, context.run.run_id, cache)
 

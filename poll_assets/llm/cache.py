@@ -1,4 +1,7 @@
-"""The response cache: one SQLite row per successful call, keyed by `request_key`.
+"""The response cache: one row per successful call, keyed by `request_key`, in a SQLite file (the
+default, `SqliteStore`) or a PostgreSQL database shared by several machines (`cache_pg.PostgresStore`).
+`ResponseCache` holds everything both share (modes, the writer thread, the lease's polling); a
+store holds only its database's SQL.
 
 Every call is committed moments after it completes, so a run killed halfway keeps what it already
 paid for (all but the last few milliseconds' answers) and a re-run requests only what is missing (failed calls are never stored, so
@@ -45,6 +48,7 @@ CACHE_FILE_NAME = "llm_cache.sqlite"
 # Another process may hold the write lock for a moment; wait rather than fail.
 BUSY_TIMEOUT_MS = 30_000
 _LOOKUP_CHUNK = 500  # stays well under SQLite's bound-parameter limit
+PG_URL_PREFIXES = ("postgresql://", "postgres://")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS completions (
@@ -84,6 +88,14 @@ def _completion_from_json(blob: str) -> Completion:
     return Completion(**{k: v for k, v in data.items() if k in _COMPLETION_FIELDS})
 
 
+def _answers(blobs: dict[str, str]) -> dict[str, Completion]:
+    """Stored rows as completions marked as served from the cache."""
+    found = {key: _completion_from_json(blob) for key, blob in blobs.items()}
+    for key, c in found.items():
+        c.cached, c.call_id = True, key
+    return found
+
+
 def default_owner() -> str:
     """A claim owner unique to this process and call site: host, pid and a random suffix."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -92,9 +104,9 @@ def default_owner() -> str:
 class CallLease(Protocol):
     """What `claim_or_wait` needs from a store to pay each request once across processes.
 
-    The SQLite `ResponseCache` implements it; a PostgreSQL store can implement the same members
-    (claim as INSERT ... ON CONFLICT DO UPDATE ... WHERE expired, the answer and the release in one
-    transaction, `wait_for` by polling or LISTEN/NOTIFY).
+    `ResponseCache` implements it over either store (SQLite or PostgreSQL): a claim is one
+    INSERT ... ON CONFLICT DO UPDATE ... WHERE expired, the answer and the release are one
+    transaction, and `wait_for` polls.
     """
 
     @property
@@ -134,99 +146,100 @@ class _Flush:
     done: threading.Event
 
 
-def _row(key: str, completion: Completion, provider: str, model: str) -> tuple[str, str, str, str, float]:
+Row = tuple[str, str, str, str, float]  # key, provider, model, completion JSON, created_at (time.time())
+
+
+def _row(key: str, completion: Completion, provider: str, model: str) -> Row:
     record = dataclasses.replace(completion, cached=False, call_id=key)
     blob = json.dumps(record.to_dict(), ensure_ascii=False, default=str)
     return (key, provider, model, blob, time.time())
 
 
-class ResponseCache:
-    """A process- and thread-safe store of completed calls.
+class CacheStore(Protocol):
+    """Where a `ResponseCache` keeps its rows: the SQL of one database, and nothing else.
 
-    mode "use" reads and writes, "refresh" writes without reading (re-requests everything and
-    overwrites), "bypass" does neither. The async methods run SQLite in a worker thread so a
-    busy file never stalls the event loop.
-    """
+    `SqliteStore` (below) is the default; `poll_assets.llm.cache_pg.PostgresStore` is the other.
+    Every method raises `CacheError` naming `label` when the database fails."""
 
-    def __init__(self, path: str | os.PathLike[str], mode: CacheMode = "use") -> None:
-        if mode not in CACHE_MODES:
-            raise ValueError(f"cache mode {mode!r} is not one of {list(CACHE_MODES)}")
+    label: str  # the file, or host:port/db: for messages (never a password)
+
+    def read(self, keys: list[str]) -> dict[str, str]: ...  # key -> stored completion JSON
+
+    def write(self, rows: list[Row], releases: list[tuple[str, str]]) -> None: ...  # rows and releases, one transaction
+
+    def claim(self, key: str, owner: str, ttl_s: float) -> bool: ...
+
+    def renew(self, key: str, owner: str, ttl_s: float) -> bool: ...
+
+    def release(self, key: str, owner: str) -> None: ...
+
+    def states(self, keys: list[str], since: float) -> tuple[set[str], dict[str, str]]: ...  # held keys, answers
+
+    def count(self) -> int: ...
+
+    def output_tokens(self, provider: str, model: str) -> tuple[int, float]: ...  # answers, mean output tokens
+
+    def close(self) -> None: ...
+
+
+class SqliteStore:
+    """The response cache in one SQLite file (WAL mode), shared by the processes of one machine."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).expanduser().resolve()
-        self.mode: CacheMode = mode
+        self.label = str(self.path)
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
-        self._queue: queue.SimpleQueue[_Write | _Flush] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        self._writer_pid = -1
-        self._write_error: CacheError | None = None
-        self.written = 0  # completions committed by the writer thread
-        self._pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Poller] = weakref.WeakKeyDictionary()
-
-    def __repr__(self) -> str:
-        return f"ResponseCache({str(self.path)!r}, mode={self.mode!r})"
-
-    @property
-    def reads(self) -> bool:
-        return self.mode == "use"
-
-    @property
-    def writes(self) -> bool:
-        return self.mode in ("use", "refresh")
 
     def _connection(self) -> sqlite3.Connection:
         # A connection must not cross a fork; reopen in a child process.
         if self._conn is None or self._pid != os.getpid():
+            self._conn = self._open()
+            self._pid = os.getpid()
+        return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        # Two processes opening a new file at once can see "database is locked" from the switch to WAL,
+        # which SQLite reports at once instead of waiting on the busy timeout: try again for a while.
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(
                     self.path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False, isolation_level=None
                 )
-                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-                conn.execute("PRAGMA journal_mode=WAL")
-                # In WAL mode NORMAL survives a killed process; only an OS crash may lose the last commits.
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.executescript(_SCHEMA)
+                try:
+                    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    # In WAL mode NORMAL survives a killed process; only an OS crash may lose the last commits.
+                    conn.execute("PRAGMA synchronous=NORMAL")
+                    conn.executescript(_SCHEMA)
+                except sqlite3.Error:
+                    conn.close()
+                    raise
+                return conn
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise CacheError(f"response cache {self.path}: cannot open: {exc}") from exc
+                time.sleep(0.05)
             except (sqlite3.Error, OSError) as exc:
                 raise CacheError(f"response cache {self.path}: cannot open: {exc}") from exc
-            self._conn = conn
-            self._pid = os.getpid()
-        return self._conn
 
-    def get(self, key: str) -> Completion | None:
-        return self.get_many([key]).get(key)
-
-    def get_many(self, keys: Iterable[str]) -> dict[str, Completion]:
-        """Cached completions for the keys that have one (marked `cached=True`); empty unless mode is "use"."""
-        if not self.reads:
-            return {}
-        wanted = list(dict.fromkeys(keys))
-        found: dict[str, Completion] = {}
+    def read(self, keys: list[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
         with self._lock:
             conn = self._connection()
             try:
-                for i in range(0, len(wanted), _LOOKUP_CHUNK):
-                    chunk = wanted[i : i + _LOOKUP_CHUNK]
+                for i in range(0, len(keys), _LOOKUP_CHUNK):
+                    chunk = keys[i : i + _LOOKUP_CHUNK]
                     marks = ",".join("?" * len(chunk))
-                    rows = conn.execute(f"SELECT key, completion FROM completions WHERE key IN ({marks})", chunk)
-                    for key, blob in rows:
-                        found[key] = _completion_from_json(blob)
+                    found.update(conn.execute(f"SELECT key, completion FROM completions WHERE key IN ({marks})", chunk))
             except sqlite3.Error as exc:
                 raise CacheError(f"response cache {self.path}: read failed: {exc}") from exc
-        for key, c in found.items():
-            c.cached = True
-            c.call_id = key
         return found
 
-    def put(self, key: str, completion: Completion, provider: str, model: str) -> bool:
-        """Store one successful completion, committed at once. Failures are not stored. Returns True if written."""
-        if not self.writes or not completion.ok:
-            return False
-        self._insert([_row(key, completion, provider, model)])
-        return True
-
-    def _insert(self, rows: list[tuple[str, str, str, str, float]], releases: Iterable[tuple[str, str]] = ()) -> None:
-        """Write the rows and delete the named (key, owner) claims in one transaction."""
+    def write(self, rows: list[Row], releases: list[tuple[str, str]]) -> None:
         with self._lock:
             conn = self._connection()
             try:
@@ -237,11 +250,9 @@ class ResponseCache:
                         "VALUES (?, ?, ?, ?, ?)",
                         rows,
                     )
-                    conn.executemany("DELETE FROM claims WHERE key = ? AND owner = ?", list(releases))
+                    conn.executemany("DELETE FROM claims WHERE key = ? AND owner = ?", releases)
             except sqlite3.Error as exc:
                 raise CacheError(f"response cache {self.path}: write failed: {exc}") from exc
-
-    # -- the lease: one call per request across processes -----------------------------------------
 
     def _claim_sql(self, sql: str, params: tuple[Any, ...]) -> int:
         with self._lock:
@@ -251,11 +262,9 @@ class ResponseCache:
             except sqlite3.Error as exc:
                 raise CacheError(f"response cache {self.path}: claim table failed: {exc}") from exc
 
-    def claim(self, key: str, owner: str, ttl_s: float = DEFAULT_CLAIM_TTL_S) -> bool:
-        """Take the lease on `key` for `ttl_s` seconds: True if it is free, expired, or already `owner`'s.
-
-        One statement, so two processes can never both win: an insert, or a take-over of a claim
-        whose expiry has passed."""
+    def claim(self, key: str, owner: str, ttl_s: float) -> bool:
+        # One statement, so two processes can never both win: an insert, or a take-over of a
+        # claim whose expiry has passed.
         now = time.time()
         changed = self._claim_sql(
             "INSERT INTO claims (key, owner, expires_at) VALUES (?, ?, ?) "
@@ -265,14 +274,128 @@ class ResponseCache:
         )
         return changed == 1
 
-    def renew(self, key: str, owner: str, ttl_s: float = DEFAULT_CLAIM_TTL_S) -> bool:
-        """Push the expiry of `owner`'s claim on `key` to now + ttl_s; False if the claim is no longer theirs."""
+    def renew(self, key: str, owner: str, ttl_s: float) -> bool:
         sql = "UPDATE claims SET expires_at = ? WHERE key = ? AND owner = ?"
         return self._claim_sql(sql, (time.time() + ttl_s, key, owner)) == 1
 
     def release(self, key: str, owner: str) -> None:
-        """Give the lease up without an answer (the call failed): a waiter may claim it and call."""
         self._claim_sql("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner))
+
+    def output_tokens(self, provider: str, model: str) -> tuple[int, float]:
+        with self._lock:
+            try:
+                count, mean = self._connection().execute(
+                    "SELECT COUNT(*), AVG(json_extract(completion, '$.output_tokens')) FROM completions "
+                    "WHERE provider = ? AND model = ?", (provider, model)).fetchone()
+            except sqlite3.Error as exc:
+                raise CacheError(f"response cache {self.path}: read failed: {exc}") from exc
+        return int(count), float(mean or 0.0)
+
+    def states(self, keys: list[str], since: float) -> tuple[set[str], dict[str, str]]:
+        held: set[str] = set()
+        answers: dict[str, str] = {}
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN")  # one snapshot for both tables
+                try:
+                    for i in range(0, len(keys), _LOOKUP_CHUNK):
+                        chunk = keys[i : i + _LOOKUP_CHUNK]
+                        marks = ",".join("?" * len(chunk))
+                        sql = f"SELECT key FROM claims WHERE expires_at >= ? AND key IN ({marks})"
+                        held.update(k for (k,) in conn.execute(sql, (time.time(), *chunk)))
+                        sql = f"SELECT key, completion FROM completions WHERE created_at >= ? AND key IN ({marks})"
+                        answers.update(conn.execute(sql, (since, *chunk)))
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise CacheError(f"response cache {self.path}: read failed: {exc}") from exc
+        return held, answers
+
+    def count(self) -> int:
+        with self._lock:
+            conn = self._connection()
+            return int(conn.execute("SELECT COUNT(*) FROM completions").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+
+def open_store(location: str | os.PathLike[str] | CacheStore) -> CacheStore:
+    """A store for `location`: a PostgreSQL URL (postgresql://...), a SQLite file path, or a store."""
+    if not isinstance(location, (str, os.PathLike)):
+        return location
+    if isinstance(location, str) and location.startswith(PG_URL_PREFIXES):
+        from poll_assets.llm.cache_pg import PostgresStore
+
+        return PostgresStore(location)
+    return SqliteStore(location)
+
+
+class ResponseCache:
+    """A process- and thread-safe store of completed calls, in SQLite (a path) or PostgreSQL (a URL).
+
+    mode "use" reads and writes, "refresh" writes without reading (re-requests everything and
+    overwrites), "bypass" does neither. The async methods run the database in a worker thread so
+    a busy database never stalls the event loop.
+    """
+
+    def __init__(self, location: str | os.PathLike[str] | CacheStore, mode: CacheMode = "use") -> None:
+        if mode not in CACHE_MODES:
+            raise ValueError(f"cache mode {mode!r} is not one of {list(CACHE_MODES)}")
+        self.store = open_store(location)
+        self.path: Path | None = getattr(self.store, "path", None)  # the SQLite file; None for PostgreSQL
+        self.mode: CacheMode = mode
+        self._queue: queue.SimpleQueue[_Write | _Flush] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._writer_pid = -1
+        self._write_error: CacheError | None = None
+        self.written = 0  # completions committed by the writer thread
+        self._pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Poller] = weakref.WeakKeyDictionary()
+
+    def __repr__(self) -> str:
+        return f"ResponseCache({self.store.label!r}, mode={self.mode!r})"
+
+    @property
+    def reads(self) -> bool:
+        return self.mode == "use"
+
+    @property
+    def writes(self) -> bool:
+        return self.mode in ("use", "refresh")
+
+    def get(self, key: str) -> Completion | None:
+        return self.get_many([key]).get(key)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Completion]:
+        """Cached completions for the keys that have one (marked `cached=True`); empty unless mode is "use"."""
+        if not self.reads:
+            return {}
+        return _answers(self.store.read(list(dict.fromkeys(keys))))
+
+    def put(self, key: str, completion: Completion, provider: str, model: str) -> bool:
+        """Store one successful completion, committed at once. Failures are not stored. Returns True if written."""
+        if not self.writes or not completion.ok:
+            return False
+        self.store.write([_row(key, completion, provider, model)], [])
+        return True
+
+    # -- the lease: one call per request across processes -----------------------------------------
+
+    def claim(self, key: str, owner: str, ttl_s: float = DEFAULT_CLAIM_TTL_S) -> bool:
+        """Take the lease on `key` for `ttl_s` seconds: True if it is free, expired, or already `owner`'s."""
+        return self.store.claim(key, owner, ttl_s)
+
+    def renew(self, key: str, owner: str, ttl_s: float = DEFAULT_CLAIM_TTL_S) -> bool:
+        """Push the expiry of `owner`'s claim on `key` to now + ttl_s; False if the claim is no longer theirs."""
+        return self.store.renew(key, owner, ttl_s)
+
+    def release(self, key: str, owner: str) -> None:
+        """Give the lease up without an answer (the call failed): a waiter may claim it and call."""
+        self.store.release(key, owner)
 
     def claim_state(self, key: str, since: float | None = None) -> tuple[Completion | None, bool]:
         """(the stored answer, whether a live claim is held), read whatever the mode.
@@ -282,28 +405,8 @@ class ResponseCache:
 
     def claim_states(self, keys: list[str], since: float | None = None) -> dict[str, tuple[Completion | None, bool]]:
         """`claim_state` for many keys, read in one snapshot (one read transaction)."""
-        floor = since if since is not None else float("-inf")
-        held: set[str] = set()
-        answers: dict[str, Completion] = {}
-        with self._lock:
-            conn = self._connection()
-            try:
-                conn.execute("BEGIN")
-                try:
-                    for i in range(0, len(keys), _LOOKUP_CHUNK):
-                        chunk = keys[i : i + _LOOKUP_CHUNK]
-                        marks = ",".join("?" * len(chunk))
-                        sql = f"SELECT key FROM claims WHERE expires_at >= ? AND key IN ({marks})"
-                        held.update(k for (k,) in conn.execute(sql, (time.time(), *chunk)))
-                        sql = f"SELECT key, completion FROM completions WHERE created_at >= ? AND key IN ({marks})"
-                        for k, blob in conn.execute(sql, (floor, *chunk)):
-                            answers[k] = _completion_from_json(blob)
-                finally:
-                    conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise CacheError(f"response cache {self.path}: read failed: {exc}") from exc
-        for k, answer in answers.items():
-            answer.cached, answer.call_id = True, k
+        held, blobs = self.store.states(keys, since if since is not None else float("-inf"))
+        answers = _answers(blobs)
         return {k: (answers.get(k), k in held) for k in keys}
 
     async def wait_for(
@@ -351,7 +454,7 @@ class ResponseCache:
             done = threading.Event()
             self._queue.put(_Flush(done))
             if not done.wait(timeout_s):
-                raise CacheError(f"response cache {self.path}: writes did not finish within {timeout_s:g}s")
+                raise CacheError(f"response cache {self.store.label}: writes did not finish within {timeout_s:g}s")
         if self._write_error is not None:
             err, self._write_error = self._write_error, None
             raise err
@@ -362,7 +465,7 @@ class ResponseCache:
         if self._writer is None or self._writer_pid != os.getpid() or not self._writer.is_alive():
             if self._writer_pid != os.getpid():
                 self._queue = queue.SimpleQueue()
-            self._writer = threading.Thread(target=self._write_loop, name=f"response-cache-writer:{self.path.name}", daemon=True)
+            self._writer = threading.Thread(target=self._write_loop, name="response-cache-writer", daemon=True)
             self._writer_pid = os.getpid()
             self._writer.start()
             _WITH_WRITERS.add(self)
@@ -379,7 +482,7 @@ class ResponseCache:
             rows = [_row(i.key, i.completion, i.provider, i.model) for i in writes]
             if rows:
                 try:
-                    self._insert(rows, [(i.key, i.release_owner) for i in writes if i.release_owner])
+                    self.store.write(rows, [(i.key, i.release_owner) for i in writes if i.release_owner])
                     self.written += len(rows)
                 except CacheError as exc:
                     self._write_error = exc
@@ -398,26 +501,14 @@ class ResponseCache:
     def output_tokens_seen(self, provider: str, model: str) -> tuple[int, float]:
         """(answers stored, their mean output tokens) for one provider's model: what a cost estimate
         expects that model to write per call."""
-        with self._lock:
-            try:
-                count, mean = self._connection().execute(
-                    "SELECT COUNT(*), AVG(json_extract(completion, '$.output_tokens')) FROM completions "
-                    "WHERE provider = ? AND model = ?", (provider, model)).fetchone()
-            except sqlite3.Error as exc:
-                raise CacheError(f"response cache {self.path}: read failed: {exc}") from exc
-        return int(count), float(mean or 0.0)
+        return self.store.output_tokens(provider, model)
 
     def __len__(self) -> int:
-        with self._lock:
-            conn = self._connection()
-            return int(conn.execute("SELECT COUNT(*) FROM completions").fetchone()[0])
+        return self.store.count()
 
     def close(self) -> None:
         self.flush()
-        with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn = None
+        self.store.close()
 
 
 class _Poller:

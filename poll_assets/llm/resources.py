@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
@@ -60,10 +60,6 @@ class ChatModelResource(dg.ConfigurableResource):
         if not key and provider_spec(self.provider).key_required(named=bool(self.api_key_env)):
             raise MissingAPIKeyError(self.member, self.provider, self.api_key_env or "<api_key_env>")
         return key
-
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        # Fail when the run initialises the resource, before any asset starts calling.
-        self._checked_key()
 
     def backend(self) -> ChatBackend:
         if self._backend is None:
@@ -125,21 +121,33 @@ def build_llm_resource(member: MemberConnection) -> ChatModelResource:
         kwargs["api_key_env"] = member.key_env
         # Dagster resolves an unset EnvVar into a config error at run launch that names the resource
         # key but not the member, and with a long stack trace. So the EnvVar is passed only when the
-        # variable is set here; otherwise api_key stays None and setup_for_execution raises
-        # MissingAPIKeyError naming the variable and the member. Definitions are loaded again in the
-        # run worker, so this check sees the environment the run actually has.
+        # variable is set here; otherwise api_key stays None, and the run's preflight (the first thing
+        # every LLM stage step does, `assets/preflight_step.py`) fails naming every member without a
+        # key. Definitions are loaded again in the run worker, so this sees the run's environment.
         if os.environ.get(member.key_env):
             kwargs["api_key"] = dg.EnvVar(member.key_env)
     return ChatModelResource(**kwargs)
 
 
+CacheBackend = Literal["sqlite", "postgres", "instance"]
+
+
 class ResponseCacheResource(dg.ConfigurableResource):
-    """The response cache as a Dagster resource. `path` defaults to $DAGSTER_HOME/llm_cache.sqlite."""
+    """The response cache as a Dagster resource, in one of three places (`backend`):
+
+    - "sqlite": the file `path`, by default $DAGSTER_HOME/llm_cache.sqlite (one machine);
+    - "postgres": the database at `url` (an EnvVar when it holds a password);
+    - "instance": the Dagster instance's own PostgreSQL database (deploy/dagster.yaml), so every
+      worker that can reach the instance shares the cache with no setting of its own.
+    """
 
     path: str | None = None
     mode: CacheMode = "use"
+    backend: CacheBackend = "sqlite"
+    url: str | None = Field(default=None, repr=False)  # may carry a password: kept out of repr
 
     _cache: ResponseCache | None = PrivateAttr(default=None)
+    _instance_url: str | None = PrivateAttr(default=None)
 
     def resolved_path(self) -> Path:
         return Path(self.path).expanduser() if self.path else default_cache_path()
@@ -151,8 +159,58 @@ class ResponseCacheResource(dg.ConfigurableResource):
 
         if context.instance is not None and context.run is not None:
             tag_run_with_process(context.instance, context.run)
+        if self.backend == "instance" and context.instance is not None:
+            from poll_assets.llm.cache_pg import instance_database_url
+
+            self._instance_url = instance_database_url(context.instance)
+
+    def location(self) -> str:
+        """Where the cache lives: a SQLite file path or a PostgreSQL URL."""
+        if self.backend == "sqlite":
+            return str(self.resolved_path())
+        if self.backend == "postgres":
+            url = self.url.get_value() if isinstance(self.url, dg.EnvVar) else self.url
+            if not url:
+                raise ValueError("response cache: backend 'postgres' needs a URL (panel `cache: {url_env: VAR}`), and it is empty")
+            return url
+        if self._instance_url is None:  # outside a run: the instance DAGSTER_HOME names
+            from poll_assets.llm.cache_pg import instance_database_url
+
+            self._instance_url = instance_database_url(dg.DagsterInstance.get())
+        return self._instance_url
 
     def get_cache(self) -> ResponseCache:
         if self._cache is None:
-            self._cache = ResponseCache(self.resolved_path(), self.mode)
+            self._cache = ResponseCache(self.location(), self.mode)
         return self._cache
+
+
+class CacheConfig(Protocol):
+    """The panel's cache settings (`poll_assets.panel.CacheSettings` has them)."""
+
+    @property
+    def mode(self) -> CacheMode: ...
+    @property
+    def path(self) -> str | None: ...
+    @property
+    def url(self) -> str | None: ...
+    @property
+    def url_env(self) -> str | None: ...
+    @property
+    def resolved_backend(self) -> str: ...
+
+
+def build_cache_resource(settings: CacheConfig, cache_path: str | None = None) -> ResponseCacheResource:
+    """The cache resource for the panel's settings; `cache_path` (a SQLite file) overrides the
+    panel's path when the panel keeps the default SQLite backend. A URL held in a variable is passed
+    as an EnvVar, so it never appears in the run's config."""
+    backend = settings.resolved_backend
+    if backend == "sqlite":
+        return ResponseCacheResource(path=cache_path or settings.path or str(default_cache_path()), mode=settings.mode)
+    url: str | dg.EnvVar | None = settings.url
+    if settings.url_env:
+        if not os.environ.get(settings.url_env):
+            raise ValueError(f"panel cache.url_env: environment variable {settings.url_env} is not set or empty; "
+                             "it should hold the cache's postgresql:// URL")
+        url = dg.EnvVar(settings.url_env)
+    return ResponseCacheResource(backend=backend, url=url, mode=settings.mode)  # type: ignore[arg-type]
