@@ -303,8 +303,6 @@ class Panel(_Strict):
     def price_of(self, member: Member) -> Price | None:
         """The member's model's price, unset rates filled from its provider's published ones; None if unpriced."""
         price = self.prices.get(member.model)
-        if price is None and provider_spec(member.provider).in_process:
-            return Price(input_per_mtok=0, output_per_mtok=0)  # runs on this machine: no bill
         return None if price is None else price.for_provider(member.provider)
 
     def member(self, name: str) -> Member:
