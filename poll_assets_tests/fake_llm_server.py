@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import functools
 import hashlib
 import json
@@ -211,7 +212,9 @@ def _gguf_vocab() -> Any:
 
     from poll_assets.llm.local import bundled_model_path
 
-    return Llama(model_path=str(bundled_model_path()), vocab_only=True, verbose=False)
+    vocab = Llama(model_path=str(bundled_model_path()), vocab_only=True, verbose=False)
+    atexit.register(vocab.close)  # before interpreter shutdown, when its __del__ can no longer close it
+    return vocab
 
 
 def count_gguf_tokens(*texts: str, special: bool = False) -> int:
