@@ -234,6 +234,70 @@ def _count_rows(storage: Path, panel: Any) -> dict[str, int]:
     return out
 
 
+# -- the bare-client floor: the same calls from a plain aiohttp client ------------------------------------
+
+
+def _bare_call(member: Any, server_url: str, content: str) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """URL, body and headers of one chat call to the fake server, in the member's wire format."""
+    base = member_base_url(server_url, member.provider, member.name)
+    messages = [{"role": "user", "content": content}]
+    if member.provider == "anthropic":
+        return (f"{base}/v1/messages", {"model": member.model, "max_tokens": 1024, "messages": messages},
+                {"x-api-key": "fake-key", "anthropic-version": "2023-06-01"})
+    return (f"{base}/chat/completions", {"model": member.model, "max_tokens": 1024, "messages": messages},
+            {"authorization": "Bearer fake-key"})
+
+
+async def _bare_stage(session: Any, server_url: str, members: list[Any], contents: list[str]) -> dict[str, list[str]]:
+    """Every member sends one call per content, `CONCURRENCY` in flight per member, all members at once;
+    returns each member's answers in order."""
+    import asyncio
+
+    async def member_calls(m: Any) -> list[str]:
+        gate = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(content: str) -> str:
+            url, body, headers = _bare_call(m, server_url, content)
+            async with gate, session.post(url, json=body, headers=headers) as resp:
+                data = await resp.json()
+            if m.provider == "anthropic":
+                return data["content"][0]["text"]
+            return data["choices"][0]["message"]["content"]
+
+        return await asyncio.gather(*(one(c) for c in contents))
+
+    answers = await asyncio.gather(*(member_calls(m) for m in members))
+    return {m.name: a for m, a in zip(members, answers)}
+
+
+def child_floor(args: argparse.Namespace) -> None:
+    """The bare-client floor: the generation calls, then judge calls carrying the prompt and the four
+    answers, from one aiohttp session on one event loop. No cache, no retries, no storage."""
+    import asyncio
+
+    import aiohttp
+
+    from poll_assets.panel import load_panel
+
+    panel, _ = load_panel(Path(args.panel))
+    prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines()]
+
+    async def both_stages() -> int:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            answers = await _bare_stage(session, args.server, panel.generators, prompts)
+            judge_prompts = [
+                p + "".join(f"\n\n[text {k + 1}]\n{answers[g.name][i]}" for k, g in enumerate(panel.generators))
+                for i, p in enumerate(prompts)
+            ]
+            verdicts = await _bare_stage(session, args.server, panel.judges, judge_prompts)
+        return sum(len(a) for a in answers.values()) + sum(len(v) for v in verdicts.values())
+
+    start = time.monotonic()
+    calls = asyncio.run(both_stages())
+    print("BENCH_RESULT " + json.dumps({"success": calls == 7 * len(prompts), "run_s": time.monotonic() - start}),
+          flush=True)
+
+
 # -- the parent: server, subprocesses, memory sampling -----------------------------------------------------
 
 
@@ -274,11 +338,16 @@ class Measurement:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def run_child(cmd: list[str], env: dict[str, str], server: Any, label: str, n: int, log: Path) -> Measurement:
+def run_child(
+    cmd: list[str], env: dict[str, str], server: Any, label: str, n: int, log: Path, reports: bool = True
+) -> Measurement:
+    """Run `cmd`, sampling its process tree's memory. `reports`: it prints a BENCH_RESULT line (our
+    children do; `poll-assets run` itself does not, and succeeds by its exit code)."""
     import resource
 
     before = server.stats()["total"]
     parent_cpu = resource.getrusage(resource.RUSAGE_SELF)
+    kids_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     peak = 0.0
     t0 = time.monotonic()
     with log.open("w") as out:
@@ -294,11 +363,15 @@ def run_child(cmd: list[str], env: dict[str, str], server: Any, label: str, n: i
     now = resource.getrusage(resource.RUSAGE_SELF)
     # This process is mostly the fake server's thread, so its CPU time is the server's share.
     server_cpu = (now.ru_utime + now.ru_stime) - (parent_cpu.ru_utime + parent_cpu.ru_stime)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds of the child process (and the descendants it waited for): the load of other jobs
+    # on the machine inflates wall time far more than this
+    child_cpu = (kids.ru_utime + kids.ru_stime) - (kids_cpu.ru_utime + kids_cpu.ru_stime)
     result: dict[str, Any] = {}
     for line in lines:
         if line.startswith("BENCH_RESULT "):
             result = json.loads(line[len("BENCH_RESULT ") :])
-    ok = proc.returncode == 0 and bool(result.get("success", False))
+    ok = proc.returncode == 0 and (bool(result.get("success", False)) or not reports)
     if not ok:
         sys.stderr.write(f"[{label} N={n}] failed (exit {proc.returncode}); log: {log}\n")
         sys.stderr.write("".join(log.read_text().splitlines(keepends=True)[-30:]))
@@ -312,7 +385,7 @@ def run_child(cmd: list[str], env: dict[str, str], server: Any, label: str, n: i
         peak_tree_rss_mb=peak,
         peak_proc_rss_mb=proc_rss,
         ok=ok,
-        detail={**result, "server_cpu_s": server_cpu},
+        detail={**result, "server_cpu_s": server_cpu, "process_cpu_s": child_cpu},
     )
 
 
@@ -343,6 +416,7 @@ def fmt(m: Measurement) -> str:
         f"requests {m.requests:5d}  "
         f"peak RSS tree {m.peak_tree_rss_mb:7.1f} MB  largest proc {m.peak_proc_rss_mb:7.1f} MB"
         + (f"  cpu {m.detail['cpu_s']:6.1f}s (+ server {m.detail['server_cpu_s']:5.1f}s)" if "cpu_s" in m.detail else "")
+        + (f"  process cpu {m.detail['process_cpu_s']:6.1f}s" if "process_cpu_s" in m.detail else "")
         + ("" if m.ok else "  FAILED")
     )
 
@@ -354,6 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     child.add_argument("--workdir", required=True)
     child.add_argument("--executor", default="in_process")
     child.add_argument("--max-concurrent", type=int, default=8)
+    floor = sub.add_parser("child-floor")
+    floor.add_argument("--panel", required=True)
+    floor.add_argument("--prompts", required=True)
+    floor.add_argument("--server", required=True)
+    parser.add_argument("--dataset-sizes", default="",
+                        help="N values for the dataset-scale case (shards of 50, one `poll-assets run --all`), e.g. 300,1000,3000")
     parser.add_argument("--sizes", default="100,300", help="N values for the timed runs")
     parser.add_argument("--memory-sizes", default="300,3000", help="N values for the memory runs (zero latency)")
     parser.add_argument(
@@ -376,7 +456,56 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "child-ours":
         child_ours(args)
         return 0
+    if args.command == "child-floor":
+        child_floor(args)
+        return 0
     return run_bench(args)
+
+
+DATASET_SHARD = 50
+
+
+def dataset_case(root: Path, server: Any, env: dict[str, str], n: int, record: Any) -> list[str]:
+    """N prompts in shards of 50, built as a whole dataset by ONE `poll-assets run --all` process
+    (runs of `shards_per_run` shards), against the bare-client floor for the same calls measured
+    just before it; then a warm re-run of one shard as a whole process, against a whole process
+    running Dagster's floor for the same graph shape (bench/dagster_floor.py, one run)."""
+    work = root / f"dataset_{n}"
+    work.mkdir()
+    prompts = work / "prompts.jsonl"
+    write_prompts(prompts, n)
+    panel = write_panel_yaml(bench_panel(server.url, prompts, n, shard_size=DATASET_SHARD), work / "panel.yaml")
+    expected = 7 * n
+    print(f"\n== dataset N = {n} in shards of {DATASET_SHARD}: {expected} calls expected ==")
+    server.reset(latency_ms=LATENCY_MS, jitter_ms=JITTER_MS)
+    floor_cmd = [sys.executable, str(Path(__file__).resolve()), "child-floor", "--panel", str(panel),
+                 "--prompts", str(prompts), "--server", server.url]
+    floor = record(run_child(floor_cmd, env, server, "bare aiohttp client", n, work / "floor.log"))
+    home = work / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    cli_env = {**env, "DAGSTER_HOME": str(home), FAKE_KEY_ENV: "fake-key"}
+    cli = [sys.executable, "-m", "poll_assets.cli", "run", "--panel", str(panel)]
+    server.reset(latency_ms=LATENCY_MS, jitter_ms=JITTER_MS)
+    build = record(run_child(cli + ["--all"], cli_env, server, "ours: poll-assets run --all", n, work / "build.log",
+                             reports=False))
+    warm = record(run_child(cli + ["--partition", "shard-00000"], cli_env, server, "ours: warm re-run of one shard",
+                            n, work / "warm.log", reports=False))
+    dagster_floor = [sys.executable, str(REPO / "bench" / "dagster_floor.py"), "--runs", "1"]
+    dfloor = record(run_child(dagster_floor, env, server, "dagster floor, one run", n, work / "dagster_floor.log",
+                              reports=False))
+    return [
+        f"dataset N={n}: build {build.wall_s:.1f}s, requests {build.requests} (expected {expected}); "
+        f"bare client {floor.wall_s:.1f}s (calls {floor.run_s or float('nan'):.1f}s); "
+        f"build / bare-client process {build.wall_s / floor.wall_s:.2f} (target <= 1.5), "
+        f"build / bare-client calls {build.wall_s / (floor.run_s or float('nan')):.2f}; "
+        f"CPU s build {build.detail['process_cpu_s']:.1f}, bare client {floor.detail['process_cpu_s']:.1f}; "
+        f"peak RSS {build.peak_tree_rss_mb:.0f} MB tree, {build.peak_proc_rss_mb:.0f} MB largest process",
+        f"dataset N={n}: warm re-run of one shard {warm.wall_s:.2f}s, {warm.requests} requests; Dagster floor "
+        f"process {dfloor.wall_s:.2f}s; warm / floor {warm.wall_s / dfloor.wall_s:.2f} (target <= 1.3); "
+        f"in CPU seconds {warm.detail['process_cpu_s']:.2f} / {dfloor.detail['process_cpu_s']:.2f} = "
+        f"{warm.detail['process_cpu_s'] / dfloor.detail['process_cpu_s']:.2f}",
+    ]
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -449,6 +578,14 @@ def run_bench(args: argparse.Namespace) -> int:
                             + (f", run {mine.run_s / d.run_s:.2f}" if mine.run_s and d.run_s else "")
                             + f" (distilabel requests {d.requests}, ideal ratio {d.wall_s / ideal:.2f})"
                         )
+        datasets = [int(x) for x in args.dataset_sizes.split(",") if x]
+        for n in datasets:
+            summary += dataset_case(root, server, env, n, record)
+        built = [m for m in measurements if m.label == "ours: poll-assets run --all"]
+        if len(built) >= 2:
+            a, b = built[0], built[-1]
+            summary.append(f"dataset builds: peak RSS of the process tree N={b.n} / N={a.n} = "
+                           f"{b.peak_tree_rss_mb / a.peak_tree_rss_mb:.2f} (target <= 1.3)")
         if memory_sizes:
             print("\n== memory: zero latency, in_process executor ==")
             for shard in [int(x) for x in args.memory_shard_sizes.split(",") if x]:

@@ -101,46 +101,87 @@ def _check_prompt_files(panel, panel_path: Path) -> bool:
     return True
 
 
+def run_shards(args: argparse.Namespace, keys: list[str]) -> list[str]:
+    """The shards `poll-assets run` materializes: --all, --partitions A...B, --partition K, else the first."""
+    from poll_assets.partitions import select_shards
+
+    if args.all:
+        return keys
+    return select_shards(keys, args.partitions or args.partition or keys[0])
+
+
+def range_tags(shards: list[str]) -> dict[str, str]:
+    """The tags that make a run materialize a partition range (what a UI backfill sets)."""
+    return {"dagster/asset_partition_range_start": shards[0], "dagster/asset_partition_range_end": shards[-1]}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _use_project_home()
     import dagster as dg
 
     from poll_assets.panel import load_panel
+    from poll_assets.partitions import run_ranges
     from poll_assets.pipeline import build_definitions
     from poll_assets.run_liveness import process_tags
+    from poll_assets.terminal import escape_controls
 
     panel, path = load_panel(args.panel)
     if not _check_prompt_files(panel, path):
         return 2
     job = run_job(build_definitions(panel, path))
-    keys = job.partitions_def.get_partition_keys()
-    key = args.partition or keys[0]
-    print(f"panel {panel.name} ({path}); materializing every asset of partition {key} ...", flush=True)
+    try:
+        shards = run_shards(args, job.partitions_def.get_partition_keys())
+    except ValueError as exc:
+        print(f"poll-assets run: {exc}", file=sys.stderr)
+        return 2
+    runs = run_ranges(shards, panel.source.shards_per_run)
+    print(f"panel {panel.name} ({path}); materializing every asset of {len(shards)} shard(s) "
+          f"{shards[0]}{' ... ' + shards[-1] if len(shards) > 1 else ''} in {len(runs)} run(s) "
+          f"of at most {panel.source.shards_per_run} (source.shards_per_run) ...", flush=True)
+    failed_runs = 0
     with dg.DagsterInstance.get() as instance:
         _report_dead_runs(instance)  # a killed run must not look in progress to this run or the next tick
-        result = job.execute_in_process(
-            partition_key=key,
-            instance=instance,
-            raise_on_error=False,
-            tags=process_tags(),
-            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-        )
-        from poll_assets.terminal import escape_controls
+        for run in runs:
+            one = {"partition_key": run[0], "tags": process_tags()} if len(run) == 1 else {
+                "tags": {**process_tags(), **range_tags(run)}}
+            result = job.execute_in_process(
+                instance=instance,
+                raise_on_error=False,
+                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+                **one,
+            )
+            problems, failed = failure_report(result)
+            for line in problems:
+                print(escape_controls(line), file=sys.stderr)  # messages may quote prompts
+            if failed:
+                failed_runs += 1
+                print(f"run {result.run_id} ({run[0]} ... {run[-1]}) failed; see `poll-assets ui` for the event log",
+                      file=sys.stderr)
+                continue
+            print(f"run {result.run_id} succeeded")
+            for line in shard_summary(instance, run, alone=len(shards) == 1):
+                print(line)
+    return 1 if failed_runs else 0
 
-        problems, failed = failure_report(result)
-        for line in problems:
-            print(escape_controls(line), file=sys.stderr)  # messages may quote prompts
-        if failed:
-            print(f"run {result.run_id} failed; see `poll-assets ui` for the event log", file=sys.stderr)
-            return 1
-        event = instance.get_latest_materialization_event(dg.AssetKey("preference_pairs"))
-        meta = event.asset_materialization.metadata if event and event.asset_materialization else {}
-    where = meta["path"].value if "path" in meta else "?"
-    pairs = meta["pairs"].value if "pairs" in meta else "?"
-    print(f"run {result.run_id} succeeded")
-    print(f"preference set: {where}")
-    print(f"pairs: {pairs}")
-    return 0
+
+def shard_summary(instance: dg.DagsterInstance, shards: list[str], alone: bool = False) -> list[str]:
+    """One line per shard: where its preference pairs are and how many (from its latest
+    materialization); `alone`, the one shard of the command: two lines, as the README shows."""
+    import dagster as dg
+
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("preference_pairs"), asset_partitions=shards), limit=len(shards)
+    ).records
+    latest = {}
+    for rec in records:  # newest first
+        latest.setdefault(rec.partition_key, rec.asset_materialization.metadata if rec.asset_materialization else {})
+    lines = []
+    for shard in shards:
+        meta = latest.get(shard, {})
+        where = meta["path"].value if "path" in meta else "?"
+        pairs = meta["pairs"].value if "pairs" in meta else "?"
+        lines += [f"preference set: {where}", f"pairs: {pairs}"] if alone else [f"{shard}: {pairs} pairs  {where}"]
+    return lines
 
 
 # `dagster dev` warns on every start that it is superseded by `dg dev`, which needs the dagster-dg
@@ -220,9 +261,14 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="poll-assets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="materialize every asset of one partition (default: the first)")
+    run = sub.add_parser("run", help="materialize every asset of some shards (default: the first)")
     run.add_argument("--panel", help="bundled panel name or YAML path (default: $POLL_PANEL or 'local')")
-    run.add_argument("--partition", help="shard key, e.g. shard-00000")
+    which = run.add_mutually_exclusive_group()
+    which.add_argument("--partition", help="shard key, e.g. shard-00000")
+    which.add_argument("--partitions", metavar="A...B",
+                       help="a range of shards, both ends included, e.g. shard-00000...shard-00019; "
+                            "run as runs of source.shards_per_run shards")
+    which.add_argument("--all", action="store_true", help="every shard of the panel (runs of source.shards_per_run)")
     run.set_defaults(fn=cmd_run)
     ui = sub.add_parser("ui", help="start `dagster dev` on the project's instance")
     ui.add_argument("--host", default="127.0.0.1")

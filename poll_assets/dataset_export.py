@@ -12,6 +12,10 @@
       "binarization": {"strategy": str, "min_margin": float, "seed": int},
       "counts": {"prompts": int, "pairs": int, "prompts_without_pair": int, "unrated_verdicts": int, ...},
       "agreement": {"krippendorff_alpha": float | None, "mean_cohen_kappa_quadratic": ..., "pairwise": [...]},
+      "verdicts": {<judge>: {"parse_failures_before": int, "parse_failures_after": int,
+                             "parse_failure_rate_before": float, "parse_failure_rate_after": float,
+                             "by_reason_before": {reason: int}, "by_reason_after": {reason: int},
+                             "repairs_asked": int, "repair_call_failures": int, "texts_recovered": int}},
     }
 
 The card's YAML header holds the Hub's own fields (pretty_name, license, task_categories, tags,
@@ -95,7 +99,7 @@ def _card_header(info: dict[str, Any], pretty: str, split: str) -> str:
     """The YAML header: the Hub's own fields, plus everything about the build under `poll`."""
     counts = info.get("counts") or {}
     poll_meta = {k: info[k] for k in ("panel", "source", "rubric", "judging", "pooling", "binarization",
-                                      "counts", "agreement") if k in info}
+                                      "counts", "agreement", "verdicts") if k in info}
     extra = {k: v for k, v in info.items() if k not in poll_meta and k not in ("pretty_name", "license", "description")}
     card_data = DatasetCardData(
         pretty_name=pretty,
@@ -157,6 +161,30 @@ def _counts_and_agreement_sections(info: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _verdicts_section(verdicts: dict[str, dict[str, Any]]) -> list[str]:
+    """Per judge: texts whose rating could not be read, before and after the repair re-ask, and why."""
+    if not verdicts:
+        return []
+    lines = [
+        "", "## Unreadable verdicts and repairs", "",
+        "A judge whose answer left texts unread was asked once more for them (repair); a repair only fills "
+        "a missing rating, it never changes one.", "",
+        "| judge | unread before repair | repairs asked | texts recovered | unread after | rate before | "
+        "rate after | reasons before (after) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for judge, f in verdicts.items():
+        after = f.get("by_reason_after") or {}
+        reasons = "; ".join(f"{r}: {n} ({after.get(r, 0)})" for r, n in (f.get("by_reason_before") or {}).items())
+        lines.append(
+            f"| {_cell(judge)} | {_fmt(f.get('parse_failures_before'))} | {_fmt(f.get('repairs_asked'))} | "
+            f"{_fmt(f.get('texts_recovered'))} | {_fmt(f.get('parse_failures_after'))} | "
+            f"{_fmt(f.get('parse_failure_rate_before'))} | {_fmt(f.get('parse_failure_rate_after'))} | "
+            f"{_cell(reasons or 'none')} |"
+        )
+    return lines
+
+
 def _use_and_limits_sections(repo_id: str | None, split: str) -> list[str]:
     return [
         "",
@@ -191,6 +219,7 @@ def build_dataset_card(info: dict[str, Any], *, repo_id: str | None = None, spli
         *_panel_section(panel),
         *_judging_section(info, rubric),
         *_counts_and_agreement_sections(info),
+        *_verdicts_section(info.get("verdicts") or {}),
         *_use_and_limits_sections(repo_id, split),
     ]
     return "\n".join(lines)

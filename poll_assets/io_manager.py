@@ -56,7 +56,31 @@ def read_partition(base_dir: str | UPath, key: dg.AssetKey, partition: str) -> p
 
 
 class ParquetIOManager(dg.UPathIOManager):
+    """Reads and writes one Parquet file per partition. A run of several shards (a backfill range)
+    hands it {shard: frame}; it writes each shard's file, and records each shard's path on that
+    shard's materialization. Inputs of such a run arrive as {shard: frame} (UPathIOManager's way)."""
+
     extension = EXTENSION
+
+    def __init__(self, base_path: UPath):
+        super().__init__(base_path=base_path)
+        self.base_dir = base_path
+
+    def handle_output(self, context: dg.OutputContext, obj: object) -> None:
+        if not isinstance(obj, dict):
+            return super().handle_output(context, obj)
+        shards = list(context.asset_partition_keys)
+        if sorted(obj) != sorted(shards):
+            raise dg.Failure(description=f"{context.asset_key.to_user_string()}: the step made shards "
+                                         f"{sorted(obj)} for a run of shards {shards}")
+        for shard in shards:  # one file at a time, so writing holds no second copy of the range
+            path = partition_path(self.base_dir, context.asset_key, shard)
+            self.make_directory(path.parent)
+            self.dump_to_path(context, obj[shard], path)
+            context.step_context.add_asset_metadata(
+                {"path": dg.MetadataValue.path(str(path))}, asset_key=context.asset_key, partition_key=shard
+            )
+        return None
 
     def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame, path: UPath) -> None:
         with path.open("wb") as f:

@@ -130,6 +130,9 @@ class Source(_Strict):
     column_mapping: dict[str, str] = Field(default_factory=dict)  # source column -> "instruction"
     num_examples: int = Field(default=100, ge=1)
     shard_size: int = Field(default=50, ge=1)
+    # Shards per run in a backfill (`--partitions`, `--all`, the UI's Materialize all): their calls
+    # overlap in one run, and a run holds at most this many shards' frames in memory.
+    shards_per_run: int = Field(default=20, ge=1)
 
     @model_validator(mode="after")
     def _one_source(self) -> "Source":

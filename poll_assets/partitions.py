@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import dagster as dg
 
@@ -30,3 +31,29 @@ def shard_bounds(key: str, source: Source) -> tuple[int, int]:
 
 def build_partitions_def(source: Source) -> dg.StaticPartitionsDefinition:
     return dg.StaticPartitionsDefinition(shard_keys(source.num_examples, source.shard_size))
+
+
+def backfill_policy(source: Source) -> dg.BackfillPolicy:
+    """How a backfill of many shards is cut into runs: `shards_per_run` shards per run, whose calls
+    overlap and whose frames are the most a run holds in memory."""
+    return dg.BackfillPolicy.multi_run(max_partitions_per_run=source.shards_per_run)
+
+
+def run_ranges(keys: Sequence[str], shards_per_run: int) -> list[list[str]]:
+    """`keys` (in partition order) cut into consecutive runs of at most `shards_per_run` shards."""
+    return [list(keys[i : i + shards_per_run]) for i in range(0, len(keys), shards_per_run)]
+
+
+def select_shards(all_keys: Sequence[str], spec: str) -> list[str]:
+    """The shards a `A...B` range names (both ends included, in partition order), or one key.
+    Raises ValueError naming the key that is not a shard of the panel."""
+    first, sep, last = spec.partition("...")
+    for key in (first, last) if sep else (first,):
+        if key not in all_keys:
+            raise ValueError(f"{key!r} is not a shard of this panel (its shards are {all_keys[0]} ... {all_keys[-1]})")
+    if not sep:
+        return [first]
+    start, end = all_keys.index(first), all_keys.index(last)
+    if end < start:
+        raise ValueError(f"range {spec!r} ends before it starts")
+    return list(all_keys[start : end + 1])

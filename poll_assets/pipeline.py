@@ -18,7 +18,7 @@ from poll_assets.automation import build_automation_sensor, build_dead_run_senso
 from poll_assets.io_manager import ParquetIOManagerFactory, default_storage_dir
 from poll_assets.llm.resources import build_cache_resource, build_llm_resource, resource_key
 from poll_assets.panel import Panel
-from poll_assets.partitions import build_partitions_def
+from poll_assets.partitions import backfill_policy, build_partitions_def
 from poll_assets.rubrics.ultrafeedback import Rubric, get_rubric
 
 JOB_NAME = "poll_job"
@@ -43,7 +43,7 @@ def build_assets(
     else:
         generators = [build_generation_stage(panel, parts)]
         judges = [build_ratings_stage(panel, parts, rubric)]
-    return [
+    assets = [
         build_prompts_asset(panel, panel_path, parts),
         *generators,
         build_combined_asset(panel, parts),
@@ -51,6 +51,9 @@ def build_assets(
         build_pooled_asset(panel, parts, rubric),
         build_preferences_asset(panel, parts),
     ]
+    # A backfill runs `shards_per_run` shards per run; every step takes such a range (assets/shards.py).
+    policy = backfill_policy(panel.source)
+    return [a.with_attributes(backfill_policy=policy) for a in assets]
 
 
 def build_resources(panel: Panel, storage_dir: str | None = None, cache_path: str | None = None) -> dict[str, object]:

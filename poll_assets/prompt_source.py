@@ -134,24 +134,46 @@ def count_local_rows(source: Source, base_dir: Path) -> int | None:
     return None if None in counts else sum(c for c in counts if c is not None)
 
 
-def _load_dataset(source: Source, base_dir: Path):  # noqa: ANN202 - a datasets.Dataset
-    import datasets
-
+def _load_column(source: Source, base_dir: Path) -> tuple[list[str], list[object] | None, str]:
+    """The source's columns, its instruction column's values (None when it has no such column), and
+    a description of where they came from. `datasets` only for a Hub source or a `.json` file (which
+    may hold one JSON array); other local files are read with pyarrow, which costs a fraction of
+    importing `datasets` and preparing its cache."""
+    column = source.instruction_column
     if source.repo_id:
+        import datasets
+
         where = f"hub dataset {source.repo_id!r} (split {source.split!r})"
-        return datasets.load_dataset(source.repo_id, source.subset, split=source.split, revision=source.revision), where
+        ds = datasets.load_dataset(source.repo_id, source.subset, split=source.split, revision=source.revision)
+        return ds.column_names, (ds[column] if column in ds.column_names else None), where
     files = resolve_data_files(source, base_dir)
     where = ", ".join(str(f) for f in files)
     fmt = _file_format(files)
     for f in files:
-        check_local_file(f, source.instruction_column)
+        check_local_file(f, column)
     try:
-        ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train")
+        names, values = _read_local(files, fmt, column)
     except PromptSourceError:
         raise
-    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; name the file whatever it was
-        raise PromptSourceError(f"{where}: datasets could not read it as {fmt}: {type(exc).__name__}: {exc}") from exc
-    return ds, where
+    except Exception as exc:  # noqa: BLE001 - the readers raise many kinds; name the file whatever it was
+        raise PromptSourceError(f"{where}: could not read it as {fmt}: {type(exc).__name__}: {exc}") from exc
+    return names, values, where
+
+
+def _read_local(files: list[Path], fmt: str, column: str) -> tuple[list[str], list[object] | None]:
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+    import pyarrow.json as pa_json
+    import pyarrow.parquet as pq
+
+    if any(f.suffix.lower() == ".json" for f in files):
+        import datasets
+
+        ds = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
+        return ds.column_names, (ds[column] if column in ds.column_names else None)
+    read = {"json": pa_json.read_json, "csv": pa_csv.read_csv, "parquet": pq.read_table}[fmt]
+    table = pa.concat_tables([read(str(f)) for f in files], promote_options="default")
+    return table.column_names, (table.column(column).to_pylist() if column in table.column_names else None)
 
 
 def load_instructions(source: Source, base_dir: Path, end: int) -> pd.Series:
@@ -159,19 +181,19 @@ def load_instructions(source: Source, base_dir: Path, end: int) -> pd.Series:
 
     Refuses, naming the file and row: unreadable or empty files, broken JSON lines, instructions
     that are not text, and a shard that would reach past the end of the file."""
-    ds, where = _load_dataset(source, base_dir)
+    names, all_values, where = _load_column(source, base_dir)
     column = source.instruction_column
-    if column not in ds.column_names:
+    if all_values is None:
         raise PromptSourceError(
             f"{where}: column {column!r} (mapped to 'instruction' by source.column_mapping) not found; "
-            f"the source has columns {ds.column_names}"
+            f"the source has columns {names}"
         )
-    if end > len(ds):
+    if end > len(all_values):
         raise PromptSourceError(
-            f"{where}: has {len(ds)} rows, but this shard needs rows up to {end - 1} "
-            f"(source.num_examples is {source.num_examples}); set num_examples to at most {len(ds)} or add rows"
+            f"{where}: has {len(all_values)} rows, but this shard needs rows up to {end - 1} "
+            f"(source.num_examples is {source.num_examples}); set num_examples to at most {len(all_values)} or add rows"
         )
-    values = ds.select_columns([column]).select(range(end))[column]
+    values = all_values[:end]
     for i, v in enumerate(values):
         _check_instruction(v, f"{where}: row {i}", column)
     return pd.Series(values, dtype=object)

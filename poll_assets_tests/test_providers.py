@@ -680,9 +680,10 @@ def test_fake_server_cli_serves_and_reports_stats():
         proc.wait(timeout=10)
 
 
-@pytest.mark.parametrize("panel,expected,absent", [("paper", {"anthropic", "openai", "huggingface_hub.inference._generated._async_client"}, set()), ("local", set(), {"anthropic", "openai"})])
-def test_building_a_panels_resources_imports_exactly_its_sdks(panel, expected, absent):
-    # SDK imports take seconds; they belong to definitions loading, not to the first call inside a stage.
+@pytest.mark.parametrize("panel", ["paper", "local"])
+def test_building_a_panels_resources_imports_no_sdk(panel):
+    # SDK imports take seconds; they wait for a stage step whose calls the cache cannot serve, which
+    # builds every member's client before any member sends (test_shards.py checks that order).
     code = (
         "import sys, json\n"
         "from poll_assets.panel import load_panel\n"
@@ -694,7 +695,7 @@ def test_building_a_panels_resources_imports_exactly_its_sdks(panel, expected, a
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     loaded = set(json.loads(out.strip().splitlines()[-1]))
-    assert expected <= loaded and not (absent & loaded)
+    assert not ({"anthropic", "openai", "llama_cpp", "huggingface_hub.inference._generated._async_client"} & loaded)
 
 
 def test_hf_clients_keep_their_connections_alive_and_the_library_hooks(fake_llm, monkeypatch):

@@ -127,3 +127,9 @@ def test_repair_attempts_lives_in_the_judging_config():
     assert Judging(repair_attempts=0).repair_attempts == 0
     with pytest.raises(ValueError):
         Judging(repair_attempts=-1)
+
+
+def test_an_empty_first_answer_is_named_not_sent_empty():
+    messages = build_judge_messages(RUBRIC, "Q", TEXTS, structured=False)
+    convo = build_repair_messages(messages, "  \n", {1: "empty judge answer"}, RUBRIC, structured=False)
+    assert convo[-2] == {"role": "assistant", "content": "(no answer)"}  # some providers refuse an empty turn

@@ -10,6 +10,7 @@ import pandas as pd
 from poll_assets.assets.metadata import call_metadata
 from poll_assets.assets.prompts import PROMPT_COLUMNS, PROMPTS_KEY
 from poll_assets.assets.schema import column_of, column_of_each, schema
+from poll_assets.assets.shards import shard_events, shard_frames
 from poll_assets.assets.stage import MemberContext, run_stage_step, stage_multi_asset_kwargs
 from poll_assets.checks import (
     STEP_INPUT, Finding, StageCheck, absent_ids, asset_check_specs, examples, problems_finding, repeated_ids, short_id,
@@ -200,10 +201,32 @@ def build_generation_stage(
             checks=stage_checks, columns=GENERATION_COLUMNS,
         )
     )
-    def _generations(context: dg.AssetExecutionContext, prompts: pd.DataFrame) -> Iterator[Any]:
-        yield from run_stage_step(context, panel, stage_members, generation_key, prompts, generate, stage_checks)
+    def _generations(context: dg.AssetExecutionContext, prompts: Any) -> Iterator[Any]:
+        # `prompts`: one shard's frame, or {shard: frame} in a run of several shards
+        yield from run_stage_step(context, panel, stage_members, generation_key, prompts, generate, stage_checks,
+                                  input_name="prompts")
 
     return _generations
+
+
+def combine_shard(prompts: pd.DataFrame, member_frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """One row per prompt of the shard with every generator's answer, in panel order."""
+    frames = [f.set_index("prompt_id") for f in member_frames]
+    rows = []
+    for pid, instruction in zip(prompts["prompt_id"], prompts["instruction"]):
+        picked = [f.loc[pid] for f in frames]
+        rows.append(
+            {
+                "prompt_id": pid,
+                "instruction": instruction,
+                "generations": [plain(r["generation"]) for r in picked],
+                "generation_models": [r["model_name"] for r in picked],
+                "generators": [r["generator"] for r in picked],
+                "generation_call_ids": [r["call_id"] for r in picked],
+                "generation_errors": [plain(r["error"]) for r in picked],
+            }
+        )
+    return COMBINED_COLUMNS.frame(rows)
 
 
 def build_combined_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
@@ -224,23 +247,17 @@ def build_combined_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) 
             f"({', '.join(m.name for m in panel.generators)}); a failed generation is None with its error kept."
         ),
     )
-    def combined_generations(context: dg.AssetExecutionContext, prompts: pd.DataFrame, **generations: pd.DataFrame) -> dg.Output[pd.DataFrame]:
-        frames = [generations[f"gen_{m.name}"].set_index("prompt_id") for m in panel.generators]
-        rows = []
-        for pid, instruction in zip(prompts["prompt_id"], prompts["instruction"]):
-            picked = [f.loc[pid] for f in frames]
-            rows.append(
-                {
-                    "prompt_id": pid,
-                    "instruction": instruction,
-                    "generations": [plain(r["generation"]) for r in picked],
-                    "generation_models": [r["model_name"] for r in picked],
-                    "generators": [r["generator"] for r in picked],
-                    "generation_call_ids": [r["call_id"] for r in picked],
-                    "generation_errors": [plain(r["error"]) for r in picked],
-                }
-            )
-        df = COMBINED_COLUMNS.frame(rows)
-        return dg.Output(df, metadata={**COMBINED_COLUMNS.output_metadata(df), "dagster/column_lineage": combined_column_lineage(panel)})
+    def combined_generations(context: dg.AssetExecutionContext, prompts: Any, **generations: Any) -> Iterator[Any]:
+        # each input: one shard's frame, or {shard: frame} in a run of several shards
+        prompt_frames = shard_frames(context, "prompts", prompts)
+        member_frames = {m.name: shard_frames(context, f"gen_{m.name}", generations[f"gen_{m.name}"])
+                         for m in panel.generators}
+        made = {}
+        for shard, shard_prompts in prompt_frames.items():
+            df = combine_shard(shard_prompts, [member_frames[m.name][shard] for m in panel.generators])
+            out = dg.Output(df, metadata={**COMBINED_COLUMNS.output_metadata(df),
+                                          "dagster/column_lineage": combined_column_lineage(panel)})
+            made[shard] = (out, [])
+        yield from shard_events(context, COMBINED_KEY, made)
 
     return combined_generations

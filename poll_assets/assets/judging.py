@@ -2,7 +2,7 @@
 
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -15,11 +15,28 @@ from poll_assets.assets.previews import verdicts_preview
 from poll_assets.assets.schema import schema
 from poll_assets.assets.stage import MemberContext, run_stage_step, stage_multi_asset_kwargs
 from poll_assets.checks import STEP_INPUT, Finding, StageCheck, examples, problems_finding, short_id
-from poll_assets.llm.base import CallRequest, Completion
+from poll_assets.llm.base import CallRequest, Completion, Message
+from poll_assets.llm.runner import CallStats
 from poll_assets.panel import Member, Panel
 from poll_assets.parquet_values import is_missing, plain_list
-from poll_assets.rubrics.ultrafeedback import Rubric, build_judge_messages, prompt_version, verdict_json_schema
-from poll_assets.verdicts import Verdict, parse_failure_rate, parse_verdicts, presentation_order, restore_order
+from poll_assets.rubrics.ultrafeedback import (
+    Rubric,
+    build_judge_messages,
+    build_repair_messages,
+    prompt_version,
+    verdict_json_schema,
+)
+from poll_assets.verdicts import (
+    Verdict,
+    failure_reason,
+    merge_repair,
+    parse_failure_rate,
+    parse_failures_by_reason,
+    parse_verdicts,
+    presentation_order,
+    restore_order,
+    unread_texts,
+)
 
 RATINGS_PREFIX = "ratings"  # ratings/<member>
 RATING_COLUMNS = schema(
@@ -39,6 +56,11 @@ RATING_COLUMNS = schema(
     ("input_tokens", "int", "prompt tokens of the judge call"),
     ("output_tokens", "int", "answer tokens of the judge call"),
     ("error", "string", "why the judge call failed; None on success"),
+    ("repair_outputs", "list<string>", "the judge's answers to the repair re-asks for texts its answer left unread, "
+     "one per round (None where the repair call failed); empty when no repair was asked"),
+    ("repair_call_ids", "list<string>", "hash of each repair request (the response cache's key), one per round"),
+    ("repaired_errors", "list<string>", "per generation, why the first answer left it unread when a repair "
+     "filled its rating; None elsewhere"),
 )
 
 
@@ -81,24 +103,36 @@ def plan_judge_task(
     return JudgeTask(row["prompt_id"], len(generations), shown, request)
 
 
-def verdicts_for(task: JudgeTask, completion: Completion | None, rubric: Rubric) -> list[Verdict]:
-    """Exactly one verdict per generation, in generation order, whatever the judge returned."""
-    out = [Verdict.generation_failed() for _ in range(task.n_generations)]
-    if task.request is None or completion is None:
-        return out
-    if not completion.ok:
-        for i in task.shown:
-            out[i] = Verdict.judge_failed(str(completion.error))
-        return out
-    text = completion.text or ""
+def _reads_as_json(completion: Completion) -> bool:
     # A provider that fell back to plain text may still have answered in JSON.
-    structured = completion.structured or text.lstrip().startswith(("{", "```"))
-    parsed = parse_verdicts(text, len(task.shown), rubric, structured=structured)
+    return completion.structured or (completion.text or "").lstrip().startswith(("{", "```"))
+
+
+def shown_verdicts(task: JudgeTask, completion: Completion, rubric: Rubric) -> list[Verdict]:
+    """The verdicts of a judge's answer (or of its repair), in the order the texts were shown. Always
+    read against the FIRST call's messages: a line repeating the prompt is echo, never a rating."""
+    assert task.request is not None
+    return parse_verdicts(completion.text or "", len(task.shown), rubric, structured=_reads_as_json(completion),
+                          messages=task.request.message_dicts())
+
+
+def in_generation_order(task: JudgeTask, shown: list[Verdict]) -> list[Verdict]:
+    """Verdicts in shown order -> one per generation, in generation order (absent ones: generation failed)."""
+    out = [Verdict.generation_failed() for _ in range(task.n_generations)]
     present = sorted(task.shown)  # the generations that exist, in their own order
-    restored = restore_order(parsed, [present.index(i) for i in task.shown])  # undo the shuffle
+    restored = restore_order(shown, [present.index(i) for i in task.shown])  # undo the shuffle
     for i, verdict in zip(present, restored):
         out[i] = verdict
     return out
+
+
+def verdicts_for(task: JudgeTask, completion: Completion | None, rubric: Rubric) -> list[Verdict]:
+    """Exactly one verdict per generation, in generation order, whatever the judge returned."""
+    if task.request is None or completion is None:
+        return [Verdict.generation_failed() for _ in range(task.n_generations)]
+    if not completion.ok:
+        return in_generation_order(task, [Verdict.judge_failed(str(completion.error)) for _ in task.shown])
+    return in_generation_order(task, shown_verdicts(task, completion, rubric))
 
 
 def check_ratings_valid(ratings: pd.DataFrame, combined: pd.DataFrame, scale: Sequence[int]) -> Finding:
@@ -156,11 +190,62 @@ def check_unrated_verdicts(ratings: pd.DataFrame, max_rate: float) -> Finding:
     passed = rate <= max_rate
     counts = (f"{len(unrated)} of {len(asked)} verdicts: {parse_failures} unreadable, "
               f"{call_failures} from failed judge calls")
+    reasons = parse_failures_by_reason(v for v in unrated if v is not None)
+    if len(reasons) == 1:  # one reason: name it, it is what to fix (prompt, format, parser)
+        reason = next(iter(reasons))
+        example = next(v.error for v in unrated if v is not None and failure_reason(v) == reason)
+        counts += f"; all {parse_failures} unreadable verdicts: {reason!r} (e.g. {example!r})"
     desc = (f"unrated verdict rate {rate:.3f} <= {max_rate} ({counts})" if passed
             else f"unrated verdict rate {rate:.3f} > max_parse_failure_rate {max_rate} ({counts})")
     return Finding(passed, desc, {"unrated_rate": float(rate), "failures": len(unrated), "judged": len(asked),
                                   "parse_failures": parse_failures, "judge_call_failures": call_failures,
-                                  "threshold": float(max_rate)})
+                                  "threshold": float(max_rate),
+                                  "parse_failures_by_reason": dg.MetadataValue.json(reasons)})
+
+
+def repair_figures(ratings: pd.DataFrame) -> dict[str, Any]:
+    """A judge's parse failures before and after its repair re-asks, read back from its stored frame (so
+    the asset metadata and the dataset card say the same): totals, rates, counts by reason, repair
+    calls asked and failed, texts recovered. Frames stored before repairs existed count as unrepaired."""
+    before: list[Verdict] = []
+    after: list[Verdict] = []
+    for _, row in ratings.iterrows():
+        rs, errs = plain_list(row["ratings"]), plain_list(row["rating_errors"])
+        fixed = plain_list(row.get("repaired_errors"))
+        for i in plain_list(row["shown_order"]):
+            if i >= len(rs) or i >= len(errs):
+                continue  # misaligned: ratings_valid names it
+            now = Verdict(rs[i], None, error=errs[i])
+            after.append(now)
+            before.append(Verdict(None, None, error=fixed[i]) if i < len(fixed) and not is_missing(fixed[i]) else now)
+    outputs = [o for cell in ratings.get("repair_outputs", pd.Series(dtype=object)) for o in plain_list(cell)]
+    by_before, by_after = parse_failures_by_reason(before), parse_failures_by_reason(after)
+    return {
+        "parse_failures_before": sum(by_before.values()),
+        "parse_failures_after": sum(by_after.values()),
+        "parse_failure_rate_before": parse_failure_rate(before),
+        "parse_failure_rate_after": parse_failure_rate(after),
+        "by_reason_before": by_before,
+        "by_reason_after": {r: by_after.get(r, 0) for r in [*by_before, *by_after]},
+        "repairs_asked": len(outputs),
+        "repair_call_failures": sum(is_missing(o) for o in outputs),
+        "texts_recovered": sum(a.kind == "parse_failed" and b.kind in ("ok", "na") for a, b in zip(before, after)),
+    }
+
+
+def repair_metadata(figures: dict[str, Any]) -> dict[str, Any]:
+    """`repair_figures` as flat asset metadata: `parse_failures_before/<reason>` and `.../after/<reason>` numbers."""
+    meta: dict[str, Any] = {
+        "parse_failures_before": figures["parse_failures_before"],
+        "parse_failures_after": figures["parse_failures_after"],
+        "parse_failure_rate_before": dg.MetadataValue.float(figures["parse_failure_rate_before"]),
+        "repairs_asked": figures["repairs_asked"],
+        "repair_call_failures": figures["repair_call_failures"],
+        "texts_recovered": figures["texts_recovered"],
+    }
+    meta.update({f"parse_failures_before/{r}": n for r, n in figures["by_reason_before"].items()})
+    meta.update({f"parse_failures_after/{r}": n for r, n in figures["by_reason_after"].items()})
+    return meta
 
 
 def rating_checks(panel: Panel, rubric: Rubric) -> list[StageCheck]:
@@ -179,7 +264,7 @@ def rating_checks(panel: Panel, rubric: Rubric) -> list[StageCheck]:
 def judge_code_version(member: Member, panel: Panel, rubric: Rubric) -> str:
     return member.fingerprint(
         prompt_version(rubric, structured=True, system_prompt=member.system_prompt),
-        panel.judging.model_dump_json(include={"shuffle_positions", "seed", "max_rationale_chars"}),
+        panel.judging.model_dump_json(include={"shuffle_positions", "seed", "max_rationale_chars", "repair_attempts"}),
     )
 
 
@@ -191,6 +276,101 @@ def _description(member: Member, rubric: Rubric) -> str:
     )
 
 
+@dataclass
+class JudgeCall:
+    """One judge call's verdicts in shown order, after any repair, and the repair calls made for it."""
+
+    task: JudgeTask
+    completion: Completion | None  # None when no generation exists to judge
+    first: list[Verdict]  # the first answer's verdicts (shown order)
+    verdicts: list[Verdict]  # the same, filled by the repairs
+    repairs: list[Completion] = field(default_factory=list)
+    conversation: list[Message] | None = None  # the last repair's messages, continued by the next round
+
+    def repaired_errors(self) -> list[str | None]:
+        """Per generation: the first answer's reason for a text a repair filled, else None."""
+        out: list[str | None] = [None] * self.task.n_generations
+        for i, a, b in zip(self.task.shown, self.first, self.verdicts):
+            if a.kind == "parse_failed" and b.kind in ("ok", "na"):
+                out[i] = a.error
+        return out
+
+
+def first_reading(task: JudgeTask, completion: Completion | None, rubric: Rubric) -> JudgeCall:
+    verdicts = verdicts_for(task, completion, rubric)
+    shown = [verdicts[i] for i in task.shown]
+    return JudgeCall(task, completion, shown, list(shown))
+
+
+def repair_request(call: JudgeCall, rubric: Rubric, max_rationale_chars: int | None) -> CallRequest | None:
+    """The next repair re-ask of a call that answered but left texts unread for a parse reason; None when
+    there is nothing to ask (a failed call, every text read, or the last repair call failed)."""
+    unread = unread_texts(call.verdicts)
+    first, request = call.completion, call.task.request
+    if not unread or first is None or request is None or not first.ok or (call.repairs and not call.repairs[-1].ok):
+        return None
+    as_json = _reads_as_json(first)  # ask in the shape the judge answered in (text blocks from a text-only one)
+    answer = (call.repairs[-1].text if call.repairs else first.text) or ""
+    messages = build_repair_messages(call.conversation or request.message_dicts(), answer, unread, rubric,
+                                     structured=as_json, max_rationale_chars=max_rationale_chars)
+    schema = (verdict_json_schema(rubric, len(call.task.shown), only=sorted(unread), max_rationale_chars=max_rationale_chars)
+              if as_json else None)
+    return CallRequest.build(messages, request.params, json_schema=schema)
+
+
+async def repair_calls(work: MemberContext, calls: list[JudgeCall], rubric: Rubric) -> list[CallStats]:
+    """Up to `judging.repair_attempts` rounds of repair re-asks, each round one `run_calls` (cached,
+    limited, retried, counted like any call). A repair fills unread texts, never overrides a rating."""
+    stats: list[CallStats] = []
+    limit = work.panel.judging.max_rationale_chars
+    for _ in range(work.panel.judging.repair_attempts):
+        asks = [(c, r) for c in calls if (r := repair_request(c, rubric, limit)) is not None]
+        if not asks:
+            break
+        batch = await work.run_calls([r for _, r in asks])
+        stats.append(batch.stats)
+        for (call, request), completion in zip(asks, batch.completions):
+            call.conversation = request.message_dicts()
+            call.repairs.append(completion)
+            if completion.ok:  # a failed repair leaves the verdicts as they were
+                call.verdicts = merge_repair(call.verdicts, shown_verdicts(call.task, completion, rubric))
+    return stats
+
+
+def with_repairs(first: CallStats, repairs: list[CallStats]) -> CallStats:
+    """The stage's call figures: the judge calls and their repairs together."""
+    total = replace(first, batches=list(first.batches))
+    for s in repairs:
+        for name in ("calls", "cache_hits", "failures", "input_tokens", "output_tokens", "retries", "elapsed_s"):
+            setattr(total, name, getattr(total, name) + getattr(s, name))
+        total.batches += s.batches
+    return total
+
+
+def rating_row(call: JudgeCall, member: Member) -> dict[str, Any]:
+    task, completion = call.task, call.completion
+    verdicts = in_generation_order(task, call.verdicts)
+    return {
+        "prompt_id": task.prompt_id,
+        "judge": member.name,
+        "model_name": member.model,
+        "ratings": [v.rating for v in verdicts],
+        "rationales": [v.rationale for v in verdicts],
+        "rating_types": [v.type for v in verdicts],
+        "rating_errors": [v.error for v in verdicts],
+        "shown_order": task.shown,
+        "raw_output": completion.text if completion else None,
+        "output_mode": completion.output_mode if completion else None,
+        "call_id": completion.call_id if completion else None,
+        "input_tokens": completion.input_tokens if completion else 0,
+        "output_tokens": completion.output_tokens if completion else 0,
+        "error": completion.error if completion else None,
+        "repair_outputs": [c.text if c.ok else None for c in call.repairs],
+        "repair_call_ids": [c.call_id for c in call.repairs],
+        "repaired_errors": call.repaired_errors(),
+    }
+
+
 async def judge(work: MemberContext, combined_generations: pd.DataFrame, *, rubric: Rubric) -> dg.Output[pd.DataFrame]:
     """One judge's verdicts on a shard: the body of its asset, shared by the per-member and the stage step."""
     member, panel = work.member, work.panel
@@ -198,42 +378,22 @@ async def judge(work: MemberContext, combined_generations: pd.DataFrame, *, rubr
     requests = [t.request for t in tasks if t.request is not None]
     batch = await work.run_calls(requests)
     done = iter(batch.completions)
-    rows = []
-    asked: list[Verdict] = []  # the verdicts the judge was asked for: one per generation shown
-    for task in tasks:
-        completion = next(done) if task.request is not None else None
-        verdicts = verdicts_for(task, completion, rubric)
-        asked += [verdicts[i] for i in task.shown]
-        rows.append(
-            {
-                "prompt_id": task.prompt_id,
-                "judge": member.name,
-                "model_name": member.model,
-                "ratings": [v.rating for v in verdicts],
-                "rationales": [v.rationale for v in verdicts],
-                "rating_types": [v.type for v in verdicts],
-                "rating_errors": [v.error for v in verdicts],
-                "shown_order": task.shown,
-                "raw_output": completion.text if completion else None,
-                "output_mode": completion.output_mode if completion else None,
-                "call_id": completion.call_id if completion else None,
-                "input_tokens": completion.input_tokens if completion else 0,
-                "output_tokens": completion.output_tokens if completion else 0,
-                "error": completion.error if completion else None,
-            }
-        )
-    df = RATING_COLUMNS.frame(rows)
+    calls = [first_reading(t, next(done) if t.request is not None else None, rubric) for t in tasks]
     if requests and batch.all_failed:
         raise dg.Failure(description=batch.failure_message(work.label))
+    repair_stats = await repair_calls(work, calls, rubric)
+    df = RATING_COLUMNS.frame([rating_row(c, member) for c in calls])
+    asked = [v for c in calls for v in c.verdicts]  # the verdicts the judge was asked for: one per generation shown
     return dg.Output(
         df,
         metadata={
             **RATING_COLUMNS.output_metadata(df),
-            **call_metadata(batch.stats, member, panel),
+            **call_metadata(with_repairs(batch.stats, repair_stats), member, panel),
             "rubric": f"{rubric.aspect} v{rubric.version}",
             "parse_failures": sum(v.kind == "parse_failed" for v in asked),
             "parse_failure_rate": dg.MetadataValue.float(parse_failure_rate(asked)),
             "judge_call_failures": sum(v.kind == "judge_failed" for v in asked),
+            **repair_metadata(repair_figures(df)),
             "preview": dg.MetadataValue.md(verdicts_preview(df, [g.name for g in panel.generators])),
         },
     )
@@ -271,9 +431,11 @@ def build_ratings_stage(
             checks=stage_checks, columns=RATING_COLUMNS,
         )
     )
-    def _ratings(context: dg.AssetExecutionContext, combined_generations: pd.DataFrame) -> Iterator[Any]:
+    def _ratings(context: dg.AssetExecutionContext, combined_generations: Any) -> Iterator[Any]:
+        # `combined_generations`: one shard's frame, or {shard: frame} in a run of several shards
         work = partial(judge, rubric=rubric)
-        yield from run_stage_step(context, panel, stage_members, ratings_key, combined_generations, work, stage_checks)
+        yield from run_stage_step(context, panel, stage_members, ratings_key, combined_generations, work, stage_checks,
+                                  input_name="combined_generations")
 
     return _ratings
 

@@ -12,6 +12,7 @@ from poll_assets.agreement import agreement_metrics, judge_agreement
 from poll_assets.assets.generations import COMBINED_COLUMNS, COMBINED_KEY, generation_counts
 from poll_assets.assets.judging import RATING_COLUMNS, ratings_key
 from poll_assets.assets.schema import column_of, column_of_each, schema
+from poll_assets.assets.shards import shard_events, shard_frames
 from poll_assets.checks import (
     STEP_INPUT, Finding, StageCheck, absent_ids, asset_check_specs, evaluate_checks, examples, problems_finding, short_id,
 )
@@ -181,14 +182,18 @@ def build_pooled_asset(panel: Panel, partitions_def: dg.PartitionsDefinition, ru
             f"{panel.pooling.min_judges} valid judge(s). Inter-judge agreement is in the metadata."
         ),
     )
-    def pooled_ratings(
-        context: dg.AssetExecutionContext, combined_generations: pd.DataFrame, **ratings: pd.DataFrame
-    ) -> Iterator[Any]:
-        df, excluded = pool_shard(panel, combined_generations, [ratings[f"ratings_{j}"] for j in judge_names])
-        agreement = pooled_agreement(df, judge_names, rubric.ratings)
-        context.log.info(f"pooled {len(df)} prompts; Krippendorff alpha={agreement.get('krippendorff_alpha')}")
-        yield dg.Output(df, metadata=_pooled_metadata(panel, df, excluded, agreement))
-        given = {STEP_INPUT: combined_generations, AGREEMENT: agreement}
-        yield from evaluate_checks(checks, POOLED_KEY, df, given, context.selected_asset_check_keys)
+    def pooled_ratings(context: dg.AssetExecutionContext, combined_generations: Any, **ratings: Any) -> Iterator[Any]:
+        # each input: one shard's frame, or {shard: frame} in a run of several shards
+        combined = shard_frames(context, "combined_generations", combined_generations)
+        judged = {j: shard_frames(context, f"ratings_{j}", ratings[f"ratings_{j}"]) for j in judge_names}
+        made = {}
+        for shard, shard_combined in combined.items():
+            df, excluded = pool_shard(panel, shard_combined, [judged[j][shard] for j in judge_names])
+            agreement = pooled_agreement(df, judge_names, rubric.ratings)
+            context.log.info(f"{shard}: pooled {len(df)} prompts; Krippendorff alpha={agreement.get('krippendorff_alpha')}")
+            given = {STEP_INPUT: shard_combined, AGREEMENT: agreement}
+            made[shard] = (dg.Output(df, metadata=_pooled_metadata(panel, df, excluded, agreement)),
+                           evaluate_checks(checks, POOLED_KEY, df, given, context.selected_asset_check_keys))
+        yield from shard_events(context, POOLED_KEY, made)
 
     return pooled_ratings

@@ -13,6 +13,7 @@ from poll_assets.assets.pooling import POOLED_COLUMNS, POOLED_KEY
 from poll_assets.assets.previews import chat_answer, pairs_preview
 from poll_assets.assets.prompts import PROMPT_COLUMNS, PROMPTS_KEY
 from poll_assets.assets.schema import column_of, column_of_each, schema
+from poll_assets.assets.shards import shard_events, shard_frames
 from poll_assets.assets.totals import shard_totals
 from poll_assets.binarize import binarize
 from poll_assets.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, problems_finding, short_id
@@ -155,23 +156,27 @@ def build_preferences_asset(panel: Panel, partitions_def: dg.PartitionsDefinitio
             "columns and the ids of the calls behind each pair. Ties are dropped and counted."
         ),
     )
-    def preference_pairs(context: dg.AssetExecutionContext, pooled_ratings: pd.DataFrame) -> Iterator[Any]:
-        rows, dropped = preference_rows(pooled_ratings, panel)
-        df = PAIR_COLUMNS.frame(rows)
-        context.log.info(f"{len(df)} preference pairs from {len(pooled_ratings)} prompts; dropped: {dropped or 'none'}")
-        yield dg.Output(
-            df,
-            metadata={
-                **PAIR_COLUMNS.output_metadata(df),
-                "dagster/column_lineage": pairs_column_lineage(panel),
-                "pairs": len(df),
-                "prompts": len(pooled_ratings),
-                "dropped_prompts": dg.MetadataValue.json(dropped),
-                "ties_dropped": dropped.get("tie", 0),
-                "preview": dg.MetadataValue.md(pairs_preview(df)),
-                **shard_totals(context.instance, member_keys, context.partition_key),
-            },
-        )
-        yield from evaluate_checks(PAIR_CHECKS, PAIRS_KEY, df, selected=context.selected_asset_check_keys)
+    def preference_pairs(context: dg.AssetExecutionContext, pooled_ratings: Any) -> Iterator[Any]:
+        # `pooled_ratings`: one shard's frame, or {shard: frame} in a run of several shards
+        made = {}
+        for shard, pooled in shard_frames(context, "pooled_ratings", pooled_ratings).items():
+            rows, dropped = preference_rows(pooled, panel)
+            df = PAIR_COLUMNS.frame(rows)
+            context.log.info(f"{shard}: {len(df)} preference pairs from {len(pooled)} prompts; dropped: {dropped or 'none'}")
+            out = dg.Output(
+                df,
+                metadata={
+                    **PAIR_COLUMNS.output_metadata(df),
+                    "dagster/column_lineage": pairs_column_lineage(panel),
+                    "pairs": len(df),
+                    "prompts": len(pooled),
+                    "dropped_prompts": dg.MetadataValue.json(dropped),
+                    "ties_dropped": dropped.get("tie", 0),
+                    "preview": dg.MetadataValue.md(pairs_preview(df)),
+                    **shard_totals(context.instance, member_keys, shard),
+                },
+            )
+            made[shard] = (out, evaluate_checks(PAIR_CHECKS, PAIRS_KEY, df, selected=context.selected_asset_check_keys))
+        yield from shard_events(context, PAIRS_KEY, made)
 
     return preference_pairs

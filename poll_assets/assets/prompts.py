@@ -9,6 +9,7 @@ import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.schema import schema
+from poll_assets.assets.shards import run_shards, shard_events
 from poll_assets.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, repeated_ids
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import is_missing
@@ -70,39 +71,45 @@ def build_prompts_asset(panel: Panel, panel_path: Path, partitions_def: dg.Parti
         ),
     )
     def prompts(context: dg.AssetExecutionContext) -> Iterator[Any]:
-        start, end = shard_bounds(context.partition_key, source)
-        selection = select_shard(load_instructions(source, base_dir, end), start, end)
-        if selection.dropped_empty or selection.dropped_duplicate:
-            context.log.warning(
-                f"rows {start}-{end - 1}: dropped {selection.dropped_empty} empty and "
-                f"{selection.dropped_duplicate} duplicate instructions"
+        bounds = {shard: shard_bounds(shard, source) for shard in run_shards(context)}
+        # read once, up to the run's last row (a repeat is judged against every earlier row)
+        instructions = load_instructions(source, base_dir, max(end for _, end in bounds.values()))
+        made = {}
+        for shard, (start, end) in bounds.items():
+            selection = select_shard(instructions, start, end)
+            if selection.dropped_empty or selection.dropped_duplicate:
+                context.log.warning(
+                    f"{shard}, rows {start}-{end - 1}: dropped {selection.dropped_empty} empty and "
+                    f"{selection.dropped_duplicate} duplicate instructions"
+                )
+            out = dg.Output(
+                selection.rows,
+                metadata={
+                    **PROMPT_COLUMNS.output_metadata(selection.rows),
+                    "source_rows": f"{start}-{end - 1}",
+                    "dropped_empty": selection.dropped_empty,
+                    "dropped_duplicate": selection.dropped_duplicate,
+                    "preview": dg.MetadataValue.md(prompts_preview(selection.rows)),
+                    **estimate_metadata(panel, selection.rows, context, shard),
+                },
             )
-        yield dg.Output(
-            selection.rows,
-            metadata={
-                **PROMPT_COLUMNS.output_metadata(selection.rows),
-                "source_rows": f"{start}-{end - 1}",
-                "dropped_empty": selection.dropped_empty,
-                "dropped_duplicate": selection.dropped_duplicate,
-                "preview": dg.MetadataValue.md(prompts_preview(selection.rows)),
-                **estimate_metadata(panel, selection.rows, context),
-            },
-        )
-        yield from evaluate_checks(PROMPT_CHECKS, PROMPTS_KEY, selection.rows, selected=context.selected_asset_check_keys)
+            made[shard] = (out, evaluate_checks(PROMPT_CHECKS, PROMPTS_KEY, selection.rows,
+                                                selected=context.selected_asset_check_keys))
+        yield from shard_events(context, PROMPTS_KEY, made)
 
     return prompts
 
 
-def estimate_metadata(panel: Panel, rows: pd.DataFrame, context: dg.AssetExecutionContext) -> dict[str, Any]:
+def estimate_metadata(panel: Panel, rows: pd.DataFrame, context: dg.AssetExecutionContext, shard: str) -> dict[str, Any]:
     """What the shard's LLM calls will cost (`poll-assets estimate`), shown before any of them is made.
     An estimate that cannot be made is logged, never a reason to fail the prompts."""
     from poll_assets.estimate import estimate_prompts, format_estimate  # it imports the stages, which import this
 
     try:
         est = estimate_prompts(panel, rows, context.resources.response_cache.get_cache(),
-                               partitions=[context.partition_key])
+                               partitions=[shard])
     except Exception as exc:  # noqa: BLE001 - an estimate is advice; the prompts are the product
-        context.log.warning(f"no cost estimate for partition {context.partition_key}: {type(exc).__name__}: {exc}")
+        context.log.warning(f"no cost estimate for partition {shard}: {type(exc).__name__}: {exc}")
         return {}
     meta: dict[str, Any] = {
         "estimate/calls": sum(m.calls for m in est.members),

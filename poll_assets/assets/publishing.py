@@ -12,9 +12,9 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
+from poll_assets.assets.judging import ratings_key, repair_figures
 from poll_assets.assets.pooling import POOLED_KEY, pooled_agreement
 from poll_assets.assets.preferences import PAIRS_KEY
-from poll_assets.dataset_export import export_preference_set
 from poll_assets.io_manager import asset_dir, default_dagster_home, read_partition, stored_partitions
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import plain_list
@@ -54,7 +54,20 @@ def unrated_verdicts(pooled: pd.DataFrame) -> int:
     )
 
 
-def card_info(panel: Panel, rubric: Rubric, pairs: pd.DataFrame, pooled: pd.DataFrame) -> dict[str, Any]:
+def judge_verdicts(panel: Panel, storage_dir: str) -> dict[str, dict[str, Any]]:
+    """Per judge with stored ratings: its parse failures before and after repair over every stored shard
+    (the figures its asset metadata gives per shard, see `repair_figures`)."""
+    out = {}
+    for judge in panel.judges:
+        shards = stored_partitions(storage_dir, ratings_key(judge))
+        if shards:
+            frames = [f for p in shards if (f := read_partition(storage_dir, ratings_key(judge), p)) is not None]
+            out[judge.name] = repair_figures(pd.concat(frames, ignore_index=True))
+    return out
+
+
+def card_info(panel: Panel, rubric: Rubric, pairs: pd.DataFrame, pooled: pd.DataFrame,
+              verdicts: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     member = lambda m: {"name": m.name, "model": m.model, "family": m.family, "provider": m.provider}  # noqa: E731
     return {
         "panel": {
@@ -74,6 +87,7 @@ def card_info(panel: Panel, rubric: Rubric, pairs: pd.DataFrame, pooled: pd.Data
             "unrated_verdicts": unrated_verdicts(pooled),
         },
         "agreement": pooled_agreement(pooled, [j.name for j in panel.judges], rubric.ratings),
+        "verdicts": verdicts or {},
     }
 
 
@@ -91,10 +105,13 @@ def build_publish_job(panel: Panel, rubric: Rubric) -> tuple[dg.AssetSpec, dg.Jo
 
     @dg.op(required_resource_keys={"hub_publisher"})
     def export_preference_dataset(context: dg.OpExecutionContext) -> None:
+        # imported here: huggingface_hub's Hub client is only needed when publishing
+        from poll_assets.dataset_export import export_preference_set
+
         hub: HubPublisherResource = context.resources.hub_publisher
         pairs = read_all_partitions(hub.storage_dir, PAIRS_KEY)
         pooled = read_all_partitions(hub.storage_dir, POOLED_KEY)
-        info = card_info(panel, rubric, pairs, pooled)
+        info = card_info(panel, rubric, pairs, pooled, judge_verdicts(panel, hub.storage_dir))
         result = export_preference_set(
             pairs, Path(hub.out_dir), info, repo_id=hub.repo_id, token=hub.token, private=hub.private
         )

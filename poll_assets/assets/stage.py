@@ -9,8 +9,8 @@ its slowest member, which is what the per-member concurrency limits are sized fo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dagster as dg
@@ -19,43 +19,195 @@ import pandas as pd
 from poll_assets.assets.metadata import member_kinds
 from poll_assets.assets.preflight_step import preflight_run
 from poll_assets.assets.schema import ColumnSchema
+from poll_assets.assets.shards import shard_events, shard_frames
 from poll_assets.checks import STEP_INPUT, StageCheck, asset_check_specs, evaluate_checks
-from poll_assets.llm.base import CallRequest, ChatBackend
+from poll_assets.llm.base import CallRequest, ChatBackend, Completion, ProviderError, request_key
 from poll_assets.llm.batch import run_batch_calls
 from poll_assets.llm.batch_settings import BatchPolicy
 from poll_assets.llm.budget import BudgetLedger, MemberBudget, RunBudget
 from poll_assets.llm.cache import ResponseCache
 from poll_assets.llm.policy import CallPolicy
 from poll_assets.llm.providers import provider_spec
-from poll_assets.llm.resources import ResponseCacheResource, member_backend, resource_key
+from poll_assets.llm.resources import ChatModelResource, ResponseCacheResource, member_backend, resource_key
 from poll_assets.llm.runner import CallBatch, run_calls
 from poll_assets.panel import Member, Panel
 
 
-@dataclass(frozen=True)
-class MemberContext:
-    """What one member's work in a stage step gets: its settings, its backend, its call policy
-    (resolved once, here, from its `limits` and its provider's registry row), the response cache,
-    a log function and a label for messages."""
+class SharedCalls:
+    """The calls of every shard of a run, for one member, sent through ONE `run_calls` per round:
+    the shards' requests overlap within the member's limits instead of waiting for each other. A
+    round is sent when every shard still working has handed in its requests (`submit`); a shard
+    that is done (`finish`) is no longer waited for. Most work sends one round; a judge's repair
+    re-asks are later rounds. Each shard gets back its own part (its completions, and stats counted
+    over them)."""
+
+    def __init__(self, send: Callable[[Sequence[CallRequest]], Awaitable[CallBatch]], shards: int,
+                 on_nothing: Callable[[], None] = lambda: None):
+        self._send = send
+        self._on_nothing = on_nothing  # every shard finished without sending anything
+        self._working = shards
+        self._sent = False
+        self._parts: list[tuple[list[CallRequest], asyncio.Future[CallBatch]]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def submit(self, requests: Sequence[CallRequest]) -> CallBatch:
+        future: asyncio.Future[CallBatch] = asyncio.get_running_loop().create_future()
+        self._parts.append((list(requests), future))
+        self._next_round()
+        return await future
+
+    def finish(self) -> None:
+        """A shard's work is over (done, or failed): the others stop waiting for it."""
+        self._working -= 1
+        self._next_round()
+
+    def _next_round(self) -> None:
+        if self._parts and len(self._parts) == self._working:
+            parts, self._parts, self._sent = self._parts, [], True
+            self._tasks.append(asyncio.ensure_future(self._run(parts)))
+        elif self._working == 0 and not self._sent:
+            self._sent = True
+            self._on_nothing()
+
+    async def _run(self, parts: list[tuple[list[CallRequest], asyncio.Future[CallBatch]]]) -> None:
+        try:
+            batch = await self._send([r for requests, _ in parts for r in requests])
+        except Exception as exc:  # every shard of this member fails with it (e.g. an invalid key)
+            for _, future in parts:
+                future.set_exception(exc)
+            return
+        except BaseException:
+            for _, future in parts:
+                future.cancel()
+            raise
+        start = 0
+        for requests, future in parts:
+            future.set_result(batch_part(batch, start, start + len(requests)))
+            start += len(requests)
+
+
+def batch_part(batch: CallBatch, start: int, end: int) -> CallBatch:
+    """The completions [start, end) of a batch, with the per-call counts taken over them; what
+    belongs to the whole batch (elapsed time, the provider batches used) is kept as it is."""
+    stats = replace(batch.stats, calls=0, cache_hits=0, failures=0, input_tokens=0, output_tokens=0, retries=0)
+    for completion in batch.completions[start:end]:
+        stats.add(completion)
+    return replace(batch, completions=batch.completions[start:end], stats=stats)
+
+
+class BackendGate:
+    """A stage's members build their provider clients only when some of their calls are not cached
+    (building one imports its SDK: seconds for some, and llama.cpp loads its weights), and all of
+    them before any member sends: an import on the event loop would stall every call in flight. So
+    a warm re-run imports no SDK, and a cold run imports them all before the first request."""
+
+    def __init__(self, members: int):
+        self._waiting = members
+        self._open = asyncio.Event()
+
+    async def passed(self) -> None:
+        """This member has said whether it needs its client; wait until every member has."""
+        self.leave()
+        await self._open.wait()
+
+    def leave(self) -> None:
+        """This member will not send (it failed first, or has nothing to send)."""
+        self._waiting -= 1
+        if self._waiting <= 0:
+            self._open.set()
+
+
+class CacheOnlyBackend(ChatBackend):
+    """A member's identity for the response cache (the call ids), without its client: for a batch
+    that the cache serves whole. A call reaching it means the cache lost an answer under us."""
+
+    def __init__(self, resource: ChatModelResource):
+        self.provider, self.model = resource.provider, resource.model
+        self.member, self.base_url = resource.member, resource.base_url
+
+    async def complete(self, request: CallRequest) -> Completion:
+        raise ProviderError("server", f"{self.who}: an answer found in the response cache a moment ago is gone")
+
+
+@dataclass
+class MemberCalls:
+    """How one member's batch is sent: through `run_calls`, under its policy, with its backend built
+    only if the cache cannot serve the whole batch (see BackendGate)."""
 
     member: Member
-    panel: Panel
-    backend: ChatBackend
+    resource: ChatModelResource | ChatBackend  # tests bind a ChatBackend directly
     policy: CallPolicy
     cache: ResponseCache
     log: Callable[[str], None]
     label: str
+    gate: BackendGate
+    turn: asyncio.Lock | None = None  # in-process models take turns (see run_stage_step)
     budget: MemberBudget | None = None  # the run's spending cap (panel `budget:`), priced for this member
 
-    async def run_calls(self, requests: Sequence[CallRequest]) -> CallBatch:
-        """The member's requests through the one call path, under its policy: online, or through its
-        provider's batch API when the member's `batch.enabled` (same cache keys, same CallBatch)."""
+    async def send(self, requests: Sequence[CallRequest]) -> CallBatch:
+        try:
+            backend = await self._backend_for(requests)
+        except BaseException:
+            self.gate.leave()
+            raise
+        await self.gate.passed()
+        if backend is None:
+            backend = member_backend(self.resource)  # every member builds before any member sends
+        if self.turn is None:
+            return await self._calls(backend, requests)
+        async with self.turn:
+            return await self._calls(backend, requests)
+
+    async def _calls(self, backend: ChatBackend, requests: Sequence[CallRequest]) -> CallBatch:
+        """Online, or through the provider's batch API when the member's `batch.enabled` (same cache
+        keys, same CallBatch)."""
         if self.member.batch.enabled:
             batch_policy = BatchPolicy.resolve(self.member.batch, self.member.provider)
-            return await run_batch_calls(self.backend, self.policy, batch_policy, requests, self.cache,
+            return await run_batch_calls(backend, self.policy, batch_policy, requests, self.cache,
                                          progress=self.log, label=self.label)
-        return await run_calls(self.backend, self.policy, requests, self.cache, progress=self.log, label=self.label,
+        return await run_calls(backend, self.policy, requests, self.cache, progress=self.log, label=self.label,
                                budget=self.budget)
+
+    async def _backend_for(self, requests: Sequence[CallRequest]) -> ChatBackend | None:
+        """The cache-only backend when the cache holds every answer; None when the real one is needed."""
+        if isinstance(self.resource, ChatBackend):
+            return self.resource
+        if not self.cache.reads or self.member.batch.enabled:  # a batch job's client is always built
+            return None
+        identity = CacheOnlyBackend(self.resource)
+        keys = {request_key(identity.provider, identity.model, identity.base_url, r) for r in requests}
+        return identity if len(await self.cache.aget_many(keys)) == len(keys) else None
+
+
+@dataclass
+class MemberContext:
+    """What one member's work on one shard gets: its settings, a log function, a label for messages,
+    and the member's calls, which the run's shards send together."""
+
+    member: Member
+    panel: Panel
+    log: Callable[[str], None]
+    label: str
+    shared: SharedCalls
+    finished: bool = False
+
+    @classmethod
+    def alone(cls, member: Member, panel: Panel, backend: ChatModelResource | ChatBackend, policy: CallPolicy,
+              cache: ResponseCache, log: Callable[[str], None], label: str) -> MemberContext:
+        """A member's work on one shard outside a stage step (tests call `generate` or `judge` so)."""
+        calls = MemberCalls(member, backend, policy, cache, log, label, BackendGate(1))
+        return cls(member, panel, log, label, SharedCalls(calls.send, 1))
+
+    async def run_calls(self, requests: Sequence[CallRequest]) -> CallBatch:
+        """The member's requests through the one call path, under its policy, together with the
+        run's other shards' requests of the same round."""
+        return await self.shared.submit(requests)
+
+    def close(self) -> None:
+        """The shard's work is over: the other shards stop waiting for it."""
+        if not self.finished:
+            self.finished = True
+            self.shared.finish()
 
 
 # What a stage does for one member: (its context, the stage's input frame) -> that member's output.
@@ -114,30 +266,49 @@ def run_stage_step(
     panel: Panel,
     members: Sequence[Member],
     key_of: Callable[[Member], dg.AssetKey],
-    frame: pd.DataFrame,
+    step_input: Any,
     work: MemberWork,
     stage_checks: Sequence[StageCheck],
-) -> Iterator[dg.Output[Any] | dg.AssetCheckResult]:
-    """The body of a stage step: the selected members do `work` on `frame` at the same time, and each
-    one's checks run on its output (see `run_stage`). First, every member of the run is checked."""
+    input_name: str,
+) -> Iterator[dg.Output[Any] | dg.AssetCheckResult | dg.AssetCheckEvaluation]:
+    """The body of a stage step: first, every member of the run is checked; then the selected
+    members do `work` on every shard of the run at the same time (each member's calls for all shards
+    in one batch), and each shard's checks run on its output (see `run_stage`)."""
     cache: ResponseCacheResource = context.resources.response_cache
     selected = [m for m in members if key_of(m) in context.selected_asset_keys]
     preflight_run(context, panel, selected)
     checks = context.selected_asset_check_keys
+    frames = shard_frames(context, input_name, step_input)
+    gate = BackendGate(len(selected))
+    # In-process models share the CPU (and llama.cpp's per-model lock): running them side by side
+    # gains nothing and would start their call timeouts while they wait, so they take turns.
+    local_turn = asyncio.Lock()
     budget = run_budget(panel, context.run.run_id, cache)
 
-    def member_context(m: Member) -> MemberContext:
-        backend = member_backend(getattr(context.resources, resource_key(m)))  # resource keys are per member
+    async def member_shards(m: Member) -> dict[str, dg.Output[Any]]:
+        label = key_of(m).to_user_string()
+        turn = local_turn if provider_spec(m.provider).in_process else None
         price = panel.price_of(m)
-        return MemberContext(m, panel, backend, CallPolicy.resolve(m.limits, m.provider), cache.get_cache(),
-                             context.log.info, key_of(m).to_user_string(),
-                             MemberBudget(budget, m.name, price) if budget and price else None)
+        calls = MemberCalls(m, getattr(context.resources, resource_key(m)),  # resource keys are per member
+                            CallPolicy.resolve(m.limits, m.provider), cache.get_cache(), context.log.info, label,
+                            gate, turn, MemberBudget(budget, m.name, price) if budget and price else None)
+        shared = SharedCalls(calls.send, len(frames), on_nothing=gate.leave)
+
+        async def one(shard: str) -> dg.Output[Any]:
+            work_ctx = MemberContext(m, panel, context.log.info, label, shared)
+            try:
+                return await work(work_ctx, frames[shard])
+            finally:
+                work_ctx.close()
+
+        return await shard_outcomes(label, list(frames), [one(s) for s in frames])
 
     yield from run_stage(
         context,
         selected,
-        lambda m: work(member_context(m), frame),
-        checks=lambda m, df: evaluate_checks(stage_checks, key_of(m), df, {STEP_INPUT: frame}, checks),
+        member_shards,
+        key_of,
+        checks=lambda m, shard, df: evaluate_checks(stage_checks, key_of(m), df, {STEP_INPUT: frames[shard]}, checks),
     )
 
 
@@ -148,32 +319,41 @@ def run_budget(panel: Panel, run_id: str, cache: ResponseCacheResource) -> RunBu
     return RunBudget.open(panel.budget, run_id, BudgetLedger(cache.resolved_path()))
 
 
+async def shard_outcomes(
+    label: str, shards: list[str], work: list[Coroutine[Any, Any, dg.Output[Any]]]
+) -> dict[str, dg.Output[Any]]:
+    """Every shard's output, or the failure: one shard's error as it is, several named by shard."""
+    results = await asyncio.gather(*work, return_exceptions=True)
+    failed = [(s, r) for s, r in zip(shards, results) if isinstance(r, BaseException)]
+    for _, exc in failed:
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: not ours to reword
+            raise exc
+    if len(failed) == 1 or (failed and len(shards) == 1):
+        raise failed[0][1]
+    if failed:
+        lines = [f"- {s}: {exc.description if isinstance(exc, dg.Failure) else exc}" for s, exc in failed]
+        raise dg.Failure(description=f"{label}: {len(failed)} of {len(shards)} shards failed:\n" + "\n".join(lines)) from failed[0][1]
+    return dict(zip(shards, results))  # type: ignore[arg-type]
+
+
 def run_stage(
     context: dg.AssetExecutionContext,
     members: Sequence[Member],
-    compute: Callable[[Member], Coroutine[Any, Any, dg.Output[Any]]],
-    checks: Callable[[Member, Any], Iterable[dg.AssetCheckResult]] | None = None,
-) -> Iterator[dg.Output[Any] | dg.AssetCheckResult]:
-    """Run `compute` for every member concurrently; yield each success as that member's output,
-    followed by `checks(member, value)`, the results of its asset checks on the value in hand.
+    compute: Callable[[Member], Coroutine[Any, Any, Mapping[str, dg.Output[Any]]]],
+    key_of: Callable[[Member], dg.AssetKey],
+    checks: Callable[[Member, str, Any], Iterable[dg.AssetCheckResult]] | None = None,
+) -> Iterator[dg.Output[Any] | dg.AssetCheckResult | dg.AssetCheckEvaluation]:
+    """Run `compute` for every member concurrently; yield each success ({shard: output}) as that
+    member's output, followed by `checks(member, shard, value)`, the results of its asset checks on
+    each shard's value in hand.
 
     A failing member never cancels the others. Successes are yielded (and so stored) before the
     step fails, so a re-run only has to redo the member that failed, whose finished calls are cached.
     A member that failed has no output, so its checks are not evaluated.
     """
 
-    async def _all() -> list[dg.Output[Any] | BaseException]:
-        # In-process models share the CPU (and llama.cpp's per-model lock): running them side by side
-        # gains nothing and would start their call timeouts while they wait, so they take turns.
-        local_turn = asyncio.Lock()
-
-        async def one(m: Member) -> dg.Output[Any]:
-            if not provider_spec(m.provider).in_process:
-                return await compute(m)
-            async with local_turn:
-                return await compute(m)
-
-        return await asyncio.gather(*(one(m) for m in members), return_exceptions=True)
+    async def _all() -> list[Mapping[str, dg.Output[Any]] | BaseException]:
+        return await asyncio.gather(*(compute(m) for m in members), return_exceptions=True)
 
     results = asyncio.run(_all())
     failed: list[tuple[Member, BaseException]] = []
@@ -181,9 +361,8 @@ def run_stage(
         if isinstance(result, BaseException):
             failed.append((member, result))
             continue
-        yield dg.Output(result.value, output_name=member.name, metadata=result.metadata)
-        if checks is not None:  # after the output: a check result refers to the stored materialization
-            yield from checks(member, result.value)
+        made = {shard: (out, list(checks(member, shard, out.value)) if checks else []) for shard, out in result.items()}
+        yield from shard_events(context, key_of(member), made, output_name=member.name)
     if not failed:
         return
     for member, exc in failed:

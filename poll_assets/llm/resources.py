@@ -106,12 +106,11 @@ def resource_key(member: MemberConnection) -> str:
 def build_llm_resource(member: MemberConnection) -> ChatModelResource:
     """The resource for one panel member; keys come from the environment through EnvVar.
 
-    The backend's module (and so the provider's SDK) is imported here, when the panel's resources are
-    built at definitions load, not at the first call: `import anthropic` alone takes 2-4 s of CPU
-    here, and paid inside a stage it stalls every other member's calls on the same event loop.
+    The backend's module (and so the provider's SDK: `import anthropic` alone takes 2-4 s of CPU here)
+    is imported when a stage step first needs the member's client, which is never on a re-run the
+    response cache serves whole, and always before any member of the stage sends (assets/stage.py).
     """
     spec = provider_spec(member.provider)
-    spec.backend_class()
     kwargs: dict[str, object] = {
         "provider": member.provider, "member": member.name, "model": member.model, "base_url": member.base_url,
     }

@@ -450,4 +450,6 @@ def build_repair_messages(
         "",
         *_repair_format(rubric, ks, structured, max_rationale_chars),
     ]
-    return [*messages, {"role": "assistant", "content": first_answer}, {"role": "user", "content": "\n".join(lines)}]
+    # An empty assistant turn is refused by some providers (Anthropic); say that it was empty instead.
+    answer = first_answer if first_answer.strip() else "(no answer)"
+    return [*messages, {"role": "assistant", "content": answer}, {"role": "user", "content": "\n".join(lines)}]
