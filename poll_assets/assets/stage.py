@@ -29,7 +29,7 @@ from poll_assets.llm.cache import ResponseCache
 from poll_assets.llm.policy import CallPolicy
 from poll_assets.llm.providers import provider_spec
 from poll_assets.llm.resources import ChatModelResource, ResponseCacheResource, member_backend, resource_key
-from poll_assets.llm.runner import CallBatch, run_calls
+from poll_assets.llm.runner import CallBatch, CallStats, run_calls
 from poll_assets.panel import Member, Panel
 
 
@@ -89,7 +89,8 @@ class SharedCalls:
 def batch_part(batch: CallBatch, start: int, end: int) -> CallBatch:
     """The completions [start, end) of a batch, with the per-call counts taken over them; what
     belongs to the whole batch (elapsed time, the provider batches used) is kept as it is."""
-    stats = replace(batch.stats, calls=0, cache_hits=0, failures=0, input_tokens=0, output_tokens=0, retries=0)
+    # A fresh CallStats, so every per-call count (token usage by billing included) starts at zero.
+    stats = CallStats(elapsed_s=batch.stats.elapsed_s, batches=batch.stats.batches)
     for completion in batch.completions[start:end]:
         stats.add(completion)
     return replace(batch, completions=batch.completions[start:end], stats=stats)
