@@ -223,6 +223,41 @@ def cmd_trail(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Print what partitions will cost, from the built prompts and the response cache; no model is called."""
+    _use_project_home()
+    import pandas as pd
+
+    from poll_assets.estimate import estimate_prompts, format_estimate, partition_prompts
+    from poll_assets.llm.resources import build_cache_resource
+    from poll_assets.panel import PanelConfigError, load_panel
+    from poll_assets.partitions import shard_keys
+
+    try:
+        panel, path = load_panel(args.panel)
+    except PanelConfigError as exc:
+        print(f"poll-assets estimate: {exc}", file=sys.stderr)
+        return 2
+    keys = shard_keys(panel.source.num_examples, panel.source.shard_size)
+    chosen = keys if args.all else [args.partition or keys[0]]
+    unknown = [k for k in chosen if k not in keys]
+    if unknown:
+        print(f"poll-assets estimate: no partition {unknown[0]!r} in panel {panel.name}; "
+              f"they are {keys[0]} .. {keys[-1]}", file=sys.stderr)
+        return 2
+    resource = build_cache_resource(panel.cache)
+    # Read what is cached; a SQLite file that does not exist yet is not created just to find it empty.
+    fresh = panel.cache.resolved_backend == "sqlite" and not resource.resolved_path().is_file()
+    cache = None if fresh or panel.cache.mode != "use" else resource.get_cache()
+    try:
+        prompts = pd.concat([partition_prompts(panel, path, k) for k in chosen], ignore_index=True)
+    except (OSError, ValueError) as exc:  # an unreadable prompt file, or a Hub dataset out of reach
+        print(f"poll-assets estimate: cannot read the prompts of panel {panel.name}: {exc}", file=sys.stderr)
+        return 2
+    print(format_estimate(estimate_prompts(panel, prompts, cache, partitions=chosen)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="poll-assets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -245,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     trail.add_argument("--json", action="store_true", help="print the trail as JSON")
     trail.add_argument("--storage", help="storage folder or URL (default: $DAGSTER_HOME/storage)")
     trail.set_defaults(fn=cmd_trail)
+    est = sub.add_parser("estimate", help="what a partition's LLM calls will cost, without calling any model")
+    est.add_argument("--panel", help="bundled panel name or YAML path (default: $POLL_PANEL or 'local')")
+    which = est.add_mutually_exclusive_group()
+    which.add_argument("--partition", help="shard key, e.g. shard-00000 (default: the first)")
+    which.add_argument("--all", action="store_true", help="every partition of the panel")
+    est.set_defaults(fn=cmd_estimate)
     args = parser.parse_args(argv)
     return args.fn(args)
 

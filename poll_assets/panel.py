@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from poll_assets.binarize import Strategy
 from poll_assets.llm.base import GenerationParams
 from poll_assets.llm.batch_settings import BatchSettings
+from poll_assets.llm.budget import BudgetSettings
 from poll_assets.llm.cache import PG_URL_PREFIXES, CacheMode
 from poll_assets.llm.policy import Limits
 from poll_assets.llm.pricing import Price
@@ -263,6 +264,19 @@ class Panel(_Strict):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     prices: dict[str, Price] = Field(default_factory=dict)  # model id -> price per million tokens
     publish: Publish = Field(default_factory=Publish)
+    budget: BudgetSettings | None = None  # a spending cap per run, over every member's calls
+
+    @model_validator(mode="after")
+    def _budget_needs_prices(self) -> "Panel":
+        if self.budget is None:
+            return self
+        unpriced = sorted({m.model for m in self.members if not provider_spec(m.provider).in_process} - set(self.prices))
+        if unpriced:
+            raise ValueError(f"budget: needs a price (prices:) for every paid member's model; missing: {unpriced}")
+        if self.cache.resolved_backend != "sqlite":  # the run's spend ledger is a table of that file
+            raise ValueError(f"budget: keeps each run's spend in the SQLite cache file; cache.backend "
+                             f"{self.cache.resolved_backend!r} cannot hold it yet: use the SQLite cache or drop the budget")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Panel":
@@ -288,6 +302,11 @@ class Panel(_Strict):
     @property
     def members(self) -> list[Member]:
         return [*self.generators, *self.judges]
+
+    def price_of(self, member: Member) -> Price | None:
+        """The member's model's price, unset rates filled from its provider's published ones; None if unpriced."""
+        price = self.prices.get(member.model)
+        return None if price is None else price.for_provider(member.provider)
 
     def member(self, name: str) -> Member:
         for m in self.members:

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import functools
 import hashlib
 import json
 import random
@@ -44,6 +46,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from poll_assets.llm.base import CACHE_BREAK
 
 WORDS = (
     "answer clear concise data detail example fact first helpful idea instruction list method model note "
@@ -86,6 +90,15 @@ class FakeConfig:
     ignore_response_format: list[str] = field(default_factory=list)
     # Tags whose chat 200s to a structured request decline in `message.refusal`, with no content.
     model_refusal: list[str] = field(default_factory=list)
+    # How usage counts tokens: "words" (whitespace split) or "gguf" (the bundled SmolLM2's real tokenizer,
+    # and the structured-output schema or tool definitions billed as input, as providers do).
+    tokenizer: str = "words"
+    # Prompt caching as the providers do it: a chat prompt's prefix up to CACHE_BREAK (OpenAI's automatic
+    # caching) or an Anthropic prefix up to its last cache_control block, seen before and at least this
+    # many tokens long, is reported as cached (prompt_tokens_details.cached_tokens, cache_read_input_tokens);
+    # the first Anthropic sight of it as cache_creation_input_tokens.
+    prompt_cache: bool = True
+    prompt_cache_min_tokens: int = 0
     seed: int = 0
 
 
@@ -192,6 +205,46 @@ def count_tokens(*texts: str) -> int:
     return sum(len(t.split()) for t in texts if t)
 
 
+@functools.lru_cache(maxsize=1)
+def _gguf_vocab() -> Any:
+    """The bundled SmolLM2's tokenizer alone (no weights): a real BPE, unrelated to the estimator's rule."""
+    from llama_cpp import Llama
+
+    from poll_assets.llm.local import bundled_model_path
+
+    vocab = Llama(model_path=str(bundled_model_path()), vocab_only=True, verbose=False)
+    atexit.register(vocab.close)  # before interpreter shutdown, when its __del__ can no longer close it
+    return vocab
+
+
+def count_gguf_tokens(*texts: str, special: bool = False) -> int:
+    vocab = _gguf_vocab()
+    return sum(len(vocab.tokenize(t.encode("utf-8"), add_bos=False, special=special)) for t in texts if t)
+
+
+def chatml(messages: list[dict[str, Any]]) -> str:
+    """Messages in SmolLM2's chat template (ChatML), ending with the assistant's turn opened."""
+    turns = [f"<|im_start|>{m.get('role', 'user')}\n" + "\n".join(t for t, _ in _block_texts(m.get("content", "")))
+             + "<|im_end|>\n" for m in messages]
+    return "".join(turns) + "<|im_start|>assistant\n"
+
+
+def _block_texts(content: Any) -> list[tuple[str, bool]]:
+    """(text, carries a cache breakpoint) for a message's content: a string, or Anthropic's blocks."""
+    if isinstance(content, str):
+        return [(content, False)]
+    if isinstance(content, list):
+        return [(str(b.get("text", "")) if b.get("type") == "text" else json.dumps(b), "cache_control" in b)
+                for b in content if isinstance(b, dict)]
+    return [(json.dumps(content), False)]
+
+
+def fmt_schema(body: dict[str, Any]) -> Any:
+    """The JSON schema a chat request's response_format carries, if any (OpenAI, TGI or llama.cpp form)."""
+    fmt = body.get("response_format") or {}
+    return (fmt.get("json_schema") or {}).get("schema") or fmt.get("value") or fmt.get("schema")
+
+
 # -- the server -----------------------------------------------------------------------------------------
 
 
@@ -233,6 +286,7 @@ class FakeLLMServer:
         self.by_path: Counter[str] = Counter()
         self.by_tag: Counter[str] = Counter()
         self.by_body: Counter[str] = Counter()
+        self.prompt_prefixes: set[str] = set()  # prompt-cache entries (hashes of cached prefixes)
         self.outcomes: Counter[str] = Counter()
         self.in_flight = 0
         self.max_in_flight = 0
@@ -533,6 +587,21 @@ class FakeLLMServer:
             data = data[: len(data) // 2]
         return Response(data, media_type="application/json", headers=headers)
 
+    def count(self, *texts: str) -> int:
+        """Tokens as this server's usage reports them (FakeConfig.tokenizer)."""
+        return count_gguf_tokens(*texts) if self.config.tokenizer == "gguf" else count_tokens(*texts)
+
+    def _prefix_seen(self, prefix: str, tokens: int | None = None) -> tuple[bool, int]:
+        """(was this prompt prefix cached before, its tokens when cacheable else 0); caches it."""
+        size = self.count(prefix) if tokens is None else tokens
+        if not self.config.prompt_cache or not prefix or size < max(1, self.config.prompt_cache_min_tokens):
+            return False, 0
+        digest = hashlib.sha256(prefix.encode()).hexdigest()
+        with self._lock:
+            seen = digest in self.prompt_prefixes
+            self.prompt_prefixes.add(digest)
+        return seen, size
+
     def _model(self, body: dict[str, Any]) -> str:
         return f"{body.get('model') or 'tgi'}{self.config.served_model_suffix}"
 
@@ -540,7 +609,15 @@ class FakeLLMServer:
         self, body: dict[str, Any], digest: str, number: int, rng: random.Random, tag: str = ""
     ) -> tuple[dict[str, Any], dict[str, str]]:
         messages = body.get("messages") or []
-        prompt_tokens = count_tokens(*(str(m.get("content", "")) for m in messages))
+        prompt = "\n".join(t for m in messages for t, _ in _block_texts(m.get("content", "")))
+        prompt_tokens = self.count(*(t for m in messages for t, _ in _block_texts(m.get("content", ""))))
+        if self.config.tokenizer == "gguf":  # as a llama.cpp server counts: the prompt in its chat template
+            prompt_tokens = count_gguf_tokens(chatml(messages), special=True)
+        if self.config.tokenizer == "gguf" and fmt_schema(body) is not None:  # providers bill the schema too
+            prompt_tokens += self.count(json.dumps(fmt_schema(body)))
+        cut = prompt.find(f"\n{CACHE_BREAK}\n")
+        seen, size = self._prefix_seen(prompt[:cut]) if cut > 0 else (False, 0)
+        cached_tokens = size if seen else 0  # OpenAI reports reads only
         fmt = body.get("response_format") or {}
         schema = None
         if fmt.get("type") == "json_schema":
@@ -560,7 +637,7 @@ class FakeLLMServer:
             finish = "stop"
         else:
             text, finish = text_for(rng, max_tokens, list(body.get("stop") or []))
-        completion_tokens = count_tokens(text or refusal or "")
+        completion_tokens = self.count(text or refusal or "")
         payload = {
             "id": f"chatcmpl-{digest[:24]}",
             "object": "chat.completion",
@@ -579,6 +656,7 @@ class FakeLLMServer:
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached_tokens},
             },
         }
         return payload, {"x-request-id": f"req_fake_{number:08d}"}
@@ -586,14 +664,21 @@ class FakeLLMServer:
     def _messages(
         self, body: dict[str, Any], digest: str, number: int, rng: random.Random, tag: str = ""
     ) -> tuple[dict[str, Any], dict[str, str]]:
-        system = body.get("system") or ""
-        if isinstance(system, list):
-            system = " ".join(str(b.get("text", "")) for b in system)
-        texts = [str(system)]
+        blocks = _block_texts(body.get("system") or "")
         for m in body.get("messages") or []:
-            content = m.get("content", "")
-            texts.append(content if isinstance(content, str) else json.dumps(content))
-        input_tokens = count_tokens(*texts)
+            blocks += _block_texts(m.get("content", ""))
+        input_tokens = self.count(*(t for t, _ in blocks))
+        if self.config.tokenizer == "gguf":  # the system and turns in a chat template, and the tools, are billed
+            system = [{"role": "system", "content": body["system"]}] if body.get("system") else []
+            input_tokens = count_gguf_tokens(chatml(system + list(body.get("messages") or [])), special=True)
+            input_tokens += self.count(json.dumps(body["tools"])) if body.get("tools") else 0
+        marked = [i for i, (_, mark) in enumerate(blocks) if mark]
+        written = read = 0
+        if marked:  # Anthropic caches only what the request marks
+            prefix_blocks = [t for t, _ in blocks[: marked[-1] + 1]]
+            seen, size = self._prefix_seen("\n".join(prefix_blocks), self.count(*prefix_blocks))
+            read, written = (size, 0) if seen else (0, size)
+            input_tokens -= read + written  # Anthropic's input_tokens leaves the cached part out
         choice = body.get("tool_choice") or {}
         tools = {t.get("name"): t for t in body.get("tools") or []}
         if choice.get("type") == "tool" and choice.get("name") in tools and tag in self.config.omit_tool_use:
@@ -601,7 +686,7 @@ class FakeLLMServer:
             value = value_for_schema(tools[choice["name"]].get("input_schema") or {"type": "object"}, rng)
             content = [{"type": "text", "text": verdict_prose(value)}]
             stop_reason = "end_turn"
-            output_tokens = count_tokens(content[0]["text"])
+            output_tokens = self.count(content[0]["text"])
         elif choice.get("type") == "tool" and choice.get("name") in tools:
             tool = tools[choice["name"]]
             value = value_for_schema(tool.get("input_schema") or {"type": "object"}, rng)
@@ -609,12 +694,12 @@ class FakeLLMServer:
                 {"type": "tool_use", "id": f"toolu_{digest[:20]}", "name": tool["name"], "input": value}
             ]
             stop_reason = "tool_use"
-            output_tokens = count_tokens(json.dumps(value))
+            output_tokens = self.count(json.dumps(value))
         else:
             text, finish = text_for(rng, int(body.get("max_tokens") or 256), list(body.get("stop_sequences") or []))
             content = [{"type": "text", "text": text}]
             stop_reason = "max_tokens" if finish == "length" else "end_turn"
-            output_tokens = count_tokens(text)
+            output_tokens = self.count(text)
         payload = {
             "id": f"msg_{digest[:24]}",
             "type": "message",
@@ -623,7 +708,8 @@ class FakeLLMServer:
             "content": content,
             "stop_reason": stop_reason,
             "stop_sequence": None,
-            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
+                      "cache_creation_input_tokens": written, "cache_read_input_tokens": read},
         }
         return payload, {"request-id": f"req_fake_{number:08d}"}
 

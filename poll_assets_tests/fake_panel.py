@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from poll_assets.llm.base import CallRequest, ChatBackend, Completion, FatalProviderError, ProviderError
+from poll_assets.llm.base import CACHE_BREAK, CallRequest, ChatBackend, Completion, FatalProviderError, ProviderError
 from poll_assets.llm.resources import resource_key
 from poll_assets.panel import Panel, load_panel
 from poll_assets_tests.fake_backend import Answer, FakeBackend, Script
@@ -57,8 +57,9 @@ def panel_answer(member: str, model: str) -> Answer:
         text = request.messages[-1][1]
         if request.json_schema is not None:
             verdicts = {}
+            material = text.split(CACHE_BREAK)[-1]  # the texts judged, not the rubric's wording
             for k in request.json_schema["required"]:
-                digest = hashlib.sha256(f"{member}|{k}|{text}".encode()).digest()
+                digest = hashlib.sha256(f"{member}|{k}|{material}".encode()).digest()
                 verdicts[k] = {"rationale": f"{member} on {k}", "rating": 1 + digest[0] % 5}
             out, mode = json.dumps(verdicts), "json_schema"
         else:

@@ -88,7 +88,9 @@ def test_a_partition_in_batch_mode_end_to_end_with_failures_and_expiry(tmp_path,
     batches = meta["llm/batches"].value
     assert batches and all(b["batch_id"].startswith("batch_") for b in batches)
     assert sum(b["counts"].get("succeeded", 0) for b in batches) == 4
-    assert meta["llm/batch_cost_usd"].value == pytest.approx(meta["llm/cost_usd"].value / 2)
+    assert meta["llm/batch_cost_usd"].value == pytest.approx(meta["llm/cost_online_uncached_usd"].value / 2)
+    assert meta["llm/cost_usd"].value == pytest.approx(meta["llm/batch_cost_usd"].value)  # paid: the batch price
+    assert meta["llm/saving_fraction"].value == pytest.approx(0.5)
     an = instance.get_latest_materialization_event(dg.AssetKey(["ratings", "judge_an"])).asset_materialization
     assert all(b["batch_id"].startswith("msgbatch_") for b in an.metadata["llm/batches"].value)
     logs = " ".join(e.message for e in instance.all_logs(result.run_id) if e.message)

@@ -12,6 +12,7 @@ import pandas as pd
 
 from poll_assets.checks import Finding, StageCheck, examples, short_id
 from poll_assets.llm.base import RETRYABLE_KINDS
+from poll_assets.llm.pricing import Price
 from poll_assets.llm.providers import provider_spec
 from poll_assets.llm.runner import CallStats
 from poll_assets.panel import Member, Panel
@@ -30,19 +31,35 @@ def call_metadata(stats: CallStats, member: Member, panel: Panel) -> dict[str, A
         "llm/rate_limited": stats.rate_limited,  # 429s
         "llm/concurrency": dg.MetadataValue.float(stats.concurrency),  # where the AIMD window settled
         "llm/input_tokens": stats.input_tokens,
+        "llm/cached_input_tokens": stats.cached_input_tokens,
+        "llm/cache_write_tokens": stats.cache_write_tokens,
         "llm/output_tokens": stats.output_tokens,
         "llm/model": member.model,
         "llm/provider": member.provider,
     }
-    price = panel.prices.get(member.model)
-    cost = stats.cost_usd(price)
-    if cost is not None:
-        meta["llm/cost_usd"] = dg.MetadataValue.float(round(cost, 6))
-    if stats.batches:  # batch mode: the provider's batch ids, their requests by status, the batch price
+    price = panel.price_of(member)
+    if stats.batches:  # batch mode: the provider's batch ids, their requests by status
         meta["llm/batches"] = dg.MetadataValue.json(stats.batches)
-        batch_cost = price.batch_cost_usd(stats.input_tokens, stats.output_tokens) if price else None
-        if batch_cost is not None:
-            meta["llm/batch_cost_usd"] = dg.MetadataValue.float(round(batch_cost, 6))
+    if price is not None:
+        meta.update(cost_metadata(stats, price))
+    return meta
+
+
+def cost_metadata(stats: CallStats, price: Price) -> dict[str, Any]:
+    """What the fresh calls cost (prompt-cache and batch rates applied), what they would have cost
+    online and uncached, and the difference."""
+    paid = stats.paid_usd(price) or 0.0
+    online = stats.cost_usd(price) or 0.0
+    meta: dict[str, Any] = {
+        "llm/cost_usd": dg.MetadataValue.float(round(paid, 6)),
+        "llm/cost_online_uncached_usd": dg.MetadataValue.float(round(online, 6)),
+        "llm/saving_usd": dg.MetadataValue.float(round(online - paid, 6)),
+    }
+    if online > 0:
+        meta["llm/saving_fraction"] = dg.MetadataValue.float(round(1 - paid / online, 4))
+    batch_cost = price.batch_cost_usd(stats.batch_usage.input_tokens, stats.batch_usage.output_tokens)
+    if stats.batches and batch_cost is not None:  # the batch calls at the batch price, uncached
+        meta["llm/batch_cost_usd"] = dg.MetadataValue.float(round(batch_cost, 6))
     return meta
 
 

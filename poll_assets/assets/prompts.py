@@ -62,6 +62,7 @@ def build_prompts_asset(panel: Panel, panel_path: Path, partitions_def: dg.Parti
         kinds={"huggingface", "pandas"},
         partitions_def=partitions_def,
         check_specs=asset_check_specs(PROMPT_CHECKS, PROMPTS_KEY, partitions_def),
+        required_resource_keys={"response_cache"},  # read-only: what the cost estimate finds cached
         metadata=PROMPT_COLUMNS.definition_metadata(),
         code_version=source.model_dump_json(include={"repo_id", "data_files", "split", "revision", "subset", "column_mapping", "shard_size"}),
         description=(
@@ -89,6 +90,7 @@ def build_prompts_asset(panel: Panel, panel_path: Path, partitions_def: dg.Parti
                     "dropped_empty": selection.dropped_empty,
                     "dropped_duplicate": selection.dropped_duplicate,
                     "preview": dg.MetadataValue.md(prompts_preview(selection.rows)),
+                    **estimate_metadata(panel, selection.rows, context, shard),
                 },
             )
             made[shard] = (out, evaluate_checks(PROMPT_CHECKS, PROMPTS_KEY, selection.rows,
@@ -96,6 +98,31 @@ def build_prompts_asset(panel: Panel, panel_path: Path, partitions_def: dg.Parti
         yield from shard_events(context, PROMPTS_KEY, made)
 
     return prompts
+
+
+def estimate_metadata(panel: Panel, rows: pd.DataFrame, context: dg.AssetExecutionContext, shard: str) -> dict[str, Any]:
+    """What the shard's LLM calls will cost (`poll-assets estimate`), shown before any of them is made.
+    An estimate that cannot be made is logged, never a reason to fail the prompts."""
+    from poll_assets.estimate import estimate_prompts, format_estimate  # it imports the stages, which import this
+
+    try:
+        est = estimate_prompts(panel, rows, context.resources.response_cache.get_cache(),
+                               partitions=[shard])
+    except Exception as exc:  # noqa: BLE001 - an estimate is advice; the prompts are the product
+        context.log.warning(f"no cost estimate for partition {shard}: {type(exc).__name__}: {exc}")
+        return {}
+    meta: dict[str, Any] = {
+        "estimate/calls": sum(m.calls for m in est.members),
+        "estimate/cached_calls": sum(m.cached_calls for m in est.members),
+        "estimate/input_tokens": sum(m.input_tokens for m in est.members),
+        "estimate/output_tokens": sum(m.output_tokens for m in est.members),
+        "estimate": dg.MetadataValue.md(f"```\n{format_estimate(est)}\n```"),
+    }
+    for name in ("online_usd", "batch_usd"):
+        total = est.total(name)
+        if total is not None:
+            meta[f"estimate/{name}"] = dg.MetadataValue.float(round(total, 6))
+    return meta
 
 
 def prompts_preview(rows: pd.DataFrame, n: int = 5, id_chars: int = 10) -> str:

@@ -24,11 +24,12 @@ from poll_assets.checks import STEP_INPUT, StageCheck, asset_check_specs, evalua
 from poll_assets.llm.base import CallRequest, ChatBackend, Completion, ProviderError, request_key
 from poll_assets.llm.batch import run_batch_calls
 from poll_assets.llm.batch_settings import BatchPolicy
+from poll_assets.llm.budget import BudgetLedger, MemberBudget, RunBudget
 from poll_assets.llm.cache import ResponseCache
 from poll_assets.llm.policy import CallPolicy
 from poll_assets.llm.providers import provider_spec
 from poll_assets.llm.resources import ChatModelResource, ResponseCacheResource, member_backend, resource_key
-from poll_assets.llm.runner import CallBatch, run_calls
+from poll_assets.llm.runner import CallBatch, CallStats, run_calls
 from poll_assets.panel import Member, Panel
 
 
@@ -88,7 +89,8 @@ class SharedCalls:
 def batch_part(batch: CallBatch, start: int, end: int) -> CallBatch:
     """The completions [start, end) of a batch, with the per-call counts taken over them; what
     belongs to the whole batch (elapsed time, the provider batches used) is kept as it is."""
-    stats = replace(batch.stats, calls=0, cache_hits=0, failures=0, input_tokens=0, output_tokens=0, retries=0)
+    # A fresh CallStats, so every per-call count (token usage by billing included) starts at zero.
+    stats = CallStats(elapsed_s=batch.stats.elapsed_s, batches=batch.stats.batches)
     for completion in batch.completions[start:end]:
         stats.add(completion)
     return replace(batch, completions=batch.completions[start:end], stats=stats)
@@ -141,6 +143,7 @@ class MemberCalls:
     label: str
     gate: BackendGate
     turn: asyncio.Lock | None = None  # in-process models take turns (see run_stage_step)
+    budget: MemberBudget | None = None  # the run's spending cap (panel `budget:`), priced for this member
 
     async def send(self, requests: Sequence[CallRequest]) -> CallBatch:
         try:
@@ -163,7 +166,8 @@ class MemberCalls:
             batch_policy = BatchPolicy.resolve(self.member.batch, self.member.provider)
             return await run_batch_calls(backend, self.policy, batch_policy, requests, self.cache,
                                          progress=self.log, label=self.label)
-        return await run_calls(backend, self.policy, requests, self.cache, progress=self.log, label=self.label)
+        return await run_calls(backend, self.policy, requests, self.cache, progress=self.log, label=self.label,
+                               budget=self.budget)
 
     async def _backend_for(self, requests: Sequence[CallRequest]) -> ChatBackend | None:
         """The cache-only backend when the cache holds every answer; None when the real one is needed."""
@@ -280,13 +284,15 @@ def run_stage_step(
     # In-process models share the CPU (and llama.cpp's per-model lock): running them side by side
     # gains nothing and would start their call timeouts while they wait, so they take turns.
     local_turn = asyncio.Lock()
+    budget = run_budget(panel, context.run.run_id, cache)
 
     async def member_shards(m: Member) -> dict[str, dg.Output[Any]]:
         label = key_of(m).to_user_string()
         turn = local_turn if provider_spec(m.provider).in_process else None
+        price = panel.price_of(m)
         calls = MemberCalls(m, getattr(context.resources, resource_key(m)),  # resource keys are per member
                             CallPolicy.resolve(m.limits, m.provider), cache.get_cache(), context.log.info, label,
-                            gate, turn)
+                            gate, turn, MemberBudget(budget, m.name, price) if budget and price else None)
         shared = SharedCalls(calls.send, len(frames), on_nothing=gate.leave)
 
         async def one(shard: str) -> dg.Output[Any]:
@@ -305,6 +311,13 @@ def run_stage_step(
         key_of,
         checks=lambda m, shard, df: evaluate_checks(stage_checks, key_of(m), df, {STEP_INPUT: frames[shard]}, checks),
     )
+
+
+def run_budget(panel: Panel, run_id: str, cache: ResponseCacheResource) -> RunBudget | None:
+    """The run's budget, with what its earlier steps spent (the ledger beside the response cache)."""
+    if panel.budget is None:
+        return None
+    return RunBudget.open(panel.budget, run_id, BudgetLedger(cache.resolved_path()))
 
 
 async def shard_outcomes(

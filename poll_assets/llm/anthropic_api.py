@@ -12,13 +12,23 @@ try:  # private module; only used to word an error message
 except ImportError:  # pragma: no cover
     ANTHROPIC_API_VERSION = "current"
 
-from poll_assets.llm.base import TEXT_FALLBACK, CallRequest, Completion, FatalProviderError, ProviderError
+from poll_assets.llm.base import (
+    TEXT_FALLBACK,
+    CallRequest,
+    Completion,
+    FatalProviderError,
+    ProviderError,
+    split_at_cache_break,
+)
 from poll_assets.llm.remote import RemoteBackend, body_message, classify_sdk_failure, schema_name
 from poll_assets.llm.providers import PROVIDERS
 
 # Anthropic's stop reasons in the vocabulary the rest of the pipeline uses (OpenAI's).
 _FINISH = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "stop", "max_tokens": "length"}
 _WRAP_KEY = "value"
+# A cache breakpoint: the prompt up to and including the block carrying it is cached for a few minutes.
+_EPHEMERAL = {"type": "ephemeral"}
+_MIN_CACHED_CHARS = 4096
 
 
 class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
@@ -41,14 +51,14 @@ class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
     def _kwargs(self, request: CallRequest) -> tuple[dict[str, Any], bool]:
         p = request.params
         system = [c for r, c in request.messages if r == "system"]
-        messages = [{"role": r, "content": c} for r, c in request.messages if r != "system"]
+        messages = [{"role": r, "content": _cached_blocks(c)} for r, c in request.messages if r != "system"]
         kwargs: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "max_tokens": p.max_new_tokens,
         }
         if system:
-            kwargs["system"] = "\n\n".join(system)
+            kwargs["system"] = _system(system, marked=any(not isinstance(m["content"], str) for m in messages))
         unsupported = sorted(p.set_fields() - PROVIDERS["anthropic"].params)
         if unsupported:
             # The panel refuses these at load; a request built elsewhere must not have them dropped silently.
@@ -96,10 +106,15 @@ class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
         extra: dict[str, Any] = {"response_id": message_id, "stop_reason": stop_reason}
         if fell_back:
             extra["structured_fallback"] = fell_back
+        # Anthropic's input_tokens leaves out what was written to or read from its prompt cache.
+        written = int(getattr(usage, "cache_creation_input_tokens", 0) or 0)
+        read = int(getattr(usage, "cache_read_input_tokens", 0) or 0)
         return Completion(
             text=text,
             finish_reason=_FINISH.get(stop_reason or "", stop_reason),
-            input_tokens=int(getattr(usage, "input_tokens", 0) or 0),
+            input_tokens=int(getattr(usage, "input_tokens", 0) or 0) + written + read,
+            cached_input_tokens=read,
+            cache_write_tokens=written,
             output_tokens=int(getattr(usage, "output_tokens", 0) or 0),
             model=msg.model or None,
             request_id=request_id or message_id,
@@ -111,6 +126,24 @@ class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
         if isinstance(exc, anthropic.APIStatusError):
             return self.status_error(exc.status_code, exc.response.headers, body_message(exc.body))
         return classify_sdk_failure(self, exc, anthropic)
+
+
+def _system(parts: list[str], marked: bool) -> str | list[dict[str, Any]]:
+    """The system prompt; a breakpoint of its own only when no message carries one and it is long
+    enough to be cached at all (Anthropic caches no prefix under 1,024 tokens, about 4,096 characters)."""
+    text = "\n\n".join(parts)
+    if marked or len(text) < _MIN_CACHED_CHARS:
+        return text
+    return [{"type": "text", "text": text, "cache_control": _EPHEMERAL}]
+
+
+def _cached_blocks(content: str) -> str | list[dict[str, Any]]:
+    """A message's content, with a cache breakpoint after its stable prefix when it has one."""
+    split = split_at_cache_break(content)
+    if split is None:
+        return content
+    stable, rest = split
+    return [{"type": "text", "text": stable, "cache_control": _EPHEMERAL}, {"type": "text", "text": rest}]
 
 
 def _read_content(blocks: list[Any], forced_tool: bool, wrapped: bool) -> tuple[str, str, str | None]:

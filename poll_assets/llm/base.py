@@ -17,6 +17,17 @@ ErrorKind = Literal[
     "auth", "not_found", "bad_request", "rate_limit", "server", "timeout", "connection", "malformed", "other"
 ]
 
+# The line where a prompt's per-request part starts: prompt builders put everything stable (rubric,
+# format) before it, so providers cache that prefix; Anthropic gets a cache breakpoint there.
+CACHE_BREAK = "## Material"
+
+
+def split_at_cache_break(content: str) -> tuple[str, str] | None:
+    """(stable prefix, the rest) of a message holding CACHE_BREAK on a line of its own, else None."""
+    at = content.find(f"\n{CACHE_BREAK}\n")
+    return (content[:at], content[at:]) if at > 0 else None
+
+
 # Kinds worth another attempt; the rest would fail the same way again.
 RETRYABLE_KINDS: frozenset[str] = frozenset({"rate_limit", "server", "timeout", "connection", "malformed"})
 
@@ -93,6 +104,10 @@ class Completion:
     error: str | None = None
     error_kind: str | None = None
     call_id: str = ""
+    # Input tokens the provider served from its prompt cache (OpenAI, Anthropic reads) and wrote to it
+    # (Anthropic); both are included in input_tokens, which counts every input token of the call.
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

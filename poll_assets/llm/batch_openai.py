@@ -15,7 +15,7 @@ from openai.types.chat import ChatCompletion
 
 from poll_assets.llm.base import CallRequest, Completion, ProviderError
 from poll_assets.llm.batch import CANCELED, EXPIRED, BatchItem, BatchState, BatchTransport, sdk_call
-from poll_assets.llm.openai_api import OpenAIChatBackend
+from poll_assets.llm.openai_api import OpenAIChatBackend, cached_prompt_tokens
 from poll_assets.llm.remote import body_message, schema_name
 
 ENDPOINT = "/v1/chat/completions"
@@ -104,6 +104,7 @@ class OpenAIBatchTransport(BatchTransport):
             text=text,
             finish_reason=choice.finish_reason,
             input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            cached_input_tokens=cached_prompt_tokens(usage),
             output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
             model=out.model or None,
             request_id=request_id or out.id,

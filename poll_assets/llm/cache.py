@@ -177,6 +177,8 @@ class CacheStore(Protocol):
 
     def count(self) -> int: ...
 
+    def output_tokens(self, provider: str, model: str) -> tuple[int, float]: ...  # answers, mean output tokens
+
     def close(self) -> None: ...
 
 
@@ -278,6 +280,16 @@ class SqliteStore:
 
     def release(self, key: str, owner: str) -> None:
         self._claim_sql("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner))
+
+    def output_tokens(self, provider: str, model: str) -> tuple[int, float]:
+        with self._lock:
+            try:
+                count, mean = self._connection().execute(
+                    "SELECT COUNT(*), AVG(json_extract(completion, '$.output_tokens')) FROM completions "
+                    "WHERE provider = ? AND model = ?", (provider, model)).fetchone()
+            except sqlite3.Error as exc:
+                raise CacheError(f"response cache {self.path}: read failed: {exc}") from exc
+        return int(count), float(mean or 0.0)
 
     def states(self, keys: list[str], since: float) -> tuple[set[str], dict[str, str]]:
         held: set[str] = set()
@@ -485,6 +497,11 @@ class ResponseCache:
 
     async def aflush(self) -> int:
         return await asyncio.to_thread(self.flush)
+
+    def output_tokens_seen(self, provider: str, model: str) -> tuple[int, float]:
+        """(answers stored, their mean output tokens) for one provider's model: what a cost estimate
+        expects that model to write per call."""
+        return self.store.output_tokens(provider, model)
 
     def __len__(self) -> int:
         return self.store.count()

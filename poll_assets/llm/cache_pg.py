@@ -134,6 +134,12 @@ class PostgresStore:
     def release(self, key: str, owner: str) -> None:
         self._run("claim release", f"DELETE FROM {CLAIMS} WHERE key = %s AND owner = %s", (key, owner))
 
+    def output_tokens(self, provider: str, model: str) -> tuple[int, float]:
+        rows = self._run("read", f"SELECT COUNT(*), AVG((completion::jsonb ->> 'output_tokens')::float) "
+                                 f"FROM {COMPLETIONS} WHERE provider = %s AND model = %s", (provider, model))
+        count, mean = rows[0]
+        return int(count), float(mean or 0.0)
+
     def states(self, keys: list[str], since: float) -> tuple[set[str], dict[str, str]]:
         # One statement reads both tables in one snapshot.
         rows = self._run(

@@ -97,6 +97,7 @@ class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
             text=text,
             finish_reason=choice.finish_reason,
             input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            cached_input_tokens=cached_prompt_tokens(usage),
             output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
             model=out.model or None,
             request_id=raw.headers.get("x-request-id") or response_id,
@@ -119,6 +120,12 @@ def response_format(form: str, schema: dict[str, Any]) -> dict[str, Any] | None:
     if form == "json_object":
         return {"type": "json_object", "schema": schema}
     return None
+
+
+def cached_prompt_tokens(usage: Any) -> int:
+    """Prompt tokens OpenAI served from its automatic prefix cache (part of prompt_tokens)."""
+    details = getattr(usage, "prompt_tokens_details", None)
+    return int(getattr(details, "cached_tokens", 0) or 0)
 
 
 def _safe_text(response: httpx2.Response) -> str:

@@ -28,10 +28,11 @@ from poll_assets.llm.base import (
     ProviderError,
     request_key,
 )
+from poll_assets.llm.budget import MemberBudget
 from poll_assets.llm.cache import DEFAULT_CLAIM_TTL_S, CacheError, ResponseCache, call_holding, default_owner
 from poll_assets.llm.limits import PROVIDER_LIMITS, BatchStopped, CallLimits, estimate_tokens
 from poll_assets.llm.policy import CallPolicy, RetryPolicy
-from poll_assets.llm.pricing import Price
+from poll_assets.llm.pricing import Price, TokenUsage
 
 __all__ = ["BatchAbortedError", "CallBatch", "CallPolicy", "CallStats", "RetryPolicy", "attempt", "run_calls"]
 
@@ -45,11 +46,16 @@ class CallStats:
     failures: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_input_tokens: int = 0  # part of input_tokens: read from the provider's prompt cache
+    cache_write_tokens: int = 0  # part of input_tokens: written to it (Anthropic)
     retries: int = 0
     elapsed_s: float = 0.0
     rate_limited: int = 0  # 429s the member got
     concurrency: float = 0.0  # the size its concurrency window settled at (0: no call was made)
     batches: list[dict[str, Any]] = field(default_factory=list)  # batch mode: the provider batches used
+    # The fresh calls' tokens by how they were billed: online, or through a provider's batch API.
+    online_usage: TokenUsage = field(default_factory=TokenUsage)
+    batch_usage: TokenUsage = field(default_factory=TokenUsage)
 
     def add(self, c: Completion) -> None:
         if c.cached:
@@ -59,12 +65,22 @@ class CallStats:
             self.retries += max(0, c.attempts - 1)
             self.input_tokens += c.input_tokens
             self.output_tokens += c.output_tokens
+            self.cached_input_tokens += c.cached_input_tokens
+            self.cache_write_tokens += c.cache_write_tokens
+            usage = self.batch_usage if "batch_id" in c.extra else self.online_usage
+            usage.add(c.input_tokens, c.output_tokens, c.cached_input_tokens, c.cache_write_tokens)
         if not c.ok:
             self.failures += 1
 
     def cost_usd(self, price: Price | None) -> float | None:
-        """What this batch's fresh calls cost at `price` (cache hits are free); None without a price."""
+        """What this batch's fresh calls cost at `price` online and uncached (cache hits are free); None without a price."""
         return None if price is None else price.cost_usd(self.input_tokens, self.output_tokens)
+
+    def paid_usd(self, price: Price | None) -> float | None:
+        """What the fresh calls were billed: prompt-cache reads and writes and batch calls at their rates."""
+        if price is None:
+            return None
+        return price.usage_cost_usd(self.online_usage) + price.usage_cost_usd(self.batch_usage, batch=True)
 
 
 @dataclass
@@ -279,6 +295,8 @@ class _Sender:
     ends without one.
     """
 
+    budget: MemberBudget | None = None  # the run's spending cap, when the panel sets one
+
     def __init__(self, backend: ChatBackend, policy: CallPolicy, cache: ResponseCache | None,
                  report: _Progress, seed: int | None) -> None:
         self.backend = backend
@@ -319,9 +337,11 @@ class _Sender:
                 if not t.done():
                     t.cancel()
 
-    def _settle(self, key: str, c: Completion) -> None:
-        self.results[key] = c
-        self.report.record(c)
+    def _settle(self, key: str | None, c: Completion | None) -> None:
+        """One call is over: its completion, or none (it was not started: over the run's budget)."""
+        if key is not None and c is not None:
+            self.results[key] = c
+            self.report.record(c)
         self.open_calls -= 1
         if self.open_calls == 0:
             for _ in range(self.n_workers):
@@ -330,7 +350,13 @@ class _Sender:
     async def _worker(self) -> None:
         while (item := await self.queue.get()) is not None:
             key, request = item
+            held = await self.budget.reserve(request) if self.budget is not None else 0.0
+            if held is None:
+                self._settle(None, None)  # it would pass the run's budget: not started (run_calls says so)
+                continue
             c = await self._call_once(key, request)
+            if self.budget is not None:  # an answer paid elsewhere, or not yet come, costs nothing here
+                self.budget.settle(held, c if c is not None and not c.cached else Completion(text=None, call_id=key))
             if c is not None:
                 self._settle(key, c)
 
@@ -550,6 +576,7 @@ async def run_calls(
     label: str | None = None,
     progress_every_s: float = 5.0,
     seed: int | None = None,
+    budget: MemberBudget | None = None,
 ) -> CallBatch:
     """Run the requests under the policy; one Completion per request, in order.
 
@@ -574,7 +601,10 @@ async def run_calls(
         if progress:
             progress(_start_line(label, backend, policy, len(keys), len(hits), len(todo)))
         sender = _Sender(backend, policy, cache, report, seed)
+        sender.budget = budget
         results.update(await _send(sender, todo, len(hits), label))
+        if budget is not None and budget.refused:
+            raise budget.exceeded(label, len(hits) + sender.written, cache is not None and cache.writes)
     batch = CallBatch(_in_request_order(keys, first_index, results), member=backend.member,
                       provider=backend.provider, model=backend.model, label=label,
                       cache_writes=cache is not None and cache.writes)

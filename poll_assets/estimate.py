@@ -1,0 +1,171 @@
+"""What a partition will cost, before any model is called: calls per member, input tokens counted
+from the prompts the stages would build, expected output tokens, what the response cache already
+holds, and the bill online and through a batch API.
+
+Tokens are counted without a tokenizer (`llm.tokens`: a token per digit, the other characters / 4,
+a few per message, the JSON schema included); the README gives its measured error.
+Judges' prompts hold the generations: an answer already in the response cache is used as it is,
+and one not yet made is stood in for by a filler of the generator's expected output length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from poll_assets.assets.generations import generation_messages
+from poll_assets.assets.judging import plan_judge_task
+from poll_assets.llm.base import CallRequest, Completion, request_key
+from poll_assets.llm.cache import ResponseCache
+from poll_assets.llm.tokens import request_input_tokens
+from poll_assets.panel import Member, Panel
+from poll_assets.partitions import shard_bounds
+from poll_assets.prompt_source import load_instructions, select_shard
+from poll_assets.rubrics.ultrafeedback import Rubric, get_rubric
+
+_FILLER = "abc "  # four characters: one estimated token per repeat
+
+
+@dataclass
+class MemberEstimate:
+    """One member's calls for a partition. Token and dollar figures are for the calls not cached."""
+
+    member: str
+    role: str  # "generator" or "judge"
+    provider: str
+    model: str
+    calls: int
+    cached_calls: int  # already answered in the response cache: free
+    input_tokens: int
+    output_tokens: int
+    output_basis: str  # where output_tokens comes from
+    online_usd: float | None = None  # None: the panel states no price for the model
+    batch_usd: float | None = None  # None: no batch rate known for it
+    note: str = ""
+
+    @property
+    def to_call(self) -> int:
+        return self.calls - self.cached_calls
+
+
+@dataclass
+class Estimate:
+    partitions: list[str]
+    members: list[MemberEstimate] = field(default_factory=list)
+
+    def total(self, name: str) -> float | None:
+        """Sum of a dollar column; None when some member has no figure for it."""
+        values = [getattr(m, name) for m in self.members]
+        return None if any(v is None for v in values) else float(sum(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"partitions": self.partitions, "members": [asdict(m) for m in self.members],
+                "online_usd": self.total("online_usd"), "batch_usd": self.total("batch_usd")}
+
+
+def expected_output(member: Member, cache: ResponseCache | None) -> tuple[float, str]:
+    """Output tokens per call: the mean of the member's answers in the response cache, else the
+    member's max_new_tokens (an upper bound); and which of the two it is."""
+    seen, mean = cache.output_tokens_seen(member.provider, member.model) if cache is not None else (0, 0.0)
+    if seen:
+        return min(mean, member.params.max_new_tokens), f"mean of {seen} cached answers"
+    return float(member.params.max_new_tokens), "max_new_tokens bound (no cached answers yet)"
+
+
+def _cached(member: Member, requests: Sequence[CallRequest], cache: ResponseCache | None) -> dict[int, Completion]:
+    """The requests (by index) the response cache already answers."""
+    if cache is None or not cache.reads or not requests:
+        return {}
+    keys = [request_key(member.provider, member.model, member.base_url, r) for r in requests]
+    found = cache.get_many(keys)
+    return {i: found[k] for i, k in enumerate(keys) if k in found}
+
+
+def _member_estimate(member: Member, role: str, panel: Panel, requests: Sequence[CallRequest],
+                     cache: ResponseCache | None, note: str = "") -> MemberEstimate:
+    hits = _cached(member, requests, cache)
+    todo = [r for i, r in enumerate(requests) if i not in hits]
+    per_call, basis = expected_output(member, cache)
+    est = MemberEstimate(member.name, role, member.provider, member.model, len(requests), len(hits),
+                         sum(request_input_tokens(r) for r in todo), round(per_call * len(todo)), basis, note=note)
+    price = panel.price_of(member)
+    if price is not None:
+        est.online_usd = price.cost_usd(est.input_tokens, est.output_tokens)
+        est.batch_usd = price.batch_cost_usd(est.input_tokens, est.output_tokens)
+    return est
+
+
+def generator_requests(member: Member, instructions: Iterable[str]) -> list[CallRequest]:
+    """The generator's requests, as `assets.generations.generate` builds them."""
+    params = member.params.to_generation_params()
+    return [CallRequest.build(generation_messages(member, text), params) for text in instructions]
+
+
+def _likely_generations(panel: Panel, prompts: pd.DataFrame, cache: ResponseCache | None) -> tuple[pd.DataFrame, int, int]:
+    """combined_generations as it will likely be: cached answers where there are some, fillers of
+    the expected length elsewhere; and (answers from the cache, all answers)."""
+    columns, from_cache = [], 0
+    for g in panel.generators:
+        requests = generator_requests(g, prompts["instruction"])
+        hits = _cached(g, requests, cache)
+        filler = _FILLER * max(1, round(expected_output(g, cache)[0]))
+        columns.append([hits[i].text if i in hits and hits[i].text else filler for i in range(len(requests))])
+        from_cache += len(hits)
+    generations = [list(row) for row in zip(*columns)] if columns else [[] for _ in range(len(prompts))]
+    combined = pd.DataFrame({"prompt_id": list(prompts["prompt_id"]), "instruction": list(prompts["instruction"]),
+                             "generations": generations})
+    return combined, from_cache, len(panel.generators) * len(prompts)
+
+
+def estimate_prompts(panel: Panel, prompts: pd.DataFrame, cache: ResponseCache | None,
+                     rubric: Rubric | None = None, partitions: Sequence[str] = ()) -> Estimate:
+    """The estimate for one frame of prompts (one partition, or several concatenated)."""
+    rubric = rubric or get_rubric(panel.judging.aspect)
+    out = Estimate(list(partitions))
+    for g in panel.generators:
+        out.members.append(_member_estimate(g, "generator", panel, generator_requests(g, prompts["instruction"]), cache))
+    combined, known, total = _likely_generations(panel, prompts, cache)
+    note = f"judge prompts built with {known} of {total} generations from the cache, the rest at their expected length"
+    for j in panel.judges:
+        tasks = [plan_judge_task(row, j, panel, rubric) for _, row in combined.iterrows()]
+        requests = [t.request for t in tasks if t.request is not None]
+        out.members.append(_member_estimate(j, "judge", panel, requests, cache, note))
+    return out
+
+
+def partition_prompts(panel: Panel, panel_path: Path, key: str) -> pd.DataFrame:
+    """The prompts of one partition, read as the `prompts` asset reads them."""
+    start, end = shard_bounds(key, panel.source)
+    return select_shard(load_instructions(panel.source, panel_path.parent, end), start, end).rows
+
+
+def format_estimate(est: Estimate) -> str:
+    """A plain-text table of the estimate, one line per member, then the totals."""
+    def usd(v: float | None) -> str:
+        return "n/a" if v is None else f"${v:,.4f}"
+
+    head = f"{'member':<16} {'role':<9} {'calls':>6} {'cached':>6} {'input tok':>10} {'output tok':>10} {'online':>11} {'batch':>11}  output tokens from"
+    lines = [f"estimate for {', '.join(est.partitions) or 'the given prompts'} (no model called; uncached prices)", head]
+    for m in est.members:
+        lines.append(f"{m.member:<16} {m.role:<9} {m.calls:>6} {m.cached_calls:>6} {m.input_tokens:>10,} "
+                     f"{m.output_tokens:>10,} {usd(m.online_usd):>11} {usd(m.batch_usd):>11}  {m.output_basis}")
+    calls = sum(m.calls for m in est.members)
+    cached = sum(m.cached_calls for m in est.members)
+    lines.append(f"{'total':<26} {calls:>6} {cached:>6} {sum(m.input_tokens for m in est.members):>10,} "
+                 f"{sum(m.output_tokens for m in est.members):>10,} {usd(est.total('online_usd')):>11} "
+                 f"{usd(est.total('batch_usd')):>11}")
+    notes = sorted({m.note for m in est.members if m.note})
+    unpriced = sorted({m.model for m in est.members if m.online_usd is None})
+    lines += [f"note: {n}" for n in notes]
+    if unpriced:
+        lines.append(f"note: no price in the panel's prices: for {unpriced}")
+    if cached:
+        lines.append(f"note: {cached} calls are answered in the response cache and cost nothing")
+    return "\n".join(lines)
+
+
+__all__ = ["Estimate", "MemberEstimate", "estimate_prompts", "format_estimate", "partition_prompts"]

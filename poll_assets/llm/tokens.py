@@ -1,0 +1,31 @@
+"""Tokens counted without a tokenizer, for cost estimates and the budget's worst case.
+
+Characters / 4 is the usual rule for English prose, but digits break it: the open models' tokenizers
+(Llama, Mistral, Gemma, SmolLM) spend one token per digit, and prompts here carry hex ids and
+numbers. So: one token per digit, plus the other characters / 4, plus a few tokens per message for
+the chat format. README ("Prices, estimate, budget") gives the measured error against a real tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from poll_assets.llm.base import CallRequest
+
+CHARS_PER_TOKEN = 4
+PER_MESSAGE_TOKENS = 4  # role markers and separators of the chat format
+
+
+def approx_tokens(text: str) -> int:
+    digits = sum(c.isdigit() for c in text)
+    return math.ceil((len(text) - digits) / CHARS_PER_TOKEN) + digits
+
+
+def request_input_tokens(request: CallRequest) -> int:
+    """The request's input tokens: its messages in the chat format, and its JSON schema (providers
+    bill the structured-output schema or tool definition as input)."""
+    tokens = sum(approx_tokens(content) + PER_MESSAGE_TOKENS for _, content in request.messages)
+    if request.json_schema is not None:
+        tokens += approx_tokens(json.dumps(request.json_schema))
+    return tokens
