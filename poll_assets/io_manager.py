@@ -55,6 +55,24 @@ def read_partition(base_dir: str | UPath, key: dg.AssetKey, partition: str) -> p
         return pd.read_parquet(f)
 
 
+def write_parquet(frame: pd.DataFrame, path: UPath) -> None:
+    """Write `frame` so that a reader never sees a half-written file: on a local disk through a
+    temporary file renamed into place (two runs of one shard may write it while a third reads it);
+    object stores publish an object only when its upload completes."""
+    if path.protocol not in ("", "file", "local"):
+        with path.open("wb") as f:
+            frame.to_parquet(f, index=False)
+        return
+    target = Path(path.path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class ParquetIOManager(dg.UPathIOManager):
     """Reads and writes one Parquet file per partition. A run of several shards (a backfill range)
     hands it {shard: frame}; it writes each shard's file, and records each shard's path on that
@@ -83,8 +101,7 @@ class ParquetIOManager(dg.UPathIOManager):
         return None
 
     def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame, path: UPath) -> None:
-        with path.open("wb") as f:
-            obj.to_parquet(f, index=False)
+        write_parquet(obj, path)
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame:
         with path.open("rb") as f:

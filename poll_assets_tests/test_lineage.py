@@ -162,3 +162,20 @@ def test_trail_cli_text_json_and_error(shard, capsys):
     assert json.loads(capsys.readouterr().out)["prompt_id"] == pid
     assert cli.main(["trail", "0123456789", "--storage", str(storage)]) == 2
     assert "poll-assets trail: prompt id '0123456789' is not in" in capsys.readouterr().err
+
+
+def test_parquet_writes_replace_the_file_whole(tmp_path):
+    """A reader of a partition file sees the old frame or the new one, never an empty or partial
+    file: the IO manager writes beside it and renames it into place."""
+    import pandas as pd
+    from upath import UPath
+
+    from poll_assets.io_manager import write_parquet
+
+    path = UPath(tmp_path / "asset" / "shard-00000.parquet")
+    write_parquet(pd.DataFrame({"a": [1, 2]}), path)
+    inode_before = (tmp_path / "asset" / "shard-00000.parquet").stat().st_ino
+    write_parquet(pd.DataFrame({"a": [3]}), path)
+    assert list(pd.read_parquet(tmp_path / "asset" / "shard-00000.parquet")["a"]) == [3]
+    assert (tmp_path / "asset" / "shard-00000.parquet").stat().st_ino != inode_before  # replaced, not truncated
+    assert sorted(p.name for p in (tmp_path / "asset").iterdir()) == ["shard-00000.parquet"]  # no temp left

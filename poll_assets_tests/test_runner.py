@@ -155,9 +155,12 @@ def test_unclassified_backend_exception_stops_batch_with_context(tmp_path):
         run(with_policy(backend, max_concurrency=1), make_requests(10), cache=cache, label="gen/x")
     msg = str(info.value)
     assert msg.startswith("gen/x: member 'fake_member'") and "KeyError" in msg
-    assert "3 completed calls are cached" in msg
+    # The calls before q3 finished and are cached, and the message says exactly how many the cache
+    # holds (with the lease's thread hops, the call queued after q3 may or may not have begun).
+    cached = len(ResponseCache(tmp_path / "c.sqlite"))
+    assert cached >= 2 and f"{cached} completed calls are cached" in msg
     assert isinstance(info.value.__cause__, KeyError)
-    assert backend.total_calls == 4
+    assert 4 <= backend.total_calls <= cached + 2  # q3 itself, and at most one call that was cut short
 
 
 def test_all_failed_and_failure_message():

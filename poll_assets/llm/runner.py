@@ -324,7 +324,12 @@ class _Sender:
         ticker = asyncio.create_task(self.report.ticker())
         try:
             done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
-            failures = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+            failures = _raised(done)
+            if failures and all(isinstance(f, BatchStopped) for f in failures):
+                # A worker stopped by the batch's stop finished first; the one whose error stopped it
+                # is still unwinding (its lease release): let it finish, so its error is not lost.
+                failures += await _unwinding(pending)
+                pending = {t for t in pending if not t.done()}
             if failures:
                 # Abandon calls in flight or waiting; what already came back is queued for the cache.
                 for t in pending:
@@ -471,6 +476,23 @@ class _Sender:
             pass
 
 
+def _raised(done: set[asyncio.Task[None]]) -> list[BaseException]:
+    return [t.exception() for t in done if not t.cancelled() and t.exception() is not None]  # type: ignore[misc]
+
+
+async def _unwinding(pending: set[asyncio.Task[None]], within_s: float = 5.0) -> list[BaseException]:
+    """The errors of workers that end within `within_s`, up to the first that is not a BatchStopped."""
+    found: list[BaseException] = []
+    deadline = time.monotonic() + within_s
+    while pending and not any(not isinstance(f, BatchStopped) for f in found):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        done, pending = await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_EXCEPTION)
+        found += _raised(done)
+    return found
+
+
 class _Lease:
     """This batch's side of the cache's lease: one owner id for every key it claims."""
 
@@ -501,7 +523,7 @@ def _stop_error(failures: list[BaseException], sender: _Sender, todo: int, compl
     fatal = next((e for e in failures if isinstance(e, FatalProviderError)), None)
     if fatal is None:
         # A backend bug or an error it failed to classify: stop, but keep what is cached.
-        bug = next(e for e in failures if not isinstance(e, BatchStopped))
+        bug = next((e for e in failures if not isinstance(e, BatchStopped)), failures[0])
         error: Exception = RuntimeError(
             f"{label}: {who}: the backend raised {type(bug).__name__} instead of a ProviderError: {bug}; "
             f"{_resume_note(completed, cache_writes)}"
@@ -541,7 +563,10 @@ async def _send(sender: _Sender, todo: list[tuple[str, CallRequest]], hits: int,
         sender.written = 0  # the message below must not promise cached calls that were not written
     if failures:
         fresh_ok = sum(1 for c in sender.results.values() if c.ok)
-        completed = (hits + sender.written) if cache_writes else hits + fresh_ok
+        # A worker cancelled right after its answer was handed to the cache has not counted it yet: the
+        # cache itself says how many of this batch's calls it now holds.
+        stored = len(await cache.aget_many(k for k, _ in todo)) if cache_writes and cache_error is None else 0
+        completed = (hits + max(sender.written, stored)) if cache_writes else hits + fresh_ok
         raise _stop_error(failures, sender, len(todo), completed, cache_writes, label)
     return sender.results
 
