@@ -54,7 +54,8 @@ def test_openai_reads_cached_tokens_and_the_response_cache_keeps_them(fake_llm, 
     policy = CallPolicy(max_concurrency=1)  # one at a time: the first call fills the provider's cache
     batch = asyncio.run(run_calls(res.backend(), policy, requests, cache))
     cached = [c.cached_input_tokens for c in batch.completions]
-    assert cached[0] == 0 and all(n > 0 for n in cached[1:])
+    # Whichever request reached the server first filled its cache (workers may take them in any order).
+    assert sorted(cached)[0] == 0 and all(n > 0 for n in sorted(cached)[1:])
     again = asyncio.run(run_calls(res.backend(), policy, requests, cache))
     assert all(c.cached for c in again.completions)
     assert [c.cached_input_tokens for c in again.completions] == cached

@@ -69,3 +69,15 @@ def test_a_frame_or_lineage_that_strays_from_the_schema_is_refused():
         s.output_metadata(pd.DataFrame({"b": ["x"], "a": [1]}))
     with pytest.raises(ValueError, match=r"thing: column lineage names columns it does not have: \['c'\]"):
         s.lineage({"c": []})
+
+
+def test_a_judges_description_names_the_rubric_version_as_the_readme_does():
+    """The UI showed `vif-1` while the README said `if-1`: the version is printed as itself."""
+    from poll_assets.panel import load_panel
+    from poll_assets.pipeline import build_definitions
+
+    panel, path = load_panel("local")
+    defs = build_definitions(panel, path)
+    judge = panel.judges[0]
+    spec = next(s for s in defs.resolve_all_asset_specs() if s.key.path == ["ratings", judge.name])
+    assert "(version if-1)" in spec.description and "vif-1" not in spec.description

@@ -273,7 +273,7 @@ def judge_code_version(member: Member, panel: Panel, rubric: Rubric) -> str:
 def _description(member: Member, rubric: Rubric) -> str:
     return (
         f"Verdicts of judge `{member.name}` ({member.provider}: {member.model}) on every generation, "
-        f"UltraFeedback {rubric.aspect} rubric v{rubric.version}: one rating (1-5 or None, with the reason) "
+        f"UltraFeedback {rubric.aspect} rubric (version {rubric.version}): one rating (1-5 or None, with the reason) "
         "and one rationale per generation, aligned with `generations`; the raw judge output is kept."
     )
 
@@ -392,7 +392,7 @@ async def judge(work: MemberContext, combined_generations: pd.DataFrame, *, rubr
         metadata={
             **RATING_COLUMNS.output_metadata(df),
             **call_metadata(with_repairs(batch.stats, repair_stats), member, panel),
-            "rubric": f"{rubric.aspect} v{rubric.version}",
+            "rubric": f"{rubric.aspect} (version {rubric.version})",
             "parse_failures": sum(v.kind == "parse_failed" for v in asked),
             "parse_failure_rate": dg.MetadataValue.float(parse_failure_rate(asked)),
             "judge_call_failures": sum(v.kind == "judge_failed" for v in asked),

@@ -15,7 +15,7 @@ from openai.types.chat import ChatCompletion
 
 from poll_assets.llm.base import CallRequest, Completion, ProviderError
 from poll_assets.llm.batch import CANCELED, EXPIRED, BatchItem, BatchState, BatchTransport, sdk_call
-from poll_assets.llm.openai_api import OpenAIChatBackend, cached_prompt_tokens
+from poll_assets.llm.openai_api import OpenAIChatBackend
 from poll_assets.llm.remote import body_message, schema_name
 
 ENDPOINT = "/v1/chat/completions"
@@ -93,24 +93,9 @@ class OpenAIBatchTransport(BatchTransport):
     def _completion(self, body: Any, mode: str, request_id: str | None) -> Completion:
         try:
             out = ChatCompletion.model_validate(body)
-            choice = out.choices[0]
-            text = choice.message.content
-        except (ValueError, TypeError, AttributeError, IndexError, KeyError, openai.OpenAIError) as exc:
+        except (ValueError, TypeError, openai.OpenAIError) as exc:
             raise self.backend.malformed(f"{type(exc).__name__} while reading a batch result") from None
-        if text is None:
-            raise self.backend.malformed("the batch result has no message content")
-        usage = out.usage
-        return Completion(
-            text=text,
-            finish_reason=choice.finish_reason,
-            input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-            cached_input_tokens=cached_prompt_tokens(usage),
-            output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-            model=out.model or None,
-            request_id=request_id or out.id,
-            output_mode=mode,
-            extra={"response_id": out.id},
-        )
+        return self.backend.read_completion(out, mode, request_id)
 
     async def cancel(self, batch_id: str) -> None:
         client = self.backend.client()

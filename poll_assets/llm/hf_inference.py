@@ -22,6 +22,7 @@ from poll_assets.llm.base import CallRequest, Completion, ProviderError
 from poll_assets.llm.remote import (
     FormNegotiation,
     RemoteBackend,
+    send_negotiated,
     body_message,
     classify_transport,
     schema_name,
@@ -96,16 +97,7 @@ class HFInferenceBackend(RemoteBackend[AsyncInferenceClient]):
         return {"messages": request.message_dicts(), "model": self.model, **request.params.chat_completion_kwargs()}
 
     async def _call(self, client: AsyncInferenceClient, request: CallRequest) -> Completion:
-        kwargs = self._kwargs(request)
-        schema = request.json_schema
-        if schema is None:
-            return await self._send(client, kwargs, "text")
-
-        async def send(form: str) -> Completion:
-            fmt = _response_format(form, schema)
-            return await self._send(client, {**kwargs, "response_format": fmt} if fmt else kwargs, form)
-
-        return await self.negotiation.run(send, self._refusal)
+        return await send_negotiated(self, request, lambda kwargs, form: self._send(client, kwargs, form), _response_format)
 
     def _refusal(self, exc: BaseException) -> str | None:
         """The server's words when `exc` is a capability refusal of the response_format, else None."""

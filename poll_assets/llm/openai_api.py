@@ -12,6 +12,7 @@ from poll_assets.llm.base import TEXT_FALLBACK, CallRequest, Completion, Provide
 from poll_assets.llm.remote import (
     FormNegotiation,
     RemoteBackend,
+    send_negotiated,
     body_message,
     classify_sdk_failure,
     schema_name,
@@ -53,16 +54,7 @@ class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
         return {"model": self.model, "messages": request.message_dicts(), **request.params.chat_completion_kwargs()}
 
     async def _call(self, client: openai.AsyncOpenAI, request: CallRequest) -> Completion:
-        kwargs = self._kwargs(request)
-        schema = request.json_schema
-        if schema is None:
-            return await self._send(client, kwargs, "text")
-
-        async def send(form: str) -> Completion:
-            fmt = response_format(form, schema)
-            return await self._send(client, {**kwargs, "response_format": fmt} if fmt else kwargs, form)
-
-        return await self.negotiation.run(send, self._refusal)
+        return await send_negotiated(self, request, lambda kwargs, form: self._send(client, kwargs, form), response_format)
 
     def _refusal(self, exc: BaseException) -> str | None:
         """The server's words when `exc` is a capability refusal of the response_format, else None."""
@@ -76,6 +68,14 @@ class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
             out = raw.parse()
             if isinstance(out, str):  # the SDK hands back text when the body is not JSON
                 raise ValueError("body is not JSON")
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+            raise self.malformed(f"{type(exc).__name__} while reading the chat completion") from None
+        return self.read_completion(out, form, raw.headers.get("x-request-id"))
+
+    def read_completion(self, out: Any, form: str, request_id: str | None) -> Completion:
+        """A chat completion as a Completion, online or from a batch. A paid 200 is kept whatever its
+        shape: a refusal or prose instead of JSON is read as text."""
+        try:
             choice = out.choices[0]
             content = choice.message.content
             refusal = getattr(choice.message, "refusal", None)
@@ -85,7 +85,6 @@ class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
             raise self.malformed(f"{type(exc).__name__} while reading the chat completion") from None
         if content is None and form == "text":
             raise self.malformed("the completion has no message content")
-        # A paid 200 is kept whatever its shape: a refusal or prose instead of JSON is read as text.
         if content is None and refusal:
             text, mode, fell_back = refusal, TEXT_FALLBACK, "the model refused (message.refusal)"
         else:
@@ -100,7 +99,7 @@ class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
             cached_input_tokens=cached_prompt_tokens(usage),
             output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
             model=out.model or None,
-            request_id=raw.headers.get("x-request-id") or response_id,
+            request_id=request_id or response_id,
             output_mode=mode,
             extra=extra,
         )

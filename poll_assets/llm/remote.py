@@ -434,3 +434,24 @@ def _connection_failed_under_aiohttp(exc: BaseException | None) -> bool:
     if not isinstance(exc, httpx2.ConnectTimeout) or cause is None:
         return False
     return type(cause).__module__.startswith("aiohttp") and "Timeout" not in type(cause).__name__
+
+
+async def send_negotiated(
+    backend: Any,
+    request: CallRequest,
+    send: Callable[[dict[str, Any], str], Awaitable[Completion]],
+    response_format_of: Callable[[str, dict[str, Any]], dict[str, Any] | None],
+) -> Completion:
+    """One chat-completions call: plain when the request has no JSON schema, else in the first
+    structured form the server accepts (`backend.negotiation`, which remembers it; a refusal is
+    recognised by `backend._refusal` and moves on to the next form instead of being retried)."""
+    kwargs = backend._kwargs(request)
+    schema = request.json_schema
+    if schema is None:
+        return await send(kwargs, "text")
+
+    async def in_form(form: str) -> Completion:
+        fmt = response_format_of(form, schema)
+        return await send({**kwargs, "response_format": fmt} if fmt else kwargs, form)
+
+    return await backend.negotiation.run(in_form, backend._refusal)
