@@ -50,7 +50,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         import boto3
         import moto.server  # noqa: F401
-        import s3fs  # noqa: F401
+        import s3fs
     except ImportError as exc:
         require(False, f"moto[server], s3fs and boto3 are needed for the S3 tests ({exc}); pip install -e '.[dev]'")
     port = free_port()
@@ -61,6 +61,9 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     endpoint = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in (*S3_ENV, "AWS_ENDPOINT_URL")}
     os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
+    # fsspec keeps one S3FileSystem per set of arguments, and the endpoint comes from the environment:
+    # a filesystem made for another module's server would still send there.
+    s3fs.S3FileSystem.clear_instance_cache()
     try:
         wait_for_port(port, proc, f"moto server (log: {log})")
         boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
