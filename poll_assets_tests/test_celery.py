@@ -193,7 +193,8 @@ def test_a_shard_runs_over_two_celery_workers_and_a_killed_worker_pays_nothing_t
           f"(in flight at the server just after the kill: {in_flight_at_kill}); by tag {stats['by_tag']}")
 
     # The answers are in the instance's own database, the shard's files in the bucket, and the
-    # re-run's steps ran on both live workers.
+    # re-run's steps ran on live workers only. Which of the two takes which step is Celery's
+    # choice: the re-run's steps are quick (their calls are cached), so one worker may take all.
     assert stored_rows(instance_db) == 4 * N_PROMPTS
     from poll_assets_tests.scaleout import forget_s3_listings
 
@@ -203,7 +204,8 @@ def test_a_shard_runs_over_two_celery_workers_and_a_killed_worker_pays_nothing_t
     for member in GENERATORS:
         assert stored_partitions(storage, dg.AssetKey(["generations", member])) == [PARTITION]
     run2_id = re.search(r"^([0-9a-f-]{36}) success$", run2.log_path.read_text(errors="replace"), re.M).group(1)
-    assert _workers_of(nodes.env, run2_id) == {"w2", "w3"}
+    workers = _workers_of(nodes.env, run2_id)
+    assert workers and workers <= {"w2", "w3"}, workers
 
 
 def _workers_of(env: dict[str, str], run_id: str) -> set[str]:
