@@ -9,7 +9,6 @@ each get the full rate, and Dagster pools are what bound how many of those run a
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from contextlib import asynccontextmanager
 
 from poll_assets.llm.base import CallRequest
 from poll_assets.llm.policy import CallPolicy
+from poll_assets.llm.tokens import request_input_tokens
 
 # What the provider's rate-limit headers said about the attempt running in this task: the runner
 # sets a fresh dict around each attempt, and an HTTP backend's response hook fills it in.
@@ -39,19 +39,10 @@ def note_rate_limit_headers(headers: Mapping[str, str]) -> None:
             return
 
 
-# Rough characters-per-token ratio for English; only used to pace calls before the real usage is known.
-CHARS_PER_TOKEN = 4
-PER_MESSAGE_OVERHEAD_TOKENS = 4
-
-
 def estimate_tokens(request: CallRequest) -> int:
     """Tokens a call may consume, counted the way providers charge a TPM budget up front:
-    the prompt (estimated from its length) plus the full `max_new_tokens` allowance."""
-    chars = sum(len(content) for _, content in request.messages)
-    if request.json_schema is not None:
-        chars += len(str(request.json_schema))
-    prompt = math.ceil(chars / CHARS_PER_TOKEN) + PER_MESSAGE_OVERHEAD_TOKENS * len(request.messages)
-    return prompt + request.params.max_new_tokens
+    the prompt (estimated, `tokens.request_input_tokens`) plus the full `max_new_tokens` allowance."""
+    return request_input_tokens(request) + request.params.max_new_tokens
 
 
 class TokenBucket:
