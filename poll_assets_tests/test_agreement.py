@@ -134,3 +134,21 @@ def test_agreement_metrics_are_one_number_per_pair_and_figure():
 
 def test_agreement_metrics_of_one_judge_is_empty():
     assert agreement_metrics(judge_agreement({"a": [1, 2, 3]})) == {}
+
+
+def test_kappa_and_tau_match_the_references_on_random_ratings_with_ties():
+    from poll_assets.agreement import kendall_tau_b, quadratic_kappa
+
+    rng = np.random.default_rng(7)
+    checked = 0
+    for _ in range(300):
+        n = int(rng.integers(2, 30))
+        domain = [1, 2, 3, 4, 5][: int(rng.integers(2, 6))]
+        a, b = [int(v) for v in rng.choice(domain, n)], [int(v) for v in rng.choice(domain, n)]
+        if len(set(a)) < 2 or len(set(b)) < 2:
+            assert np.isnan(kendall_tau_b(a, b))  # a constant list: tau-b is undefined
+            continue
+        assert quadratic_kappa(a, b, [1, 2, 3, 4, 5]) == pytest.approx(ref_quadratic_kappa(a, b, [1, 2, 3, 4, 5]))
+        assert kendall_tau_b(a, b) == pytest.approx(ref_kendall_tau_b(a, b))
+        checked += 1
+    assert checked > 200
