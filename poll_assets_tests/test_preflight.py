@@ -12,6 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 from dagster._serdes import serialize_value
 
 from poll_assets.llm.preflight import (
@@ -259,3 +260,26 @@ def test_multiprocess_run_fails_in_its_first_paid_step_naming_a_judge(tmp_path, 
 def test_not_ready_line_reads_as_one_sentence():
     line = NotReady("gpt", "openai", "environment variable OPENAI_API_KEY is not set or empty", "Export it.").line()
     assert line == "- gpt (openai): environment variable OPENAI_API_KEY is not set or empty. Export it."
+
+
+def test_models_are_listed_once_per_run_and_not_at_all_when_the_cache_answers_everything(tmp_path, fake_llm, monkeypatch):
+    for var in KEY_VARS:
+        monkeypatch.setenv(var, CANARY)
+    home = make_dagster_home(tmp_path / "home")
+    path, raw = paper_on_fake(tmp_path, fake_llm.url)
+    raw.pop("cache")  # the default: read and write the response cache
+    path.write_text(yaml.safe_dump(raw))
+    panel, _ = load_panel(path)
+    defs = build_definitions(panel, path, storage_dir=str(tmp_path / "storage"), cache_path=str(home / "c.sqlite"))
+    job = defs.resolve_implicit_global_asset_job_def()
+    instance = dg.DagsterInstance.local_temp(str(home))
+    listing = {tag_of(m) for m in (*raw["generators"], *raw["judges"]) if m["provider"] in ("openai", "anthropic")}
+    assert listing  # the paper panel has members whose models can be listed
+
+    assert job.execute_in_process(partition_key=PARTITION, instance=instance, raise_on_error=False).success
+    # Two paid steps in one process: each listing member was asked once, before the first call.
+    assert fake_llm.stats()["total"] > 0 and fake_llm.stats()["model_lists"] == {t: 1 for t in listing}
+
+    fake_llm.reset()
+    assert job.execute_in_process(partition_key=PARTITION, instance=instance, raise_on_error=False).success
+    assert fake_llm.stats()["total"] == 0 and fake_llm.stats()["model_lists"] == {}

@@ -1,15 +1,19 @@
-"""The preflight inside a run: the first thing every LLM stage step does, before any call.
+"""The preflight inside a run: every LLM stage step checks the run's members before any call.
 
 Every step that calls a provider checks ALL the panel members the run will call, not only its own,
 so whichever paid step starts first (under any executor, in a full run, a subset run or a
-re-execution) fails before the run pays for anything when one member is not ready. The checks
-themselves are `poll_assets.llm.preflight`; this module only finds the run's members.
+re-execution) fails before the run pays for anything when one member is not ready. It is done in
+two parts: the offline checks (keys, base URLs, weights files) when the step starts, and the model
+listing only when the step is about to make its first call the response cache cannot answer. So a
+re-run that the cache serves whole asks no provider anything (and imports no SDK), and a run lists
+the models once per process, not once per step. The checks themselves are `poll_assets.llm.preflight`;
+this module only finds the run's members.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import dagster as dg
 
@@ -36,14 +40,36 @@ def run_members(context: dg.AssetExecutionContext, panel: Panel) -> list[Member]
     return [m for m in panel.members if m.name in names]
 
 
-def preflight_run(context: dg.AssetExecutionContext, panel: Panel, own: Sequence[Member]) -> None:
-    """Fail the step (and so the run) naming every member of the run that is not ready. `own`: the
-    step's own members, always checked, whatever the job's layout says."""
+# Runs whose members' models this process has already listed (the in-process executor runs every
+# step of a run in one process: the judges' step need not ask again).
+_MODELS_LISTED: set[str] = set()
+
+
+def preflight_run(context: dg.AssetExecutionContext, panel: Panel, own: Sequence[Member]) -> Callable[[], None]:
+    """Fail the step (and so the run) naming every member of the run whose key, base URL or weights
+    are not ready. `own`: the step's own members, always checked, whatever the job's layout says.
+    Returns the model check, to be called before the step's first call that the cache cannot answer:
+    it fails the same way, naming every member whose model the provider does not list."""
     in_run = {m.name for m in [*run_members(context, panel), *own]}
     members = [m for m in panel.members if m.name in in_run]
+    _fail_if_not_ready(lambda: preflight(members, os.environ, check_models=False))
+    names = ", ".join(m.name for m in members)
+    context.log.info(f"preflight: the keys and URLs of the {len(members)} members of this run are set: {names}")
+    run_id = context.run.run_id
+
+    def check_models() -> None:
+        if run_id in _MODELS_LISTED:
+            return
+        _fail_if_not_ready(lambda: preflight(members, os.environ))
+        _MODELS_LISTED.add(run_id)
+        context.log.info(f"preflight: the {len(members)} members of this run are ready to be called: {names}")
+
+    return check_models
+
+
+def _fail_if_not_ready(check: Callable[[], None]) -> None:
     try:
-        preflight(members, os.environ)
+        check()
     except PreflightError as exc:
         raise dg.Failure(description=str(exc), metadata={"not_ready": dg.MetadataValue.json(exc.members)},
                          allow_retries=False) from None
-    context.log.info(f"preflight: {len(members)} members of this run are ready: {', '.join(m.name for m in members)}")

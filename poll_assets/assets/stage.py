@@ -103,11 +103,15 @@ class BackendGate:
     """A stage's members build their provider clients only when some of their calls are not cached
     (building one imports its SDK: seconds for some, and llama.cpp loads its weights), and all of
     them before any member sends: an import on the event loop would stall every call in flight. So
-    a warm re-run imports no SDK, and a cold run imports them all before the first request."""
+    a warm re-run imports no SDK, and a cold run imports them all before the first request. The
+    step's check before its first paid call (`before_paying`: the preflight's model listing) runs
+    here too, once, for whichever members will send."""
 
-    def __init__(self, members: int):
+    def __init__(self, members: int, before_paying: Callable[[], None] | None = None):
         self._waiting = members
         self._open = asyncio.Event()
+        self._before_paying = before_paying
+        self._checked: asyncio.Future[None] | None = None
 
     async def passed(self) -> None:
         """This member has said whether it needs its client; wait until every member has."""
@@ -119,6 +123,15 @@ class BackendGate:
         self._waiting -= 1
         if self._waiting <= 0:
             self._open.set()
+
+    async def cleared_to_pay(self) -> None:
+        """This member is about to make calls the cache cannot answer: the check runs once (in a
+        thread: it may call the network), and every member that pays waits for it, or fails with it."""
+        if self._before_paying is None:
+            return
+        if self._checked is None:
+            self._checked = asyncio.ensure_future(asyncio.to_thread(self._before_paying))
+        await asyncio.shield(self._checked)
 
 
 class CacheOnlyBackend(ChatBackend):
@@ -156,6 +169,7 @@ class MemberCalls:
             raise
         await self.gate.passed()
         if backend is None:
+            await self.gate.cleared_to_pay()
             backend = member_backend(self.resource)  # every member builds before any member sends
         if self.turn is None:
             return await self._calls(backend, requests)
@@ -280,10 +294,10 @@ def run_stage_step(
     in one batch), and each shard's checks run on its output (see `run_stage`)."""
     cache: ResponseCacheResource = context.resources.response_cache
     selected = [m for m in members if key_of(m) in context.selected_asset_keys]
-    preflight_run(context, panel, selected)
+    check_models = preflight_run(context, panel, selected)
     checks = context.selected_asset_check_keys
     frames = shard_frames(context, input_name, step_input)
-    gate = BackendGate(len(selected))
+    gate = BackendGate(len(selected), before_paying=check_models)
     # In-process models share the CPU (and llama.cpp's per-model lock): running them side by side
     # gains nothing and would start their call timeouts while they wait, so they take turns.
     local_turn = asyncio.Lock()
@@ -332,12 +346,18 @@ async def shard_outcomes(
     for _, exc in failed:
         if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: not ours to reword
             raise exc
-    if len(failed) == 1 or (failed and len(shards) == 1):
+    if len(failed) == 1 or (failed and len(shards) == 1) or _one_cause(e for _, e in failed):
         raise failed[0][1]
     if failed:
         lines = [f"- {s}: {exc.description if isinstance(exc, dg.Failure) else exc}" for s, exc in failed]
         raise dg.Failure(description=f"{label}: {len(failed)} of {len(shards)} shards failed:\n" + "\n".join(lines)) from failed[0][1]
     return dict(zip(shards, results))  # type: ignore[arg-type]
+
+
+def _one_cause(errors: Iterable[BaseException]) -> bool:
+    """Every failure is the same exception (one check that failed every member that would pay):
+    it is raised once, as it is, not listed once per member or shard."""
+    return len({id(e) for e in errors}) == 1
 
 
 def run_stage(
@@ -372,7 +392,7 @@ def run_stage(
     for member, exc in failed:
         if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: not ours to reword
             raise exc
-    if len(failed) == 1:
+    if len(failed) == 1 or _one_cause(e for _, e in failed):
         raise failed[0][1]
     lines = [f"- {m.name}: {exc.description if isinstance(exc, dg.Failure) else exc}" for m, exc in failed]
     raise dg.Failure(
