@@ -34,7 +34,8 @@ from poll_assets.llm.base import (
     ProviderError,
 )
 from poll_assets.llm.policy import CallPolicy, RetryPolicy
-from poll_assets.llm.remote import mentions_structured_output, parse_retry_after, safe_url, scrub
+from poll_assets.llm.redact import safe_url, scrub
+from poll_assets.llm.remote import mentions_structured_output, parse_retry_after
 from poll_assets.llm.providers import provider_spec
 from poll_assets.llm.preflight import PreflightError, preflight
 from poll_assets.llm.resources import ChatModelResource, MissingAPIKeyError, build_llm_resource, resource_key

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from poll_assets.llm.base import (
     RETRYABLE_KINDS,
@@ -38,8 +38,10 @@ from poll_assets.llm.batch_settings import BatchPolicy
 from poll_assets.llm.batch_store import BatchRecord, BatchStore
 from poll_assets.llm.cache import ResponseCache
 from poll_assets.llm.policy import CallPolicy
-from poll_assets.llm.remote import RemoteBackend
 from poll_assets.llm.runner import CallBatch, _in_request_order, run_calls
+
+if TYPE_CHECKING:  # the SDKs' HTTP client is imported only when a batch is sent
+    from poll_assets.llm.remote import RemoteBackend
 
 ProgressFn = Callable[[str], None]
 T = TypeVar("T")

@@ -20,7 +20,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from poll_assets.llm.providers import provider_spec
-from poll_assets.llm.remote import safe_url, scrub
+from poll_assets.llm.redact import safe_url, scrub
 from poll_assets.llm.resources import MemberConnection
 
 LIST_TIMEOUT_S = 5.0

@@ -16,7 +16,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any, Generic, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
 
@@ -30,47 +29,9 @@ from poll_assets.llm.base import (
     ProviderError,
 )
 from poll_assets.llm.limits import note_rate_limit_headers
+from poll_assets.llm.redact import safe_url, scrub
 
 ClientT = TypeVar("ClientT")
-
-# Token-looking strings that must not reach a message even if they are not *our* key
-# (a proxy may echo a header back, or a key from another variable may show up).
-_TOKEN_PATTERNS = [
-    re.compile(r"(?i)\bbearer\s+[^\s,;\"']+"),
-    re.compile(r"(?i)(x-api-key|api-key|api_key|authorization)([\"']?\s*[:=]\s*[\"']?)[^\s,;\"'}]+"),
-    re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}"),
-    re.compile(r"\bhf_[A-Za-z0-9]{6,}"),
-]
-_MAX_DETAIL = 300
-
-
-def scrub(text: str, secrets: tuple[str | None, ...] = ()) -> str:
-    """`text` with every given secret and anything shaped like a credential replaced by ***."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    for pattern in _TOKEN_PATTERNS:
-        if pattern.groups >= 2:
-            text = pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
-        else:
-            text = pattern.sub("***", text)
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
-
-
-def safe_url(url: str | None) -> str | None:
-    """A base URL fit for a message: no user:password part, no query string (either may hold a token)."""
-    if not url:
-        return None
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable base_url>"
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
 
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     """Seconds to wait, from `retry-after-ms`, `retry-after` in seconds, or `retry-after` as an HTTP date."""
