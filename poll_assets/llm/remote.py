@@ -315,10 +315,13 @@ class FormNegotiation:
 
     async def run(self, send: Callable[[str], Awaitable[Completion]], refusal: RefusalReader) -> Completion:
         """One call in the negotiated form; `refusal` says why an exception is a capability refusal (or None)."""
-        if self.settled:
-            return await self._walk(send, refusal)
-        async with self._probe_lock():
-            return await self._walk(send, refusal)
+        if not self.settled:
+            async with self._probe_lock():
+                if not self.settled:
+                    return await self._walk(send, refusal)
+        # Settled: calls go at once. (Calls that queued for the probe leave the lock one by one
+        # without sending under it, or a member's first round would be sent one call at a time.)
+        return await self._walk(send, refusal)
 
     async def _walk(self, send: Callable[[str], Awaitable[Completion]], refusal: RefusalReader) -> Completion:
         refused: list[str] = []
