@@ -35,7 +35,7 @@ from poll_assets.llm.base import (
 )
 from poll_assets.llm.policy import CallPolicy, RetryPolicy
 from poll_assets.llm.redact import safe_url, scrub
-from poll_assets.llm.remote import mentions_structured_output, parse_retry_after
+from poll_assets.llm.remote import FormNegotiation, mentions_structured_output, parse_retry_after
 from poll_assets.llm.providers import provider_spec
 from poll_assets.llm.preflight import PreflightError, preflight
 from poll_assets.llm.resources import ChatModelResource, MissingAPIKeyError, build_llm_resource, resource_key
@@ -819,3 +819,32 @@ def test_an_error_that_is_no_capability_refusal_is_still_retried_as_an_outage(fa
 )
 def test_capability_refusals_are_told_apart_from_other_errors(status, detail, refusal):
     assert mentions_structured_output(status, detail) is refusal
+
+
+def test_negotiation_probes_one_call_then_lets_the_queued_calls_go_together():
+    # The first call finds the form (json_schema refused, json_object answers) alone; the calls
+    # that queued behind it must then overlap, not take the probe's lock one after another.
+    negotiation = FormNegotiation(["json_schema", "json_object", "text"])
+    in_flight, peak, sent = 0, 0, []
+
+    async def send(form: str) -> Completion:
+        nonlocal in_flight, peak
+        sent.append(form)
+        if form == "json_schema":
+            raise ValueError("response_format json_schema is not supported")
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.05)
+        in_flight -= 1
+        return Completion(text="{}", input_tokens=1, output_tokens=1)
+
+    def refusal(exc: BaseException) -> str | None:
+        return str(exc) if isinstance(exc, ValueError) else None
+
+    async def calls() -> list[Completion]:
+        return await asyncio.gather(*(negotiation.run(send, refusal) for _ in range(20)))
+
+    done = asyncio.run(calls())
+    assert sent.count("json_schema") == 1 and sent.count("json_object") == 20
+    assert done[0].extra["structured_refusals"] and negotiation.form == "json_object"
+    assert peak == 19  # the probe alone, then the 19 queued calls at once
