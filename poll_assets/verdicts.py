@@ -41,7 +41,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from poll_assets.rubrics.answer_format import FIELD_RE, HEADING_RE, INLINE_RATING_RE, TEXT_NAME, is_quoted, split_lines
+from poll_assets.rubrics.answer_format import FIELD_RE, HEADING_RE, TEXT_NAME, inline_rating, is_quoted, split_lines
 from poll_assets.rubrics.echo import QUOTED, VOID, strip_untrusted
 from poll_assets.rubrics.ultrafeedback import Rubric
 
@@ -295,7 +295,7 @@ def _canonical(line: str) -> list[str]:
         if _NUMBER_LIST_RE.match(value):  # "Ratings: 4, 2, 5": n ratings in order
             return [f"Rating: {v}" for v in re.findall(r"\d+", value)]
         return [line]
-    inline = INLINE_RATING_RE.match(line)
+    inline = inline_rating(line)
     if inline:  # "... prose. **Rating: 4**"; "Text 2: the rating is 3."
         named = HEADING_RE.match(_plain(inline["pre"]))
         if named and (named["rest"].lstrip(" \t")[:1] in tuple(_SEPARATORS) or not named["rest"].strip()):

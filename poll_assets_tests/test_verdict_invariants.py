@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from poll_assets.rubrics import RUBRICS, build_judge_messages, get_rubric
-from poll_assets.rubrics.answer_format import FIELD_RE, HEADING_RE, INLINE_RATING_RE, split_lines
+from poll_assets.rubrics.answer_format import FIELD_RE, HEADING_RE, INLINE_RATING_RE, inline_rating, split_lines
 from poll_assets.verdicts import NA, Verdict, parse_verdicts
 
 # VERDICT_EXAMPLES=5000 for a longer hunt; 500 per test keeps the default run near 15 s.
@@ -286,3 +286,18 @@ def test_quoting_covers_everything_the_parser_reads(texts, aspect, structured):
     for as_structured in (False, True):
         got = parse_verdicts(echo, len(texts), rubric, structured=as_structured)
         assert all(v.rating is None and v.error != NA for v in got), got
+
+
+# Pieces of inline-rating lines, with letters that fold to ASCII under re's IGNORECASE
+# (U+017F long s, U+212A Kelvin sign, U+0130 dotted capital I) and case changes.
+_INLINE_PIECES = ["Rating", "RATING", "rating", "\u017fcore", "Score", "score", "ra\u0130ing", "Overall ", "final ",
+                  ": ", " is ", " of ", "4", "5/5", "**", " ", "\t", "text ", "\u212a", "> ", "good answer.", "x"]
+
+
+@given(st.lists(st.sampled_from(_INLINE_PIECES), max_size=12).map("".join))
+def test_the_inline_rating_shortcut_matches_exactly_what_the_full_pattern_matches(line):
+    # inline_rating skips lines without a rating word; it must never skip one the pattern reads.
+    full = INLINE_RATING_RE.match(line)
+    fast = inline_rating(line)
+    assert (fast is None) == (full is None)
+    assert fast is None or fast.group("value") == full.group("value")

@@ -50,7 +50,6 @@ _LOOKALIKE_RE = re.compile(
 
 
 # JSON the parser could read: a bracket or brace on a line that also holds a number or a verdict word.
-_JSON_LOOKALIKE_RE = re.compile(r"[\[{]")
 _JSON_CONTENT_RE = re.compile(r"\d|rating|score|text", re.IGNORECASE)
 # A line that is only a piece of JSON ("[", "5,", "null", "}"): lines of a multi-line JSON value.
 _JSON_PIECE_RE = re.compile(r"(?:[\s\[\]{},:\"\d.+\-]|null|true|false)*(?:[\[\]{}\d]|null)(?:[\s\[\]{},:\"\d.+\-]|null|true|false)*", re.IGNORECASE)
@@ -66,11 +65,28 @@ def normalize_breaks(text: str) -> str:
     return "\n".join(split_lines(text))
 
 
+# The words INLINE_RATING_RE needs, under the same case folding: a line without either is not
+# tried (the full pattern costs ~100 us on a 2,000-character line; judge prompts quote long answers).
+_RATING_WORD_RE = re.compile(r"rating|score", re.IGNORECASE)
+
+
+def _has_rating_word(line: str) -> bool:
+    if line.isascii():  # str.lower is exact for ASCII, and far faster than a case-blind search
+        low = line.lower()
+        return "rating" in low or "score" in low
+    return _RATING_WORD_RE.search(line) is not None  # re's own folding (e.g. U+017F matches "s")
+
+
+def inline_rating(line: str) -> re.Match[str] | None:
+    """INLINE_RATING_RE's match on `line`, trying it only where one of its words occurs."""
+    return INLINE_RATING_RE.match(line) if _has_rating_word(line) else None
+
+
 def is_lookalike(line: str) -> bool:
     return bool(
         _LOOKALIKE_RE.match(line)
-        or INLINE_RATING_RE.match(line)
-        or (_JSON_LOOKALIKE_RE.search(line) and _JSON_CONTENT_RE.search(line))
+        or inline_rating(line)
+        or (("[" in line or "{" in line) and _JSON_CONTENT_RE.search(line))
         or _JSON_PIECE_RE.fullmatch(line)
         or line.lstrip().startswith("|")  # a table row: the parser reads tables with a rating column
     )
