@@ -123,6 +123,11 @@ def test_a_range_of_three_shards_runs_as_one_run_and_stores_each_shard(tmp_path,
     assert all(e.passed for e in evaluations if e.blocking)
     assert all(e.target_materialization_data is not None for e in evaluations)
 
+    # reading a range of inputs logs one line per input, not one stored log event per shard
+    messages = [e.user_message for e in instance.all_logs(result.run_id) if e.dagster_event is None]
+    assert not [m for m in messages if m.startswith("Loading partition ")]
+    assert any(m.startswith(f"Loading {len(SHARDS)} partitions (") for m in messages)
+
     # each request made once: one call per prompt per member over the whole range
     stats = fake_llm.stats()
     assert stats["total"] == 6 * (len(panel.generators) + len(panel.judges))
