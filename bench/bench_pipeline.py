@@ -451,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="seed,50", help="distilabel input_batch_size: 'seed' (10/5) and/or numbers")
     parser.add_argument("--distilabel-python", default=DEFAULT_DISTILABEL_PYTHON)
     parser.add_argument("--no-distilabel", action="store_true")
+    parser.add_argument("--distilabel-dataset-sizes", default="1000",
+                        help="dataset-case N values that also run distilabel (batches of 50) on the same prompts")
     parser.add_argument("--json", help="also write every measurement to this file")
     args = parser.parse_args(argv)
     if args.command == "child-ours":
@@ -465,7 +467,23 @@ def main(argv: list[str] | None = None) -> int:
 DATASET_SHARD = 50
 
 
-def dataset_case(root: Path, server: Any, env: dict[str, str], n: int, record: Any) -> list[str]:
+def run_distilabel(python: str, work: Path, server: Any, env: dict[str, str], prompts: Path, n: int,
+                   gen_bs: int, judge_bs: int) -> Measurement:
+    """distilabel's pipeline (bench/distilabel_pipeline.py) from its own venv, on the same server."""
+    work.mkdir()
+    server.reset(latency_ms=LATENCY_MS, jitter_ms=JITTER_MS)
+    cmd = [
+        python, str(REPO / "bench" / "distilabel_pipeline.py"),
+        "--server", server.url, "--prompts", str(prompts), "--workdir", str(work),
+        "--gen-batch-size", str(gen_bs), "--judge-batch-size", str(judge_bs),
+    ]
+    dl_env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    dl_env["DISTILABEL_CACHE_DIR"] = str(work / "distilabel_cache")
+    return run_child(cmd, dl_env, server, f"distilabel/batch {gen_bs}/{judge_bs}", n, work / "run.log")
+
+
+def dataset_case(root: Path, server: Any, env: dict[str, str], n: int, record: Any,
+                 distilabel_python: str | None = None) -> list[str]:
     """N prompts in shards of 50, built as a whole dataset by ONE `poll-assets run --all` process
     (runs of `shards_per_run` shards), against the bare-client floor for the same calls measured
     just before it; then a warm re-run of one shard as a whole process, against a whole process
@@ -494,7 +512,13 @@ def dataset_case(root: Path, server: Any, env: dict[str, str], n: int, record: A
     dagster_floor = [sys.executable, str(REPO / "bench" / "dagster_floor.py"), "--runs", "1"]
     dfloor = record(run_child(dagster_floor, env, server, "dagster floor, one run", n, work / "dagster_floor.log",
                               reports=False))
-    return [
+    versus = []
+    if distilabel_python:  # the same prompts through distilabel, batches of 50 (one partition: it has no shards)
+        d = record(run_distilabel(distilabel_python, work / "distilabel_50", server, env, prompts, n,
+                                  DATASET_SHARD, DATASET_SHARD))
+        versus = [f"dataset N={n}: build / distilabel (batches of {DATASET_SHARD}) {build.wall_s / d.wall_s:.2f} "
+                  f"(target <= 0.3): build {build.wall_s:.1f}s, distilabel {d.wall_s:.1f}s, {d.requests} requests"]
+    return versus + [
         f"dataset N={n}: build {build.wall_s:.1f}s, requests {build.requests} (expected {expected}); "
         f"bare client {floor.wall_s:.1f}s (calls {floor.run_s or float('nan'):.1f}s); "
         f"build / bare-client process {build.wall_s / floor.wall_s:.2f} (target <= 1.5), "
@@ -561,17 +585,8 @@ def run_bench(args: argparse.Namespace) -> int:
             if not args.no_distilabel:
                 for bs in batch_sizes:
                     gen_bs, judge_bs = (10, 5) if bs == "seed" else (int(bs), int(bs))
-                    work = root / f"distilabel_{bs}_{n}"
-                    work.mkdir()
-                    server.reset(latency_ms=LATENCY_MS, jitter_ms=JITTER_MS)
-                    cmd = [
-                        args.distilabel_python, str(REPO / "bench" / "distilabel_pipeline.py"),
-                        "--server", url, "--prompts", str(prompts), "--workdir", str(work),
-                        "--gen-batch-size", str(gen_bs), "--judge-batch-size", str(judge_bs),
-                    ]
-                    dl_env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-                    dl_env["DISTILABEL_CACHE_DIR"] = str(work / "distilabel_cache")
-                    d = record(run_child(cmd, dl_env, server, f"distilabel/batch {gen_bs}/{judge_bs}", n, work / "run.log"))
+                    d = record(run_distilabel(args.distilabel_python, root / f"distilabel_{bs}_{n}", server, env,
+                                              prompts, n, gen_bs, judge_bs))
                     for executor, mine in ours.items():
                         summary.append(
                             f"N={n} ours/{executor} vs distilabel batch {gen_bs}/{judge_bs}: wall {mine.wall_s / d.wall_s:.2f}"
@@ -579,8 +594,10 @@ def run_bench(args: argparse.Namespace) -> int:
                             + f" (distilabel requests {d.requests}, ideal ratio {d.wall_s / ideal:.2f})"
                         )
         datasets = [int(x) for x in args.dataset_sizes.split(",") if x]
+        distilabel_sizes = {int(x) for x in args.distilabel_dataset_sizes.split(",") if x}
         for n in datasets:
-            summary += dataset_case(root, server, env, n, record)
+            summary += dataset_case(root, server, env, n, record,
+                                    None if args.no_distilabel or n not in distilabel_sizes else args.distilabel_python)
         built = [m for m in measurements if m.label == "ours: poll-assets run --all"]
         if len(built) >= 2:
             a, b = built[0], built[-1]
