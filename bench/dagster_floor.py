@@ -6,7 +6,7 @@ Not a test. Run from the repository root with the project's venv:
 
 The job has the shape `poll_job` has with the `paper` panel: one partitioned prompts asset, a stage step
 with 4 member outputs, a combining asset, a stage step with 3 member outputs, pooling and pairs, and the
-18 asset checks evaluated inside their steps. Each step returns a one-row frame through Dagster's default
+25 asset checks evaluated inside their steps (the real graph's names). Each step returns a one-row frame through Dagster's default
 filesystem IO manager, on a SQLite instance in a temporary DAGSTER_HOME (Dagster's default storage, like
 the project's `.dagster_home`). It prints the run time of a few runs in one process; the first one also
 pays Dagster's lazy imports, the later ones are the floor a warm re-run of the real pipeline cannot go under.
@@ -42,10 +42,10 @@ def _results(key: dg.AssetKey, names: list[str]) -> list[dg.AssetCheckResult]:
 
 
 def build_job() -> dg.JobDefinition:
-    @dg.asset(partitions_def=PARTS, check_specs=_checks(dg.AssetKey("prompts"), ["valid"]))
+    @dg.asset(partitions_def=PARTS, check_specs=_checks(dg.AssetKey("prompts"), ["prompts_valid"]))
     def prompts():  # noqa: ANN202
         yield dg.Output(_frame())
-        yield from _results(dg.AssetKey("prompts"), ["valid"])
+        yield from _results(dg.AssetKey("prompts"), ["prompts_valid"])
 
     def stage(name: str, members: list[str], upstream: str, checks: list[str]) -> dg.AssetsDefinition:
         keys = {m: dg.AssetKey([name, m]) for m in members}
@@ -65,22 +65,23 @@ def build_job() -> dg.JobDefinition:
 
         return _stage
 
-    gens = stage("generations", GENERATORS, "prompts", ["rows", "failure_rate"])
+    # The check names of the real graph (25 checks with `paper`: each member has three since pending_rows).
+    gens = stage("generations", GENERATORS, "prompts", ["one_row_per_prompt", "failure_rate", "pending_rows"])
 
     @dg.asset(partitions_def=PARTS, ins={f"g_{m}": dg.AssetIn(["generations", m]) for m in GENERATORS})
     def combined_generations(**_frames: pd.DataFrame) -> pd.DataFrame:
         return _frame()
 
-    ratings = stage("ratings", JUDGES, "combined_generations", ["valid", "parse_failure_rate"])
+    ratings = stage("ratings", JUDGES, "combined_generations", ["ratings_valid", "unrated_verdict_rate", "pending_rows"])
 
     @dg.asset(
         partitions_def=PARTS,
         ins={f"r_{j}": dg.AssetIn(["ratings", j]) for j in JUDGES},
-        check_specs=_checks(dg.AssetKey("pooled_ratings"), ["coverage", "agreement"]),
+        check_specs=_checks(dg.AssetKey("pooled_ratings"), ["covers_every_generation", "judge_agreement"]),
     )
     def pooled_ratings(**_frames: pd.DataFrame):  # noqa: ANN202
         yield dg.Output(_frame())
-        yield from _results(dg.AssetKey("pooled_ratings"), ["coverage", "agreement"])
+        yield from _results(dg.AssetKey("pooled_ratings"), ["covers_every_generation", "judge_agreement"])
 
     @dg.asset(partitions_def=PARTS, check_specs=_checks(dg.AssetKey("preference_pairs"), ["chosen_beats_rejected"]))
     def preference_pairs(pooled_ratings: pd.DataFrame):  # noqa: ANN202
