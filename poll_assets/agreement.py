@@ -93,11 +93,9 @@ def _pair(a: list[int | None], b: list[int | None], labels: list[int] | None) ->
         return out
     xs, ys = [x for x, _ in both], [y for _, y in both]
     out["exact_agreement"] = sum(x == y for x, y in both) / len(both)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # constant raters: both statistics are undefined (nan)
-        if len(set(xs) | set(ys)) > 1:
-            out["cohen_kappa_quadratic"] = _finite(quadratic_kappa(xs, ys, labels))
-        out["kendall_tau"] = _finite(kendall_tau_b(xs, ys))
+    if len(set(xs) | set(ys)) > 1:
+        out["cohen_kappa_quadratic"] = _finite(quadratic_kappa(xs, ys, labels))
+    out["kendall_tau"] = _finite(kendall_tau_b(xs, ys))  # nan (so None) for a constant rater
     return out
 
 

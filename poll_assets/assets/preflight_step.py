@@ -54,7 +54,8 @@ def preflight_run(context: dg.AssetExecutionContext, panel: Panel, own: Sequence
     members = [m for m in panel.members if m.name in in_run]
     _fail_if_not_ready(lambda: preflight(members, os.environ, check_models=False))
     names = ", ".join(m.name for m in members)
-    context.log.info(f"preflight: the keys and URLs of the {len(members)} members of this run are set: {names}")
+    context.log.info(f"preflight: the {len(members)} members of this run pass the offline checks "
+                     f"(keys, base URLs, weights files): {names}")
     run_id = context.run.run_id
 
     def check_models() -> None:
