@@ -68,11 +68,18 @@ class Estimate:
 
 
 def expected_output(member: Member, cache: ResponseCache | None) -> tuple[float, str]:
-    """Output tokens per call: the mean of the member's answers in the response cache, else the
-    member's max_new_tokens (an upper bound); and which of the two it is."""
-    seen, mean = cache.output_tokens_seen(member.provider, member.model) if cache is not None else (0, 0.0)
-    if seen:
-        return min(mean, member.params.max_new_tokens), f"mean of {seen} cached answers"
+    """Output tokens per call, and where the figure comes from: the mean of the answers this member
+    paid for in the response cache; else of any answers of its provider's model (a generator and a
+    judge of one model write very different lengths, so this is the second choice; caches written
+    before answers named their member have only this); else its max_new_tokens (an upper bound)."""
+    if cache is not None:
+        seen, mean = cache.output_tokens_seen(member.provider, member.model, member=member.name)
+        if seen:
+            return min(mean, member.params.max_new_tokens), f"mean of {seen} cached answers of this member"
+        seen, mean = cache.output_tokens_seen(member.provider, member.model)
+        if seen:
+            return (min(mean, member.params.max_new_tokens),
+                    f"mean of {seen} cached answers of {member.model} (none yet of this member)")
     return float(member.params.max_new_tokens), "max_new_tokens bound (no cached answers yet)"
 
 

@@ -282,3 +282,35 @@ def test_processes_opening_a_new_sqlite_file_at_once_all_succeed(tmp_path):
             out, err = p.communicate(timeout=60)
             assert p.returncode == 0, err
             assert out.strip() == "0"
+
+
+
+def test_answers_name_the_member_that_paid_so_the_estimate_uses_its_own_mean(cache_at: CacheAt):
+    # A generator and a judge of one model write very different lengths: the estimate must take
+    # each member's own mean, and fall back to the model's mean for a member with no answers yet.
+    from poll_assets.estimate import expected_output
+    from poll_assets.panel import Member
+
+    cache = ResponseCache(cache_at())
+    for name, tokens in (("writer", 400), ("judge", 20)):
+        backend = FakeBackend(model="shared-1", member=name, usage=(10, tokens))
+        backend.provider = "openai"  # as a panel member of a registered provider would write them
+        requests = make_requests(3, name, max_new_tokens=1000)
+        batch = asyncio.run(run_calls(*with_policy(backend), requests, cache))
+        assert all(c.ok for c in batch.completions)
+    cache.flush()
+    assert cache.output_tokens_seen("openai", "shared-1", member="writer") == (3, 400.0)
+    assert cache.output_tokens_seen("openai", "shared-1", member="judge") == (3, 20.0)
+    assert cache.output_tokens_seen("openai", "shared-1") == (6, 210.0)
+    # The member's name is stored beside the answer, not read back into it.
+    stored = cache.get(batch.completions[0].call_id)
+    assert stored is not None and stored.text == batch.completions[0].text
+
+    def member(name: str) -> Member:
+        return Member(name=name, provider="openai", model="shared-1", family=name, params={"max_new_tokens": 1000})
+
+    assert expected_output(member("writer"), cache) == (400.0, "mean of 3 cached answers of this member")
+    assert expected_output(member("judge"), cache) == (20.0, "mean of 3 cached answers of this member")
+    assert expected_output(member("newcomer"), cache) == (
+        210.0, "mean of 6 cached answers of shared-1 (none yet of this member)")
+    assert expected_output(member("newcomer"), None) == (1000.0, "max_new_tokens bound (no cached answers yet)")

@@ -236,7 +236,7 @@ class _Collector:
             c = item.completion
             c.call_id, c.cached, c.attempts = item.key, False, max(1, self.tries[item.key])
             c.extra = {**c.extra, "batch_id": batch_id}
-            self.cache.submit(item.key, c, self.backend.provider, self.backend.model)
+            self.cache.submit(item.key, c, self.backend.provider, self.backend.model, member=self.backend.member)
             if item.key in self.pending:
                 self.results[item.key] = c
                 self.pending.pop(item.key)

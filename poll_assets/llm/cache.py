@@ -124,7 +124,8 @@ class CallLease(Protocol):
     def release(self, key: str, owner: str) -> None: ...
 
     def submit(
-        self, key: str, completion: Completion, provider: str, model: str, release_owner: str | None = None
+        self, key: str, completion: Completion, provider: str, model: str, release_owner: str | None = None,
+        member: str | None = None,
     ) -> bool: ...
 
     async def wait_for(
@@ -139,6 +140,7 @@ class _Write:
     provider: str
     model: str
     release_owner: str | None = None
+    member: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,10 +151,12 @@ class _Flush:
 Row = tuple[str, str, str, str, float]  # key, provider, model, completion JSON, created_at (time.time())
 
 
-def _row(key: str, completion: Completion, provider: str, model: str) -> Row:
+def _row(key: str, completion: Completion, provider: str, model: str, member: str | None = None) -> Row:
     record = dataclasses.replace(completion, cached=False, call_id=key)
-    blob = json.dumps(record.to_dict(), ensure_ascii=False, default=str)
-    return (key, provider, model, blob, time.time())
+    data = record.to_dict()
+    if member:  # which panel member paid for it, for the estimate's per-member mean (not a Completion field)
+        data["member"] = member
+    return (key, provider, model, json.dumps(data, ensure_ascii=False, default=str), time.time())
 
 
 class CacheStore(Protocol):
@@ -177,7 +181,8 @@ class CacheStore(Protocol):
 
     def count(self) -> int: ...
 
-    def output_tokens(self, provider: str, model: str) -> tuple[int, float]: ...  # answers, mean output tokens
+    # answers and their mean output tokens, for one provider's model (and one member's answers only)
+    def output_tokens(self, provider: str, model: str, member: str | None = None) -> tuple[int, float]: ...
 
     def close(self) -> None: ...
 
@@ -281,12 +286,15 @@ class SqliteStore:
     def release(self, key: str, owner: str) -> None:
         self._claim_sql("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner))
 
-    def output_tokens(self, provider: str, model: str) -> tuple[int, float]:
+    def output_tokens(self, provider: str, model: str, member: str | None = None) -> tuple[int, float]:
+        sql = ("SELECT COUNT(*), AVG(json_extract(completion, '$.output_tokens')) FROM completions "
+               "WHERE provider = ? AND model = ?")
+        params: tuple[str, ...] = (provider, model)
+        if member is not None:
+            sql, params = sql + " AND json_extract(completion, '$.member') = ?", (*params, member)
         with self._lock:
             try:
-                count, mean = self._connection().execute(
-                    "SELECT COUNT(*), AVG(json_extract(completion, '$.output_tokens')) FROM completions "
-                    "WHERE provider = ? AND model = ?", (provider, model)).fetchone()
+                count, mean = self._connection().execute(sql, params).fetchone()
             except sqlite3.Error as exc:
                 raise CacheError(f"response cache {self.path}: read failed: {exc}") from exc
         return int(count), float(mean or 0.0)
@@ -376,11 +384,11 @@ class ResponseCache:
             return {}
         return _answers(self.store.read(list(dict.fromkeys(keys))))
 
-    def put(self, key: str, completion: Completion, provider: str, model: str) -> bool:
+    def put(self, key: str, completion: Completion, provider: str, model: str, member: str | None = None) -> bool:
         """Store one successful completion, committed at once. Failures are not stored. Returns True if written."""
         if not self.writes or not completion.ok:
             return False
-        self.store.write([_row(key, completion, provider, model)], [])
+        self.store.write([_row(key, completion, provider, model, member)], [])
         return True
 
     # -- the lease: one call per request across processes -----------------------------------------
@@ -430,7 +438,8 @@ class ResponseCache:
     # -- the writer thread ----------------------------------------------------------------------
 
     def submit(
-        self, key: str, completion: Completion, provider: str, model: str, release_owner: str | None = None
+        self, key: str, completion: Completion, provider: str, model: str, release_owner: str | None = None,
+        member: str | None = None,
     ) -> bool:
         """Queue one successful completion for the writer thread; returns at once.
 
@@ -441,7 +450,7 @@ class ResponseCache:
         if not self.writes or not completion.ok:
             return False
         self._ensure_writer()
-        self._queue.put(_Write(key, completion, provider, model, release_owner))
+        self._queue.put(_Write(key, completion, provider, model, release_owner, member))
         return True
 
     def flush(self, timeout_s: float | None = None) -> int:
@@ -479,7 +488,7 @@ class ResponseCache:
                 except queue.Empty:
                     break
             writes = [i for i in items if isinstance(i, _Write)]
-            rows = [_row(i.key, i.completion, i.provider, i.model) for i in writes]
+            rows = [_row(i.key, i.completion, i.provider, i.model, i.member) for i in writes]
             if rows:
                 try:
                     self.store.write(rows, [(i.key, i.release_owner) for i in writes if i.release_owner])
@@ -498,10 +507,10 @@ class ResponseCache:
     async def aflush(self) -> int:
         return await asyncio.to_thread(self.flush)
 
-    def output_tokens_seen(self, provider: str, model: str) -> tuple[int, float]:
-        """(answers stored, their mean output tokens) for one provider's model: what a cost estimate
-        expects that model to write per call."""
-        return self.store.output_tokens(provider, model)
+    def output_tokens_seen(self, provider: str, model: str, member: str | None = None) -> tuple[int, float]:
+        """(answers stored, their mean output tokens) for one provider's model, or for the answers one
+        panel member paid for: what a cost estimate expects it to write per call."""
+        return self.store.output_tokens(provider, model, member)
 
     def __len__(self) -> int:
         return self.store.count()
@@ -606,6 +615,7 @@ async def call_holding(
     call: Callable[[], Awaitable[Completion]],
     provider: str,
     model: str,
+    member: str | None = None,
 ) -> Completion:
     """Run `call` while holding `owner`'s claim on `key` (renewed by a heartbeat); store a successful
     answer together with the release, or release without one so a waiter takes over at once."""
@@ -613,7 +623,7 @@ async def call_holding(
     stored = False
     try:
         result = await call()
-        stored = cache.submit(key, result, provider, model, release_owner=owner)
+        stored = cache.submit(key, result, provider, model, release_owner=owner, member=member)
         return result
     finally:
         beat.cancel()

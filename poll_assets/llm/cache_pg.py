@@ -134,9 +134,13 @@ class PostgresStore:
     def release(self, key: str, owner: str) -> None:
         self._run("claim release", f"DELETE FROM {CLAIMS} WHERE key = %s AND owner = %s", (key, owner))
 
-    def output_tokens(self, provider: str, model: str) -> tuple[int, float]:
-        rows = self._run("read", f"SELECT COUNT(*), AVG((completion::jsonb ->> 'output_tokens')::float) "
-                                 f"FROM {COMPLETIONS} WHERE provider = %s AND model = %s", (provider, model))
+    def output_tokens(self, provider: str, model: str, member: str | None = None) -> tuple[int, float]:
+        sql = (f"SELECT COUNT(*), AVG((completion::jsonb ->> 'output_tokens')::float) "
+               f"FROM {COMPLETIONS} WHERE provider = %s AND model = %s")
+        params: tuple[str, ...] = (provider, model)
+        if member is not None:
+            sql, params = sql + " AND completion::jsonb ->> 'member' = %s", (*params, member)
+        rows = self._run("read", sql, params)
         count, mean = rows[0]
         return int(count), float(mean or 0.0)
 

@@ -372,7 +372,8 @@ class _Sender:
             return self._failed(key, 0, time.monotonic(), self.breaker.message, self.breaker.kind)
         if self.lease is None:
             c = await self._with_retries(key, request)
-            if self.cache is not None and self.cache.submit(key, c, self.backend.provider, self.backend.model):
+            if self.cache is not None and self.cache.submit(key, c, self.backend.provider, self.backend.model,
+                                                            member=self.backend.member):
                 self.written += 1
             return c
         mine, answer = await self.lease.take(key)
@@ -382,7 +383,8 @@ class _Sender:
             self._wait_elsewhere(key, request)
             return None
         c = await call_holding(self.lease.cache, key, self.lease.owner, self.lease.ttl_s,
-                               lambda: self._with_retries(key, request), self.backend.provider, self.backend.model)
+                               lambda: self._with_retries(key, request), self.backend.provider, self.backend.model,
+                               self.backend.member)
         self.written += c.ok
         return c
 
