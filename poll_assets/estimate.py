@@ -10,15 +10,13 @@ and one not yet made is stood in for by a filler of the generator's expected out
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from poll_assets.assets.generations import generation_messages
-from poll_assets.assets.judging import plan_judge_task
 from poll_assets.llm.base import CallRequest, Completion, request_key
 from poll_assets.llm.cache import ResponseCache
 from poll_assets.llm.tokens import request_input_tokens
@@ -26,6 +24,7 @@ from poll_assets.panel import Member, Panel
 from poll_assets.partitions import shard_bounds
 from poll_assets.prompt_source import load_instructions, select_shard
 from poll_assets.rubrics.ultrafeedback import Rubric, get_rubric
+from poll_assets.stage_requests import generator_requests, plan_judge_task
 
 _FILLER = "abc "  # four characters: one estimated token per repeat
 
@@ -104,12 +103,6 @@ def _member_estimate(member: Member, role: str, panel: Panel, requests: Sequence
         est.online_usd = price.cost_usd(est.input_tokens, est.output_tokens)
         est.batch_usd = price.batch_cost_usd(est.input_tokens, est.output_tokens)
     return est
-
-
-def generator_requests(member: Member, instructions: Iterable[str]) -> list[CallRequest]:
-    """The generator's requests, as `assets.generations.generate` builds them."""
-    params = member.params.to_generation_params()
-    return [CallRequest.build(generation_messages(member, text), params) for text in instructions]
 
 
 def _likely_generations(panel: Panel, prompts: pd.DataFrame, cache: ResponseCache | None) -> tuple[pd.DataFrame, int, int]:

@@ -15,9 +15,9 @@ from poll_assets.assets.stage import MemberContext, run_stage_step, stage_multi_
 from poll_assets.checks import (
     STEP_INPUT, Finding, StageCheck, absent_ids, asset_check_specs, examples, problems_finding, repeated_ids, short_id,
 )
-from poll_assets.llm.base import CallRequest, Message
 from poll_assets.panel import Member, Panel
 from poll_assets.parquet_values import is_missing, plain, plain_list
+from poll_assets.stage_requests import generator_requests
 
 GENERATIONS_PREFIX = "generations"  # generations/<member>
 COMBINED_KEY = dg.AssetKey("combined_generations")
@@ -48,14 +48,6 @@ COMBINED_COLUMNS = schema(
     ("generation_call_ids", "list<string>", "the call id of each answer"),
     ("generation_errors", "list<string>", "why each failed answer failed; None for the others"),
 )
-
-
-def generation_messages(member: Member, instruction: str) -> list[Message]:
-    messages: list[Message] = []
-    if member.system_prompt:
-        messages.append({"role": "system", "content": member.system_prompt})
-    messages.append({"role": "user", "content": instruction})
-    return messages
 
 
 def generation_key(member: Member) -> dg.AssetKey:
@@ -132,8 +124,7 @@ def combined_column_lineage(panel: Panel) -> dg.TableColumnLineage:
 async def generate(work: MemberContext, prompts: pd.DataFrame) -> dg.Output[pd.DataFrame]:
     """One generator's answers to a shard: the body of its asset, shared by the per-member and the stage step."""
     member, panel = work.member, work.panel
-    params = member.params.to_generation_params()
-    requests = [CallRequest.build(generation_messages(member, text), params) for text in prompts["instruction"]]
+    requests = generator_requests(member, prompts["instruction"])
     batch = await work.run_calls(requests)
     rows = [
         {

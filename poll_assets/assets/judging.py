@@ -19,13 +19,8 @@ from poll_assets.llm.base import CallRequest, Completion, Message
 from poll_assets.llm.runner import CallStats
 from poll_assets.panel import Member, Panel
 from poll_assets.parquet_values import is_missing, plain_list
-from poll_assets.rubrics.ultrafeedback import (
-    Rubric,
-    build_judge_messages,
-    build_repair_messages,
-    prompt_version,
-    verdict_json_schema,
-)
+from poll_assets.rubrics.ultrafeedback import Rubric, build_repair_messages, prompt_version, verdict_json_schema
+from poll_assets.stage_requests import JudgeTask, plan_judge_task
 from poll_assets.verdicts import (
     Verdict,
     failure_reason,
@@ -33,7 +28,6 @@ from poll_assets.verdicts import (
     parse_failure_rate,
     parse_failures_by_reason,
     parse_verdicts,
-    presentation_order,
     restore_order,
     unread_texts,
 )
@@ -67,41 +61,6 @@ RATING_COLUMNS = schema(
 
 def ratings_key(member: Member) -> dg.AssetKey:
     return dg.AssetKey([RATINGS_PREFIX, member.name])
-
-
-@dataclass
-class JudgeTask:
-    """One judge call: the generations that exist for a prompt, in the order the judge sees them."""
-
-    prompt_id: str
-    n_generations: int
-    shown: list[int]  # shown[k] = index (into generations) of the text shown at position k
-    request: CallRequest | None  # None when no generation exists to judge
-
-
-def plan_judge_task(
-    row: pd.Series, member: Member, panel: Panel, rubric: Rubric
-) -> JudgeTask:
-    generations = list(row["generations"])
-    present = [i for i, g in enumerate(generations) if isinstance(g, str)]
-    if not present:
-        return JudgeTask(row["prompt_id"], len(generations), [], None)
-    order = presentation_order(
-        row["prompt_id"], member.name, len(present), panel.judging.seed, shuffle=panel.judging.shuffle_positions
-    )
-    shown = [present[k] for k in order]
-    limit = panel.judging.max_rationale_chars
-    messages = build_judge_messages(
-        rubric,
-        row["instruction"],
-        [generations[i] for i in shown],
-        structured=True,
-        system_prompt=member.system_prompt,
-        max_rationale_chars=limit,
-    )
-    schema = verdict_json_schema(rubric, len(shown), max_rationale_chars=limit)
-    request = CallRequest.build(messages, member.params.to_generation_params(), json_schema=schema)
-    return JudgeTask(row["prompt_id"], len(generations), shown, request)
 
 
 def _reads_as_json(completion: Completion) -> bool:

@@ -11,6 +11,7 @@ import pandas as pd
 from poll_assets.assets.schema import schema
 from poll_assets.assets.shards import run_shards, shard_events
 from poll_assets.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, repeated_ids
+from poll_assets.estimate import estimate_prompts, format_estimate
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import is_missing
 from poll_assets.partitions import shard_bounds
@@ -103,8 +104,6 @@ def build_prompts_asset(panel: Panel, panel_path: Path, partitions_def: dg.Parti
 def estimate_metadata(panel: Panel, rows: pd.DataFrame, context: dg.AssetExecutionContext, shard: str) -> dict[str, Any]:
     """What the shard's LLM calls will cost (`poll-assets estimate`), shown before any of them is made.
     An estimate that cannot be made is logged, never a reason to fail the prompts."""
-    from poll_assets.estimate import estimate_prompts, format_estimate  # it imports the stages, which import this
-
     try:
         est = estimate_prompts(panel, rows, context.resources.response_cache.get_cache(),
                                partitions=[shard])

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from poll_assets.llm.base import (
     RETRYABLE_KINDS,
@@ -36,74 +36,17 @@ from poll_assets.llm.base import (
 )
 from poll_assets.llm.batch_settings import BatchPolicy
 from poll_assets.llm.batch_store import BatchRecord, BatchStore
+from poll_assets.llm.batch_transport import BatchItem, BatchState, BatchTransport
 from poll_assets.llm.cache import ResponseCache
 from poll_assets.llm.policy import CallPolicy
 from poll_assets.llm.runner import CallBatch, _in_request_order, run_calls
 
-if TYPE_CHECKING:  # the SDKs' HTTP client is imported only when a batch is sent
-    from poll_assets.llm.remote import RemoteBackend
-
 ProgressFn = Callable[[str], None]
 T = TypeVar("T")
-# Per-request outcomes a batch reports besides success; the last two are never the request's fault.
-EXPIRED, CANCELED = "expired", "canceled"
-
-
-@dataclass(frozen=True)
-class BatchState:
-    """A batch as the provider reports it: its status, whether it is over, and requests by status."""
-
-    status: str
-    ended: bool
-    counts: dict[str, int]
-
-
-@dataclass(frozen=True)
-class BatchItem:
-    """One request's result in a finished batch: a completion, or why there is none."""
-
-    key: str
-    completion: Completion | None = None
-    error: ProviderError | None = None  # None with no completion: the request expired or was cancelled
-    outcome: str = "succeeded"
-
-
-class BatchTransport:
-    """One provider's batch wire format. Everything `run_batch_calls` asks of it is declared here."""
-
-    def line(self, key: str, request: CallRequest) -> bytes:
-        """The request as the provider's batch input holds it (its size counts toward the batch's)."""
-        raise NotImplementedError
-
-    async def submit(self, lines: list[bytes]) -> str:
-        """Create a batch of these requests; returns its id. One submission per call, never retried here."""
-        raise NotImplementedError
-
-    async def poll(self, batch_id: str) -> BatchState:
-        raise NotImplementedError
-
-    async def results(self, batch_id: str, requests: dict[str, CallRequest]) -> list[BatchItem]:
-        """Every result of an ended batch (requests without a line are left out)."""
-        raise NotImplementedError
-
-    async def cancel(self, batch_id: str) -> None:
-        raise NotImplementedError
 
 
 class BatchWaitTimeout(RuntimeError):
     """A step waited `max_wait_s` for its batches; they stay recorded and a relaunch resumes them."""
-
-
-async def sdk_call(backend: RemoteBackend[Any], call: Callable[[], Awaitable[T]]) -> T:
-    """One SDK call of a batch transport, its failures classified (and scrubbed) as an online call's."""
-    try:
-        return await call()
-    except ProviderError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - every SDK failure is classified
-        failure = backend._classify(exc) or ProviderError("other", f"{backend.who}: {type(exc).__name__}")
-    failure.__context__ = None  # the SDK's exception may quote a key the server echoed
-    raise failure
 
 
 def transport_for(backend: ChatBackend, policy: BatchPolicy) -> BatchTransport:

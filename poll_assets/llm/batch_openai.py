@@ -14,7 +14,7 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from poll_assets.llm.base import CallRequest, Completion, ProviderError
-from poll_assets.llm.batch import CANCELED, EXPIRED, BatchItem, BatchState, BatchTransport, sdk_call
+from poll_assets.llm.batch_transport import CANCELED, EXPIRED, BatchItem, BatchState, BatchTransport, sdk_call
 from poll_assets.llm.openai_api import OpenAIChatBackend
 from poll_assets.llm.remote import body_message, schema_name
 

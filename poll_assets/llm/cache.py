@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from poll_assets.llm.base import Completion
+from poll_assets.llm.cache_types import CacheError, Row
 
 CacheMode = Literal["use", "bypass", "refresh"]
 CACHE_MODES: tuple[str, ...] = ("use", "bypass", "refresh")
@@ -69,10 +70,6 @@ DEFAULT_CLAIM_TTL_S = 30.0  # renewed every ttl/3, so a dead claimant blocks oth
 DEFAULT_POLL_S = 0.2
 
 _COMPLETION_FIELDS = frozenset(f.name for f in dataclasses.fields(Completion))
-
-
-class CacheError(RuntimeError):
-    """The cache file cannot be opened, read or written; the message names the file."""
 
 
 def default_cache_path() -> Path:
@@ -146,9 +143,6 @@ class _Write:
 @dataclasses.dataclass(frozen=True)
 class _Flush:
     done: threading.Event
-
-
-Row = tuple[str, str, str, str, float]  # key, provider, model, completion JSON, created_at (time.time())
 
 
 def _row(key: str, completion: Completion, provider: str, model: str, member: str | None = None) -> Row:

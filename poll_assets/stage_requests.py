@@ -1,0 +1,58 @@
+"""The requests the two LLM stages send, built from a member's settings and a prompt (pure).
+
+The generation and judging stages send exactly these requests, and the cost estimate counts them,
+so both import them from here: below the stages, the estimate never imports a stage."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pandas as pd
+
+from poll_assets.llm.base import CallRequest, Message
+from poll_assets.panel import Member, Panel
+from poll_assets.rubrics.ultrafeedback import Rubric, build_judge_messages, verdict_json_schema
+from poll_assets.verdicts import presentation_order
+
+
+def generation_messages(member: Member, instruction: str) -> list[Message]:
+    messages: list[Message] = []
+    if member.system_prompt:
+        messages.append({"role": "system", "content": member.system_prompt})
+    messages.append({"role": "user", "content": instruction})
+    return messages
+
+
+def generator_requests(member: Member, instructions: Iterable[str]) -> list[CallRequest]:
+    """One generator's requests, one per instruction, in order."""
+    params = member.params.to_generation_params()
+    return [CallRequest.build(generation_messages(member, text), params) for text in instructions]
+
+
+@dataclass
+class JudgeTask:
+    """One judge call: the generations that exist for a prompt, in the order the judge sees them."""
+
+    prompt_id: str
+    n_generations: int
+    shown: list[int]  # shown[k] = index (into generations) of the text shown at position k
+    request: CallRequest | None  # None when no generation exists to judge
+
+
+def plan_judge_task(row: pd.Series, member: Member, panel: Panel, rubric: Rubric) -> JudgeTask:
+    """The judge call for one row of combined_generations: shuffled texts, prompt and schema."""
+    judging = panel.judging
+    generations = list(row["generations"])
+    present = [i for i, g in enumerate(generations) if isinstance(g, str)]
+    if not present:
+        return JudgeTask(row["prompt_id"], len(generations), [], None)
+    order = presentation_order(row["prompt_id"], member.name, len(present), judging.seed,
+                               shuffle=judging.shuffle_positions)
+    shown = [present[k] for k in order]
+    limit = judging.max_rationale_chars
+    messages = build_judge_messages(rubric, row["instruction"], [generations[i] for i in shown], structured=True,
+                                    system_prompt=member.system_prompt, max_rationale_chars=limit)
+    schema = verdict_json_schema(rubric, len(shown), max_rationale_chars=limit)
+    request = CallRequest.build(messages, member.params.to_generation_params(), json_schema=schema)
+    return JudgeTask(row["prompt_id"], len(generations), shown, request)
