@@ -3,8 +3,6 @@ how verdicts are pooled and binarized. Validated when the code location loads.""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -15,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from poll_assets.binarize import Strategy
+from poll_assets.code_versions import member_version
 from poll_assets.llm.base import GenerationParams
 from poll_assets.llm.batch_settings import BatchSettings
 from poll_assets.llm.budget import BudgetSettings
@@ -113,10 +112,9 @@ class Member(_Strict):
         return self.pool or f"llm_{self.provider}"
 
     def fingerprint(self, *extra: str) -> str:
-        """Short hash of everything that changes this member's output (its code_version)."""
-        relevant = self.model_dump(include={"provider", "model", "system_prompt", "params", "base_url", "model_path"})
-        blob = json.dumps([relevant, *extra], sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        """Short hash of everything that changes this member's output (its code_version): every
+        field but those `code_versions.MEMBER_EXCLUDED` names, and the extra texts."""
+        return member_version(self, *extra)
 
 
 class Source(_Strict):

@@ -15,6 +15,7 @@ from poll_assets.assets.previews import verdicts_preview
 from poll_assets.assets.schema import schema
 from poll_assets.assets.stage import MemberContext, run_stage_step, stage_multi_asset_kwargs
 from poll_assets.checks import STEP_INPUT, Finding, StageCheck, examples, problems_finding, short_id
+from poll_assets.code_versions import judge_version
 from poll_assets.llm.base import CallRequest, Completion, Message
 from poll_assets.llm.runner import CallStats
 from poll_assets.panel import Member, Panel
@@ -223,10 +224,8 @@ def rating_checks(panel: Panel, rubric: Rubric) -> list[StageCheck]:
 
 
 def judge_code_version(member: Member, panel: Panel, rubric: Rubric) -> str:
-    return member.fingerprint(
-        prompt_version(rubric, structured=True, system_prompt=member.system_prompt),
-        panel.judging.model_dump_json(include={"shuffle_positions", "seed", "max_rationale_chars", "repair_attempts"}),
-    )
+    """The member's settings, its rubric's exact prompt, and the judging settings less the named exclusions."""
+    return judge_version(member, panel.judging, prompt_version(rubric, structured=True, system_prompt=member.system_prompt))
 
 
 def _description(member: Member, rubric: Rubric) -> str:

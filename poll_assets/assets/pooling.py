@@ -16,6 +16,7 @@ from poll_assets.assets.shards import shard_events, shard_frames
 from poll_assets.checks import (
     STEP_INPUT, Finding, StageCheck, absent_ids, asset_check_specs, evaluate_checks, examples, problems_finding, short_id,
 )
+from poll_assets.code_versions import pooled_version
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import is_missing, plain_list
 from poll_assets.pooled_ratings import pool_ratings, self_family_mask
@@ -163,7 +164,7 @@ def _pooled_metadata(panel: Panel, df: pd.DataFrame, excluded: int, agreement: d
 def build_pooled_asset(panel: Panel, partitions_def: dg.PartitionsDefinition, rubric: Rubric) -> dg.AssetsDefinition:
     ins = {f"ratings_{j.name}": dg.AssetIn(key=ratings_key(j)) for j in panel.judges}
     ins["combined_generations"] = dg.AssetIn(key=COMBINED_KEY)
-    settings = panel.pooling.model_dump_json() + panel.judging.model_dump_json(include={"exclude_self_family"})
+    settings = pooled_version(panel.pooling, panel.judging, [(m.name, m.family) for m in panel.members])
     checks = pooled_checks(panel)
     judge_names = [j.name for j in panel.judges]
 

@@ -17,6 +17,7 @@ from poll_assets.assets.shards import shard_events, shard_frames
 from poll_assets.assets.totals import shard_totals
 from poll_assets.binarize import binarize
 from poll_assets.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, problems_finding, short_id
+from poll_assets.code_versions import pairs_version
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import is_missing, plain_list
 
@@ -150,7 +151,7 @@ def build_preferences_asset(panel: Panel, partitions_def: dg.PartitionsDefinitio
         partitions_def=partitions_def,
         check_specs=asset_check_specs(PAIR_CHECKS, PAIRS_KEY, partitions_def),
         metadata=PAIR_COLUMNS.definition_metadata(),
-        code_version=cfg.model_dump_json(),
+        code_version=pairs_version(cfg),
         description=(
             f"Chosen/rejected pairs ({cfg.strategy}) in distilabel's FormatTextGenerationDPO schema, plus the PoLL "
             "columns and the ids of the calls behind each pair. Ties are dropped and counted."

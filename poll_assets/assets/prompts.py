@@ -11,6 +11,7 @@ import pandas as pd
 from poll_assets.assets.schema import schema
 from poll_assets.assets.shards import run_shards, shard_events
 from poll_assets.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, repeated_ids
+from poll_assets.code_versions import prompts_version
 from poll_assets.estimate import estimate_prompts, format_estimate
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import is_missing
@@ -65,7 +66,7 @@ def build_prompts_asset(panel: Panel, panel_path: Path, partitions_def: dg.Parti
         check_specs=asset_check_specs(PROMPT_CHECKS, PROMPTS_KEY, partitions_def),
         required_resource_keys={"response_cache"},  # read-only: what the cost estimate finds cached
         metadata=PROMPT_COLUMNS.definition_metadata(),
-        code_version=source.model_dump_json(include={"repo_id", "data_files", "split", "revision", "subset", "column_mapping", "shard_size"}),
+        code_version=prompts_version(source),
         description=(
             f"Prompts from {describe_source(source, base_dir)}, one shard of {source.shard_size} rows per partition. "
             "Each row gets prompt_id = sha256(instruction); empty and repeated instructions are dropped and counted."
