@@ -6,6 +6,11 @@ Tokens are counted without a tokenizer (`llm.tokens`: a token per digit, the oth
 a few per message, the JSON schema included); the README gives its measured error.
 Judges' prompts hold the generations: an answer already in the response cache is used as it is,
 and one not yet made is stood in for by a filler of the generator's expected output length.
+
+Repair re-asks are counted apart, as an upper bound: a judge answer can cost at most
+`judging.repair_attempts` repair calls, so each judge call still to make is counted with that many
+repairs, each at its largest (every text unread with a long reason, every answer of the expected
+length, the conversation growing by one turn a round). A judge whose answers all read costs none of them.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from poll_assets.llm.tokens import request_input_tokens
 from poll_assets.panel import Member, Panel
 from poll_assets.partitions import shard_bounds
 from poll_assets.prompt_source import load_instructions, select_shard
-from poll_assets.rubrics.ultrafeedback import Rubric, get_rubric
-from poll_assets.stage_requests import generator_requests, plan_judge_task
+from poll_assets.rubrics.ultrafeedback import Rubric, build_repair_messages, get_rubric, verdict_json_schema
+from poll_assets.stage_requests import JudgeTask, generator_requests, plan_judge_task
 
 _FILLER = "abc "  # four characters: one estimated token per repeat
+_REASON_TOKENS = 30  # a repair names each unread text's reason; the parser's reasons stay well under 120 characters
 
 
 @dataclass
@@ -45,6 +51,12 @@ class MemberEstimate:
     online_usd: float | None = None  # None: the panel states no price for the model
     batch_usd: float | None = None  # None: no batch rate known for it
     note: str = ""
+    # Repair re-asks (judges only), an upper bound: at most judging.repair_attempts per judge call to make.
+    repair_calls: int = 0
+    repair_input_tokens: int = 0
+    repair_output_tokens: int = 0
+    repair_online_usd: float | None = None
+    repair_batch_usd: float | None = None
 
     @property
     def to_call(self) -> int:
@@ -61,9 +73,17 @@ class Estimate:
         values = [getattr(m, name) for m in self.members]
         return None if any(v is None for v in values) else float(sum(values))
 
+    def repair_total(self, name: str) -> float | None:
+        """Sum of a repair dollar column over the judges that may repair; None when one has no figure."""
+        values = [getattr(m, f"repair_{name}") for m in self.members if m.repair_calls]
+        return None if any(v is None for v in values) else float(sum(values))
+
     def to_dict(self) -> dict[str, Any]:
         return {"partitions": self.partitions, "members": [asdict(m) for m in self.members],
-                "online_usd": self.total("online_usd"), "batch_usd": self.total("batch_usd")}
+                "online_usd": self.total("online_usd"), "batch_usd": self.total("batch_usd"),
+                "repair_calls_at_most": sum(m.repair_calls for m in self.members),
+                "repair_online_usd_at_most": self.repair_total("online_usd"),
+                "repair_batch_usd_at_most": self.repair_total("batch_usd")}
 
 
 def expected_output(member: Member, cache: ResponseCache | None) -> tuple[float, str]:
@@ -131,10 +151,44 @@ def estimate_prompts(panel: Panel, prompts: pd.DataFrame, cache: ResponseCache |
     combined, known, total = _likely_generations(panel, prompts, cache)
     note = f"judge prompts built with {known} of {total} generations from the cache, the rest at their expected length"
     for j in panel.judges:
-        tasks = [plan_judge_task(row, j, panel, rubric) for _, row in combined.iterrows()]
-        requests = [t.request for t in tasks if t.request is not None]
-        out.members.append(_member_estimate(j, "judge", panel, requests, cache, note))
+        tasks = [t for _, row in combined.iterrows() if (t := plan_judge_task(row, j, panel, rubric)).request is not None]
+        requests = [t.request for t in tasks]
+        est = _member_estimate(j, "judge", panel, requests, cache, note)
+        answered = _cached(j, requests, cache)
+        _add_repairs(est, j, panel, rubric, [t for i, t in enumerate(tasks) if i not in answered], cache)
+        out.members.append(est)
     return out
+
+
+def repair_requests_at_most(task: JudgeTask, rubric: Rubric, rounds: int, answer_tokens: float,
+                            max_rationale_chars: int | None) -> list[CallRequest]:
+    """The repair re-asks one judge call can cost, each at its largest: every text unread, every
+    answer (the first and each repair's) of the expected length, one more turn per round."""
+    assert task.request is not None
+    answer = _FILLER * max(1, round(answer_tokens))
+    unread = {k: _FILLER * _REASON_TOKENS for k in range(1, len(task.shown) + 1)}
+    schema = verdict_json_schema(rubric, len(task.shown), only=sorted(unread), max_rationale_chars=max_rationale_chars)
+    messages, out = task.request.message_dicts(), []
+    for _ in range(rounds):
+        messages = build_repair_messages(messages, answer, unread, rubric, structured=True,
+                                         max_rationale_chars=max_rationale_chars)
+        out.append(CallRequest.build(messages, task.request.params, json_schema=schema))
+    return out
+
+
+def _add_repairs(est: MemberEstimate, judge: Member, panel: Panel, rubric: Rubric, tasks: Sequence[JudgeTask],
+                 cache: ResponseCache | None) -> None:
+    """The repair figures of a judge: at most `repair_attempts` repairs for each judge call to make."""
+    per_call, _ = expected_output(judge, cache)
+    rounds, limit = panel.judging.repair_attempts, panel.judging.max_rationale_chars
+    repairs = [r for t in tasks for r in repair_requests_at_most(t, rubric, rounds, per_call, limit)]
+    est.repair_calls = len(repairs)
+    est.repair_input_tokens = sum(request_input_tokens(r) for r in repairs)
+    est.repair_output_tokens = round(per_call * len(repairs))
+    price = panel.price_of(judge)
+    if price is not None:
+        est.repair_online_usd = price.cost_usd(est.repair_input_tokens, est.repair_output_tokens)
+        est.repair_batch_usd = price.batch_cost_usd(est.repair_input_tokens, est.repair_output_tokens)
 
 
 def partition_prompts(panel: Panel, panel_path: Path, key: str) -> pd.DataFrame:
@@ -158,6 +212,7 @@ def format_estimate(est: Estimate) -> str:
     lines.append(f"{'total':<26} {calls:>6} {cached:>6} {sum(m.input_tokens for m in est.members):>10,} "
                  f"{sum(m.output_tokens for m in est.members):>10,} {usd(est.total('online_usd')):>11} "
                  f"{usd(est.total('batch_usd')):>11}")
+    lines += _repair_lines(est, usd)
     notes = sorted({m.note for m in est.members if m.note})
     unpriced = sorted({m.model for m in est.members if m.online_usd is None})
     lines += [f"note: {n}" for n in notes]
@@ -166,6 +221,28 @@ def format_estimate(est: Estimate) -> str:
     if cached:
         lines.append(f"note: {cached} calls are answered in the response cache and cost nothing")
     return "\n".join(lines)
+
+
+def _repair_lines(est: Estimate, usd: Any) -> list[str]:
+    """The repair re-asks, at most, and the bill with them, at most."""
+    judges = [m for m in est.members if m.repair_calls]
+    if not judges:
+        return []
+    calls = sum(m.repair_calls for m in judges)
+    online, batch = est.repair_total("online_usd"), est.repair_total("batch_usd")
+
+    def plus(base: float | None, extra: float | None) -> float | None:
+        return None if base is None or extra is None else base + extra
+
+    return [
+        f"{'repairs, at most':<26} {calls:>6} {'':>6} {sum(m.repair_input_tokens for m in judges):>10,} "
+        f"{sum(m.repair_output_tokens for m in judges):>10,} {usd(online):>11} {usd(batch):>11}",
+        f"{'total with repairs, at most':<40} {'':>10} {'':>10} "
+        f"{usd(plus(est.total('online_usd'), online)):>11} {usd(plus(est.total('batch_usd'), batch)):>11}",
+        "note: repairs are an upper bound: judging.repair_attempts re-asks for every judge call to make "
+        "(by judge: " + ", ".join(f"{m.member} {m.repair_calls}" for m in judges) + "); a judge whose "
+        "answers all read makes none",
+    ]
 
 
 __all__ = ["Estimate", "MemberEstimate", "estimate_prompts", "format_estimate", "partition_prompts"]

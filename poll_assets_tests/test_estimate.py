@@ -14,8 +14,10 @@ import yaml
 from poll_assets.cli import main as cli_main
 from poll_assets.estimate import estimate_prompts, format_estimate, partition_prompts
 from poll_assets.llm.cache import ResponseCache
+from poll_assets.llm.pricing import Price
 from poll_assets.panel import load_panel
 from poll_assets.pipeline import JOB_NAME, build_definitions
+from poll_assets.rubrics.ultrafeedback import get_rubric
 from poll_assets_tests.instance import make_dagster_home
 from poll_assets_tests.test_paper_fake_server import CANARY, KEY_VARS, paper_on_fake
 
@@ -98,6 +100,7 @@ def test_estimate_input_tokens_are_within_15_percent_of_what_the_server_reports(
 
     after = estimate_prompts(panel, partition_prompts(panel, path, SECOND), cache, partitions=[SECOND])
     assert all(m.cached_calls == m.calls == 10 and m.input_tokens == 0 for m in after.members)
+    assert all(m.repair_calls == 0 for m in after.members)  # answered judge calls are not counted again
     priced = [m.online_usd for m in after.members if m.provider in ("openai", "anthropic")]
     assert priced == [0.0, 0.0]  # everything is cached: nothing left to pay
 
@@ -123,6 +126,7 @@ def test_the_cli_prints_the_estimate_and_the_prompts_asset_carries_it(tmp_path, 
     assert job.execute_in_process(partition_key=PARTITION, instance=instance).success
     meta = member_meta_of(instance, dg.AssetKey("prompts"))
     assert meta["estimate/calls"] == 70 and meta["estimate/cached_calls"] == 0
+    assert meta["estimate/repair_calls_at_most"] == 30 * panel.judging.repair_attempts  # 3 judges x 10 prompts
     assert meta["estimate/input_tokens"] > 0 and "gpt35_turbo" in meta["estimate"]
     assert fake_llm.stats()["total"] == 0  # materializing the prompts called no model
 
@@ -141,3 +145,56 @@ def test_tokens_are_a_quarter_of_the_characters_and_one_per_digit():
     assert approx_tokens("abcdefgh") == 2 and approx_tokens("2026") == 4 and approx_tokens("id 12") == 3
     request = CallRequest.build([{"role": "user", "content": "abcd" * 10}], GenerationParams(), json_schema={"a": 1})
     assert request_input_tokens(request) == 10 + 4 + approx_tokens('{"a": 1}')
+
+
+def _with_repairs(attempts: int, prices: bool = True) -> tuple[Any, Any]:
+    """The paper panel (estimated only: no call is made) with `judging.repair_attempts` set, and the
+    bundled local panel's first shard of prompts (3)."""
+    panel, _ = load_panel("paper")
+    panel = panel.model_copy(update={"judging": panel.judging.model_copy(update={"repair_attempts": attempts})})
+    if prices:
+        panel = panel.model_copy(update={"prices": {
+            "gpt-3.5-turbo-0125": Price(input_per_mtok=0.5, output_per_mtok=1.5),
+            "claude-3-haiku-20240307": Price(input_per_mtok=0.25, output_per_mtok=1.25)}})
+    local, local_path = load_panel("local")
+    return panel, partition_prompts(local, local_path, PARTITION)
+
+
+def test_repairs_are_counted_as_an_upper_bound_of_repair_attempts_per_judge_call():
+    panel, prompts = _with_repairs(2)
+    est = estimate_prompts(panel, prompts, None, partitions=[PARTITION])
+    judges = [m for m in est.members if m.role == "judge"]
+    assert [m.repair_calls for m in judges] == [2 * m.calls for m in judges] == [6, 6, 6]
+    assert all(m.repair_calls == 0 for m in est.members if m.role == "generator")
+    # each repair carries the first prompt and answer again, and the second round one turn more
+    assert all(m.repair_input_tokens > 2 * m.input_tokens for m in judges)
+    assert all(m.repair_output_tokens == 2 * m.output_tokens for m in judges)
+    paid = [m for m in judges if m.online_usd is not None]
+    assert len(paid) == 2 and all(m.repair_online_usd > m.online_usd for m in paid)
+    text = format_estimate(est)
+    assert "repairs, at most" in text and "total with repairs, at most" in text
+    assert "upper bound: judging.repair_attempts re-asks for every judge call to make" in text
+    assert est.to_dict()["repair_calls_at_most"] == 18
+
+    none = estimate_prompts(_with_repairs(0)[0], prompts, None, partitions=[PARTITION])
+    assert all(m.repair_calls == 0 for m in none.members) and "repairs" not in format_estimate(none)
+
+
+def test_the_repair_bound_holds_over_the_judging_stage_own_repair_request():
+    from poll_assets.assets.judging import first_reading, repair_request
+    from poll_assets.estimate import expected_output, repair_requests_at_most
+    from poll_assets.llm.base import Completion
+    from poll_assets.llm.tokens import request_input_tokens
+    from poll_assets.stage_requests import plan_judge_task
+
+    panel, prompts = _with_repairs(1)
+    judge, rubric = panel.judges[1], get_rubric(panel.judging.aspect)
+    row = prompts.iloc[0].copy()
+    row["generations"] = ["a short answer", "another answer", "a third"]
+    task = plan_judge_task(row, judge, panel, rubric)
+    length, _ = expected_output(judge, None)
+    # the stage's own repair of a first answer of the expected length that left every text unread
+    unread_answer = Completion(text="abc " * round(length), output_mode="json_schema")
+    real = repair_request(first_reading(task, unread_answer, rubric), rubric, panel.judging.max_rationale_chars)
+    (bound,) = repair_requests_at_most(task, rubric, 1, length, panel.judging.max_rationale_chars)
+    assert real is not None and request_input_tokens(real) <= request_input_tokens(bound)

@@ -116,12 +116,16 @@ def estimate_metadata(panel: Panel, rows: pd.DataFrame, context: dg.AssetExecuti
         "estimate/cached_calls": sum(m.cached_calls for m in est.members),
         "estimate/input_tokens": sum(m.input_tokens for m in est.members),
         "estimate/output_tokens": sum(m.output_tokens for m in est.members),
+        "estimate/repair_calls_at_most": sum(m.repair_calls for m in est.members),  # judging.repair_attempts x judge calls
         "estimate": dg.MetadataValue.md(f"```\n{format_estimate(est)}\n```"),
     }
     for name in ("online_usd", "batch_usd"):
         total = est.total(name)
         if total is not None:
             meta[f"estimate/{name}"] = dg.MetadataValue.float(round(total, 6))
+        repairs = est.repair_total(name)
+        if repairs is not None and meta["estimate/repair_calls_at_most"]:
+            meta[f"estimate/repair_{name}_at_most"] = dg.MetadataValue.float(round(repairs, 6))
     return meta
 
 
