@@ -3,7 +3,7 @@ from the prompts the stages would build, expected output tokens, what the respon
 holds, and the bill online and through a batch API.
 
 Tokens are counted without a tokenizer (`llm.tokens`: a token per digit, the other characters / 4,
-a few per message, the JSON schema included); the README gives its measured error.
+a few per message, the JSON schema included); docs/calls.md gives its measured error.
 Judges' prompts hold the generations: an answer already in the response cache is used as it is,
 and one not yet made is stood in for by a filler of the generator's expected output length.
 

@@ -44,11 +44,11 @@ class _Strict(BaseModel):
 
 
 class Params(_Strict):
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    max_new_tokens: int = Field(default=512, ge=1, le=32768)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="Sampling temperature; None leaves the provider's default.")
+    max_new_tokens: int = Field(default=512, ge=1, le=32768, description="Most tokens one answer may have; also the estimate's output bound before any answer is cached.")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling; None leaves the provider's default.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end an answer.")
+    seed: int | None = Field(default=None, description="Sampling seed, for providers that honour one.")
 
     def to_generation_params(self) -> GenerationParams:
         return GenerationParams(
@@ -63,19 +63,19 @@ class Params(_Strict):
 class Member(_Strict):
     """A generator or a judge: one model behind one provider, with its own settings."""
 
-    name: str
-    provider: Provider
-    model: str
-    family: str
-    system_prompt: str | None = None
-    params: Params = Field(default_factory=Params)
-    limits: Limits = Field(default_factory=Limits)
-    base_url: str | None = None
-    api_key_env: str | None = None
-    model_path: str | None = None  # in-process providers (local): a GGUF file; default is the bundled SmolLM2
-    n_ctx: int = Field(default=4096, ge=256)  # in-process providers (local) only
-    pool: str | None = None  # Dagster pool; defaults to the provider's name
-    batch: BatchSettings = Field(default_factory=BatchSettings)  # the provider's batch API instead of online calls
+    name: str = Field(description="Lowercase letters, digits and '_'; the asset key (generations/<name>, ratings/<name>), unique across the panel.")
+    provider: Provider = Field(description="The provider registry's name: how the member is called.")
+    model: str = Field(description="The model id as the provider (or the self-hosted server) names it; also the key of its price in `prices`.")
+    family: str = Field(description="The model family, for the self-preference control (a judge's ratings of its own family are left out of pooling).")
+    system_prompt: str | None = Field(default=None, description="A system message sent before every prompt; None sends none.")
+    params: Params = Field(default_factory=Params, description="Generation parameters, sent with every call.")
+    limits: Limits = Field(default_factory=Limits, description="How many calls at once, how fast, and how long they are retried.")
+    base_url: str | None = Field(default=None, description="A self-hosted server or a dedicated endpoint; openai_compatible needs one.")
+    api_key_env: str | None = Field(default=None, description="The environment variable holding the key; default per provider (OPENAI_API_KEY, ANTHROPIC_API_KEY, HF_TOKEN).")
+    model_path: str | None = Field(default=None, description="In-process providers (local) only: a GGUF file; default is the bundled SmolLM2-135M-Instruct.")
+    n_ctx: int = Field(default=4096, ge=256, description="In-process providers (local) only: the model's context size in tokens.")
+    pool: str | None = Field(default=None, description="The Dagster pool of this member's step; default llm_<provider>.")
+    batch: BatchSettings = Field(default_factory=BatchSettings, description="Send the calls through the provider's batch API instead of online (openai, anthropic; openai_compatible on declaration).")
 
     @field_validator("name")
     @classmethod
@@ -120,17 +120,15 @@ class Member(_Strict):
 class Source(_Strict):
     """Where prompts come from: a Hub dataset, or local files."""
 
-    repo_id: str | None = None
-    data_files: list[str] | None = None
-    split: str = "train"
-    revision: str | None = None
-    subset: str | None = None
-    column_mapping: dict[str, str] = Field(default_factory=dict)  # source column -> "instruction"
-    num_examples: int = Field(default=100, ge=1)
-    shard_size: int = Field(default=50, ge=1)
-    # Shards per run in a backfill (`--partitions`, `--all`, the UI's Materialize all): their calls
-    # overlap in one run, and a run holds at most this many shards' frames in memory.
-    shards_per_run: int = Field(default=20, ge=1)
+    repo_id: str | None = Field(default=None, description="A Hugging Face Hub dataset; give this or data_files.")
+    data_files: list[str] | None = Field(default=None, description="Local .jsonl/.json, .parquet or .csv files, relative to the panel file's folder; give this or repo_id.")
+    split: str = Field(default="train", description="The dataset split to read.")
+    revision: str | None = Field(default=None, description="A commit or tag of the Hub dataset, for reproducible data.")
+    subset: str | None = Field(default=None, description="The Hub dataset's configuration (subset) name.")
+    column_mapping: dict[str, str] = Field(default_factory=dict, description="Source column -> 'instruction': which column holds the prompt.")
+    num_examples: int = Field(default=100, ge=1, description="Rows used, from the top; raising it appends shards and leaves the existing ones as they were.")
+    shard_size: int = Field(default=50, ge=1, description="Rows per shard (partition).")
+    shards_per_run: int = Field(default=20, ge=1, description="Shards per run in a backfill (--partitions, --all, Materialize all): their calls overlap, and a run holds at most this many shards' frames in memory.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "Source":
@@ -149,29 +147,29 @@ class Source(_Strict):
 
 
 class Judging(_Strict):
-    aspect: Aspect = "instruction-following"
-    shuffle_positions: bool = True  # position-bias control
-    exclude_self_family: bool = True  # self-preference control
-    seed: int = 0
-    max_rationale_chars: int | None = Field(default=300, ge=20)  # None where a provider refuses maxLength
-    repair_attempts: int = Field(default=1, ge=0)  # re-asks of a judge whose answer left texts unread; 0 = off
+    aspect: Aspect = Field(default="instruction-following", description="The UltraFeedback aspect the judges rate.")
+    shuffle_positions: bool = Field(default=True, description="Position-bias control: each judge sees a prompt's generations in its own seeded order.")
+    exclude_self_family: bool = Field(default=True, description="Self-preference control: a judge's ratings of generations from its own family are left out of pooling.")
+    seed: int = Field(default=0, description="Seed of the position shuffle.")
+    max_rationale_chars: int | None = Field(default=300, ge=20, description="Longest rationale asked for; None where a provider refuses maxLength in a JSON schema.")
+    repair_attempts: int = Field(default=1, ge=0, description="Re-asks of a judge whose answer left texts unread; 0 turns repairs off.")
 
 
 class Pooling(_Strict):
-    method: PoolingMethod = "mean"
-    min_judges: int = Field(default=1, ge=1)
+    method: PoolingMethod = Field(default="mean", description="How a generation's valid ratings are combined: mean (the PoLL paper's), median, or majority (a tie falls back to the mean).")
+    min_judges: int = Field(default=1, ge=1, description="Fewest valid ratings a generation needs for a pooled rating; below it, None.")
 
 
 class Binarization(_Strict):
-    strategy: Strategy = "best_vs_worst"
-    min_margin: float = Field(default=0.0, ge=0.0)  # pairs below this margin are dropped, for every strategy
-    seed: int = 0
+    strategy: Strategy = Field(default="best_vs_worst", description="How pairs are formed: best_vs_worst, best_vs_random or all_pairs.")
+    min_margin: float = Field(default=0.0, ge=0.0, description="Pairs whose pooled ratings differ by less are dropped, for every strategy.")
+    seed: int = Field(default=0, description="Seed of the random choices (best_vs_random's rejected answer, ties for best or worst).")
 
 
 class Thresholds(_Strict):
-    max_generation_failure_rate: float = Field(default=0.1, ge=0, le=1)
-    max_parse_failure_rate: float = Field(default=0.2, ge=0, le=1)
-    min_agreement: float = Field(default=0.0, ge=-1, le=1)
+    max_generation_failure_rate: float = Field(default=0.1, ge=0, le=1, description="The failure_rate check fails a generator's shard above this share of failed generations.")
+    max_parse_failure_rate: float = Field(default=0.2, ge=0, le=1, description="The unrated_verdict_rate check fails a judge's shard above this share of verdicts without a rating.")
+    min_agreement: float = Field(default=0.0, ge=-1, le=1, description="The judge_agreement check (warn only) flags a shard whose Krippendorff's alpha is below this.")
 
 
 class Schedule(_Strict):
@@ -179,9 +177,9 @@ class Schedule(_Strict):
 
     Off by default: a tick can spend money on paid APIs, so a panel opts in."""
 
-    cron: str = "0 3 * * *"
-    timezone: str = "UTC"
-    enabled: bool = False
+    cron: str = Field(default="0 3 * * *", description="When the automation sensor ticks (five-field cron).")
+    timezone: str = Field(default="UTC", description="The cron's IANA time zone.")
+    enabled: bool = Field(default=False, description="Start the sensor running; off by default, since a tick can spend money.")
 
     @field_validator("cron")
     @classmethod
@@ -209,11 +207,11 @@ class CacheSettings(_Strict):
     `url_env` naming a variable that holds a URL with a password), or the Dagster instance's own
     PostgreSQL database (`backend: instance`)."""
 
-    mode: CacheMode = "use"
-    path: str | None = None  # default: $DAGSTER_HOME/llm_cache.sqlite
-    backend: Literal["sqlite", "postgres", "instance"] | None = None  # default: postgres with a url, else sqlite
-    url: str | None = None
-    url_env: str | None = None
+    mode: CacheMode = Field(default="use", description="use (read and write), refresh (call again and overwrite) or bypass (leave the cache alone).")
+    path: str | None = Field(default=None, description="The SQLite file; default $DAGSTER_HOME/llm_cache.sqlite.")
+    backend: Literal["sqlite", "postgres", "instance"] | None = Field(default=None, description="sqlite, postgres or instance (the Dagster instance's own PostgreSQL); default postgres with a url, else sqlite.")
+    url: str | None = Field(default=None, description="A PostgreSQL URL without a password (peer/trust auth or PGPASSWORD).")
+    url_env: str | None = Field(default=None, description="An environment variable holding a PostgreSQL URL (one with a password goes here).")
 
     @model_validator(mode="after")
     def _one_place(self) -> "CacheSettings":
@@ -242,27 +240,27 @@ class CacheSettings(_Strict):
 class Publish(_Strict):
     """Where `publish_job` writes the preference set, and the Hub dataset it uploads to (needs HF_TOKEN)."""
 
-    out_dir: str | None = None  # default: $DAGSTER_HOME/exports/<panel name>
-    repo_id: str | None = None
-    private: bool = True
-    token_env: str = "HF_TOKEN"
+    out_dir: str | None = Field(default=None, description="Where publish_job writes the dataset; default $DAGSTER_HOME/exports/<panel name>.")
+    repo_id: str | None = Field(default=None, description="A Hub dataset repo to upload to; None uploads nothing.")
+    private: bool = Field(default=True, description="Create the Hub repo private.")
+    token_env: str = Field(default="HF_TOKEN", description="The environment variable holding the Hub token.")
 
 
 class Panel(_Strict):
-    name: str
-    description: str = ""
-    source: Source
-    generators: list[Member] = Field(min_length=2)
-    judges: list[Member] = Field(min_length=1)
-    judging: Judging = Field(default_factory=Judging)
-    pooling: Pooling = Field(default_factory=Pooling)
-    binarization: Binarization = Field(default_factory=Binarization)
-    thresholds: Thresholds = Field(default_factory=Thresholds)
-    schedule: Schedule = Field(default_factory=Schedule)
-    cache: CacheSettings = Field(default_factory=CacheSettings)
-    prices: dict[str, Price] = Field(default_factory=dict)  # model id -> price per million tokens
-    publish: Publish = Field(default_factory=Publish)
-    budget: BudgetSettings | None = None  # a spending cap per run, over every member's calls
+    name: str = Field(description="The panel's name (in the dataset card and the export folder).")
+    description: str = Field(default="", description="Free text about the panel.")
+    source: Source = Field(description="Where the prompts come from and how they are sharded.")
+    generators: list[Member] = Field(min_length=2, description="The members that answer every prompt (at least 2).")
+    judges: list[Member] = Field(min_length=1, description="The members that rate every answer (at least 1); same fields as generators.")
+    judging: Judging = Field(default_factory=Judging, description="The rubric and the bias controls.")
+    pooling: Pooling = Field(default_factory=Pooling, description="How the judges' ratings of a generation are combined.")
+    binarization: Binarization = Field(default_factory=Binarization, description="How pooled ratings become chosen/rejected pairs.")
+    thresholds: Thresholds = Field(default_factory=Thresholds, description="Limits the asset checks hold each shard to.")
+    schedule: Schedule = Field(default_factory=Schedule, description="The scheduled re-runs of missing, failed and stale shards.")
+    cache: CacheSettings = Field(default_factory=CacheSettings, description="Where the response cache lives and how it is used.")
+    prices: dict[str, Price] = Field(default_factory=dict, description="Model id -> price per million tokens, for the cost figures, the estimate and the budget.")
+    publish: Publish = Field(default_factory=Publish, description="Where publish_job writes and uploads the dataset.")
+    budget: BudgetSettings | None = Field(default=None, description="A spending cap per run over every member's calls; None sets no cap.")
 
     @model_validator(mode="after")
     def _budget_needs_prices(self) -> "Panel":

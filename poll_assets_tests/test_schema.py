@@ -1,4 +1,4 @@
-"""Column schemas: one per asset, feeding the definitions, the materializations and the README."""
+"""Column schemas: one per asset, feeding the definitions, the materializations and the docs' asset table."""
 
 from __future__ import annotations
 
@@ -18,22 +18,22 @@ from poll_assets.assets.schema import schema
 from poll_assets.pipeline import build_definitions
 from poll_assets_tests.fake_panel import write_panel
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ASSETS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "assets.md"
 SCHEMAS = [PROMPT_COLUMNS, GENERATION_COLUMNS, COMBINED_COLUMNS, RATING_COLUMNS, POOLED_COLUMNS, PAIR_COLUMNS]
 
 
-def _readme_columns() -> dict[str, list[str]]:
-    """asset -> the backquoted names in its row of the README's asset table."""
+def _documented_columns() -> dict[str, list[str]]:
+    """asset -> the backquoted names in its row of the asset table in docs/assets.md."""
     rows = {}
-    for line in README.read_text(encoding="utf-8").splitlines():
+    for line in ASSETS_PAGE.read_text(encoding="utf-8").splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 4 and cells[0].startswith("`"):
             rows[cells[0].strip("`")] = re.findall(r"`([^`]+)`", cells[3])
     return rows
 
 
-def test_the_readme_table_lists_exactly_the_columns_of_each_schema():
-    rows = _readme_columns()
+def test_the_docs_table_lists_exactly_the_columns_of_each_schema():
+    rows = _documented_columns()
     assert set(rows) == {s.asset for s in SCHEMAS}
     for s in SCHEMAS:
         assert rows[s.asset] == s.names, s.asset
@@ -72,7 +72,7 @@ def test_a_frame_or_lineage_that_strays_from_the_schema_is_refused():
 
 
 def test_a_judges_description_names_the_rubric_version_as_the_readme_does():
-    """The UI showed `vif-1` while the README said `if-1`: the version is printed as itself."""
+    """The UI showed `vif-1` while the docs said `if-1`: the version is printed as itself."""
     from poll_assets.panel import load_panel
     from poll_assets.pipeline import build_definitions
 

@@ -3,7 +3,7 @@
 Each stage module declares one `ColumnSchema`. It gives the asset definition its
 `dagster/column_schema` (so the UI describes every column before anything is materialized), each
 materialization its schema with the real dtypes, the column order of the frame the stage builds,
-the names its column lineage may use, and the README's asset table (a test compares the two).
+the names its column lineage may use, and the asset table of docs/assets.md (a test compares the two).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Column:
 
 @dataclass(frozen=True)
 class ColumnSchema:
-    asset: str  # the asset (or `<stage>/<member>` pattern) it describes, for messages and the README
+    asset: str  # the asset (or `<stage>/<member>` pattern) it describes, for messages and the docs
     columns: tuple[Column, ...]
 
     @property

@@ -20,18 +20,18 @@ class BatchSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = False
-    poll_interval_s: float = Field(default=30.0, gt=0)  # first wait between status checks
-    max_poll_interval_s: float = Field(default=300.0, gt=0)  # the backoff's cap
+    enabled: bool = Field(default=False, description="Send this member's calls through its provider's batch API.")
+    poll_interval_s: float = Field(default=30.0, gt=0, description="First wait between status checks; grows 1.5x per unchanged check.")
+    max_poll_interval_s: float = Field(default=300.0, gt=0, description="The longest wait between status checks.")
     # How long one step waits before it fails; the batches stay recorded and a relaunch resumes them.
-    max_wait_s: float = Field(default=24 * 3600.0, gt=0)
+    max_wait_s: float = Field(default=24 * 3600.0, gt=0, description="How long one step waits before it fails; the batches stay recorded and a relaunch resumes them.")
     # Requests that errored or expired: a new batch (up to limits.max_retries times), or online calls.
-    on_error: OnError = "retry"
+    on_error: OnError = Field(default="retry", description="Requests that errored or expired: retry (a new batch, up to limits.max_retries times) or online.")
     # openai_compatible only: the member's server implements OpenAI's /v1/files and /v1/batches.
-    server_has_batches: bool = False
+    server_has_batches: bool = Field(default=False, description="openai_compatible only: the server implements OpenAI's /v1/files and /v1/batches (vLLM, LiteLLM).")
     # Lower than the provider's limits per batch, e.g. to see results of a huge shard sooner.
-    max_requests: int | None = Field(default=None, ge=1)
-    max_bytes: int | None = Field(default=None, ge=1024)
+    max_requests: int | None = Field(default=None, ge=1, description="Fewer requests per batch than the provider allows.")
+    max_bytes: int | None = Field(default=None, ge=1024, description="Fewer bytes per batch than the provider allows.")
 
     def refusal(self, member: str, provider: str) -> str | None:
         """Why this member cannot run in batch mode, or None when it can (or does not ask to)."""

@@ -32,7 +32,7 @@ class BudgetSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_usd: float = Field(gt=0)  # per run, over every member's calls
+    max_usd: float = Field(gt=0, description="Most US dollars one run may spend, over every member's calls.")
 
 
 class BudgetExceededError(RuntimeError):

@@ -19,14 +19,14 @@ class Limits(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_concurrency: int = Field(default=8, ge=1, le=1024)
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    timeout_s: float = Field(default=120.0, gt=0)
-    max_retries: int = Field(default=5, ge=0, le=20)
+    max_concurrency: int = Field(default=8, ge=1, le=1024, description="Calls in flight at once for this member (capped by the provider's in-process parallelism; the start of the adaptive window).")
+    rpm: int | None = Field(default=None, ge=1, description="Requests per minute, paced with a burst of at most one second's worth; None sets no limit.")
+    tpm: int | None = Field(default=None, ge=1, description="Tokens per minute, charged up front and corrected with the real usage; None sets no limit.")
+    timeout_s: float = Field(default=120.0, gt=0, description="Bound on every single attempt; a timeout is retried like any transient error.")
+    max_retries: int = Field(default=5, ge=0, le=20, description="Retries after the first attempt (at least; see retry_window_s).")
     # A transient failure is retried until both max_retries and this window are spent, so a short
     # outage costs time, not rows (see CallPolicy.retry_window_s).
-    retry_window_s: float = Field(default=90.0, ge=0, le=3600)
+    retry_window_s: float = Field(default=90.0, ge=0, le=3600, description="A failing call retries until both max_retries retries were made and this many seconds passed since its first attempt.")
 
 
 @dataclass(frozen=True)

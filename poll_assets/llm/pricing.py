@@ -44,13 +44,13 @@ class Price(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input_per_mtok: float = Field(ge=0)
-    output_per_mtok: float = Field(ge=0)
+    input_per_mtok: float = Field(ge=0, description="US dollars per million input tokens.")
+    output_per_mtok: float = Field(ge=0, description="US dollars per million output tokens.")
     # What a batch API charges as a fraction of the online price (OpenAI and Anthropic: 0.5); None = unknown.
-    batch_discount: float | None = Field(default=None, gt=0, le=1)
+    batch_discount: float | None = Field(default=None, gt=0, le=1, description="What a batch API charges as a fraction of the online price; None takes the provider's (openai, anthropic: 0.5).")
     # Input tokens read from / written to the provider's prompt cache, as multiples of input_per_mtok.
-    cache_read_multiplier: float | None = Field(default=None, ge=0, le=1)
-    cache_write_multiplier: float | None = Field(default=None, ge=1)
+    cache_read_multiplier: float | None = Field(default=None, ge=0, le=1, description="Input tokens read from the provider's prompt cache, as a multiple of input_per_mtok; None takes the provider's.")
+    cache_write_multiplier: float | None = Field(default=None, ge=1, description="Input tokens written to the provider's prompt cache, as a multiple of input_per_mtok; None takes the provider's.")
 
     def for_provider(self, provider: str) -> "Price":
         """This price with every unset rate taken from the provider's published ones."""
