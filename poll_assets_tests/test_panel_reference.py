@@ -68,3 +68,17 @@ def test_the_docs_hook_puts_the_reference_in_the_panel_page():
     assert other == page
     with pytest.raises(ValueError, match="marker"):
         hook.on_page_markdown("# Panel", page=SimpleNamespace(file=SimpleNamespace(src_uri="panel.md")))
+
+
+def test_the_readme_panel_example_loads(tmp_path):
+    import re
+
+    from poll_assets.panel import load_panel
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (example,) = re.findall(r"```yaml\n(name: my_panel\n.*?)```", readme, re.S)
+    path = tmp_path / "readme_panel.yaml"
+    path.write_text(example, encoding="utf-8")
+    panel, _ = load_panel(path)
+    assert [m.provider for m in panel.members] == ["hf_inference", "openai_compatible", "openai", "anthropic"]
+    assert panel.judges[0].limits.max_concurrency == 16 and panel.judging.repair_attempts == 1
