@@ -4,6 +4,7 @@ Pure; the docs site's build hook (docs/hooks/panel_reference.py) puts it into th
 
 from __future__ import annotations
 
+import json
 import types
 import typing
 from typing import Any, Literal
@@ -81,12 +82,13 @@ def _constraints(info: FieldInfo) -> str:
 
 
 def default_text(info: FieldInfo) -> str:
+    """The default as it would be written in the YAML file (true, null, "text", [])."""
     if info.default_factory is not None:
         value = info.default_factory()  # type: ignore[call-arg]
-        return "see the section" if isinstance(value, BaseModel) else f"`{value!r}`"
+        return "see the section" if isinstance(value, BaseModel) else f"`{json.dumps(value)}`"
     if info.default is PydanticUndefined:
         return "**required**"
-    return "`null`" if info.default is None else f"`{info.default!r}`"
+    return f"`{json.dumps(info.default)}`"
 
 
 def _cell(text: str) -> str:
