@@ -1,5 +1,5 @@
 """What prompt caching and batch mode save on the `paper` panel's paid judges, measured on the loopback
-server (its usage counted with a real tokenizer): the figures the README quotes."""
+server (its usage counted with a real tokenizer): the figures docs/calls.md quotes."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The Dagster UI in a real headless Chromium: the asset graph, a launch from the UI, and the
-metadata of the result, and the places the README sends a new user to. Screenshots are kept as
+metadata of the result, and the places the getting-started tour (docs/getting-started.md) sends a new user to. Screenshots are kept as
 test artifacts in `$POLL_TEST_ARTIFACTS/ui` (or pytest's tmp dir); the path is printed."""
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def test_materialize_one_partition_from_the_ui(dagster_server: DagsterDevServer,
 
 @pytest.mark.slow
 def test_publish_job_launchpad(dagster_server: DagsterDevServer, page, shots: Path) -> None:
-    """The README's way to publish: Jobs -> publish_job -> Launchpad -> Launch Run."""
+    """The docs' way to publish (docs/operations.md): Jobs -> publish_job -> Launchpad -> Launch Run."""
     page.goto(f"{dagster_server.url}/jobs", wait_until="domcontentloaded")
     page.locator("a").filter(has_text=re.compile("^publish_job$")).first.click()
     page.get_by_role("tab", name="Launchpad").click()
