@@ -3,7 +3,7 @@
 Characters / 4 is the usual rule for English prose, but digits break it: the open models' tokenizers
 (Llama, Mistral, Gemma, SmolLM) spend one token per digit, and prompts here carry hex ids and
 numbers. So: one token per digit, plus the other characters / 4, plus a few tokens per message for
-the chat format. README ("Prices, estimate, budget") gives the measured error against a real tokenizer.
+the chat format. docs/calls.md ("Prompt caching, prices, estimate, budget") gives the measured error against a real tokenizer.
 """
 
 from __future__ import annotations
