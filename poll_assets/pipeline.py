@@ -48,7 +48,7 @@ def build_assets(
         *generators,
         build_combined_asset(panel, parts),
         *judges,
-        build_pooled_asset(panel, parts, rubric),
+        build_pooled_asset(panel, parts, rubric, panel.gold.location(panel_path) if panel.gold else None),
         build_preferences_asset(panel, parts),
     ]
     # A backfill runs `shards_per_run` shards per run; every step takes such a range (assets/shards.py).
