@@ -511,27 +511,30 @@ COLUMNS = (("kappa", "kappa (quadratic)"), ("tau", "Kendall tau-b"), ("spearman"
            ("bias", "bias"), ("pref_agreement", "pref. agreement"), ("pref_kappa", "pref. kappa"))
 
 
-def _cell(e: Estimate) -> str:
-    if e.value is None:
+def _cell(e: Mapping[str, Any]) -> str:
+    if e["value"] is None:
         return "n/a"
-    return f"{e.value:.2f} [{e.low:.2f}, {e.high:.2f}]" if e.low is not None else f"{e.value:.2f}"
+    return f"{e['value']:.2f} [{e['low']:.2f}, {e['high']:.2f}]" if e["low"] is not None else f"{e['value']:.2f}"
 
 
-def calibration_markdown(cal: Calibration) -> str:
-    """The table (one row per judge, jury and leave-one-out jury), the verdict, and what is absent and why."""
+def calibration_markdown(cal: Calibration | Mapping[str, Any]) -> str:
+    """The table (one row per judge, jury and leave-one-out jury), the verdict, and what is absent and
+    why; from a Calibration or its `to_dict()` (as the dataset card keeps it)."""
+    d = cal.to_dict() if isinstance(cal, Calibration) else cal
     head = "| rater | ratings | pairs | " + " | ".join(t for _, t in COLUMNS) + " |"
     lines = [head, "|" + " --- |" * (3 + len(COLUMNS))]
-    for r in cal.rows:
-        lines.append(f"| {r.label} | {r.n_ratings} | {r.n_pairs} | " + " | ".join(_cell(r.metrics[m]) for m, _ in COLUMNS) + " |")
-    c = cal.counts
-    lines += ["", f"Intervals: {cal.level:.0%} percentile bootstrap over the {c.get('labelled_prompts', 0)} labelled prompts, "
-              f"{cal.resamples} resamples. Bias: mean signed error against the gold rating.",
-              f"Weighted jury: {cal.weights_source}" + (f"; weights {_weights_text(cal.weights)}" if cal.weights else "") + ".",
+    for r in d["rows"]:
+        lines.append(f"| {r['label']} | {r['n_ratings']} | {r['n_pairs']} | "
+                     + " | ".join(_cell(r["metrics"][m]) for m, _ in COLUMNS) + " |")
+    c = d["counts"]
+    lines += ["", f"Intervals: {d['level']:.0%} percentile bootstrap over the {c.get('labelled_prompts', 0)} labelled "
+              f"prompts, {d['resamples']} resamples. Bias: mean signed error against the gold rating.",
+              f"Weighted jury: {d['weights_source']}" + (f"; weights {_weights_text(d['weights'])}" if d["weights"] else "") + ".",
               f"Gold labels used: {c.get('rating_labels', 0)} ratings, {c.get('preference_labels', 0)} preferences "
               f"(+{c.get('derived_pairs', 0)} pairs derived from ratings); not used: {c.get('labels_outside_prompts', 0)} "
               f"for prompts outside these shards, {c.get('labels_unknown_generator', 0)} naming a generator the panel does not have.",
-              "", *[f"- {s}" for s in cal.verdict]]
-    reasons = sorted({f"{m}: {e.reason}" for r in cal.rows for m, e in r.metrics.items() if e.reason})
+              "", *[f"- {s}" for s in d["verdict"]]]
+    reasons = sorted({f"{m}: {e['reason']}" for r in d["rows"] for m, e in r["metrics"].items() if e["reason"]})
     if reasons:
         lines += ["", "Figures absent or without an interval: " + "; ".join(reasons[:8]) + ("; ..." if len(reasons) > 8 else "") + "."]
     return "\n".join(lines)

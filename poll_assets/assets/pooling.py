@@ -11,7 +11,7 @@ import dagster as dg
 import pandas as pd
 
 from poll_assets.agreement import agreement_metrics, judge_agreement
-from poll_assets.calibration import JurySpec, RunRatings, calibrate, calibration_markdown, calibration_numbers, pooling_weights
+from poll_assets.calibration import Calibration, JurySpec, RunRatings, calibrate, calibration_markdown, calibration_numbers, pooling_weights
 from poll_assets.assets.generations import COMBINED_COLUMNS, COMBINED_KEY, generation_counts
 from poll_assets.assets.judging import RATING_COLUMNS, ratings_key
 from poll_assets.assets.schema import column_of, column_of_each, schema
@@ -176,13 +176,20 @@ def pool_shard(panel: Panel, combined: pd.DataFrame, ratings: Sequence[pd.DataFr
     return POOLED_COLUMNS.frame(rows), excluded, source
 
 
+def pooled_calibration(panel: Panel, pooled: pd.DataFrame, gold: GoldSet, scale: Sequence[int]) -> Calibration:
+    """The calibration of `pooled` (one shard, or every stored shard) against the gold labels, with the
+    panel's bootstrap settings: the one function behind the shard metadata, the dataset card and the CLI."""
+    settings = panel.gold
+    if settings is None:
+        raise ValueError(f"panel {panel.name!r} has no gold labels (gold:)")
+    return calibrate(run_ratings(pooled, panel), gold, jury_spec(panel), scale, resamples=settings.bootstrap_resamples,
+                     seed=settings.seed, level=settings.confidence_level)
+
+
 def calibration_metadata(panel: Panel, df: pd.DataFrame, gold: GoldSet, scale: Sequence[int]) -> dict[str, Any]:
     """The shard's calibration against the gold labels: the table (markdown), its figures as numbers the
     UI plots over time, and the whole result as JSON."""
-    settings = panel.gold
-    assert settings is not None  # only called for a panel with gold labels
-    cal = calibrate(run_ratings(df, panel), gold, jury_spec(panel), scale, resamples=settings.bootstrap_resamples,
-                    seed=settings.seed, level=settings.confidence_level)
+    cal = pooled_calibration(panel, df, gold, scale)
     return {
         "calibration": dg.MetadataValue.md(calibration_markdown(cal)),
         "calibration/verdict": " ".join(cal.verdict),
