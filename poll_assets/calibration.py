@@ -22,7 +22,7 @@ from poll_assets.gold import GoldSet, instruction_key
 from poll_assets.pooled_ratings import pool_ratings, prompt_fold
 
 MIN_ITEMS = 5  # fewer labelled items for a rater and its figures are absent
-MIN_PROMPTS = 3  # fewer labelled prompts and no interval (a bootstrap over 2 prompts says nothing)
+MIN_PROMPTS = 5  # fewer labelled prompts and no interval (a bootstrap over a handful of prompts is too narrow)
 MAX_UNDEFINED_SHARE = 0.05  # more resamples than this where a figure is undefined: no interval
 FIT_MIN_ITEMS = 3  # labelled items per judge needed to fit its weight
 FIT_FLOOR = 0.1  # added to a judge's error before inverting it, so a perfect fold does not get all the weight
@@ -530,7 +530,7 @@ def calibration_markdown(cal: Calibration | Mapping[str, Any]) -> str:
     lines += ["", f"Intervals: {d['level']:.0%} percentile bootstrap over the {c.get('labelled_prompts', 0)} labelled "
               f"prompts, {d['resamples']} resamples. Bias: mean signed error against the gold rating.",
               f"Weighted jury: {d['weights_source']}" + (f"; weights {_weights_text(d['weights'])}" if d["weights"] else "") + ".",
-              f"Gold labels used: {c.get('rating_labels', 0)} ratings, {c.get('preference_labels', 0)} preferences "
+              f"Gold labels used: {c.get('rating_labels', 0)} rating(s), {c.get('preference_labels', 0)} preference(s) "
               f"(+{c.get('derived_pairs', 0)} pairs derived from ratings); not used: {c.get('labels_outside_prompts', 0)} "
               f"for prompts outside these shards, {c.get('labels_unknown_generator', 0)} naming a generator the panel does not have.",
               "", *[f"- {s}" for s in d["verdict"]]]

@@ -13,6 +13,7 @@ import pytest
 
 from poll_assets.assets.publishing import card_info, dataset_calibration, read_all_partitions
 from poll_assets.assets.pooling import POOLED_KEY
+from poll_assets.assets.preferences import PAIRS_KEY
 from poll_assets.cli import main
 from poll_assets.dataset_export import build_dataset_card
 from poll_assets.panel import PanelConfigError, load_panel
@@ -40,8 +41,7 @@ def _write_gold(tmp_path: Path, rows: list[dict]) -> None:
 
 def _run(tmp_path: Path, pooling: dict | None = None):
     _write_gold(tmp_path, _gold_rows())
-    extra = {"gold": {"path": "gold.jsonl", "bootstrap_resamples": 200},
-             "judging": {"exclude_self_family": False}, **({"pooling": pooling} if pooling else {})}
+    extra = {"gold": {"path": "gold.jsonl", "bootstrap_resamples": 200}, **({"pooling": pooling} if pooling else {})}
     panel, path = write_panel(tmp_path, n_prompts=8, shard_size=4, extra=extra)
     resources = scripted_resources(panel)
     defs = build_definitions(panel, path, storage_dir=str(tmp_path / "storage"), cache_path=str(tmp_path / "c.sqlite"),
@@ -110,7 +110,8 @@ def test_the_whole_dataset_view_reads_every_stored_shard(tmp_path, capsys):
     rubric = get_rubric(panel.judging.aspect)
     calibration = dataset_calibration(panel, rubric, pooled, panel.gold.location(path))
     assert calibration["counts"]["labelled_prompts"] == 8 and calibration["counts"]["labels_outside_prompts"] == 0
-    info = {**card_info(panel, rubric, pooled.iloc[0:0].assign(prompt_id=[]), pooled), "calibration": calibration}
+    pairs = read_all_partitions(str(tmp_path / "storage"), PAIRS_KEY)
+    info = {**card_info(panel, rubric, pairs, pooled), "calibration": calibration}
     card = build_dataset_card(info)
     assert "## Quality: calibration against gold labels" in card and "| jury without judge_1 |" in card
 
