@@ -41,13 +41,13 @@ def _write_gold(tmp_path: Path, rows: list[dict]) -> None:
 
 def _run(tmp_path: Path, pooling: dict | None = None):
     _write_gold(tmp_path, _gold_rows())
-    extra = {"gold": {"path": "gold.jsonl", "bootstrap_resamples": 200}, **({"pooling": pooling} if pooling else {})}
+    extra = {"gold": {"path": "gold.jsonl", "bootstrap_resamples": 200}, "publish": {"out_dir": str(tmp_path / "export")},
+             **({"pooling": pooling} if pooling else {})}
     panel, path = write_panel(tmp_path, n_prompts=8, shard_size=4, extra=extra)
     resources = scripted_resources(panel)
     defs = build_definitions(panel, path, storage_dir=str(tmp_path / "storage"), cache_path=str(tmp_path / "c.sqlite"),
                              resource_overrides=resources)
-    instance = dg.DagsterInstance.ephemeral()
-    result = defs.resolve_job_def(JOB_NAME).execute_in_process(partition_key=SHARD, instance=instance)
+    result = defs.resolve_job_def(JOB_NAME).execute_in_process(partition_key=SHARD)
     return panel, path, resources, result
 
 
@@ -114,6 +114,13 @@ def test_the_whole_dataset_view_reads_every_stored_shard(tmp_path, capsys):
     info = {**card_info(panel, rubric, pairs, pooled), "calibration": calibration}
     card = build_dataset_card(info)
     assert "## Quality: calibration against gold labels" in card and "| jury without judge_1 |" in card
+    # publish_job writes that card, and shows the table in the UI on the preference_dataset asset
+    published = defs.resolve_job_def("publish_job").execute_in_process()
+    assert published.success
+    (event,) = published.get_asset_materialization_events()
+    meta = event.event_specific_data.materialization.metadata
+    assert meta["card"].value.count("## Quality: calibration against gold labels") == 1
+    assert "| jury (mean) |" in meta["calibration"].value and "over the 8 labelled prompts" in meta["calibration"].value
 
 
 def test_weighted_pooling_with_given_weights_runs_in_the_step(tmp_path):
@@ -133,3 +140,49 @@ def test_fitted_weights_need_gold_labels(tmp_path):
         write_panel(tmp_path, extra={"pooling": {"method": "weighted", "weights": "fit"}})
     with pytest.raises(PanelConfigError, match=r"pooling.weights: \['judge_9'\] are not judges"):
         write_panel(tmp_path, extra={"pooling": {"method": "weighted", "weights": {"judge_9": 1.0}}})
+
+
+def test_fitted_weights_pool_the_shard_and_their_gold_file_is_in_the_code_version(tmp_path):
+    panel, path, _, result = _run(tmp_path, pooling={"method": "weighted", "weights": "fit"})
+    assert result.success
+    meta = _pooled_metadata(result)
+    assert meta["pooling/weights_source"].value.startswith("fitted: inverse mean squared error on gold ratings")
+    assert "| jury (weighted, fitted) |" in meta["calibration"].value
+
+    def version() -> str:
+        graph = build_definitions(*load_panel(path), storage_dir=str(tmp_path / "storage")).resolve_asset_graph()
+        return graph.get(POOLED_KEY).code_version
+
+    before = version()
+    rows = _gold_rows()
+    rows[0]["ratings"]["gen_0"] = 5 if rows[0]["ratings"]["gen_0"] != 5 else 4
+    _write_gold(tmp_path, rows)
+    assert version() != before  # new labels, new weights: the pooled ratings are stale
+
+
+def test_a_remote_gold_file_is_read_at_first_use_and_a_bad_one_fails_that_step_only(tmp_path):
+    from upath import UPath
+
+    bad = _gold_rows()
+    bad[1] = {"prompt_id": prompt_id(PROMPTS[1]), "generator": "gen_0", "rating": 9}
+    UPath("memory://gold-test/labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    panel, path = write_panel(tmp_path, n_prompts=8, shard_size=4,
+                              extra={"gold": {"path": "memory://gold-test/labels.jsonl"}})  # no error at load
+    defs = build_definitions(panel, path, storage_dir=str(tmp_path / "storage"), cache_path=str(tmp_path / "c.sqlite"),
+                             resource_overrides=scripted_resources(panel))
+    result = defs.resolve_job_def(JOB_NAME).execute_in_process(partition_key=SHARD, raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure.step_key == "pooled_ratings"
+    message = failure.event_specific_data.user_failure_data.description
+    assert "gold.path: memory://gold-test/labels.jsonl: line 2: field 'rating': rating 9 is off the scale" in message
+    stored = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert {"ratings/judge_0", "ratings/judge_1"} <= stored and "pooled_ratings" not in stored
+
+
+def test_a_panel_without_weights_keeps_its_pooled_code_version(tmp_path):
+    from poll_assets.assets.pooling import pooling_version
+
+    panel, _ = write_panel(tmp_path)
+    assert pooling_version(panel, None) == ('{"method":"mean","min_judges":1}'
+                                            + panel.judging.model_dump_json(include={"exclude_self_family"}))
