@@ -21,7 +21,6 @@ FORMATS = (".jsonl", ".csv", ".parquet")
 WINNERS = ("a", "b", "tie")
 RATING_FIELDS = ("generator", "rating", "ratings")
 PREFERENCE_FIELDS = ("a", "b", "winner")
-KNOWN_FIELDS = {"prompt_id", "instruction", *RATING_FIELDS, *PREFERENCE_FIELDS, "annotator", "note"}
 
 
 class GoldLabelError(ValueError):

@@ -46,6 +46,12 @@ def test_rating_figures_on_a_hand_worked_case():
     assert stats["spearman"][0] == pytest.approx(np.corrcoef([1, 2, 3, 4], r)[0, 1])
 
 
+def test_spearman_from_a_table_by_hand():
+    assert spearman_table(np.array([[2.0, 0.0], [0.0, 3.0]])) == pytest.approx(1.0)
+    assert spearman_table(np.array([[0.0, 2.0], [2.0, 0.0]])) == pytest.approx(-1.0)
+    assert np.isnan(spearman_table(np.array([[1.0, 4.0]])))  # one gold value: no variance, no rho
+
+
 def test_batched_table_functions_agree_with_the_list_functions():
     rng = np.random.default_rng(3)
     xs, ys = rng.integers(1, 6, 40).tolist(), rng.integers(1, 6, 40).tolist()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 
 from poll_assets.assets.publishing import card_info, dataset_calibration, read_all_partitions
 from poll_assets.assets.pooling import POOLED_KEY
@@ -186,3 +187,31 @@ def test_a_panel_without_weights_keeps_its_pooled_code_version(tmp_path):
     panel, _ = write_panel(tmp_path)
     assert pooling_version(panel, None) == ('{"method":"mean","min_judges":1}'
                                             + panel.judging.model_dump_json(include={"exclude_self_family"}))
+
+
+def test_the_paper_panel_on_the_loopback_server_shows_the_calibration_table(tmp_path, fake_llm, monkeypatch):
+    """The same table with real SDKs over HTTP: the paper panel's three judges against gold ratings of
+    its four generators on the first shard's three sample prompts (+ one preference)."""
+    from poll_assets.panel import PANELS_DIR
+    from poll_assets_tests.test_paper_fake_server import CANARY, KEY_VARS, paper_on_fake
+
+    for var in KEY_VARS:
+        monkeypatch.setenv(var, CANARY)
+    path, raw = paper_on_fake(tmp_path, fake_llm.url)
+    texts = [json.loads(line)["prompt"] for line in (PANELS_DIR.parent / "data" / "sample_prompts.jsonl").read_text().splitlines()[:3]]
+    generators = [g["name"] for g in raw["generators"]]
+    rows = [{"instruction": t, "ratings": {g: 1 + (i + k) % 5 for k, g in enumerate(generators)}} for i, t in enumerate(texts)]
+    rows.append({"instruction": texts[0], "a": generators[0], "b": generators[1], "winner": "tie"})
+    (tmp_path / "gold.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw["gold"] = {"path": "gold.jsonl", "bootstrap_resamples": 200}
+    path.write_text(yaml.safe_dump(raw))
+    panel, _ = load_panel(path)
+    defs = build_definitions(panel, path, storage_dir=str(tmp_path / "storage"), cache_path=str(tmp_path / "c.sqlite"))
+    result = defs.resolve_job_def(JOB_NAME).execute_in_process(partition_key=SHARD, raise_on_error=False)
+    assert result.success
+    meta = _pooled_metadata(result)
+    table = meta["calibration"].value
+    for judge in (j.name for j in panel.judges):
+        assert f"| {judge} |" in table and f"| jury without {judge} |" in table
+    assert meta["calibration/labelled_prompts"].value == 3
+    assert "Gold labels used: 12 rating(s), 1 preference(s)" in table
