@@ -154,20 +154,23 @@ def match_gold(gold: GoldSet, run: RunRatings, generators: Sequence[str]) -> Gol
     by_text = {instruction_key(text): p for p, text in enumerate(run.instructions)}
     gen = {name: g for g, name in enumerate(generators)}
     counts = {"rating_labels": 0, "preference_labels": 0, "derived_pairs": 0,
-              "labels_outside_prompts": 0, "labels_unknown_generator": 0}
+              "labels_outside_prompts": 0, "labels_unknown_generator": 0, "labels_repeated": 0}
 
     def prompt_of(ref: str, text: bool) -> int | None:
         return (by_text.get(ref) if text else None) if ref not in by_id else by_id[ref]
 
-    ratings: list[tuple[int, int, int]] = []
+    ratings: dict[tuple[int, int], int] = {}
     for r in gold.ratings:
         p = prompt_of(r.prompt, r.by_text)
         if r.generator not in gen:
             counts["labels_unknown_generator"] += 1
         elif p is None:
             counts["labels_outside_prompts"] += 1
+        elif (p, gen[r.generator]) in ratings:
+            # one prompt named by id in one row and by a text that differs only in line endings in another
+            counts["labels_repeated"] += 1
         else:
-            ratings.append((p, gen[r.generator], r.rating))
+            ratings[(p, gen[r.generator])] = r.rating
     prefs: dict[tuple[int, int, int], int] = {}
     for q in gold.preferences:
         p = prompt_of(q.prompt, q.by_text)
@@ -175,11 +178,14 @@ def match_gold(gold: GoldSet, run: RunRatings, generators: Sequence[str]) -> Gol
             counts["labels_unknown_generator"] += 1
         elif p is None:
             counts["labels_outside_prompts"] += 1
+        elif (p, gen[q.a], gen[q.b]) in prefs or (p, gen[q.b], gen[q.a]) in prefs:
+            counts["labels_repeated"] += 1
         else:
             prefs[(p, gen[q.a], gen[q.b])] = WINNER_CODES[q.winner]
     counts["rating_labels"], counts["preference_labels"] = len(ratings), len(prefs)
-    counts["derived_pairs"] = _derive_pairs(ratings, prefs)
-    rating_arrays = [np.array(c, dtype=int) for c in zip(*ratings)] if ratings else [np.zeros(0, int)] * 3
+    rated = [(p, g, rating) for (p, g), rating in ratings.items()]
+    counts["derived_pairs"] = _derive_pairs(rated, prefs)
+    rating_arrays = [np.array(c, dtype=int) for c in zip(*rated)] if rated else [np.zeros(0, int)] * 3
     pref_arrays = ([np.array([k[i] for k in prefs], dtype=int) for i in range(3)] + [np.array(list(prefs.values()), dtype=int)]
                    if prefs else [np.zeros(0, int)] * 4)
     return GoldItems(*rating_arrays, *pref_arrays, counts=counts)
@@ -388,7 +394,9 @@ def estimate(stats: np.ndarray, n: int, n_prompts: int, level: float) -> Estimat
     if n_prompts < MIN_PROMPTS:
         return Estimate(value, n=n, reason=f"no interval: {n_prompts} labelled prompts (< {MIN_PROMPTS})")
     boot = stats[1:]
-    undefined = float(np.mean(~np.isfinite(boot))) if len(boot) else 1.0
+    if not len(boot):
+        return Estimate(value, n=n, reason="no interval: gold.bootstrap_resamples is 0")
+    undefined = float(np.mean(~np.isfinite(boot)))
     if undefined > MAX_UNDEFINED_SHARE:
         return Estimate(value, n=n, reason=f"no interval: undefined in {undefined:.0%} of resamples (too few labels)")
     tail = (1 - level) / 2 * 100
@@ -532,7 +540,8 @@ def calibration_markdown(cal: Calibration | Mapping[str, Any]) -> str:
               f"Weighted jury: {d['weights_source']}" + (f"; weights {_weights_text(d['weights'])}" if d["weights"] else "") + ".",
               f"Gold labels used: {c.get('rating_labels', 0)} rating(s), {c.get('preference_labels', 0)} preference(s) "
               f"(+{c.get('derived_pairs', 0)} pairs derived from ratings); not used: {c.get('labels_outside_prompts', 0)} "
-              f"for prompts outside these shards, {c.get('labels_unknown_generator', 0)} naming a generator the panel does not have.",
+              f"for prompts outside these shards, {c.get('labels_unknown_generator', 0)} naming a generator the panel does not have"
+              + (f", {c['labels_repeated']} repeating a label (the first kept)" if c.get("labels_repeated") else "") + ".",
               "", *[f"- {s}" for s in d["verdict"]]]
     reasons = sorted({f"{m}: {e['reason']}" for r in d["rows"] for m, e in r["metrics"].items() if e["reason"]})
     if reasons:

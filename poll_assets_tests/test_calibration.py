@@ -11,7 +11,7 @@ from poll_assets.calibration import (
     GoldItems, JurySpec, RunRatings, calibrate, calibration_markdown, calibration_numbers, cohen_kappa_table,
     crossfit_weights, estimate, match_gold, rating_stats, spearman_table,
 )
-from poll_assets.gold import GoldPreference, GoldRating, GoldSet
+from poll_assets.gold import GoldPreference, GoldRating, GoldSet, instruction_key
 from poll_assets.pooled_ratings import pool_ratings, prompt_fold
 from poll_assets_tests.calibration_sim import JUDGES, SCALE, SPEC, coverage, population, simulate
 
@@ -103,9 +103,29 @@ def test_labels_outside_the_run_or_naming_unknown_generators_are_counted():
                    [GoldPreference(run.prompt_ids[1], False, "gen_1", "gen_0", "a", 5)])
     items = match_gold(gold, run, ["gen_0", "gen_1"])
     assert items.counts == {"rating_labels": 2, "preference_labels": 1, "derived_pairs": 1,
-                            "labels_outside_prompts": 1, "labels_unknown_generator": 1}
+                            "labels_outside_prompts": 1, "labels_unknown_generator": 1, "labels_repeated": 0}
     # the two equal gold ratings of prompt 0 became a tie; the explicit preference keeps its order
     assert sorted(zip(items.pref_p.tolist(), items.pref_a.tolist(), items.pref_win.tolist())) == [(0, 0, 2), (1, 1, 0)]
+
+
+def test_a_label_naming_a_prompt_by_id_and_by_text_is_used_once_and_counted():
+    run = RunRatings(["a" * 64], ["two\r\nlines"], np.array([[[4.0, 2.0]]]))  # a prompt text kept with \r\n
+    gold = GoldSet("g", [GoldRating("a" * 64, False, "gen_0", 5, 1),
+                         GoldRating(instruction_key("two\nlines"), True, "gen_0", 1, 2)])
+    items = match_gold(gold, run, ["gen_0", "gen_1"])
+    assert items.counts["rating_labels"] == 1 and items.counts["labels_repeated"] == 1
+    assert items.rating_gold.tolist() == [5]
+
+
+def test_no_matching_labels_gives_no_figures_and_no_verdict():
+    run, _ = simulate(10, seed=1)
+    _, gold = simulate(10, seed=2)  # another run's prompts
+    cal = calibrate(run, gold, SPEC, SCALE, resamples=50)
+    assert cal.counts["labels_outside_prompts"] == 30 and cal.primary is None
+    assert all(e.value is None for r in cal.rows for e in r.metrics.values())
+    assert cal.verdict == ["No verdict: too few gold labels matched this run for any judge's figures."]
+    bare = calibrate(run, simulate(10, seed=1)[1], SPEC, SCALE, resamples=0)
+    assert bare.row("close").metrics["kappa"].reason == "no interval: gold.bootstrap_resamples is 0"
 
 
 def test_weighted_pooling_is_the_weighted_mean_of_the_kept_ratings():
