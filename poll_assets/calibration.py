@@ -421,20 +421,21 @@ def calibrate(run: RunRatings, gold: GoldSet, spec: JurySpec, scale: Sequence[in
     """The calibration table of every judge, the jury (mean, weighted, and the panel's method) and every
     jury without one judge, on the prompts of `run` that have gold labels."""
     items = match_gold(gold, run, spec.generators)
-    raters, weight_info = _raters(run, items, spec)
     labelled = items.prompts()
-    # Only labelled prompts are resampled: index every item by its labelled prompt's position.
+    # Only labelled prompts are scored and resampled: index every item by its labelled prompt's position.
     position = np.full(len(run.prompt_ids), -1)
     position[labelled] = np.arange(len(labelled))
+    sub = RunRatings([run.prompt_ids[p] for p in labelled], [run.instructions[p] for p in labelled],
+                     run.ratings[:, labelled])
     local = GoldItems(position[items.rating_p], items.rating_g, items.rating_gold, position[items.pref_p],
                       items.pref_a, items.pref_b, items.pref_win, items.counts)
+    raters, weight_info = _raters(sub, local, spec)
     resample = bootstrap_weights(len(labelled), resamples, seed)
     counts = {**items.counts, "labelled_prompts": len(labelled), "prompts": len(run.prompt_ids)}
     rows, raw = [], {}
     for key, (label, kind, values) in raters.items():
-        sub = values[labelled] if len(labelled) else values[:0]
-        r_stats, n_r = rating_stats(sub, local, scale, resample)
-        p_stats, n_p = preference_stats(sub, local, resample)
+        r_stats, n_r = rating_stats(values, local, scale, resample)
+        p_stats, n_p = preference_stats(values, local, resample)
         raw[key] = {**r_stats, **p_stats}
         metrics = {m: estimate(s, n_r, len(labelled), level) for m, s in r_stats.items()}
         metrics.update({m: estimate(s, n_p, len(labelled), level) for m, s in p_stats.items()})
