@@ -312,6 +312,9 @@ class Panel(_Strict):
             unknown = sorted(set(weights) - set(judges))
             if unknown:
                 raise ValueError(f"pooling.weights: {unknown} are not judges of this panel (they are {judges})")
+            missing = [j for j in judges if j not in weights]
+            if missing:
+                raise ValueError(f"pooling.weights: no weight for judges {missing}; give every judge one (0 leaves it out)")
         return self
 
     @model_validator(mode="after")

@@ -141,6 +141,10 @@ def test_fitted_weights_need_gold_labels(tmp_path):
         write_panel(tmp_path, extra={"pooling": {"method": "weighted", "weights": "fit"}})
     with pytest.raises(PanelConfigError, match=r"pooling.weights: \['judge_9'\] are not judges"):
         write_panel(tmp_path, extra={"pooling": {"method": "weighted", "weights": {"judge_9": 1.0}}})
+    with pytest.raises(PanelConfigError, match=r"pooling.weights: no weight for judges \['judge_1'\]"):
+        write_panel(tmp_path, extra={"pooling": {"method": "weighted", "weights": {"judge_0": 1.0}}})
+    with pytest.raises(PanelConfigError, match="pooling: .*`weights` apply to method 'weighted' only"):
+        write_panel(tmp_path, extra={"pooling": {"method": "mean", "weights": {"judge_0": 1.0, "judge_1": 1.0}}})
 
 
 def test_fitted_weights_pool_the_shard_and_their_gold_file_is_in_the_code_version(tmp_path):
