@@ -194,7 +194,7 @@ def _calibration_section(calibration: dict[str, Any] | None) -> list[str]:
 
     return ["", "## Quality: calibration against gold labels", "",
             "Each judge, the jury and each jury without one judge, scored against human labels over every "
-            "stored shard (docs/calibration.md says what each figure means).", "",
+            "stored shard (the poll-assets documentation, page *Calibration*, says what each figure means).", "",
             calibration_markdown(calibration)]
 
 
