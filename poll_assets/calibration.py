@@ -224,7 +224,8 @@ def jury_values(run: RunRatings, spec: JurySpec, members: Sequence[int], method:
     return out
 
 
-def fit_weights(run: RunRatings, items: GoldItems, members: Sequence[int]) -> tuple[list[float] | None, str]:
+def fit_weights(run: RunRatings, items: GoldItems, members: Sequence[int],
+                names: Sequence[str] | None = None) -> tuple[list[float] | None, str]:
     """Weights for the judges `members` from the gold items given: the inverse of each judge's mean
     squared error on gold ratings (plus FIT_FLOOR), or, with no gold ratings, of its share of gold
     preferences it gets wrong; normalized to sum to 1. None, with the reason, when a judge has fewer
@@ -241,15 +242,15 @@ def fit_weights(run: RunRatings, items: GoldItems, members: Sequence[int]) -> tu
             ok = labels >= 0
             error = np.mean(labels[ok] != items.pref_win[ok]) if ok.sum() >= FIT_MIN_ITEMS else None
         if error is None:
-            return None, f"fewer than {FIT_MIN_ITEMS} gold-labelled items rated by judge #{j}"
+            return None, f"fewer than {FIT_MIN_ITEMS} gold-labelled items rated by judge {names[j] if names else j}"
         errors.append(float(error))
     raw = [1.0 / (e + FIT_FLOOR) for e in errors]
     basis = "mean squared error on gold ratings" if use_ratings else "error share on gold preferences"
     return [w / sum(raw) for w in raw], f"inverse {basis}"
 
 
-def crossfit_weights(run: RunRatings, items: GoldItems, members: Sequence[int], folds: int,
-                     seed: int) -> tuple[dict[int, list[float]], list[float], str]:
+def crossfit_weights(run: RunRatings, items: GoldItems, members: Sequence[int], folds: int, seed: int,
+                     names: Sequence[str] | None = None) -> tuple[dict[int, list[float]], list[float], str]:
     """Weights per prompt, cross-fitted: a labelled prompt gets weights fitted on the labelled prompts
     of the other folds (so no figure is reported on the prompts its weights were fitted on); every
     other prompt gets weights fitted on all labelled prompts. A fit without enough labels falls back
@@ -258,7 +259,7 @@ def crossfit_weights(run: RunRatings, items: GoldItems, members: Sequence[int], 
     fold = np.array([prompt_fold(pid, folds, seed) for pid in run.prompt_ids], dtype=int)
     labelled = np.zeros(len(run.prompt_ids), dtype=bool)
     labelled[items.prompts()] = True
-    overall, reason = fit_weights(run, items, members)
+    overall, reason = fit_weights(run, items, members, names)
     if overall is None:
         return {p: equal for p in range(len(run.prompt_ids))}, equal, f"equal weights (not fitted: {reason})"
     per_fold = {f: fit_weights(run, items.restrict(labelled & (fold != f)), members)[0] for f in range(folds)}
@@ -276,7 +277,7 @@ def jury_weights(run: RunRatings, items: GoldItems, spec: JurySpec, members: Seq
     if isinstance(spec.weights, Mapping):
         given = [float(spec.weights.get(spec.judges[j], 0.0)) for j in members]
         return (lambda p: given), {"source": "given", "weights": {spec.judges[j]: w for j, w in zip(members, given)}}
-    per_prompt, overall, source = crossfit_weights(run, items, members, spec.folds, spec.seed)
+    per_prompt, overall, source = crossfit_weights(run, items, members, spec.folds, spec.seed, spec.judges)
     return per_prompt.get, {"source": source, "weights": {spec.judges[j]: w for j, w in zip(members, overall)}}
 
 
