@@ -54,35 +54,48 @@ def quadratic_kappa(xs: list[int], ys: list[int], labels: list[int] | None = Non
     """Cohen's kappa with quadratic weights on the label positions (labels: the ordinal scale,
     default the values seen); nan when undefined (no disagreement is possible)."""
     labels = sorted(set(xs) | set(ys)) if labels is None else labels
-    observed = _table(xs, ys, labels)
-    total = observed.sum()
-    if total == 0:
-        return math.nan
-    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / total
-    positions = np.arange(len(labels))
-    weights = (positions[:, None] - positions[None, :]) ** 2
-    chance = (weights * expected).sum()
-    return math.nan if chance == 0 else float(1 - (weights * observed).sum() / chance)
+    return float(quadratic_kappa_table(_table(xs, ys, labels)))
+
+
+def quadratic_kappa_table(observed: np.ndarray) -> np.ndarray:
+    """Quadratic-weighted kappa of square contingency tables (..., K, K), rows and columns on the same
+    ordinal scale; a batch of tables (a bootstrap) gives a batch of kappas, nan where undefined."""
+    total = observed.sum(axis=(-2, -1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expected = observed.sum(axis=-1)[..., :, None] * observed.sum(axis=-2)[..., None, :] / total[..., None, None]
+        positions = np.arange(observed.shape[-1])
+        weights = (positions[:, None] - positions[None, :]) ** 2
+        chance = (weights * expected).sum(axis=(-2, -1))
+        kappa = 1 - (weights * observed).sum(axis=(-2, -1)) / chance
+    return np.where((total > 0) & (chance > 0), kappa, np.nan)
 
 
 def kendall_tau_b(xs: list[int], ys: list[int]) -> float:
     """Kendall's tau-b (ties in either list corrected); nan when either list is constant."""
-    table = _table(xs, ys, sorted(set(xs) | set(ys)))
+    return float(kendall_tau_b_table(_table(xs, ys, sorted(set(xs) | set(ys)))))
+
+
+def kendall_tau_b_table(table: np.ndarray) -> np.ndarray:
+    """Kendall's tau-b of contingency tables (..., K, L): rows the sorted values of x, columns those
+    of y (the two scales may differ); a batch of tables gives a batch of taus, nan where undefined."""
     # below_right[i, j]: items with a larger x AND a larger y than row i, column j; below_left: larger x, smaller y.
-    after = np.cumsum(np.cumsum(table[::-1, ::-1], axis=0), axis=1)[::-1, ::-1]
+    after = np.flip(np.cumsum(np.cumsum(np.flip(table, (-2, -1)), axis=-2), axis=-1), (-2, -1))
     below_right = np.zeros_like(table)
-    below_right[:-1, :-1] = after[1:, 1:]
-    before = np.cumsum(np.cumsum(table[::-1, :], axis=0), axis=1)[::-1, :]
+    below_right[..., :-1, :-1] = after[..., 1:, 1:]
+    before = np.flip(np.cumsum(np.cumsum(np.flip(table, -2), axis=-2), axis=-1), -2)
     below_left = np.zeros_like(table)
-    below_left[:-1, 1:] = before[1:, :-1]
-    concordant = (table * below_right).sum()
-    discordant = (table * below_left).sum()
-    n = table.sum()
+    below_left[..., :-1, 1:] = before[..., 1:, :-1]
+    concordant = (table * below_right).sum(axis=(-2, -1))
+    discordant = (table * below_left).sum(axis=(-2, -1))
+    n = table.sum(axis=(-2, -1))
     pairs = n * (n - 1) / 2
-    tied_x = (table.sum(axis=1) * (table.sum(axis=1) - 1) / 2).sum()
-    tied_y = (table.sum(axis=0) * (table.sum(axis=0) - 1) / 2).sum()
-    denominator = math.sqrt((pairs - tied_x) * (pairs - tied_y))
-    return math.nan if denominator == 0 else float((concordant - discordant) / denominator)
+    rows, cols = table.sum(axis=-1), table.sum(axis=-2)
+    tied_x = (rows * (rows - 1) / 2).sum(axis=-1)
+    tied_y = (cols * (cols - 1) / 2).sum(axis=-1)
+    denominator = np.sqrt(np.clip((pairs - tied_x) * (pairs - tied_y), 0, None))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tau = (concordant - discordant) / denominator
+    return np.where(denominator > 0, tau, np.nan)
 
 
 def _pair(a: list[int | None], b: list[int | None], labels: list[int] | None) -> dict[str, Any]:

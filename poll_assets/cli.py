@@ -258,6 +258,44 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibration(args: argparse.Namespace) -> int:
+    """Print the calibration table over every stored shard of the panel (the dataset card's figures)."""
+    if args.storage is None:
+        _use_project_home()
+    import dagster as dg
+
+    from poll_assets.assets.pooling import POOLED_KEY
+    from poll_assets.assets.publishing import dataset_calibration, read_all_partitions
+    from poll_assets.calibration import calibration_markdown
+    from poll_assets.io_manager import default_storage_dir
+    from poll_assets.panel import PanelConfigError, load_panel
+    from poll_assets.rubrics.ultrafeedback import get_rubric
+
+    try:
+        panel, path = load_panel(args.panel)
+    except PanelConfigError as exc:
+        print(f"poll-assets calibration: {exc}", file=sys.stderr)
+        return 2
+    if panel.gold is None:
+        print(f"poll-assets calibration: panel {panel.name} ({path}) has no gold labels; add `gold: {{path: ...}}` "
+              "(docs/calibration.md)", file=sys.stderr)
+        return 2
+    try:
+        pooled = read_all_partitions(args.storage or default_storage_dir(), POOLED_KEY)
+        result = dataset_calibration(panel, get_rubric(panel.judging.aspect), pooled, panel.gold.location(path))
+    except dg.Failure as exc:
+        print(f"poll-assets calibration: {exc.description}", file=sys.stderr)
+        return 2
+    if args.json:
+        import json
+
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"panel {panel.name}: {len(pooled)} prompts in the stored shards; gold labels {panel.gold.path}\n")
+        print(calibration_markdown(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="poll-assets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -286,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--partition", help="shard key, e.g. shard-00000 (default: the first)")
     which.add_argument("--all", action="store_true", help="every partition of the panel")
     est.set_defaults(fn=cmd_estimate)
+    cal = sub.add_parser("calibration", help="the judges and the jury against the gold labels, over every stored shard")
+    cal.add_argument("--panel", help="bundled panel name or YAML path (default: $POLL_PANEL or 'local')")
+    cal.add_argument("--storage", help="storage folder or URL (default: $DAGSTER_HOME/storage)")
+    cal.add_argument("--json", action="store_true", help="print the result as JSON")
+    cal.set_defaults(fn=cmd_calibration)
     args = parser.parse_args(argv)
     return args.fn(args)
 

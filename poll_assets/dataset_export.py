@@ -12,6 +12,7 @@
       "binarization": {"strategy": str, "min_margin": float, "seed": int},
       "counts": {"prompts": int, "pairs": int, "prompts_without_pair": int, "unrated_verdicts": int, ...},
       "agreement": {"krippendorff_alpha": float | None, "mean_cohen_kappa_quadratic": ..., "pairwise": [...]},
+      "calibration": Calibration.to_dict() of poll_assets/calibration.py (only with gold labels),
       "verdicts": {<judge>: {"parse_failures_before": int, "parse_failures_after": int,
                              "parse_failure_rate_before": float, "parse_failure_rate_after": float,
                              "by_reason_before": {reason: int}, "by_reason_after": {reason: int},
@@ -185,6 +186,18 @@ def _verdicts_section(verdicts: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _calibration_section(calibration: dict[str, Any] | None) -> list[str]:
+    """Quality: the judges and the jury against the gold labels (poll_assets/calibration.py), where there are any."""
+    if not calibration:
+        return []
+    from poll_assets.calibration import calibration_markdown
+
+    return ["", "## Quality: calibration against gold labels", "",
+            "Each judge, the jury and each jury without one judge, scored against human labels over every "
+            "stored shard (the poll-assets documentation, page *Calibration*, says what each figure means).", "",
+            calibration_markdown(calibration)]
+
+
 def _use_and_limits_sections(repo_id: str | None, split: str) -> list[str]:
     return [
         "",
@@ -220,6 +233,7 @@ def build_dataset_card(info: dict[str, Any], *, repo_id: str | None = None, spli
         *_judging_section(info, rubric),
         *_counts_and_agreement_sections(info),
         *_verdicts_section(info.get("verdicts") or {}),
+        *_calibration_section(info.get("calibration")),
         *_use_and_limits_sections(repo_id, split),
     ]
     return "\n".join(lines)

@@ -156,8 +156,42 @@ class Judging(_Strict):
 
 
 class Pooling(_Strict):
-    method: PoolingMethod = Field(default="mean", description="How a generation's valid ratings are combined: mean (the PoLL paper's), median, or majority (a tie falls back to the mean).")
+    method: PoolingMethod = Field(default="mean", description="How a generation's valid ratings are combined: mean (the PoLL paper's), median, majority (a tie falls back to the mean), or weighted (needs `weights`).")
     min_judges: int = Field(default=1, ge=1, description="Fewest valid ratings a generation needs for a pooled rating; below it, None.")
+    weights: dict[str, float] | Literal["fit"] | None = Field(default=None, description="Method 'weighted' only: {judge: weight >= 0} naming every judge, or 'fit' (fitted on the gold labels, cross-fitted by prompt folds; needs `gold:`).")
+    folds: int = Field(default=5, ge=2, le=50, description="Prompt folds for `weights: fit`: a labelled prompt is pooled with weights fitted on the other folds.")
+
+    @model_validator(mode="after")
+    def _weights_with_weighted(self) -> "Pooling":
+        if self.method == "weighted" and self.weights is None:
+            raise ValueError("method 'weighted' needs `weights`: {judge: weight, ...} or 'fit' (needs `gold:`)")
+        if self.method != "weighted" and self.weights is not None:
+            raise ValueError(f"`weights` apply to method 'weighted' only, not {self.method!r}")
+        if isinstance(self.weights, dict):
+            negative = sorted(k for k, w in self.weights.items() if w < 0)
+            if negative or not any(w > 0 for w in self.weights.values()):
+                raise ValueError(f"weights must be >= 0 with at least one above 0; got {self.weights}")
+        return self
+
+
+class Gold(_Strict):
+    """Human labels to calibrate the judges and the jury against (docs/calibration.md)."""
+
+    path: str = Field(description="The gold label file (.jsonl, .csv or .parquet): relative to the panel file, or any UPath (s3://...).")
+    bootstrap_resamples: int = Field(default=1000, ge=0, le=100_000, description="Bootstrap resamples over prompts for each interval; 0 gives no intervals.")
+    seed: int = Field(default=0, description="Seed of the bootstrap (and of the prompt folds of fitted weights).")
+    confidence_level: float = Field(default=0.95, gt=0.5, lt=1.0, description="The intervals' confidence level.")
+
+    @property
+    def is_remote(self) -> bool:
+        return "://" in self.path
+
+    def location(self, panel_path: Path) -> str:
+        """The file: a URL as given, a local path made absolute against the panel file's folder."""
+        if self.is_remote:
+            return self.path
+        path = Path(self.path).expanduser()
+        return str(path if path.is_absolute() else (panel_path.parent / path).resolve())
 
 
 class Binarization(_Strict):
@@ -261,6 +295,22 @@ class Panel(_Strict):
     prices: dict[str, Price] = Field(default_factory=dict, description="Model id -> price per million tokens, for the cost figures, the estimate and the budget.")
     publish: Publish = Field(default_factory=Publish, description="Where publish_job writes and uploads the dataset.")
     budget: BudgetSettings | None = Field(default=None, description="A spending cap per run over every member's calls; None sets no cap.")
+    gold: Gold | None = Field(default=None, description="Human labels to calibrate each judge and the jury against (docs/calibration.md); None: no calibration.")
+
+    @model_validator(mode="after")
+    def _weights_name_judges(self) -> "Panel":
+        weights = self.pooling.weights
+        if weights == "fit" and self.gold is None:
+            raise ValueError("pooling.weights 'fit' fits the weights on gold labels: add `gold: {path: ...}`")
+        if isinstance(weights, dict):
+            judges = [j.name for j in self.judges]
+            unknown = sorted(set(weights) - set(judges))
+            if unknown:
+                raise ValueError(f"pooling.weights: {unknown} are not judges of this panel (they are {judges})")
+            missing = [j for j in judges if j not in weights]
+            if missing:
+                raise ValueError(f"pooling.weights: no weight for judges {missing}; give every judge one (0 leaves it out)")
+        return self
 
     @model_validator(mode="after")
     def _budget_needs_prices(self) -> "Panel":
@@ -357,7 +407,22 @@ def load_panel(spec: str | Path | None = None) -> tuple[Panel, Path]:
             problems.append(f"{path}: {where}: {err['msg']}")
         raise PanelConfigError("\n".join(problems)) from None
     _check_data_files(panel.source, path)
+    _check_gold(panel, path)
     return panel, path
+
+
+def _check_gold(panel: Panel, path: Path) -> None:
+    """Read a local gold file once at load, so a bad one is refused before any run (naming its line and
+    field). A remote one (s3://...) is read at its first use, by the pooled_ratings step."""
+    if panel.gold is None or panel.gold.is_remote:
+        return
+    from poll_assets.gold import GoldLabelError, load_gold
+    from poll_assets.rubrics.ultrafeedback import get_rubric
+
+    try:
+        load_gold(panel.gold.location(path), get_rubric(panel.judging.aspect).ratings)
+    except GoldLabelError as exc:
+        raise PanelConfigError(f"{path}: gold.path: {exc}") from None
 
 
 def _check_data_files(source: "Source", path: Path) -> None:

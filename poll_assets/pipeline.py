@@ -48,7 +48,7 @@ def build_assets(
         *generators,
         build_combined_asset(panel, parts),
         *judges,
-        build_pooled_asset(panel, parts, rubric),
+        build_pooled_asset(panel, parts, rubric, panel.gold.location(panel_path) if panel.gold else None),
         build_preferences_asset(panel, parts),
     ]
     # A backfill runs `shards_per_run` shards per run; every step takes such a range (assets/shards.py).
@@ -86,7 +86,7 @@ def build_definitions(
     rubric = get_rubric(panel.judging.aspect)  # resolved once, passed to every stage that uses it
     assets = with_rerun_condition(build_assets(panel, panel_path, member_steps=member_steps, rubric=rubric),
                                   panel.schedule)
-    dataset_spec, publish_job = build_publish_job(panel, rubric)
+    dataset_spec, publish_job = build_publish_job(panel, rubric, panel.gold.location(panel_path) if panel.gold else None)
     job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.assets(*assets),
                               description=f"Every asset of the `{panel.name}` panel for one shard.")
     resources = build_resources(panel, storage_dir, cache_path)

@@ -2,13 +2,16 @@
 checks and column lineage of `pooled_ratings`."""
 
 
+import hashlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 
 from poll_assets.agreement import agreement_metrics, judge_agreement
+from poll_assets.calibration import Calibration, JurySpec, RunRatings, calibrate, calibration_markdown, calibration_numbers, pooling_weights
 from poll_assets.assets.generations import COMBINED_COLUMNS, COMBINED_KEY, generation_counts
 from poll_assets.assets.judging import RATING_COLUMNS, ratings_key
 from poll_assets.assets.schema import column_of, column_of_each, schema
@@ -17,6 +20,7 @@ from poll_assets.checks import (
     STEP_INPUT, Finding, StageCheck, absent_ids, asset_check_specs, evaluate_checks, examples, problems_finding, short_id,
 )
 from poll_assets.code_versions import pooled_version
+from poll_assets.gold import GoldLabelError, GoldSet, load_gold
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import is_missing, plain_list
 from poll_assets.pooled_ratings import pool_ratings, self_family_mask
@@ -120,17 +124,42 @@ def pooled_column_lineage(panel: Panel) -> dg.TableColumnLineage:
     })
 
 
-def pool_shard(panel: Panel, combined: pd.DataFrame, ratings: Sequence[pd.DataFrame]) -> tuple[pd.DataFrame, int]:
-    """The pooled frame of a shard from combined_generations and each judge's frame (panel order),
-    and how many ratings the self-family mask left out."""
-    by_judge = [frame.set_index("prompt_id") for frame in ratings]
+def jury_spec(panel: Panel) -> JurySpec:
+    """How the panel pools, for the calibration and for weighted pooling."""
     mask = (self_family_mask([j.family for j in panel.judges], [g.family for g in panel.generators])
             if panel.judging.exclude_self_family else None)
+    return JurySpec(judges=tuple(j.name for j in panel.judges), generators=tuple(g.name for g in panel.generators),
+                    method=panel.pooling.method, min_judges=panel.pooling.min_judges,
+                    exclude=tuple(tuple(row) for row in mask) if mask else None, weights=panel.pooling.weights,
+                    folds=panel.pooling.folds, seed=panel.gold.seed if panel.gold else 0)
+
+
+def run_ratings(pooled: pd.DataFrame, panel: Panel) -> RunRatings:
+    """The judges' ratings of a pooled frame (a shard, or every shard) as the calibration reads them."""
+    return RunRatings.from_lists(list(pooled["prompt_id"]), list(pooled["instruction"]),
+                                 [[plain_list(r) for r in plain_list(m)] for m in pooled["poll_ratings"]],
+                                 len(panel.judges), len(panel.generators))
+
+
+def pool_shard(panel: Panel, combined: pd.DataFrame, ratings: Sequence[pd.DataFrame],
+               gold: GoldSet | None = None) -> tuple[pd.DataFrame, int, str | None]:
+    """The pooled frame of a shard from combined_generations and each judge's frame (panel order), how
+    many ratings the self-family mask left out, and (method weighted) where the weights came from."""
+    by_judge = [frame.set_index("prompt_id") for frame in ratings]
+    spec = jury_spec(panel)
+    pids = list(combined["prompt_id"])
+    matrices = [[plain_list(frame.loc[pid, "ratings"]) for frame in by_judge] for pid in pids]
+    weights_of, source = (lambda p: None), None
+    if panel.pooling.method == "weighted":
+        run = RunRatings.from_lists(pids, list(combined["instruction"]), matrices, len(panel.judges), len(panel.generators))
+        weights_of, info = pooling_weights(run, gold, spec)
+        source = info["source"]
+    mask = [list(row) for row in spec.exclude] if spec.exclude else None
     rows, excluded = [], 0
-    for _, row in combined.iterrows():
-        pid = row["prompt_id"]
-        matrix = [plain_list(frame.loc[pid, "ratings"]) for frame in by_judge]
-        pooled = pool_ratings(matrix, method=panel.pooling.method, min_judges=panel.pooling.min_judges, exclude=mask)
+    for p, (_, row) in enumerate(combined.iterrows()):
+        pid, matrix = row["prompt_id"], matrices[p]
+        pooled = pool_ratings(matrix, method=panel.pooling.method, min_judges=panel.pooling.min_judges, exclude=mask,
+                              weights=weights_of(p))
         excluded += pooled.excluded
         rows.append({
             "prompt_id": pid,
@@ -145,12 +174,48 @@ def pool_shard(panel: Panel, combined: pd.DataFrame, ratings: Sequence[pd.DataFr
             "avg_poll_ratings": pooled.avg,
             "n_valid_judges": pooled.n_valid,
         })
-    return POOLED_COLUMNS.frame(rows), excluded
+    return POOLED_COLUMNS.frame(rows), excluded, source
 
 
-def _pooled_metadata(panel: Panel, df: pd.DataFrame, excluded: int, agreement: dict[str, Any]) -> dict[str, Any]:
+def pooled_calibration(panel: Panel, pooled: pd.DataFrame, gold: GoldSet, scale: Sequence[int]) -> Calibration:
+    """The calibration of `pooled` (one shard, or every stored shard) against the gold labels, with the
+    panel's bootstrap settings: the one function behind the shard metadata, the dataset card and the CLI."""
+    settings = panel.gold
+    if settings is None:
+        raise ValueError(f"panel {panel.name!r} has no gold labels (gold:)")
+    return calibrate(run_ratings(pooled, panel), gold, jury_spec(panel), scale, resamples=settings.bootstrap_resamples,
+                     seed=settings.seed, level=settings.confidence_level)
+
+
+def calibration_metadata(panel: Panel, df: pd.DataFrame, gold: GoldSet, scale: Sequence[int]) -> dict[str, Any]:
+    """The shard's calibration against the gold labels: the table (markdown), its figures as numbers the
+    UI plots over time, and the whole result as JSON."""
+    cal = pooled_calibration(panel, df, gold, scale)
+    return {
+        "calibration": dg.MetadataValue.md(calibration_markdown(cal)),
+        "calibration/verdict": " ".join(cal.verdict),
+        "calibration/result": dg.MetadataValue.json(cal.to_dict()),
+        "gold/labels_in_shard": cal.counts["rating_labels"] + cal.counts["preference_labels"],
+        "gold/labels_unknown_generator": cal.counts["labels_unknown_generator"],
+        **calibration_numbers(cal),
+    }
+
+
+def read_gold(panel: Panel, location: str | None, scale: Sequence[int]) -> GoldSet | None:
+    """The panel's gold labels, read once per step (a remote file is first read here, not at load)."""
+    if panel.gold is None or location is None:
+        return None
+    try:
+        return load_gold(location, scale)
+    except GoldLabelError as exc:
+        raise dg.Failure(f"gold.path: {exc}") from None
+
+
+def _pooled_metadata(panel: Panel, df: pd.DataFrame, excluded: int, agreement: dict[str, Any],
+                     weights_source: str | None) -> dict[str, Any]:
     alpha = agreement.get("krippendorff_alpha")
     return {
+        **({"pooling/weights_source": weights_source} if weights_source else {}),
         **POOLED_COLUMNS.output_metadata(df),
         "dagster/column_lineage": pooled_column_lineage(panel),
         "self_family_excluded": excluded,
@@ -161,10 +226,23 @@ def _pooled_metadata(panel: Panel, df: pd.DataFrame, excluded: int, agreement: d
     }
 
 
-def build_pooled_asset(panel: Panel, partitions_def: dg.PartitionsDefinition, rubric: Rubric) -> dg.AssetsDefinition:
+def pooling_version(panel: Panel, gold_location: str | None) -> str:
+    """The pooled ratings' code version: the settings pooling reads (code_versions.pooled_version), and
+    for fitted weights the gold file they are fitted on."""
+    version = pooled_version(panel.pooling, panel.judging, [(m.name, m.family) for m in panel.members])
+    if panel.pooling.weights == "fit" and gold_location and panel.gold:
+        local = not panel.gold.is_remote and Path(gold_location).is_file()
+        digest = hashlib.sha256(Path(gold_location).read_bytes()).hexdigest()[:12] if local else gold_location
+        version += f"gold={digest};seed={panel.gold.seed}"
+    return version
+
+
+def build_pooled_asset(panel: Panel, partitions_def: dg.PartitionsDefinition, rubric: Rubric,
+                       gold_location: str | None = None) -> dg.AssetsDefinition:
+    """`gold_location`: the panel's gold file (gold.location), when it has one."""
     ins = {f"ratings_{j.name}": dg.AssetIn(key=ratings_key(j)) for j in panel.judges}
     ins["combined_generations"] = dg.AssetIn(key=COMBINED_KEY)
-    settings = pooled_version(panel.pooling, panel.judging, [(m.name, m.family) for m in panel.members])
+    settings = pooling_version(panel, gold_location)
     checks = pooled_checks(panel)
     judge_names = [j.name for j in panel.judges]
 
@@ -180,20 +258,27 @@ def build_pooled_asset(panel: Panel, partitions_def: dg.PartitionsDefinition, ru
         description=(
             f"PoLL: each generation's {panel.pooling.method} rating over the judges "
             f"({', '.join(judge_names)}) that gave a valid one; None below "
-            f"{panel.pooling.min_judges} valid judge(s). Inter-judge agreement is in the metadata."
+            f"{panel.pooling.min_judges} valid judge(s). Inter-judge agreement is in the metadata"
+            + (", and the calibration of every judge and of the jury against the gold labels." if panel.gold else ".")
         ),
     )
     def pooled_ratings(context: dg.AssetExecutionContext, combined_generations: Any, **ratings: Any) -> Iterator[Any]:
         # each input: one shard's frame, or {shard: frame} in a run of several shards
         combined = shard_frames(context, "combined_generations", combined_generations)
         judged = {j: shard_frames(context, f"ratings_{j}", ratings[f"ratings_{j}"]) for j in judge_names}
+        gold = read_gold(panel, gold_location, rubric.ratings)
         made = {}
         for shard, shard_combined in combined.items():
-            df, excluded = pool_shard(panel, shard_combined, [judged[j][shard] for j in judge_names])
+            df, excluded, weights_source = pool_shard(panel, shard_combined, [judged[j][shard] for j in judge_names], gold)
             agreement = pooled_agreement(df, judge_names, rubric.ratings)
             context.log.info(f"{shard}: pooled {len(df)} prompts; Krippendorff alpha={agreement.get('krippendorff_alpha')}")
+            if weights_source and not weights_source.startswith(("given", "fitted")):
+                context.log.warning(f"{shard}: pooling.weights: {weights_source}")
+            metadata = _pooled_metadata(panel, df, excluded, agreement, weights_source)
+            if gold is not None:
+                metadata.update(calibration_metadata(panel, df, gold, rubric.ratings))
             given = {STEP_INPUT: shard_combined, AGREEMENT: agreement}
-            made[shard] = (dg.Output(df, metadata=_pooled_metadata(panel, df, excluded, agreement)),
+            made[shard] = (dg.Output(df, metadata=metadata),
                            evaluate_checks(checks, POOLED_KEY, df, given, context.selected_asset_check_keys))
         yield from shard_events(context, POOLED_KEY, made)
 

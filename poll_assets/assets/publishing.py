@@ -13,9 +13,10 @@ import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.judging import ratings_key, repair_figures
-from poll_assets.assets.pooling import POOLED_KEY, pooled_agreement
+from poll_assets.assets.pooling import POOLED_KEY, pooled_agreement, pooled_calibration, read_gold
 from poll_assets.assets.preferences import PAIRS_KEY
 from poll_assets.io_manager import asset_dir, default_dagster_home, read_partition, stored_partitions
+from poll_assets.calibration import calibration_markdown
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import plain_list
 from poll_assets.rubrics.ultrafeedback import Rubric, prompt_version
@@ -91,7 +92,14 @@ def card_info(panel: Panel, rubric: Rubric, pairs: pd.DataFrame, pooled: pd.Data
     }
 
 
-def build_publish_job(panel: Panel, rubric: Rubric) -> tuple[dg.AssetSpec, dg.JobDefinition]:
+def dataset_calibration(panel: Panel, rubric: Rubric, pooled: pd.DataFrame, gold_location: str | None) -> dict[str, Any] | None:
+    """The calibration over every stored shard (None without gold labels), as the card keeps it. Labels
+    for prompts in no stored shard are counted in it (`labels_outside_prompts`)."""
+    gold = read_gold(panel, gold_location, rubric.ratings)
+    return None if gold is None else pooled_calibration(panel, pooled, gold, rubric.ratings).to_dict()
+
+
+def build_publish_job(panel: Panel, rubric: Rubric, gold_location: str | None = None) -> tuple[dg.AssetSpec, dg.JobDefinition]:
     spec = dg.AssetSpec(
         DATASET_KEY,
         deps=[PAIRS_KEY, POOLED_KEY],
@@ -112,6 +120,9 @@ def build_publish_job(panel: Panel, rubric: Rubric) -> tuple[dg.AssetSpec, dg.Jo
         pairs = read_all_partitions(hub.storage_dir, PAIRS_KEY)
         pooled = read_all_partitions(hub.storage_dir, POOLED_KEY)
         info = card_info(panel, rubric, pairs, pooled, judge_verdicts(panel, hub.storage_dir))
+        calibration = dataset_calibration(panel, rubric, pooled, gold_location)
+        if calibration is not None:
+            info["calibration"] = calibration
         result = export_preference_set(
             pairs, Path(hub.out_dir), info, repo_id=hub.repo_id, token=hub.token, private=hub.private
         )
@@ -127,6 +138,7 @@ def build_publish_job(panel: Panel, rubric: Rubric) -> tuple[dg.AssetSpec, dg.Jo
                     "pushed": result["pushed"],
                     "repo_id": hub.repo_id or "",
                     "counts": dg.MetadataValue.json(info["counts"]),
+                    **({"calibration": dg.MetadataValue.md(calibration_markdown(calibration))} if calibration else {}),
                 },
             )
         )
