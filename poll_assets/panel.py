@@ -75,6 +75,10 @@ class Member(_Strict):
     api_key_env: str | None = None
     model_path: str | None = None  # in-process providers (local): a GGUF file; default is the bundled SmolLM2
     n_ctx: int = Field(default=4096, ge=256)  # in-process providers (local) only
+    # A judge's context window in tokens: longer prompts have their generations cut to fit (marked, and
+    # recorded in `truncated_texts`) instead of being refused with a 400. Default: n_ctx for in-process
+    # models, none for remote ones (their windows are large; set it for a small self-hosted model).
+    context_tokens: int | None = Field(default=None, ge=256)
     pool: str | None = None  # Dagster pool; defaults to the provider's name
     batch: BatchSettings = Field(default_factory=BatchSettings)  # the provider's batch API instead of online calls
 
@@ -109,12 +113,19 @@ class Member(_Strict):
         return self.api_key_env or provider_spec(self.provider).key_env
 
     @property
+    def context_window(self) -> int | None:
+        """The tokens a prompt and its answer may take together: `context_tokens`, else n_ctx in process."""
+        return self.context_tokens or (self.n_ctx if provider_spec(self.provider).in_process else None)
+
+    @property
     def pool_name(self) -> str:
         return self.pool or f"llm_{self.provider}"
 
     def fingerprint(self, *extra: str) -> str:
         """Short hash of everything that changes this member's output (its code_version)."""
         relevant = self.model_dump(include={"provider", "model", "system_prompt", "params", "base_url", "model_path"})
+        if self.context_tokens is not None:  # only when set, so members without it keep their versions
+            relevant["context_tokens"] = self.context_tokens
         blob = json.dumps([relevant, *extra], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -16,6 +16,7 @@ from poll_assets.assets.schema import schema
 from poll_assets.assets.stage import MemberContext, run_stage_step, stage_multi_asset_kwargs
 from poll_assets.checks import STEP_INPUT, Finding, StageCheck, examples, problems_finding, short_id
 from poll_assets.llm.base import CallRequest, Completion, Message
+from poll_assets.llm.context_fit import fit_request
 from poll_assets.llm.runner import CallStats
 from poll_assets.panel import Member, Panel
 from poll_assets.parquet_values import is_missing, plain_list
@@ -62,6 +63,10 @@ RATING_COLUMNS = schema(
     ("repair_call_ids", "list<string>", "hash of each repair request (the response cache's key), one per round"),
     ("repaired_errors", "list<string>", "per generation, why the first answer left it unread when a repair "
      "filled its rating; None elsewhere"),
+    ("truncated_texts", "list<int>", "the generations (indices, in generation order) cut with a visible marker to "
+     "fit the judge's context (`context_tokens`); empty when every text was shown whole"),
+    ("finish_reason", "string", "why the judge's answer ended: stop, or length (cut off at max_new_tokens: what it "
+     "holds is read, the rest goes to repair)"),
 )
 
 
@@ -77,6 +82,7 @@ class JudgeTask:
     n_generations: int
     shown: list[int]  # shown[k] = index (into generations) of the text shown at position k
     request: CallRequest | None  # None when no generation exists to judge
+    truncated: list[int] = field(default_factory=list)  # generations cut to fit the judge's context
 
 
 def plan_judge_task(
@@ -91,17 +97,15 @@ def plan_judge_task(
     )
     shown = [present[k] for k in order]
     limit = panel.judging.max_rationale_chars
-    messages = build_judge_messages(
-        rubric,
-        row["instruction"],
-        [generations[i] for i in shown],
-        structured=True,
-        system_prompt=member.system_prompt,
-        max_rationale_chars=limit,
-    )
     schema = verdict_json_schema(rubric, len(shown), max_rationale_chars=limit)
-    request = CallRequest.build(messages, member.params.to_generation_params(), json_schema=schema)
-    return JudgeTask(row["prompt_id"], len(generations), shown, request)
+
+    def build(texts: list[str]) -> CallRequest:
+        messages = build_judge_messages(rubric, row["instruction"], texts, structured=True,
+                                        system_prompt=member.system_prompt, max_rationale_chars=limit)
+        return CallRequest.build(messages, member.params.to_generation_params(), json_schema=schema)
+
+    request, cut = fit_request(build, [generations[i] for i in shown], member.context_window)
+    return JudgeTask(row["prompt_id"], len(generations), shown, request, sorted(shown[k] for k in cut))
 
 
 def _reads_as_json(completion: Completion) -> bool:
@@ -231,7 +235,17 @@ def repair_figures(ratings: pd.DataFrame) -> dict[str, Any]:
         "repairs_asked": len(outputs),
         "repair_call_failures": sum(is_missing(o) for o in outputs),
         "texts_recovered": sum(a.kind == "parse_failed" and b.kind in ("ok", "na") for a, b in zip(before, after)),
+        **fit_figures(ratings),
     }
+
+
+def fit_figures(ratings: pd.DataFrame) -> dict[str, int]:
+    """Texts cut to fit the judge's context, and answers cut off at its token limit (0 for frames
+    stored before these columns existed)."""
+    cut = ratings["truncated_texts"] if "truncated_texts" in ratings else pd.Series(dtype=object)
+    finish = ratings["finish_reason"] if "finish_reason" in ratings else pd.Series(dtype=object)
+    return {"texts_cut_to_fit": sum(len(plain_list(c)) for c in cut),
+            "answers_cut_at_token_limit": int((finish == "length").sum())}
 
 
 def repair_metadata(figures: dict[str, Any]) -> dict[str, Any]:
@@ -243,6 +257,8 @@ def repair_metadata(figures: dict[str, Any]) -> dict[str, Any]:
         "repairs_asked": figures["repairs_asked"],
         "repair_call_failures": figures["repair_call_failures"],
         "texts_recovered": figures["texts_recovered"],
+        "texts_cut_to_fit": figures["texts_cut_to_fit"],
+        "answers_cut_at_token_limit": figures["answers_cut_at_token_limit"],
     }
     meta.update({f"parse_failures_before/{r}": n for r, n in figures["by_reason_before"].items()})
     meta.update({f"parse_failures_after/{r}": n for r, n in figures["by_reason_after"].items()})
@@ -371,6 +387,8 @@ def rating_row(call: JudgeCall, member: Member) -> dict[str, Any]:
         "repair_outputs": [c.text if c.ok else None for c in call.repairs],
         "repair_call_ids": [c.call_id for c in call.repairs],
         "repaired_errors": call.repaired_errors(),
+        "truncated_texts": task.truncated,
+        "finish_reason": completion.finish_reason if completion else None,
     }
 
 
