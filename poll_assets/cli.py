@@ -199,8 +199,8 @@ def _run_all(job: dg.JobDefinition, instance: dg.DagsterInstance, runs: list[lis
         problems, failed = failure_report(result)
         for line in problems:
             print(escape_controls(line), file=sys.stderr)  # messages may quote prompts
-        if stop_requested():
-            raise KeyboardInterrupt  # the later runs are not started
+        if stop_requested() or any("DagsterExecutionInterruptedError" in line for line in problems):
+            raise KeyboardInterrupt  # interrupted (by us in a batch, or by Dagster between steps): no later run
         if failed:
             failed_runs += 1
             print(f"run {result.run_id} ({run[0]} ... {run[-1]}) failed; see `poll-assets ui` for the event log",
