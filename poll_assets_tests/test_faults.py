@@ -309,7 +309,8 @@ def test_a_refused_connection_outage_mid_shard_fills_every_row_and_pays_nothing_
     result, instance, panel = materialize(panel_path, tmp_path / "storage", tmp_path / "c.sqlite")
     took = time.monotonic() - start
     stats = fake_llm.stats()
-    metas = {"/".join(k): llm_metadata(instance, k) for k in member_keys(panel) if instance.get_latest_materialization_event(dg.AssetKey(k))}
+    stored = [k for k in member_keys(panel) if instance.get_latest_materialization_event(dg.AssetKey(k))]
+    metas = {"/".join(k): llm_metadata(instance, k) for k in stored}
     ridden = {k: m.get("llm/outages_ridden_out") for k, m in metas.items()}
     print(f"\n{seconds:g} s of refused connections (measured {stats['refused_s']}): run took {took:.1f}s, "
           f"{stats['total']} requests reached the server for {n * 4} calls, at most "
@@ -383,7 +384,7 @@ def test_generations_longer_than_a_judges_context_are_cut_to_fit_and_never_sent_
     # The undeclared judge: each 400 reached the provider once, never retried, and the failure says why.
     assert stats["over_context"] == stats["by_tag"]["judge_claude"] == n and stats["max_over_context_per_body"] == 1
     assert not result.success
-    failure = " ".join(str(e.step_failure_data.error.message if e.step_failure_data.error else "") + " " +
-                       str(e.step_failure_data.user_failure_data.description if e.step_failure_data.user_failure_data else "")
-                       for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
+    failed = [e.step_failure_data for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    failure = " ".join(f"{d.error.message if d.error else ''} "
+                       f"{d.user_failure_data.description if d.user_failure_data else ''}" for d in failed)
     assert "judge_claude" in failure and "maximum context length" in failure and "bad_request" in failure

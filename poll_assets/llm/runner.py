@@ -421,7 +421,8 @@ class _Breaker:
             self.opened.set()
             self._notify()
         elif self.window_s > 0 and now - self.failing_since >= self.window_s and err.retryable:
-            self._fail(f"every attempt failed for {now - self.failing_since:.1f}s (retry_window_s {self.window_s:g})", err)
+            self._fail(f"every attempt failed for {now - self.failing_since:.1f}s "
+                       f"(retry_window_s {self.window_s:g})", err)
 
     def _in_outage(self, err: ProviderError, now: float, no_answer: bool, probe: bool) -> None:
         assert self.open_since is not None
@@ -759,7 +760,8 @@ async def _send(sender: _Sender, todo: list[tuple[str, CallRequest]], hits: int,
     return sender.results
 
 
-async def _cache_failed(error: CacheError, sender: _Sender, todo: list[tuple[str, CallRequest]], label: str) -> CacheError:
+async def _cache_failed(error: CacheError, sender: _Sender, todo: list[tuple[str, CallRequest]],
+                        label: str) -> CacheError:
     """The error of a batch whose response cache could not be written: which cache, why, and what is safe."""
     assert sender.cache is not None
     arrived = sum(1 for c in sender.results.values() if c.ok)
@@ -792,7 +794,8 @@ def _form_key(backend: ChatBackend) -> str:
     return f"structured_form {backend.provider} {safe_url(backend.base_url) or ''} {backend.model}"
 
 
-async def _recall_form(backend: ChatBackend, cache: ResponseCache | None, todo: list[tuple[str, CallRequest]]) -> str | None:
+async def _recall_form(backend: ChatBackend, cache: ResponseCache | None,
+                       todo: list[tuple[str, CallRequest]]) -> str | None:
     """The structured-output form an earlier run learned for this server and model, handed to the
     backend so this run does not start with a probe its server refuses."""
     if cache is None or not cache.writes or not any(r.json_schema is not None for _, r in todo):
