@@ -122,8 +122,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from poll_assets.panel import load_panel
     from poll_assets.partitions import run_ranges
     from poll_assets.pipeline import build_definitions
-    from poll_assets.run_liveness import process_tags
-    from poll_assets.terminal import escape_controls
 
     panel, path = load_panel(args.panel)
     if not _check_prompt_files(panel, path):
@@ -138,29 +136,79 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"panel {panel.name} ({path}); materializing every asset of {len(shards)} shard(s) "
           f"{shards[0]}{' ... ' + shards[-1] if len(shards) > 1 else ''} in {len(runs)} run(s) "
           f"of at most {panel.source.shards_per_run} (source.shards_per_run) ...", flush=True)
-    failed_runs = 0
     with dg.DagsterInstance.get() as instance:
         _report_dead_runs(instance)  # a killed run must not look in progress to this run or the next tick
-        for run in runs:
-            one = {"partition_key": run[0], "tags": process_tags()} if len(run) == 1 else {
-                "tags": {**process_tags(), **range_tags(run)}}
-            result = job.execute_in_process(
-                instance=instance,
-                raise_on_error=False,
-                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-                **one,
-            )
-            problems, failed = failure_report(result)
-            for line in problems:
-                print(escape_controls(line), file=sys.stderr)  # messages may quote prompts
-            if failed:
-                failed_runs += 1
-                print(f"run {result.run_id} ({run[0]} ... {run[-1]}) failed; see `poll-assets ui` for the event log",
-                      file=sys.stderr)
-                continue
-            print(f"run {result.run_id} succeeded")
-            for line in shard_summary(instance, run, alone=len(shards) == 1):
-                print(line)
+        _interrupt_on_sigterm()
+        try:
+            return _run_all(job, instance, runs, shards)
+        except KeyboardInterrupt:
+            return _interrupted(instance)
+
+
+def _interrupt_on_sigterm() -> None:
+    """Ctrl-C and SIGTERM (`kill`, a service manager, a container stop) stop a run gracefully: no new
+    call starts, the calls in flight finish and are cached, and the run fails as interrupted (never
+    left STARTED). A second signal stops at once."""
+    import signal
+
+    from poll_assets.llm.runner import enable_graceful_stop
+
+    def notice(name: str) -> None:
+        print(f"poll-assets run: {name}: starting no new calls; waiting for the calls in flight to be answered "
+              "and cached (send it again to stop at once)", file=sys.stderr, flush=True)
+
+    handler = enable_graceful_stop(notice)
+    signal.signal(signal.SIGTERM, handler)  # between runs; during a run's batches the runner puts it back
+    signal.signal(signal.SIGINT, handler)
+
+
+def _interrupted(instance: dg.DagsterInstance) -> int:
+    """After Ctrl-C or SIGTERM: mark this process's runs that were left in progress as failed, and say
+    how to resume. Exit status 130, as a shell reports an interrupted command."""
+    import signal
+
+    from poll_assets.run_liveness import fail_runs_of_this_process
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third Ctrl-C must not cut the bookkeeping short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for run_id in fail_runs_of_this_process(instance, "interrupted (Ctrl-C or SIGTERM)"):
+        print(f"run {run_id} was interrupted; marked it failed", file=sys.stderr)
+    print("poll-assets run: interrupted. The answers that arrived are in the response cache; run the same "
+          "command again to pay only for what is missing.", file=sys.stderr)
+    return 130
+
+
+def _run_all(job: dg.JobDefinition, instance: dg.DagsterInstance, runs: list[list[str]], shards: list[str]) -> int:
+    """Run each group of shards in turn; 1 when any run failed."""
+    import dagster as dg
+
+    from poll_assets.llm.runner import stop_requested
+    from poll_assets.run_liveness import process_tags
+    from poll_assets.terminal import escape_controls
+
+    failed_runs = 0
+    for run in runs:
+        one = {"partition_key": run[0], "tags": process_tags()} if len(run) == 1 else {
+            "tags": {**process_tags(), **range_tags(run)}}
+        result = job.execute_in_process(
+            instance=instance,
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+            **one,
+        )
+        problems, failed = failure_report(result)
+        for line in problems:
+            print(escape_controls(line), file=sys.stderr)  # messages may quote prompts
+        if stop_requested() or any("DagsterExecutionInterruptedError" in line for line in problems):
+            raise KeyboardInterrupt  # interrupted (by us in a batch, or by Dagster between steps): no later run
+        if failed:
+            failed_runs += 1
+            print(f"run {result.run_id} ({run[0]} ... {run[-1]}) failed; see `poll-assets ui` for the event log",
+                  file=sys.stderr)
+            continue
+        print(f"run {result.run_id} succeeded")
+        for line in shard_summary(instance, run, alone=len(shards) == 1):
+            print(line)
     return 1 if failed_runs else 0
 
 

@@ -183,6 +183,12 @@ def _verdicts_section(verdicts: dict[str, dict[str, Any]]) -> list[str]:
             f"{_fmt(f.get('parse_failure_rate_before'))} | {_fmt(f.get('parse_failure_rate_after'))} | "
             f"{_cell(reasons or 'none')} |"
         )
+    cut = [(j, f) for j, f in verdicts.items() if f.get("texts_cut_to_fit") or f.get("answers_cut_at_token_limit")]
+    if cut:
+        lines += ["", "Cut to fit: " + "; ".join(
+            f"{_cell(j)}: {_fmt(f.get('texts_cut_to_fit'))} texts shortened to its context (marked in the prompt, "
+            f"listed in `truncated_texts`), {_fmt(f.get('answers_cut_at_token_limit'))} answers cut off at its "
+            "token limit" for j, f in cut) + "."]
     return lines
 
 

@@ -74,6 +74,7 @@ class Member(_Strict):
     api_key_env: str | None = Field(default=None, description="The environment variable holding the key; default per provider (OPENAI_API_KEY, ANTHROPIC_API_KEY, HF_TOKEN).")
     model_path: str | None = Field(default=None, description="In-process providers (local) only: a GGUF file; default is the bundled SmolLM2-135M-Instruct.")
     n_ctx: int = Field(default=4096, ge=256, description="In-process providers (local) only: the model's context size in tokens.")
+    context_tokens: int | None = Field(default=None, ge=256, description="A judge's context window in tokens: a longer judge prompt has its generations cut to fit (marked, and listed in `truncated_texts`) instead of being refused. Default: n_ctx for in-process models, none for remote ones.")
     pool: str | None = Field(default=None, description="The Dagster pool of this member's step; default llm_<provider>.")
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Send the calls through the provider's batch API instead of online (openai, anthropic; openai_compatible on declaration).")
 
@@ -106,6 +107,11 @@ class Member(_Strict):
     @property
     def key_env(self) -> str | None:
         return self.api_key_env or provider_spec(self.provider).key_env
+
+    @property
+    def context_window(self) -> int | None:
+        """The tokens a prompt and its answer may take together: `context_tokens`, else n_ctx in process."""
+        return self.context_tokens or (self.n_ctx if provider_spec(self.provider).in_process else None)
 
     @property
     def pool_name(self) -> str:

@@ -95,3 +95,14 @@ def fail_dead_runs(instance: dg.DagsterInstance) -> list[DeadRun]:
         )
         dead.append(DeadRun(run.run_id, run.job_name, reason))
     return dead
+
+
+def fail_runs_of_this_process(instance: dg.DagsterInstance, why: str) -> list[str]:
+    """Mark FAILURE each STARTING/STARTED run this process executes (after an interrupt that Dagster
+    did not get to record); the ids of the runs marked."""
+    marked = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=_IN_PROGRESS, tags={PID_TAG: str(os.getpid())})):
+        if run.tags.get(HOST_TAG) == socket.gethostname():
+            instance.report_run_failed(run, message=f"run {run.run_id}: {why}; marked failed by poll-assets")
+            marked.append(run.run_id)
+    return marked

@@ -6,11 +6,12 @@ so both import them from here: below the stages, the estimate never imports a st
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
 from poll_assets.llm.base import CallRequest, Message
+from poll_assets.llm.context_fit import fit_request
 from poll_assets.panel import Member, Panel
 from poll_assets.rubrics.ultrafeedback import Rubric, build_judge_messages, verdict_json_schema
 from poll_assets.verdicts import presentation_order
@@ -38,6 +39,7 @@ class JudgeTask:
     n_generations: int
     shown: list[int]  # shown[k] = index (into generations) of the text shown at position k
     request: CallRequest | None  # None when no generation exists to judge
+    truncated: list[int] = field(default_factory=list)  # generations cut to fit the judge's context
 
 
 def plan_judge_task(row: pd.Series, member: Member, panel: Panel, rubric: Rubric) -> JudgeTask:
@@ -51,8 +53,12 @@ def plan_judge_task(row: pd.Series, member: Member, panel: Panel, rubric: Rubric
                                shuffle=judging.shuffle_positions)
     shown = [present[k] for k in order]
     limit = judging.max_rationale_chars
-    messages = build_judge_messages(rubric, row["instruction"], [generations[i] for i in shown], structured=True,
-                                    system_prompt=member.system_prompt, max_rationale_chars=limit)
     schema = verdict_json_schema(rubric, len(shown), max_rationale_chars=limit)
-    request = CallRequest.build(messages, member.params.to_generation_params(), json_schema=schema)
-    return JudgeTask(row["prompt_id"], len(generations), shown, request)
+
+    def build(texts: list[str]) -> CallRequest:
+        messages = build_judge_messages(rubric, row["instruction"], texts, structured=True,
+                                        system_prompt=member.system_prompt, max_rationale_chars=limit)
+        return CallRequest.build(messages, member.params.to_generation_params(), json_schema=schema)
+
+    request, cut = fit_request(build, [generations[i] for i in shown], member.context_window)
+    return JudgeTask(row["prompt_id"], len(generations), shown, request, sorted(shown[k] for k in cut))

@@ -9,6 +9,9 @@ member, e.g. base_url `http://127.0.0.1:P/judge_a/v1`):
 * `GET [/tag]/v1/models` - the model list (OpenAI's or Anthropic's shape, by the headers), when the
   config's `models` names them; 404 otherwise, like a server that cannot list. Counted apart
   (`model_lists`), not as calls.
+* `GET [/tag]/v1/models/{id}` - one model: a listed id or an alias (`aliases`, served but never
+  listed, as real APIs do), else a 404 naming the id; without `models` (or with `model_route`
+  False) a route-level 404/405 that names nothing. Counted in `model_gets`.
 * `GET /_stats`, `POST /_config`, `POST /_reset` - control for a server running in another process.
 
 Fault modes (FakeConfig): injected 429/500/timeouts/malformed bodies by fraction or script; a
@@ -38,6 +41,7 @@ import random
 import socket
 import threading
 import time
+import urllib.parse
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -74,6 +78,13 @@ class FakeConfig:
     reject_response_format: list[str] = field(default_factory=list)  # tags that refuse structured output
     served_model_suffix: str = ""  # reported model = requested model + suffix
     models: list[str] | None = None  # what GET /v1/models lists; None = the route is missing (404)
+    # What GET /v1/models/{id} resolves beyond the listed ids, alias -> listed id (Anthropic's
+    # `claude-3-5-haiku-latest`, Ollama's `llama3.1` for `llama3.1:latest`): served, never listed.
+    aliases: dict[str, str] = field(default_factory=dict)
+    # Whether GET /v1/models/{id} exists (when `models` is set); False answers it as a server without
+    # the route does (vLLM, FastAPI: 404 {"detail": "Not Found"}), or 405 with `model_route_status`.
+    model_route: bool = True
+    model_route_status: int = 404
     # A provider's concurrency limit: above this many requests in flight, 429 with Retry-After; every
     # reply carries OpenAI's x-ratelimit-* and Anthropic's anthropic-ratelimit-* headers. 0 = no cap.
     max_concurrent: int = 0
@@ -82,6 +93,11 @@ class FakeConfig:
     outage_from_request: int = 0
     outage_s: float = 0.0
     outage_status: int = 503
+    # An outage with connections refused: at request number `refuse_from_request` (1-based, 0 =
+    # never) the server stops listening for `refuse_s` seconds (open connections are closed, new
+    # ones refused), then listens again on the same port. That request is still answered.
+    refuse_from_request: int = 0
+    refuse_s: float = 0.0
     omit_tool_use: list[str] = field(default_factory=list)  # tags whose Anthropic 200s answer in prose, no tool_use
     # Tags that behave like llama-cpp-python's server: `response_format` json_schema is refused with
     # an HTTP 500 validation message; json_object with a `schema` is accepted.
@@ -90,6 +106,15 @@ class FakeConfig:
     ignore_response_format: list[str] = field(default_factory=list)
     # Tags whose chat 200s to a structured request decline in `message.refusal`, with no content.
     model_refusal: list[str] = field(default_factory=list)
+    # Tags whose first structured answer (a request with no assistant turn: not a repair re-ask) hits the
+    # token limit: its JSON cut in half, finish_reason "length" (Anthropic: stop_reason "max_tokens",
+    # the cut JSON in a text block and no tool_use).
+    cut_answers: list[str] = field(default_factory=list)
+    # Context windows by tag, in this server's tokens: a longer prompt plus max_tokens is refused with
+    # 400 "maximum context length", as vLLM and OpenAI do, before any work.
+    context_tokens: dict[str, int] = field(default_factory=dict)
+    # Tags whose plain-text answers are this many words long, whatever max_tokens says (long generations).
+    long_answers: dict[str, int] = field(default_factory=dict)
     # How usage counts tokens: "words" (whitespace split) or "gguf" (the bundled SmolLM2's real tokenizer,
     # and the structured-output schema or tool definitions billed as input, as providers do).
     tokenizer: str = "words"
@@ -239,6 +264,11 @@ def _block_texts(content: Any) -> list[tuple[str, bool]]:
     return [(json.dumps(content), False)]
 
 
+def _first_ask(messages: list[Any]) -> bool:
+    """A conversation with no assistant turn yet: a first ask, not a re-ask that quotes an answer."""
+    return not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages)
+
+
 def fmt_schema(body: dict[str, Any]) -> Any:
     """The JSON schema a chat request's response_format carries, if any (OpenAI, TGI or llama.cpp form)."""
     fmt = body.get("response_format") or {}
@@ -291,7 +321,11 @@ class FakeLLMServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.model_lists: Counter[str] = Counter()  # GET /v1/models per tag
+        self.model_gets: Counter[str] = Counter()  # GET /v1/models/{id} per tag
         self.over_cap = 0  # requests refused with 429 by max_concurrent
+        self.refused_s: list[float] = []  # the connection-refused outages, as long as they really were
+        self.answered_by_body: Counter[str] = Counter()  # 200s sent, per distinct body: what a provider bills
+        self.over_context: Counter[str] = Counter()  # 400s for a prompt over context_tokens, per distinct body
         self._outage_until = 0.0
         self.bodies: deque[dict[str, Any]] = deque(maxlen=20_000)
 
@@ -322,6 +356,22 @@ class FakeLLMServer:
         with self._lock:
             self._outage_until = time.monotonic() + seconds
 
+    def refuse_connections(self, seconds: float) -> threading.Thread:
+        """Stop listening for `seconds` (connections refused, open ones closed), then listen again on
+        the same port; the counters and the config carry over. Returns the thread doing it."""
+
+        def outage() -> None:
+            began = time.monotonic()
+            self.stop()
+            time.sleep(max(0.0, seconds - (time.monotonic() - began)))
+            self.start()
+            with self._lock:
+                self.refused_s.append(time.monotonic() - began)
+
+        thread = threading.Thread(target=outage, name="fake-llm-outage", daemon=True)
+        thread.start()
+        return thread
+
     def requests_for(self, body: dict[str, Any]) -> int:
         """How many times a request with exactly this JSON body was received (its per-request-key count)."""
         with self._lock:
@@ -339,6 +389,11 @@ class FakeLLMServer:
                 "over_cap": self.over_cap,
                 "max_repeats": max(self.by_body.values(), default=0),
                 "model_lists": dict(self.model_lists),
+                "model_gets": dict(self.model_gets),
+                "refused_s": list(self.refused_s),
+                "max_answers_per_body": max(self.answered_by_body.values(), default=0),
+                "over_context": sum(self.over_context.values()),
+                "max_over_context_per_body": max(self.over_context.values(), default=0),
             }
 
     def start(self) -> "FakeLLMServer":
@@ -426,6 +481,8 @@ class FakeLLMServer:
             if body is not None:
                 self.bodies.append({"path": path, "tag": tag, "body": body})
             cfg = self.config
+            if cfg.refuse_from_request and number == cfg.refuse_from_request:
+                self.refuse_connections(cfg.refuse_s)
             refused = self._refusal(number)
             if refused is None:
                 self.in_flight += 1
@@ -448,10 +505,13 @@ class FakeLLMServer:
         response.headers.update(limits)
         with self._lock:
             self.outcomes[str(response.status_code) if outcome == "ok" else outcome] += 1
+            self.answered_by_body[digest] += response.status_code == 200
         return response
 
     async def _list_models(self, request: Request) -> Response:
         path = "/" + request.path_params["path"]
+        if "/v1/models/" in path:
+            return self._one_model(request, path)
         if not path.endswith("/v1/models"):
             return JSONResponse({"error": {"message": f"no route {path}", "type": "not_found"}}, status_code=404)
         tag = path[: path.rindex("/v1/")].strip("/")
@@ -470,6 +530,33 @@ class FakeLLMServer:
             return JSONResponse({"data": data, "has_more": False, "first_id": None, "last_id": None})
         data = [{"id": m, "object": "model", "created": CREATED, "owned_by": "fake"} for m in cfg.models]
         return JSONResponse({"object": "list", "data": data})
+
+    def _one_model(self, request: Request, path: str) -> Response:
+        """GET /v1/models/{id}: the model (an alias resolved to its listed id), or a 404 naming the id."""
+        at = path.index("/v1/models/")
+        tag, model = path[:at].strip("/"), urllib.parse.unquote(path[at + len("/v1/models/"):])
+        kind = "messages" if request.headers.get("anthropic-version") else "chat"
+        with self._lock:
+            self.model_gets[tag] += 1
+            cfg = self.config
+        presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        presented = presented or request.headers.get("x-api-key", "")
+        if cfg.expected_key is not None and presented != cfg.expected_key:
+            return self._error(kind, tag, 401, f"Incorrect API key provided: {presented}")
+        if cfg.models is None or not cfg.model_route:
+            status = 404 if cfg.models is None else cfg.model_route_status
+            return JSONResponse({"detail": "Not Found" if status == 404 else "Method Not Allowed"}, status_code=status)
+        served = model if model in cfg.models else cfg.aliases.get(model)
+        if served is None:
+            if kind == "messages":
+                return self._error(kind, tag, 404, f"model: {model}")
+            payload = {"error": {"message": f"The model `{model}` does not exist or you do not have access to it.",
+                                 "type": "invalid_request_error", "param": None, "code": "model_not_found"}}
+            return JSONResponse(payload, status_code=404)
+        if kind == "messages":
+            return JSONResponse({"id": served, "type": "model", "display_name": served,
+                                 "created_at": "2024-01-01T00:00:00Z"})
+        return JSONResponse({"id": served, "object": "model", "created": CREATED, "owned_by": "fake"})
 
     def _refusal(self, number: int) -> str | None:
         """'outage' or 'over_cap' when the request is refused before any work (lock held)."""
@@ -550,6 +637,11 @@ class FakeLLMServer:
             return self._error(kind, tag, forced, f"forced status {forced} for key {presented}")
         if body is None or not isinstance(body, dict):
             return self._error(kind, tag, 400, "request body is not a JSON object")
+        over = self._over_context(body, tag)
+        if over is not None:
+            with self._lock:
+                self.over_context[canonical_hash(body)] += 1
+            return self._error(kind, tag, 400, over)
         if delay:
             await asyncio.sleep(delay)
         if outcome == "429":
@@ -586,6 +678,20 @@ class FakeLLMServer:
         elif outcome == "truncated":
             data = data[: len(data) // 2]
         return Response(data, media_type="application/json", headers=headers)
+
+    def _over_context(self, body: dict[str, Any], tag: str) -> str | None:
+        """The 400 message for a request longer than the tag's `context_tokens`, else None."""
+        limit = self.config.context_tokens.get(tag)
+        if not limit:
+            return None
+        blocks = _block_texts(body.get("system") or "")
+        for m in body.get("messages") or []:
+            blocks += _block_texts(m.get("content", ""))
+        asked = self.count(*(t for t, _ in blocks)) + int(body.get("max_tokens") or 0)
+        if asked <= limit:
+            return None
+        return (f"This model's maximum context length is {limit} tokens. However, you requested {asked} tokens. "
+                "Please reduce the length of the messages or completion.")
 
     def count(self, *texts: str) -> int:
         """Tokens as this server's usage reports them (FakeConfig.tokenizer)."""
@@ -632,9 +738,14 @@ class FakeLLMServer:
             text, refusal, finish = None, "I can't help with rating these texts.", "stop"
         elif schema is not None and tag in self.config.ignore_response_format:
             text, finish = verdict_prose(value_for_schema(schema, rng)), "stop"
+        elif schema is not None and tag in self.config.cut_answers and _first_ask(messages):
+            text = json.dumps(value_for_schema(schema, rng))
+            text, finish = text[: len(text) // 2], "length"
         elif schema is not None:
             text = json.dumps(value_for_schema(schema, rng))
             finish = "stop"
+        elif tag in self.config.long_answers:
+            text, finish = " ".join(rng.choice(WORDS) for _ in range(self.config.long_answers[tag])), "length"
         else:
             text, finish = text_for(rng, max_tokens, list(body.get("stop") or []))
         completion_tokens = self.count(text or refusal or "")
@@ -686,6 +797,13 @@ class FakeLLMServer:
             value = value_for_schema(tools[choice["name"]].get("input_schema") or {"type": "object"}, rng)
             content = [{"type": "text", "text": verdict_prose(value)}]
             stop_reason = "end_turn"
+            output_tokens = self.count(content[0]["text"])
+        elif choice.get("type") == "tool" and choice.get("name") in tools and tag in self.config.cut_answers \
+                and _first_ask(body.get("messages") or []):
+            value = value_for_schema(tools[choice["name"]].get("input_schema") or {"type": "object"}, rng)
+            cut = json.dumps(value)
+            content = [{"type": "text", "text": cut[: len(cut) // 2]}]
+            stop_reason = "max_tokens"
             output_tokens = self.count(content[0]["text"])
         elif choice.get("type") == "tool" and choice.get("name") in tools:
             tool = tools[choice["name"]]

@@ -292,3 +292,99 @@ def test_a_ten_second_outage_mid_run_leaves_no_failed_row(fake_llm, tmp_path, en
     assert outage > 0 and took >= 10
     assert result.success
     assert_no_failed_row(tmp_path / "storage", instance, panel)
+
+
+# -- real providers' edges: refused connections for a while, answers cut short, overlong inputs ------------
+
+
+@pytest.mark.parametrize("seconds", [10.0, pytest.param(60.0, marks=pytest.mark.slow)])
+def test_a_refused_connection_outage_mid_shard_fills_every_row_and_pays_nothing_twice(fake_llm, tmp_path, env_key,
+                                                                                      seconds):
+    # The server stops listening at the 50th request (of 80 generation calls, then 80 judge calls) for
+    # `seconds`: every connection refused, the open ones closed. Default retry settings (retry_window_s 90).
+    n = 40
+    fake_llm.reset(latency_ms=50, refuse_from_request=50, refuse_s=seconds)
+    panel_path = http_panel_file(tmp_path, fake_llm, n, retry_window_s=None)
+    start = time.monotonic()
+    result, instance, panel = materialize(panel_path, tmp_path / "storage", tmp_path / "c.sqlite")
+    took = time.monotonic() - start
+    stats = fake_llm.stats()
+    stored = [k for k in member_keys(panel) if instance.get_latest_materialization_event(dg.AssetKey(k))]
+    metas = {"/".join(k): llm_metadata(instance, k) for k in stored}
+    ridden = {k: m.get("llm/outages_ridden_out") for k, m in metas.items()}
+    print(f"\n{seconds:g} s of refused connections (measured {stats['refused_s']}): run took {took:.1f}s, "
+          f"{stats['total']} requests reached the server for {n * 4} calls, at most "
+          f"{stats['max_answers_per_body']} answer per request body; outages ridden out per member {ridden}; "
+          f"attempts per member {({k: m['llm/calls'] for k, m in metas.items()})}")
+    assert result.success
+    assert stats["refused_s"] and stats["refused_s"][0] >= seconds
+    assert_no_failed_row(tmp_path / "storage", instance, panel)
+    assert stats["max_answers_per_body"] == 1  # nothing paid twice
+    assert sum(ridden.values()) >= 1, ridden
+
+
+def edges_panel(tmp_path: Path, server: FakeLLMServer, n: int, **judge_settings: dict[str, Any]) -> Path:
+    """`http_panel_file`, with extra settings for named judges."""
+    import yaml
+
+    path = http_panel_file(tmp_path, server, n)
+    raw = yaml.safe_load(path.read_text())
+    for j in raw["judges"]:
+        j.update(judge_settings.get(j["name"], {}))
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_judge_answers_cut_at_the_token_limit_are_read_and_repaired_never_retried(fake_llm, tmp_path, env_key):
+    n = 8
+    fake_llm.reset(cut_answers=["judge_openai", "judge_claude"])
+    result, instance, panel = materialize(http_panel_file(tmp_path, fake_llm, n), tmp_path / "storage",
+                                          tmp_path / "c.sqlite")
+    assert result.success
+    stats = fake_llm.stats()
+    assert stats["max_repeats"] == 1  # no request body was sent twice: nothing was retried
+    for j in panel.judges:
+        ratings = read(tmp_path / "storage", "ratings", j.name)
+        meta = llm_metadata(instance, ["ratings", j.name])
+        event = instance.get_latest_materialization_event(dg.AssetKey(["ratings", j.name]))
+        cut = event.asset_materialization.metadata["answers_cut_at_token_limit"].value
+        repairs = event.asset_materialization.metadata["repairs_asked"].value
+        filled = sum(r is not None for row in ratings["ratings"] for r in row)
+        print(f"\n{j.name}: {cut} answers cut at the token limit of {n}; {meta['llm/retries']} retries, "
+              f"{repairs} repairs asked, {filled} of {n * len(panel.generators)} ratings filled")
+        assert ratings["finish_reason"].eq("length").all() and ratings["error"].isna().all()
+        assert ratings["output_mode"].eq("text_fallback").all()
+        assert cut == n and meta["llm/retries"] == 0 and 0 < repairs <= n
+        assert filled == n * len(panel.generators)  # what the cut answers held, and the repairs, fill every rating
+
+
+def test_generations_longer_than_a_judges_context_are_cut_to_fit_and_never_sent_to_a_400_twice(
+    fake_llm, tmp_path, env_key
+):
+    # Every generation is 900 words; both judges' servers hold 1,500 words (prompt and answer). The
+    # OpenAI judge declares its context (context_tokens: 1500); the Anthropic one does not.
+    n = 4
+    fake_llm.reset(long_answers={"hf_gen_hf": 900, "gen_openai": 900},
+                   context_tokens={"judge_openai": 1500, "judge_claude": 1500})
+    path = edges_panel(tmp_path, fake_llm, n, judge_openai={"context_tokens": 1500})
+    result, instance, panel = materialize(path, tmp_path / "storage", tmp_path / "c.sqlite")
+    stats = fake_llm.stats()
+    ratings = read(tmp_path / "storage", "ratings", "judge_openai")
+    cut = [[int(i) for i in t] for t in ratings["truncated_texts"]]
+    print(f"\noverlong generations: judge_openai cut {cut} per row, {stats['by_tag'].get('judge_openai')} requests, "
+          f"0 over its context; judge_claude (no context_tokens): {stats['over_context']} 400s over "
+          f"{stats['by_tag'].get('judge_claude')} requests, at most {stats['max_over_context_per_body']} per request")
+    # The declared judge: every row cut and rated, and no request it sent was over the limit.
+    assert all(c == [0, 1] for c in cut)
+    assert ratings["error"].isna().all() and all(r is not None for row in ratings["ratings"] for r in row)
+    sent = [b for b in fake_llm.bodies if b["tag"] == "judge_openai"]
+    assert sent and all("cut here by poll-assets" in b["body"]["messages"][-1]["content"] for b in sent)
+    event = instance.get_latest_materialization_event(dg.AssetKey(["ratings", "judge_openai"]))
+    assert event.asset_materialization.metadata["texts_cut_to_fit"].value == 2 * n
+    # The undeclared judge: each 400 reached the provider once, never retried, and the failure says why.
+    assert stats["over_context"] == stats["by_tag"]["judge_claude"] == n and stats["max_over_context_per_body"] == 1
+    assert not result.success
+    failed = [e.step_failure_data for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    failure = " ".join(f"{d.error.message if d.error else ''} "
+                       f"{d.user_failure_data.description if d.user_failure_data else ''}" for d in failed)
+    assert "judge_claude" in failure and "maximum context length" in failure and "bad_request" in failure

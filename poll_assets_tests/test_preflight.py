@@ -19,7 +19,10 @@ from poll_assets.llm.preflight import (
     ModelListDenied,
     NotReady,
     PreflightError,
+    closest_ids,
+    model_checks,
     model_problems,
+    names_the_model,
     offline_problems,
     preflight,
 )
@@ -111,8 +114,16 @@ def test_model_listing_outcomes_with_stub_listers():
     members = [member("known", "openai", model="known-model"), member("unknown", "openai", model="typo-model"),
                member("unlisted", "anthropic"), member("vllm", "openai_compatible")]
     env = {"OPENAI_API_KEY": "k", "ANTHROPIC_API_KEY": "k"}
-    found = model_problems(members, env, listers={"openai": served, "anthropic": cannot_list,
-                                                  "openai_compatible": breaks})
+    listers = {"openai": served, "anthropic": cannot_list, "openai_compatible": breaks}
+    # A list is evidence, not proof: a model it leaves out is a warning naming the closest ids, never a refusal.
+    refused, warned = model_checks(members, env, listers=listers)
+    assert refused == []
+    assert [(w.member, "typo-model" in w.what and "known-model" in w.what) for w in warned] == [("unknown", True)]
+    # Only the provider's own "no such model" for that id refuses it.
+    def no_typo(base_url, key, model, timeout_s):
+        return model != "typo-model"
+
+    found = model_problems(members, env, listers=listers, retrievers={"openai": no_typo})
     assert [(p.member, "typo-model" in p.what and "known-model" in p.what) for p in found] == [("unknown", True)]
     denied = model_problems(members[:1], env, listers={"openai": refuses_key})
     assert [p.member for p in denied] == ["known"] and "OPENAI_API_KEY" in denied[0].what
@@ -134,9 +145,11 @@ def test_model_listing_through_the_sdks(fake_llm):
     ]
     found = model_problems(members, env, timeout_s=5)
     assert [p.member for p in found] == ["gpt_typo", "claude_typo"]
-    assert "served-a" in found[0].what and "'claude-9'" in found[1].what
-    assert fake_llm.stats()["model_lists"] == {"oa": 1, "ob": 1, "an": 1, "ab": 1}
-    assert fake_llm.stats()["total"] == 0  # listing is not a call
+    assert "served-a" in found[0].what and "'claude-9'" in found[1].what and "HTTP 404" in found[1].what
+    # Each model is asked about alone; the list is read only for the hint of the two refused.
+    assert fake_llm.stats()["model_gets"] == {"oa": 1, "ob": 1, "an": 1, "ab": 1}
+    assert fake_llm.stats()["model_lists"] == {"ob": 1, "ab": 1}
+    assert fake_llm.stats()["total"] == 0  # asking is not a call
 
     # A refused key is reported (the server echoes the key back; the message must not).
     wrong = model_problems(members[:1], {"OPENAI_API_KEY": "sk-wrong-key-123456"}, timeout_s=5)
@@ -183,7 +196,7 @@ def test_run_with_missing_keys_fails_before_any_request(tmp_path, fake_llm, monk
         partition_key=PARTITION, instance=instance, raise_on_error=False)
     assert not result.success
     stats = fake_llm.stats()
-    assert stats["total"] == 0 and stats["model_lists"] == {}  # nothing reached the server
+    assert stats["total"] == 0 and stats["model_lists"] == stats["model_gets"] == {}  # nothing reached the server
     text = failure_text(instance, result.run_id)
     without_key = [m for m in (*raw["generators"], *raw["judges"])
                    if {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}.get(m["provider"]) in missing]
@@ -219,7 +232,7 @@ def test_subset_runs_check_only_their_members_and_unknown_models_fail_first(tmp_
     result = subset.execute_in_process(partition_key=PARTITION, instance=instance, raise_on_error=False)
     assert not result.success
     assert fake_llm.stats()["total"] == 0
-    assert set(fake_llm.stats()["model_lists"]) == {tag_of(m) for m in raw["judges"] if m["provider"] != "hf_inference"}
+    assert set(fake_llm.stats()["model_gets"]) == {tag_of(m) for m in raw["judges"] if m["provider"] != "hf_inference"}
     text = failure_text(instance, result.run_id)
     assert f"- {claude['name']} (anthropic): model '{claude['model']}'" in text and "1 of 2 panel members" in text
 
@@ -283,3 +296,103 @@ def test_models_are_listed_once_per_run_and_not_at_all_when_the_cache_answers_ev
     fake_llm.reset()
     assert job.execute_in_process(partition_key=PARTITION, instance=instance, raise_on_error=False).success
     assert fake_llm.stats()["total"] == 0 and fake_llm.stats()["model_lists"] == {}
+
+
+# -- aliases, routes that are missing, lists that are not the whole truth ------------------------------
+
+
+def test_a_404_refuses_only_when_it_names_the_model():
+    assert names_the_model(404, {"error": {"message": "The model `gpt-x` does not exist", "code": None}}, "gpt-x")
+    assert names_the_model(404, {"error": {"message": "no such thing", "code": "model_not_found"}}, "gpt-x")
+    assert names_the_model(404, {"type": "error", "error": {"type": "not_found_error", "message": "model: c-9"}}, "c-9")
+    assert not names_the_model(404, {"detail": "Not Found"}, "gpt-x")  # vLLM/FastAPI: the route is missing
+    assert not names_the_model(405, {"error": {"message": "gpt-x"}}, "gpt-x")
+    assert not names_the_model(404, None, "gpt-x")
+    assert closest_ids("claude-3-5-haiku-latest", ["claude-3-opus-20240229", "claude-3-5-haiku-20241022"])[0] == \
+        "claude-3-5-haiku-20241022"
+    assert closest_ids("llama3.1", ["mistral:latest", "llama3.1:latest"])[0] == "llama3.1:latest"
+
+
+ANTHROPIC_LISTED = ["claude-3-5-haiku-20241022", "claude-3-haiku-20240307", "claude-3-opus-20240229"]
+ALIASES = {"claude-3-5-haiku-latest": "claude-3-5-haiku-20241022", "llama3.1": "llama3.1:latest"}
+
+
+def test_aliases_pass_routes_that_are_missing_warn_and_unknown_models_are_refused(fake_llm):
+    fake_llm.configure(models=[*ANTHROPIC_LISTED, "llama3.1:latest", "gpt-4o-mini"], aliases=ALIASES)
+    env = {"OPENAI_API_KEY": "k", "ANTHROPIC_API_KEY": "k"}
+    members = [
+        member("claude_alias", "anthropic", model="claude-3-5-haiku-latest", base_url=f"{fake_llm.url}/an"),
+        member("ollama_alias", "openai_compatible", model="llama3.1", base_url=f"{fake_llm.url}/ol/v1"),
+        member("claude_typo", "anthropic", model="claude-3-5-haiku-lateest", base_url=f"{fake_llm.url}/ab"),
+        member("gpt_typo", "openai", model="gpt-4o-mnii", base_url=f"{fake_llm.url}/oa/v1"),
+    ]
+    refused, warned = model_checks(members, env, timeout_s=5)
+    print(f"\nmodel checks: refused {[p.member for p in refused]}, warned {[w.member for w in warned]}, "
+          f"GET /v1/models/{{id}} {fake_llm.stats()['model_gets']}, GET /v1/models {fake_llm.stats()['model_lists']}")
+    assert [p.member for p in refused] == ["claude_typo", "gpt_typo"] and warned == []
+    assert "claude-3-5-haiku-20241022" in refused[0].what  # the hint names the closest listed id
+    assert fake_llm.stats()["model_lists"] == {"ab": 1, "oa": 1}  # the aliases were settled by their own route
+
+    # A server without the per-model route (vLLM): its list is evidence only, a miss is a warning.
+    fake_llm.configure(model_route=False)
+    refused, warned = model_checks(members, env, timeout_s=5)
+    assert refused == [] and [w.member for w in warned] == [m.name for m in members]
+    assert "closest listed: llama3.1:latest" in warned[1].what and "the run goes on" in warned[1].what
+    fake_llm.configure(model_route_status=405)  # the route answers "method not allowed": the same
+    refused, warned = model_checks(members, env, timeout_s=5)
+    assert refused == [] and len(warned) == len(members)
+
+    # A refused key on the per-model route is still a refusal, naming the variable, never the key.
+    fake_llm.configure(model_route=True, expected_key=CANARY)
+    refused, _ = model_checks(members[:1], {"ANTHROPIC_API_KEY": "sk-wrong-key-123456"}, timeout_s=5)
+    assert [p.member for p in refused] == ["claude_alias"] and "ANTHROPIC_API_KEY" in refused[0].what
+    assert "sk-wrong-key-123456" not in refused[0].line()
+
+
+def aliased_paper(tmp_path: Path, url: str, n: int, claude_model: str) -> tuple[Path, dict]:
+    """The paper panel's shape (4 generators, 3 judges) on the fake server, one generator on an
+    OpenAI-compatible route named `llama3.1` (served as llama3.1:latest) and the Anthropic judge named `claude_model`."""
+    path, raw = paper_on_fake(tmp_path, url)
+    raw["source"].update(num_examples=n, shard_size=n)
+    gen = raw["generators"][0]
+    gen.update(provider="openai_compatible", model="llama3.1", base_url=f"{url}/ollama_{gen['name']}/v1",
+               api_key_env="OPENAI_API_KEY")
+    gen["params"].pop("seed", None)
+    claude = next(m for m in raw["judges"] if m["provider"] == "anthropic")
+    claude["model"] = claude_model
+    path.write_text(yaml.safe_dump(raw))
+    return path, raw
+
+
+def test_a_paper_shaped_run_with_aliased_models_makes_7n_requests_and_an_unknown_one_none(tmp_path, fake_llm,
+                                                                                           monkeypatch):
+    n = 4
+    for var in KEY_VARS:
+        monkeypatch.setenv(var, CANARY)
+    home = make_dagster_home(tmp_path / "home")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    listed = [*ANTHROPIC_LISTED, "llama3.1:latest", "gpt-3.5-turbo-0125"]
+    fake_llm.reset(models=listed, aliases=ALIASES, expected_key=CANARY)
+    path, raw = aliased_paper(tmp_path, fake_llm.url, n, "claude-3-5-haiku-latest")
+    panel, _ = load_panel(path)
+    defs = build_definitions(panel, path, storage_dir=str(tmp_path / "storage"), cache_path=str(home / "c.sqlite"))
+    instance = dg.DagsterInstance.local_temp(str(home))
+    result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        partition_key=PARTITION, instance=instance, raise_on_error=False)
+    stats = fake_llm.stats()
+    print(f"\naliased paper-shaped run, N={n}: success {result.success}, {stats['total']} requests (7N = {7 * n}), "
+          f"GET /v1/models/{{id}} {sum(stats['model_gets'].values())}, GET /v1/models {sum(stats['model_lists'].values())}")
+    assert result.success, failure_text(instance, result.run_id)[:3000]
+    assert stats["total"] == 7 * n and stats["max_repeats"] == 1
+    assert stats["model_lists"] == {}  # every alias was settled by GET /v1/models/{id}
+
+    # A model no route serves is refused before any call, naming it.
+    fake_llm.reset(models=listed, aliases=ALIASES, expected_key=CANARY)
+    path, raw = aliased_paper(tmp_path, fake_llm.url, n, "claude-3-5-haiku-nonexistent")
+    panel, _ = load_panel(path)
+    defs = build_definitions(panel, path, storage_dir=str(tmp_path / "storage2"), cache_path=str(home / "c2.sqlite"))
+    result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        partition_key=PARTITION, instance=instance, raise_on_error=False)
+    assert not result.success and fake_llm.stats()["total"] == 0
+    text = failure_text(instance, result.run_id)
+    assert "(anthropic): model 'claude-3-5-haiku-nonexistent' does not exist" in text and "1 of 7 panel members" in text

@@ -57,6 +57,10 @@ RATING_COLUMNS = schema(
     ("repair_call_ids", "list<string>", "hash of each repair request (the response cache's key), one per round"),
     ("repaired_errors", "list<string>", "per generation, why the first answer left it unread when a repair "
      "filled its rating; None elsewhere"),
+    ("truncated_texts", "list<int>", "the generations (indices, in generation order) cut with a visible marker to "
+     "fit the judge's context (`context_tokens`); empty when every text was shown whole"),
+    ("finish_reason", "string", "why the judge's answer ended: stop, or length (cut off at max_new_tokens: what it "
+     "holds is read, the rest goes to repair)"),
 )
 
 
@@ -191,7 +195,17 @@ def repair_figures(ratings: pd.DataFrame) -> dict[str, Any]:
         "repairs_asked": len(outputs),
         "repair_call_failures": sum(is_missing(o) for o in outputs),
         "texts_recovered": sum(a.kind == "parse_failed" and b.kind in ("ok", "na") for a, b in zip(before, after)),
+        **fit_figures(ratings),
     }
+
+
+def fit_figures(ratings: pd.DataFrame) -> dict[str, int]:
+    """Texts cut to fit the judge's context, and answers cut off at its token limit (0 for frames
+    stored before these columns existed)."""
+    cut = ratings["truncated_texts"] if "truncated_texts" in ratings else pd.Series(dtype=object)
+    finish = ratings["finish_reason"] if "finish_reason" in ratings else pd.Series(dtype=object)
+    return {"texts_cut_to_fit": sum(len(plain_list(c)) for c in cut),
+            "answers_cut_at_token_limit": int((finish == "length").sum())}
 
 
 def repair_metadata(figures: dict[str, Any]) -> dict[str, Any]:
@@ -203,6 +217,8 @@ def repair_metadata(figures: dict[str, Any]) -> dict[str, Any]:
         "repairs_asked": figures["repairs_asked"],
         "repair_call_failures": figures["repair_call_failures"],
         "texts_recovered": figures["texts_recovered"],
+        "texts_cut_to_fit": figures["texts_cut_to_fit"],
+        "answers_cut_at_token_limit": figures["answers_cut_at_token_limit"],
     }
     meta.update({f"parse_failures_before/{r}": n for r, n in figures["by_reason_before"].items()})
     meta.update({f"parse_failures_after/{r}": n for r, n in figures["by_reason_after"].items()})
@@ -329,6 +345,8 @@ def rating_row(call: JudgeCall, member: Member) -> dict[str, Any]:
         "repair_outputs": [c.text if c.ok else None for c in call.repairs],
         "repair_call_ids": [c.call_id for c in call.repairs],
         "repaired_errors": call.repaired_errors(),
+        "truncated_texts": task.truncated,
+        "finish_reason": completion.finish_reason if completion else None,
     }
 
 

@@ -30,6 +30,7 @@ def call_metadata(stats: CallStats, member: Member, panel: Panel) -> dict[str, A
         "llm/retries": stats.retries,
         "llm/rate_limited": stats.rate_limited,  # 429s
         "llm/concurrency": dg.MetadataValue.float(stats.concurrency),  # where the AIMD window settled
+        "llm/outages_ridden_out": len(stats.outages),  # the breaker opened, probed, and the provider came back
         "llm/input_tokens": stats.input_tokens,
         "llm/cached_input_tokens": stats.cached_input_tokens,
         "llm/cache_write_tokens": stats.cache_write_tokens,

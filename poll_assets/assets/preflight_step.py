@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import dagster as dg
 
-from poll_assets.llm.preflight import PreflightError, preflight
+from poll_assets.llm.preflight import NotReady, PreflightError, preflight
 from poll_assets.llm.resources import resource_key
 from poll_assets.panel import Member, Panel
 
@@ -49,7 +49,8 @@ def preflight_run(context: dg.AssetExecutionContext, panel: Panel, own: Sequence
     """Fail the step (and so the run) naming every member of the run whose key, base URL or weights
     are not ready. `own`: the step's own members, always checked, whatever the job's layout says.
     Returns the model check, to be called before the step's first call that the cache cannot answer:
-    it fails the same way, naming every member whose model the provider does not list."""
+    it fails the same way, naming every member whose model the provider says it does not serve,
+    and logs a warning for a model a list left out."""
     in_run = {m.name for m in [*run_members(context, panel), *own]}
     members = [m for m in panel.members if m.name in in_run]
     _fail_if_not_ready(lambda: preflight(members, os.environ, check_models=False))
@@ -61,16 +62,18 @@ def preflight_run(context: dg.AssetExecutionContext, panel: Panel, own: Sequence
     def check_models() -> None:
         if run_id in _MODELS_LISTED:
             return
-        _fail_if_not_ready(lambda: preflight(members, os.environ))
+        warnings = _fail_if_not_ready(lambda: preflight(members, os.environ))
         _MODELS_LISTED.add(run_id)
+        for warning in warnings:  # a model a list left out: the run goes on, its first call decides
+            context.log.warning(f"preflight: {warning.line()}")
         context.log.info(f"preflight: the {len(members)} members of this run are ready to be called: {names}")
 
     return check_models
 
 
-def _fail_if_not_ready(check: Callable[[], None]) -> None:
+def _fail_if_not_ready(check: Callable[[], list[NotReady]]) -> list[NotReady]:
     try:
-        check()
+        return check()
     except PreflightError as exc:
         raise dg.Failure(description=str(exc), metadata={"not_ready": dg.MetadataValue.json(exc.members)},
                          allow_retries=False) from None

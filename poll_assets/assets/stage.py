@@ -88,12 +88,12 @@ class SharedCalls:
 
 def batch_part(batch: CallBatch, start: int, end: int) -> CallBatch:
     """The completions [start, end) of a batch, with the per-call counts taken over them; what
-    belongs to the whole batch (elapsed time, the provider batches used, the 429s met and the
-    concurrency the member settled at) is kept as it is."""
+    belongs to the whole batch (elapsed time, the provider batches used, the 429s met, the
+    concurrency the member settled at and the outages its breaker rode out) is kept as it is."""
     # A fresh CallStats, so every per-call count (token usage by billing included) starts at zero.
     whole = batch.stats
     stats = CallStats(elapsed_s=whole.elapsed_s, batches=whole.batches, rate_limited=whole.rate_limited,
-                      concurrency=whole.concurrency)
+                      concurrency=whole.concurrency, outages=whole.outages, probes=whole.probes)
     for completion in batch.completions[start:end]:
         stats.add(completion)
     return replace(batch, completions=batch.completions[start:end], stats=stats)

@@ -104,6 +104,8 @@ class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
         except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
             raise self.malformed(f"{type(exc).__name__} while reading the message") from None
         extra: dict[str, Any] = {"response_id": message_id, "stop_reason": stop_reason}
+        if fell_back and stop_reason == "max_tokens":  # paid and kept: read for what it holds, then repaired
+            fell_back = "the answer was cut off at max_tokens (stop_reason max_tokens)"
         if fell_back:
             extra["structured_fallback"] = fell_back
         # Anthropic's input_tokens leaves out what was written to or read from its prompt cache.

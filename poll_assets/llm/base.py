@@ -185,6 +185,14 @@ class ChatBackend:
     async def release(self) -> None:
         """A batch on the running loop is done; a backend holding a client per loop may close it."""
 
+    def learned_form(self) -> str | None:
+        """The structured-output form this backend's server took after refusing an earlier one (a fact
+        about the server and model, kept across runs in the response cache); None when nothing was learned."""
+        return None
+
+    def assume_form(self, form: str) -> None:
+        """Start from the structured-output form an earlier run learned for this server and model."""
+
     @property
     def who(self) -> str:
         """Member, provider and model, for messages (never a credential)."""

@@ -63,6 +63,11 @@ CREATE TABLE IF NOT EXISTS claims (
     key        TEXT PRIMARY KEY,
     owner      TEXT NOT NULL,
     expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS notes (
+    key        TEXT PRIMARY KEY,
+    value      TEXT NOT NULL,
+    updated_at REAL NOT NULL
 )
 """
 
@@ -175,6 +180,10 @@ class CacheStore(Protocol):
 
     def count(self) -> int: ...
 
+    def note(self, key: str) -> str | None: ...  # a small fact learned about a server (see ResponseCache.remembered)
+
+    def set_note(self, key: str, value: str) -> None: ...
+
     # answers and their mean output tokens, for one provider's model (and one member's answers only)
     def output_tokens(self, provider: str, model: str, member: str | None = None) -> tuple[int, float]: ...
 
@@ -250,6 +259,22 @@ class SqliteStore:
                         rows,
                     )
                     conn.executemany("DELETE FROM claims WHERE key = ? AND owner = ?", releases)
+            except sqlite3.Error as exc:
+                raise CacheError(f"response cache {self.path}: write failed: {exc}") from exc
+
+    def note(self, key: str) -> str | None:
+        with self._lock:
+            try:
+                row = self._connection().execute("SELECT value FROM notes WHERE key = ?", (key,)).fetchone()
+            except sqlite3.Error as exc:
+                raise CacheError(f"response cache {self.path}: read failed: {exc}") from exc
+        return row[0] if row else None
+
+    def set_note(self, key: str, value: str) -> None:
+        with self._lock:
+            try:
+                self._connection().execute("INSERT OR REPLACE INTO notes (key, value, updated_at) VALUES (?, ?, ?)",
+                                           (key, value, time.time()))
             except sqlite3.Error as exc:
                 raise CacheError(f"response cache {self.path}: write failed: {exc}") from exc
 
@@ -447,6 +472,11 @@ class ResponseCache:
         self._queue.put(_Write(key, completion, provider, model, release_owner, member))
         return True
 
+    @property
+    def write_failed(self) -> bool:
+        """A write failed since the last flush: answers given to the cache now may not be kept."""
+        return self._write_error is not None
+
     def flush(self, timeout_s: float | None = None) -> int:
         """Wait until every submitted completion is committed; returns how many the writer has committed.
 
@@ -505,6 +535,16 @@ class ResponseCache:
         """(answers stored, their mean output tokens) for one provider's model, or for the answers one
         panel member paid for: what a cost estimate expects it to write per call."""
         return self.store.output_tokens(provider, model, member)
+
+    def remembered(self, key: str) -> str | None:
+        """A fact an earlier run learned about a server (e.g. the structured-output form it takes);
+        None when unknown or when the cache is bypassed."""
+        return self.store.note(key) if self.writes else None
+
+    def remember(self, key: str, value: str) -> None:
+        """Keep a fact learned about a server for later runs (nothing when the cache is bypassed)."""
+        if self.writes:
+            self.store.set_note(key, value)
 
     def __len__(self) -> int:
         return self.store.count()

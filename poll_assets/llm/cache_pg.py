@@ -23,6 +23,7 @@ from poll_assets.llm.cache_types import CacheError, Row
 
 COMPLETIONS = "poll_llm_completions"
 CLAIMS = "poll_llm_claims"
+NOTES = "poll_llm_notes"
 _SCHEMA_LOCK_ID = 0x706F6C6C  # pg_advisory_xact_lock id: concurrent first runs create the tables once
 _NOW = "extract(epoch from clock_timestamp())"
 
@@ -38,6 +39,11 @@ CREATE TABLE IF NOT EXISTS {CLAIMS} (
     key        TEXT PRIMARY KEY,
     owner      TEXT NOT NULL,
     expires_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {NOTES} (
+    key        TEXT PRIMARY KEY,
+    value      TEXT NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL
 )
 """
 
@@ -114,6 +120,15 @@ class PostgresStore:
                 psycopg2.extras.execute_values(
                     cur, f"DELETE FROM {CLAIMS} c USING (VALUES %s) AS r(key, owner) "
                          "WHERE c.key = r.key AND c.owner = r.owner", releases)
+
+    def note(self, key: str) -> str | None:
+        rows = self._run("read", f"SELECT value FROM {NOTES} WHERE key = %s", (key,))
+        return rows[0][0] if rows else None
+
+    def set_note(self, key: str, value: str) -> None:
+        self._run("write", f"INSERT INTO {NOTES} (key, value, updated_at) VALUES (%s, %s, {_NOW}) "
+                           "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at",
+                  (key, value))
 
     def claim(self, key: str, owner: str, ttl_s: float) -> bool:
         # One statement: PostgreSQL's upsert either inserts or updates a row that exists, so two

@@ -87,6 +87,12 @@ class HFInferenceBackend(RemoteBackend[AsyncInferenceClient]):
         # What this member's server accepted, learned from its refusals and kept for the run.
         self.negotiation = FormNegotiation(URL_FORMS if self.base_url else ROUTER_FORMS)
 
+    def learned_form(self) -> str | None:
+        return self.negotiation.learned
+
+    def assume_form(self, form: str) -> None:
+        self.negotiation.assume(form)
+
     def _new_client(self) -> AsyncInferenceClient:
         install_pooled_client_factory()
         # A URL goes in base_url, so `model` stays free for the payload (TGI ignores it, vLLM needs it).

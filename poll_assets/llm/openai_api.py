@@ -38,6 +38,12 @@ class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
         # What this member's server accepted, learned from its refusals and kept for the run.
         self.negotiation = FormNegotiation(STRUCTURED_FORMS)
 
+    def learned_form(self) -> str | None:
+        return self.negotiation.learned
+
+    def assume_form(self, form: str) -> None:
+        self.negotiation.assume(form)
+
     def _new_client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(
             api_key=self._api_key or NO_KEY_PLACEHOLDER,
@@ -90,6 +96,8 @@ class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
         else:
             text, mode, fell_back = structured_reading(content, form)
         extra: dict[str, Any] = {"response_id": response_id} if response_id else {}
+        if fell_back and choice.finish_reason == "length":  # paid and kept: read for what it holds, then repaired
+            fell_back = "the answer was cut off at max_tokens (finish_reason length)"
         if fell_back:
             extra["structured_fallback"] = fell_back
         return Completion(

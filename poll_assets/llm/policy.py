@@ -67,8 +67,12 @@ class CallPolicy:
     # costing that much per call.
     retry_window_s: float = 90.0
     # The circuit breaker: this many attempts in a row without any answer (connection refused or
-    # reset, timeout) mean the provider is down; so does nothing but failures for retry_window_s.
+    # reset, timeout) trip it. A provider that never answered in the batch then fails at once; one
+    # that was answering is probed (one probe at a time, backoff from retry.base_s doubling up to
+    # probe_cap_s) until retry_window_s passes without an answer. Nothing but failures for
+    # retry_window_s also fails it.
     breaker_after: int = 8
+    probe_cap_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:

@@ -307,6 +307,17 @@ class FormNegotiation:
     def form(self) -> str:
         return self.forms[self.index]
 
+    @property
+    def learned(self) -> str | None:
+        """The form settled on after a refusal (or assumed from an earlier run), else None."""
+        return self.form if self.settled and self.index > 0 else None
+
+    def assume(self, form: str) -> None:
+        """Start at `form`, learned by an earlier run: no refused probe of the forms before it. A
+        server that has changed since still refuses onwards from there."""
+        if not self.settled and form in self.forms:
+            self.index, self.settled = self.forms.index(form), True
+
     def _probe_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
         if self._probe is None or self._probe_loop is not loop:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -33,8 +35,10 @@ from poll_assets.llm.cache import DEFAULT_CLAIM_TTL_S, CacheError, ResponseCache
 from poll_assets.llm.limits import PROVIDER_LIMITS, BatchStopped, CallLimits, estimate_tokens
 from poll_assets.llm.policy import CallPolicy, RetryPolicy
 from poll_assets.llm.pricing import Price, TokenUsage
+from poll_assets.llm.redact import safe_url
 
-__all__ = ["BatchAbortedError", "CallBatch", "CallPolicy", "CallStats", "RetryPolicy", "attempt", "run_calls"]
+__all__ = ["BatchAbortedError", "CallBatch", "CallPolicy", "CallStats", "RetryPolicy", "RunInterrupted", "attempt",
+           "enable_graceful_stop", "request_stop", "run_calls", "stop_requested"]
 
 ProgressFn = Callable[[str], None]
 
@@ -53,6 +57,8 @@ class CallStats:
     rate_limited: int = 0  # 429s the member got
     concurrency: float = 0.0  # the size its concurrency window settled at (0: no call was made)
     batches: list[dict[str, Any]] = field(default_factory=list)  # batch mode: the provider batches used
+    outages: list[float] = field(default_factory=list)  # outages the breaker rode out, seconds each
+    probes: int = 0  # the breaker's probes while open
     # The fresh calls' tokens by how they were billed: online, or through a provider's batch API.
     online_usage: TokenUsage = field(default_factory=TokenUsage)
     batch_usage: TokenUsage = field(default_factory=TokenUsage)
@@ -148,6 +154,82 @@ class CallBatch:
             f"{unsent} of them never sent. Re-run the shard when the provider is back; "
             f"{_resume_note(ok_total, self.cache_writes)}."
         )
+
+
+# A graceful stop of the whole process (the CLI sets it on Ctrl-C or SIGTERM): no call starts after
+# it, the calls in flight finish and are cached, and each batch then raises RunInterrupted.
+_STOP = threading.Event()
+_NAP_S = 0.5  # how often a call waiting (backoff, open breaker) looks at the stop
+
+
+def request_stop() -> None:
+    """Start no more calls in this process; the ones in flight finish and their answers are cached."""
+    _STOP.set()
+
+
+class _GracefulSignals:
+    """Ctrl-C and SIGTERM as a graceful stop (`request_stop`), while batches run in the main thread.
+
+    Dagster puts its own handlers in place while it executes a run (they raise an interrupt inside
+    the step at once, abandoning the calls in flight); the batches put this one back over them for
+    as long as any batch runs. A second signal goes to the handler that was there before: an
+    immediate stop."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.notice: Callable[[str], None] | None = None
+        self.depth = 0
+        self.previous: dict[int, Any] = {}
+
+    def handler(self, signum: int, frame: Any) -> None:
+        if not _STOP.is_set():
+            request_stop()
+            if self.notice is not None:
+                self.notice(signal.Signals(signum).name)
+            return
+        previous = self.previous.get(signum)
+        if callable(previous) and previous is not self.handler:
+            previous(signum, frame)
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> None:
+        if not self.enabled or threading.current_thread() is not threading.main_thread():
+            return
+        if self.depth == 0:
+            self.previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+            for s in self.previous:
+                signal.signal(s, self.handler)
+        self.depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.enabled or threading.current_thread() is not threading.main_thread() or self.depth == 0:
+            return
+        self.depth -= 1
+        if self.depth == 0:
+            for s, previous in self.previous.items():
+                signal.signal(s, previous)
+
+
+_SIGNALS = _GracefulSignals()
+
+
+def enable_graceful_stop(notice: Callable[[str], None] | None = None) -> Callable[[int, Any], None]:
+    """Make Ctrl-C and SIGTERM stop this process's batches gracefully (the CLI's `run` does); `notice`
+    is told the signal's name on the first one. Returns the handler, for the time between runs."""
+    _SIGNALS.enabled, _SIGNALS.notice = True, notice
+    return _SIGNALS.handler
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
+def clear_stop() -> None:
+    _STOP.clear()
+
+
+class RunInterrupted(RuntimeError):
+    """The process was asked to stop (Ctrl-C, SIGTERM): what arrived is cached, the rest was not called."""
 
 
 class BatchAbortedError(RuntimeError):
@@ -247,37 +329,122 @@ NO_ANSWER_KINDS = frozenset({"connection", "timeout"})
 
 
 class _Breaker:
-    """A member's circuit breaker. It opens when the provider looks down: `after` attempts in a row
-    got no answer at all (refused or reset connections, timeouts), or every attempt failed for
-    `window_s` seconds. Once open, calls not yet made fail at once with the cause."""
+    """A member's circuit breaker: it tells a provider that is down from one that is briefly away.
 
-    def __init__(self, after: int, window_s: float) -> None:
+    It trips when `after` attempts in a row got no answer at all (refused or reset connections,
+    timeouts). Then:
+    - a provider that has not answered once in this batch is down: it fails at once, and calls not
+      yet made fail with the cause (a dead endpoint costs seconds, not a retry window per call);
+    - one that was answering is in an outage: the breaker is open, calls wait without spending
+      attempts, and one probe at a time tries the provider, with backoff between probes (from
+      `probe_base_s`, doubling, at most `probe_cap_s`). Any answer closes it and the waiting calls go
+      on; `window_s` seconds after the provider stopped answering with still no answer, it fails.
+    It also fails when every attempt failed (answers such as 503s included) for `window_s` seconds.
+    """
+
+    def __init__(self, after: int, window_s: float, probe_base_s: float = 1.0, probe_cap_s: float = 5.0) -> None:
         self.after = after
         self.window_s = window_s
+        self.probe_base_s = probe_base_s
+        self.probe_cap_s = probe_cap_s
         self.in_a_row = 0
         self.failing_since: float | None = None
-        self.message: str | None = None
+        self.answered = False  # the provider answered at least once in this batch
+        self.open_since: float | None = None  # open: when the provider stopped answering
+        self.probing = False
+        self.probes = 0  # probes sent in the current outage
+        self.next_probe_at = 0.0
+        self.outages: list[float] = []  # how long each outage ridden out lasted, in seconds
+        self.probes_sent = 0
+        self.message: str | None = None  # set when it failed for good
         self.kind: str | None = None
-        self.opened = asyncio.Event()
+        self.opened = asyncio.Event()  # set while open or failed: a retry's backoff sleep ends at once
+        self._wake = asyncio.Event()
+
+    @property
+    def is_open(self) -> bool:
+        return self.open_since is not None and self.message is None
+
+    def _notify(self) -> None:
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    async def admit(self) -> bool:
+        """Wait while the breaker is open; True when this attempt is the one probe. Returns at once
+        when it is closed or has failed (the caller reads `message`)."""
+        while self.is_open:
+            now = time.monotonic()
+            if not self.probing and now >= self.next_probe_at:
+                self.probing = True
+                self.probes += 1
+                self.probes_sent += 1
+                return True
+            if _STOP.is_set():
+                return False
+            wake = self._wake
+            wait = _NAP_S if self.probing else min(_NAP_S, max(0.0, self.next_probe_at - now))
+            try:
+                await asyncio.wait_for(wake.wait(), wait)
+            except TimeoutError:
+                pass
+        return False
 
     def success(self) -> None:
         self.in_a_row = 0
         self.failing_since = None
+        self._close()
 
-    def failure(self, err: ProviderError) -> None:
+    def _close(self) -> None:
+        """The provider answered: close an open breaker and let the waiting calls go."""
+        self.answered = True
+        if self.open_since is not None:
+            self.outages.append(time.monotonic() - self.open_since)
+            self.open_since, self.probing = None, False
+            self.opened.clear()
+            self._notify()
+
+    def failure(self, err: ProviderError, probe: bool = False) -> None:
         now = time.monotonic()
+        self.probing = self.probing and not probe
         self.failing_since = self.failing_since if self.failing_since is not None else now
-        self.in_a_row = self.in_a_row + 1 if err.kind in NO_ANSWER_KINDS else 0
+        no_answer = err.kind in NO_ANSWER_KINDS
+        self.in_a_row = self.in_a_row + 1 if no_answer else 0
         if self.message is not None:
             return
-        if self.in_a_row >= self.after:
-            why = f"{self.in_a_row} attempts in a row got no answer (threshold {self.after} in a row)"
+        if self.open_since is not None:
+            self._in_outage(err, now, no_answer, probe)
+        elif self.in_a_row >= self.after and not self.answered:
+            self._fail(f"{self.in_a_row} attempts in a row got no answer (threshold {self.after} in a row)", err)
+        elif self.in_a_row >= self.after:
+            self.open_since, self.probes = self.failing_since, 0
+            self._schedule_probe(now)
+            self.opened.set()
+            self._notify()
         elif self.window_s > 0 and now - self.failing_since >= self.window_s and err.retryable:
-            why = f"every attempt failed for {now - self.failing_since:.1f}s (retry_window_s {self.window_s:g})"
-        else:
+            self._fail(f"every attempt failed for {now - self.failing_since:.1f}s "
+                       f"(retry_window_s {self.window_s:g})", err)
+
+    def _in_outage(self, err: ProviderError, now: float, no_answer: bool, probe: bool) -> None:
+        assert self.open_since is not None
+        if not no_answer:  # an answer, if an error: the provider is back; the calls' own retries go on
+            self._close()
             return
+        if now - self.open_since >= self.window_s:
+            self._fail(f"no answer for {now - self.open_since:.1f}s after the provider stopped answering "
+                       f"({self.probes} probes; retry_window_s {self.window_s:g})", err)
+        elif probe:
+            self._schedule_probe(now)
+            self._notify()
+
+    def _schedule_probe(self, now: float) -> None:
+        assert self.open_since is not None
+        delay = min(self.probe_cap_s, self.probe_base_s * 2 ** self.probes)
+        self.next_probe_at = min(now + delay, self.open_since + self.window_s)  # the last probe ends the window
+
+    def _fail(self, why: str, err: ProviderError) -> None:
         self.message, self.kind = f"circuit breaker open: {why}; cause: {err}", err.kind
         self.opened.set()
+        self._notify()
 
 
 class _Sender:
@@ -305,7 +472,7 @@ class _Sender:
         self.report = report
         self.rng = random.Random(seed)
         self.limits = CallLimits.for_policy(policy)
-        self.breaker = _Breaker(policy.breaker_after, policy.retry_window_s)
+        self.breaker = _Breaker(policy.breaker_after, policy.retry_window_s, policy.retry.base_s, policy.probe_cap_s)
         self.lease = _Lease(cache) if cache is not None and cache.writes else None
         self.results: dict[str, Completion] = {}
         self.written = 0  # answers handed to the cache
@@ -355,6 +522,9 @@ class _Sender:
     async def _worker(self) -> None:
         while (item := await self.queue.get()) is not None:
             key, request = item
+            if _STOP.is_set() or (self.cache is not None and self.cache.write_failed):
+                self._settle(None, None)  # not started: interrupted, or no answer could be kept (run_calls says so)
+                continue
             held = await self.budget.reserve(request) if self.budget is not None else 0.0
             if held is None:
                 self._settle(None, None)  # it would pass the run's budget: not started (run_calls says so)
@@ -410,23 +580,33 @@ class _Sender:
 
     async def _with_retries(self, key: str, request: CallRequest) -> Completion:
         """One request, retried within the policy. Returns a Completion (ok or failed); raises
-        FatalProviderError and whatever a broken backend raises."""
+        FatalProviderError and whatever a broken backend raises. While the breaker is open the call
+        waits; that time, and the attempts it makes as the breaker's probe or that fail while it is
+        open, do not count against its retries or its retry window."""
         estimate = estimate_tokens(request)
-        started = time.monotonic()
-        attempts = 0
+        begun = started = time.monotonic()  # `started` moves on by the time spent waiting on the breaker
+        attempts = counted = 0
         while True:
+            waiting = time.monotonic()
+            probe = await self.breaker.admit()
+            started += time.monotonic() - waiting
             if self.breaker.message is not None:
-                return self._failed(key, attempts, started, self.breaker.message, self.breaker.kind)
+                return self._failed(key, attempts, begun, self.breaker.message, self.breaker.kind)
+            if _STOP.is_set():
+                return self._failed(key, attempts, begun, "not sent: the run was interrupted", "other")
             attempts += 1
             try:
                 done = await self._attempt(request, estimate)
             except FatalProviderError:
                 raise
             except ProviderError as err:
-                self.breaker.failure(err)
-                if self._gives_up(err, attempts, started):
-                    return self._failed(key, attempts, started, str(err), err.kind)
-                await self._back_off(err, attempts, started)
+                self.breaker.failure(err, probe)
+                if self.breaker.is_open and err.retryable:
+                    continue  # wait for the provider to come back
+                counted += not probe
+                if self._gives_up(err, counted, started):
+                    return self._failed(key, attempts, begun, str(err), err.kind)
+                await self._back_off(err, counted, started)
                 continue
             self.breaker.success()
             done.attempts, done.call_id, done.cached = attempts, key, False
@@ -472,10 +652,13 @@ class _Sender:
         delay = retry.delay(attempts, err.retry_after, self.rng)
         if attempts > self.policy.max_retries:
             delay = min(delay, max(0.0, started + self.policy.retry_window_s - time.monotonic()))
-        try:
-            await asyncio.wait_for(self.breaker.opened.wait(), delay)
-        except TimeoutError:
-            pass
+        until = time.monotonic() + delay
+        while (left := until - time.monotonic()) > 0 and not _STOP.is_set():
+            try:
+                await asyncio.wait_for(self.breaker.opened.wait(), min(left, _NAP_S))
+                return
+            except TimeoutError:
+                pass
 
 
 def _raised(done: set[asyncio.Task[None]]) -> list[BaseException]:
@@ -526,6 +709,10 @@ def _stop_error(failures: list[BaseException], sender: _Sender, todo: int, compl
     if fatal is None:
         # A backend bug or an error it failed to classify: stop, but keep what is cached.
         bug = next((e for e in failures if not isinstance(e, BatchStopped)), failures[0])
+        if isinstance(bug, CacheError):  # the cache's lease failed (a PostgreSQL server gone): name the cache
+            error = CacheError(f"{label}: {who}: {bug}; {_resume_note(completed, cache_writes)}")
+            error.__cause__ = bug
+            return error
         error: Exception = RuntimeError(
             f"{label}: {who}: the backend raised {type(bug).__name__} instead of a ProviderError: {bug}; "
             f"{_resume_note(completed, cache_writes)}"
@@ -561,7 +748,7 @@ async def _send(sender: _Sender, todo: list[tuple[str, CallRequest]], hits: int,
         await sender.backend.release()
     if cache_error is not None:
         if not failures:
-            raise cache_error
+            raise await _cache_failed(cache_error, sender, todo, label)
         sender.written = 0  # the message below must not promise cached calls that were not written
     if failures:
         fresh_ok = sum(1 for c in sender.results.values() if c.ok)
@@ -571,6 +758,61 @@ async def _send(sender: _Sender, todo: list[tuple[str, CallRequest]], hits: int,
         completed = (hits + max(sender.written, stored)) if cache_writes else hits + fresh_ok
         raise _stop_error(failures, sender, len(todo), completed, cache_writes, label)
     return sender.results
+
+
+async def _cache_failed(error: CacheError, sender: _Sender, todo: list[tuple[str, CallRequest]],
+                        label: str) -> CacheError:
+    """The error of a batch whose response cache could not be written: which cache, why, and what is safe."""
+    assert sender.cache is not None
+    arrived = sum(1 for c in sender.results.values() if c.ok)
+    try:
+        stored: int | None = len(await sender.cache.aget_many(k for k, _ in todo))
+    except CacheError:
+        stored = None  # the database is gone: what it holds cannot be counted now
+    held = (f"{stored} of this batch's answers are stored and will not be requested again" if stored is not None
+            else "the cache cannot say now how many of this batch's answers it holds")
+    b = sender.backend
+    failed = CacheError(
+        f"{label}: member {b.member!r} (provider {b.provider}, model {b.model}): {error}. No call was started "
+        f"after the cache failed: {arrived} answers arrived and {len(todo) - len(sender.results)} calls were not "
+        f"made; {held}. Fix the cache (disk space, file permissions, the database server), then re-run the shard."
+    )
+    failed.__cause__ = error
+    return failed
+
+
+def _interrupted(label: str, sender: _Sender, total: int, hits: int, cache_writes: bool) -> RunInterrupted:
+    arrived = sum(1 for c in sender.results.values() if c.ok)
+    return RunInterrupted(
+        f"{label}: interrupted (Ctrl-C or SIGTERM) after {arrived} answers arrived; {hits} came from the cache and "
+        f"{total - hits - arrived} were not completed. {_resume_note(hits + arrived, cache_writes)[0].upper()}"
+        f"{_resume_note(hits + arrived, cache_writes)[1:]}: run the shard again to pay only for what is missing."
+    )
+
+
+def _form_key(backend: ChatBackend) -> str:
+    return f"structured_form {backend.provider} {safe_url(backend.base_url) or ''} {backend.model}"
+
+
+async def _recall_form(backend: ChatBackend, cache: ResponseCache | None,
+                       todo: list[tuple[str, CallRequest]]) -> str | None:
+    """The structured-output form an earlier run learned for this server and model, handed to the
+    backend so this run does not start with a probe its server refuses."""
+    if cache is None or not cache.writes or not any(r.json_schema is not None for _, r in todo):
+        return None
+    form = await asyncio.to_thread(cache.remembered, _form_key(backend))
+    if form is not None:
+        backend.assume_form(form)
+    return form
+
+
+async def _remember_form(backend: ChatBackend, cache: ResponseCache | None, remembered: str | None) -> None:
+    learned = backend.learned_form()
+    if cache is not None and learned is not None and learned != remembered:
+        try:
+            await asyncio.to_thread(cache.remember, _form_key(backend), learned)
+        except CacheError:
+            pass  # a fact to save a probe next time, never worth failing a batch whose answers are in
 
 
 def _start_line(label: str, backend: ChatBackend, policy: CallPolicy, total: int, hits: int, todo: int) -> str:
@@ -624,12 +866,22 @@ async def run_calls(
     report = _Progress(progress, label, len(keys), len(keys) - len(todo), progress_every_s)
     results = dict(hits)
     sender: _Sender | None = None
+    if todo and _STOP.is_set():
+        raise RunInterrupted(f"{label}: interrupted (Ctrl-C or SIGTERM) before its {len(todo)} calls were made; "
+                             f"{len(hits)} came from the cache. Run the shard again to pay only for what is missing.")
     if todo:
         if progress:
             progress(_start_line(label, backend, policy, len(keys), len(hits), len(todo)))
         sender = _Sender(backend, policy, cache, report, seed)
         sender.budget = budget
-        results.update(await _send(sender, todo, len(hits), label))
+        remembered = await _recall_form(backend, cache, todo)
+        try:
+            with _SIGNALS:
+                results.update(await _send(sender, todo, len(hits), label))
+        finally:
+            await _remember_form(backend, cache, remembered)
+        if _STOP.is_set():
+            raise _interrupted(label, sender, len(keys), len(hits), cache is not None and cache.writes)
         if budget is not None and budget.refused:
             raise budget.exceeded(label, len(hits) + sender.written, cache is not None and cache.writes)
     batch = CallBatch(_in_request_order(keys, first_index, results), member=backend.member,
@@ -640,6 +892,8 @@ async def run_calls(
     if sender is not None:
         batch.breaker = sender.breaker.message
         batch.stats.rate_limited = sender.limits.rate_limited
+        batch.stats.outages = [round(x, 1) for x in sender.breaker.outages]
+        batch.stats.probes = sender.breaker.probes_sent
         batch.stats.concurrency = round(sender.limits.concurrency, 1) if batch.stats.calls else 0.0
     batch.stats.elapsed_s = time.monotonic() - start
     if progress:
