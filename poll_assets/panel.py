@@ -168,6 +168,10 @@ class Binarization(_Strict):
     strategy: Strategy = "best_vs_worst"
     min_margin: float = Field(default=0.0, ge=0.0)  # pairs below this margin are dropped, for every strategy
     seed: int = 0
+    # Contested pairs (poll_assets/confidence.py): left out when the share of judges preferring chosen,
+    # or the lower bound of the 95 % interval on the margin, is below these. None: keep every pair.
+    min_judge_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_margin_low: float | None = Field(default=None, ge=-4.0, le=4.0)  # ratings are 1-5: margins within +-4
 
 
 class Thresholds(_Strict):
