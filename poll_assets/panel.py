@@ -77,6 +77,8 @@ class Member(_Strict):
     n_ctx: int = Field(default=4096, ge=256)  # in-process providers (local) only
     pool: str | None = None  # Dagster pool; defaults to the provider's name
     batch: BatchSettings = Field(default_factory=BatchSettings)  # the provider's batch API instead of online calls
+    # provider `dataset` only: the prompt source's column holding this generator's answers (no call is made)
+    source_column: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -102,6 +104,9 @@ class Member(_Strict):
         refusal = self.batch.refusal(self.name, self.provider)
         if refusal:
             raise ValueError(refusal)
+        if (self.provider == "dataset") != (self.source_column is not None):
+            raise ValueError("provider 'dataset' takes its answers from `source_column` (a column of the prompt "
+                             "source), and only it does: give both or neither")
         return self
 
     @property
@@ -115,6 +120,8 @@ class Member(_Strict):
     def fingerprint(self, *extra: str) -> str:
         """Short hash of everything that changes this member's output (its code_version)."""
         relevant = self.model_dump(include={"provider", "model", "system_prompt", "params", "base_url", "model_path"})
+        if self.source_column is not None:  # only when set, so other members' code versions stay as they were
+            relevant["source_column"] = self.source_column
         blob = json.dumps([relevant, *extra], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -280,6 +287,14 @@ class Panel(_Strict):
         if self.cache.resolved_backend != "sqlite":  # the run's spend ledger is a table of that file
             raise ValueError(f"budget: keeps each run's spend in the SQLite cache file; cache.backend "
                              f"{self.cache.resolved_backend!r} cannot hold it yet: use the SQLite cache or drop the budget")
+        return self
+
+    @model_validator(mode="after")
+    def _dataset_members_only_generate(self) -> "Panel":
+        readers = [j.name for j in self.judges if j.provider == "dataset"]
+        if readers:
+            raise ValueError(f"judges {readers}: provider 'dataset' only answers prompts from a column; a judge must "
+                             "be a model")
         return self
 
     @model_validator(mode="after")
