@@ -102,7 +102,7 @@ def margin_interval(votes: Sequence[tuple[int, int]], *, method: str = "mean", k
     draws = np.random.default_rng(_seed(key)).integers(0, len(votes), size=(resamples, len(votes)))
     margins = _pool_rows(pairs[draws, 0], method) - _pool_rows(pairs[draws, 1], method)
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(margins, [tail, 100 - tail])
+    low, high = np.percentile(margins, [tail, 100 - tail], method="inverted_cdf")  # bounds are margins a draw gave
     return round(float(low), 6), round(float(high), 6)
 
 
