@@ -99,7 +99,8 @@ def check_contested(left_out: LeftOut, panel: Panel) -> Finding:
     meta = {"pairs_left_out": cut, **{f"left_out/{reason}": n for reason, n in left_out.pairs.items()}}
     if not cut:
         return Finding(True, f"no contested pair left out ({settings})", meta)
-    reasons = "; ".join(f"{n} {reason}" for reason, n in sorted(left_out.pairs.items()))
+    by_count = sorted(left_out.pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+    reasons = "; ".join(f"{n} {reason}" for reason, n in by_count)
     return Finding(False, f"{cut} contested pair(s) left out ({settings}): {reasons}", meta)
 
 
