@@ -98,9 +98,13 @@ def test_preference_pairs_schema_and_metadata(local_run):
         assert p["chosen_rating"] > p["rejected_rating"]
         assert p["chosen_generator"] in names and p["rejected_generator"] in names
         assert p["chosen_generator"] != p["rejected_generator"]
-        # two judges, each skipping its own family: one or two votes per pair, an interval only with two
-        assert 1 <= p["judges_for"] + p["judges_against"] + p["judges_tied"] <= 2
-        assert (p["margin_low"] == p["margin_low"]) == (p["judges_for"] + p["judges_against"] + p["judges_tied"] == 2)
+        # a judge votes unless it shares a family with one of the two answers' generators (every rating is
+        # readable under the grammar); an interval needs two votes, the share one
+        families = {panel.member(p["chosen_generator"]).family, panel.member(p["rejected_generator"]).family}
+        votes = sum(j.family not in families for j in panel.judges)
+        assert p["judges_for"] + p["judges_against"] + p["judges_tied"] == votes
+        assert (p["margin_low"] == p["margin_low"]) == (votes >= 2)
+        assert (p["judge_agreement"] == p["judge_agreement"]) == (votes >= 1)
         assert [m["role"] for m in p["chosen"]] == ["user", "assistant"] == [m["role"] for m in p["rejected"]]
         assert p["chosen"][0]["content"] == p["prompt"]
         assert p["chosen"][1]["content"] != p["rejected"][1]["content"]
