@@ -77,8 +77,8 @@ class Member(_Strict):
     n_ctx: int = Field(default=4096, ge=256)  # in-process providers (local) only
     pool: str | None = None  # Dagster pool; defaults to the provider's name
     batch: BatchSettings = Field(default_factory=BatchSettings)  # the provider's batch API instead of online calls
-    # provider `dataset` only: the prompt source's column holding this generator's answers (no call is made)
-    source_column: str | None = None
+    source_column: str | None = Field(default=None, description=(
+        "Provider dataset only: the prompt source's column holding this generator's answers; no call is made."))
 
     @field_validator("name")
     @classmethod
@@ -175,10 +175,11 @@ class Binarization(_Strict):
     strategy: Strategy = "best_vs_worst"
     min_margin: float = Field(default=0.0, ge=0.0)  # pairs below this margin are dropped, for every strategy
     seed: int = 0
-    # Contested pairs (poll_assets/confidence.py): left out when the share of judges preferring chosen,
-    # or the lower bound of the 95 % interval on the margin, is below these. None: keep every pair.
-    min_judge_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
-    min_margin_low: float | None = Field(default=None, ge=-4.0, le=4.0)  # ratings are 1-5: margins within +-4
+    # Contested pairs (poll_assets/confidence.py): left out and counted. None: keep every pair.
+    min_judge_agreement: float | None = Field(default=None, ge=0.0, le=1.0, description=(
+        "Pairs whose share of judges rating chosen strictly above rejected is below this are left out and counted."))
+    min_margin_low: float | None = Field(default=None, ge=-4.0, le=4.0, description=(
+        "Pairs whose 95% interval on the margin (bootstrap over judges) starts below this are left out and counted."))
 
 
 class Thresholds(_Strict):
