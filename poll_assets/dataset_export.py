@@ -13,6 +13,9 @@
       "counts": {"prompts": int, "pairs": int, "prompts_without_pair": int, "unrated_verdicts": int, ...},
       "agreement": {"krippendorff_alpha": float | None, "mean_cohen_kappa_quadratic": ..., "pairwise": [...]},
       "calibration": Calibration.to_dict() of poll_assets/calibration.py (only with gold labels),
+      "quality": {"settings": {"min_judge_agreement", "min_margin_low"}, "pairs": int, "mean_judge_agreement": float,
+                  "judge_agreement": {bin: pairs}, "margin_low": {bin: pairs},
+                  "left_out": {"prompts_without_pair": {reason: int}, "contested_pairs": {reason: int}}},
       "verdicts": {<judge>: {"parse_failures_before": int, "parse_failures_after": int,
                              "parse_failure_rate_before": float, "parse_failure_rate_after": float,
                              "by_reason_before": {reason: int}, "by_reason_after": {reason: int},
@@ -100,7 +103,7 @@ def _card_header(info: dict[str, Any], pretty: str, split: str) -> str:
     """The YAML header: the Hub's own fields, plus everything about the build under `poll`."""
     counts = info.get("counts") or {}
     poll_meta = {k: info[k] for k in ("panel", "source", "rubric", "judging", "pooling", "binarization",
-                                      "counts", "agreement", "verdicts") if k in info}
+                                      "counts", "agreement", "quality", "verdicts") if k in info}
     extra = {k: v for k, v in info.items() if k not in poll_meta and k not in ("pretty_name", "license", "description")}
     card_data = DatasetCardData(
         pretty_name=pretty,
@@ -160,6 +163,34 @@ def _counts_and_agreement_sections(info: dict[str, Any]) -> list[str]:
         lines += [f"| {_cell(p.get('judge_a'))} / {_cell(p.get('judge_b'))} | {_fmt(p.get('n_items'))} | "
                   f"{_fmt(p.get('cohen_kappa_quadratic'))} | {_fmt(p.get('kendall_tau'))} |" for p in pairwise]
     return lines
+
+
+def _quality_section(info: dict[str, Any]) -> list[str]:
+    """How far to trust each pair without gold labels: the judges' agreement overall, the spread of the
+    per-pair confidence over the written pairs, and what was left out and why."""
+    quality, agreement = info.get("quality"), info.get("agreement") or {}
+    if not quality:
+        return []
+    settings = quality.get("settings") or {}
+    left_out = quality.get("left_out") or {}
+    table = lambda title, counts: ["", f"| {title} | pairs |", "| --- | --- |",  # noqa: E731
+                                   *[f"| {_cell(k)} | {_fmt(v)} |" for k, v in counts.items()]]
+    reasons = lambda counts: "; ".join(f"{_cell(k)}: {v}" for k, v in counts.items()) or "none"  # noqa: E731
+    return [
+        "", "## Quality", "",
+        f"- Inter-judge agreement: Krippendorff's alpha {_fmt(agreement.get('krippendorff_alpha'))} over every "
+        "rating (see *Judge agreement*); it says the judges agree with each other, not that they are right.",
+        "- Per pair, `judge_agreement` is the share of the judges that rated both answers (after the self-family "
+        "mask) and put chosen strictly above rejected; `margin_low`/`margin_high` bound a 95% bootstrap "
+        "interval over judges on the pooled margin (absent with fewer than 2 judges).",
+        f"- Mean judge agreement over the written pairs: {_fmt(quality.get('mean_judge_agreement'))}.",
+        f"- Minimums: min_judge_agreement {_fmt(settings.get('min_judge_agreement'))}, "
+        f"min_margin_low {_fmt(settings.get('min_margin_low'))} (n/a: not set).",
+        f"- Left out: contested pairs: {reasons(left_out.get('contested_pairs') or {})}; prompts without a pair: "
+        f"{reasons(left_out.get('prompts_without_pair') or {})}.",
+        *table("judges preferring chosen", quality.get("judge_agreement") or {}),
+        *table("margin lower bound", quality.get("margin_low") or {}),
+    ]
 
 
 def _verdicts_section(verdicts: dict[str, dict[str, Any]]) -> list[str]:
@@ -238,6 +269,7 @@ def build_dataset_card(info: dict[str, Any], *, repo_id: str | None = None, spli
         *_panel_section(panel),
         *_judging_section(info, rubric),
         *_counts_and_agreement_sections(info),
+        *_quality_section(info),
         *_verdicts_section(info.get("verdicts") or {}),
         *_calibration_section(info.get("calibration")),
         *_use_and_limits_sections(repo_id, split),

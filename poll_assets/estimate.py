@@ -147,6 +147,11 @@ def estimate_prompts(panel: Panel, prompts: pd.DataFrame, cache: ResponseCache |
     rubric = rubric or get_rubric(panel.judging.aspect)
     out = Estimate(list(partitions))
     for g in panel.generators:
+        if g.source_column is not None:  # answers read from the prompt source: no call, nothing to pay
+            out.members.append(MemberEstimate(g.name, "generator", g.provider, g.model, 0, 0, 0, 0,
+                                              f"no call: answers from source column {g.source_column!r}",
+                                              online_usd=0.0, batch_usd=0.0))
+            continue
         out.members.append(_member_estimate(g, "generator", panel, generator_requests(g, prompts["instruction"]), cache))
     combined, known, total = _likely_generations(panel, prompts, cache)
     note = f"judge prompts built with {known} of {total} generations from the cache, the rest at their expected length"

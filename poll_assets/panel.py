@@ -77,6 +77,8 @@ class Member(_Strict):
     context_tokens: int | None = Field(default=None, ge=256, description="A judge's context window in tokens: a longer judge prompt has its generations cut to fit (marked, and listed in `truncated_texts`) instead of being refused. Default: n_ctx for in-process models, none for remote ones.")
     pool: str | None = Field(default=None, description="The Dagster pool of this member's step; default llm_<provider>.")
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Send the calls through the provider's batch API instead of online (openai, anthropic; openai_compatible on declaration).")
+    source_column: str | None = Field(default=None, description=(
+        "Provider dataset only: the prompt source's column holding this generator's answers; no call is made."))
 
     @field_validator("name")
     @classmethod
@@ -102,6 +104,9 @@ class Member(_Strict):
         refusal = self.batch.refusal(self.name, self.provider)
         if refusal:
             raise ValueError(refusal)
+        if (self.provider == "dataset") != (self.source_column is not None):
+            raise ValueError("provider 'dataset' takes its answers from `source_column` (a column of the prompt "
+                             "source), and only it does: give both or neither")
         return self
 
     @property
@@ -204,6 +209,11 @@ class Binarization(_Strict):
     strategy: Strategy = Field(default="best_vs_worst", description="How pairs are formed: best_vs_worst, best_vs_random or all_pairs.")
     min_margin: float = Field(default=0.0, ge=0.0, description="Pairs whose pooled ratings differ by less are dropped, for every strategy.")
     seed: int = Field(default=0, description="Seed of the random choices (best_vs_random's rejected answer, ties for best or worst).")
+    # Contested pairs (poll_assets/confidence.py): left out and counted. None: keep every pair.
+    min_judge_agreement: float | None = Field(default=None, ge=0.0, le=1.0, description=(
+        "Pairs whose share of judges rating chosen strictly above rejected is below this are left out and counted."))
+    min_margin_low: float | None = Field(default=None, ge=-4.0, le=4.0, description=(
+        "Pairs whose 95% interval on the margin (bootstrap over judges) starts below this are left out and counted."))
 
 
 class Thresholds(_Strict):
@@ -328,6 +338,14 @@ class Panel(_Strict):
         if self.cache.resolved_backend != "sqlite":  # the run's spend ledger is a table of that file
             raise ValueError(f"budget: keeps each run's spend in the SQLite cache file; cache.backend "
                              f"{self.cache.resolved_backend!r} cannot hold it yet: use the SQLite cache or drop the budget")
+        return self
+
+    @model_validator(mode="after")
+    def _dataset_members_only_generate(self) -> "Panel":
+        readers = [j.name for j in self.judges if j.provider == "dataset"]
+        if readers:
+            raise ValueError(f"judges {readers}: provider 'dataset' only answers prompts from a column; a judge must "
+                             "be a model")
         return self
 
     @model_validator(mode="after")

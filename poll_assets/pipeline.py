@@ -38,10 +38,10 @@ def build_assets(
     rubric = rubric or get_rubric(panel.judging.aspect)
     parts = build_partitions_def(panel.source)
     if member_steps:
-        generators = [build_generation_asset(m, panel, parts) for m in panel.generators]
+        generators = [build_generation_asset(m, panel, parts, panel_path.parent) for m in panel.generators]
         judges = [build_ratings_asset(m, panel, parts, rubric) for m in panel.judges]
     else:
-        generators = [build_generation_stage(panel, parts)]
+        generators = [build_generation_stage(panel, parts, base_dir=panel_path.parent)]
         judges = [build_ratings_stage(panel, parts, rubric)]
     assets = [
         build_prompts_asset(panel, panel_path, parts),

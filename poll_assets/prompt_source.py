@@ -134,12 +134,12 @@ def count_local_rows(source: Source, base_dir: Path) -> int | None:
     return None if None in counts else sum(c for c in counts if c is not None)
 
 
-def _load_column(source: Source, base_dir: Path) -> tuple[list[str], list[object] | None, str]:
-    """The source's columns, its instruction column's values (None when it has no such column), and
-    a description of where they came from. `datasets` only for a Hub source or a `.json` file (which
+def _load_column(source: Source, base_dir: Path, column: str | None = None) -> tuple[list[str], list[object] | None, str]:
+    """The source's columns, the values of `column` (default: its instruction column; None when it has
+    no such column), and a description of where they came from. `datasets` only for a Hub source or a `.json` file (which
     may hold one JSON array); other local files are read with pyarrow, which costs a fraction of
     importing `datasets` and preparing its cache."""
-    column = source.instruction_column
+    column = column or source.instruction_column
     if source.repo_id:
         import datasets
 
@@ -197,6 +197,25 @@ def load_instructions(source: Source, base_dir: Path, end: int) -> pd.Series:
     for i, v in enumerate(values):
         _check_instruction(v, f"{where}: row {i}", column)
     return pd.Series(values, dtype=object)
+
+
+def load_source_column(source: Source, base_dir: Path, column: str, rows: list[int]) -> list[str | None]:
+    """The text in `column` of the source at each of `rows` (the prompts' `source_row`): the answers of
+    a `dataset` generator. None where the cell is empty; an unknown column or a row past the end is
+    refused, naming the source and the column."""
+    names, values, where = _load_column(source, base_dir, column)
+    if values is None:
+        raise PromptSourceError(f"{where}: no column {column!r} (a `dataset` generator's source_column); "
+                                f"the source has columns {names}")
+    past = [r for r in rows if r >= len(values)]
+    if past:
+        raise PromptSourceError(f"{where}: column {column!r} has {len(values)} rows; rows {past[:5]} are past its end")
+    out: list[str | None] = []
+    for r in rows:
+        _check_instruction(values[r], f"{where}: row {r}", column)
+        text = values[r]
+        out.append(text if isinstance(text, str) and text.strip() else None)
+    return out
 
 
 @dataclass

@@ -31,7 +31,7 @@ def test_batch_on_a_provider_without_a_batch_api_is_refused_at_load(tmp_path, pr
         load_panel(path)
     msg = str(err.value)
     assert str(path) in msg and "judges[1]" in msg
-    assert f"member 'smol_fair' asks for batch mode, but provider '{provider}' has no batch API" in msg
+    assert f"member 'gemma_judge' asks for batch mode, but provider '{provider}' has no batch API" in msg
     assert "providers with one: openai, anthropic, openai_compatible" in msg
 
 
@@ -74,5 +74,5 @@ def test_batch_mode_with_a_postgres_cache_is_refused_at_load(tmp_path):
         judge.pop("n_ctx", None)
         raw["cache"] = {"backend": "postgres", "url_env": "SOME_PG_URL"}
 
-    with pytest.raises(PanelConfigError, match=r"\['smol_fair'\] run in batch mode.*SQLite cache"):
+    with pytest.raises(PanelConfigError, match=r"\['gemma_judge'\] run in batch mode.*SQLite cache"):
         load_panel(local_panel_file(tmp_path, mutate))

@@ -172,15 +172,15 @@ def test_pairs_check_fails_when_chosen_not_higher_or_identical():
     assert not finding.passed and "chosen is the same answer as rejected: row 0" in finding.description
 
 
-def test_checks_are_blocking_except_agreement(tmp_path):
+def test_checks_are_blocking_except_agreement_and_contested_pairs(tmp_path):
     panel, path = write_panel(tmp_path)
     defs = build_definitions(panel, path, storage_dir=str(tmp_path / "s"), cache_path=str(tmp_path / "c.sqlite"))
     graph = defs.resolve_asset_graph()
     specs = {(k.asset_key.to_user_string(), k.name): graph.get_check_spec(k) for k in graph.asset_check_keys}
     # prompts; per generator and per judge two checks of its stage and pending_rows; pooled; pairs.
-    assert len(specs) == 1 + 3 * len(panel.generators) + 3 * len(panel.judges) + 2 + 1
+    assert len(specs) == 1 + 3 * len(panel.generators) + 3 * len(panel.judges) + 2 + 2
     non_blocking = {key for key, spec in specs.items() if not spec.blocking}
-    assert non_blocking == {("pooled_ratings", "judge_agreement")}
+    assert non_blocking == {("pooled_ratings", "judge_agreement"), ("preference_pairs", "contested_pairs")}
     # Partitioned like their asset, so each evaluation is recorded against its shard.
     assert all(spec.partitions_def == graph.get(spec.asset_key).partitions_def for spec in specs.values())
 
@@ -208,7 +208,7 @@ def _owned_checks(panel, key: dg.AssetKey) -> list[c.StageCheck]:
         prompts_module.PROMPTS_KEY: list(prompts_module.PROMPT_CHECKS),
         generations_module.COMBINED_KEY: generations_module.COMBINED_CHECKS,
         pooling_module.POOLED_KEY: pooling_module.pooled_checks(panel),
-        preferences_module.PAIRS_KEY: list(preferences_module.PAIR_CHECKS),
+        preferences_module.PAIRS_KEY: preferences_module.pair_checks(panel),
         **{generations_module.generation_key(m): generations_module.generation_checks(panel) for m in panel.generators},
         **{judging_module.ratings_key(m): judging_module.rating_checks(panel, get_rubric(panel.judging.aspect))
            for m in panel.judges},
@@ -352,6 +352,9 @@ CASES = [
      "< min_agreement 1.0", False),
     ("preference_pairs", "chosen_beats_rejected", (preferences_module, "preference_rows", _swap_ratings_of_first_pair),
      "chosen_rating not above rejected_rating: row 0", True),
+    # a margin interval can only reach 4 when every judge rates 5 against 1: the shard's pairs are left out
+    ("preference_pairs", "contested_pairs", {"extra": {"binarization": {"min_margin_low": 4.0}}},
+     "contested pair(s) left out (min_judge_agreement=None, min_margin_low=4.0)", False),
 ]
 
 
@@ -425,3 +428,17 @@ def test_pending_rows_are_the_transient_failures_only():
     assert not finding.passed and finding.metadata == {"pending_rows": 2}
     assert finding.description.startswith("2 of 4 rows pending") and "aaaaaaaaaaaa, dddddddddddd" in finding.description
     assert check_pending_rows(frame.iloc[1:3]).passed  # a refusal fails the same way again: not pending
+
+
+def test_contested_check_states_how_many_pairs_were_left_out_and_why(tmp_path):
+    from poll_assets.assets.preferences import LeftOut, check_contested
+    from poll_assets.confidence import LOW_AGREEMENT, NO_INTERVAL
+
+    panel, _ = write_panel(tmp_path, extra={"binarization": {"min_judge_agreement": 0.75, "min_margin_low": 0.0}})
+    assert check_contested(LeftOut(prompts={"tie": 2}), panel).passed  # ties are not contested pairs
+    left_out = LeftOut(pairs={LOW_AGREEMENT: 2, NO_INTERVAL: 1})
+    finding = check_contested(left_out, panel)
+    assert not finding.passed
+    assert finding.description == ("3 contested pair(s) left out (min_judge_agreement=0.75, min_margin_low=0.0): "
+                                   f"2 {LOW_AGREEMENT}; 1 {NO_INTERVAL}")
+    assert finding.metadata["pairs_left_out"] == 3

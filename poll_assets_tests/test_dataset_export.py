@@ -156,3 +156,28 @@ def test_no_token_no_push_and_failures_hide_the_token(tmp_path: Path):
         export_preference_set(_df(), tmp_path / "b", CARD_INFO, repo_id="someone/x", token="hf_SECRET123", api=failing)
     assert "someone/x" in str(err.value) and "401" in str(err.value)
     assert "hf_SECRET123" not in str(err.value) and err.value.__cause__ is None
+
+
+QUALITY = {
+    "settings": {"min_judge_agreement": 0.75, "min_margin_low": None},
+    "pairs": 2,
+    "mean_judge_agreement": 0.875,
+    "judge_agreement": {"every judge": 1, "3/4 or more": 1, "1/2 to 3/4": 0, "under 1/2": 0, "no judge rated both": 0},
+    "margin_low": {"above 0": 1, "0 or below": 1, "no interval (under 2 judges)": 0},
+    "left_out": {"prompts_without_pair": {"tie": 1, "judge agreement below min_judge_agreement": 1},
+                 "contested_pairs": {"judge agreement below min_judge_agreement": 3}},
+}
+
+
+def test_the_cards_quality_section_shows_confidence_and_what_was_left_out():
+    card_text = build_dataset_card({**CARD_INFO, "quality": QUALITY})
+    assert _front_matter(card_text)["poll"]["quality"]["left_out"]["contested_pairs"] == {
+        "judge agreement below min_judge_agreement": 3}
+    quality = card_text.split("## Quality", 1)[1]
+    assert "Krippendorff's alpha 0.410" in quality
+    assert "min_judge_agreement 0.750, min_margin_low n/a" in quality
+    assert "contested pairs: judge agreement below min_judge_agreement: 3" in quality
+    assert "prompts without a pair: tie: 1; judge agreement below min_judge_agreement: 1" in quality
+    assert "| every judge | 1 |" in quality and "| 0 or below | 1 |" in quality
+    assert "Mean judge agreement over the written pairs: 0.875" in quality
+    assert "## Quality" not in build_dataset_card(CARD_INFO)  # no figures, no section

@@ -83,6 +83,9 @@ def test_preference_pairs_column_lineage_points_at_upstream_columns(shard):
     assert deps["chosen_rating"] == deps["rejected_rating"] == {("pooled_ratings", "avg_poll_ratings")}
     assert deps["poll_ratings"] == {(f"ratings/{j.name}", "ratings") for j in panel.judges}
     assert deps["rating_call_ids"] == {(f"ratings/{j.name}", "call_id") for j in panel.judges}
+    assert deps["chosen_generator"] == deps["rejected_generator"] == {("combined_generations", "generators")}
+    for col in ("judge_agreement", "judges_for", "judges_against", "judges_tied", "margin_low", "margin_high"):
+        assert deps[col] == {(f"ratings/{j.name}", "ratings") for j in panel.judges}, col
     pairs = _stored(storage, "preference_pairs")
     assert set(deps) <= set(pairs.columns)
     # and every upstream column named exists in that upstream's stored table

@@ -11,6 +11,7 @@ def local_panel_file(tmp_path: Path, mutate) -> Path:
     """The bundled `local` panel with `mutate` applied, written to tmp_path."""
     raw = yaml.safe_load((PANELS_DIR / "local.yaml").read_text())
     raw["source"]["data_files"] = [str((PANELS_DIR / "../data/sample_prompts.jsonl").resolve())]
+    raw["gold"]["path"] = str((PANELS_DIR / raw["gold"]["path"]).resolve())
     mutate(raw)
     return write_panel_file(tmp_path, raw)
 
@@ -56,7 +57,7 @@ def test_bad_provider_names_file_field_member_and_allowed_values(tmp_path):
         load_panel(path)
     msg = str(err.value)
     assert str(path) in msg
-    assert "judges[1].provider (member 'smol_fair')" in msg
+    assert "judges[1].provider (member 'gemma_judge')" in msg
     for allowed in ("openai", "anthropic", "hf_inference", "openai_compatible", "local"):
         assert allowed in msg
 
@@ -70,8 +71,8 @@ def test_param_a_provider_lacks_is_refused_at_load(tmp_path):
 
 
 def test_duplicate_member_names_refused(tmp_path):
-    path = local_panel_file(tmp_path, lambda raw: raw["judges"][0].update(name="smol_direct"))
-    with pytest.raises(PanelConfigError, match="repeated: \\['smol_direct'\\]"):
+    path = local_panel_file(tmp_path, lambda raw: raw["judges"][0].update(name="smol_answer"))
+    with pytest.raises(PanelConfigError, match="repeated: \\['smol_answer'\\]"):
         load_panel(path)
 
 
@@ -88,3 +89,43 @@ def test_fingerprint_changes_with_params_only_for_that_member():
     assert changed.fingerprint() != a.fingerprint()
     assert b.fingerprint() == load_panel("local")[0].judges[1].fingerprint()
     assert a.fingerprint("rubric-v1") != a.fingerprint("rubric-v2")
+
+
+def test_the_local_panel_has_two_families_and_excludes_self_ratings():
+    panel, _ = load_panel("local")
+    model_families = {m.family for m in panel.members if m.provider == "local"}
+    assert model_families == {"smollm2", "gemma3"}
+    assert {j.family for j in panel.judges} == model_families
+    assert panel.judging.exclude_self_family is True
+    written = [g for g in panel.generators if g.provider == "dataset"]
+    assert [g.source_column for g in written] == ["good_answer", "flawed_answer"]
+
+
+def test_a_dataset_generator_needs_its_column_and_no_other_member_has_one(tmp_path):
+    def written(**fields):
+        return lambda raw: raw["generators"].append({"name": "mine", "provider": "dataset", "model": "m", "family": "f", **fields})
+
+    with pytest.raises(PanelConfigError, match=r"generators\[4\] \(member 'mine'\).*source_column"):
+        load_panel(local_panel_file(tmp_path, written()))
+    with pytest.raises(PanelConfigError, match=r"params \['temperature'\] are not supported by provider 'dataset'"):
+        load_panel(local_panel_file(tmp_path, written(source_column="good_answer", params={"temperature": 0.5})))
+    with pytest.raises(PanelConfigError, match=r"generators\[0\].*give both or neither"):
+        load_panel(local_panel_file(tmp_path, lambda raw: raw["generators"][0].update(source_column="good_answer")))
+    def judge(raw):
+        raw["judges"][0] = {"name": "reader", "provider": "dataset", "model": "m", "family": "f", "source_column": "x"}
+    with pytest.raises(PanelConfigError, match=r"judges \['reader'\]: provider 'dataset' only answers prompts"):
+        load_panel(local_panel_file(tmp_path, judge))
+
+
+def test_a_dataset_generators_fingerprint_names_its_column():
+    panel, _ = load_panel("local")
+    good, flawed = (g for g in panel.generators if g.provider == "dataset")
+    assert good.fingerprint() != flawed.fingerprint()  # same model, another column
+
+
+def test_binarization_minimums_are_validated(tmp_path):
+    with pytest.raises(PanelConfigError, match=r"binarization.min_judge_agreement: Input should be less than or equal to 1"):
+        load_panel(local_panel_file(tmp_path, lambda raw: raw.update(binarization={"min_judge_agreement": 1.5})))
+    panel, _ = load_panel(local_panel_file(tmp_path, lambda raw: raw.update(
+        binarization={"min_judge_agreement": 0.75, "min_margin_low": 0.5})))
+    assert (panel.binarization.min_judge_agreement, panel.binarization.min_margin_low) == (0.75, 0.5)

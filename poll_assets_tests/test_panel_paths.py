@@ -25,7 +25,8 @@ def test_a_copied_panel_names_itself_and_the_relative_path_rule(tmp_path: Path) 
 
 def test_absolute_and_relative_data_files_load(tmp_path: Path) -> None:
     bundled = PANELS_DIR.parent / "data" / "sample_prompts.jsonl"
-    text = (PANELS_DIR / "local.yaml").read_text()
+    gold = PANELS_DIR.parent / "data" / "gold_labels.jsonl"
+    text = (PANELS_DIR / "local.yaml").read_text().replace("../data/gold_labels.jsonl", str(gold))
     absolute = tmp_path / "abs.yaml"
     absolute.write_text(text.replace("../data/sample_prompts.jsonl", str(bundled)))
     assert load_panel(absolute)[0].source.data_files == [str(bundled)]

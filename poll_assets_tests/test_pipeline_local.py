@@ -6,11 +6,15 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from poll_assets.panel import load_panel
+from poll_assets.panel import PANELS_DIR, load_panel
 from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets_tests.instance import make_dagster_home
 
 PARTITION = "shard-00000"
+
+
+def panel_path(panel) -> Path:
+    return PANELS_DIR / f"{panel.name}.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +41,18 @@ def test_every_asset_materializes_into_parquet(local_run):
     assert result.success
     prompts = _read(storage, "prompts")
     assert len(prompts) == 3 and prompts["prompt_id"].is_unique
+    written = pd.read_json(panel_path(panel).parent / panel.source.data_files[0], lines=True)
     for g in panel.generators:
         gen = _read(storage, "generations", g.name)
         assert gen["prompt_id"].tolist() == prompts["prompt_id"].tolist()
         assert gen["error"].isna().all()
         assert all(isinstance(t, str) and t for t in gen["generation"])
-        assert (gen["output_tokens"] > 0).all() and (gen["output_tokens"] <= g.params.max_new_tokens).all()
         assert gen["model_name"].eq(g.model).all()
+        if g.provider == "dataset":  # read from the prompt file: no call, no tokens
+            assert gen["generation"].tolist() == written[g.source_column].tolist()[:3]
+            assert (gen["output_tokens"] == 0).all() and gen["finish_reason"].eq("source").all()
+        else:
+            assert (gen["output_tokens"] > 0).all() and (gen["output_tokens"] <= g.params.max_new_tokens).all()
 
 
 @pytest.mark.slow
@@ -72,7 +81,9 @@ def test_pooled_ratings_are_the_mean_of_the_judges(local_run):
         matrix = [list(r) for r in row["poll_ratings"]]
         assert len(matrix) == len(panel.judges)
         for g, avg in enumerate(row["avg_poll_ratings"]):
-            assert avg == pytest.approx(sum(r[g] for r in matrix) / len(matrix))
+            # self-family exclusion: a judge's rating of its own family's answer is left out
+            kept = [r[g] for r, j in zip(matrix, panel.judges) if j.family != panel.generators[g].family]
+            assert kept and avg == pytest.approx(sum(kept) / len(kept))
 
 
 @pytest.mark.slow
@@ -82,8 +93,18 @@ def test_preference_pairs_schema_and_metadata(local_run):
     pooled = _read(storage, "pooled_ratings")
     for col in ("prompt", "prompt_id", "chosen", "rejected", "chosen_model", "rejected_model", "chosen_rating", "rejected_rating"):
         assert col in pairs.columns
+    names = [g.name for g in panel.generators]
     for _, p in pairs.iterrows():
         assert p["chosen_rating"] > p["rejected_rating"]
+        assert p["chosen_generator"] in names and p["rejected_generator"] in names
+        assert p["chosen_generator"] != p["rejected_generator"]
+        # a judge votes unless it shares a family with one of the two answers' generators (every rating is
+        # readable under the grammar); an interval needs two votes, the share one
+        families = {panel.member(p["chosen_generator"]).family, panel.member(p["rejected_generator"]).family}
+        votes = sum(j.family not in families for j in panel.judges)
+        assert p["judges_for"] + p["judges_against"] + p["judges_tied"] == votes
+        assert pd.notna(p["margin_low"]) == pd.notna(p["margin_high"]) == (votes >= 2)
+        assert pd.notna(p["judge_agreement"]) == (votes >= 1)
         assert [m["role"] for m in p["chosen"]] == ["user", "assistant"] == [m["role"] for m in p["rejected"]]
         assert p["chosen"][0]["content"] == p["prompt"]
         assert p["chosen"][1]["content"] != p["rejected"][1]["content"]
@@ -95,6 +116,8 @@ def test_preference_pairs_schema_and_metadata(local_run):
     assert meta["dagster/row_count"].value == len(pairs)
     assert meta["pairs"].value == len(pairs)
     assert meta["ties_dropped"].value == 3 - pairs["prompt_id"].nunique()
+    assert meta["contested_pairs_left_out"].value == 0  # the local panel sets no minimum
+    assert "chosen > rejected" in meta["preview"].value and "chosen answer" in meta["pairs_table"].value
     assert meta["path"].value.endswith(f"preference_pairs/{PARTITION}.parquet")
 
 

@@ -11,7 +11,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from poll_assets.assets.previews import md_cell, md_table, pairs_preview, verdicts_preview
+from poll_assets.assets.previews import Markdown, md_cell, md_table, pairs_preview, pairs_table, verdicts_preview
 from poll_assets.assets.totals import sum_call_metadata
 from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets_tests.fake_panel import scripted_resources, write_panel
@@ -20,11 +20,19 @@ SHARD = "shard-00000"
 
 
 def table_rows(md: str) -> list[list[str]]:
-    """The body cells of a markdown table, split on unescaped pipes."""
+    """The body cells of a markdown table, split on unescaped pipes, each backslash escape undone."""
     rows = []
     for line in md.splitlines()[2:]:
-        cells = [c.strip().replace("\\|", "|") for c in line.strip().strip("|").replace("\\|", "\0").split("|")]
-        rows.append([c.replace("\0", "|") for c in cells])
+        cells, cell, chars = [], "", iter(line.strip().strip("|"))
+        for ch in chars:
+            if ch == "\\":
+                cell += next(chars, "")
+            elif ch == "|":
+                cells.append(cell.strip())
+                cell = ""
+            else:
+                cell += ch
+        rows.append([*cells, cell.strip()])
     return rows
 
 
@@ -49,25 +57,63 @@ def chat(prompt: str, answer: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
-def test_pairs_preview_shows_prompt_models_ratings_margin_and_shortened_answers():
-    pairs = pd.DataFrame([
+def _pairs(n: int = 7) -> pd.DataFrame:
+    return pd.DataFrame([
         {"prompt_id": f"{i:064x}", "prompt": f"Prompt {i} with | pipe\nand newline", "chosen": chat("p", "good " * 80),
-         "rejected": chat("p", f"bad {i}"), "chosen_model": "model-a", "rejected_model": "model-b",
-         "chosen_rating": 4.5, "rejected_rating": 2.0, "margin": 2.5}
-        for i in range(7)
+         "rejected": chat("p", f"bad {i}"), "chosen_model": "same-model", "rejected_model": "same-model",
+         "chosen_generator": "gen_direct", "rejected_generator": "gen_loose",
+         "chosen_rating": 4.5, "rejected_rating": 2.0, "margin": 2.5, "judge_agreement": 2 / 3,
+         "judges_for": 2, "judges_against": 0, "judges_tied": 1,
+         "margin_low": 1.0 if i else None, "margin_high": 4.0 if i else None}
+        for i in range(n)
     ])
-    md = pairs_preview(pairs, n=5, answer_chars=40)
+
+
+def test_the_in_place_pairs_preview_is_narrow_and_says_who_won_and_how_sure_the_judges_are():
+    md = pairs_preview(_pairs(), n=5)
+    header = md.splitlines()[0]
+    assert header == "| prompt | chosen > rejected | judges for | margin [95% CI] |"
     rows = table_rows(md)
+    assert len(rows) == 5 and all(len(r) == 4 for r in rows)
+    assert rows[0] == ["Prompt 0 with | pipe and newline", "gen_direct > gen_loose", "2 of 3 (1 tied)", "2.50"]
+    assert rows[1][3] == "2.50 [1.00, 4.00]"  # with two or more judges: the interval
+    assert max(len(c) for r in rows for c in r) <= 48  # every cell short: the table fits the UI's width
+    empty = pairs_preview(_pairs().head(0))  # still a table (its header), and a line saying why it is empty
+    assert empty.splitlines()[0] == header and empty.endswith("_no pairs in this shard_")
+
+
+def test_the_full_pairs_table_has_generators_models_confidence_and_cut_answers():
+    md = pairs_table(_pairs(), n=5, answer_chars=40)
+    rows = table_rows(md.split("\n\n")[0])
     assert len(rows) == 5
-    first = rows[0]
-    assert first[0] == f"{0:064x}"[:12]
-    assert first[1] == "Prompt 0 with | pipe and newline"
-    assert first[2:6] == ["model-a", "model-b", "4.5 vs 2", "2.5"]
-    assert len(first[6]) <= 40 and first[6].startswith("good good") and first[6].endswith("…")
-    assert first[7] == "bad 0"
-    empty = pairs_preview(pairs.head(0))  # still a table (its header), and a line saying why it is empty
-    assert empty.splitlines()[0].startswith("| id | prompt | chosen model") and empty.endswith("_no pairs in this shard_")
-    assert len(empty.splitlines()) == 4
+    first = rows[1]
+    assert first[0] == f"{1:064x}"[:12]
+    assert first[2:9] == ["gen_direct", "gen_loose", "same-model", "same-model", "4.5 vs 2", "2.50 [1.00, 4.00]",
+                          "2 of 3 (1 tied)"]
+    assert len(first[9]) <= 40 and first[9].startswith("good good") and first[9].endswith("…")
+    assert first[10] == "bad 1"
+    assert md.endswith("_first 5 of 7 pairs_")
+
+
+def test_model_text_renders_literally_in_markdown():
+    text = "# Title *bold* _it_ `code` <b>x</b> [link](u) a|b ~s~ & \\"
+    cell = md_cell(text, limit=200)
+    # every markup character is escaped; nothing else is touched
+    for ch in "#*_`<>[]|~&":
+        assert f"\\{ch}" in cell
+    assert cell.replace("\\", "") == text.replace("\\", "")
+    assert "\\\\" in cell  # a backslash is escaped too, so it cannot escape what follows
+    # a cut is made before escaping: the limit counts the model's characters, the mark is kept
+    cut = md_cell("*" * 30, limit=10)
+    assert cut == "\\*" * 9 + "…"
+    assert md_cell(Markdown("**total**")) == "**total**"  # markdown on purpose stays markdown
+
+
+def test_every_cut_is_marked():
+    for limit in (1, 2, 5, 17):
+        out = md_cell("abcdefghijklmnopqrstuvwxyz" * 2, limit=limit)
+        assert out.endswith("…") and len(out) <= limit
+    assert not md_cell("short", limit=5).endswith("…")
 
 
 def test_verdicts_preview_keeps_unrated_verdicts_with_their_reason():
@@ -132,6 +178,10 @@ def test_pairs_and_judges_carry_previews_and_the_shard_totals(tmp_path, dagster_
     assert pairs["shard/cost_usd"] == pytest.approx(latest(members[0])["llm/cost_usd"]) and pairs["shard/cost_usd"] > 0
     assert pairs["shard/priced_members"] == "1 of 4" and pairs["shard/members_without_data"] == []
     assert "| **total** |" in pairs["shard/llm_table"]
+    costs = {r[0]: r[-1] for r in table_rows(pairs["shard/llm_table"])}
+    assert costs["generations/gen_1"] == costs["ratings/judge_0"] == "not priced"  # said, not blank
+    assert float(costs["generations/gen_0"]) > 0
+    assert latest(members[1])["llm/cost"] == "not priced" and "llm/cost" not in latest(members[0])
     assert len(table_rows(pairs["preview"])) == pairs["pairs"] > 0
 
     judge = latest(dg.AssetKey(["ratings", "judge_1"]))

@@ -132,8 +132,9 @@ def test_a_conforming_answer_parses_back():
 
 
 @pytest.mark.slow
-def test_bundled_local_judge_with_grammar_yields_one_rating_per_text():
-    """The real SmolLM2 judge, constrained by the schema, produces a verdict for every text."""
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma-3-270m"])
+def test_bundled_local_judge_with_grammar_yields_one_rating_per_text(model):
+    """The real SmolLM2 and Gemma judges, constrained by the schema, produce a verdict for every text."""
     from poll_assets.llm.base import CallRequest, GenerationParams
     from poll_assets.llm.local import LocalLlamaBackend
 
@@ -144,7 +145,7 @@ def test_bundled_local_judge_with_grammar_yields_one_rating_per_text():
         GenerationParams(temperature=0.0, max_new_tokens=800),
         verdict_json_schema(r, len(texts)),
     )
-    done = asyncio.run(LocalLlamaBackend("smollm2-135m", None, 4096).complete(request))
+    done = asyncio.run(LocalLlamaBackend(model, None, 4096).complete(request))
     verdicts = parse_verdicts(done.text, len(texts), r, structured=True)
     assert all(v.rating in r.ratings and v.error is None for v in verdicts), (done.text, verdicts)
 

@@ -159,9 +159,12 @@ def test_materialize_one_partition_from_the_ui(dagster_server: DagsterDevServer,
     assert int(metadata["prompts"]) == 1  # shard_size 1 in the fast panel
     # The shard's LLM totals: 1 prompt x (2 generators + 2 judges) calls, every member accounted for.
     assert int(metadata["shard/calls"]) == 4 and int(metadata["shard/failures"]) == 0, metadata
-    preview = _markdown_table(page, "preview", "chosen model")
+    preview = _markdown_table(page, "preview", "chosen > rejected")  # narrow: who won, judges, margin
     assert len(preview) == rows  # one line per pair (none when the shard's answers tied)
     _shot(page, shots, "04b_preference_pairs_preview")
+    page.keyboard.press("Escape")
+    full = _markdown_table(page, "pairs_table", "chosen generator")  # every column, behind Show Markdown
+    assert len(full) == rows
     page.keyboard.press("Escape")
     _column_descriptions(page, dagster_server, "preference_pairs", {"margin": "chosen_rating - rejected_rating, > 0"})
     _shot(page, shots, "04c_preference_pairs_columns")

@@ -1,7 +1,11 @@
 """Each generator's answers, and all answers side by side in panel order: keys, columns, checks, lineage."""
 
 
+import hashlib
+import json
 from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -18,6 +22,7 @@ from poll_assets.checks import (
 from poll_assets.panel import Member, Panel
 from poll_assets.parquet_values import is_missing, plain, plain_list
 from poll_assets.stage_requests import generator_requests
+from poll_assets.prompt_source import load_source_column
 
 GENERATIONS_PREFIX = "generations"  # generations/<member>
 COMBINED_KEY = dg.AssetKey("combined_generations")
@@ -121,9 +126,52 @@ def combined_column_lineage(panel: Panel) -> dg.TableColumnLineage:
     })
 
 
-async def generate(work: MemberContext, prompts: pd.DataFrame) -> dg.Output[pd.DataFrame]:
-    """One generator's answers to a shard: the body of its asset, shared by the per-member and the stage step."""
+SOURCE_FINISH = "source"  # finish_reason of an answer read from the prompt source, not generated
+
+
+def source_answer_rows(member: Member, prompts: pd.DataFrame, answers: list[str | None]) -> list[dict[str, Any]]:
+    """The rows of a `dataset` generator: its answers as read from the source column, each saying so
+    (no call: no tokens, no latency, not cached; its id names the column and the prompt)."""
+    rows = []
+    for pid, answer in zip(prompts["prompt_id"], answers):
+        call_id = hashlib.sha256(json.dumps(["source_column", member.source_column, pid]).encode()).hexdigest()
+        rows.append({
+            "prompt_id": pid, "generation": answer, "model_name": member.model, "generator": member.name,
+            "finish_reason": SOURCE_FINISH, "input_tokens": 0, "output_tokens": 0, "latency_s": 0.0,
+            "served_model": f"source column {member.source_column!r}", "request_id": None, "call_id": call_id,
+            "cached": False, "error": None if answer is not None else f"no answer in source column {member.source_column!r}",
+            "error_kind": None if answer is not None else "bad_request",  # an empty cell stays empty on a re-run
+        })
+    return rows
+
+
+def read_source_answers(work: MemberContext, prompts: pd.DataFrame, base_dir: Path | None) -> dg.Output[pd.DataFrame]:
+    """A `dataset` generator's shard: answers from its column of the prompt source, no call made."""
+    member = work.member
+    if base_dir is None:
+        raise dg.Failure(description=f"{work.label}: a `dataset` generator needs the panel file's folder to find "
+                                     "the prompt source (build the stage with base_dir)")
+    answers = load_source_column(work.panel.source, base_dir, str(member.source_column),
+                                 [int(r) for r in prompts["source_row"]])
+    df = GENERATION_COLUMNS.frame(source_answer_rows(member, prompts, answers))
+    missing = int(df["error"].notna().sum())
+    work.log(f"{work.label}: {len(df) - missing} answers read from source column {member.source_column!r}, no call made")
+    return dg.Output(df, metadata={
+        **GENERATION_COLUMNS.output_metadata(df),
+        "llm/calls": 0,
+        "llm/source_column": str(member.source_column),
+        "llm/cost": dg.MetadataValue.text("no call: answers read from the prompt source"),
+        "failure_rate": dg.MetadataValue.float(missing / len(df) if len(df) else 0.0),
+        PENDING_CHECK: 0,
+    })
+
+
+async def generate(work: MemberContext, prompts: pd.DataFrame, base_dir: Path | None = None) -> dg.Output[pd.DataFrame]:
+    """One generator's answers to a shard: the body of its asset, shared by the per-member and the stage step.
+    A `dataset` generator reads them from its source column instead (`base_dir`: the panel file's folder)."""
     member, panel = work.member, work.panel
+    if member.source_column is not None:
+        return read_source_answers(work, prompts, base_dir)
     requests = generator_requests(member, prompts["instruction"])
     batch = await work.run_calls(requests)
     rows = [
@@ -164,9 +212,11 @@ def _description(member: Member) -> str:
     return f"Answers from generator `{member.name}` ({member.provider}: {member.model}), one row per prompt."
 
 
-def build_generation_asset(member: Member, panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+def build_generation_asset(member: Member, panel: Panel, partitions_def: dg.PartitionsDefinition,
+                           base_dir: Path | None = None) -> dg.AssetsDefinition:
     """One step for one generator (used with `member_steps=True`, e.g. to run members as separate processes)."""
-    return build_generation_stage(panel, partitions_def, members=[member], name=f"generations__{member.name}")
+    return build_generation_stage(panel, partitions_def, members=[member], name=f"generations__{member.name}",
+                                  base_dir=base_dir)
 
 
 def build_generation_stage(
@@ -174,6 +224,7 @@ def build_generation_stage(
     partitions_def: dg.PartitionsDefinition,
     members: list[Member] | None = None,
     name: str = "generations",
+    base_dir: Path | None = None,
 ) -> dg.AssetsDefinition:
     """Every generator's asset in ONE step, whose members call their providers at the same time.
 
@@ -185,6 +236,7 @@ def build_generation_stage(
     frame right after its output is stored, and only when that member ran and the check is selected.
     """
     # `members`: a subset, e.g. one member per step (`member_steps=True`); default all of them.
+    # `base_dir`: the panel file's folder, where a `dataset` generator finds the prompt source.
     stage_members = members if members is not None else panel.generators
     stage_checks = generation_checks(panel)
 
@@ -198,8 +250,8 @@ def build_generation_stage(
     )
     def _generations(context: dg.AssetExecutionContext, prompts: Any) -> Iterator[Any]:
         # `prompts`: one shard's frame, or {shard: frame} in a run of several shards
-        yield from run_stage_step(context, panel, stage_members, generation_key, prompts, generate, stage_checks,
-                                  input_name="prompts")
+        yield from run_stage_step(context, panel, stage_members, generation_key, prompts,
+                                  partial(generate, base_dir=base_dir), stage_checks, input_name="prompts")
 
     return _generations
 

@@ -43,6 +43,8 @@ def call_metadata(stats: CallStats, member: Member, panel: Panel) -> dict[str, A
         meta["llm/batches"] = dg.MetadataValue.json(stats.batches)
     if price is not None:
         meta.update(cost_metadata(stats, price))
+    else:  # said, not left blank: a missing cost reads as "free" or as "lost"
+        meta["llm/cost"] = dg.MetadataValue.text("not priced")
     return meta
 
 

@@ -41,6 +41,7 @@ POOLED_COLUMNS = schema(
     ("poll_call_ids", "list<string>", "the call id of each judge's verdict"),
     ("avg_poll_ratings", "list<float>", "the pooled rating of each answer; None below pooling.min_judges"),
     ("n_valid_judges", "list<int>", "how many ratings went into each pooled rating"),
+    ("judge_weights", "list<float>", "pooling.method weighted: each judge's weight for this prompt (given, or fitted on other prompts' gold labels); None otherwise"),
 )
 
 
@@ -158,8 +159,9 @@ def pool_shard(panel: Panel, combined: pd.DataFrame, ratings: Sequence[pd.DataFr
     rows, excluded = [], 0
     for p, (_, row) in enumerate(combined.iterrows()):
         pid, matrix = row["prompt_id"], matrices[p]
+        weights = weights_of(p)
         pooled = pool_ratings(matrix, method=panel.pooling.method, min_judges=panel.pooling.min_judges, exclude=mask,
-                              weights=weights_of(p))
+                              weights=weights)
         excluded += pooled.excluded
         rows.append({
             "prompt_id": pid,
@@ -173,6 +175,7 @@ def pool_shard(panel: Panel, combined: pd.DataFrame, ratings: Sequence[pd.DataFr
             "poll_call_ids": [frame.loc[pid, "call_id"] for frame in by_judge],
             "avg_poll_ratings": pooled.avg,
             "n_valid_judges": pooled.n_valid,
+            "judge_weights": None if weights is None else [float(w) for w in weights],
         })
     return POOLED_COLUMNS.frame(rows), excluded, source
 

@@ -2,6 +2,7 @@
 
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
@@ -10,7 +11,7 @@ import pandas as pd
 from poll_assets.assets.generations import COMBINED_COLUMNS, COMBINED_KEY, GENERATION_COLUMNS, generation_key
 from poll_assets.assets.judging import RATING_COLUMNS, ratings_key
 from poll_assets.assets.pooling import POOLED_COLUMNS, POOLED_KEY
-from poll_assets.assets.previews import chat_answer, pairs_preview
+from poll_assets.assets.previews import chat_answer, pairs_preview, pairs_table
 from poll_assets.assets.prompts import PROMPT_COLUMNS, PROMPTS_KEY
 from poll_assets.assets.schema import column_of, column_of_each, schema
 from poll_assets.assets.shards import shard_events, shard_frames
@@ -18,8 +19,10 @@ from poll_assets.assets.totals import shard_totals
 from poll_assets.binarize import binarize
 from poll_assets.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, problems_finding, short_id
 from poll_assets.code_versions import pairs_version
+from poll_assets.confidence import PairConfidence, confidence_cut, pair_confidence
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import is_missing, plain_list
+from poll_assets.pooled_ratings import self_family_mask
 
 PAIRS_KEY = dg.AssetKey("preference_pairs")
 PAIR_COLUMNS = schema(
@@ -30,9 +33,19 @@ PAIR_COLUMNS = schema(
     ("rejected", "list<struct<role,content>>", "the chat: the prompt, then the other answer"),
     ("chosen_model", "string", "the model that wrote the chosen answer"),
     ("rejected_model", "string", "the model that wrote the rejected answer"),
+    ("chosen_generator", "string", "the panel member (generator) that wrote the chosen answer"),
+    ("rejected_generator", "string", "the panel member (generator) that wrote the rejected answer"),
     ("chosen_rating", "float", "the chosen answer's pooled rating"),
     ("rejected_rating", "float", "the rejected answer's pooled rating"),
     ("margin", "float", "chosen_rating - rejected_rating, > 0"),
+    ("judge_agreement", "float", "share of the judges rating both answers (self-family mask applied) that rate "
+                                 "chosen strictly above rejected; None when no judge rated both"),
+    ("judges_for", "int", "judges rating chosen strictly above rejected"),
+    ("judges_against", "int", "judges rating chosen strictly below rejected"),
+    ("judges_tied", "int", "judges rating both answers the same"),
+    ("margin_low", "float", "lower bound of the 95% bootstrap interval (over judges) on the pooled margin; "
+                            "None with fewer than 2 judges"),
+    ("margin_high", "float", "upper bound of that interval; None with fewer than 2 judges"),
     ("poll_ratings", "list<list<int>>", "judge x generation: every rating of the prompt's answers"),
     ("poll_models", "list<string>", "the judges' models, in panel order"),
     ("avg_poll_ratings", "list<float>", "the pooled rating of every answer of the prompt"),
@@ -59,10 +72,54 @@ def check_pairs(pairs: pd.DataFrame) -> Finding:
                             {"pairs": len(pairs), "not_higher": len(not_higher), "identical": len(same)})
 
 
+@dataclass
+class LeftOut:
+    """What binarization did not write for a shard, by reason: prompts that end without any pair
+    (ties, too few ratings, every pair contested), and pairs the confidence minimums cut."""
+
+    prompts: dict[str, int] = field(default_factory=dict)
+    pairs: dict[str, int] = field(default_factory=dict)
+
+    def add_prompt(self, reason: str) -> None:
+        self.prompts[reason] = self.prompts.get(reason, 0) + 1
+
+    def add_pair(self, reason: str) -> None:
+        self.pairs[reason] = self.pairs.get(reason, 0) + 1
+
+
+LEFT_OUT = "left_out"  # the name under which the step hands its checks what it left out
+
+
+def check_contested(left_out: LeftOut, panel: Panel) -> Finding:
+    """No pair was left out by `min_judge_agreement` / `min_margin_low`; when some were, say how many
+    and why. A warning: the pairs written are sound, but the set is smaller than the shard's prompts
+    suggest, and a shard where most pairs are contested says the panel or rubric needs a look."""
+    cfg = panel.binarization
+    cut = sum(left_out.pairs.values())
+    settings = f"min_judge_agreement={cfg.min_judge_agreement}, min_margin_low={cfg.min_margin_low}"
+    meta = {"pairs_left_out": cut, **{f"left_out/{reason}": n for reason, n in left_out.pairs.items()}}
+    if not cut:
+        return Finding(True, f"no contested pair left out ({settings})", meta)
+    by_count = sorted(left_out.pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+    reasons = "; ".join(f"{n} {reason}" for reason, n in by_count)
+    return Finding(False, f"{cut} contested pair(s) left out ({settings}): {reasons}", meta)
+
+
 PAIR_CHECKS = (
     StageCheck("chosen_beats_rejected", "chosen_rating > rejected_rating and chosen != rejected in every pair.",
                lambda df, _: check_pairs(df)),
 )
+
+
+def pair_checks(panel: Panel) -> list[StageCheck]:
+    """The pairs' checks; the step hands the contested check what it left out."""
+    return [
+        *PAIR_CHECKS,
+        StageCheck("contested_pairs", "Pairs left out by min_judge_agreement / min_margin_low, counted by reason "
+                                      "(warning only).",
+                   lambda df, given: check_contested(given[LEFT_OUT], panel),
+                   severity=dg.AssetCheckSeverity.WARN, needs=(LEFT_OUT,)),
+    ]
 
 
 def pairs_column_lineage(panel: Panel) -> dg.TableColumnLineage:
@@ -73,6 +130,7 @@ def pairs_column_lineage(panel: Panel) -> dg.TableColumnLineage:
     combined = lambda column: [column_of(COMBINED_KEY, COMBINED_COLUMNS, column)]  # noqa: E731
     answer = prompt("instruction") + combined("generations")  # a chat: the prompt, then the answer
     rating = [column_of(POOLED_KEY, POOLED_COLUMNS, "avg_poll_ratings")]
+    votes = column_of_each(judges, RATING_COLUMNS, "ratings")  # the confidence is read from each judge's ratings
     return PAIR_COLUMNS.lineage({
         "prompt": prompt("instruction"),
         "prompt_id": prompt("prompt_id"),
@@ -80,11 +138,15 @@ def pairs_column_lineage(panel: Panel) -> dg.TableColumnLineage:
         "rejected": answer,
         "chosen_model": combined("generation_models"),
         "rejected_model": combined("generation_models"),
+        "chosen_generator": combined("generators"),
+        "rejected_generator": combined("generators"),
         "chosen_rating": rating,
         "rejected_rating": rating,
         "margin": rating,
+        **{c: votes for c in ("judge_agreement", "judges_for", "judges_against", "judges_tied",
+                              "margin_low", "margin_high")},
         "avg_poll_ratings": rating,
-        "poll_ratings": column_of_each(judges, RATING_COLUMNS, "ratings"),
+        "poll_ratings": votes,
         "poll_models": column_of_each(judges, RATING_COLUMNS, "model_name"),
         "chosen_call_id": column_of_each(generators, GENERATION_COLUMNS, "call_id"),
         "rejected_call_id": column_of_each(generators, GENERATION_COLUMNS, "call_id"),
@@ -96,52 +158,93 @@ def chat(prompt: str, answer: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
-def preference_rows(pooled: pd.DataFrame, panel: Panel) -> tuple[list[dict[str, object]], dict[str, int]]:
-    """Pairs for every prompt, and why prompts without a pair were dropped."""
+def _pair_row(r: pd.Series, panel: Panel, chosen: int, rejected: int, margin: float,
+              conf: PairConfidence) -> dict[str, object]:
+    generations, avg = plain_list(r["generations"]), plain_list(r["avg_poll_ratings"])
+    models, call_ids = plain_list(r["generation_models"]), plain_list(r["generation_call_ids"])
+    return {
+        "prompt": r["instruction"],
+        "prompt_id": r["prompt_id"],
+        "chosen": chat(r["instruction"], generations[chosen]),
+        "rejected": chat(r["instruction"], generations[rejected]),
+        "chosen_model": models[chosen],
+        "rejected_model": models[rejected],
+        "chosen_generator": panel.generators[chosen].name,
+        "rejected_generator": panel.generators[rejected].name,
+        "chosen_rating": avg[chosen],
+        "rejected_rating": avg[rejected],
+        "margin": margin,
+        "judge_agreement": conf.judge_agreement,
+        "judges_for": conf.judges_for,
+        "judges_against": conf.judges_against,
+        "judges_tied": conf.judges_tied,
+        "margin_low": conf.margin_low,
+        "margin_high": conf.margin_high,
+        "poll_ratings": [plain_list(x) for x in r["poll_ratings"]],
+        "poll_models": plain_list(r["poll_models"]),
+        "avg_poll_ratings": avg,
+        "chosen_call_id": call_ids[chosen],
+        "rejected_call_id": call_ids[rejected],
+        "rating_call_ids": plain_list(r["poll_call_ids"]),
+    }
+
+
+def preference_rows(pooled: pd.DataFrame, panel: Panel) -> tuple[list[dict[str, object]], LeftOut]:
+    """Pairs for every prompt, each with the panel's confidence in it, and what was left out and why."""
     cfg = panel.binarization
+    mask = (self_family_mask([j.family for j in panel.judges], [g.family for g in panel.generators])
+            if panel.judging.exclude_self_family else None)
     rows: list[dict[str, object]] = []
-    dropped: dict[str, int] = {}
+    left_out = LeftOut()
     for _, r in pooled.iterrows():
         generations = plain_list(r["generations"])
-        avg = plain_list(r["avg_poll_ratings"])
-        result = binarize(
-            avg,
-            strategy=cfg.strategy,
-            min_margin=cfg.min_margin,
-            seed=cfg.seed,
-            key=r["prompt_id"],
-            valid=[isinstance(g, str) for g in generations],
-        )
-        if not result.pairs:
-            dropped[result.reason or "no pair"] = dropped.get(result.reason or "no pair", 0) + 1
-        models = plain_list(r["generation_models"])
-        call_ids = plain_list(r["generation_call_ids"])
+        if len(generations) != len(panel.generators):  # stored under another panel: names would be wrong
+            raise ValueError(f"pooled_ratings row {short_id(r['prompt_id'])} has {len(generations)} generations; "
+                             f"the panel has {len(panel.generators)} generators: re-materialize it")
+        result = binarize(plain_list(r["avg_poll_ratings"]), strategy=cfg.strategy, min_margin=cfg.min_margin,
+                          seed=cfg.seed, key=r["prompt_id"], valid=[isinstance(g, str) for g in generations])
+        ratings = [plain_list(x) for x in r["poll_ratings"]]
+        weights = None if is_missing(r.get("judge_weights")) else [float(w) for w in plain_list(r["judge_weights"])]
+        cuts: list[str] = []
         for chosen, rejected, margin in result.pairs:
-            rows.append(
-                {
-                    "prompt": r["instruction"],
-                    "prompt_id": r["prompt_id"],
-                    "chosen": chat(r["instruction"], generations[chosen]),
-                    "rejected": chat(r["instruction"], generations[rejected]),
-                    "chosen_model": models[chosen],
-                    "rejected_model": models[rejected],
-                    "chosen_rating": avg[chosen],
-                    "rejected_rating": avg[rejected],
-                    "margin": margin,
-                    "poll_ratings": [plain_list(x) for x in r["poll_ratings"]],
-                    "poll_models": plain_list(r["poll_models"]),
-                    "avg_poll_ratings": avg,
-                    "chosen_call_id": call_ids[chosen],
-                    "rejected_call_id": call_ids[rejected],
-                    "rating_call_ids": plain_list(r["poll_call_ids"]),
-                }
-            )
-    return rows, dropped
+            key = f"{r['prompt_id']}|{panel.generators[chosen].name}|{panel.generators[rejected].name}"
+            conf = pair_confidence(ratings, chosen, rejected, exclude=mask, method=panel.pooling.method, key=key,
+                                   weights=weights)
+            cut = confidence_cut(conf, min_judge_agreement=cfg.min_judge_agreement, min_margin_low=cfg.min_margin_low)
+            if cut:
+                left_out.add_pair(cut)
+                cuts.append(cut)
+            else:
+                rows.append(_pair_row(r, panel, chosen, rejected, margin, conf))
+        if not result.pairs or len(cuts) == len(result.pairs):
+            left_out.add_prompt(result.reason or (cuts[0] if cuts else "no pair"))
+    return rows, left_out
+
+
+def confidence_metadata(df: pd.DataFrame, left_out: LeftOut) -> dict[str, Any]:
+    """The shard's per-pair confidence as numbers the UI plots, and what was left out."""
+    agreement = df["judge_agreement"].dropna() if len(df) else pd.Series(dtype=float)
+    low = df["margin_low"].dropna() if len(df) else pd.Series(dtype=float)
+    number = lambda v: dg.MetadataValue.float(float(v)) if v is not None else dg.MetadataValue.null()  # noqa: E731
+    return {
+        "confidence/mean_judge_agreement": number(agreement.mean() if len(agreement) else None),
+        "confidence/unanimous_pairs": int((agreement == 1.0).sum()),
+        "confidence/pairs_without_interval": int(len(df) - len(low)),
+        "confidence/mean_margin_low": number(low.mean() if len(low) else None),
+        "dropped_prompts": dg.MetadataValue.json(left_out.prompts),
+        "ties_dropped": left_out.prompts.get("tie", 0),
+        "contested_pairs_left_out": sum(left_out.pairs.values()),
+        "contested_left_out_by_reason": dg.MetadataValue.json(left_out.pairs),
+    }
 
 
 def build_preferences_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     cfg = panel.binarization
+    checks = pair_checks(panel)
     member_keys = {k.to_user_string(): k for k in [*map(generation_key, panel.generators), *map(ratings_key, panel.judges)]}
+    contested = (f" Pairs below min_judge_agreement={cfg.min_judge_agreement} or min_margin_low={cfg.min_margin_low} "
+                 "are left out and counted." if cfg.min_judge_agreement is not None or cfg.min_margin_low is not None
+                 else "")
 
     @dg.asset(
         key=PAIRS_KEY,
@@ -149,21 +252,23 @@ def build_preferences_asset(panel: Panel, partitions_def: dg.PartitionsDefinitio
         group_name="preferences",
         kinds={"pandas", "parquet"},
         partitions_def=partitions_def,
-        check_specs=asset_check_specs(PAIR_CHECKS, PAIRS_KEY, partitions_def),
+        check_specs=asset_check_specs(checks, PAIRS_KEY, partitions_def),
         metadata=PAIR_COLUMNS.definition_metadata(),
         code_version=pairs_version(cfg),
         description=(
             f"Chosen/rejected pairs ({cfg.strategy}) in distilabel's FormatTextGenerationDPO schema, plus the PoLL "
-            "columns and the ids of the calls behind each pair. Ties are dropped and counted."
+            "columns, each pair's judge agreement and margin interval, and the ids of the calls behind each pair. "
+            f"Ties are dropped and counted.{contested}"
         ),
     )
     def preference_pairs(context: dg.AssetExecutionContext, pooled_ratings: Any) -> Iterator[Any]:
         # `pooled_ratings`: one shard's frame, or {shard: frame} in a run of several shards
         made = {}
         for shard, pooled in shard_frames(context, "pooled_ratings", pooled_ratings).items():
-            rows, dropped = preference_rows(pooled, panel)
+            rows, left_out = preference_rows(pooled, panel)
             df = PAIR_COLUMNS.frame(rows)
-            context.log.info(f"{shard}: {len(df)} preference pairs from {len(pooled)} prompts; dropped: {dropped or 'none'}")
+            context.log.info(f"{shard}: {len(df)} preference pairs from {len(pooled)} prompts; prompts without a "
+                             f"pair: {left_out.prompts or 'none'}; contested pairs left out: {left_out.pairs or 'none'}")
             out = dg.Output(
                 df,
                 metadata={
@@ -171,13 +276,38 @@ def build_preferences_asset(panel: Panel, partitions_def: dg.PartitionsDefinitio
                     "dagster/column_lineage": pairs_column_lineage(panel),
                     "pairs": len(df),
                     "prompts": len(pooled),
-                    "dropped_prompts": dg.MetadataValue.json(dropped),
-                    "ties_dropped": dropped.get("tie", 0),
+                    **confidence_metadata(df, left_out),
                     "preview": dg.MetadataValue.md(pairs_preview(df)),
+                    "pairs_table": dg.MetadataValue.md(pairs_table(df)),
                     **shard_totals(context.instance, member_keys, shard),
                 },
             )
-            made[shard] = (out, evaluate_checks(PAIR_CHECKS, PAIRS_KEY, df, selected=context.selected_asset_check_keys))
+            given = {LEFT_OUT: left_out}
+            made[shard] = (out, evaluate_checks(checks, PAIRS_KEY, df, given, selected=context.selected_asset_check_keys))
         yield from shard_events(context, PAIRS_KEY, made)
 
     return preference_pairs
+
+
+AGREEMENT_BINS = ((1.0, 1.0, "every judge"), (0.75, 1.0, "3/4 or more"), (0.5, 0.75, "1/2 to 3/4"), (0.0, 0.5, "under 1/2"))
+
+
+def pair_quality(panel: Panel, pairs: pd.DataFrame, pooled: pd.DataFrame) -> dict[str, Any]:
+    """The dataset card's view of the pairs' confidence: how the judge agreement and the margin's lower
+    bound are spread over the written pairs, and what binarization left out (recomputed from the
+    stored pooled ratings with the panel's settings, so it covers every stored shard)."""
+    _, left_out = preference_rows(pooled, panel)
+    share = pairs["judge_agreement"] if "judge_agreement" in pairs else pd.Series(dtype=float)
+    low = pairs["margin_low"] if "margin_low" in pairs else pd.Series(dtype=float)
+    spread = {label: int(((share == 1.0) if lo == hi else ((share >= lo) & (share < hi))).sum())
+              for lo, hi, label in AGREEMENT_BINS}
+    cfg = panel.binarization
+    return {
+        "settings": {"min_judge_agreement": cfg.min_judge_agreement, "min_margin_low": cfg.min_margin_low},
+        "pairs": len(pairs),
+        "judge_agreement": {**spread, "no judge rated both": int(share.isna().sum())},
+        "mean_judge_agreement": float(share.mean()) if share.notna().any() else None,
+        "margin_low": {"above 0": int((low > 0).sum()), "0 or below": int((low <= 0).sum()),
+                       "no interval (under 2 judges)": int(low.isna().sum())},
+        "left_out": {"prompts_without_pair": left_out.prompts, "contested_pairs": left_out.pairs},
+    }

@@ -14,7 +14,7 @@ import pandas as pd
 
 from poll_assets.assets.judging import ratings_key, repair_figures
 from poll_assets.assets.pooling import POOLED_KEY, pooled_agreement, pooled_calibration, read_gold
-from poll_assets.assets.preferences import PAIRS_KEY
+from poll_assets.assets.preferences import PAIRS_KEY, pair_quality
 from poll_assets.io_manager import asset_dir, default_dagster_home, read_partition, stored_partitions
 from poll_assets.calibration import calibration_markdown
 from poll_assets.panel import Panel
@@ -88,6 +88,7 @@ def card_info(panel: Panel, rubric: Rubric, pairs: pd.DataFrame, pooled: pd.Data
             "unrated_verdicts": unrated_verdicts(pooled),
         },
         "agreement": pooled_agreement(pooled, [j.name for j in panel.judges], rubric.ratings),
+        "quality": pair_quality(panel, pairs, pooled),
         "verdicts": verdicts or {},
     }
 

