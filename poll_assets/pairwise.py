@@ -27,6 +27,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from poll_assets.bradley_terry import DEFAULT_PRIOR, fit, win_counts
+from poll_assets.bradley_terry import Outcome as BTOutcome
 from poll_assets.llm.base import CACHE_BREAK
 from poll_assets.rubrics.answer_format import is_lookalike, normalize_breaks, split_lines
 
@@ -417,3 +419,69 @@ def position_figures(answers: Iterable[tuple[str, int, int, int, int | str | Non
     return PositionFigures(agree / len(both) if both else None, len(both),
                            first_won / decisive if decisive else None, decisive,
                            ties / read if read else None, read)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling one prompt's comparisons over the judges
+
+
+Answer = tuple[int, int, int, "int | str | None"]  # (a, b, first shown, winner: a generation, 'tie' or None)
+
+
+@dataclass
+class PooledComparisons:
+    """One prompt's comparisons pooled over judges and orders: Bradley–Terry strengths, win counts."""
+
+    strengths: list[float | None]  # None: the generation took part in no read comparison
+    wins: list[float]  # ties as half wins
+    comparisons: list[int]
+    n_judges: list[int]  # judges with at least one read comparison of the generation
+    outcomes: list[BTOutcome]
+    excluded: int = 0  # read comparisons left out by the self-family mask
+
+
+def pool_comparisons(n: int, answers: Sequence[Sequence[Answer]], exclude: Sequence[Sequence[bool]] | None = None,
+                     *, prior: float = DEFAULT_PRIOR) -> PooledComparisons:
+    """answers[j]: judge j's answers on one prompt. exclude[j][g] True leaves out judge j's comparisons
+    that involve generation g (a judge comparing an answer of its own model family)."""
+    outcomes: list[BTOutcome] = []
+    judges_of: list[set[int]] = [set() for _ in range(n)]
+    excluded = 0
+    for j, rows in enumerate(answers):
+        for a, b, _first, won in rows:
+            if won is None:
+                continue
+            if exclude is not None and (exclude[j][a] or exclude[j][b]):
+                excluded += 1
+                continue
+            outcomes.append(BTOutcome(a, b, 0.5 if won == "tie" else 1.0 if won == a else 0.0))
+            judges_of[a].add(j)
+            judges_of[b].add(j)
+    wins, played = win_counts(n, outcomes)
+    return PooledComparisons(fit(n, outcomes, prior=prior), wins, played, [len(s) for s in judges_of], outcomes, excluded)
+
+
+def pair_label(answers: Iterable[Answer], a: int, b: int) -> int:
+    """One judge's (or the pooled judges') outcome on the pair (a, b) from its answers in either order:
+    0 a better, 1 b better, 2 tie (as many wins each way), -1 none read (calibration's codes)."""
+    score, read = 0.0, 0
+    for x, y, _first, won in answers:
+        if {x, y} != {a, b} or won is None:
+            continue
+        read += 1
+        score += 0.0 if won == "tie" else 1.0 if won == a else -1.0
+    return -1 if not read else 0 if score > 0 else 1 if score < 0 else 2
+
+
+TIE_CODE = -1  # a tie in a stored answer's winner slot
+
+
+def encode_answer(answer: Answer) -> list[int | None]:
+    """(a, b, first, winner) as stored in `poll_comparisons`: winner a generation index, -1 tie, None unread."""
+    a, b, first, won = answer
+    return [a, b, first, TIE_CODE if won == "tie" else won]  # type: ignore[list-item]
+
+
+def decode_answer(stored: Sequence[Any]) -> Answer:
+    a, b, first, won = (None if x is None or x != x else int(x) for x in stored)
+    return (a, b, first, "tie" if won == TIE_CODE else won)  # type: ignore[return-value]

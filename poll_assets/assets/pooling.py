@@ -13,6 +13,7 @@ import pandas as pd
 from poll_assets.agreement import agreement_metrics, judge_agreement
 from poll_assets.calibration import Calibration, JurySpec, RunRatings, calibrate, calibration_markdown, calibration_numbers, pooling_weights
 from poll_assets.assets.generations import COMBINED_COLUMNS, COMBINED_KEY, generation_counts
+from poll_assets.assets.comparisons import COMPARISON_COLUMNS, comparison_answers
 from poll_assets.assets.judging import RATING_COLUMNS, ratings_key
 from poll_assets.assets.schema import column_of, column_of_each, schema
 from poll_assets.assets.shards import shard_events, shard_frames
@@ -21,6 +22,7 @@ from poll_assets.checks import (
 )
 from poll_assets.code_versions import pooled_version
 from poll_assets.gold import GoldLabelError, GoldSet, load_gold
+from poll_assets.pairwise import encode_answer, pool_comparisons
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import is_missing, plain_list
 from poll_assets.pooled_ratings import pool_ratings, self_family_mask
@@ -40,7 +42,14 @@ POOLED_COLUMNS = schema(
     ("poll_models", "list<string>", "the judges' models, in panel order"),
     ("poll_call_ids", "list<string>", "the call id of each judge's verdict"),
     ("avg_poll_ratings", "list<float>", "the pooled rating of each answer; None below pooling.min_judges"),
-    ("n_valid_judges", "list<int>", "how many ratings went into each pooled rating"),
+    ("n_valid_judges", "list<int>", "how many ratings went into each pooled rating (pairwise mode: how many "
+     "judges compared each answer)"),
+    ("bt_strengths", "list<float>", "pairwise mode: each answer's Bradley-Terry strength over every judge's "
+     "comparisons, both orders (log odds, mean 0; None where no comparison was read); None in rating mode"),
+    ("win_counts", "list<float>", "pairwise mode: each answer's wins over every judge and order, a tie as half a win"),
+    ("n_comparisons", "list<int>", "pairwise mode: the read comparisons each answer took part in"),
+    ("poll_comparisons", "list<list<list<int>>>", "pairwise mode: judge x comparison: [a, b, shown first, winner] "
+     "(generation indices; winner -1 for a tie, None where unread)"),
 )
 
 
@@ -112,6 +121,13 @@ def pooled_checks(panel: Panel) -> list[StageCheck]:
 def pooled_column_lineage(panel: Panel) -> dg.TableColumnLineage:
     judges = [ratings_key(j) for j in panel.judges]
     combined = lambda column: [column_of(COMBINED_KEY, COMBINED_COLUMNS, column)]  # noqa: E731
+    if panel.judging.mode == "pairwise":
+        compared = column_of_each(judges, COMPARISON_COLUMNS, "preferred")
+        return POOLED_COLUMNS.lineage({
+            **{c: combined(c) for c in ("prompt_id", "instruction", "generations", "generation_models", "generation_call_ids")},
+            "poll_models": column_of_each(judges, COMPARISON_COLUMNS, "model_name"),
+            **{c: compared for c in ("bt_strengths", "win_counts", "n_comparisons", "n_valid_judges", "poll_comparisons")},
+        })
     each_judge = lambda column: column_of_each(judges, RATING_COLUMNS, column)  # noqa: E731
     return POOLED_COLUMNS.lineage({
         **{c: combined(c) for c in ("prompt_id", "instruction", "generations", "generation_models", "generation_call_ids")},
@@ -173,8 +189,39 @@ def pool_shard(panel: Panel, combined: pd.DataFrame, ratings: Sequence[pd.DataFr
             "poll_call_ids": [frame.loc[pid, "call_id"] for frame in by_judge],
             "avg_poll_ratings": pooled.avg,
             "n_valid_judges": pooled.n_valid,
+            "bt_strengths": None, "win_counts": None, "n_comparisons": None, "poll_comparisons": None,
         })
     return POOLED_COLUMNS.frame(rows), excluded, source
+
+
+def pool_comparison_shard(panel: Panel, combined: pd.DataFrame, frames: Sequence[pd.DataFrame]) -> tuple[pd.DataFrame, int]:
+    """Pairwise mode: the pooled frame of a shard from each judge's comparisons (panel order): per
+    prompt, Bradley-Terry strengths and win counts over every judge and both orders; no ratings."""
+    by_judge = [frame.set_index("prompt_id") for frame in frames]
+    mask = jury_spec(panel).exclude
+    rows, excluded = [], 0
+    for _, row in combined.iterrows():
+        pid, n = row["prompt_id"], len(plain_list(row["generations"]))
+        answers = [comparison_answers(frame.loc[[pid]].reset_index()) for frame in by_judge]
+        pooled = pool_comparisons(n, [[x[1:] for x in judge] for judge in answers],
+                                  [list(r) for r in mask] if mask else None)
+        excluded += pooled.excluded
+        rows.append({
+            "prompt_id": pid,
+            "instruction": row["instruction"],
+            "generations": plain_list(row["generations"]),
+            "generation_models": plain_list(row["generation_models"]),
+            "generation_call_ids": plain_list(row["generation_call_ids"]),
+            "poll_ratings": [[None] * n for _ in by_judge],
+            "poll_rationales": [[None] * n for _ in by_judge],
+            "poll_models": [j.model for j in panel.judges],
+            "poll_call_ids": [None for _ in by_judge],
+            "avg_poll_ratings": [None] * n,
+            "n_valid_judges": pooled.n_judges,
+            "bt_strengths": pooled.strengths, "win_counts": pooled.wins, "n_comparisons": pooled.comparisons,
+            "poll_comparisons": [[encode_answer(x[1:]) for x in judge] for judge in answers],
+        })
+    return POOLED_COLUMNS.frame(rows), excluded
 
 
 def pooled_calibration(panel: Panel, pooled: pd.DataFrame, gold: GoldSet, scale: Sequence[int]) -> Calibration:
@@ -269,7 +316,11 @@ def build_pooled_asset(panel: Panel, partitions_def: dg.PartitionsDefinition, ru
         gold = read_gold(panel, gold_location, rubric.ratings)
         made = {}
         for shard, shard_combined in combined.items():
-            df, excluded, weights_source = pool_shard(panel, shard_combined, [judged[j][shard] for j in judge_names], gold)
+            frames = [judged[j][shard] for j in judge_names]
+            if panel.judging.mode == "pairwise":
+                (df, excluded), weights_source = pool_comparison_shard(panel, shard_combined, frames), None
+            else:
+                df, excluded, weights_source = pool_shard(panel, shard_combined, frames, gold)
             agreement = pooled_agreement(df, judge_names, rubric.ratings)
             context.log.info(f"{shard}: pooled {len(df)} prompts; Krippendorff alpha={agreement.get('krippendorff_alpha')}")
             if weights_source and not weights_source.startswith(("given", "fitted")):

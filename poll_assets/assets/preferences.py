@@ -39,6 +39,9 @@ PAIR_COLUMNS = schema(
     ("chosen_call_id", "string", "the call that wrote the chosen answer"),
     ("rejected_call_id", "string", "the call that wrote the rejected answer"),
     ("rating_call_ids", "list<string>", "the judge calls behind the ratings, in panel order"),
+    ("bt_strengths", "list<float>", "pairwise mode: every answer's Bradley-Terry strength, the score pairs are "
+     "formed from (chosen_rating/rejected_rating are then strengths); None in rating mode"),
+    ("win_counts", "list<float>", "pairwise mode: every answer's wins over the judges and both orders (a tie: half)"),
 )
 
 
@@ -89,6 +92,8 @@ def pairs_column_lineage(panel: Panel) -> dg.TableColumnLineage:
         "chosen_call_id": column_of_each(generators, GENERATION_COLUMNS, "call_id"),
         "rejected_call_id": column_of_each(generators, GENERATION_COLUMNS, "call_id"),
         "rating_call_ids": column_of_each(judges, RATING_COLUMNS, "call_id"),
+        "bt_strengths": [column_of(POOLED_KEY, POOLED_COLUMNS, "bt_strengths")],
+        "win_counts": [column_of(POOLED_KEY, POOLED_COLUMNS, "win_counts")],
     })
 
 
@@ -103,7 +108,8 @@ def preference_rows(pooled: pd.DataFrame, panel: Panel) -> tuple[list[dict[str, 
     dropped: dict[str, int] = {}
     for _, r in pooled.iterrows():
         generations = plain_list(r["generations"])
-        avg = plain_list(r["avg_poll_ratings"])
+        strengths = plain_list(r.get("bt_strengths"))  # pairwise mode: pairs come from the strengths
+        avg = strengths if panel.judging.mode == "pairwise" else plain_list(r["avg_poll_ratings"])
         result = binarize(
             avg,
             strategy=cfg.strategy,
@@ -134,6 +140,8 @@ def preference_rows(pooled: pd.DataFrame, panel: Panel) -> tuple[list[dict[str, 
                     "chosen_call_id": call_ids[chosen],
                     "rejected_call_id": call_ids[rejected],
                     "rating_call_ids": plain_list(r["poll_call_ids"]),
+                    "bt_strengths": strengths or None,
+                    "win_counts": plain_list(r.get("win_counts")) or None,
                 }
             )
     return rows, dropped

@@ -1,0 +1,71 @@
+"""Pairwise judging end to end: the paper panel in `judging.mode: pairwise` on the loopback server
+(OpenAI, Anthropic and TGI wire formats), with pairs written from Bradley-Terry strengths, the
+judges' position figures in their metadata, and the leaderboard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+import yaml
+
+from poll_assets.panel import load_panel
+from poll_assets.pipeline import JOB_NAME, build_definitions
+from poll_assets_tests.instance import make_dagster_home
+from poll_assets_tests.test_paper_fake_server import CANARY, KEY_VARS, PARTITION, STRUCTURED_MODE, paper_on_fake, read, tag_of
+
+
+def pairwise_panel(tmp_path: Path, url: str, **pairwise: Any) -> tuple[Path, dict[str, Any]]:
+    path, raw = paper_on_fake(tmp_path, url)
+    raw["judging"] = {"mode": "pairwise", "pairwise": pairwise}
+    path.write_text(yaml.safe_dump(raw))
+    return path, raw
+
+
+def run(tmp_path: Path, path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, ...]:
+    for var in KEY_VARS:
+        monkeypatch.setenv(var, CANARY)
+    home = make_dagster_home(tmp_path / "home")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    storage = tmp_path / "storage"
+    panel, _ = load_panel(path)
+    defs = build_definitions(panel, path, storage_dir=str(storage), cache_path=str(home / "cache.sqlite"))
+    instance = dg.DagsterInstance.local_temp(str(home))
+    result = defs.resolve_job_def(JOB_NAME).execute_in_process(partition_key=PARTITION, instance=instance, raise_on_error=False)
+    return panel, storage, instance, result, defs
+
+
+@pytest.mark.slow
+def test_paper_panel_in_pairwise_mode_over_http(tmp_path, fake_llm, monkeypatch):
+    fake_llm.configure(expected_key=CANARY)
+    path, raw = pairwise_panel(tmp_path, fake_llm.url)
+    panel, storage, instance, result, _ = run(tmp_path, path, monkeypatch)
+    assert result.success
+    n = len(panel.generators)
+    for j in panel.judges:
+        frame = read(storage, "ratings", j.name)
+        assert len(frame) == 3
+        for _, row in frame.iterrows():
+            pairs = list(zip(row["pair_a"], row["pair_b"], row["first_shown"]))
+            assert len(pairs) == n * (n - 1)  # n(n-1)/2 pairs, both orders
+            assert {(a, b) for a, b, _ in pairs} == {(a, b) for a in range(n) for b in range(a + 1, n)}
+            assert all(p in ("a", "b", "tie") for p in row["preferred"])  # schema-constrained: all read
+            assert set(row["output_modes"]) == {STRUCTURED_MODE[j.provider]}
+        meta = instance.get_latest_materialization_event(dg.AssetKey(["ratings", j.name])).asset_materialization.metadata
+        assert meta["position/pairs_both_orders"].value == 3 * n * (n - 1) // 2
+        assert 0.0 <= meta["position/consistency"].value <= 1.0
+    pooled = read(storage, "pooled_ratings")
+    for _, row in pooled.iterrows():
+        assert sum(row["win_counts"]) == pytest.approx(len(panel.judges) * n * (n - 1))  # every answer read
+        assert abs(sum(row["bt_strengths"])) < 1e-6
+    pairs = read(storage, "preference_pairs")
+    assert len(pairs) >= 1
+    for _, row in pairs.iterrows():
+        assert row["chosen_rating"] > row["rejected_rating"]
+        assert list(row["bt_strengths"]) and row["chosen_rating"] in list(row["bt_strengths"])
+    stats = fake_llm.stats()
+    judges = {tag_of(m) for m in raw["judges"]}
+    assert {t: c for t, c in stats["by_tag"].items() if t in judges} == {t: 3 * n * (n - 1) for t in judges}
+    assert stats["max_repeats"] == 1
