@@ -18,9 +18,10 @@ items that were never compared directly, so the strengths are always on one scal
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 DEFAULT_PRIOR = 0.2
 MAX_ITERATIONS = 10_000
@@ -47,42 +48,44 @@ def win_counts(n: int, outcomes: Iterable[Outcome]) -> tuple[list[float], list[i
     return wins, played
 
 
+def wins_matrix(n: int, outcomes: Iterable[Outcome]) -> np.ndarray:
+    """W[i, j]: how often i beat j (a tie adds half to both)."""
+    w = np.zeros((n, n))
+    for o in outcomes:
+        w[o.i, o.j] += o.win
+        w[o.j, o.i] += 1.0 - o.win
+    return w
+
+
 def fit(n: int, outcomes: Iterable[Outcome], *, prior: float = DEFAULT_PRIOR) -> list[float | None]:
     """Strength per item (log scale, mean 0 over the items that took part); None for an item that
     took part in no comparison. Needs prior > 0 (see the module's note)."""
+    return fit_matrix(wins_matrix(n, outcomes), prior=prior)
+
+
+def fit_matrix(wins: np.ndarray, *, prior: float = DEFAULT_PRIOR) -> list[float | None]:
+    """`fit` from a wins matrix (W[i, j]: i's wins over j). Items with no comparison get None."""
     if prior <= 0:
         raise ValueError(f"prior must be > 0 (a virtual tie per pair keeps strengths finite), got {prior}")
-    outcomes = list(outcomes)
-    active = sorted({o.i for o in outcomes} | {o.j for o in outcomes})
-    if not active:
-        return [None] * n
-    slot = {item: k for k, item in enumerate(active)}
+    games = wins + wins.T
+    active = np.flatnonzero(games.sum(axis=1) > 0)
+    out: list[float | None] = [None] * len(wins)
+    if len(active) == 0:
+        return out
     m = len(active)
-    wins = [0.0] * m
-    games = [[0.0] * m for _ in range(m)]
-    for o in outcomes:
-        a, b = slot[o.i], slot[o.j]
-        wins[a] += o.win
-        wins[b] += 1.0 - o.win
-        games[a][b] += 1.0
-        games[b][a] += 1.0
-    for a in range(m):
-        wins[a] += prior / 2 * (m - 1)
-        for b in range(m):
-            if a != b:
-                games[a][b] += prior
-    p = [1.0] * m
+    n_ij = games[np.ix_(active, active)] + prior * (1 - np.eye(m))
+    w = wins[np.ix_(active, active)].sum(axis=1) + prior / 2 * (m - 1)
+    p = np.ones(m)
     for _ in range(MAX_ITERATIONS):
-        new = [wins[a] / sum(games[a][b] / (p[a] + p[b]) for b in range(m) if b != a) if m > 1 else 1.0 for a in range(m)]
-        scale = math.exp(sum(math.log(x) for x in new) / m)
-        new = [x / scale for x in new]
-        change = max(abs(math.log(x) - math.log(y)) for x, y in zip(new, p))
+        denom = (n_ij / (p[:, None] + p[None, :])).sum(axis=1)
+        new = w / denom if m > 1 else np.ones(1)
+        new /= np.exp(np.log(new).mean())
+        change = float(np.max(np.abs(np.log(new) - np.log(p))))
         p = new
         if change < TOLERANCE:
             break
-    out: list[float | None] = [None] * n
-    for item, k in slot.items():
-        out[item] = math.log(p[k])
+    for k, item in enumerate(active):
+        out[int(item)] = float(np.log(p[k]))
     return out
 
 
@@ -114,20 +117,22 @@ def leaderboard(names: Sequence[str], prompts: Sequence[Sequence[Outcome]], *, r
     """Bradley–Terry over every prompt's outcomes (items: the generators), best first, with a
     percentile bootstrap interval over prompts (prompts drawn with replacement, the fit repeated)."""
     n = len(names)
-    flat = [o for outcomes in prompts for o in outcomes]
-    strengths = fit(n, flat, prior=prior)
-    wins, played = win_counts(n, flat)
+    per_prompt = np.stack([wins_matrix(n, outcomes) for outcomes in prompts]) if prompts else np.zeros((0, n, n))
+    total = per_prompt.sum(axis=0)
+    strengths = fit_matrix(total, prior=prior)
+    wins, played = total.sum(axis=1), (total + total.T).sum(axis=1)
     draws: list[list[float]] = [[] for _ in range(n)]
-    rng = random.Random(seed)
-    for _ in range(resamples if prompts else 0):
-        sample = [o for _ in prompts for o in prompts[rng.randrange(len(prompts))]]
-        for g, s in enumerate(fit(n, sample, prior=prior)):
+    rng = np.random.default_rng(seed)
+    for _ in range(resamples if len(prompts) else 0):
+        counts = rng.multinomial(len(prompts), np.full(len(prompts), 1 / len(prompts)))
+        for g, s in enumerate(fit_matrix(np.tensordot(counts, per_prompt, axes=1), prior=prior)):
             if s is not None:
                 draws[g].append(s)
     tail = (1 - level) / 2
     rows = [Standing(names[g], strengths[g],
                      _percentile(draws[g], tail) if draws[g] else None,
-                     _percentile(draws[g], 1 - tail) if draws[g] else None, wins[g], played[g]) for g in range(n)]
+                     _percentile(draws[g], 1 - tail) if draws[g] else None, float(wins[g]), int(round(played[g])))
+            for g in range(n)]
     return sorted(rows, key=lambda r: (r.strength is None, -(r.strength or 0.0), r.name))
 
 
@@ -147,3 +152,27 @@ def leaderboard_markdown(rows: Sequence[Standing], *, level: float = 0.95, promp
         lines.append(f"\nBradley–Terry strengths (log odds, mean 0) over {prompts} prompts; ties count as half wins; "
                      "intervals: percentile bootstrap over prompts.")
     return "\n".join(lines)
+
+
+def leaderboard_svg(rows: Sequence[dict], *, level: float = 0.95) -> str:
+    """The leaderboard as a small SVG: one row per generator, a dot at its strength and a bar over its
+    interval, on a common axis with 0 (the average generator) marked."""
+    shown = [r for r in rows if r.get("strength") is not None]
+    values = [v for r in shown for v in (r["strength"], r.get("low"), r.get("high")) if v is not None] or [0.0]
+    lo, hi = min(min(values), 0.0) - 0.1, max(max(values), 0.0) + 0.1
+    width, left, right, row_h = 560, 150, 20, 26
+    height = 40 + row_h * len(shown)
+    x = lambda v: left + (v - lo) / (hi - lo) * (width - left - right)  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+             f'<text x="{left}" y="14">Bradley–Terry strength (log odds), {level:.0%} bootstrap interval</text>',
+             f'<line x1="{x(0):.1f}" y1="20" x2="{x(0):.1f}" y2="{height - 6}" stroke="#999" stroke-dasharray="3,3"/>']
+    for k, r in enumerate(shown):
+        y = 36 + k * row_h
+        name = str(r["name"]).replace("&", "&amp;").replace("<", "&lt;")
+        parts.append(f'<text x="{left - 8}" y="{y + 4}" text-anchor="end">{name}</text>')
+        if r.get("low") is not None and r.get("high") is not None:
+            parts.append(f'<line x1="{x(r["low"]):.1f}" y1="{y}" x2="{x(r["high"]):.1f}" y2="{y}" stroke="#4a78b5" stroke-width="3"/>')
+        parts.append(f'<circle cx="{x(r["strength"]):.1f}" cy="{y}" r="5" fill="#1f3f6e"/>')
+        parts.append(f'<text x="{width - right}" y="{y + 4}" text-anchor="end">{r["strength"]:+.2f}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)

@@ -13,6 +13,7 @@
       "counts": {"prompts": int, "pairs": int, "prompts_without_pair": int, "unrated_verdicts": int, ...},
       "agreement": {"krippendorff_alpha": float | None, "mean_cohen_kappa_quadratic": ..., "pairwise": [...]},
       "calibration": Calibration.to_dict() of poll_assets/calibration.py (only with gold labels),
+      "pairwise": pairwise.pairwise_summary(...) (judging.mode 'pairwise' only: leaderboard, position figures),
       "verdicts": {<judge>: {"parse_failures_before": int, "parse_failures_after": int,
                              "parse_failure_rate_before": float, "parse_failure_rate_after": float,
                              "by_reason_before": {reason: int}, "by_reason_after": {reason: int},
@@ -198,6 +199,22 @@ def _calibration_section(calibration: dict[str, Any] | None) -> list[str]:
             calibration_markdown(calibration)]
 
 
+def _pairwise_section(pairwise: dict[str, Any] | None) -> list[str]:
+    """Pairwise judging (poll_assets/pairwise.py): the generators' leaderboard and each judge's position figures."""
+    if not pairwise:
+        return []
+    from poll_assets.pairwise import position_markdown
+
+    return ["", "## Pairwise judging: leaderboard and position bias", "",
+            "The judges compared the answers two at a time, each pair in both orders; the pairs above are built "
+            "from each prompt's Bradley-Terry strengths (chosen_rating and rejected_rating hold those strengths).", "",
+            "### Generators", "", pairwise["leaderboard_markdown"], "",
+            "### Judges", "",
+            "Position consistency: the share of pairs asked in both orders whose two answers agree. First-position "
+            "rate: the share of decisive answers that prefer the answer shown first (0.5 is no bias).", "",
+            position_markdown(pairwise["position"])]
+
+
 def _use_and_limits_sections(repo_id: str | None, split: str) -> list[str]:
     return [
         "",
@@ -234,6 +251,7 @@ def build_dataset_card(info: dict[str, Any], *, repo_id: str | None = None, spli
         *_counts_and_agreement_sections(info),
         *_verdicts_section(info.get("verdicts") or {}),
         *_calibration_section(info.get("calibration")),
+        *_pairwise_section(info.get("pairwise")),
         *_use_and_limits_sections(repo_id, split),
     ]
     return "\n".join(lines)

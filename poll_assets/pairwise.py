@@ -24,10 +24,10 @@ import json
 import random
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from poll_assets.bradley_terry import DEFAULT_PRIOR, fit, win_counts
+from poll_assets.bradley_terry import DEFAULT_PRIOR, fit, leaderboard, leaderboard_markdown, win_counts
 from poll_assets.bradley_terry import Outcome as BTOutcome
 from poll_assets.llm.base import CACHE_BREAK
 from poll_assets.rubrics.answer_format import is_lookalike, normalize_breaks, split_lines
@@ -485,3 +485,45 @@ def encode_answer(answer: Answer) -> list[int | None]:
 def decode_answer(stored: Sequence[Any]) -> Answer:
     a, b, first, won = (None if x is None or x != x else int(x) for x in stored)
     return (a, b, first, "tie" if won == TIE_CODE else won)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# Across prompts: the leaderboard and each judge's position figures
+
+
+def stored_answers(cell: Any) -> list[list[Answer]]:
+    """A `poll_comparisons` cell (judge x comparison x [a, b, first, winner]) back as answers per judge."""
+    if cell is None or (isinstance(cell, float) and cell != cell):
+        return []
+    return [[decode_answer(list(x)) for x in judge] for judge in cell]
+
+
+def pairwise_summary(prompt_ids: Sequence[str], cells: Sequence[Any], judges: Sequence[str], generators: Sequence[str],
+                     exclude: Sequence[Sequence[bool]] | None = None, *, resamples: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, Any]:
+    """Over every prompt given: the generators' leaderboard (Bradley–Terry over the prompts pooled,
+    bootstrap over prompts) and each judge's position figures; plain data for metadata and the card."""
+    answers = [stored_answers(c) for c in cells]
+    outcomes = [pool_comparisons(len(generators), a, exclude).outcomes for a in answers]
+    board = leaderboard(generators, outcomes, resamples=resamples, seed=seed, level=level)
+    position = {}
+    for j, name in enumerate(judges):
+        mine = [(pid, *x) for pid, a in zip(prompt_ids, answers) if j < len(a) for x in a[j]]
+        position[name] = asdict(position_figures(mine))  # type: ignore[arg-type]
+    return {"prompts": len(prompt_ids), "resamples": resamples, "level": level,
+            "leaderboard": [{**asdict(r), "win_rate": r.win_rate} for r in board],
+            "leaderboard_markdown": leaderboard_markdown(board, level=level, prompts=len(prompt_ids)),
+            "position": position}
+
+
+def position_markdown(position: dict[str, dict[str, Any]]) -> str:
+    """Each judge's position figures as a markdown table."""
+    def pct(x: Any) -> str:
+        return "–" if x is None else f"{x:.1%}"
+
+    lines = ["| judge | position consistency | pairs asked in both orders | first-position rate | tie rate | read answers |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, f in position.items():
+        lines.append(f"| {name} | {pct(f['consistency'])} | {f['pairs_both_orders']} | {pct(f['first_position_rate'])} | "
+                     f"{pct(f['tie_rate'])} | {f['read_answers']} |")
+    return "\n".join(lines)

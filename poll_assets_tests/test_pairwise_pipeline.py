@@ -11,6 +11,7 @@ import dagster as dg
 import pytest
 import yaml
 
+from poll_assets.cli import main
 from poll_assets.panel import load_panel
 from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets_tests.instance import make_dagster_home
@@ -38,10 +39,10 @@ def run(tmp_path: Path, path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[An
 
 
 @pytest.mark.slow
-def test_paper_panel_in_pairwise_mode_over_http(tmp_path, fake_llm, monkeypatch):
+def test_paper_panel_in_pairwise_mode_over_http(tmp_path, fake_llm, monkeypatch, capsys):
     fake_llm.configure(expected_key=CANARY)
     path, raw = pairwise_panel(tmp_path, fake_llm.url)
-    panel, storage, instance, result, _ = run(tmp_path, path, monkeypatch)
+    panel, storage, instance, result, defs = run(tmp_path, path, monkeypatch)
     assert result.success
     n = len(panel.generators)
     for j in panel.judges:
@@ -65,6 +66,20 @@ def test_paper_panel_in_pairwise_mode_over_http(tmp_path, fake_llm, monkeypatch)
     for _, row in pairs.iterrows():
         assert row["chosen_rating"] > row["rejected_rating"]
         assert list(row["bt_strengths"]) and row["chosen_rating"] in list(row["bt_strengths"])
+    # the leaderboard: per shard in pooled_ratings' metadata (numbers the UI plots), and over every shard
+    pooled_meta = instance.get_latest_materialization_event(dg.AssetKey("pooled_ratings")).asset_materialization.metadata
+    assert pooled_meta["leaderboard"].value.startswith("| rank | generator |")
+    assert {f"leaderboard/{g.name}/strength" for g in panel.generators} <= set(pooled_meta)
+    assert main(["leaderboard", "--panel", str(path), "--storage", str(storage), "--resamples", "100"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 prompts in the stored shards" in printed and all(f"| {g.name} |" in printed for g in panel.generators)
+    published = defs.resolve_job_def("publish_job").execute_in_process(instance=instance)
+    assert published.success
+    (event,) = published.get_asset_materialization_events()
+    meta = event.event_specific_data.materialization.metadata
+    assert "## Pairwise judging: leaderboard and position bias" in meta["card"].value
+    assert "| judge | position consistency |" in meta["position_bias"].value
+    assert Path(meta["leaderboard_plot"].value).read_text().startswith("<svg")
     stats = fake_llm.stats()
     judges = {tag_of(m) for m in raw["judges"]}
     assert {t: c for t, c in stats["by_tag"].items() if t in judges} == {t: 3 * n * (n - 1) for t in judges}

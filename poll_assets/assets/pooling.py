@@ -22,7 +22,8 @@ from poll_assets.checks import (
 )
 from poll_assets.code_versions import pooled_version
 from poll_assets.gold import GoldLabelError, GoldSet, load_gold
-from poll_assets.pairwise import encode_answer, pool_comparisons
+from poll_assets.pairwise import encode_answer, pairwise_summary, pool_comparisons, position_markdown, stored_answers
+from poll_assets.pairwise_calibration import calibrate_pairwise
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import is_missing, plain_list
 from poll_assets.pooled_ratings import pool_ratings, self_family_mask
@@ -230,6 +231,11 @@ def pooled_calibration(panel: Panel, pooled: pd.DataFrame, gold: GoldSet, scale:
     settings = panel.gold
     if settings is None:
         raise ValueError(f"panel {panel.name!r} has no gold labels (gold:)")
+    if panel.judging.mode == "pairwise":
+        return calibrate_pairwise(list(pooled["prompt_id"]), list(pooled["instruction"]),
+                                  [stored_answers(c) for c in pooled["poll_comparisons"]], gold,
+                                  [j.name for j in panel.judges], [g.name for g in panel.generators], jury_spec(panel).exclude,
+                                  resamples=settings.bootstrap_resamples, seed=settings.seed, level=settings.confidence_level)
     return calibrate(run_ratings(pooled, panel), gold, jury_spec(panel), scale, resamples=settings.bootstrap_resamples,
                      seed=settings.seed, level=settings.confidence_level)
 
@@ -246,6 +252,35 @@ def calibration_metadata(panel: Panel, df: pd.DataFrame, gold: GoldSet, scale: S
         "gold/labels_unknown_generator": cal.counts["labels_unknown_generator"],
         **calibration_numbers(cal),
     }
+
+
+def leaderboard_metadata(summary: dict[str, Any]) -> dict[str, Any]:
+    """The leaderboard as UI metadata: the table, and each generator's strength and interval as numbers
+    (the UI plots numeric metadata over materializations)."""
+    meta: dict[str, Any] = {"leaderboard": dg.MetadataValue.md(summary["leaderboard_markdown"]),
+                            "position_bias": dg.MetadataValue.md(position_markdown(summary["position"]))}
+    for row in summary["leaderboard"]:
+        for field, value in (("strength", row["strength"]), ("low", row["low"]), ("high", row["high"]),
+                             ("win_rate", row["win_rate"])):
+            if value is not None:
+                meta[f"leaderboard/{row['name']}/{field}"] = dg.MetadataValue.float(float(value))
+    return meta
+
+
+SHARD_LEADERBOARD_RESAMPLES = 200  # per shard: enough for a rough interval, cheap (a shard has ~50 prompts)
+
+
+def shard_pairwise_metadata(panel: Panel, df: pd.DataFrame) -> dict[str, Any]:
+    """Pairwise mode: the shard's leaderboard and the judges' position figures, as a table and as numbers."""
+    summary = pairwise_summary(list(df["prompt_id"]), list(df["poll_comparisons"]), [j.name for j in panel.judges],
+                               [g.name for g in panel.generators], jury_spec(panel).exclude,
+                               resamples=SHARD_LEADERBOARD_RESAMPLES, seed=panel.judging.seed)
+    meta = leaderboard_metadata(summary)
+    for judge, figures in summary["position"].items():
+        for name in ("consistency", "first_position_rate"):
+            if figures[name] is not None:
+                meta[f"position/{judge}/{name}"] = dg.MetadataValue.float(float(figures[name]))
+    return meta
 
 
 def read_gold(panel: Panel, location: str | None, scale: Sequence[int]) -> GoldSet | None:
@@ -326,6 +361,8 @@ def build_pooled_asset(panel: Panel, partitions_def: dg.PartitionsDefinition, ru
             if weights_source and not weights_source.startswith(("given", "fitted")):
                 context.log.warning(f"{shard}: pooling.weights: {weights_source}")
             metadata = _pooled_metadata(panel, df, excluded, agreement, weights_source)
+            if panel.judging.mode == "pairwise":
+                metadata.update(shard_pairwise_metadata(panel, df))
             if gold is not None:
                 metadata.update(calibration_metadata(panel, df, gold, rubric.ratings))
             given = {STEP_INPUT: shard_combined, AGREEMENT: agreement}

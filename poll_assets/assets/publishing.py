@@ -13,10 +13,12 @@ import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.judging import ratings_key, repair_figures
-from poll_assets.assets.pooling import POOLED_KEY, pooled_agreement, pooled_calibration, read_gold
+from poll_assets.assets.pooling import POOLED_KEY, jury_spec, leaderboard_metadata, pooled_agreement, pooled_calibration, read_gold
 from poll_assets.assets.preferences import PAIRS_KEY
 from poll_assets.io_manager import asset_dir, default_dagster_home, read_partition, stored_partitions
 from poll_assets.calibration import calibration_markdown
+from poll_assets.bradley_terry import leaderboard_svg
+from poll_assets.pairwise import pairwise_summary
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import plain_list
 from poll_assets.rubrics.ultrafeedback import Rubric, prompt_version
@@ -57,8 +59,11 @@ def unrated_verdicts(pooled: pd.DataFrame) -> int:
 
 def judge_verdicts(panel: Panel, storage_dir: str) -> dict[str, dict[str, Any]]:
     """Per judge with stored ratings: its parse failures before and after repair over every stored shard
-    (the figures its asset metadata gives per shard, see `repair_figures`)."""
-    out = {}
+    (the figures its asset metadata gives per shard, see `repair_figures`). Pairwise mode: none (the
+    judges' frames hold comparisons; their figures are in `dataset_pairwise`)."""
+    out: dict[str, dict[str, Any]] = {}
+    if panel.judging.mode == "pairwise":
+        return out
     for judge in panel.judges:
         shards = stored_partitions(storage_dir, ratings_key(judge))
         if shards:
@@ -92,6 +97,19 @@ def card_info(panel: Panel, rubric: Rubric, pairs: pd.DataFrame, pooled: pd.Data
     }
 
 
+LEADERBOARD_RESAMPLES = 1000
+
+
+def dataset_pairwise(panel: Panel, pooled: pd.DataFrame, resamples: int = LEADERBOARD_RESAMPLES) -> dict[str, Any] | None:
+    """Pairwise mode, over every stored shard: the generators' leaderboard (bootstrap over prompts, seeded
+    by judging.seed) and each judge's position figures; None in rating mode."""
+    if panel.judging.mode != "pairwise" or "poll_comparisons" not in pooled:
+        return None
+    mask = jury_spec(panel).exclude
+    return pairwise_summary(list(pooled["prompt_id"]), list(pooled["poll_comparisons"]), [j.name for j in panel.judges],
+                            [g.name for g in panel.generators], mask, resamples=resamples, seed=panel.judging.seed)
+
+
 def dataset_calibration(panel: Panel, rubric: Rubric, pooled: pd.DataFrame, gold_location: str | None) -> dict[str, Any] | None:
     """The calibration over every stored shard (None without gold labels), as the card keeps it. Labels
     for prompts in no stored shard are counted in it (`labels_outside_prompts`)."""
@@ -123,9 +141,17 @@ def build_publish_job(panel: Panel, rubric: Rubric, gold_location: str | None = 
         calibration = dataset_calibration(panel, rubric, pooled, gold_location)
         if calibration is not None:
             info["calibration"] = calibration
+        pairwise = dataset_pairwise(panel, pooled)
+        if pairwise is not None:
+            info["pairwise"] = pairwise
         result = export_preference_set(
             pairs, Path(hub.out_dir), info, repo_id=hub.repo_id, token=hub.token, private=hub.private
         )
+        plot = {}
+        if pairwise is not None:  # a picture of the leaderboard beside the dataset, linked from the metadata
+            svg = Path(hub.out_dir) / "leaderboard.svg"
+            svg.write_text(leaderboard_svg(pairwise["leaderboard"], level=pairwise["level"]), encoding="utf-8")
+            plot = {"leaderboard_plot": dg.MetadataValue.path(str(svg)), **leaderboard_metadata(pairwise)}
         context.log.info(f"exported {result['rows']} pairs to {hub.out_dir}; pushed to Hub: {result['pushed']}")
         context.log_event(
             dg.AssetMaterialization(
@@ -139,6 +165,7 @@ def build_publish_job(panel: Panel, rubric: Rubric, gold_location: str | None = 
                     "repo_id": hub.repo_id or "",
                     "counts": dg.MetadataValue.json(info["counts"]),
                     **({"calibration": dg.MetadataValue.md(calibration_markdown(calibration))} if calibration else {}),
+                    **plot,
                 },
             )
         )
