@@ -84,3 +84,32 @@ def test_paper_panel_in_pairwise_mode_over_http(tmp_path, fake_llm, monkeypatch,
     judges = {tag_of(m) for m in raw["judges"]}
     assert {t: c for t, c in stats["by_tag"].items() if t in judges} == {t: 3 * n * (n - 1) for t in judges}
     assert stats["max_repeats"] == 1
+
+
+def test_pairwise_judges_in_batch_mode(tmp_path, fake_llm, monkeypatch):
+    # The batch panel of test_batch_pipeline (OpenAI and Anthropic batch APIs), judging in pairs.
+    from poll_assets_tests import test_batch_pipeline as batch
+
+    fake_llm.batches.reset(processing_s=0.1)
+    original = batch.batch_panel
+
+    def pairwise_batch_panel(tmp: Path, url: str) -> Path:
+        path = original(tmp, url)
+        raw = yaml.safe_load(path.read_text())
+        raw["judging"] = {"mode": "pairwise"}
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    monkeypatch.setattr(batch, "batch_panel", pairwise_batch_panel)
+    result, storage, instance = batch.materialize(tmp_path, fake_llm.url, monkeypatch.setenv)
+    assert result.success
+    for name in ("judge_oa", "judge_an"):
+        frame = batch.read(storage, "ratings", name)
+        assert len(frame) == 4 and [len(p) for p in frame["preferred"]] == [2] * 4  # 1 pair, both orders
+        assert all(p in ("a", "b", "tie") for row in frame["preferred"] for p in row)
+        meta = instance.get_latest_materialization_event(dg.AssetKey(["ratings", name])).asset_materialization.metadata
+        assert meta["llm/batches"].value and meta["position/pairs_both_orders"].value == 4
+    assert fake_llm.stats()["total"] == 0  # not one call went online
+    assert len(fake_llm.batches.submissions) == 2 * 4 + 2 * 4 * 2  # generators: 1 per prompt; judges: 2 per prompt
+    pooled = batch.read(storage, "pooled_ratings")
+    assert all(sum(w) == pytest.approx(2 * 2) for w in pooled["win_counts"])  # 2 judges x 2 orders, all read
