@@ -113,3 +113,33 @@ def test_pairwise_judges_in_batch_mode(tmp_path, fake_llm, monkeypatch):
     assert len(fake_llm.batches.submissions) == 2 * 4 + 2 * 4 * 2  # generators: 1 per prompt; judges: 2 per prompt
     pooled = batch.read(storage, "pooled_ratings")
     assert all(sum(w) == pytest.approx(2 * 2) for w in pooled["win_counts"])  # 2 judges x 2 orders, all read
+
+
+@pytest.mark.slow
+def test_the_offline_local_panel_in_pairwise_mode(tmp_path, monkeypatch, capsys):
+    # The bundled local panel (SmolLM2-135M in-process, grammar-constrained), one shard of 2 prompts:
+    # 3 pairs x 2 orders x 3 judges x 2 prompts = 36 judge calls.
+    from poll_assets.panel import PANELS_DIR
+
+    raw = yaml.safe_load((PANELS_DIR / "local.yaml").read_text())
+    raw["source"]["data_files"] = [str((PANELS_DIR / raw["source"]["data_files"][0]).resolve())]
+    raw["source"]["shard_size"] = 2
+    raw["judging"]["mode"] = "pairwise"
+    path = tmp_path / "local_pairwise.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    panel, storage, instance, result, _ = run(tmp_path, path, monkeypatch)
+    assert result.success
+    for j in panel.judges:
+        frame = read(storage, "ratings", j.name)
+        assert [len(p) for p in frame["preferred"]] == [6, 6]
+        assert set(o for modes in frame["output_modes"] for o in modes) == {"grammar"}
+        meta = instance.get_latest_materialization_event(dg.AssetKey(["ratings", j.name])).asset_materialization.metadata
+        for prefs, errs in zip(frame["preferred"], frame["comparison_errors"]):
+            assert all((p in ("a", "b", "tie")) != bool(e) for p, e in zip(prefs, errs))  # read, or unread with a reason
+        print(j.name, {k: getattr(meta[k], "value", None) for k in meta if k.startswith(("position/", "parse_failures"))})
+    pooled = read(storage, "pooled_ratings")
+    assert len(pooled) == 2 and all(len(s) == 3 for s in pooled["bt_strengths"])
+    pooled_meta = instance.get_latest_materialization_event(dg.AssetKey("pooled_ratings")).asset_materialization.metadata
+    assert pooled_meta["leaderboard"].value.startswith("| rank | generator |")
+    print(pooled_meta["leaderboard"].value)
+    print(pooled_meta["position_bias"].value)
