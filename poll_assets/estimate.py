@@ -291,8 +291,8 @@ def format_estimate(est: Estimate) -> str:
 
 def _mode_lines(est: Estimate, usd: Any) -> list[str]:
     """Judging per prompt in each mode (uncached, without repairs): the choice of mode, priced."""
-    if not est.modes:
-        return []
+    if not est.modes or not est.modes[0].prompts:
+        return []  # no prompt: nothing per prompt to say
     cells = [f"{m.mode}{' (this panel)' if k == 0 else ''}: {m.per_prompt(m.judge_calls):g} calls, "
              f"{m.per_prompt(m.input_tokens):,.0f} input + {m.per_prompt(m.output_tokens):,.0f} output tokens at most, "
              f"{usd(m.per_prompt(m.online_usd))} online, {usd(m.per_prompt(m.batch_usd))} batch"
