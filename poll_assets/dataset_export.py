@@ -243,6 +243,11 @@ def build_dataset_card(info: dict[str, Any], *, repo_id: str | None = None, spli
         "Preference pairs (prompt, chosen, rejected) for DPO-style training. Several generator models "
         "answered each prompt; a panel of judge models (PoLL) rated every answer with an UltraFeedback "
         "rubric; ratings were pooled per answer and turned into chosen/rejected pairs."
+        if (info.get("judging") or {}).get("mode") != "pairwise" else
+        "Preference pairs (prompt, chosen, rejected) for DPO-style training. Several generator models "
+        "answered each prompt; a panel of judge models (PoLL) compared the answers two at a time, in both "
+        "orders, on an UltraFeedback aspect; the comparisons were pooled into Bradley-Terry strengths per "
+        "answer and turned into chosen/rejected pairs."
     )
     lines = [
         "---", _card_header(info, pretty, split), "---", "", f"# {pretty}", "", description, "",

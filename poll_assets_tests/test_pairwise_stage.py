@@ -133,3 +133,20 @@ def test_the_estimate_counts_one_call_per_comparison(tmp_path):
     assert [m.calls for m in both.members if m.role == "judge"] == [3 * 4 * 3 // 2 * 2]
     assert [m.calls for m in anchored.members if m.role == "judge"] == [3 * 3]
     assert [(m.mode, m.judge_calls) for m in both.modes] == [("pairwise", 36), ("rating", 3)]
+
+
+def test_the_comparisons_check_names_what_is_wrong(tmp_path):
+    from poll_assets.assets.comparisons import check_comparisons
+
+    panel = _panel(tmp_path, n_generators=2)
+    combined = _combined(2, 2)
+    df, _, _ = _run(panel, biased_judge(0.0), ResponseCache(tmp_path / "c.sqlite"), combined)
+    assert check_comparisons(df, combined, 0.2).passed
+    bad = df.copy()
+    bad.at[0, "preferred"] = [None, "a"]
+    bad.at[0, "comparison_errors"] = [None, None]
+    bad.at[1, "pair_b"] = [1]
+    finding = check_comparisons(bad, combined.iloc[::-1], 0.2)
+    assert not finding.passed
+    assert all(s in finding.description for s in ("without a preference or a reason", "unequal length",
+                                                  "prompt ids differ", "unread comparison rate 0.250"))

@@ -12,7 +12,7 @@ import pandas as pd
 from poll_assets.assets.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids, with_repairs
 from poll_assets.assets.schema import schema
 from poll_assets.assets.stage import MemberContext
-from poll_assets.checks import Finding, StageCheck, examples, problems_finding, short_id
+from poll_assets.checks import STEP_INPUT, Finding, StageCheck, examples, problems_finding, short_id
 from poll_assets.llm.base import CallRequest, Completion
 from poll_assets.llm.runner import CallStats
 from poll_assets.pairwise import (
@@ -143,10 +143,13 @@ def position_metadata(frame: pd.DataFrame) -> dict[str, Any]:
             "position/tie_rate": num(fig.tie_rate), "comparisons/read": fig.read_answers}
 
 
-def check_comparisons(frame: pd.DataFrame, max_rate: float) -> Finding:
-    """Every comparison has a preference or a reason, and the share unread is at most `max_rate`."""
+def check_comparisons(frame: pd.DataFrame, combined: pd.DataFrame | None, max_rate: float) -> Finding:
+    """One row per prompt of combined_generations (same order); per row the comparison lists aligned;
+    every comparison has a preference or a reason; the share unread is at most `max_rate`."""
     asked = unread = 0
     unexplained: list[str] = []
+    misaligned = [short_id(pid) for pid, *cols in zip(frame["prompt_id"], *(frame[c] for c in (
+        "pair_a", "pair_b", "first_shown", "preferred", "comparison_errors"))) if len({len(plain_list(c)) for c in cols}) > 1]
     for pid, prefs, errs in zip(frame["prompt_id"], frame["preferred"], frame["comparison_errors"]):
         for k, (p, e) in enumerate(zip(plain_list(prefs), plain_list(errs))):
             asked += 1
@@ -158,6 +161,10 @@ def check_comparisons(frame: pd.DataFrame, max_rate: float) -> Finding:
     problems = [f"unread comparison rate {rate:.3f} > max_parse_failure_rate {max_rate}"] if rate > max_rate else []
     if unexplained:
         problems.append(f"comparisons without a preference or a reason: {examples(unexplained)}")
+    if misaligned:
+        problems.append(f"comparison lists of unequal length: {examples(misaligned)}")
+    if combined is not None and list(frame["prompt_id"]) != list(combined["prompt_id"]):
+        problems.append(f"prompt ids differ from combined_generations ({len(frame)} rows vs {len(combined)}, or another order)")
     return problems_finding(problems, f"{asked - unread} of {asked} comparisons read (unread rate {rate:.3f} <= {max_rate})",
                             {"comparisons": asked, "unread": unread, "unread_rate": float(rate), "threshold": float(max_rate)})
 
@@ -166,7 +173,7 @@ def comparison_checks(panel: Panel) -> list[StageCheck]:
     max_rate = panel.thresholds.max_parse_failure_rate
     return [StageCheck("unread_comparison_rate",
                        f"Every comparison has a preference or a reason; the share unread is <= {max_rate}.",
-                       lambda df, _: check_comparisons(df, max_rate)),
+                       lambda df, given: check_comparisons(df, given[STEP_INPUT], max_rate), needs=(STEP_INPUT,)),
             pending_check()]
 
 
