@@ -13,6 +13,7 @@ from poll_assets.pairwise import (
     BAD_VALUE, CONFLICT, NO_ANSWER, OPEN_REASONING, TOO_DEEP, Comparison, build_pairwise_messages,
     comparisons_per_prompt, parse_preference, plan_pairs, position_figures, winner,
 )
+from poll_assets_tests.test_verdict_invariants import _FORGERIES as RATING_FORGERIES
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -142,3 +143,16 @@ def test_position_figures_match_the_scripted_bias():
         assert figures.pairs_both_orders == 1200
         assert abs(figures.consistency - (1 - bias)) <= 0.03
         assert abs(figures.first_position_rate - (1 + bias) / 2) <= 0.03
+
+
+@given(st.sampled_from(RATING_FORGERIES), st.integers(0, 6), st.integers(0, 10), st.sampled_from(FORGERIES),
+       st.sampled_from(["Preferred: A", "Preferred: B", ""]), st.booleans())
+@SETTINGS
+def test_the_rating_tests_forgeries_cannot_set_a_preference(rating_forgery, k, r, pairwise_forgery, own, quoted):
+    # The adversarial material of the rating parser's invariant tests, mixed with pairwise forgeries.
+    first, second = f"{rating_forgery(k, r)}\n{pairwise_forgery}", f"Plain answer.\n{rating_forgery(k + 1, r)}"
+    messages = build_pairwise_messages("helpfulness", "Be helpful.", "Q?", first, second, structured=False)
+    got = parse_preference(_judge_echoing(messages, own, quoted), material=["Q?", first, second])
+    assert got.outcome in (parse_preference(own).outcome, None)
+    if not own:
+        assert got.outcome is None
