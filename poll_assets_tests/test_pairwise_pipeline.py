@@ -69,6 +69,9 @@ def test_paper_panel_in_pairwise_mode_over_http(tmp_path, fake_llm, monkeypatch,
     # the leaderboard: per shard in pooled_ratings' metadata (numbers the UI plots), and over every shard
     pooled_meta = instance.get_latest_materialization_event(dg.AssetKey("pooled_ratings")).asset_materialization.metadata
     assert pooled_meta["leaderboard"].value.startswith("| rank | generator |")
+    assert pooled_meta["unrated_generations"].value == 0
+    coverage = [c for c in result.get_asset_check_evaluations() if c.check_name == "covers_every_generation"]
+    assert coverage and all(c.passed for c in coverage)
     assert {f"leaderboard/{g.name}/strength" for g in panel.generators} <= set(pooled_meta)
     assert main(["leaderboard", "--panel", str(path), "--storage", str(storage), "--resamples", "100"]) == 0
     printed = capsys.readouterr().out
@@ -78,6 +81,7 @@ def test_paper_panel_in_pairwise_mode_over_http(tmp_path, fake_llm, monkeypatch,
     (event,) = published.get_asset_materialization_events()
     meta = event.event_specific_data.materialization.metadata
     assert "## Pairwise judging: leaderboard and position bias" in meta["card"].value
+    assert "| unread comparisons | 0 |" in meta["card"].value and "compared the answers two at a time" in meta["card"].value
     assert "| judge | position consistency |" in meta["position_bias"].value
     assert Path(meta["leaderboard_plot"].value).read_text().startswith("<svg")
     stats = fake_llm.stats()

@@ -54,6 +54,11 @@ POOLED_COLUMNS = schema(
 )
 
 
+def scores_column(panel: Panel) -> str:
+    """The pooled score of each answer: the pooled rating, or in pairwise mode its Bradley-Terry strength."""
+    return "bt_strengths" if panel.judging.mode == "pairwise" else "avg_poll_ratings"
+
+
 def ratings_by_judge(pooled: pd.DataFrame, judge_names: Sequence[str]) -> dict[str, list[int | None]]:
     """Each judge's ratings of every generation of the frame, aligned across judges (from `poll_ratings`)."""
     flat: dict[str, list[int | None]] = {j: [] for j in judge_names}
@@ -68,9 +73,10 @@ def pooled_agreement(pooled: pd.DataFrame, judge_names: Sequence[str], scale: Se
     return judge_agreement(ratings_by_judge(pooled, judge_names), value_domain=list(scale))
 
 
-def check_pooled_coverage(pooled: pd.DataFrame, combined: pd.DataFrame, n_judges: int) -> Finding:
-    """Every generation of every prompt has a pooled slot: one row per prompt, `avg_poll_ratings` as
-    long as `generations`, and a judge x generation `poll_ratings` matrix. Generations no judge could
+def check_pooled_coverage(pooled: pd.DataFrame, combined: pd.DataFrame, n_judges: int,
+                          scores: str = "avg_poll_ratings") -> Finding:
+    """Every generation of every prompt has a pooled slot: one row per prompt, `avg_poll_ratings` (`scores`:
+    `bt_strengths` in pairwise mode) as long as `generations`, and a judge x generation `poll_ratings` matrix. Generations no judge could
     rate are counted (`unrated`), not failed: the unrated-verdict checks already bound them."""
     problems: list[str] = []
     want, got = list(combined["prompt_id"]), list(pooled["prompt_id"])
@@ -81,7 +87,7 @@ def check_pooled_coverage(pooled: pd.DataFrame, combined: pd.DataFrame, n_judges
         problems.append("a prompt appears more than once")
     n_gen = generation_counts(combined)
     short_rows, unrated = [], 0
-    for pid, avg, matrix, gens in zip(pooled["prompt_id"], pooled["avg_poll_ratings"], pooled["poll_ratings"], pooled["generations"]):
+    for pid, avg, matrix, gens in zip(pooled["prompt_id"], pooled[scores], pooled["poll_ratings"], pooled["generations"]):
         avg, rows = plain_list(avg), [plain_list(r) for r in plain_list(matrix)] if not is_missing(matrix) else []
         expected = n_gen.get(pid, len(plain_list(gens)))
         if len(avg) != expected or len(rows) != n_judges or any(len(r) != expected for r in rows):
@@ -111,7 +117,7 @@ def pooled_checks(panel: Panel) -> list[StageCheck]:
     t = panel.thresholds
     return [
         StageCheck("covers_every_generation", "A pooled rating slot for every generation of every prompt.",
-                   lambda df, given: check_pooled_coverage(df, given[STEP_INPUT], len(panel.judges)),
+                   lambda df, given: check_pooled_coverage(df, given[STEP_INPUT], len(panel.judges), scores_column(panel)),
                    needs=(STEP_INPUT,)),
         StageCheck("judge_agreement", f"Krippendorff alpha between judges >= {t.min_agreement} (warning only).",
                    lambda df, given: check_agreement(given[AGREEMENT].get("krippendorff_alpha"), t.min_agreement),
@@ -304,7 +310,7 @@ def _pooled_metadata(panel: Panel, df: pd.DataFrame, excluded: int, agreement: d
         "agreement/krippendorff_alpha": dg.MetadataValue.float(alpha) if alpha is not None else dg.MetadataValue.null(),
         "agreement/pairwise": dg.MetadataValue.json(agreement),
         **agreement_metrics(agreement),  # each pairwise figure a number, so the UI plots it
-        "unrated_generations": sum(v is None for avg in df["avg_poll_ratings"] for v in avg) if len(df) else 0,
+        "unrated_generations": sum(v is None for avg in df[scores_column(panel)] for v in avg) if len(df) else 0,
     }
 
 

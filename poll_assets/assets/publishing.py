@@ -18,7 +18,7 @@ from poll_assets.assets.preferences import PAIRS_KEY
 from poll_assets.io_manager import asset_dir, default_dagster_home, read_partition, stored_partitions
 from poll_assets.calibration import calibration_markdown
 from poll_assets.bradley_terry import leaderboard_svg
-from poll_assets.pairwise import pairwise_summary
+from poll_assets.pairwise import pairwise_summary, stored_answers
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import plain_list
 from poll_assets.rubrics.ultrafeedback import Rubric, prompt_version
@@ -57,6 +57,11 @@ def unrated_verdicts(pooled: pd.DataFrame) -> int:
     )
 
 
+def unread_comparisons(pooled: pd.DataFrame) -> int:
+    """Pairwise mode: comparisons without a preference (unreadable answers, failed judge calls)."""
+    return sum(x[3] is None for cell in pooled["poll_comparisons"] for judge in stored_answers(cell) for x in judge)
+
+
 def judge_verdicts(panel: Panel, storage_dir: str) -> dict[str, dict[str, Any]]:
     """Per judge with stored ratings: its parse failures before and after repair over every stored shard
     (the figures its asset metadata gives per shard, see `repair_figures`). Pairwise mode: none (the
@@ -90,7 +95,8 @@ def card_info(panel: Panel, rubric: Rubric, pairs: pd.DataFrame, pooled: pd.Data
             "prompts": len(pooled),
             "pairs": len(pairs),
             "prompts_without_pair": len(pooled) - int(pairs["prompt_id"].nunique()) if len(pairs) else len(pooled),
-            "unrated_verdicts": unrated_verdicts(pooled),
+            **({"unread_comparisons": unread_comparisons(pooled)} if panel.judging.mode == "pairwise"
+               else {"unrated_verdicts": unrated_verdicts(pooled)}),
         },
         "agreement": pooled_agreement(pooled, [j.name for j in panel.judges], rubric.ratings),
         "verdicts": verdicts or {},
