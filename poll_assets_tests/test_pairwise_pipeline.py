@@ -147,3 +147,27 @@ def test_the_offline_local_panel_in_pairwise_mode(tmp_path, monkeypatch, capsys)
     assert pooled_meta["leaderboard"].value.startswith("| rank | generator |")
     print(pooled_meta["leaderboard"].value)
     print(pooled_meta["position_bias"].value)
+
+
+def test_gold_labels_calibrate_the_pairwise_jury_in_the_step(tmp_path):
+    # The scripted panel of test_calibration_pipeline (gold ratings and a preference) in pairwise mode:
+    # the shard's calibration table scores each judge and the Bradley-Terry jury on preferences.
+    from poll_assets_tests.fake_panel import scripted_resources, write_panel
+    from poll_assets_tests.test_calibration_pipeline import SHARD, _gold_rows, _pooled_metadata, _write_gold
+
+    _write_gold(tmp_path, _gold_rows())
+    panel, path = write_panel(tmp_path, n_prompts=8, shard_size=8, extra={
+        "gold": {"path": "gold.jsonl", "bootstrap_resamples": 100}, "judging": {"mode": "pairwise"}})
+    defs = build_definitions(panel, path, storage_dir=str(tmp_path / "storage"), cache_path=str(tmp_path / "c.sqlite"),
+                             resource_overrides=scripted_resources(panel))
+    result = defs.resolve_job_def(JOB_NAME).execute_in_process(partition_key=SHARD)
+    assert result.success
+    meta = _pooled_metadata(result)
+    table = meta["calibration"].value
+    assert all(row in table for row in ("| judge_0 |", "| judge_1 |", "| jury (Bradley-Terry) |", "| jury without judge_0 |"))
+    assert meta["calibration/labelled_prompts"].value == 8
+    # 8 gold pairs: 7 derived from two gold ratings of a prompt, 1 gold preference (it wins over its ratings)
+    for rater in ("judge_0", "judge_1", "jury_bt"):
+        assert 0.0 <= meta[f"calibration/pref_agreement/{rater}"].value <= 1.0
+    assert not any(k.startswith("calibration/kappa/") for k in meta)  # no ratings in this mode: absent
+    assert meta["position/judge_0/consistency"].value >= 0.0
