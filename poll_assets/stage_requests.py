@@ -12,6 +12,7 @@ import pandas as pd
 
 from poll_assets.llm.base import CallRequest, Message
 from poll_assets.llm.context_fit import fit_request
+from poll_assets.pairwise import Comparison, build_pairwise_messages, pairwise_json_schema, plan_pairs
 from poll_assets.panel import Member, Panel
 from poll_assets.rubrics.ultrafeedback import Rubric, build_judge_messages, verdict_json_schema
 from poll_assets.verdicts import presentation_order
@@ -62,3 +63,34 @@ def plan_judge_task(row: pd.Series, member: Member, panel: Panel, rubric: Rubric
 
     request, cut = fit_request(build, [generations[i] for i in shown], member.context_window)
     return JudgeTask(row["prompt_id"], len(generations), shown, request, sorted(shown[k] for k in cut))
+
+
+@dataclass
+class ComparisonTask:
+    """One pairwise judge call: generations `comparison.a` and `.b` of a prompt, `.first` shown as A."""
+
+    prompt_id: str
+    comparison: Comparison
+    request: CallRequest
+    material: tuple[str, str, str]  # the instruction and the two answers as shown: echo of them is never read
+
+
+def plan_comparison_tasks(row: pd.Series, member: Member, panel: Panel, rubric: Rubric) -> list[ComparisonTask]:
+    """The pairwise judge calls for one row of combined_generations (judging.mode 'pairwise'): every
+    pair of the generations that exist (or each against `pairwise.against`), in both orders by default."""
+    judging = panel.judging
+    generations = list(row["generations"])
+    names = [g.name for g in panel.generators]
+    anchor = names.index(judging.pairwise.against) if judging.pairwise.against in names else None
+    present = [i for i, g in enumerate(generations) if isinstance(g, str)]
+    plan = plan_pairs(present, anchor=anchor, both_orders=judging.pairwise.both_orders, seed=judging.seed,
+                      key=f"{row['prompt_id']}/{member.name}")
+    limit, params = judging.max_rationale_chars, member.params.to_generation_params()
+    tasks = []
+    for c in plan:
+        first, second = generations[c.first], generations[c.second]
+        messages = build_pairwise_messages(rubric.aspect, rubric.goal, row["instruction"], first, second, structured=True,
+                                           system_prompt=member.system_prompt, max_rationale_chars=limit)
+        request = CallRequest.build(messages, params, json_schema=pairwise_json_schema(limit))
+        tasks.append(ComparisonTask(row["prompt_id"], c, request, (row["instruction"], first, second)))
+    return tasks

@@ -9,6 +9,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from poll_assets.assets.comparisons import COMPARISON_COLUMNS
 from poll_assets.assets.generations import COMBINED_COLUMNS, GENERATION_COLUMNS
 from poll_assets.assets.judging import RATING_COLUMNS
 from poll_assets.assets.pooling import POOLED_COLUMNS
@@ -19,7 +20,7 @@ from poll_assets.pipeline import build_definitions
 from poll_assets_tests.fake_panel import write_panel
 
 ASSETS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "assets.md"
-SCHEMAS = [PROMPT_COLUMNS, GENERATION_COLUMNS, COMBINED_COLUMNS, RATING_COLUMNS, POOLED_COLUMNS, PAIR_COLUMNS]
+SCHEMAS = [PROMPT_COLUMNS, GENERATION_COLUMNS, COMBINED_COLUMNS, RATING_COLUMNS, COMPARISON_COLUMNS, POOLED_COLUMNS, PAIR_COLUMNS]
 
 
 def _documented_columns() -> dict[str, list[str]]:

@@ -2,15 +2,16 @@
 
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 
+from poll_assets.assets.comparisons import COMPARISON_COLUMNS, compare, comparison_checks
 from poll_assets.assets.generations import generation_counts
-from poll_assets.assets.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids
+from poll_assets.assets.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids, with_repairs
 from poll_assets.assets.previews import verdicts_preview
 from poll_assets.assets.schema import schema
 from poll_assets.assets.stage import MemberContext, run_stage_step, stage_multi_asset_kwargs
@@ -18,6 +19,7 @@ from poll_assets.checks import STEP_INPUT, Finding, StageCheck, examples, proble
 from poll_assets.code_versions import judge_version
 from poll_assets.llm.base import CallRequest, Completion, Message
 from poll_assets.llm.runner import CallStats
+from poll_assets.pairwise import pairwise_prompt_version
 from poll_assets.panel import Member, Panel
 from poll_assets.parquet_values import is_missing, plain_list
 from poll_assets.rubrics.ultrafeedback import Rubric, build_repair_messages, prompt_version, verdict_json_schema
@@ -240,11 +242,20 @@ def rating_checks(panel: Panel, rubric: Rubric) -> list[StageCheck]:
 
 
 def judge_code_version(member: Member, panel: Panel, rubric: Rubric) -> str:
-    """The member's settings, its rubric's exact prompt, and the judging settings less the named exclusions."""
-    return judge_version(member, panel.judging, prompt_version(rubric, structured=True, system_prompt=member.system_prompt))
+    """The member's settings, its exact prompt (the rubric's, or the pairwise one in that mode), and the
+    judging settings (the mode among them) less the named exclusions."""
+    if panel.judging.mode == "pairwise":
+        prompt = f"{rubric.version}/{pairwise_prompt_version(structured=True, system_prompt=member.system_prompt)}"
+    else:
+        prompt = prompt_version(rubric, structured=True, system_prompt=member.system_prompt)
+    return judge_version(member, panel.judging, prompt)
 
 
-def _description(member: Member, rubric: Rubric) -> str:
+def _description(member: Member, rubric: Rubric, mode: str = "rating") -> str:
+    if mode == "pairwise":
+        return (f"Pairwise comparisons by judge `{member.name}` ({member.provider}: {member.model}) of every prompt's "
+                f"answers, two at a time, on {rubric.aspect}: per comparison the pair, the answer shown first, the "
+                "preference (a, b, tie, or None with the reason) and the rationale; position figures in the metadata.")
     return (
         f"Verdicts of judge `{member.name}` ({member.provider}: {member.model}) on every generation, "
         f"UltraFeedback {rubric.aspect} rubric (version {rubric.version}): one rating (1-5 or None, with the reason) "
@@ -311,16 +322,6 @@ async def repair_calls(work: MemberContext, calls: list[JudgeCall], rubric: Rubr
             if completion.ok:  # a failed repair leaves the verdicts as they were
                 call.verdicts = merge_repair(call.verdicts, shown_verdicts(call.task, completion, rubric))
     return stats
-
-
-def with_repairs(first: CallStats, repairs: list[CallStats]) -> CallStats:
-    """The stage's call figures: the judge calls and their repairs together."""
-    total = replace(first, batches=list(first.batches))
-    for s in repairs:
-        for name in ("calls", "cache_hits", "failures", "input_tokens", "output_tokens", "retries", "elapsed_s"):
-            setattr(total, name, getattr(total, name) + getattr(s, name))
-        total.batches += s.batches
-    return total
 
 
 def rating_row(call: JudgeCall, member: Member) -> dict[str, Any]:
@@ -401,19 +402,21 @@ def build_ratings_stage(
     """
     # `members`: a subset, e.g. one member per step (`member_steps=True`); default all of them.
     stage_members = members if members is not None else panel.judges
-    stage_checks = rating_checks(panel, rubric)
+    pairwise = panel.judging.mode == "pairwise"
+    stage_checks = comparison_checks(panel) if pairwise else rating_checks(panel, rubric)
 
     @dg.multi_asset(
         **stage_multi_asset_kwargs(
             name=name, panel=panel, members=stage_members, key_of=ratings_key, group="judging",
-            code_version_of=lambda m: judge_code_version(m, panel, rubric), description_of=lambda m: _description(m, rubric),
+            code_version_of=lambda m: judge_code_version(m, panel, rubric),
+            description_of=lambda m: _description(m, rubric, panel.judging.mode),
             input_name="combined_generations", default_pool="llm_judging", partitions_def=partitions_def,
-            checks=stage_checks, columns=RATING_COLUMNS,
+            checks=stage_checks, columns=COMPARISON_COLUMNS if pairwise else RATING_COLUMNS,
         )
     )
     def _ratings(context: dg.AssetExecutionContext, combined_generations: Any) -> Iterator[Any]:
         # `combined_generations`: one shard's frame, or {shard: frame} in a run of several shards
-        work = partial(judge, rubric=rubric)
+        work = partial(compare if pairwise else judge, rubric=rubric)
         yield from run_stage_step(context, panel, stage_members, ratings_key, combined_generations, work, stage_checks,
                                   input_name="combined_generations")
 

@@ -10,7 +10,7 @@ import pandas as pd
 
 from poll_assets.assets.generations import COMBINED_COLUMNS, COMBINED_KEY, GENERATION_COLUMNS, generation_key
 from poll_assets.assets.judging import RATING_COLUMNS, ratings_key
-from poll_assets.assets.pooling import POOLED_COLUMNS, POOLED_KEY
+from poll_assets.assets.pooling import POOLED_COLUMNS, POOLED_KEY, scores_column
 from poll_assets.assets.previews import chat_answer, pairs_preview, pairs_table
 from poll_assets.assets.prompts import PROMPT_COLUMNS, PROMPTS_KEY
 from poll_assets.assets.schema import column_of, column_of_each, schema
@@ -19,7 +19,7 @@ from poll_assets.assets.totals import shard_totals
 from poll_assets.binarize import binarize
 from poll_assets.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, problems_finding, short_id
 from poll_assets.code_versions import pairs_version
-from poll_assets.confidence import PairConfidence, confidence_cut, pair_confidence
+from poll_assets.confidence import PairConfidence, comparison_confidence, confidence_cut, pair_confidence
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import is_missing, plain_list
 from poll_assets.pooled_ratings import self_family_mask
@@ -52,6 +52,9 @@ PAIR_COLUMNS = schema(
     ("chosen_call_id", "string", "the call that wrote the chosen answer"),
     ("rejected_call_id", "string", "the call that wrote the rejected answer"),
     ("rating_call_ids", "list<string>", "the judge calls behind the ratings, in panel order"),
+    ("bt_strengths", "list<float>", "pairwise mode: every answer's Bradley-Terry strength, the score pairs are "
+     "formed from (chosen_rating/rejected_rating are then strengths); None in rating mode"),
+    ("win_counts", "list<float>", "pairwise mode: every answer's wins over the judges and both orders (a tie: half)"),
 )
 
 
@@ -151,6 +154,8 @@ def pairs_column_lineage(panel: Panel) -> dg.TableColumnLineage:
         "chosen_call_id": column_of_each(generators, GENERATION_COLUMNS, "call_id"),
         "rejected_call_id": column_of_each(generators, GENERATION_COLUMNS, "call_id"),
         "rating_call_ids": column_of_each(judges, RATING_COLUMNS, "call_id"),
+        "bt_strengths": [column_of(POOLED_KEY, POOLED_COLUMNS, "bt_strengths")],
+        "win_counts": [column_of(POOLED_KEY, POOLED_COLUMNS, "win_counts")],
     })
 
 
@@ -160,7 +165,7 @@ def chat(prompt: str, answer: str) -> list[dict[str, str]]:
 
 def _pair_row(r: pd.Series, panel: Panel, chosen: int, rejected: int, margin: float,
               conf: PairConfidence) -> dict[str, object]:
-    generations, avg = plain_list(r["generations"]), plain_list(r["avg_poll_ratings"])
+    generations, avg = plain_list(r["generations"]), plain_list(r[scores_column(panel)])
     models, call_ids = plain_list(r["generation_models"]), plain_list(r["generation_call_ids"])
     return {
         "prompt": r["instruction"],
@@ -186,6 +191,8 @@ def _pair_row(r: pd.Series, panel: Panel, chosen: int, rejected: int, margin: fl
         "chosen_call_id": call_ids[chosen],
         "rejected_call_id": call_ids[rejected],
         "rating_call_ids": plain_list(r["poll_call_ids"]),
+        "bt_strengths": plain_list(r.get("bt_strengths")) or None,
+        "win_counts": plain_list(r.get("win_counts")) or None,
     }
 
 
@@ -196,20 +203,25 @@ def preference_rows(pooled: pd.DataFrame, panel: Panel) -> tuple[list[dict[str, 
             if panel.judging.exclude_self_family else None)
     rows: list[dict[str, object]] = []
     left_out = LeftOut()
+    pairwise = panel.judging.mode == "pairwise"  # pairs come from the Bradley-Terry strengths
+    score_column = scores_column(panel)
     for _, r in pooled.iterrows():
         generations = plain_list(r["generations"])
         if len(generations) != len(panel.generators):  # stored under another panel: names would be wrong
             raise ValueError(f"pooled_ratings row {short_id(r['prompt_id'])} has {len(generations)} generations; "
                              f"the panel has {len(panel.generators)} generators: re-materialize it")
-        result = binarize(plain_list(r["avg_poll_ratings"]), strategy=cfg.strategy, min_margin=cfg.min_margin,
+        scores = plain_list(r[score_column])
+        result = binarize(scores, strategy=cfg.strategy, min_margin=cfg.min_margin,
                           seed=cfg.seed, key=r["prompt_id"], valid=[isinstance(g, str) for g in generations])
         ratings = [plain_list(x) for x in r["poll_ratings"]]
         weights = None if is_missing(r.get("judge_weights")) else [float(w) for w in plain_list(r["judge_weights"])]
         cuts: list[str] = []
         for chosen, rejected, margin in result.pairs:
             key = f"{r['prompt_id']}|{panel.generators[chosen].name}|{panel.generators[rejected].name}"
-            conf = pair_confidence(ratings, chosen, rejected, exclude=mask, method=panel.pooling.method, key=key,
-                                   weights=weights)
+            conf = (comparison_confidence(plain_list(r["poll_comparisons"]), chosen, rejected, exclude=mask)
+                    if pairwise else
+                    pair_confidence(ratings, chosen, rejected, exclude=mask, method=panel.pooling.method, key=key,
+                                    weights=weights))
             cut = confidence_cut(conf, min_judge_agreement=cfg.min_judge_agreement, min_margin_low=cfg.min_margin_low)
             if cut:
                 left_out.add_pair(cut)
