@@ -41,7 +41,17 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from poll_assets.rubrics.answer_format import FIELD_RE, HEADING_RE, TEXT_NAME, inline_rating, is_quoted, split_lines
+from poll_assets.rubrics.answer_format import (
+    FIELD_RE,
+    HEADING_RE,
+    TEXT_NAME,
+    bracket_spans,
+    decode_json,
+    inline_rating,
+    is_quoted,
+    json_values,
+    split_lines,
+)
 from poll_assets.rubrics.echo import QUOTED, VOID, strip_untrusted
 from poll_assets.rubrics.ultrafeedback import Rubric
 
@@ -343,12 +353,14 @@ def canonical_lines(text: str) -> list[str]:
         j = i
         while j < len(lines) and lines[j].lstrip().startswith("|"):
             j += 1
-        if j - i >= 2 and (rewritten := _table(lines[i:j])) is not None:
+        rewritten = _table(lines[i:j]) if j - i >= 2 else None
+        if rewritten is not None:
             out += rewritten
             i = j
             continue
-        out += _canonical(lines[i])
-        i += 1
+        for line in lines[i:max(j, i + 1)]:  # a table without a rating column is read line by line, once
+            out += _canonical(line)
+        i = max(j, i + 1)
     return out
 
 
@@ -542,7 +554,6 @@ _KEY_SCAN_RE = re.compile(r'"(?:text[ _\-]?)?(\d+)"\s*:\s*(?=\{)', re.IGNORECASE
 _LIST_KEYS = ("verdicts", "ratings", "results", "evaluations", "texts", "outputs", "responses", "scores")
 _NAME_KEYS = ("text", "text_id", "text_number", "id", "index", "response", "output")
 _NAMES_A_TEXT_RE = re.compile(rf'"\s*{TEXT_NAME}\d+\s*"\s*:', re.IGNORECASE)
-_TRAILING_COMMA_RE = re.compile(r",(\s*[}\]])")
 
 
 def _get(obj: dict[str, Any], *names: str) -> tuple[bool, Any]:
@@ -555,24 +566,7 @@ def _get(obj: dict[str, Any], *names: str) -> tuple[bool, Any]:
 
 def _json_values(text: str) -> list[tuple[Any, int, int]]:
     """Every top-level JSON object or array in the text (trailing commas forgiven), with its span."""
-    out: list[tuple[Any, int, int]] = []
-    pos = 0
-    for m in re.finditer(r"[\[{]", text):
-        if m.start() < pos:
-            continue
-        try:
-            value, end = _DECODER.raw_decode(text, m.start())
-        except json.JSONDecodeError:
-            fixed = _TRAILING_COMMA_RE.sub(r"\1", text[m.start():])
-            try:
-                value, used = _DECODER.raw_decode(fixed)
-            except json.JSONDecodeError:
-                continue
-            end = m.start() + used  # at most a few removed commas short of the real end: only closers lie there
-        if isinstance(value, (dict, list)):
-            out.append((value, m.start(), end))
-            pos = end
-    return out
+    return json_values(text, _DECODER)[0]
 
 
 @dataclass
@@ -672,12 +666,12 @@ def _verdicts_from_claims(claims: _Claims, n: int, answer: _Answer, cut: str) ->
 def _scan_keys(text: str, answer: _Answer) -> _Claims:
     """Every complete `"text_k": {...}` object, for answers cut off or broken elsewhere."""
     claims = _Claims({}, [])
+    spans, _ = bracket_spans(text)
     for m in _KEY_SCAN_RE.finditer(text):
-        try:
-            value, _ = _DECODER.raw_decode(text, m.end())
-        except json.JSONDecodeError:
-            continue
-        claims.add(answer.name(int(m[1])), value)
+        end = spans.get(m.end())
+        ok, value = decode_json(text[m.end():end], _DECODER) if end else (False, None)
+        if ok:
+            claims.add(answer.name(int(m[1])), value)
     return claims
 
 
@@ -686,11 +680,8 @@ def _scan_objects(text: str, answer: _Answer) -> _Claims:
     claims = _Claims({}, [])
     unnamed = []
     for m in re.finditer(r"\{[^{}]*\}", text):
-        try:
-            value = _DECODER.decode(m.group(0))
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict) and _get(value, "rating", "score")[0]:
+        ok, value = decode_json(m.group(0), _DECODER)
+        if ok and isinstance(value, dict) and _get(value, "rating", "score")[0]:
             k = _item_name(value)
             if k is not None:
                 claims.add(answer.name(k), value)
