@@ -53,11 +53,16 @@ from poll_assets.rubrics.answer_format import (
     split_lines,
 )
 from poll_assets.rubrics.echo import QUOTED, VOID, strip_untrusted
+from poll_assets.rubrics.reasoning import NO_FINAL, final_answer
+from poll_assets.rubrics.text_names import name_value, resolve_names
 from poll_assets.rubrics.ultrafeedback import Rubric
 
 NA = "N/A"
 JUDGE_FAILED = "judge call failed"
 GENERATION_FAILED = "generation failed"
+MAX_ANSWER_CHARS = 2_000_000  # longer answers are not read at all: the parser's time bound holds up to here
+TOO_LONG = "the judge's answer is too long to read"
+PARSER_ERROR = "the parser failed on this answer"
 
 
 @dataclass
@@ -230,13 +235,32 @@ def read_type(value: object, rubric: Rubric) -> str | None:
     return ",".join(str(i) for i in sorted(out)) if out else "None"
 
 
+# Words that say a list is in some order other than the texts': a ranking, best first, places.
+ORDER_MARK_RE = re.compile(
+    r"\brank(?:ed|ing|ings|s)?\b|\b(?:best|worst|highest|lowest|strongest|weakest)[ \t\-]+(?:first|to|last)\b"
+    r"|\bin\s+(?:descending|ascending|order\s+of)\b|\b(?:descending|ascending)\b|\bsorted\b|\bordered\s+by\b"
+    r"|\b(?:1st|2nd|3rd|[4-9]th)\b|\b(?:first|second|third|last)\s+place\b|\bplace\s*[:#]|\bposition\s*[:#]"
+    r"|\bwinner\b|\btop\s+(?:pick|choice)\b|#\s*1\b|\bbest\s*:|\bworst\s*:",
+    re.IGNORECASE,
+)
+
+
 class _Answer:
     """What one answer shows as a whole: another scale, texts numbered from 0."""
 
-    def __init__(self, rubric: Rubric):
+    def __init__(self, rubric: Rubric, n: int = 0):
         self.rubric = rubric
+        self.n = n
         self.other_scale: list[str] = []
         self.from_zero = False
+        self.no_position: str | None = None  # why ratings may not be taken in position order
+
+    def allow_position(self, text: str, named: bool) -> None:
+        """Position order only for unnamed items with nothing marking another order (I2)."""
+        if named:
+            self.no_position = "the answer names texts, but its ratings are not tied to those names"
+        elif (m := ORDER_MARK_RE.search(text)) is not None:
+            self.no_position = f"unnamed ratings in an answer that marks an order ({m[0].strip()!r})"
 
     def read(self, value: object) -> _Reading:
         got = read_rating(value, self.rubric)
@@ -522,6 +546,8 @@ def _parse_headless(lines: list[str], n: int, answer: _Answer) -> list[Verdict]:
     if n == 1 and starts:
         fields = _read_fields(lines, answer)
         return [_verdict(_resolve(1, fields.readings, 1), fields)]
+    if starts and len(starts) == n and answer.no_position:
+        return [Verdict(None, None, error=answer.no_position) for _ in range(n)]
     if starts and len(starts) == n:
         bounds = [0, *starts[1:], len(lines)]
         out = []
@@ -552,8 +578,20 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_Obj, strict=False)
 _TEXT_KEY_RE = re.compile(r"^\s*(?:(?:text|response|output|answer)[\s_\-#]*)?(\d+)\s*$", re.IGNORECASE)
 _KEY_SCAN_RE = re.compile(r'"(?:text[ _\-]?)?(\d+)"\s*:\s*(?=\{)', re.IGNORECASE)
 _LIST_KEYS = ("verdicts", "ratings", "results", "evaluations", "texts", "outputs", "responses", "scores")
-_NAME_KEYS = ("text", "text_id", "text_number", "id", "index", "response", "output")
+_NAME_KEYS = ("text", "text_id", "text_number", "id", "index", "response", "output", "answer", "name",
+              "response_id", "output_id", "completion", "label", "candidate")
 _NAMES_A_TEXT_RE = re.compile(rf'"\s*{TEXT_NAME}\d+\s*"\s*:', re.IGNORECASE)
+
+
+_RATING_KEY_RE = re.compile(r"^(?:(?:overall|final|total|the)[ _\-]?)?(?:rating|score)(?:[ _\-]?(?:value|1_?5|\(1-5\)))?$")
+
+
+def _rating_of(obj: dict[str, Any]) -> tuple[bool, Any]:
+    """The item's rating under any key judges use: rating, Score, overall_rating, final-score."""
+    for key, value in obj.items():
+        if isinstance(key, str) and _RATING_KEY_RE.match(key.strip().lower()):
+            return True, value
+    return False, None
 
 
 def _get(obj: dict[str, Any], *names: str) -> tuple[bool, Any]:
@@ -580,18 +618,15 @@ class _Claims:
         self.named.setdefault(k, []).append(item)
 
 
-def _item_name(item: Any) -> int | None:
+def _item_name(item: Any, n: int) -> int | None:
     if not isinstance(item, dict):
         return None
     found, value = _get(item, *_NAME_KEYS)
-    if not found or isinstance(value, bool):
-        return None
-    m = re.search(r"\d+", str(value))
-    return int(m[0]) if m else None
+    return name_value(value, n) if found else None
 
 
 def _claims_from_list(items: list[Any], claims: _Claims, answer: _Answer) -> None:
-    names = [_item_name(i) for i in items]
+    names = [_item_name(i, answer.n) for i in items]
     if any(k is not None for k in names):
         for k, item in zip(names, items):
             if k is not None:
@@ -617,8 +652,8 @@ def _claims_from_value(value: Any, claims: _Claims, answer: _Answer) -> None:
         if isinstance(key, str) and key.strip().lower() in _LIST_KEYS and isinstance(inner, (list, dict)):
             _claims_from_value(inner, claims, answer)
             return
-    if _get(value, "rating", "score")[0]:
-        k = _item_name(value)
+    if _rating_of(value)[0]:
+        k = _item_name(value, answer.n)
         if k is not None:
             claims.add(answer.name(k), value)
         else:
@@ -629,7 +664,7 @@ def _claims_from_value(value: Any, claims: _Claims, answer: _Answer) -> None:
 
 def _json_reading(k: int, item: Any, answer: _Answer) -> tuple[_Reading, str | None, str | None]:
     if isinstance(item, dict):
-        found, rating = _get(item, "rating", "score")
+        found, rating = _rating_of(item)
         reading = answer.read(rating) if found else _Reading(None, f"no rating in the JSON verdict for text {k}")
         _, why = _get(item, "rationale", "reason", "reasoning", "explanation", "justification")
         _, typ = _get(item, "type", "types")
@@ -641,6 +676,8 @@ def _json_reading(k: int, item: Any, answer: _Answer) -> tuple[_Reading, str | N
 
 def _verdicts_from_claims(claims: _Claims, n: int, answer: _Answer, cut: str) -> list[Verdict]:
     named = dict(claims.named)
+    if not named and answer.no_position and claims.positional:
+        return [Verdict(None, None, error=answer.no_position) for _ in range(n)]
     if not named:
         full = [p for p in claims.positional if len(p) == n]
         if not full:
@@ -681,8 +718,8 @@ def _scan_objects(text: str, answer: _Answer) -> _Claims:
     unnamed = []
     for m in re.finditer(r"\{[^{}]*\}", text):
         ok, value = decode_json(m.group(0), _DECODER)
-        if ok and isinstance(value, dict) and _get(value, "rating", "score")[0]:
-            k = _item_name(value)
+        if ok and isinstance(value, dict) and _rating_of(value)[0]:
+            k = _item_name(value, answer.n)
             if k is not None:
                 claims.add(answer.name(k), value)
             else:
@@ -698,6 +735,8 @@ def _parse_json(text: str, n: int, answer: _Answer) -> list[Verdict] | None:
         _claims_from_value(value, claims, answer)
     if _NAMES_A_TEXT_RE.search(text) or QUOTED in text:
         claims.positional = []  # I2: an answer that names texts (or pasted one) is never read by position
+    if answer.no_position and claims.positional and not claims.named:
+        return [Verdict(None, None, error=answer.no_position) for _ in range(n)]
     cut = "JSON answer cut off or invalid before the verdict"
     if not claims.named:
         scanned = _scan_keys(text, answer)
@@ -763,11 +802,27 @@ def parse_verdicts(
         raise ValueError(f"parse_verdicts: n must be >= 0, got {n}")
     if text is None or not text.strip():
         return [Verdict(None, None, error="empty judge answer") for _ in range(n)]
+    if len(text) > MAX_ANSWER_CHARS:
+        return [Verdict(None, None, error=f"{TOO_LONG} ({len(text):,} > {MAX_ANSWER_CHARS:,} characters)") for _ in range(n)]
     own = strip_untrusted(text, rubric, n, messages=messages, generations=generations)
     if not own.strip():
         return [Verdict(None, None, error="the judge's answer only repeats its prompt") for _ in range(n)]
-    answer = _Answer(rubric)
-    got = _parse(own, n, answer, structured)
+    try:
+        return _read_own(own, n, rubric, structured)
+    except Exception as exc:  # a bug must cost the call's ratings, never the run: unread, with the reason
+        return [Verdict(None, None, error=f"{PARSER_ERROR}: {type(exc).__name__}") for _ in range(n)]
+
+
+def _read_own(own: str, n: int, rubric: Rubric, structured: bool) -> list[Verdict]:
+    final, why = final_answer(own)
+    if why:
+        return [Verdict(None, None, error=why) for _ in range(n)]
+    names = resolve_names(final, n)
+    if names.problem:
+        return [Verdict(None, None, error=names.problem) for _ in range(n)]
+    answer = _Answer(rubric, n)
+    answer.allow_position(names.text, names.named)
+    got = _parse(names.text, n, answer, structured)
     return answer.overrule(got)
 
 
@@ -778,6 +833,15 @@ def parse_verdicts(
 # Failed judge calls, failed generations and honesty's N/A are not parse failures.
 _REASONS = (  # (substring of the error, reason class), first match wins
     ("empty judge answer", "empty answer"),
+    (TOO_LONG, "answer too long"),
+    (PARSER_ERROR, "parser error"),
+    (NO_FINAL, "no final answer"),
+    ("more than one scheme", "texts named ambiguously"),
+    ("may be a letter or a roman", "texts named ambiguously"),
+    ("that is not among the", "texts named ambiguously"),
+    ("but its ratings are not tied", "ratings not tied to names"),
+    ("marks an order", "unnamed ratings in another order"),
+    ("nested deeper", "JSON nested too deep"),
     ("only repeats its prompt", "echo only"),
     ("numbers the texts from 0", "texts numbered from 0"),
     (OTHER_SCALE, "another scale"),
