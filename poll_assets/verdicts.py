@@ -44,6 +44,7 @@ from typing import Any
 from poll_assets.rubrics.answer_format import (
     FIELD_RE,
     HEADING_RE,
+    RATING_VALUE,
     TEXT_NAME,
     bracket_spans,
     decode_json,
@@ -293,9 +294,7 @@ class _Answer:
 
 _SEPARATORS = ":-\u2013\u2014.|)]("
 # "4", "4/5", "4 out of 5", stars; optionally followed by " - prose" ("Text 1 - 4/5 - good").
-_COMPACT_RATING_RE = re.compile(
-    r"(?P<value>\d+(?:\s*(?:/|out\s+of)\s*\d+)?|[\u2605\u2b50]+[\u2606]*)[.!]?(?:\s+[-\u2013\u2014:|]\s+.*)?", re.IGNORECASE
-)
+_COMPACT_RATING_RE = re.compile(rf"[*_]*(?P<value>{RATING_VALUE})[*_]*[.!]?(?:\s+[-\u2013\u2014:|]\s+.*)?", re.IGNORECASE)
 _TAG_RE = re.compile(rf"^\s*</?\s*(?:(?P<text>{TEXT_NAME}(?P<k>\d+))|(?P<field>rating|score|rationale|type))\s*>(?P<value>.*?)(?:</[^>]*>)?\s*$", re.IGNORECASE)
 _FIELD_KIND = {"rating": "rating", "ratings": "rating", "score": "rating", "scores": "rating", "type": "type"}
 _BULLET_RE = re.compile(r"^[ \t]*(?:[-+*\u2022]|\d{1,2}[.)])[ \t]+")
@@ -362,6 +361,8 @@ def _table(lines: list[str]) -> list[str] | None:
         k = re.search(r"\d+", row[text_col]) if text_col is not None and len(row) > text_col else None
         if k:
             out.append(f"#### Output for Text {k[0]}")
+        elif text_col is not None:
+            out.append(VOID)  # a row naming its text in a way not understood: never read by position
         out.append(f"Rating: {row[rating_col]}")
         if why_col is not None and len(row) > why_col:
             out.append(f"Rationale: {row[why_col]}")

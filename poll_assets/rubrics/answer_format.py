@@ -36,10 +36,16 @@ FIELD_RE = re.compile(
     r"(?:[:=][*_ \t]*|[ \t]+[-\u2013\u2014][ \t]+|(?=[\d\[(\u2605\u2b50]))(?P<value>.*)$",
     re.IGNORECASE,
 )
+# A rating as judges write it after a name or at the end of a line: 4, 4.0, 4/5, "4 out of 5", [[4]],
+# stars, optionally "(Almost There)" or "points"/"stars" after it.
+RATING_VALUE = (
+    r"(?:\[\[[ \t]*\d+(?:\.0)?[ \t]*\]\]|\d+(?:\.0)?(?:[ \t]*(?:/|out[ \t]+of)[ \t]*\d+)?|[\u2605\u2b50]+\u2606*)"
+    r"(?:[ \t]+(?:points?|stars?))?(?:[ \t]*\([A-Za-z' /]{2,60}\))?"
+)
 # "... the text meets every restriction. **Rating: 4**": a rating closing a prose line.
 INLINE_RATING_RE = re.compile(
     rf"^(?![ \t]*>)(?P<pre>.*?\S)[ \t]+[*_]*{QUALIFIER}(?:rating|score)[*_]*[ \t]*(?:[:=]|[ \t]+(?:is|of))[*_ \t]*"
-    r"(?P<value>\d+(?:[ \t]*/[ \t]*\d+)?)[*_]*\.?[ \t]*$",
+    rf"(?P<value>{RATING_VALUE})[*_]*\.?[ \t]*$",
     re.IGNORECASE,
 )
 

@@ -37,7 +37,9 @@ _ORDINAL_REF_RE = re.compile(
     re.IGNORECASE,
 )
 # A bare letter label opening a line: "(b) 4/5", "B) ...", "**B:** 4", "- A: 4"
-_BARE_LETTER_RE = re.compile(r"^(?P<pre>[ \t]*(?:[-+*\u2022][ \t]+)?[*_#]*[ \t]*)(?:\((?P<a>[a-jA-J])\)|(?P<b>[A-J])[*_]*[:)])(?=[ \t*_]|$)", re.MULTILINE)
+_BARE_LETTER_RE = re.compile(r"^(?P<pre>[ \t]*(?:[-+*\u2022][ \t]+)?[*_#]*[ \t]*)(?:\((?P<a>[a-jA-J])\)[*_]*[:.]?|(?P<b>[A-J])[*_]*[:)])(?=[ \t*_]|$)", re.MULTILINE)
+# A table cell that is only a letter: "| (b) | 4 |", "| **B** | 4 |"
+_CELL_LETTER_RE = re.compile(r"(?<=\|)[ \t]*[*_]*\(?(?P<id>[A-Ja-j])\)?[*_]*[ \t]*(?=\|)")
 # XML with a name attribute: <text id="3">, <evaluation text="B">, <response index='2'>
 _XML_ATTR_RE = re.compile(
     r"<(?P<tag>[A-Za-z_][\w\-]*)[^<>\n]*?\b(?:id|text|text_id|index|number|n|response|name|ref)[ \t]*=[ \t]*[\"']?"
@@ -123,6 +125,10 @@ def resolve_names(text: str, n: int) -> Names:
         if free(m.start(), m.end()):
             refs.append((m.start(), m.end(), "noun", _kind(m["id"])))
             taken.append((m.start(), m.end()))
+    for m in _CELL_LETTER_RE.finditer(text):
+        if free(m.start(), m.end()):
+            refs.append((m.start(), m.end(), "cell", ("letter", m["id"].upper())))
+            taken.append((m.start(), m.end()))
     for m in _BARE_LETTER_RE.finditer(text):
         if free(m.start(), m.end()):
             letter = m["a"] or m["b"]
@@ -148,6 +154,8 @@ def _rewrite(text: str, resolved: list[tuple[int, int, str, int]]) -> str:
         out.append(text[pos:s])
         if how.startswith("xml"):
             out.append(f"\n#### Output for Text {k}\n" + ("Rating: " if how == "xml-rating" else ""))
+        elif how == "cell":
+            out.append(f" Text {k} ")
         elif how.startswith("bare:"):
             out.append(f"{how[5:]}Text {k}:")
         else:
