@@ -297,6 +297,13 @@ _SEPARATORS = ":-\u2013\u2014.|)]("
 _COMPACT_RATING_RE = re.compile(rf"[*_]*(?P<value>{RATING_VALUE})[*_]*[.!]?(?:\s+[-\u2013\u2014:|]\s+.*)?", re.IGNORECASE)
 _TAG_RE = re.compile(rf"^\s*</?\s*(?:(?P<text>{TEXT_NAME}(?P<k>\d+))|(?P<field>rating|score|rationale|type))\s*>(?P<value>.*?)(?:</[^>]*>)?\s*$", re.IGNORECASE)
 _FIELD_KIND = {"rating": "rating", "ratings": "rating", "score": "rating", "scores": "rating", "type": "type"}
+# A rating said in a sentence about "it" / "this one" / a named text: "I would give it a 4", "I rate it 3/5".
+_RATE_WORD_RE = re.compile(r"\b(?:rate|give|assign|score)\b", re.IGNORECASE)
+_RATE_IT_RE = re.compile(
+    rf"\bI(?:'d|\s+would|\s+will)?\s+(?:rate|give|assign|score)\s+(?:it|this(?:\s+(?:one|text|response|output|answer))?|{TEXT_NAME}\d+)"
+    rf"\s+(?:(?:an?|as|at)\s+)?(?:(?:rating|score)\s+of\s+)?[*_]*(?P<value>{RATING_VALUE})[*_]*(?:\s*[.!,;]|\s*$)",
+    re.IGNORECASE,
+)
 _BULLET_RE = re.compile(r"^[ \t]*(?:[-+*\u2022]|\d{1,2}[.)])[ \t]+")
 _VALUE = r"(?:\d+(?:\s*/\s*\d+)?|[\u2605\u2b50]+[\u2606]*)"
 _PAIR = rf"(?:output\s+for\s+)?{TEXT_NAME}(\d+)\s*(?:[:=\-\u2013]|\bis\b)?\s*(?:(?:rating|score)\s*[:=]?\s*)?({_VALUE})"
@@ -336,7 +343,16 @@ def _canonical(line: str) -> list[str]:
         mentioned = {int(k) for k in re.findall(rf"\b{TEXT_NAME}(\d+)\b", inline["pre"], re.IGNORECASE)}
         if len(mentioned) == 1:  # "For Text 2, I would give a rating of 4.": a weak heading, a mention inside real blocks
             return [f"{_MENTION}{mentioned.pop()}", inline["pre"], f"Rating: {inline['value']}"]
+        if mentioned:  # "Text 2 beats Text 3, which has a rating of 2": whose rating nobody can say
+            return [inline["pre"]]
         return [inline["pre"], f"Rating: {inline['value']}"]
+    said = _RATE_IT_RE.search(line) if _RATE_WORD_RE.search(line) else None
+    if said:  # "Overall, I rate it 4." / "I'd give Text 2 a 4/5."
+        mentioned = {int(k) for k in re.findall(rf"\b{TEXT_NAME}(\d+)\b", line, re.IGNORECASE)}
+        if len(mentioned) > 1:
+            return [line]  # whose rating it is, nobody can say
+        value = f"Rating: {_plain(said['value'])}"
+        return [f"{_MENTION}{mentioned.pop()}", line, value] if mentioned else [line, value]
     tag = _TAG_RE.match(line)
     if tag:  # <text_1> <rating>4</rating> </text_1>
         if tag["text"]:
@@ -424,6 +440,8 @@ def _heading(line: str, rubric: Rubric) -> tuple[int, str | None, bool] | None:
         return k, f"Rating: {compact['value']}", False
     if inline and _is_label(inline, rubric):
         return k, f"Rating: {inline}", False  # "### Text 1 - 4/5", "Output for Text 1: Almost There"
+    if inline and rest[0] == "(":
+        return None  # "**Text 2** (rated 5) is stronger": prose about text 2 inside another block
     if inline and not decorated:
         return None  # a bare "Text 2: some sentence" in a rationale
     return k, inline or None, bool(inline) and bool(_BULLET_RE.match(line))
@@ -439,9 +457,14 @@ def _split_blocks(lines: list[str], answer: _Answer) -> list[_Block]:
     headings = [_heading(x, answer.rubric) for x in lines]
     strong = any(h is not None and not h[2] for h in headings)
     blocks = [_Block(None, [])]  # the preamble
+    drop_rating = False  # the next rating line is about another text than the block's
     for line, h in zip(lines, headings):
         if h is None or (h[2] and strong):
-            if not line.startswith(_MENTION):
+            if line.startswith(_MENTION):
+                drop_rating = h is not None and h[0] != blocks[-1].k
+            elif drop_rating and (f := _field_kind(line)) and f[0] == "rating":
+                drop_rating = False  # "compared with Text 2, whose rating is 5" inside text 1's block
+            else:
                 blocks[-1].lines.append(line)
             continue
         k, inline, _ = h
@@ -542,6 +565,10 @@ def _parse_text(text: str, n: int, answer: _Answer) -> list[Verdict]:
     return out
 
 
+# A heading or a bold label line: "## Evaluation of (c)", "**Candidate X**", "### 1.": it names an item.
+_LABEL_LINE_RE = re.compile(r"^[ \t]*(?:#{1,6}[ \t]+\S|\*\*[^*\n]{1,80}\*\*:?[ \t]*$|__[^_\n]{1,80}__:?[ \t]*$)")
+
+
 def _parse_headless(lines: list[str], n: int, answer: _Answer) -> list[Verdict]:
     starts = [i for i, line in enumerate(lines) if (f := _field_kind(line)) and f[0] == "rating"]
     if n == 1 and starts:
@@ -549,6 +576,9 @@ def _parse_headless(lines: list[str], n: int, answer: _Answer) -> list[Verdict]:
         return [_verdict(_resolve(1, fields.readings, 1), fields)]
     if starts and len(starts) == n and answer.no_position:
         return [Verdict(None, None, error=answer.no_position) for _ in range(n)]
+    if n > 1 and starts and len(starts) == n and any(_LABEL_LINE_RE.match(x) for x in lines):
+        why = "ratings under headings that name no text the parser can resolve"
+        return [Verdict(None, None, error=why) for _ in range(n)]  # the items carry names: not by position
     if starts and len(starts) == n:
         bounds = [0, *starts[1:], len(lines)]
         out = []
@@ -842,6 +872,7 @@ _REASONS = (  # (substring of the error, reason class), first match wins
     ("that is not among the", "texts named ambiguously"),
     ("but its ratings are not tied", "ratings not tied to names"),
     ("marks an order", "unnamed ratings in another order"),
+    ("under headings that name no text", "ratings not tied to names"),
     ("nested deeper", "JSON nested too deep"),
     ("only repeats its prompt", "echo only"),
     ("numbers the texts from 0", "texts numbered from 0"),

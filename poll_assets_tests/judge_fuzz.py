@@ -23,13 +23,16 @@ NOUNS = ["Text", "Response", "Output", "Answer", "Completion", "Generation"]
 
 NAMINGS = ["number", "noun_number", "letter", "letter_paren", "roman", "ordinal", "xml_id", "xml_attr", "unnamed"]
 ORDERS = ["asked", "reverse", "best_first", "random"]
-NOTATIONS = ["plain", "slash", "out_of", "stars", "double_bracket", "bold", "decimal", "with_label", "label", "points"]
-LAYOUTS = ["blocks", "one_line", "bullets", "table", "json_dict", "json_list", "json_nested", "xml"]
+NOTATIONS = ["plain", "slash", "out_of", "stars", "double_bracket", "bold", "decimal", "with_label", "label", "points",
+             "ten_scale"]
+LAYOUTS = ["blocks", "one_line", "bullets", "table", "json_dict", "json_list", "json_nested", "xml", "prose",
+           "heading_sentence", "json_scores"]
+SUMMARIES = ["none", "none", "ranking_line", "best_named"]
 RATIONALES = ["none", "before", "after", "trap"]
 WRAPPERS = ["none", "preamble", "fence", "closing", "preamble_and_closing"]
 REASONINGS = ["none", "think_tag", "thinking_tag", "prose_draft_final", "unclosed_think", "final_omits_one"]
 TRUNCATIONS = ["none", "none", "none", "cut"]
-DIMENSIONS = ("naming", "order", "notation", "layout", "rationale", "wrapper", "reasoning", "truncation")
+DIMENSIONS = ("naming", "order", "notation", "layout", "rationale", "wrapper", "reasoning", "truncation", "summary")
 
 
 @dataclass
@@ -63,7 +66,7 @@ def _notation(style: str, r: int) -> str:
     return {
         "plain": str(r), "slash": f"{r}/5", "out_of": f"{r} out of 5", "stars": "\u2605" * r + "\u2606" * (5 - r),
         "double_bracket": f"[[{r}]]", "bold": f"**{r}**", "decimal": f"{r}.0", "with_label": f"{r} ({LABELS[r]})",
-        "label": LABELS[r], "points": f"{r}/5 points",
+        "label": LABELS[r], "points": f"{r}/5 points", "ten_scale": f"{2 * r}/10",
     }[style]
 
 
@@ -116,11 +119,18 @@ def _text_body(rng: random.Random, d: dict[str, str], ratings: list[int], order:
         elif d["layout"] == "one_line":
             lead = f"{name}: " if named else f"{pos}. "
             parts.append(f"{lead}{value} - {why}" if d["rationale"] != "none" else f"{lead}{value}")
+        elif d["layout"] == "prose":
+            lead = name if named else "This one"
+            parts.append(f"{lead} {why.lower()} I would give it {value}." if d["rationale"] != "none" else f"I'd give {lead} a {value}.")
+        elif d["layout"] == "heading_sentence":
+            head = f"## Evaluation of {name}" if named else f"## Evaluation {pos}"
+            parts.append(f"{head}\n\n{why} Overall, I rate it {value}.")
         elif d["layout"] == "bullets":
             lead = f"- **{name}:** " if named else "- "
             parts.append(f"{lead}{why} Rating: {value}" if d["rationale"] != "none" else f"{lead}Rating: {value}")
         else:  # table rows, assembled below
             parts.append(f"| {name if named else pos} | {value} | {why} |")
+    d["_parts"] = parts  # type: ignore[assignment]  # for truncation: where each text's verdict lies
     if d["layout"] == "table":
         head = "| Text | Rating | Rationale |" if named else "| # | Rating | Rationale |"
         return "\n".join([head, "|---|---|---|", *parts])
@@ -136,6 +146,9 @@ def _json_body(d: dict[str, str], ratings: list[int], order: list[int], noun: st
         return {"rationale": "Reason given here.", "rating": value}
 
     named = d["naming"] != "unnamed"
+    if d["layout"] == "json_scores":
+        scores = {_json_key(d["naming"], k, noun): item(k)["rating"] for k in order} if named else [item(k)["rating"] for k in order]
+        return json.dumps({"scores": scores} if named else scores)
     if d["layout"] == "json_list" or not named:
         items = [({"text": _json_key(d["naming"], k, noun) if d["naming"] not in ("number",) else k} if named else {}) | item(k)
                  for k in order]
@@ -157,10 +170,16 @@ def compose(rng: random.Random, n: int | None = None) -> Composed:
     noun = rng.choice(NOUNS)
     ratings = [rng.randint(1, 5) for _ in range(n)]
     order = _order(rng, d["order"], ratings)
+    d["summary"] = rng.choice(SUMMARIES)
     is_json = d["layout"].startswith("json")
     body = _json_body(d, ratings, order, noun) if is_json else _text_body(rng, d, ratings, order, noun)
-    truth: list[int | None] = list(ratings)
+    truth: list[int | None] = list(ratings) if d["notation"] != "ten_scale" else [None] * n  # another scale: unread
     ambiguous = [False] * n
+    if d["summary"] != "none" and d["naming"] not in ("unnamed", "xml_id", "xml_attr"):
+        best = sorted(range(1, n + 1), key=lambda k: -ratings[k - 1])
+        line = (" > ".join(_name(d["naming"], k, noun) for k in best) if d["summary"] == "ranking_line"
+                else f"{_name(d['naming'], best[0], noun)} is the strongest overall.")
+        body += "\n\n" + ("Final ranking: " if d["summary"] == "ranking_line" else "") + line
     if d["naming"] == "unnamed" and order != sorted(order):
         ambiguous = [True] * n  # unnamed items out of the asked order: nobody can tell which is which
     if d["order"] == "best_first" and rng.random() < 0.5:
@@ -175,6 +194,7 @@ def compose(rng: random.Random, n: int | None = None) -> Composed:
     body = _with_reasoning(rng, d, body, ratings, noun, truth, ambiguous, order)
     if d["truncation"] == "cut":
         body = _truncate(rng, body, d, ratings, order, truth, ambiguous)
+    d.pop("_parts", None)
     return Composed(body, n, truth, ambiguous, d)
 
 
@@ -207,17 +227,47 @@ def _with_reasoning(rng: random.Random, d: dict[str, str], body: str, ratings: l
 
 def _truncate(rng: random.Random, body: str, d: dict[str, str], ratings: list[int], order: list[int],
               truth: list[int | None], ambiguous: list[bool]) -> str:
+    """Cut the answer somewhere: texts whose verdict lies wholly before the cut stay readable, the one
+    cut through is ambiguous, the ones after it are not rated by the answer."""
     cut = rng.randint(len(body) // 3, max(len(body) // 3, len(body) - 1))
     kept = body[:cut]
-    # Texts whose verdicts come wholly before the cut are readable; the one cut through, and any
-    # text whose verdict may have been partly written, is ambiguous; those after it are unrated.
-    if d["naming"] == "unnamed" or d["layout"] == "table":
-        for i in range(len(truth)):
-            ambiguous[i] = True
+    spans = _verdict_spans(body, d, order)
+    if d["naming"] == "unnamed" or spans is None:
+        ambiguous[:] = [True] * len(truth)
         return kept
-    for k in range(1, len(truth) + 1):
-        ambiguous[k - 1] = True  # per-text spans are not tracked: a careful reader of a cut answer may differ
+    for k, (start, end) in spans.items():
+        if end <= cut:
+            continue
+        if start < cut:
+            ambiguous[k - 1] = True
+        else:
+            truth[k - 1] = None
     return kept
+
+
+def _verdict_spans(body: str, d: dict[str, str], order: list[int]) -> dict[int, tuple[int, int]] | None:
+    """Where each text's verdict lies in the answer; None when that cannot be told from the layout."""
+    parts = d.get("_parts")
+    if isinstance(parts, list) and d["layout"] != "table":
+        spans, pos = {}, 0
+        for k, part in zip(order, parts):
+            start = body.find(part, pos)
+            if start < 0:
+                return None
+            spans[k] = (start, start + len(part))
+            pos = start + len(part)
+        return spans
+    if d["layout"] in ("json_dict", "json_list", "json_nested"):
+        spans, pos = {}, 0
+        for k in order:
+            at = body.find('"rating"', pos)
+            close = body.find("}", at)
+            if at < 0 or close < 0:
+                return None
+            spans[k] = (pos, close + 1)
+            pos = close + 1
+        return spans
+    return None
 
 
 def outcomes(composed: Composed, ratings: list[int | None] | None) -> list[str]:

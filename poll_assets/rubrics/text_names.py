@@ -39,6 +39,7 @@ _ORDINAL_REF_RE = re.compile(
 # A bare letter label opening a line: "(b) 4/5", "B) ...", "**B:** 4", "- A: 4"
 _BARE_LETTER_RE = re.compile(r"^(?P<pre>[ \t]*(?:[-+*\u2022][ \t]+)?[*_#]*[ \t]*)(?:\((?P<a>[a-jA-J])\)[*_]*[:.]?|(?P<b>[A-J])[*_]*[:)])(?=[ \t*_]|$)", re.MULTILINE)
 # A table cell that is only a letter: "| (b) | 4 |", "| **B** | 4 |"
+_OF_LETTER_RE = re.compile(r"(?:(?<=\bof )|(?<=\bfor )|(?<=\bOf )|(?<=\bFor ))\((?P<id>[a-jA-J])\)")
 _CELL_LETTER_RE = re.compile(r"(?<=\|)[ \t]*[*_]*\(?(?P<id>[A-Ja-j])\)?[*_]*[ \t]*(?=\|)")
 # XML with a name attribute: <text id="3">, <evaluation text="B">, <response index='2'>
 _XML_ATTR_RE = re.compile(
@@ -124,6 +125,10 @@ def resolve_names(text: str, n: int) -> Names:
     for m in _KEY_REF_RE.finditer(text):
         if free(m.start(), m.end()):
             refs.append((m.start(), m.end(), "noun", _kind(m["id"])))
+            taken.append((m.start(), m.end()))
+    for m in _OF_LETTER_RE.finditer(text):  # "Evaluation of (c)"
+        if free(m.start(), m.end()):
+            refs.append((m.start(), m.end(), "noun", ("letter", m["id"].upper())))
             taken.append((m.start(), m.end()))
     for m in _CELL_LETTER_RE.finditer(text):
         if free(m.start(), m.end()):
