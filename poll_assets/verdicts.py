@@ -438,8 +438,9 @@ def _heading(line: str, rubric: Rubric) -> tuple[int, str | None, bool] | None:
     compact = _COMPACT_RATING_RE.fullmatch(inline) if inline else None
     if compact:
         return k, f"Rating: {compact['value']}", False
-    if inline and _is_label(inline, rubric):
-        return k, f"Rating: {inline}", False  # "### Text 1 - 4/5", "Output for Text 1: Almost There"
+    label = re.split(r"\s+[-\u2013\u2014|:]\s+", inline, maxsplit=1)[0] if inline else ""
+    if label and _is_label(label, rubric):  # "Output for Text 1: Almost There", "Text 2: Partial Focus - misses"
+        return k, f"Rating: {label}", False
     if inline and rest[0] == "(":
         return None  # "**Text 2** (rated 5) is stronger": prose about text 2 inside another block
     if inline and not decorated:
