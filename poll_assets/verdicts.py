@@ -38,7 +38,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from poll_assets.rubrics.answer_format import (
@@ -72,6 +72,10 @@ class Verdict:
     rationale: str | None
     type: str | None = None  # normalized type ids "1,3", "None" when the judge listed none
     error: str | None = None  # why rating is None
+    # How the rating was tied to its text: "layout" (the asked names: Text k, text_k), "names" (another
+    # naming scheme resolved to Text k), "position" (unnamed items, exactly n, no order marked). Not
+    # stored with the verdict (to_dict leaves it out); the judging stage reports it as "parse_report".
+    read_by: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def kind(self) -> str:
@@ -95,7 +99,9 @@ class Verdict:
         return cls(None, None, error=GENERATION_FAILED + (f": {detail}" if detail else ""))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("read_by")
+        return out
 
 
 def parse_failure_rate(verdicts: list[Verdict]) -> float:
@@ -255,6 +261,7 @@ class _Answer:
         self.other_scale: list[str] = []
         self.from_zero = False
         self.no_position: str | None = None  # why ratings may not be taken in position order
+        self.by_position = False  # some rating was taken by position
 
     def allow_position(self, text: str, named: bool) -> None:
         """Position order only for unnamed items with nothing marking another order (I2)."""
@@ -581,6 +588,7 @@ def _parse_headless(lines: list[str], n: int, answer: _Answer) -> list[Verdict]:
         why = "ratings under headings that name no text the parser can resolve"
         return [Verdict(None, None, error=why) for _ in range(n)]  # the items carry names: not by position
     if starts and len(starts) == n:
+        answer.by_position = n > 1
         bounds = [0, *starts[1:], len(lines)]
         out = []
         for k in range(n):
@@ -716,6 +724,7 @@ def _verdicts_from_claims(claims: _Claims, n: int, answer: _Answer, cut: str) ->
             sizes = sorted({len(p) for p in claims.positional})
             why = f"{' or '.join(map(str, sizes))} unnamed verdicts for {n} texts"
             return [Verdict(None, None, error=why) for _ in range(n)]
+        answer.by_position = n > 1
         for items in full:
             for k, item in enumerate(items, start=1):
                 named.setdefault(k, []).append(item)
@@ -854,8 +863,42 @@ def _read_own(own: str, n: int, rubric: Rubric, structured: bool) -> list[Verdic
         return [Verdict(None, None, error=names.problem) for _ in range(n)]
     answer = _Answer(rubric, n)
     answer.allow_position(names.text, names.named)
-    got = _parse(names.text, n, answer, structured)
-    return answer.overrule(got)
+    got = answer.overrule(_parse(names.text, n, answer, structured))
+    mode = "position" if answer.by_position else ("names" if names.text != final else "layout")
+    for v in got:
+        if v.rating is not None or v.error == NA:
+            v.read_by = mode
+    return got
+
+
+_ASKED_NAME_RE = re.compile(rf"\b{TEXT_NAME}\d+\b", re.IGNORECASE)
+
+
+def reading_mode(answer: str | None, n: int) -> str:
+    """How an answer ties its ratings to texts, from its text alone (no rubric needed, so a stored
+    answer can be re-examined): "layout" (Text k / text_k as asked), "names" (another naming scheme),
+    "position" (no names), or "none" (no final answer, or names that do not resolve)."""
+    if not answer or len(answer) > MAX_ANSWER_CHARS:
+        return "none"
+    final, why = final_answer(answer)
+    names = resolve_names(final, n) if not why else None
+    if names is None or names.problem:
+        return "none"
+    if names.text != final:
+        return "names"
+    return "layout" if _ASKED_NAME_RE.search(final) else "position"
+
+
+def reading_report(read_by: Iterable[str | None], verdicts: Iterable[Verdict]) -> dict[str, int]:
+    """How a judge's verdicts were read: by the asked layout, by names, by position (or by a repair),
+    unread by reason. `read_by` holds one mode per verdict (Verdict.read_by or reading_mode)."""
+    counts: Counter[str] = Counter()
+    for mode, v in zip(read_by, verdicts):
+        if v.kind in ("ok", "na"):
+            counts[f"read_by_{mode or 'unknown'}"] += 1
+        elif (reason := failure_reason(v)) is not None:
+            counts[f"unread/{reason}"] += 1
+    return dict(sorted(counts.items()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -291,3 +291,17 @@ def test_judge_shapes(answer, n, expected, why):
     assert all(v.error for v in got if v.rating is None)
     if why:
         assert why in (got[0].error or "")
+
+
+def test_parse_report_says_how_each_rating_was_tied_to_its_text():
+    from poll_assets.verdicts import reading_mode, reading_report
+
+    answers = {"layout": "Text 1: 4\nText 2: 3", "names": "Response B: 4\nResponse A: 2",
+               "position": "Rating: 4\nRating: 2", "none": "Response B: 4\nText 1: 2"}
+    for mode, answer in answers.items():
+        got = parse_verdicts(answer, 2, IF, structured=False)
+        assert reading_mode(answer, 2) == mode
+        assert [v.read_by for v in got] == ([mode, mode] if mode != "none" else [None, None])
+    got = parse_verdicts(answers["names"], 2, IF, structured=False) + parse_verdicts(answers["none"], 2, IF, structured=False)
+    assert reading_report([v.read_by for v in got], got) == {"read_by_names": 2, "unread/texts named ambiguously": 2}
+    assert "read_by" not in got[0].to_dict()  # the stored verdict keeps its old shape
