@@ -55,7 +55,7 @@ from poll_assets.rubrics.answer_format import (
 )
 from poll_assets.rubrics.echo import QUOTED, VOID, strip_untrusted
 from poll_assets.rubrics.reasoning import NO_FINAL, final_answer
-from poll_assets.rubrics.text_names import name_value, resolve_names
+from poll_assets.rubrics.text_names import NOUNS, name_value, resolve_names
 from poll_assets.rubrics.ultrafeedback import Rubric
 
 NA = "N/A"
@@ -247,7 +247,7 @@ ORDER_MARK_RE = re.compile(
     r"\brank(?:ed|ing|ings|s)?\b|\b(?:best|worst|highest|lowest|strongest|weakest)[ \t\-]+(?:first|to|last)\b"
     r"|\bin\s+(?:descending|ascending|order\s+of)\b|\b(?:descending|ascending)\b|\bsorted\b|\bordered\s+by\b"
     r"|\b(?:1st|2nd|3rd|[4-9]th)\b|\b(?:first|second|third|last)\s+place\b|\bplace\s*[:#]|\bposition\s*[:#]"
-    r"|\bwinner\b|\btop\s+(?:pick|choice)\b|#\s*1\b|\bbest\s*:|\bworst\s*:",
+    r"|\bwinner\b|\btop\s+(?:pick|choice)\b|#\s*1\b|\bbest\s*:|\bworst\s*:|\"(?:position|place|order)\"\s*:",
     re.IGNORECASE,
 )
 
@@ -375,7 +375,10 @@ def _table(lines: list[str]) -> list[str] | None:
     rating_col = next((i for i, c in enumerate(header) if re.search(r"rating|score", c)), None)
     if rating_col is None:
         return None
-    text_col = next((i for i, c in enumerate(header) if re.search(r"text|response|output|answer|^#$|^no\.?$|^id$", c)), None)
+    # A column naming the texts wins over "#" / "No." / "id", which may hold ranks or positions.
+    text_col = next((i for i, c in enumerate(header) if re.search(rf"\b(?:{NOUNS})", c)), None)
+    if text_col is None:
+        text_col = next((i for i, c in enumerate(header) if re.search(r"^#$|^no\.?$|^id$", c)), None)
     why_col = next((i for i, c in enumerate(header) if re.search(r"rationale|reason|explanation|justification|comment", c)), None)
     out: list[str] = []
     for row in rows[1:]:
@@ -574,7 +577,11 @@ def _parse_text(text: str, n: int, answer: _Answer) -> list[Verdict]:
 
 
 # A heading or a bold label line: "## Evaluation of (c)", "**Candidate X**", "### 1.": it names an item.
-_LABEL_LINE_RE = re.compile(r"^[ \t]*(?:#{1,6}[ \t]+\S|\*\*[^*\n]{1,80}\*\*:?[ \t]*$|__[^_\n]{1,80}__:?[ \t]*$)")
+# Also a short label line: "Assistant B", "Model 2:", "Candidate #3".
+_LABEL_LINE_RE = re.compile(
+    r"^[ \t]*(?:#{1,6}[ \t]+\S|\*\*[^*\n]{1,80}\*\*:?[ \t]*$|__[^_\n]{1,80}__:?[ \t]*$"
+    r"|[^\W\d_][\w'\- ]{0,30}[ \t]*#?[ \t]*(?:[A-Z]|\d{1,2})[ \t]*[:.)]?[ \t]*$|[^\n:]{1,40}:[ \t]*$)"
+)
 
 
 def _parse_headless(lines: list[str], n: int, answer: _Answer) -> list[Verdict]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-NOUNS = r"text|response|output|answer|completion|generation|candidate|option|reply|submission|sample|passage"
+NOUNS = (r"text|response|output|answer|completion|generation|candidate|option|reply|submission|sample|passage"
+         r"|assistant|summary|solution|translation|essay|story|poem")
 _ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
 _ORDINAL_NUMS = r"1st|2nd|3rd|[4-9]th|10th"
 _NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
