@@ -1,30 +1,38 @@
 """Reading a judge's answer into one Verdict per text, the repair re-ask's pure parts, and the
 position-bias controls.
 
-`parse_verdicts` holds four invariants (property-tested in test_verdict_invariants.py):
+`parse_verdicts` holds these invariants (property-tested in test_verdict_invariants.py and, against
+composed judge answers, in test_judge_fuzz.py; docs/verdicts.md states the rules in full):
 I1 nothing inside a generation sets or changes a rating, at worst it removes one (None + reason);
-I2 a rating goes to a text only when the answer names that text, or names no text at all and holds
-   exactly n ratings in order;
+I2 a rating goes to a text only through a reference resolved to exactly that text (any naming scheme,
+   poll_assets.rubrics.text_names), or by position when the items carry no names, number exactly n
+   and nothing marks another order (a ranking, "best first", places);
 I3 an answer on another scale (a 0, a 7, "4/10", "Rating (1-10)") or numbering the texts from 0 gives
    None for every text, with the reason;
-I4 exactly n verdicts, in the order the texts were shown.
+I4 exactly n verdicts, in the order the texts were shown, for ANY string: no exception escapes, no
+   recursion deeper than MAX_JSON_DEPTH, O(length) work up to MAX_ANSWER_CHARS;
+I5 only the final answer counts: reasoning sections and drafts are cut off (poll_assets.rubrics.reasoning).
 
 Steps:
 1. What the answer repeats from its prompt is removed (poll_assets.rubrics.echo): fenced regions, the
    prompt's template lines and, given `messages`/`generations`, every line of the instruction and texts.
+   Then only the final answer is kept, and every reference to a text is rewritten to "Text k" (or the
+   answer is refused when its names mix schemes or fall outside the n texts).
 2. Text answers: lines are split with the project's one line rule and rewritten into canonical lines
-   (tables, "Text 1: 4, Text 2: 2", "Rating for Text 3: 5", "... **Rating: 4**", XML-style tags), then
-   cut into blocks at headings naming a text ("#### Output for Text k", "**Text k:**", "1. Text k",
-   "### Response k"). Inside a block, Rating/Score, Rationale (Reason, Explanation, ...) and Type fields
-   are read. A bulleted "- **Text 4:** prose" is a mention when the answer has real headings. Several
-   ratings for one text are kept only if they agree ("conflicting ratings" otherwise). Without any
-   heading, exactly n rating lines are taken in order (any number that agree for n == 1).
+   (tables, "Text 1: 4, Text 2: 2", "Rating for Text 3: 5", "... **Rating: 4**", "I rate it 4", XML-style
+   tags), then cut into blocks at headings naming a text ("#### Output for Text k", "**Text k:**",
+   "1. Text k", "### Response k"). Inside a block, Rating/Score, Rationale (Reason, Explanation, ...) and
+   Type fields are read; a rating line that mentions another text is dropped. A bulleted "- **Text 4:**
+   prose" is a mention when the answer has real headings. Several ratings for one text are kept only if
+   they agree ("conflicting ratings" otherwise). Without any heading, exactly n rating lines are taken
+   in order under I2's position rule (any number that agree for n == 1).
    Lines starting with ">" (quoted material) are never read, as text or as JSON.
-3. JSON answers: every JSON value in the answer is read (fences, prose and trailing commas tolerated);
-   keys text_k / "Text k" / "k", list items with "text": k, {"ratings": {...}}, case-insensitive field
-   names; an unnamed list only when it holds exactly n verdicts and nothing names a text. A truncated
-   answer keeps every complete "text_k": {...}. Verdicts from several JSON values are merged like
-   blocks (agreeing or None). A text answer falls back to JSON only when it mostly is JSON.
+3. JSON answers: every balanced JSON value in the answer is read (fences, prose and trailing commas
+   tolerated); keys text_k / "Text k" / "k" (after renaming), list items with "text": k (any scheme),
+   {"ratings": {...}}, case-insensitive and prefixed rating keys; an unnamed list only under I2's
+   position rule. A truncated answer keeps every complete "text_k": {...}. Verdicts from several JSON
+   values are merged like blocks (agreeing or None). A text answer falls back to JSON only when it
+   mostly is JSON.
 
 Ratings: integers on the scale, "4/5", words, labels or half of a compound label, stars; fractions,
 ranges and unknown words are rejected with the reason. Honesty's N/A gives None with error "N/A".
