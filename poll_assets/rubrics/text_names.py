@@ -106,10 +106,19 @@ def resolve_names(text: str, n: int) -> Names:
     for m in _XML_ATTR_RE.finditer(text):
         rating_tag = m["tag"].lower() in ("rating", "score")
         refs.append((m.start(), m.end(), "xml-rating" if rating_tag else "xml", _kind(m["id"])))
-    taken = [(s, e) for s, e, _, _ in refs]
+    covered = bytearray(len(text) + 1)  # characters already part of a reference: O(1) overlap checks
+
+    class _Taken:
+        @staticmethod
+        def append(span: tuple[int, int]) -> None:
+            covered[span[0]:span[1]] = b"\x01" * (span[1] - span[0])
+
+    taken = _Taken()
+    for s, e, _, _ in refs:
+        taken.append((s, e))
 
     def free(s: int, e: int) -> bool:
-        return not any(a < e and s < b for a, b in taken)
+        return covered.find(1, s, e) < 0
 
     for m in _ORDINAL_REF_RE.finditer(text):
         if free(m.start(), m.end()):
