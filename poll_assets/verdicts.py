@@ -585,7 +585,8 @@ def _parse_text(text: str, n: int, answer: _Answer) -> list[Verdict]:
 
 
 # A heading or a bold label line: "## Evaluation of (c)", "**Candidate X**", "### 1.": it names an item.
-# Also a short label line: "Assistant B", "Model 2:", "Candidate #3".
+# Also a short label line: "Assistant B", "Model 2:", "Candidate #3". Two or more of them label the
+# items (one alone may be a preamble: "Here are my ratings:").
 _LABEL_LINE_RE = re.compile(
     r"^[ \t]*(?:#{1,6}[ \t]+\S|\*\*[^*\n]{1,80}\*\*:?[ \t]*$|__[^_\n]{1,80}__:?[ \t]*$"
     r"|[^\W\d_][\w'\- ]{0,30}[ \t]*#?[ \t]*(?:[A-Z]|\d{1,2})[ \t]*[:.)]?[ \t]*$|[^\n:]{1,40}:[ \t]*$)"
@@ -599,7 +600,7 @@ def _parse_headless(lines: list[str], n: int, answer: _Answer) -> list[Verdict]:
         return [_verdict(_resolve(1, fields.readings, 1), fields)]
     if starts and len(starts) == n and answer.no_position:
         return [Verdict(None, None, error=answer.no_position) for _ in range(n)]
-    if n > 1 and starts and len(starts) == n and any(_LABEL_LINE_RE.match(x) for x in lines):
+    if n > 1 and starts and len(starts) == n and sum(bool(_LABEL_LINE_RE.match(x)) for x in lines) >= 2:
         why = "ratings under headings that name no text the parser can resolve"
         return [Verdict(None, None, error=why) for _ in range(n)]  # the items carry names: not by position
     if starts and len(starts) == n:
@@ -687,8 +688,18 @@ def _claims_from_list(items: list[Any], claims: _Claims, answer: _Answer) -> Non
             if k is not None:
                 claims.add(answer.name(k), item)
         return
+    if any(isinstance(i, dict) and any(isinstance(key, str) and _ID_KEY_RE.search(key.lower()) for key in i) for i in items):
+        answer.no_position = answer.no_position or "the JSON items carry names the parser cannot resolve"
+        return  # {"response_index": 0, ...}: named, but not in a way we can tie to a text
     if all(isinstance(i, (dict, int, float, str)) or i is None for i in items):
         claims.positional.append(items)
+
+
+# A JSON key that names an item (unknown to _NAME_KEYS): such items are never read by position.
+_ID_KEY_RE = re.compile(
+    r"(?:^|[_\- ])(?:id|idx|index|num|number|no|name|label|key|letter|text|response|output|answer|candidate|option"
+    r"|completion|generation|model|assistant|item)(?:$|[_\- ])"
+)
 
 
 def _claims_from_value(value: Any, claims: _Claims, answer: _Answer) -> None:
@@ -930,6 +941,7 @@ _REASONS = (  # (substring of the error, reason class), first match wins
     ("may be a letter or a roman", "texts named ambiguously"),
     ("that is not among the", "texts named ambiguously"),
     ("but its ratings are not tied", "ratings not tied to names"),
+    ("carry names the parser cannot resolve", "ratings not tied to names"),
     ("marks an order", "unnamed ratings in another order"),
     ("under headings that name no text", "ratings not tied to names"),
     ("nested deeper", "JSON nested too deep"),
