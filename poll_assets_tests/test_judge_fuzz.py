@@ -21,7 +21,7 @@ RUBRIC = get_rubric("instruction-following")
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
 # Generous for a shared 2-core machine: bench/fuzz_verdicts.py and docs/verdicts.md give the measured figures.
-SECONDS_PER_MB = 20.0
+SECONDS_PER_MB = 30.0
 
 
 def _read(text: str, n: int, structured: bool) -> list[int | None]:
