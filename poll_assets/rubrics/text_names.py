@@ -108,22 +108,19 @@ def resolve_names(text: str, n: int) -> Names:
         refs.append((m.start(), m.end(), "xml-rating" if rating_tag else "xml", _kind(m["id"])))
     covered = bytearray(len(text) + 1)  # characters already part of a reference: O(1) overlap checks
 
-    class _Taken:
-        @staticmethod
-        def append(span: tuple[int, int]) -> None:
-            covered[span[0]:span[1]] = b"\x01" * (span[1] - span[0])
-
-    taken = _Taken()
-    for s, e, _, _ in refs:
-        taken.append((s, e))
+    def take(s: int, e: int) -> None:
+        covered[s:e] = b"\x01" * (e - s)
 
     def free(s: int, e: int) -> bool:
         return covered.find(1, s, e) < 0
 
+    for s, e, _, _ in refs:
+        take(s, e)
+
     for m in _ORDINAL_REF_RE.finditer(text):
         if free(m.start(), m.end()):
             refs.append((m.start(), m.end(), "noun", _kind(m["ord"])))
-            taken.append((m.start(), m.end()))
+            take(m.start(), m.end())
     for m in _NOUN_REF_RE.finditer(text):
         if free(m.start(), m.end()):
             token = m["id"]
@@ -131,24 +128,24 @@ def resolve_names(text: str, n: int) -> Names:
             if kind[0] == "letter" and m["sep"] == "" and not token.startswith("("):
                 continue  # "Texts", "Outputs": a plural, not "Text S"
             refs.append((m.start(), m.end(), "noun", kind))
-            taken.append((m.start(), m.end()))
+            take(m.start(), m.end())
     for m in _KEY_REF_RE.finditer(text):
         if free(m.start(), m.end()):
             refs.append((m.start(), m.end(), "noun", _kind(m["id"])))
-            taken.append((m.start(), m.end()))
+            take(m.start(), m.end())
     for m in _OF_LETTER_RE.finditer(text):  # "Evaluation of (c)"
         if free(m.start(), m.end()):
             refs.append((m.start(), m.end(), "noun", ("letter", m["id"].upper())))
-            taken.append((m.start(), m.end()))
+            take(m.start(), m.end())
     for m in _CELL_LETTER_RE.finditer(text):
         if free(m.start(), m.end()):
             refs.append((m.start(), m.end(), "cell", ("letter", m["id"].upper())))
-            taken.append((m.start(), m.end()))
+            take(m.start(), m.end())
     for m in _BARE_LETTER_RE.finditer(text):
         if free(m.start(), m.end()):
             letter = m["a"] or m["b"]
             refs.append((m.start(), m.end(), "bare:" + m["pre"], ("letter", letter.upper())))
-            taken.append((m.start(), m.end()))
+            take(m.start(), m.end())
     if not refs:
         return Names(text, None, False)
     scheme, problem = _scheme([k for _, _, _, k in refs], n)
