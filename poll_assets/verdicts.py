@@ -581,7 +581,29 @@ def _parse_text(text: str, n: int, answer: _Answer) -> list[Verdict]:
             next((p.type for p in parts if p.type is not None), None),
         )
         out.append(_verdict(reading, merged))
-    return out
+    return _revised(lines, out)
+
+
+# "Correction: Text 2 should be 4", "Actually, Text 1 deserves a 3": a rating changed in prose. Such a
+# line is not read as a rating, but a text whose rating it contradicts is left unread.
+_REVISION_RE = re.compile(
+    r"\b(?:correct(?:ion|ed|ing)?|revis\w*|updat\w*|actually|should\s+(?:be|get|have|receive)|instead|"
+    r"second\s+thought|reconsider\w*|adjust\w*|amend\w*|chang\w*|lower\w*|rais\w*|bump\w*)\b",
+    re.IGNORECASE,
+)
+
+
+def _revised(lines: list[str], verdicts: list[Verdict]) -> list[Verdict]:
+    for line in lines:
+        if is_quoted(line) or not _REVISION_RE.search(line):
+            continue
+        for m in re.finditer(rf"\b{TEXT_NAME}(\d+)\b(?P<tail>[^.;\n]*)", line, re.IGNORECASE):
+            k = int(m[1])
+            said = {int(x) for x in re.findall(r"(?<![/\d.])\b(\d{1,2})\b(?!\.\d)", m["tail"])}
+            if 1 <= k <= len(verdicts) and (v := verdicts[k - 1]).rating is not None and said - {v.rating}:
+                why = f"the answer revises text {k}'s rating in prose ({line.strip()[:60]!r})"
+                verdicts[k - 1] = Verdict(None, v.rationale, v.type, error=f"conflicting ratings: {why}")
+    return verdicts
 
 
 # A heading or a bold label line: "## Evaluation of (c)", "**Candidate X**", "### 1.": it names an item.
@@ -714,6 +736,10 @@ def _claims_from_value(value: Any, claims: _Claims, answer: _Answer) -> None:
         for k, item in keyed:
             claims.add(answer.name(k), item)
         return
+    if any(isinstance(v, dict) and _rating_of(v)[0] for _, v in pairs) and not any(
+        isinstance(key, str) and key.strip().lower() in _LIST_KEYS for key, _ in pairs
+    ):
+        answer.no_position = "the JSON items carry names the parser cannot resolve"  # keys we cannot resolve
     for key, inner in pairs:
         if isinstance(key, str) and key.strip().lower() in _LIST_KEYS and isinstance(inner, (list, dict)):
             _claims_from_value(inner, claims, answer)
@@ -789,10 +815,15 @@ def _scan_objects(text: str, answer: _Answer) -> _Claims:
             k = _item_name(value, answer.n)
             if k is not None:
                 claims.add(answer.name(k), value)
+            elif _KEYED_BEFORE_RE.search(text, max(0, m.start() - 200), m.start()):
+                answer.no_position = "the JSON items carry names the parser cannot resolve"  # {"response_b": {...}}
             else:
                 unnamed.append(value)
     claims.positional = [unnamed] if unnamed else []
     return claims
+
+
+_KEYED_BEFORE_RE = re.compile(r'"[^"\n]{1,60}"\s*:\s*$')
 
 
 def _parse_json(text: str, n: int, answer: _Answer) -> list[Verdict] | None:

@@ -280,6 +280,12 @@ _SHAPES = [
     ('{"text_1": {"overall_rating": 4}, "text_2": {"Score": 2}}', 2, [4, 2], None),
     ("#### Output for Text 1\nIt does the job. Overall, I rate it 4/5.\n#### Output for Text 2\nI would give it a 2.", 2, [4, 2], None),
     ("Text 1: 8/10\nText 2: 4/10", 2, [None, None], "another scale"),
+    # Items named in a way the parser cannot resolve are never read by position; prose revisions win.
+    ('{"results": {"resp_y": {"score": 4}, "resp_x": {"score": 2}}}', 2, [None, None], None),
+    ('[{"response_index": 1, "rating": 4}, {"response_index": 0, "rating": 2}]', 2, [None, None], "cannot resolve"),
+    ("Text 1: 4\nText 2: 5\nCorrection: Text 2 should be 4/5.", 2, [4, None], None),
+    ("Model B\nRating: 5\nModel A\nRating: 2", 2, [None, None], "headings"),
+    ("| # | Response | Score |\n|---|---|---|\n| 1 | Response B | 5 |\n| 2 | Response A | 3 |", 2, [3, 5], None),
 ]
 
 

@@ -27,7 +27,7 @@ _ROMAN = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6, "VII": 7, "VIII":
 _NOUN_REF_RE = re.compile(
     rf"\b(?P<noun>{NOUNS})(?P<sep>[ \t]*(?:#|no\.|number)?[ \t]*|_|-)"
     rf"(?P<id>\d+\b|(?:{'|'.join(_NUMBER_WORDS)})\b(?![ \t]*(?:of|out)\b)|(?-i:[IVX]{{2,4}})(?![\w'])"
-    rf"|(?-i:I)(?=[ \t]*[:.)*\]_\-\u2013\u2014\"|<]|[ \t]*$)|(?-i:[A-HJ-Z])(?![\w'\u2019])|\((?-i:[a-j])\))",
+    rf"|(?-i:I)(?=[ \t]*[:.)*\]_\-\u2013\u2014\"|<]|[ \t]*$)|(?-i:[A-HJ-Z])(?![\w'\u2019])|\((?-i:[a-j])\)|(?-i:[a-j])(?=[\"'>]))",
     re.IGNORECASE | re.MULTILINE,
 )
 # A JSON key that is a bare letter or numeral: {"A": {...}, "B": {...}}
