@@ -255,7 +255,7 @@ ORDER_MARK_RE = re.compile(
     r"\brank(?:ed|ing|ings|s)?\b|\b(?:best|worst|highest|lowest|strongest|weakest)[ \t\-]+(?:first|to|last)\b"
     r"|\bin\s+(?:descending|ascending|order\s+of)\b|\b(?:descending|ascending)\b|\bsorted\b|\bordered\s+by\b"
     r"|\b(?:1st|2nd|3rd|[4-9]th)\b|\b(?:first|second|third|last)\s+place\b|\bplace\s*[:#]|\bposition\s*[:#]"
-    r"|\bwinner\b|\btop\s+(?:pick|choice)\b|#\s*1\b|\bbest\s*:|\bworst\s*:|\"(?:position|place|order)\"\s*:",
+    r"|\bwinner\b|\btop\s+(?:pick|choice)\b|#\s*1\b|\bbest\s*:|\bworst\s*:|\"(?:position|place|order)\"\s*:|\|\s*(?:position|place|order|standing)\s*\|",
     re.IGNORECASE,
 )
 
