@@ -33,9 +33,9 @@ from poll_assets.verdicts import (
     parse_failure_rate,
     parse_failures_by_reason,
     parse_verdicts,
+    presentation_order,
     reading_mode,
     reading_report,
-    presentation_order,
     restore_order,
     unread_texts,
 )
