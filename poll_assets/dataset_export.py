@@ -20,7 +20,8 @@
       "verdicts": {<judge>: {"parse_failures_before": int, "parse_failures_after": int,
                              "parse_failure_rate_before": float, "parse_failure_rate_after": float,
                              "by_reason_before": {reason: int}, "by_reason_after": {reason: int},
-                             "repairs_asked": int, "repair_call_failures": int, "texts_recovered": int}},
+                             "repairs_asked": int, "repair_call_failures": int, "texts_recovered": int,
+                             "reading": {"read_by_layout"|"read_by_names"|"read_by_position"|"unread/<reason>": int}}},
     }
 
 The card's YAML header holds the Hub's own fields (pretty_name, license, task_categories, tags,
@@ -206,6 +207,7 @@ def _verdicts_section(verdicts: dict[str, dict[str, Any]]) -> list[str]:
         "rate after | reasons before (after) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    reading = {judge: f["reading"] for judge, f in verdicts.items() if f.get("reading")}
     for judge, f in verdicts.items():
         after = f.get("by_reason_after") or {}
         reasons = "; ".join(f"{r}: {n} ({after.get(r, 0)})" for r, n in (f.get("by_reason_before") or {}).items())
@@ -221,6 +223,10 @@ def _verdicts_section(verdicts: dict[str, dict[str, Any]]) -> list[str]:
             f"{_cell(j)}: {_fmt(f.get('texts_cut_to_fit'))} texts shortened to its context (marked in the prompt, "
             f"listed in `truncated_texts`), {_fmt(f.get('answers_cut_at_token_limit'))} answers cut off at its "
             "token limit" for j, f in cut) + "."]
+    if reading:  # how each judge's answers were read: asked layout, other names, unnamed position, unread
+        lines += ["", "How each judge's ratings were tied to texts (after repair):", "",
+                  "| judge | how read (texts) |", "| --- | --- |"]
+        lines += [f"| {_cell(j)} | {_cell('; '.join(f'{k}: {v}' for k, v in r.items()))} |" for j, r in reading.items()]
     return lines
 
 

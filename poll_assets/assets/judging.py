@@ -31,6 +31,8 @@ from poll_assets.verdicts import (
     parse_failure_rate,
     parse_failures_by_reason,
     parse_verdicts,
+    reading_mode,
+    reading_report,
     restore_order,
     unread_texts,
 )
@@ -176,15 +178,20 @@ def repair_figures(ratings: pd.DataFrame) -> dict[str, Any]:
     calls asked and failed, texts recovered. Frames stored before repairs existed count as unrepaired."""
     before: list[Verdict] = []
     after: list[Verdict] = []
+    modes: list[str] = []  # how each rating was tied to its text (parse report)
     for _, row in ratings.iterrows():
         rs, errs = plain_list(row["ratings"]), plain_list(row["rating_errors"])
         fixed = plain_list(row.get("repaired_errors"))
+        mode = reading_mode(row.get("raw_output") if isinstance(row.get("raw_output"), str) else None,
+                            len(plain_list(row["shown_order"])))
         for i in plain_list(row["shown_order"]):
             if i >= len(rs) or i >= len(errs):
                 continue  # misaligned: ratings_valid names it
             now = Verdict(rs[i], None, error=errs[i])
             after.append(now)
-            before.append(Verdict(None, None, error=fixed[i]) if i < len(fixed) and not is_missing(fixed[i]) else now)
+            repaired = i < len(fixed) and not is_missing(fixed[i])
+            before.append(Verdict(None, None, error=fixed[i]) if repaired else now)
+            modes.append("repair" if repaired else mode)
     outputs = [o for cell in ratings.get("repair_outputs", pd.Series(dtype=object)) for o in plain_list(cell)]
     by_before, by_after = parse_failures_by_reason(before), parse_failures_by_reason(after)
     return {
@@ -198,6 +205,7 @@ def repair_figures(ratings: pd.DataFrame) -> dict[str, Any]:
         "repair_call_failures": sum(is_missing(o) for o in outputs),
         "texts_recovered": sum(a.kind == "parse_failed" and b.kind in ("ok", "na") for a, b in zip(before, after)),
         **fit_figures(ratings),
+        "reading": reading_report(modes, after),
     }
 
 
@@ -224,6 +232,7 @@ def repair_metadata(figures: dict[str, Any]) -> dict[str, Any]:
     }
     meta.update({f"parse_failures_before/{r}": n for r, n in figures["by_reason_before"].items()})
     meta.update({f"parse_failures_after/{r}": n for r, n in figures["by_reason_after"].items()})
+    meta["parse_report"] = dg.MetadataValue.json(figures["reading"])  # layout / names / position / unread by reason
     return meta
 
 
