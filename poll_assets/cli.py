@@ -139,6 +139,9 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{shards[0]}{' ... ' + shards[-1] if len(shards) > 1 else ''} in {len(runs)} run(s) "
           f"of at most {panel.source.shards_per_run} (source.shards_per_run) ...", flush=True)
     failed_runs = 0
+    # Named as the UI's *Materialize all* names them: the implicit asset job shows a run's asset
+    # selection as its target (Runs → Target, a partition's run), and an unset one shows nothing.
+    every_asset = list(job.asset_layer.selected_asset_keys)
     with dg.DagsterInstance.get() as instance:
         _report_dead_runs(instance)  # a killed run must not look in progress to this run or the next tick
         for run in runs:
@@ -148,6 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 instance=instance,
                 raise_on_error=False,
                 run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+                asset_selection=every_asset,
                 **one,
             )
             problems, failed = failure_report(result)
