@@ -187,6 +187,9 @@ def _run_all(job: dg.JobDefinition, instance: dg.DagsterInstance, runs: list[lis
     from poll_assets.terminal import escape_controls
 
     failed_runs = 0
+    # Named as the UI's *Materialize all* names them: the implicit asset job shows a run's asset
+    # selection as its target (Runs → Target, a partition's run), and an unset one shows nothing.
+    every_asset = list(job.asset_layer.selected_asset_keys)
     for run in runs:
         one = {"partition_key": run[0], "tags": process_tags()} if len(run) == 1 else {
             "tags": {**process_tags(), **range_tags(run)}}
@@ -194,6 +197,7 @@ def _run_all(job: dg.JobDefinition, instance: dg.DagsterInstance, runs: list[lis
             instance=instance,
             raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+            asset_selection=every_asset,
             **one,
         )
         problems, failed = failure_report(result)

@@ -50,7 +50,12 @@ def test_run_partitions_and_all_run_few_runs_and_pay_each_call_once(tmp_path, fa
         assert f"{shard}: " in out and f"{shard}.parquet" in out
     assert fake_llm.stats()["total"] == 3 * members and fake_llm.stats()["max_repeats"] == 1
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        assert len(instance.get_run_records()) == 2  # shards_per_run 2: one run of 2 shards, one of 1
+        records = instance.get_run_records()
+        assert len(records) == 2  # shards_per_run 2: one run of 2 shards, one of 1
+        # Each run names its assets, as a *Materialize all* run does: the UI's Runs → Target shows them.
+        for record in records:
+            assert dg.AssetKey("preference_pairs") in (record.dagster_run.asset_selection or ()), record.dagster_run
+            assert dg.AssetKey("prompts") in record.dagster_run.asset_selection
 
     fake_llm.reset()
     assert cli.main(["run", "--panel", str(panel), "--all"]) == 0  # warm: every call is cached

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import importlib.util
 import os
 import threading
@@ -90,6 +91,7 @@ def bundled_model_path(model: str = "SmolLM2-135M-Instruct") -> Path:
 
 # One loaded model per (file, context size) per process: members that share weights share memory.
 _model_lock = threading.Lock()
+_loaded: list[tuple[Any, threading.Lock]] = []
 
 
 @lru_cache(maxsize=4)
@@ -98,7 +100,24 @@ def _load_llama(path: str, n_ctx: int, chat_format: str | None = None) -> tuple[
 
     with _model_lock:
         llama = Llama(model_path=path, n_ctx=n_ctx, verbose=False, n_threads=None, chat_format=chat_format)
-    return llama, threading.Lock()
+        _loaded.append((llama, threading.Lock()))
+        return _loaded[-1]
+
+
+@atexit.register
+def close_models() -> None:
+    """Free every loaded model while the interpreter is still whole. Left to the garbage collector,
+    llama-cpp-python's finalizers run during interpreter teardown, after the modules they call into
+    are gone, and print a traceback after an otherwise clean exit."""
+    with _model_lock:
+        _load_llama.cache_clear()
+        while _loaded:
+            llama, lock = _loaded.pop()
+            if lock.acquire(timeout=5):  # a call still running in a daemon thread keeps its model
+                try:
+                    llama.close()
+                finally:
+                    lock.release()
 
 
 class LocalLlamaBackend(ChatBackend):
