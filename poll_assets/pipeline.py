@@ -30,7 +30,7 @@ def build_assets(
     """One asset per stage, and one per generator and per judge, all on the same shards.
 
     By default the generators share one step, and the judges another, so a stage's members call
-    their providers at the same time even under the in-process executor (see assets/stage.py).
+    their providers at the same time even under the in-process executor (see engine/stage.py).
     `member_steps=True` gives every member its own step and its own pool instead, for running
     members as separate processes with the multiprocess executor. `rubric`: the panel's, when the
     caller has resolved it already.
@@ -51,7 +51,7 @@ def build_assets(
         build_pooled_asset(panel, parts, rubric, panel.gold.location(panel_path) if panel.gold else None),
         build_preferences_asset(panel, parts),
     ]
-    # A backfill runs `shards_per_run` shards per run; every step takes such a range (assets/shards.py).
+    # A backfill runs `shards_per_run` shards per run; every step takes such a range (engine/shards.py).
     policy = backfill_policy(panel.source)
     return [a.with_attributes(backfill_policy=policy) for a in assets]
 

@@ -16,7 +16,7 @@ import dagster as dg
 import pytest
 import yaml
 
-from poll_assets.assets.metadata import PENDING_CHECK
+from poll_assets.engine.metadata import PENDING_CHECK
 from poll_assets.automation import SENSOR_NAME
 from poll_assets.llm.base import ProviderError
 from poll_assets.llm.policy import Limits

@@ -11,7 +11,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from poll_assets import checks as c
+from poll_assets.engine import checks as c
 from poll_assets.assets import generations as generations_module
 from poll_assets.assets import judging as judging_module
 from poll_assets.assets import pooling as pooling_module
@@ -19,7 +19,7 @@ from poll_assets.assets import preferences as preferences_module
 from poll_assets.assets import prompts as prompts_module
 from poll_assets.assets.generations import check_generation_failures, check_generation_rows
 from poll_assets.assets.judging import check_ratings_valid, check_unrated_verdicts
-from poll_assets.assets.metadata import check_pending_rows
+from poll_assets.engine.metadata import check_pending_rows
 from poll_assets.assets.pooling import check_agreement, check_pooled_coverage, pooled_agreement
 from poll_assets.assets.preferences import check_pairs
 from poll_assets.assets.prompts import check_prompts

@@ -18,7 +18,7 @@ import yaml
 
 from poll_assets.assets.judging import check_unrated_verdicts, judge, judge_code_version, ratings_key
 from poll_assets.assets.publishing import judge_verdicts
-from poll_assets.assets.stage import MemberContext
+from poll_assets.engine.stage import MemberContext
 from poll_assets.dataset_export import build_dataset_card
 from poll_assets.io_manager import partition_path
 from poll_assets.llm.base import CallRequest, Completion, ProviderError

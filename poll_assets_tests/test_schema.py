@@ -14,7 +14,7 @@ from poll_assets.assets.judging import RATING_COLUMNS
 from poll_assets.assets.pooling import POOLED_COLUMNS
 from poll_assets.assets.preferences import PAIR_COLUMNS
 from poll_assets.assets.prompts import PROMPT_COLUMNS
-from poll_assets.assets.schema import schema
+from poll_assets.engine.schema import schema
 from poll_assets.pipeline import build_definitions
 from poll_assets_tests.fake_panel import write_panel
 

@@ -11,12 +11,12 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids
+from poll_assets.engine.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids
 from poll_assets.assets.prompts import PROMPT_COLUMNS, PROMPTS_KEY
-from poll_assets.assets.schema import column_of, column_of_each, schema
-from poll_assets.assets.shards import shard_events, shard_frames
-from poll_assets.assets.stage import MemberContext, run_stage_step, stage_multi_asset_kwargs
-from poll_assets.checks import (
+from poll_assets.engine.schema import column_of, column_of_each, schema
+from poll_assets.engine.shards import shard_events, shard_frames
+from poll_assets.engine.stage import MemberContext, run_stage_step, stage_multi_asset_kwargs
+from poll_assets.engine.checks import (
     STEP_INPUT, Finding, StageCheck, absent_ids, asset_check_specs, examples, problems_finding, repeated_ids, short_id,
 )
 from poll_assets.panel import Member, Panel

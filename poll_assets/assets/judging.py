@@ -10,11 +10,11 @@ import dagster as dg
 import pandas as pd
 
 from poll_assets.assets.generations import generation_counts
-from poll_assets.assets.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids
-from poll_assets.assets.previews import verdicts_preview
-from poll_assets.assets.schema import schema
-from poll_assets.assets.stage import MemberContext, run_stage_step, stage_multi_asset_kwargs
-from poll_assets.checks import STEP_INPUT, Finding, StageCheck, examples, problems_finding, short_id
+from poll_assets.engine.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids
+from poll_assets.engine.previews import verdicts_preview
+from poll_assets.engine.schema import schema
+from poll_assets.engine.stage import MemberContext, run_stage_step, stage_multi_asset_kwargs
+from poll_assets.engine.checks import STEP_INPUT, Finding, StageCheck, examples, problems_finding, short_id
 from poll_assets.code_versions import judge_version
 from poll_assets.llm.base import CallRequest, Completion, Message
 from poll_assets.llm.runner import CallStats
@@ -393,7 +393,7 @@ def build_ratings_stage(
     members: list[Member] | None = None,
     name: str = "ratings",
 ) -> dg.AssetsDefinition:
-    """Every judge's asset in ONE step, the judges calling at the same time (see assets/stage.py).
+    """Every judge's asset in ONE step, the judges calling at the same time (see engine/stage.py).
 
     Each judge stays its own asset and can be materialized alone; a failing judge does not hold back
     the others, whose outputs are stored before the step fails. Each judge's checks run on its

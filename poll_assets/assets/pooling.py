@@ -14,9 +14,9 @@ from poll_assets.agreement import agreement_metrics, judge_agreement
 from poll_assets.calibration import Calibration, JurySpec, RunRatings, calibrate, calibration_markdown, calibration_numbers, pooling_weights
 from poll_assets.assets.generations import COMBINED_COLUMNS, COMBINED_KEY, generation_counts
 from poll_assets.assets.judging import RATING_COLUMNS, ratings_key
-from poll_assets.assets.schema import column_of, column_of_each, schema
-from poll_assets.assets.shards import shard_events, shard_frames
-from poll_assets.checks import (
+from poll_assets.engine.schema import column_of, column_of_each, schema
+from poll_assets.engine.shards import shard_events, shard_frames
+from poll_assets.engine.checks import (
     STEP_INPUT, Finding, StageCheck, absent_ids, asset_check_specs, evaluate_checks, examples, problems_finding, short_id,
 )
 from poll_assets.code_versions import pooled_version

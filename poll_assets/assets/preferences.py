@@ -11,13 +11,13 @@ import pandas as pd
 from poll_assets.assets.generations import COMBINED_COLUMNS, COMBINED_KEY, GENERATION_COLUMNS, generation_key
 from poll_assets.assets.judging import RATING_COLUMNS, ratings_key
 from poll_assets.assets.pooling import POOLED_COLUMNS, POOLED_KEY
-from poll_assets.assets.previews import chat_answer, pairs_preview, pairs_table
+from poll_assets.engine.previews import chat_answer, pairs_preview, pairs_table
 from poll_assets.assets.prompts import PROMPT_COLUMNS, PROMPTS_KEY
-from poll_assets.assets.schema import column_of, column_of_each, schema
-from poll_assets.assets.shards import shard_events, shard_frames
-from poll_assets.assets.totals import shard_totals
+from poll_assets.engine.schema import column_of, column_of_each, schema
+from poll_assets.engine.shards import shard_events, shard_frames
+from poll_assets.engine.totals import shard_totals
 from poll_assets.binarize import binarize
-from poll_assets.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, problems_finding, short_id
+from poll_assets.engine.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, problems_finding, short_id
 from poll_assets.code_versions import pairs_version
 from poll_assets.confidence import PairConfidence, confidence_cut, pair_confidence
 from poll_assets.panel import Panel

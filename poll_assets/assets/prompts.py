@@ -8,9 +8,9 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.schema import schema
-from poll_assets.assets.shards import run_shards, shard_events
-from poll_assets.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, repeated_ids
+from poll_assets.engine.schema import schema
+from poll_assets.engine.shards import run_shards, shard_events
+from poll_assets.engine.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, repeated_ids
 from poll_assets.code_versions import prompts_version
 from poll_assets.estimate import estimate_prompts, format_estimate
 from poll_assets.panel import Panel

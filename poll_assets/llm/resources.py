@@ -108,7 +108,7 @@ def build_llm_resource(member: MemberConnection) -> ChatModelResource:
 
     The backend's module (and so the provider's SDK: `import anthropic` alone takes 2-4 s of CPU here)
     is imported when a stage step first needs the member's client, which is never on a re-run the
-    response cache serves whole, and always before any member of the stage sends (assets/stage.py).
+    response cache serves whole, and always before any member of the stage sends (engine/stage.py).
     """
     spec = provider_spec(member.provider)
     kwargs: dict[str, object] = {
@@ -121,7 +121,7 @@ def build_llm_resource(member: MemberConnection) -> ChatModelResource:
         # Dagster resolves an unset EnvVar into a config error at run launch that names the resource
         # key but not the member, and with a long stack trace. So the EnvVar is passed only when the
         # variable is set here; otherwise api_key stays None, and the run's preflight (the first thing
-        # every LLM stage step does, `assets/preflight_step.py`) fails naming every member without a
+        # every LLM stage step does, `engine/preflight_step.py`) fails naming every member without a
         # key. Definitions are loaded again in the run worker, so this sees the run's environment.
         if os.environ.get(member.key_env):
             kwargs["api_key"] = dg.EnvVar(member.key_env)

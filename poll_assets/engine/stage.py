@@ -16,11 +16,11 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.metadata import member_kinds
-from poll_assets.assets.preflight_step import preflight_run
-from poll_assets.assets.schema import ColumnSchema
-from poll_assets.assets.shards import shard_events, shard_frames
-from poll_assets.checks import STEP_INPUT, StageCheck, asset_check_specs, evaluate_checks
+from poll_assets.engine.metadata import member_kinds
+from poll_assets.engine.preflight_step import preflight_run
+from poll_assets.engine.schema import ColumnSchema
+from poll_assets.engine.shards import shard_events, shard_frames
+from poll_assets.engine.checks import STEP_INPUT, StageCheck, asset_check_specs, evaluate_checks
 from poll_assets.llm.base import CallRequest, ChatBackend, Completion, ProviderError, request_key
 from poll_assets.llm.batch import run_batch_calls
 from poll_assets.llm.batch_settings import BatchPolicy

@@ -1,7 +1,7 @@
 """What the LLM assets report beyond their columns: their kinds, the cost and pace of their calls,
 and the rows still pending (failed for a transient reason, so the next run calls them again).
 
-Row counts and column schemas come from each stage's `ColumnSchema` (assets/schema.py)."""
+Row counts and column schemas come from each stage's `ColumnSchema` (engine/schema.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.checks import Finding, StageCheck, examples, short_id
+from poll_assets.engine.checks import Finding, StageCheck, examples, short_id
 from poll_assets.llm.base import RETRYABLE_KINDS
 from poll_assets.llm.pricing import Price
 from poll_assets.llm.providers import provider_spec
