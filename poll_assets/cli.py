@@ -312,7 +312,7 @@ def cmd_calibration(args: argparse.Namespace) -> int:
         _use_project_home()
     import dagster as dg
 
-    from poll_assets.assets.pooling import POOLED_KEY
+    from poll_assets.assets.keys import POOLED_KEY
     from poll_assets.assets.publishing import dataset_calibration, read_all_partitions
     from poll_assets.calibration import calibration_markdown
     from poll_assets.io_manager import default_storage_dir

@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from poll_assets.assets.judging import check_unrated_verdicts, judge, judge_code_version, ratings_key
+from poll_assets.assets.keys import ratings_key
+from poll_assets.assets.judging import check_unrated_verdicts, judge, judge_code_version
 from poll_assets.assets.publishing import judge_verdicts
 from poll_assets.engine.stage import MemberContext
 from poll_assets.dataset_export import build_dataset_card

@@ -11,58 +11,18 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
+from poll_assets.assets.keys import COMBINED_COLUMNS, COMBINED_KEY, GENERATION_COLUMNS, PROMPTS_KEY, PROMPT_COLUMNS, generation_key
 from poll_assets.engine.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids
-from poll_assets.assets.prompts import PROMPT_COLUMNS, PROMPTS_KEY
-from poll_assets.engine.schema import column_of, column_of_each, schema
+from poll_assets.engine.schema import column_of, column_of_each
 from poll_assets.engine.shards import shard_events, shard_frames
 from poll_assets.engine.stage import MemberContext, run_stage_step, stage_multi_asset_kwargs
 from poll_assets.engine.checks import (
     STEP_INPUT, Finding, StageCheck, absent_ids, asset_check_specs, examples, problems_finding, repeated_ids, short_id,
 )
 from poll_assets.panel import Member, Panel
-from poll_assets.parquet_values import is_missing, plain, plain_list
+from poll_assets.parquet_values import is_missing, plain
 from poll_assets.stage_requests import generator_requests
 from poll_assets.prompt_source import load_source_column
-
-GENERATIONS_PREFIX = "generations"  # generations/<member>
-COMBINED_KEY = dg.AssetKey("combined_generations")
-GENERATION_COLUMNS = schema(
-    f"{GENERATIONS_PREFIX}/<g>",
-    ("prompt_id", "string", "the prompt answered"),
-    ("generation", "string", "the answer; None when the call failed"),
-    ("model_name", "string", "the model the panel names"),
-    ("generator", "string", "the panel member that answered"),
-    ("finish_reason", "string", "why the model stopped (stop, length, ...)"),
-    ("input_tokens", "int", "prompt tokens the provider counted"),
-    ("output_tokens", "int", "answer tokens the provider counted"),
-    ("latency_s", "float", "seconds the call took (0 for a cache hit)"),
-    ("served_model", "string", "the model as the server reported it"),
-    ("request_id", "string", "the provider's request id"),
-    ("call_id", "string", "hash of the request; the response cache's key"),
-    ("cached", "bool", "served from the response cache"),
-    ("error", "string", "why the call failed; None on success"),
-    ("error_kind", "string", "the failure's kind (server, timeout, rate_limit, connection, bad_request, ...); None on success"),
-)
-COMBINED_COLUMNS = schema(
-    COMBINED_KEY.to_user_string(),
-    ("prompt_id", "string", "the prompt"),
-    ("instruction", "string", "the prompt text"),
-    ("generations", "list<string>", "every generator's answer, in panel order; None for a failed one"),
-    ("generation_models", "list<string>", "the model behind each answer"),
-    ("generators", "list<string>", "the panel member behind each answer"),
-    ("generation_call_ids", "list<string>", "the call id of each answer"),
-    ("generation_errors", "list<string>", "why each failed answer failed; None for the others"),
-)
-
-
-def generation_key(member: Member) -> dg.AssetKey:
-    return dg.AssetKey([GENERATIONS_PREFIX, member.name])
-
-
-def generation_counts(combined: pd.DataFrame) -> dict[Any, int]:
-    """How many generations each prompt of combined_generations has."""
-    return {pid: len(plain_list(g)) for pid, g in zip(combined["prompt_id"], combined["generations"])}
-
 
 def check_generation_rows(generations: pd.DataFrame, prompts: pd.DataFrame) -> Finding:
     """Exactly one row per prompt of the shard, none extra, none twice."""

@@ -9,7 +9,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.generations import generation_counts
+from poll_assets.assets.keys import RATING_COLUMNS, generation_counts, ratings_key
 from poll_assets.engine.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids
 from poll_assets.engine.previews import verdicts_preview
 from poll_assets.engine.schema import schema
@@ -32,41 +32,6 @@ from poll_assets.verdicts import (
     restore_order,
     unread_texts,
 )
-
-RATINGS_PREFIX = "ratings"  # ratings/<member>
-RATING_COLUMNS = schema(
-    f"{RATINGS_PREFIX}/<j>",
-    ("prompt_id", "string", "the prompt judged"),
-    ("judge", "string", "the panel member that judged"),
-    ("model_name", "string", "the judge's model"),
-    ("ratings", "list<int>", "one rating per generation, in generation order; None with the reason in rating_errors"),
-    ("rationales", "list<string>", "the judge's rationale for each generation"),
-    ("rating_types", "list<string>", "the aspect's type for each generation (helpfulness, truthfulness), else None"),
-    ("rating_errors", "list<string>", "why a rating is None: unreadable, N/A, judge call failed, generation failed"),
-    ("shown_order", "list<int>", "the generations in the order the judge saw them (position-bias control)"),
-    ("raw_output", "string", "the judge's answer as returned"),
-    ("output_mode", "string", "how the answer was constrained: json_schema, json_object, tool_use, grammar, text, "
-     "or text_fallback (a paid answer without the structured part, read as text)"),
-    ("call_id", "string", "hash of the request; the response cache's key"),
-    ("input_tokens", "int", "prompt tokens of the judge call"),
-    ("output_tokens", "int", "answer tokens of the judge call"),
-    ("error", "string", "why the judge call failed; None on success"),
-    ("error_kind", "string", "the failure's kind (server, timeout, rate_limit, connection, bad_request, ...); None on success"),
-    ("repair_outputs", "list<string>", "the judge's answers to the repair re-asks for texts its answer left unread, "
-     "one per round (None where the repair call failed); empty when no repair was asked"),
-    ("repair_call_ids", "list<string>", "hash of each repair request (the response cache's key), one per round"),
-    ("repaired_errors", "list<string>", "per generation, why the first answer left it unread when a repair "
-     "filled its rating; None elsewhere"),
-    ("truncated_texts", "list<int>", "the generations (indices, in generation order) cut with a visible marker to "
-     "fit the judge's context (`context_tokens`); empty when every text was shown whole"),
-    ("finish_reason", "string", "why the judge's answer ended: stop, or length (cut off at max_new_tokens: what it "
-     "holds is read, the rest goes to repair)"),
-)
-
-
-def ratings_key(member: Member) -> dg.AssetKey:
-    return dg.AssetKey([RATINGS_PREFIX, member.name])
-
 
 def _reads_as_json(completion: Completion) -> bool:
     # A provider that fell back to plain text may still have answered in JSON.

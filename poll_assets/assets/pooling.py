@@ -10,11 +10,10 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
+from poll_assets.assets.keys import COMBINED_COLUMNS, COMBINED_KEY, POOLED_COLUMNS, POOLED_KEY, RATING_COLUMNS, generation_counts, ratings_key
 from poll_assets.agreement import agreement_metrics, judge_agreement
 from poll_assets.calibration import Calibration, JurySpec, RunRatings, calibrate, calibration_markdown, calibration_numbers, pooling_weights
-from poll_assets.assets.generations import COMBINED_COLUMNS, COMBINED_KEY, generation_counts
-from poll_assets.assets.judging import RATING_COLUMNS, ratings_key
-from poll_assets.engine.schema import column_of, column_of_each, schema
+from poll_assets.engine.schema import column_of, column_of_each
 from poll_assets.engine.shards import shard_events, shard_frames
 from poll_assets.engine.checks import (
     STEP_INPUT, Finding, StageCheck, absent_ids, asset_check_specs, evaluate_checks, examples, problems_finding, short_id,
@@ -26,23 +25,7 @@ from poll_assets.parquet_values import is_missing, plain_list
 from poll_assets.pooled_ratings import pool_ratings, self_family_mask
 from poll_assets.rubrics.ultrafeedback import Rubric
 
-POOLED_KEY = dg.AssetKey("pooled_ratings")
 AGREEMENT = "agreement"  # the name under which the step hands its checks the agreement it computed
-POOLED_COLUMNS = schema(
-    POOLED_KEY.to_user_string(),
-    ("prompt_id", "string", "the prompt"),
-    ("instruction", "string", "the prompt text"),
-    ("generations", "list<string>", "the answers, in panel order (as in combined_generations)"),
-    ("generation_models", "list<string>", "the model behind each answer"),
-    ("generation_call_ids", "list<string>", "the call id of each answer"),
-    ("poll_ratings", "list<list<int>>", "judge x generation: every judge's rating of every answer, None where missing"),
-    ("poll_rationales", "list<list<string>>", "judge x generation: the judges' rationales"),
-    ("poll_models", "list<string>", "the judges' models, in panel order"),
-    ("poll_call_ids", "list<string>", "the call id of each judge's verdict"),
-    ("avg_poll_ratings", "list<float>", "the pooled rating of each answer; None below pooling.min_judges"),
-    ("n_valid_judges", "list<int>", "how many ratings went into each pooled rating"),
-    ("judge_weights", "list<float>", "pooling.method weighted: each judge's weight for this prompt (given, or fitted on other prompts' gold labels); None otherwise"),
-)
 
 
 def ratings_by_judge(pooled: pd.DataFrame, judge_names: Sequence[str]) -> dict[str, list[int | None]]:

@@ -8,7 +8,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.engine.schema import schema
+from poll_assets.assets.keys import PROMPTS_KEY, PROMPT_COLUMNS
 from poll_assets.engine.shards import run_shards, shard_events
 from poll_assets.engine.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, repeated_ids
 from poll_assets.code_versions import prompts_version
@@ -17,15 +17,6 @@ from poll_assets.panel import Panel
 from poll_assets.parquet_values import is_missing
 from poll_assets.partitions import shard_bounds
 from poll_assets.prompt_source import describe_source, load_instructions, select_shard
-
-PROMPTS_KEY = dg.AssetKey("prompts")
-PROMPT_COLUMNS = schema(
-    PROMPTS_KEY.to_user_string(),
-    ("prompt_id", "string", "sha256 hex of the instruction; every later row of this prompt carries it"),
-    ("instruction", "string", "the prompt text, as read from the source"),
-    ("source_row", "int", "the row of the source it was read from"),
-)
-
 
 def check_prompts(prompts: pd.DataFrame) -> Finding:
     """The shard has at least one prompt, every prompt has an id and text, and ids are unique."""
