@@ -12,7 +12,9 @@ import time
 import pytest
 
 from poll_assets.llm.base import CallRequest, GenerationParams, ProviderError
-from poll_assets.llm.limits import PROVIDER_LIMITS, CallLimits, TokenBucket, estimate_tokens, note_rate_limit_headers
+from poll_assets.llm.limits import CallLimits, TokenBucket, estimate_tokens
+from poll_assets.llm.openai_api import OpenAIChatBackend
+from poll_assets.llm.remote import remaining_requests_header
 from poll_assets.llm.policy import CallPolicy, Limits, RetryPolicy
 from poll_assets.llm.resources import ChatModelResource
 from poll_assets.llm.runner import run_calls
@@ -218,12 +220,24 @@ def test_a_shrunk_window_admits_no_new_call_until_holders_leave():
     asyncio.run(go())
 
 
-def test_rate_limit_headers_reach_the_attempt_listening_in_this_task():
-    note_rate_limit_headers({"x-ratelimit-remaining-requests": "3"})  # nobody listening: ignored
-    heard: dict[str, int] = {}
-    token = PROVIDER_LIMITS.set(heard)
-    try:
-        note_rate_limit_headers({"anthropic-ratelimit-requests-remaining": "0"})
-    finally:
-        PROVIDER_LIMITS.reset(token)
-    assert heard == {"remaining_requests": 0}
+def test_a_remote_backend_reports_the_latest_responses_rate_limit_header(fake_llm):
+    """The runner reads `remaining_requests()` after each answer: what the latest response said."""
+    backend = OpenAIChatBackend("gpt-4o-mini", provider="openai", base_url=f"{fake_llm.url}/v1", api_key="k")
+    request = CallRequest.build([{"role": "user", "content": "hi"}], GenerationParams(max_new_tokens=8))
+
+    async def one_call() -> int | None:
+        await backend.complete(request)
+        return backend.remaining_requests()
+
+    assert backend.remaining_requests() is None  # nothing heard yet
+    fake_llm.reset(max_concurrent=3)
+    assert asyncio.run(one_call()) == 2  # cap 3, this call in flight
+    fake_llm.reset()  # no cap: the server sends no rate-limit header
+    assert asyncio.run(one_call()) is None
+
+
+def test_the_remaining_requests_header_is_read_from_either_providers_name():
+    assert remaining_requests_header({"x-ratelimit-remaining-requests": "3"}) == 3
+    assert remaining_requests_header({"anthropic-ratelimit-requests-remaining": "0"}) == 0
+    assert remaining_requests_header({"x-ratelimit-remaining-requests": "soon"}) is None
+    assert remaining_requests_header({}) is None

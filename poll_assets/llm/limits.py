@@ -11,33 +11,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Mapping
-from contextvars import ContextVar
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from poll_assets.llm.base import CallRequest
 from poll_assets.llm.policy import CallPolicy
 from poll_assets.llm.tokens import request_input_tokens
-
-# What the provider's rate-limit headers said about the attempt running in this task: the runner
-# sets a fresh dict around each attempt, and an HTTP backend's response hook fills it in.
-PROVIDER_LIMITS: ContextVar[dict[str, int] | None] = ContextVar("poll_provider_limits", default=None)
-_REMAINING_HEADERS = ("x-ratelimit-remaining-requests", "anthropic-ratelimit-requests-remaining")
-
-
-def note_rate_limit_headers(headers: Mapping[str, str]) -> None:
-    """Record the requests the provider says are left (OpenAI's or Anthropic's header) for the
-    attempt running in this task; nothing when no attempt is listening or no header is there."""
-    note = PROVIDER_LIMITS.get()
-    if note is None:
-        return
-    for name in _REMAINING_HEADERS:
-        value = headers.get(name)
-        if value is not None and value.strip().isdigit():
-            note["remaining_requests"] = int(value)
-            return
-
 
 def estimate_tokens(request: CallRequest) -> int:
     """Tokens a call may consume, counted the way providers charge a TPM budget up front:
