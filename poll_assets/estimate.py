@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from poll_assets.llm.base import CallRequest, Completion, request_key
-from poll_assets.llm.cache import ResponseCache
+from poll_assets.llm.cache.response_cache import ResponseCache
 from poll_assets.llm.tokens import request_input_tokens
 from poll_assets.panel import Member, Panel
 from poll_assets.partitions import shard_bounds

@@ -13,7 +13,7 @@ import yaml
 
 from poll_assets.cli import main as cli_main
 from poll_assets.estimate import estimate_prompts, format_estimate, partition_prompts
-from poll_assets.llm.cache import ResponseCache
+from poll_assets.llm.cache.response_cache import ResponseCache
 from poll_assets.llm.pricing import Price
 from poll_assets.panel import load_panel
 from poll_assets.pipeline import JOB_NAME, build_definitions

@@ -23,8 +23,8 @@ from poll_assets.engine.stage import MemberContext
 from poll_assets.dataset_export import build_dataset_card
 from poll_assets.io_manager import partition_path
 from poll_assets.llm.base import CallRequest, Completion, ProviderError
-from poll_assets.llm.cache import ResponseCache
-from poll_assets.llm.policy import CallPolicy
+from poll_assets.llm.cache.response_cache import ResponseCache
+from poll_assets.llm.online.policy import CallPolicy
 from poll_assets.llm.resources import resource_key
 from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets.rubrics import get_rubric

@@ -18,9 +18,9 @@ import yaml
 from poll_assets.engine.stage import BackendGate, MemberCalls, SharedCalls, batch_part
 from poll_assets.io_manager import partition_path
 from poll_assets.llm.base import CallRequest, Completion, GenerationParams
-from poll_assets.llm.cache import ResponseCache
-from poll_assets.llm.policy import CallPolicy, Limits
-from poll_assets.llm.runner import CallBatch
+from poll_assets.llm.cache.response_cache import ResponseCache
+from poll_assets.llm.online.policy import CallPolicy, Limits
+from poll_assets.llm.online.runner import CallBatch
 from poll_assets.panel import PANELS_DIR, load_panel
 from poll_assets.pipeline import build_assets, build_definitions
 from poll_assets_tests.fake_llm_server import FakeLLMServer

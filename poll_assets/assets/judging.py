@@ -17,7 +17,7 @@ from poll_assets.engine.stage import MemberContext, run_stage_step, stage_multi_
 from poll_assets.engine.checks import STEP_INPUT, Finding, StageCheck, examples, problems_finding, short_id
 from poll_assets.code_versions import judge_version
 from poll_assets.llm.base import CallRequest, Completion, Message
-from poll_assets.llm.runner import CallStats
+from poll_assets.llm.online.runner import CallStats
 from poll_assets.panel import Member, Panel
 from poll_assets.parquet_values import is_missing, plain_list
 from poll_assets.rubrics.ultrafeedback import Rubric, build_repair_messages, prompt_version, verdict_json_schema

@@ -13,8 +13,8 @@ import pandas as pd
 from poll_assets.engine.checks import Finding, StageCheck, examples, short_id
 from poll_assets.llm.base import RETRYABLE_KINDS
 from poll_assets.llm.pricing import Price
-from poll_assets.llm.providers import provider_spec
-from poll_assets.llm.runner import CallStats
+from poll_assets.llm.providers.registry import provider_spec
+from poll_assets.llm.online.runner import CallStats
 from poll_assets.panel import Member, Panel
 
 def member_kinds(member: Member) -> set[str]:

@@ -22,14 +22,14 @@ from poll_assets.engine.schema import ColumnSchema
 from poll_assets.engine.shards import shard_events, shard_frames
 from poll_assets.engine.checks import STEP_INPUT, StageCheck, asset_check_specs, evaluate_checks
 from poll_assets.llm.base import CallRequest, ChatBackend, Completion, ProviderError, request_key
-from poll_assets.llm.batch import run_batch_calls
-from poll_assets.llm.batch_settings import BatchPolicy
+from poll_assets.llm.batch.runner import run_batch_calls
+from poll_assets.llm.batch.settings import BatchPolicy
 from poll_assets.llm.budget import BudgetLedger, MemberBudget, RunBudget
-from poll_assets.llm.cache import ResponseCache
-from poll_assets.llm.policy import CallPolicy
-from poll_assets.llm.providers import provider_spec
+from poll_assets.llm.cache.response_cache import ResponseCache
+from poll_assets.llm.online.policy import CallPolicy
+from poll_assets.llm.providers.registry import provider_spec
 from poll_assets.llm.resources import ChatModelResource, ResponseCacheResource, member_backend, resource_key
-from poll_assets.llm.runner import CallBatch, CallStats, run_calls
+from poll_assets.llm.online.runner import CallBatch, CallStats, run_calls
 from poll_assets.panel import Member, Panel
 
 

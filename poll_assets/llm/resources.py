@@ -15,8 +15,8 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from poll_assets.llm.base import BackendConfig, ChatBackend
-from poll_assets.llm.cache import CacheMode, ResponseCache, default_cache_path
-from poll_assets.llm.providers import provider_spec
+from poll_assets.llm.cache.response_cache import CacheMode, ResponseCache, default_cache_path
+from poll_assets.llm.providers.registry import provider_spec
 
 
 class MissingAPIKeyError(RuntimeError):
@@ -159,7 +159,7 @@ class ResponseCacheResource(dg.ConfigurableResource):
         if context.instance is not None and context.run is not None:
             tag_run_with_process(context.instance, context.run)
         if self.backend == "instance" and context.instance is not None:
-            from poll_assets.llm.cache_pg import instance_database_url
+            from poll_assets.llm.cache.postgres import instance_database_url
 
             self._instance_url = instance_database_url(context.instance)
 
@@ -173,7 +173,7 @@ class ResponseCacheResource(dg.ConfigurableResource):
                 raise ValueError("response cache: backend 'postgres' needs a URL (panel `cache: {url_env: VAR}`), and it is empty")
             return url
         if self._instance_url is None:  # outside a run: the instance DAGSTER_HOME names
-            from poll_assets.llm.cache_pg import instance_database_url
+            from poll_assets.llm.cache.postgres import instance_database_url
 
             self._instance_url = instance_database_url(dg.DagsterInstance.get())
         return self._instance_url

@@ -31,9 +31,9 @@ from poll_assets.llm.base import (
     request_key,
 )
 from poll_assets.llm.budget import MemberBudget
-from poll_assets.llm.cache import DEFAULT_CLAIM_TTL_S, CacheError, ResponseCache, call_holding, default_owner
-from poll_assets.llm.limits import BatchStopped, CallLimits, estimate_tokens
-from poll_assets.llm.policy import CallPolicy, RetryPolicy
+from poll_assets.llm.cache.response_cache import DEFAULT_CLAIM_TTL_S, CacheError, ResponseCache, call_holding, default_owner
+from poll_assets.llm.online.limits import BatchStopped, CallLimits, estimate_tokens
+from poll_assets.llm.online.policy import CallPolicy, RetryPolicy
 from poll_assets.llm.pricing import Price, TokenUsage
 from poll_assets.llm.redact import safe_url
 

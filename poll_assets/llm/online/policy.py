@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from poll_assets.llm.providers import provider_spec
+from poll_assets.llm.providers.registry import provider_spec
 
 
 class Limits(BaseModel):

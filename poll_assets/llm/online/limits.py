@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from poll_assets.llm.base import CallRequest
-from poll_assets.llm.policy import CallPolicy
+from poll_assets.llm.online.policy import CallPolicy
 from poll_assets.llm.tokens import request_input_tokens
 
 def estimate_tokens(request: CallRequest) -> int:
