@@ -156,7 +156,7 @@ def estimate_prompts(panel: Panel, prompts: pd.DataFrame, cache: ResponseCache |
     combined, known, total = _likely_generations(panel, prompts, cache)
     note = f"judge prompts built with {known} of {total} generations from the cache, the rest at their expected length"
     for j in panel.judges:
-        tasks = [t for _, row in combined.iterrows() if (t := plan_judge_task(row, j, panel, rubric)).request is not None]
+        tasks = [t for _, row in combined.iterrows() if (t := plan_judge_task(row, j, panel.judging, rubric)).request is not None]
         requests = [t.request for t in tasks if t.request is not None]  # all of them: tasks holds only calls
         est = _member_estimate(j, "judge", panel, requests, cache, note)
         answered = _cached(j, requests, cache)

@@ -15,6 +15,7 @@ from poll_assets.assets.preferences import build_preferences_asset
 from poll_assets.assets.prompts import build_prompts_asset
 from poll_assets.assets.publishing import build_hub_publisher, build_publish_job
 from poll_assets.automation import build_automation_sensor, build_dead_run_sensor, with_rerun_condition
+from poll_assets.engine.stage import RunSettings
 from poll_assets.io_manager import ParquetIOManagerFactory, default_storage_dir
 from poll_assets.llm.resources import build_cache_resource, build_llm_resource, resource_key
 from poll_assets.panel import Panel
@@ -37,12 +38,15 @@ def build_assets(
     """
     rubric = rubric or get_rubric(panel.judging.aspect)
     parts = build_partitions_def(panel.source)
+    run = RunSettings.of(panel)  # what the engine needs of the panel in every LLM stage step
     if member_steps:
-        generators = [build_generation_asset(m, panel, parts, panel_path.parent) for m in panel.generators]
-        judges = [build_ratings_asset(m, panel, parts, rubric) for m in panel.judges]
+        generators = [build_generation_asset(m, panel.source, panel.thresholds, run, parts, panel_path.parent)
+                      for m in panel.generators]
+        judges = [build_ratings_asset(m, panel.judging, panel.thresholds, rubric, run, parts) for m in panel.judges]
     else:
-        generators = [build_generation_stage(panel, parts, base_dir=panel_path.parent)]
-        judges = [build_ratings_stage(panel, parts, rubric)]
+        generators = [build_generation_stage(panel.generators, panel.source, panel.thresholds, run, parts,
+                                             base_dir=panel_path.parent)]
+        judges = [build_ratings_stage(panel.judges, panel.judging, panel.thresholds, rubric, run, parts)]
     assets = [
         build_prompts_asset(panel, panel_path, parts),
         *generators,

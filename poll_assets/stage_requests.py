@@ -12,7 +12,7 @@ import pandas as pd
 
 from poll_assets.llm.base import CallRequest, Message
 from poll_assets.llm.context_fit import fit_request
-from poll_assets.panel import Member, Panel
+from poll_assets.panel import Judging, Member
 from poll_assets.rubrics.ultrafeedback import Rubric, build_judge_messages, verdict_json_schema
 from poll_assets.verdicts import presentation_order
 
@@ -42,9 +42,8 @@ class JudgeTask:
     truncated: list[int] = field(default_factory=list)  # generations cut to fit the judge's context
 
 
-def plan_judge_task(row: pd.Series, member: Member, panel: Panel, rubric: Rubric) -> JudgeTask:
+def plan_judge_task(row: pd.Series, member: Member, judging: Judging, rubric: Rubric) -> JudgeTask:
     """The judge call for one row of combined_generations: shuffled texts, prompt and schema."""
-    judging = panel.judging
     generations = list(row["generations"])
     present = [i for i, g in enumerate(generations) if isinstance(g, str)]
     if not present:

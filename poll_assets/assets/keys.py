@@ -146,3 +146,10 @@ PAIR_COLUMNS = schema(
     ("rejected_call_id", "string", "the call that wrote the rejected answer"),
     ("rating_call_ids", "list<string>", "the judge calls behind the ratings, in panel order"),
 )
+
+
+def generator_names(combined: pd.DataFrame) -> list[str]:
+    """Who wrote each answer of combined_generations, in panel order (every row lists every generator)."""
+    if not len(combined) or "generators" not in combined:
+        return []  # a frame made by hand (tests): the preview numbers the texts instead
+    return [str(g) for g in plain_list(combined["generators"].iloc[0])]

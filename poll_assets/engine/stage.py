@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import dagster as dg
 import pandas as pd
@@ -24,9 +24,10 @@ from poll_assets.engine.checks import STEP_INPUT, StageCheck, asset_check_specs,
 from poll_assets.llm.base import CallRequest, ChatBackend, Completion, ProviderError, request_key
 from poll_assets.llm.batch.runner import run_batch_calls
 from poll_assets.llm.batch.settings import BatchPolicy
-from poll_assets.llm.budget import BudgetLedger, MemberBudget, RunBudget
+from poll_assets.llm.budget import BudgetLedger, BudgetSettings, MemberBudget, RunBudget
 from poll_assets.llm.cache.response_cache import ResponseCache
 from poll_assets.llm.online.policy import CallPolicy
+from poll_assets.llm.pricing import Price
 from poll_assets.llm.providers.registry import provider_spec
 from poll_assets.llm.resources import ChatModelResource, ResponseCacheResource, member_backend, resource_key
 from poll_assets.llm.online.runner import CallBatch, CallStats, run_calls
@@ -197,24 +198,47 @@ class MemberCalls:
         return identity if len(await self.cache.aget_many(keys)) == len(keys) else None
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """What the engine needs of the panel in every LLM stage step, whatever the stage: every member
+    (a step checks all the run's members before any call), the run's spending cap, each member's price."""
+
+    members: tuple[Member, ...]
+    budget: BudgetSettings | None = None
+    prices: Mapping[str, Price | None] | None = None  # by member name; None: nothing priced
+
+    @classmethod
+    def of(cls, panel: Panel) -> RunSettings:
+        return cls(tuple(panel.members), panel.budget, {m.name: panel.price_of(m) for m in panel.members})
+
+    def price_of(self, member: Member) -> Price | None:
+        return (self.prices or {}).get(member.name)
+
+
+SettingsT = TypeVar("SettingsT")
+
+
 @dataclass
-class MemberContext:
-    """What one member's work on one shard gets: its settings, a log function, a label for messages,
-    and the member's calls, which the run's shards send together."""
+class MemberContext(Generic[SettingsT]):
+    """What one member's work on one shard gets: the member, its stage's settings (`Judging` for a
+    judge, the `Source` for a generator), its price, a log function, a label for messages, and the
+    member's calls, which the run's shards send together."""
 
     member: Member
-    panel: Panel
+    settings: SettingsT
+    price: Price | None
     log: Callable[[str], None]
     label: str
     shared: SharedCalls
     finished: bool = False
 
     @classmethod
-    def alone(cls, member: Member, panel: Panel, backend: ChatModelResource | ChatBackend, policy: CallPolicy,
-              cache: ResponseCache, log: Callable[[str], None], label: str) -> MemberContext:
+    def alone(cls, member: Member, settings: SettingsT, backend: ChatModelResource | ChatBackend, policy: CallPolicy,
+              cache: ResponseCache, log: Callable[[str], None], label: str,
+              price: Price | None = None) -> MemberContext[SettingsT]:
         """A member's work on one shard outside a stage step (tests call `generate` or `judge` so)."""
         calls = MemberCalls(member, backend, policy, cache, log, label, BackendGate(1))
-        return cls(member, panel, log, label, SharedCalls(calls.send, 1))
+        return cls(member, settings, price, log, label, SharedCalls(calls.send, 1))
 
     async def run_calls(self, requests: Sequence[CallRequest]) -> CallBatch:
         """The member's requests through the one call path, under its policy, together with the
@@ -242,7 +266,6 @@ def stage_pool(members: Sequence[Member], default: str) -> str:
 def stage_multi_asset_kwargs(
     *,
     name: str,
-    panel: Panel,
     members: Sequence[Member],
     key_of: Callable[[Member], dg.AssetKey],
     group: str,
@@ -281,7 +304,8 @@ def stage_multi_asset_kwargs(
 
 def run_stage_step(
     context: dg.AssetExecutionContext,
-    panel: Panel,
+    run: RunSettings,
+    settings: Any,
     members: Sequence[Member],
     key_of: Callable[[Member], dg.AssetKey],
     step_input: Any,
@@ -291,29 +315,30 @@ def run_stage_step(
 ) -> Iterator[dg.Output[Any] | dg.AssetCheckResult | dg.AssetCheckEvaluation]:
     """The body of a stage step: first, every member of the run is checked; then the selected
     members do `work` on every shard of the run at the same time (each member's calls for all shards
-    in one batch), and each shard's checks run on its output (see `run_stage`)."""
+    in one batch), and each shard's checks run on its output (see `run_stage`). `settings`: the
+    stage's own, handed to each member's work in its `MemberContext`."""
     cache: ResponseCacheResource = context.resources.response_cache
     selected = [m for m in members if key_of(m) in context.selected_asset_keys]
-    check_models = preflight_run(context, panel, selected)
+    check_models = preflight_run(context, run.members, selected)
     checks = context.selected_asset_check_keys
     frames = shard_frames(context, input_name, step_input)
     gate = BackendGate(len(selected), before_paying=check_models)
     # In-process models share the CPU (and llama.cpp's per-model lock): running them side by side
     # gains nothing and would start their call timeouts while they wait, so they take turns.
     local_turn = asyncio.Lock()
-    budget = run_budget(panel, context.run.run_id, cache)
+    budget = run_budget(run.budget, context.run.run_id, cache)
 
     async def member_shards(m: Member) -> dict[str, dg.Output[Any]]:
         label = key_of(m).to_user_string()
         turn = local_turn if provider_spec(m.provider).in_process else None
-        price = panel.price_of(m)
+        price = run.price_of(m)
         calls = MemberCalls(m, getattr(context.resources, resource_key(m)),  # resource keys are per member
                             CallPolicy.resolve(m.limits, m.provider), cache.get_cache(), context.log.info, label,
                             gate, turn, MemberBudget(budget, m.name, price) if budget and price else None)
         shared = SharedCalls(calls.send, len(frames), on_nothing=gate.leave)
 
         async def one(shard: str) -> dg.Output[Any]:
-            work_ctx = MemberContext(m, panel, context.log.info, label, shared)
+            work_ctx = MemberContext(m, settings, price, context.log.info, label, shared)
             try:
                 return await work(work_ctx, frames[shard])
             finally:
@@ -330,11 +355,11 @@ def run_stage_step(
     )
 
 
-def run_budget(panel: Panel, run_id: str, cache: ResponseCacheResource) -> RunBudget | None:
+def run_budget(settings: BudgetSettings | None, run_id: str, cache: ResponseCacheResource) -> RunBudget | None:
     """The run's budget, with what its earlier steps spent (the ledger beside the response cache)."""
-    if panel.budget is None:
+    if settings is None:
         return None
-    return RunBudget.open(panel.budget, run_id, BudgetLedger(cache.resolved_path()))
+    return RunBudget.open(settings, run_id, BudgetLedger(cache.resolved_path()))
 
 
 async def shard_outcomes(
