@@ -12,10 +12,11 @@ from poll_assets.assets.generations import build_combined_asset, build_generatio
 from poll_assets.assets.judging import build_ratings_asset, build_ratings_stage
 from poll_assets.assets.pooling import build_pooled_asset
 from poll_assets.assets.preferences import build_preferences_asset
-from poll_assets.assets.prompts import build_prompts_asset
+from poll_assets.assets.prompts import ShardEstimate, build_prompts_asset
 from poll_assets.assets.publishing import build_hub_publisher, build_publish_job
 from poll_assets.automation import build_automation_sensor, build_dead_run_sensor, with_rerun_condition
 from poll_assets.engine.stage import RunSettings
+from poll_assets.estimate import estimate_prompts
 from poll_assets.io_manager import ParquetIOManagerFactory, default_storage_dir
 from poll_assets.llm.resources import build_cache_resource, build_llm_resource, resource_key
 from poll_assets.panel import Panel
@@ -48,7 +49,7 @@ def build_assets(
                                              base_dir=panel_path.parent)]
         judges = [build_ratings_stage(panel.judges, panel.judging, panel.thresholds, rubric, run, parts)]
     assets = [
-        build_prompts_asset(panel, panel_path, parts),
+        build_prompts_asset(panel.source, panel_path.parent, parts, shard_estimate(panel, rubric)),
         *generators,
         build_combined_asset(panel, parts),
         *judges,
@@ -58,6 +59,11 @@ def build_assets(
     # A backfill runs `shards_per_run` shards per run; every step takes such a range (engine/shards.py).
     policy = backfill_policy(panel.source)
     return [a.with_attributes(backfill_policy=policy) for a in assets]
+
+
+def shard_estimate(panel: Panel, rubric: Rubric) -> ShardEstimate:
+    """The cost estimate of one shard's prompts, shown on the prompts asset before any call."""
+    return lambda rows, cache, shard: estimate_prompts(panel, rows, cache, rubric, partitions=[shard])
 
 
 def build_resources(panel: Panel, storage_dir: str | None = None, cache_path: str | None = None) -> dict[str, object]:
