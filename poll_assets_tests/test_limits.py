@@ -126,7 +126,7 @@ def test_token_bucket_refund():
 
 def test_pause_holds_back_new_attempts():
     async def go() -> float:
-        limits = CallLimits(4)
+        limits = CallLimits(CallPolicy(max_concurrency=4))
         limits.pause_for(0.3)
         t = time.monotonic()
         async with limits.slot():
@@ -160,8 +160,8 @@ def test_local_backend_runs_one_call_at_a_time():
     # The local model serializes on a lock; run_calls must queue calls itself so that their
     # timeout does not tick while they wait for that lock in a worker thread.
     limits = Limits(max_concurrency=8)
-    assert CallLimits.for_policy(CallPolicy.resolve(limits, "local")).max_concurrency == 1
-    assert CallLimits.for_policy(CallPolicy.resolve(limits, "openai")).max_concurrency == 8
+    assert CallLimits(CallPolicy.resolve(limits, "local")).max_concurrency == 1
+    assert CallLimits(CallPolicy.resolve(limits, "openai")).max_concurrency == 8
 
 
 def test_local_model_batch_through_run_calls():
@@ -176,7 +176,7 @@ def test_local_model_batch_through_run_calls():
 
 def test_aimd_window_halves_once_per_cut_and_grows_back_slowly():
     async def go():
-        limits = CallLimits(64)
+        limits = CallLimits(CallPolicy(max_concurrency=64))
         async with limits.slot() as first:
             pass
         limits.congested(first)
@@ -198,7 +198,7 @@ def test_aimd_window_halves_once_per_cut_and_grows_back_slowly():
 
 def test_a_shrunk_window_admits_no_new_call_until_holders_leave():
     async def go():
-        limits = CallLimits(4)
+        limits = CallLimits(CallPolicy(max_concurrency=4))
         entered = asyncio.Event()
         release = asyncio.Event()
 

@@ -131,13 +131,12 @@ class CallLimits:
     `max_concurrency`. A tighter provider so costs time, not rows.
     """
 
-    def __init__(self, max_concurrency: int, rpm: int | None = None, tpm: int | None = None) -> None:
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
-        self.max_concurrency = max_concurrency
-        self.window = ConcurrencyWindow(max_concurrency)
-        self.requests = TokenBucket(rpm) if rpm else None
-        self.tokens = TokenBucket(tpm) if tpm else None
+    def __init__(self, policy: CallPolicy) -> None:
+        # The policy was checked when it was made (CallPolicy): its numbers are used as they are.
+        self.max_concurrency = policy.max_concurrency
+        self.window = ConcurrencyWindow(policy.max_concurrency)
+        self.requests = TokenBucket(policy.rpm) if policy.rpm else None
+        self.tokens = TokenBucket(policy.tpm) if policy.tpm else None
         self._resume_at = 0.0
         self._cuts = 0  # how many times the window was cut; an attempt remembers the count it started under
         self.rate_limited = 0  # 429s seen
@@ -175,10 +174,6 @@ class CallLimits:
     def stop(self) -> None:
         """No further attempt starts; waiting calls raise BatchStopped."""
         self.stopped = True
-
-    @classmethod
-    def for_policy(cls, policy: CallPolicy) -> "CallLimits":
-        return cls(policy.max_concurrency, policy.rpm, policy.tpm)
 
     @asynccontextmanager
     async def slot(self, estimated_tokens: int = 0) -> AsyncIterator[int]:

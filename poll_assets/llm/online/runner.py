@@ -471,7 +471,7 @@ class _Sender:
         self.cache = cache
         self.report = report
         self.rng = random.Random(seed)
-        self.limits = CallLimits.for_policy(policy)
+        self.limits = CallLimits(policy)
         self.breaker = _Breaker(policy.breaker_after, policy.retry_window_s, policy.retry.base_s, policy.probe_cap_s)
         self.lease = _Lease(cache) if cache is not None and cache.writes else None
         self.results: dict[str, Completion] = {}
