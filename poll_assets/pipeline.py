@@ -22,6 +22,7 @@ from poll_assets.llm.resources import build_cache_resource, build_llm_resource, 
 from poll_assets.panel import Panel
 from poll_assets.partitions import backfill_policy, build_partitions_def
 from poll_assets.rubrics.ultrafeedback import Rubric, get_rubric
+from poll_assets.run_liveness import RUN_PROCESS_KEY, RunProcessResource
 
 JOB_NAME = "poll_job"
 
@@ -67,12 +68,14 @@ def shard_estimate(panel: Panel, rubric: Rubric) -> ShardEstimate:
 
 
 def build_resources(panel: Panel, storage_dir: str | None = None, cache_path: str | None = None) -> dict[str, object]:
-    """Every resource in one place: the IO manager, the response cache, one LLM client per member."""
+    """Every resource in one place: the IO manager, the response cache, the run's process tag, one LLM
+    client per member."""
     storage_dir = storage_dir or default_storage_dir()
     resources: dict[str, object] = {
         "io_manager": ParquetIOManagerFactory(base_dir=storage_dir),
         "hub_publisher": build_hub_publisher(panel, storage_dir),
         "response_cache": build_cache_resource(panel.cache, cache_path),
+        RUN_PROCESS_KEY: RunProcessResource(),  # tags each run with its process, for dead-run detection
     }
     for member in panel.members:
         resources[resource_key(member)] = build_llm_resource(member)

@@ -18,6 +18,7 @@ from poll_assets.panel import Source
 from poll_assets.parquet_values import is_missing
 from poll_assets.partitions import shard_bounds
 from poll_assets.prompt_source import describe_source, load_instructions, select_shard
+from poll_assets.run_liveness import RUN_PROCESS_KEY
 
 def check_prompts(prompts: pd.DataFrame) -> Finding:
     """The shard has at least one prompt, every prompt has an id and text, and ids are unique."""
@@ -62,7 +63,7 @@ def build_prompts_asset(source: Source, base_dir: Path, partitions_def: dg.Parti
         kinds={"huggingface", "pandas"},
         partitions_def=partitions_def,
         check_specs=asset_check_specs(PROMPT_CHECKS, PROMPTS_KEY, partitions_def),
-        required_resource_keys={"response_cache"},  # read-only: what the cost estimate finds cached
+        required_resource_keys={"response_cache", RUN_PROCESS_KEY},  # the cache read-only: what the estimate finds cached
         metadata=PROMPT_COLUMNS.definition_metadata(),
         code_version=prompts_version(source),
         description=(

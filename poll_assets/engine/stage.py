@@ -32,6 +32,7 @@ from poll_assets.llm.providers.registry import provider_spec
 from poll_assets.llm.resources import ChatModelResource, ResponseCacheResource, member_backend, resource_key
 from poll_assets.llm.online.runner import CallBatch, CallStats, run_calls
 from poll_assets.panel import Member, Panel
+from poll_assets.run_liveness import RUN_PROCESS_KEY
 
 
 class SharedCalls:
@@ -297,7 +298,7 @@ def stage_multi_asset_kwargs(
         "partitions_def": partitions_def,
         "can_subset": True,
         "pool": stage_pool(members, default_pool),
-        "required_resource_keys": {resource_key(m) for m in members} | {"response_cache"},
+        "required_resource_keys": {resource_key(m) for m in members} | {"response_cache", RUN_PROCESS_KEY},
         "check_specs": [s for m in members for s in asset_check_specs(checks, key_of(m), partitions_def)],
     }
 

@@ -152,12 +152,6 @@ class ResponseCacheResource(dg.ConfigurableResource):
         return Path(self.path).expanduser() if self.path else default_cache_path()
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        # Every step that calls a provider holds this resource, so a run launched from the UI gets
-        # its worker's host and pid recorded before its first paid call (see run_liveness).
-        from poll_assets.run_liveness import tag_run_with_process
-
-        if context.instance is not None and context.run is not None:
-            tag_run_with_process(context.instance, context.run)
         if self.backend == "instance" and context.instance is not None:
             from poll_assets.llm.cache.postgres import instance_database_url
 
