@@ -52,7 +52,7 @@ def build_assets(
     assets = [
         build_prompts_asset(panel.source, panel_path.parent, parts, shard_estimate(panel, rubric)),
         *generators,
-        build_combined_asset(panel, parts),
+        build_combined_asset(panel.generators, parts),
         *judges,
         build_pooled_asset(panel, parts, rubric, panel.gold.location(panel_path) if panel.gold else None),
         build_preferences_asset(panel, parts),

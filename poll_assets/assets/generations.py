@@ -19,7 +19,7 @@ from poll_assets.engine.stage import MemberContext, RunSettings, run_stage_step,
 from poll_assets.engine.checks import (
     STEP_INPUT, Finding, StageCheck, absent_ids, asset_check_specs, examples, problems_finding, repeated_ids, short_id,
 )
-from poll_assets.panel import Member, Panel, Source, Thresholds
+from poll_assets.panel import Member, Source, Thresholds
 from poll_assets.parquet_values import is_missing, plain
 from poll_assets.stage_requests import generator_requests
 from poll_assets.prompt_source import load_source_column
@@ -72,8 +72,8 @@ def generation_checks(thresholds: Thresholds) -> list[StageCheck]:
 COMBINED_CHECKS: list[StageCheck] = []
 
 
-def combined_column_lineage(panel: Panel) -> dg.TableColumnLineage:
-    keys = [generation_key(g) for g in panel.generators]
+def combined_column_lineage(generators: Sequence[Member]) -> dg.TableColumnLineage:
+    keys = [generation_key(g) for g in generators]
     each = lambda column: column_of_each(keys, GENERATION_COLUMNS, column)  # noqa: E731
     return COMBINED_COLUMNS.lineage({
         "prompt_id": [column_of(PROMPTS_KEY, PROMPT_COLUMNS, "prompt_id")],
@@ -237,8 +237,8 @@ def combine_shard(prompts: pd.DataFrame, member_frames: list[pd.DataFrame]) -> p
     return COMBINED_COLUMNS.frame(rows)
 
 
-def build_combined_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
-    ins = {f"gen_{m.name}": dg.AssetIn(key=generation_key(m)) for m in panel.generators}
+def build_combined_asset(generators: Sequence[Member], partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    ins = {f"gen_{m.name}": dg.AssetIn(key=generation_key(m)) for m in generators}
     ins["prompts"] = dg.AssetIn(key=PROMPTS_KEY)
 
     @dg.asset(
@@ -252,19 +252,19 @@ def build_combined_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) 
         code_version="1",
         description=(
             "For each prompt, `generations` and `generation_models` in panel order "
-            f"({', '.join(m.name for m in panel.generators)}); a failed generation is None with its error kept."
+            f"({', '.join(m.name for m in generators)}); a failed generation is None with its error kept."
         ),
     )
     def combined_generations(context: dg.AssetExecutionContext, prompts: Any, **generations: Any) -> Iterator[Any]:
         # each input: one shard's frame, or {shard: frame} in a run of several shards
         prompt_frames = shard_frames(context, "prompts", prompts)
         member_frames = {m.name: shard_frames(context, f"gen_{m.name}", generations[f"gen_{m.name}"])
-                         for m in panel.generators}
+                         for m in generators}
         made = {}
         for shard, shard_prompts in prompt_frames.items():
-            df = combine_shard(shard_prompts, [member_frames[m.name][shard] for m in panel.generators])
+            df = combine_shard(shard_prompts, [member_frames[m.name][shard] for m in generators])
             out = dg.Output(df, metadata={**COMBINED_COLUMNS.output_metadata(df),
-                                          "dagster/column_lineage": combined_column_lineage(panel)})
+                                          "dagster/column_lineage": combined_column_lineage(generators)})
             made[shard] = (out, [])
         yield from shard_events(context, COMBINED_KEY, made)
 
