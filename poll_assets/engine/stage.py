@@ -202,18 +202,21 @@ class MemberCalls:
 @dataclass(frozen=True)
 class RunSettings:
     """What the engine needs of the panel in every LLM stage step, whatever the stage: every member
-    (a step checks all the run's members before any call), the run's spending cap, each member's price."""
+    (a step checks all the run's members before any call), the run's spending cap, and by member
+    name its price and its call policy (its `limits:` resolved once, here, for the runner)."""
 
     members: tuple[Member, ...]
-    budget: BudgetSettings | None = None
-    prices: Mapping[str, Price | None] | None = None  # by member name; None: nothing priced
+    budget: BudgetSettings | None
+    prices: Mapping[str, Price | None]
+    policies: Mapping[str, CallPolicy]
 
     @classmethod
     def of(cls, panel: Panel) -> RunSettings:
-        return cls(tuple(panel.members), panel.budget, {m.name: panel.price_of(m) for m in panel.members})
+        return cls(tuple(panel.members), panel.budget, {m.name: panel.price_of(m) for m in panel.members},
+                   {m.name: CallPolicy.resolve(m.limits, m.provider) for m in panel.members})
 
     def price_of(self, member: Member) -> Price | None:
-        return (self.prices or {}).get(member.name)
+        return self.prices.get(member.name)
 
 
 SettingsT = TypeVar("SettingsT")
@@ -334,7 +337,7 @@ def run_stage_step(
         turn = local_turn if provider_spec(m.provider).in_process else None
         price = run.price_of(m)
         calls = MemberCalls(m, getattr(context.resources, resource_key(m)),  # resource keys are per member
-                            CallPolicy.resolve(m.limits, m.provider), cache.get_cache(), context.log.info, label,
+                            run.policies[m.name], cache.get_cache(), context.log.info, label,
                             gate, turn, MemberBudget(budget, m.name, price) if budget and price else None)
         shared = SharedCalls(calls.send, len(frames), on_nothing=gate.leave)
 
