@@ -375,7 +375,12 @@ def rating_stats(values: np.ndarray, items: GoldItems, scale: Sequence[int], res
 
 def preference_stats(values: np.ndarray, items: GoldItems, resample: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
     """Preference figures of a rater for each resample: agreement on a / b / tie and Cohen's kappa on it."""
-    labels = _preference_labels(values, items)
+    return preference_label_stats(_preference_labels(values, items), items, resample)
+
+
+def preference_label_stats(labels: np.ndarray, items: GoldItems, resample: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+    """`preference_stats` from a rater's label per preference item (0 a, 1 b, 2 tie, -1 none): pairwise
+    judging gives these labels directly."""
     ok = labels >= 0
     tables = _per_prompt_tables(items.pref_p[ok], items.pref_win[ok], labels[ok], resample.shape[1], (3, 3))
     batch = np.einsum("bp,pkl->bkl", resample, tables)

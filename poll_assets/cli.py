@@ -344,6 +344,49 @@ def cmd_calibration(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    """Print the generators' leaderboard over every stored shard (pairwise mode; the dataset card's table)."""
+    if args.storage is None:
+        _use_project_home()
+    import dagster as dg
+
+    from poll_assets.assets.keys import POOLED_KEY
+    from poll_assets.assets.publishing import dataset_pairwise, read_all_partitions
+    from poll_assets.io_manager import default_storage_dir
+    from poll_assets.pairwise import position_markdown
+    from poll_assets.panel import PanelConfigError, load_panel
+
+    try:
+        panel, path = load_panel(args.panel)
+    except PanelConfigError as exc:
+        print(f"poll-assets leaderboard: {exc}", file=sys.stderr)
+        return 2
+    if panel.judging.mode != "pairwise":
+        print(f"poll-assets leaderboard: panel {panel.name} ({path}) judges in mode {panel.judging.mode!r}; the "
+              "leaderboard comes from pairwise comparisons: set `judging: {mode: pairwise}` (docs/pairwise.md)",
+              file=sys.stderr)
+        return 2
+    try:
+        pooled = read_all_partitions(args.storage or default_storage_dir(), POOLED_KEY)
+    except dg.Failure as exc:
+        print(f"poll-assets leaderboard: {exc.description}", file=sys.stderr)
+        return 2
+    summary = dataset_pairwise(panel, pooled, resamples=args.resamples)
+    if summary is None:
+        print("poll-assets leaderboard: the stored pooled_ratings shards hold no comparisons; re-run them in "
+              "pairwise mode", file=sys.stderr)
+        return 2
+    if args.json:
+        import json
+
+        print(json.dumps({k: v for k, v in summary.items() if k != "leaderboard_markdown"}, indent=2))
+    else:
+        print(f"panel {panel.name}: {len(pooled)} prompts in the stored shards\n")
+        print(summary["leaderboard_markdown"])
+        print("\n" + position_markdown(summary["position"]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="poll-assets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -377,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--storage", help="storage folder or URL (default: $DAGSTER_HOME/storage)")
     cal.add_argument("--json", action="store_true", help="print the result as JSON")
     cal.set_defaults(fn=cmd_calibration)
+    board = sub.add_parser("leaderboard", help="pairwise mode: the generators ranked by Bradley-Terry over every stored shard")
+    board.add_argument("--panel", help="bundled panel name or YAML path (default: $POLL_PANEL or 'local')")
+    board.add_argument("--storage", help="storage folder or URL (default: $DAGSTER_HOME/storage)")
+    board.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples over prompts (default 1000; 0: no intervals)")
+    board.add_argument("--json", action="store_true", help="print the result as JSON")
+    board.set_defaults(fn=cmd_leaderboard)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -14,6 +14,11 @@ pooling each draw pools with the drawn judges' weights; a draw whose weights sum
 margin (as `pool_ratings` gives none) and is left out, and with no draw left there is no interval.
 `judge_agreement` stays a plain share of judges under every method.
 
+In pairwise mode (`comparison_confidence`) a judge votes through its comparisons of the two answers
+(both orders): for when it preferred chosen more often than rejected, against when less, tied when
+as often. The margin there is a difference of Bradley-Terry strengths, which this module does not
+resample: its interval is absent.
+
 `confidence_cut` applies the panel's `min_judge_agreement` and `min_margin_low` to one pair and says
 why it is left out, if it is.
 """
@@ -161,6 +166,29 @@ def pair_confidence(
         margin_low=interval[0] if interval else None,
         margin_high=interval[1] if interval else None,
     )
+
+
+def comparison_confidence(
+    comparisons: Sequence[Sequence[Sequence[int | None]]],
+    chosen: int,
+    rejected: int,
+    *,
+    exclude: Sequence[Sequence[bool]] | None = None,
+) -> PairConfidence:
+    """The judges' votes on one pair from their pairwise comparisons: `comparisons[j]` lists judge j's
+    [a, b, shown first, winner] (winner -1 for a tie, None where unread). A judge with no read
+    comparison of the two, or masked for either (`exclude[j][g]`), does not vote."""
+    votes = {"for": 0, "against": 0, "tied": 0}
+    for j, judged in enumerate(comparisons):
+        if exclude is not None and (exclude[j][chosen] or exclude[j][rejected]):
+            continue
+        read = [c[3] for c in judged if {c[0], c[1]} == {chosen, rejected} and c[3] is not None]
+        if not read:
+            continue
+        wins = sum(w == chosen for w in read) - sum(w == rejected for w in read)
+        votes["for" if wins > 0 else "against" if wins < 0 else "tied"] += 1
+    return PairConfidence(judges_for=votes["for"], judges_against=votes["against"], judges_tied=votes["tied"],
+                          margin_low=None, margin_high=None)
 
 
 def confidence_cut(conf: PairConfidence, *, min_judge_agreement: float | None = None,

@@ -16,10 +16,12 @@
       "quality": {"settings": {"min_judge_agreement", "min_margin_low"}, "pairs": int, "mean_judge_agreement": float,
                   "judge_agreement": {bin: pairs}, "margin_low": {bin: pairs},
                   "left_out": {"prompts_without_pair": {reason: int}, "contested_pairs": {reason: int}}},
+      "pairwise": pairwise.pairwise_summary(...) (judging.mode 'pairwise' only: leaderboard, position figures),
       "verdicts": {<judge>: {"parse_failures_before": int, "parse_failures_after": int,
                              "parse_failure_rate_before": float, "parse_failure_rate_after": float,
                              "by_reason_before": {reason: int}, "by_reason_after": {reason: int},
-                             "repairs_asked": int, "repair_call_failures": int, "texts_recovered": int}},
+                             "repairs_asked": int, "repair_call_failures": int, "texts_recovered": int,
+                             "reading": {"read_by_layout"|"read_by_names"|"read_by_position"|"unread/<reason>": int}}},
     }
 
 The card's YAML header holds the Hub's own fields (pretty_name, license, task_categories, tags,
@@ -205,6 +207,7 @@ def _verdicts_section(verdicts: dict[str, dict[str, Any]]) -> list[str]:
         "rate after | reasons before (after) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    reading = {judge: f["reading"] for judge, f in verdicts.items() if f.get("reading")}
     for judge, f in verdicts.items():
         after = f.get("by_reason_after") or {}
         reasons = "; ".join(f"{r}: {n} ({after.get(r, 0)})" for r, n in (f.get("by_reason_before") or {}).items())
@@ -220,6 +223,10 @@ def _verdicts_section(verdicts: dict[str, dict[str, Any]]) -> list[str]:
             f"{_cell(j)}: {_fmt(f.get('texts_cut_to_fit'))} texts shortened to its context (marked in the prompt, "
             f"listed in `truncated_texts`), {_fmt(f.get('answers_cut_at_token_limit'))} answers cut off at its "
             "token limit" for j, f in cut) + "."]
+    if reading:  # how each judge's answers were read: asked layout, other names, unnamed position, unread
+        lines += ["", "How each judge's ratings were tied to texts (after repair):", "",
+                  "| judge | how read (texts) |", "| --- | --- |"]
+        lines += [f"| {_cell(j)} | {_cell('; '.join(f'{k}: {v}' for k, v in r.items()))} |" for j, r in reading.items()]
     return lines
 
 
@@ -233,6 +240,22 @@ def _calibration_section(calibration: dict[str, Any] | None) -> list[str]:
             "Each judge, the jury and each jury without one judge, scored against human labels over every "
             "stored shard (the poll-assets documentation, page *Calibration*, says what each figure means).", "",
             calibration_markdown(calibration)]
+
+
+def _pairwise_section(pairwise: dict[str, Any] | None) -> list[str]:
+    """Pairwise judging (poll_assets/pairwise.py): the generators' leaderboard and each judge's position figures."""
+    if not pairwise:
+        return []
+    from poll_assets.pairwise import position_markdown
+
+    return ["", "## Pairwise judging: leaderboard and position bias", "",
+            "The judges compared the answers two at a time, each pair in both orders; the pairs above are built "
+            "from each prompt's Bradley-Terry strengths (chosen_rating and rejected_rating hold those strengths).", "",
+            "### Generators", "", pairwise["leaderboard_markdown"], "",
+            "### Judges", "",
+            "Position consistency: the share of pairs asked in both orders whose two answers agree. First-position "
+            "rate: the share of decisive answers that prefer the answer shown first (0.5 is no bias).", "",
+            position_markdown(pairwise["position"])]
 
 
 def _use_and_limits_sections(repo_id: str | None, split: str) -> list[str]:
@@ -263,6 +286,11 @@ def build_dataset_card(info: dict[str, Any], *, repo_id: str | None = None, spli
         "Preference pairs (prompt, chosen, rejected) for DPO-style training. Several generator models "
         "answered each prompt; a panel of judge models (PoLL) rated every answer with an UltraFeedback "
         "rubric; ratings were pooled per answer and turned into chosen/rejected pairs."
+        if (info.get("judging") or {}).get("mode") != "pairwise" else
+        "Preference pairs (prompt, chosen, rejected) for DPO-style training. Several generator models "
+        "answered each prompt; a panel of judge models (PoLL) compared the answers two at a time, in both "
+        "orders, on an UltraFeedback aspect; the comparisons were pooled into Bradley-Terry strengths per "
+        "answer and turned into chosen/rejected pairs."
     )
     lines = [
         "---", _card_header(info, pretty, split), "---", "", f"# {pretty}", "", description, "",
@@ -272,6 +300,7 @@ def build_dataset_card(info: dict[str, Any], *, repo_id: str | None = None, spli
         *_quality_section(info),
         *_verdicts_section(info.get("verdicts") or {}),
         *_calibration_section(info.get("calibration")),
+        *_pairwise_section(info.get("pairwise")),
         *_use_and_limits_sections(repo_id, split),
     ]
     return "\n".join(lines)

@@ -29,7 +29,8 @@ from poll_assets.panel import Member, Panel
 from poll_assets.partitions import shard_bounds
 from poll_assets.prompt_source import load_instructions, select_shard
 from poll_assets.rubrics.ultrafeedback import Rubric, build_repair_messages, get_rubric, verdict_json_schema
-from poll_assets.stage_requests import JudgeTask, generator_requests, plan_judge_task
+from poll_assets.pairwise import build_pairwise_repair, pairwise_json_schema
+from poll_assets.stage_requests import JudgeTask, generator_requests, plan_comparison_tasks, plan_judge_task
 
 _FILLER = "abc "  # four characters: one estimated token per repeat
 _REASON_TOKENS = 30  # a repair names each unread text's reason; the parser's reasons stay well under 120 characters
@@ -64,9 +65,26 @@ class MemberEstimate:
 
 
 @dataclass
+class ModeCost:
+    """The judging stage of one mode, per prompt: judge calls (every judge) and their bill, uncached."""
+
+    mode: str
+    prompts: int
+    judge_calls: int
+    input_tokens: int
+    output_tokens: int
+    online_usd: float | None
+    batch_usd: float | None
+
+    def per_prompt(self, value: float | None) -> float | None:
+        return None if value is None or not self.prompts else value / self.prompts
+
+
+@dataclass
 class Estimate:
     partitions: list[str]
     members: list[MemberEstimate] = field(default_factory=list)
+    modes: list[ModeCost] = field(default_factory=list)  # the judging cost in each mode, this panel's first
 
     def total(self, name: str) -> float | None:
         """Sum of a dollar column; None when some member has no figure for it."""
@@ -83,7 +101,8 @@ class Estimate:
                 "online_usd": self.total("online_usd"), "batch_usd": self.total("batch_usd"),
                 "repair_calls_at_most": sum(m.repair_calls for m in self.members),
                 "repair_online_usd_at_most": self.repair_total("online_usd"),
-                "repair_batch_usd_at_most": self.repair_total("batch_usd")}
+                "repair_batch_usd_at_most": self.repair_total("batch_usd"),
+                "judging_by_mode": [asdict(m) for m in self.modes]}
 
 
 def expected_output(member: Member, cache: ResponseCache | None) -> tuple[float, str]:
@@ -112,8 +131,9 @@ def _cached(member: Member, requests: Sequence[CallRequest], cache: ResponseCach
 
 
 def _member_estimate(member: Member, role: str, panel: Panel, requests: Sequence[CallRequest],
-                     cache: ResponseCache | None, note: str = "") -> MemberEstimate:
-    hits = _cached(member, requests, cache)
+                     cache: ResponseCache | None, note: str = "", *, hits_free: bool = True) -> MemberEstimate:
+    """`hits_free` False: every request priced as if uncached (the cache still gives output lengths)."""
+    hits = _cached(member, requests, cache) if hits_free else {}
     todo = [r for i, r in enumerate(requests) if i not in hits]
     per_call, basis = expected_output(member, cache)
     est = MemberEstimate(member.name, role, member.provider, member.model, len(requests), len(hits),
@@ -137,7 +157,7 @@ def _likely_generations(panel: Panel, prompts: pd.DataFrame, cache: ResponseCach
         from_cache += len(hits)
     generations = [list(row) for row in zip(*columns)] if columns else [[] for _ in range(len(prompts))]
     combined = pd.DataFrame({"prompt_id": list(prompts["prompt_id"]), "instruction": list(prompts["instruction"]),
-                             "generations": generations})
+                             "generations": generations, "generators": [[g.name for g in panel.generators]] * len(prompts)})
     return combined, from_cache, len(panel.generators) * len(prompts)
 
 
@@ -156,13 +176,54 @@ def estimate_prompts(panel: Panel, prompts: pd.DataFrame, cache: ResponseCache |
     combined, known, total = _likely_generations(panel, prompts, cache)
     note = f"judge prompts built with {known} of {total} generations from the cache, the rest at their expected length"
     for j in panel.judges:
-        tasks = [t for _, row in combined.iterrows() if (t := plan_judge_task(row, j, panel.judging, rubric)).request is not None]
-        requests = [t.request for t in tasks if t.request is not None]  # all of them: tasks holds only calls
-        est = _member_estimate(j, "judge", panel, requests, cache, note)
-        answered = _cached(j, requests, cache)
-        _add_repairs(est, j, panel, rubric, [t for i, t in enumerate(tasks) if i not in answered], cache)
-        out.members.append(est)
+        out.members.append(_judge_estimate(j, panel, rubric, combined, cache, note))
+    other = "rating" if panel.judging.mode == "pairwise" else "pairwise"
+    for mode in (panel.judging.mode, other):
+        mode_panel = panel.model_copy(update={"judging": panel.judging.model_copy(update={"mode": mode})})
+        judges = [_judge_estimate(j, mode_panel, rubric, combined, cache, note, hits_free=False) for j in panel.judges]
+        out.modes.append(_mode_cost(mode, len(prompts), judges))
     return out
+
+
+def _mode_cost(mode: str, prompts: int, judges: Sequence[MemberEstimate]) -> ModeCost:
+    """Every judge call of a mode priced uncached, without repairs (what a fresh run of that mode costs)."""
+    online, batch = [m.online_usd for m in judges], [m.batch_usd for m in judges]
+    return ModeCost(mode, prompts, sum(m.calls for m in judges), sum(m.input_tokens for m in judges),
+                    sum(m.output_tokens for m in judges), None if None in online else float(sum(online)),  # type: ignore[arg-type]
+                    None if None in batch else float(sum(batch)))  # type: ignore[arg-type]
+
+
+def _judge_estimate(j: Member, panel: Panel, rubric: Rubric, combined: pd.DataFrame, cache: ResponseCache | None,
+                    note: str, *, hits_free: bool = True) -> MemberEstimate:
+    """One judge's calls in the panel's judging mode: one per prompt (rating), or one per comparison (pairwise)."""
+    if panel.judging.mode == "pairwise":
+        comparisons = [t for _, row in combined.iterrows() for t in plan_comparison_tasks(row, j, panel.judging, rubric)]
+        requests = [t.request for t in comparisons]
+        est = _member_estimate(j, "judge", panel, requests, cache, note, hits_free=hits_free)
+        answered = _cached(j, requests, cache)
+        _add_pairwise_repairs(est, j, panel, [r for i, r in enumerate(requests) if i not in answered], cache)
+        return est
+    tasks = [t for _, row in combined.iterrows() if (t := plan_judge_task(row, j, panel.judging, rubric)).request is not None]
+    requests = [t.request for t in tasks if t.request is not None]  # all of them: tasks holds only calls
+    est = _member_estimate(j, "judge", panel, requests, cache, note, hits_free=hits_free)
+    answered = _cached(j, requests, cache)
+    _add_repairs(est, j, panel, rubric, [t for i, t in enumerate(tasks) if i not in answered], cache)
+    return est
+
+
+def _add_pairwise_repairs(est: MemberEstimate, judge: Member, panel: Panel, requests: Sequence[CallRequest],
+                          cache: ResponseCache | None) -> None:
+    """At most `repair_attempts` re-asks per comparison still to make, each with the longest reason."""
+    per_call, _ = expected_output(judge, cache)
+    answer, reason = _FILLER * max(1, round(per_call)), _FILLER * _REASON_TOKENS
+    limit = panel.judging.max_rationale_chars
+    repairs = []
+    for request in requests:
+        messages = request.message_dicts()
+        for _ in range(panel.judging.repair_attempts):
+            messages = build_pairwise_repair(messages, answer, reason, structured=True, max_rationale_chars=limit)
+            repairs.append(CallRequest.build(messages, request.params, json_schema=pairwise_json_schema(limit)))
+    _set_repairs(est, judge, panel, repairs, per_call)
 
 
 def repair_requests_at_most(task: JudgeTask, rubric: Rubric, rounds: int, answer_tokens: float,
@@ -187,6 +248,10 @@ def _add_repairs(est: MemberEstimate, judge: Member, panel: Panel, rubric: Rubri
     per_call, _ = expected_output(judge, cache)
     rounds, limit = panel.judging.repair_attempts, panel.judging.max_rationale_chars
     repairs = [r for t in tasks for r in repair_requests_at_most(t, rubric, rounds, per_call, limit)]
+    _set_repairs(est, judge, panel, repairs, per_call)
+
+
+def _set_repairs(est: MemberEstimate, judge: Member, panel: Panel, repairs: Sequence[CallRequest], per_call: float) -> None:
     est.repair_calls = len(repairs)
     est.repair_input_tokens = sum(request_input_tokens(r) for r in repairs)
     est.repair_output_tokens = round(per_call * len(repairs))
@@ -218,6 +283,7 @@ def format_estimate(est: Estimate) -> str:
                  f"{sum(m.output_tokens for m in est.members):>10,} {usd(est.total('online_usd')):>11} "
                  f"{usd(est.total('batch_usd')):>11}")
     lines += _repair_lines(est, usd)
+    lines += _mode_lines(est, usd)
     notes = sorted({m.note for m in est.members if m.note})
     unpriced = sorted({m.model for m in est.members if m.online_usd is None})
     lines += [f"note: {n}" for n in notes]
@@ -226,6 +292,17 @@ def format_estimate(est: Estimate) -> str:
     if cached:
         lines.append(f"note: {cached} calls are answered in the response cache and cost nothing")
     return "\n".join(lines)
+
+
+def _mode_lines(est: Estimate, usd: Any) -> list[str]:
+    """Judging per prompt in each mode (uncached, without repairs): the choice of mode, priced."""
+    if not est.modes or not est.modes[0].prompts:
+        return []  # no prompt: nothing per prompt to say
+    cells = [f"{m.mode}{' (this panel)' if k == 0 else ''}: {m.per_prompt(m.judge_calls):g} calls, "
+             f"{m.per_prompt(m.input_tokens):,.0f} input + {m.per_prompt(m.output_tokens):,.0f} output tokens at most, "
+             f"{usd(m.per_prompt(m.online_usd))} online, {usd(m.per_prompt(m.batch_usd))} batch"
+             for k, m in enumerate(est.modes)]
+    return ["judging per prompt, every judge, uncached: " + "; ".join(cells)]
 
 
 def _repair_lines(est: Estimate, usd: Any) -> list[str]:

@@ -157,7 +157,16 @@ class Source(_Strict):
         return "instruction"
 
 
+class PairwiseSettings(_Strict):
+    """How pairwise judging picks its pairs (docs/pairwise.md)."""
+
+    against: str | None = Field(default=None, description="A generator's name: compare each other generation with this one only (n-1 pairs per prompt); None compares all n(n-1)/2 pairs.")
+    both_orders: bool = Field(default=True, description="Ask each pair twice, each answer shown first once, so position bias cancels and is measured; false asks once, the first position drawn by `judging.seed`.")
+
+
 class Judging(_Strict):
+    mode: Literal["rating", "pairwise"] = Field(default="rating", description="rating: each judge rates every answer on the rubric's 1-5 scale in one call; pairwise: each judge compares answers two at a time (see `pairwise`).")
+    pairwise: PairwiseSettings = Field(default_factory=PairwiseSettings, description="Mode 'pairwise' only: which pairs are compared, and in which orders.")
     aspect: Aspect = Field(default="instruction-following", description="The UltraFeedback aspect the judges rate.")
     shuffle_positions: bool = Field(default=True, description="Position-bias control: each judge sees a prompt's generations in its own seeded order.")
     exclude_self_family: bool = Field(default=True, description="Self-preference control: a judge's ratings of generations from its own family are left out of pooling.")
@@ -312,6 +321,17 @@ class Panel(_Strict):
     publish: Publish = Field(default_factory=Publish, description="Where publish_job writes and uploads the dataset.")
     budget: BudgetSettings | None = Field(default=None, description="A spending cap per run over every member's calls; None sets no cap.")
     gold: Gold | None = Field(default=None, description="Human labels to calibrate each judge and the jury against (docs/calibration.md); None: no calibration.")
+
+    @model_validator(mode="after")
+    def _pairwise_anchor_is_a_generator(self) -> "Panel":
+        anchor = self.judging.pairwise.against
+        names = [g.name for g in self.generators]
+        if anchor is not None and anchor not in names:
+            raise ValueError(f"judging.pairwise.against: {anchor!r} is not a generator of this panel (they are {names})")
+        if self.judging.mode == "pairwise" and self.pooling.method == "weighted":
+            raise ValueError("pooling.method 'weighted' pools ratings; judging.mode 'pairwise' pools comparisons "
+                             "with Bradley-Terry: use method 'mean' (the default) with pairwise judging")
+        return self
 
     @model_validator(mode="after")
     def _weights_name_judges(self) -> "Panel":

@@ -1,30 +1,38 @@
 """Reading a judge's answer into one Verdict per text, the repair re-ask's pure parts, and the
 position-bias controls.
 
-`parse_verdicts` holds four invariants (property-tested in test_verdict_invariants.py):
+`parse_verdicts` holds these invariants (property-tested in test_verdict_invariants.py and, against
+composed judge answers, in test_judge_fuzz.py; docs/verdicts.md states the rules in full):
 I1 nothing inside a generation sets or changes a rating, at worst it removes one (None + reason);
-I2 a rating goes to a text only when the answer names that text, or names no text at all and holds
-   exactly n ratings in order;
+I2 a rating goes to a text only through a reference resolved to exactly that text (any naming scheme,
+   poll_assets.rubrics.text_names), or by position when the items carry no names, number exactly n
+   and nothing marks another order (a ranking, "best first", places);
 I3 an answer on another scale (a 0, a 7, "4/10", "Rating (1-10)") or numbering the texts from 0 gives
    None for every text, with the reason;
-I4 exactly n verdicts, in the order the texts were shown.
+I4 exactly n verdicts, in the order the texts were shown, for ANY string: no exception escapes, no
+   recursion deeper than MAX_JSON_DEPTH, O(length) work up to MAX_ANSWER_CHARS;
+I5 only the final answer counts: reasoning sections and drafts are cut off (poll_assets.rubrics.reasoning).
 
 Steps:
 1. What the answer repeats from its prompt is removed (poll_assets.rubrics.echo): fenced regions, the
    prompt's template lines and, given `messages`/`generations`, every line of the instruction and texts.
+   Then only the final answer is kept, and every reference to a text is rewritten to "Text k" (or the
+   answer is refused when its names mix schemes or fall outside the n texts).
 2. Text answers: lines are split with the project's one line rule and rewritten into canonical lines
-   (tables, "Text 1: 4, Text 2: 2", "Rating for Text 3: 5", "... **Rating: 4**", XML-style tags), then
-   cut into blocks at headings naming a text ("#### Output for Text k", "**Text k:**", "1. Text k",
-   "### Response k"). Inside a block, Rating/Score, Rationale (Reason, Explanation, ...) and Type fields
-   are read. A bulleted "- **Text 4:** prose" is a mention when the answer has real headings. Several
-   ratings for one text are kept only if they agree ("conflicting ratings" otherwise). Without any
-   heading, exactly n rating lines are taken in order (any number that agree for n == 1).
+   (tables, "Text 1: 4, Text 2: 2", "Rating for Text 3: 5", "... **Rating: 4**", "I rate it 4", XML-style
+   tags), then cut into blocks at headings naming a text ("#### Output for Text k", "**Text k:**",
+   "1. Text k", "### Response k"). Inside a block, Rating/Score, Rationale (Reason, Explanation, ...) and
+   Type fields are read; a rating line that mentions another text is dropped. A bulleted "- **Text 4:**
+   prose" is a mention when the answer has real headings. Several ratings for one text are kept only if
+   they agree ("conflicting ratings" otherwise). Without any heading, exactly n rating lines are taken
+   in order under I2's position rule (any number that agree for n == 1).
    Lines starting with ">" (quoted material) are never read, as text or as JSON.
-3. JSON answers: every JSON value in the answer is read (fences, prose and trailing commas tolerated);
-   keys text_k / "Text k" / "k", list items with "text": k, {"ratings": {...}}, case-insensitive field
-   names; an unnamed list only when it holds exactly n verdicts and nothing names a text. A truncated
-   answer keeps every complete "text_k": {...}. Verdicts from several JSON values are merged like
-   blocks (agreeing or None). A text answer falls back to JSON only when it mostly is JSON.
+3. JSON answers: every balanced JSON value in the answer is read (fences, prose and trailing commas
+   tolerated); keys text_k / "Text k" / "k" (after renaming), list items with "text": k (any scheme),
+   {"ratings": {...}}, case-insensitive and prefixed rating keys; an unnamed list only under I2's
+   position rule. A truncated answer keeps every complete "text_k": {...}. Verdicts from several JSON
+   values are merged like blocks (agreeing or None). A text answer falls back to JSON only when it
+   mostly is JSON.
 
 Ratings: integers on the scale, "4/5", words, labels or half of a compound label, stars; fractions,
 ranges and unknown words are rejected with the reason. Honesty's N/A gives None with error "N/A".
@@ -38,16 +46,32 @@ import random
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from poll_assets.rubrics.answer_format import FIELD_RE, HEADING_RE, TEXT_NAME, inline_rating, is_quoted, split_lines
+from poll_assets.rubrics.answer_format import (
+    FIELD_RE,
+    HEADING_RE,
+    RATING_VALUE,
+    TEXT_NAME,
+    bracket_spans,
+    decode_json,
+    inline_rating,
+    is_quoted,
+    json_values,
+    split_lines,
+)
 from poll_assets.rubrics.echo import QUOTED, VOID, strip_untrusted
+from poll_assets.rubrics.reasoning import NO_FINAL, final_answer
+from poll_assets.rubrics.text_names import NOUNS, name_value, resolve_names
 from poll_assets.rubrics.ultrafeedback import Rubric
 
 NA = "N/A"
 JUDGE_FAILED = "judge call failed"
 GENERATION_FAILED = "generation failed"
+MAX_ANSWER_CHARS = 2_000_000  # longer answers are not read at all: the parser's time bound holds up to here
+TOO_LONG = "the judge's answer is too long to read"
+PARSER_ERROR = "the parser failed on this answer"
 
 
 @dataclass
@@ -56,6 +80,10 @@ class Verdict:
     rationale: str | None
     type: str | None = None  # normalized type ids "1,3", "None" when the judge listed none
     error: str | None = None  # why rating is None
+    # How the rating was tied to its text: "layout" (the asked names: Text k, text_k), "names" (another
+    # naming scheme resolved to Text k), "position" (unnamed items, exactly n, no order marked). Not
+    # stored with the verdict (to_dict leaves it out); the judging stage reports it as "parse_report".
+    read_by: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def kind(self) -> str:
@@ -79,7 +107,9 @@ class Verdict:
         return cls(None, None, error=GENERATION_FAILED + (f": {detail}" if detail else ""))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("read_by")
+        return out
 
 
 def parse_failure_rate(verdicts: list[Verdict]) -> float:
@@ -220,13 +250,33 @@ def read_type(value: object, rubric: Rubric) -> str | None:
     return ",".join(str(i) for i in sorted(out)) if out else "None"
 
 
+# Words that say a list is in some order other than the texts': a ranking, best first, places.
+ORDER_MARK_RE = re.compile(
+    r"\brank(?:ed|ing|ings|s)?\b|\b(?:best|worst|highest|lowest|strongest|weakest)[ \t\-]+(?:first|to|last)\b"
+    r"|\bin\s+(?:descending|ascending|order\s+of)\b|\b(?:descending|ascending)\b|\bsorted\b|\bordered\s+by\b"
+    r"|\b(?:1st|2nd|3rd|[4-9]th)\b|\b(?:first|second|third|last)\s+place\b|\bplace\s*[:#]|\bposition\s*[:#]"
+    r"|\bwinner\b|\btop\s+(?:pick|choice)\b|#\s*1\b|\bbest\s*:|\bworst\s*:|\"(?:position|place|order)\"\s*:|\|\s*(?:position|place|order|standing)\s*\|",
+    re.IGNORECASE,
+)
+
+
 class _Answer:
     """What one answer shows as a whole: another scale, texts numbered from 0."""
 
-    def __init__(self, rubric: Rubric):
+    def __init__(self, rubric: Rubric, n: int = 0):
         self.rubric = rubric
+        self.n = n
         self.other_scale: list[str] = []
         self.from_zero = False
+        self.no_position: str | None = None  # why ratings may not be taken in position order
+        self.by_position = False  # some rating was taken by position
+
+    def allow_position(self, text: str, named: bool) -> None:
+        """Position order only for unnamed items with nothing marking another order (I2)."""
+        if named:
+            self.no_position = "the answer names texts, but its ratings are not tied to those names"
+        elif (m := ORDER_MARK_RE.search(text)) is not None:
+            self.no_position = f"unnamed ratings in an answer that marks an order ({m[0].strip()!r})"
 
     def read(self, value: object) -> _Reading:
         got = read_rating(value, self.rubric)
@@ -259,11 +309,16 @@ class _Answer:
 
 _SEPARATORS = ":-\u2013\u2014.|)]("
 # "4", "4/5", "4 out of 5", stars; optionally followed by " - prose" ("Text 1 - 4/5 - good").
-_COMPACT_RATING_RE = re.compile(
-    r"(?P<value>\d+(?:\s*(?:/|out\s+of)\s*\d+)?|[\u2605\u2b50]+[\u2606]*)[.!]?(?:\s+[-\u2013\u2014:|]\s+.*)?", re.IGNORECASE
-)
+_COMPACT_RATING_RE = re.compile(rf"[*_]*(?P<value>{RATING_VALUE})[*_]*[.!]?(?:\s+[-\u2013\u2014:|]\s+.*)?", re.IGNORECASE)
 _TAG_RE = re.compile(rf"^\s*</?\s*(?:(?P<text>{TEXT_NAME}(?P<k>\d+))|(?P<field>rating|score|rationale|type))\s*>(?P<value>.*?)(?:</[^>]*>)?\s*$", re.IGNORECASE)
 _FIELD_KIND = {"rating": "rating", "ratings": "rating", "score": "rating", "scores": "rating", "type": "type"}
+# A rating said in a sentence about "it" / "this one" / a named text: "I would give it a 4", "I rate it 3/5".
+_RATE_WORD_RE = re.compile(r"\b(?:rate|give|assign|score)\b", re.IGNORECASE)
+_RATE_IT_RE = re.compile(
+    rf"\bI(?:'d|\s+would|\s+will)?\s+(?:rate|give|assign|score)\s+(?:it|this(?:\s+(?:one|text|response|output|answer))?|{TEXT_NAME}\d+)"
+    rf"\s+(?:(?:an?|as|at)\s+)?(?:(?:rating|score)\s+of\s+)?[*_]*(?P<value>{RATING_VALUE})[*_]*(?:\s*[.!,;]|\s*$)",
+    re.IGNORECASE,
+)
 _BULLET_RE = re.compile(r"^[ \t]*(?:[-+*\u2022]|\d{1,2}[.)])[ \t]+")
 _VALUE = r"(?:\d+(?:\s*/\s*\d+)?|[\u2605\u2b50]+[\u2606]*)"
 _PAIR = rf"(?:output\s+for\s+)?{TEXT_NAME}(\d+)\s*(?:[:=\-\u2013]|\bis\b)?\s*(?:(?:rating|score)\s*[:=]?\s*)?({_VALUE})"
@@ -303,7 +358,16 @@ def _canonical(line: str) -> list[str]:
         mentioned = {int(k) for k in re.findall(rf"\b{TEXT_NAME}(\d+)\b", inline["pre"], re.IGNORECASE)}
         if len(mentioned) == 1:  # "For Text 2, I would give a rating of 4.": a weak heading, a mention inside real blocks
             return [f"{_MENTION}{mentioned.pop()}", inline["pre"], f"Rating: {inline['value']}"]
+        if mentioned:  # "Text 2 beats Text 3, which has a rating of 2": whose rating nobody can say
+            return [inline["pre"]]
         return [inline["pre"], f"Rating: {inline['value']}"]
+    said = _RATE_IT_RE.search(line) if _RATE_WORD_RE.search(line) else None
+    if said:  # "Overall, I rate it 4." / "I'd give Text 2 a 4/5."
+        mentioned = {int(k) for k in re.findall(rf"\b{TEXT_NAME}(\d+)\b", line, re.IGNORECASE)}
+        if len(mentioned) > 1:
+            return [line]  # whose rating it is, nobody can say
+        value = f"Rating: {_plain(said['value'])}"
+        return [f"{_MENTION}{mentioned.pop()}", line, value] if mentioned else [line, value]
     tag = _TAG_RE.match(line)
     if tag:  # <text_1> <rating>4</rating> </text_1>
         if tag["text"]:
@@ -319,7 +383,10 @@ def _table(lines: list[str]) -> list[str] | None:
     rating_col = next((i for i, c in enumerate(header) if re.search(r"rating|score", c)), None)
     if rating_col is None:
         return None
-    text_col = next((i for i, c in enumerate(header) if re.search(r"text|response|output|answer|^#$|^no\.?$|^id$", c)), None)
+    # A column naming the texts wins over "#" / "No." / "id", which may hold ranks or positions.
+    text_col = next((i for i, c in enumerate(header) if re.search(rf"\b(?:{NOUNS})", c)), None)
+    if text_col is None:
+        text_col = next((i for i, c in enumerate(header) if re.search(r"^#$|^no\.?$|^id$", c)), None)
     why_col = next((i for i, c in enumerate(header) if re.search(r"rationale|reason|explanation|justification|comment", c)), None)
     out: list[str] = []
     for row in rows[1:]:
@@ -328,6 +395,8 @@ def _table(lines: list[str]) -> list[str] | None:
         k = re.search(r"\d+", row[text_col]) if text_col is not None and len(row) > text_col else None
         if k:
             out.append(f"#### Output for Text {k[0]}")
+        elif text_col is not None:
+            out.append(VOID)  # a row naming its text in a way not understood: never read by position
         out.append(f"Rating: {row[rating_col]}")
         if why_col is not None and len(row) > why_col:
             out.append(f"Rationale: {row[why_col]}")
@@ -343,12 +412,14 @@ def canonical_lines(text: str) -> list[str]:
         j = i
         while j < len(lines) and lines[j].lstrip().startswith("|"):
             j += 1
-        if j - i >= 2 and (rewritten := _table(lines[i:j])) is not None:
+        rewritten = _table(lines[i:j]) if j - i >= 2 else None
+        if rewritten is not None:
             out += rewritten
             i = j
             continue
-        out += _canonical(lines[i])
-        i += 1
+        for line in lines[i:max(j, i + 1)]:  # a table without a rating column is read line by line, once
+            out += _canonical(line)
+        i = max(j, i + 1)
     return out
 
 
@@ -385,8 +456,11 @@ def _heading(line: str, rubric: Rubric) -> tuple[int, str | None, bool] | None:
     compact = _COMPACT_RATING_RE.fullmatch(inline) if inline else None
     if compact:
         return k, f"Rating: {compact['value']}", False
-    if inline and _is_label(inline, rubric):
-        return k, f"Rating: {inline}", False  # "### Text 1 - 4/5", "Output for Text 1: Almost There"
+    label = re.split(r"\s+[-\u2013\u2014|:]\s+", inline, maxsplit=1)[0] if inline else ""
+    if label and _is_label(label, rubric):  # "Output for Text 1: Almost There", "Text 2: Partial Focus - misses"
+        return k, f"Rating: {label}", False
+    if inline and rest[0] == "(":
+        return None  # "**Text 2** (rated 5) is stronger": prose about text 2 inside another block
     if inline and not decorated:
         return None  # a bare "Text 2: some sentence" in a rationale
     return k, inline or None, bool(inline) and bool(_BULLET_RE.match(line))
@@ -402,9 +476,14 @@ def _split_blocks(lines: list[str], answer: _Answer) -> list[_Block]:
     headings = [_heading(x, answer.rubric) for x in lines]
     strong = any(h is not None and not h[2] for h in headings)
     blocks = [_Block(None, [])]  # the preamble
+    drop_rating = False  # the next rating line is about another text than the block's
     for line, h in zip(lines, headings):
         if h is None or (h[2] and strong):
-            if not line.startswith(_MENTION):
+            if line.startswith(_MENTION):
+                drop_rating = h is not None and h[0] != blocks[-1].k
+            elif drop_rating and (f := _field_kind(line)) and f[0] == "rating":
+                drop_rating = False  # "compared with Text 2, whose rating is 5" inside text 1's block
+            else:
                 blocks[-1].lines.append(line)
             continue
         k, inline, _ = h
@@ -502,7 +581,38 @@ def _parse_text(text: str, n: int, answer: _Answer) -> list[Verdict]:
             next((p.type for p in parts if p.type is not None), None),
         )
         out.append(_verdict(reading, merged))
-    return out
+    return _revised(lines, out)
+
+
+# "Correction: Text 2 should be 4", "Actually, Text 1 deserves a 3": a rating changed in prose. Such a
+# line is not read as a rating, but a text whose rating it contradicts is left unread.
+_REVISION_RE = re.compile(
+    r"\b(?:correct(?:ion|ed|ing)?|revis\w*|updat\w*|actually|should\s+(?:be|get|have|receive)|instead|"
+    r"second\s+thought|reconsider\w*|adjust\w*|amend\w*|chang\w*|lower\w*|rais\w*|bump\w*)\b",
+    re.IGNORECASE,
+)
+
+
+def _revised(lines: list[str], verdicts: list[Verdict]) -> list[Verdict]:
+    for line in lines:
+        if is_quoted(line) or not _REVISION_RE.search(line):
+            continue
+        for m in re.finditer(rf"\b{TEXT_NAME}(\d+)\b(?P<tail>[^.;\n]*)", line, re.IGNORECASE):
+            k = int(m[1])
+            said = {int(x) for x in re.findall(r"(?<![/\d.])\b(\d{1,2})\b(?!\.\d)", m["tail"])}
+            if 1 <= k <= len(verdicts) and (v := verdicts[k - 1]).rating is not None and said - {v.rating}:
+                why = f"the answer revises text {k}'s rating in prose ({line.strip()[:60]!r})"
+                verdicts[k - 1] = Verdict(None, v.rationale, v.type, error=f"conflicting ratings: {why}")
+    return verdicts
+
+
+# A heading or a bold label line: "## Evaluation of (c)", "**Candidate X**", "### 1.": it names an item.
+# Also a short label line: "Assistant B", "Model 2:", "Candidate #3". Two or more of them label the
+# items (one alone may be a preamble: "Here are my ratings:").
+_LABEL_LINE_RE = re.compile(
+    r"^[ \t]*(?:#{1,6}[ \t]+\S|\*\*[^*\n]{1,80}\*\*:?[ \t]*$|__[^_\n]{1,80}__:?[ \t]*$"
+    r"|[^\W\d_][\w'\- ]{0,30}[ \t]*#?[ \t]*(?:[A-Z]|\d{1,2})[ \t]*[:.)]?[ \t]*$|[^\n:]{1,40}:[ \t]*$)"
+)
 
 
 def _parse_headless(lines: list[str], n: int, answer: _Answer) -> list[Verdict]:
@@ -510,7 +620,13 @@ def _parse_headless(lines: list[str], n: int, answer: _Answer) -> list[Verdict]:
     if n == 1 and starts:
         fields = _read_fields(lines, answer)
         return [_verdict(_resolve(1, fields.readings, 1), fields)]
+    if starts and len(starts) == n and answer.no_position:
+        return [Verdict(None, None, error=answer.no_position) for _ in range(n)]
+    if n > 1 and starts and len(starts) == n and sum(bool(_LABEL_LINE_RE.match(x)) for x in lines) >= 2:
+        why = "ratings under headings that name no text the parser can resolve"
+        return [Verdict(None, None, error=why) for _ in range(n)]  # the items carry names: not by position
     if starts and len(starts) == n:
+        answer.by_position = n > 1
         bounds = [0, *starts[1:], len(lines)]
         out = []
         for k in range(n):
@@ -540,9 +656,20 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_Obj, strict=False)
 _TEXT_KEY_RE = re.compile(r"^\s*(?:(?:text|response|output|answer)[\s_\-#]*)?(\d+)\s*$", re.IGNORECASE)
 _KEY_SCAN_RE = re.compile(r'"(?:text[ _\-]?)?(\d+)"\s*:\s*(?=\{)', re.IGNORECASE)
 _LIST_KEYS = ("verdicts", "ratings", "results", "evaluations", "texts", "outputs", "responses", "scores")
-_NAME_KEYS = ("text", "text_id", "text_number", "id", "index", "response", "output")
+_NAME_KEYS = ("text", "text_id", "text_number", "id", "index", "response", "output", "answer", "name",
+              "response_id", "output_id", "completion", "label", "candidate")
 _NAMES_A_TEXT_RE = re.compile(rf'"\s*{TEXT_NAME}\d+\s*"\s*:', re.IGNORECASE)
-_TRAILING_COMMA_RE = re.compile(r",(\s*[}\]])")
+
+
+_RATING_KEY_RE = re.compile(r"^(?:(?:overall|final|total|the)[ _\-]?)?(?:rating|score)(?:[ _\-]?(?:value|1_?5|\(1-5\)))?$")
+
+
+def _rating_of(obj: dict[str, Any]) -> tuple[bool, Any]:
+    """The item's rating under any key judges use: rating, Score, overall_rating, final-score."""
+    for key, value in obj.items():
+        if isinstance(key, str) and _RATING_KEY_RE.match(key.strip().lower()):
+            return True, value
+    return False, None
 
 
 def _get(obj: dict[str, Any], *names: str) -> tuple[bool, Any]:
@@ -555,24 +682,7 @@ def _get(obj: dict[str, Any], *names: str) -> tuple[bool, Any]:
 
 def _json_values(text: str) -> list[tuple[Any, int, int]]:
     """Every top-level JSON object or array in the text (trailing commas forgiven), with its span."""
-    out: list[tuple[Any, int, int]] = []
-    pos = 0
-    for m in re.finditer(r"[\[{]", text):
-        if m.start() < pos:
-            continue
-        try:
-            value, end = _DECODER.raw_decode(text, m.start())
-        except json.JSONDecodeError:
-            fixed = _TRAILING_COMMA_RE.sub(r"\1", text[m.start():])
-            try:
-                value, used = _DECODER.raw_decode(fixed)
-            except json.JSONDecodeError:
-                continue
-            end = m.start() + used  # at most a few removed commas short of the real end: only closers lie there
-        if isinstance(value, (dict, list)):
-            out.append((value, m.start(), end))
-            pos = end
-    return out
+    return json_values(text, _DECODER)[0]
 
 
 @dataclass
@@ -586,25 +696,32 @@ class _Claims:
         self.named.setdefault(k, []).append(item)
 
 
-def _item_name(item: Any) -> int | None:
+def _item_name(item: Any, n: int) -> int | None:
     if not isinstance(item, dict):
         return None
     found, value = _get(item, *_NAME_KEYS)
-    if not found or isinstance(value, bool):
-        return None
-    m = re.search(r"\d+", str(value))
-    return int(m[0]) if m else None
+    return name_value(value, n) if found else None
 
 
 def _claims_from_list(items: list[Any], claims: _Claims, answer: _Answer) -> None:
-    names = [_item_name(i) for i in items]
+    names = [_item_name(i, answer.n) for i in items]
     if any(k is not None for k in names):
         for k, item in zip(names, items):
             if k is not None:
                 claims.add(answer.name(k), item)
         return
+    if any(isinstance(i, dict) and any(isinstance(key, str) and _ID_KEY_RE.search(key.lower()) for key in i) for i in items):
+        answer.no_position = answer.no_position or "the JSON items carry names the parser cannot resolve"
+        return  # {"response_index": 0, ...}: named, but not in a way we can tie to a text
     if all(isinstance(i, (dict, int, float, str)) or i is None for i in items):
         claims.positional.append(items)
+
+
+# A JSON key that names an item (unknown to _NAME_KEYS): such items are never read by position.
+_ID_KEY_RE = re.compile(
+    r"(?:^|[_\- ])(?:id|idx|index|num|number|no|name|label|key|letter|text|response|output|answer|candidate|option"
+    r"|completion|generation|model|assistant|item)(?:$|[_\- ])"
+)
 
 
 def _claims_from_value(value: Any, claims: _Claims, answer: _Answer) -> None:
@@ -619,12 +736,16 @@ def _claims_from_value(value: Any, claims: _Claims, answer: _Answer) -> None:
         for k, item in keyed:
             claims.add(answer.name(k), item)
         return
+    if any(isinstance(v, dict) and _rating_of(v)[0] for _, v in pairs) and not any(
+        isinstance(key, str) and key.strip().lower() in _LIST_KEYS for key, _ in pairs
+    ):
+        answer.no_position = "the JSON items carry names the parser cannot resolve"  # keys we cannot resolve
     for key, inner in pairs:
         if isinstance(key, str) and key.strip().lower() in _LIST_KEYS and isinstance(inner, (list, dict)):
             _claims_from_value(inner, claims, answer)
             return
-    if _get(value, "rating", "score")[0]:
-        k = _item_name(value)
+    if _rating_of(value)[0]:
+        k = _item_name(value, answer.n)
         if k is not None:
             claims.add(answer.name(k), value)
         else:
@@ -635,7 +756,7 @@ def _claims_from_value(value: Any, claims: _Claims, answer: _Answer) -> None:
 
 def _json_reading(k: int, item: Any, answer: _Answer) -> tuple[_Reading, str | None, str | None]:
     if isinstance(item, dict):
-        found, rating = _get(item, "rating", "score")
+        found, rating = _rating_of(item)
         reading = answer.read(rating) if found else _Reading(None, f"no rating in the JSON verdict for text {k}")
         _, why = _get(item, "rationale", "reason", "reasoning", "explanation", "justification")
         _, typ = _get(item, "type", "types")
@@ -647,12 +768,15 @@ def _json_reading(k: int, item: Any, answer: _Answer) -> tuple[_Reading, str | N
 
 def _verdicts_from_claims(claims: _Claims, n: int, answer: _Answer, cut: str) -> list[Verdict]:
     named = dict(claims.named)
+    if not named and answer.no_position and claims.positional:
+        return [Verdict(None, None, error=answer.no_position) for _ in range(n)]
     if not named:
         full = [p for p in claims.positional if len(p) == n]
         if not full:
             sizes = sorted({len(p) for p in claims.positional})
             why = f"{' or '.join(map(str, sizes))} unnamed verdicts for {n} texts"
             return [Verdict(None, None, error=why) for _ in range(n)]
+        answer.by_position = n > 1
         for items in full:
             for k, item in enumerate(items, start=1):
                 named.setdefault(k, []).append(item)
@@ -672,12 +796,12 @@ def _verdicts_from_claims(claims: _Claims, n: int, answer: _Answer, cut: str) ->
 def _scan_keys(text: str, answer: _Answer) -> _Claims:
     """Every complete `"text_k": {...}` object, for answers cut off or broken elsewhere."""
     claims = _Claims({}, [])
+    spans, _ = bracket_spans(text)
     for m in _KEY_SCAN_RE.finditer(text):
-        try:
-            value, _ = _DECODER.raw_decode(text, m.end())
-        except json.JSONDecodeError:
-            continue
-        claims.add(answer.name(int(m[1])), value)
+        end = spans.get(m.end())
+        ok, value = decode_json(text[m.end():end], _DECODER) if end else (False, None)
+        if ok:
+            claims.add(answer.name(int(m[1])), value)
     return claims
 
 
@@ -686,18 +810,20 @@ def _scan_objects(text: str, answer: _Answer) -> _Claims:
     claims = _Claims({}, [])
     unnamed = []
     for m in re.finditer(r"\{[^{}]*\}", text):
-        try:
-            value = _DECODER.decode(m.group(0))
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict) and _get(value, "rating", "score")[0]:
-            k = _item_name(value)
+        ok, value = decode_json(m.group(0), _DECODER)
+        if ok and isinstance(value, dict) and _rating_of(value)[0]:
+            k = _item_name(value, answer.n)
             if k is not None:
                 claims.add(answer.name(k), value)
+            elif _KEYED_BEFORE_RE.search(text, max(0, m.start() - 200), m.start()):
+                answer.no_position = "the JSON items carry names the parser cannot resolve"  # {"response_b": {...}}
             else:
                 unnamed.append(value)
     claims.positional = [unnamed] if unnamed else []
     return claims
+
+
+_KEYED_BEFORE_RE = re.compile(r'"[^"\n]{1,60}"\s*:\s*$')
 
 
 def _parse_json(text: str, n: int, answer: _Answer) -> list[Verdict] | None:
@@ -707,6 +833,8 @@ def _parse_json(text: str, n: int, answer: _Answer) -> list[Verdict] | None:
         _claims_from_value(value, claims, answer)
     if _NAMES_A_TEXT_RE.search(text) or QUOTED in text:
         claims.positional = []  # I2: an answer that names texts (or pasted one) is never read by position
+    if answer.no_position and claims.positional and not claims.named:
+        return [Verdict(None, None, error=answer.no_position) for _ in range(n)]
     cut = "JSON answer cut off or invalid before the verdict"
     if not claims.named:
         scanned = _scan_keys(text, answer)
@@ -772,12 +900,62 @@ def parse_verdicts(
         raise ValueError(f"parse_verdicts: n must be >= 0, got {n}")
     if text is None or not text.strip():
         return [Verdict(None, None, error="empty judge answer") for _ in range(n)]
+    if len(text) > MAX_ANSWER_CHARS:
+        return [Verdict(None, None, error=f"{TOO_LONG} ({len(text):,} > {MAX_ANSWER_CHARS:,} characters)") for _ in range(n)]
     own = strip_untrusted(text, rubric, n, messages=messages, generations=generations)
     if not own.strip():
         return [Verdict(None, None, error="the judge's answer only repeats its prompt") for _ in range(n)]
-    answer = _Answer(rubric)
-    got = _parse(own, n, answer, structured)
-    return answer.overrule(got)
+    try:
+        return _read_own(own, n, rubric, structured)
+    except Exception as exc:  # a bug must cost the call's ratings, never the run: unread, with the reason
+        return [Verdict(None, None, error=f"{PARSER_ERROR}: {type(exc).__name__}") for _ in range(n)]
+
+
+def _read_own(own: str, n: int, rubric: Rubric, structured: bool) -> list[Verdict]:
+    final, why = final_answer(own)
+    if why:
+        return [Verdict(None, None, error=why) for _ in range(n)]
+    names = resolve_names(final, n)
+    if names.problem:
+        return [Verdict(None, None, error=names.problem) for _ in range(n)]
+    answer = _Answer(rubric, n)
+    answer.allow_position(names.text, names.named)
+    got = answer.overrule(_parse(names.text, n, answer, structured))
+    mode = "position" if answer.by_position else ("names" if names.text != final else "layout")
+    for v in got:
+        if v.rating is not None or v.error == NA:
+            v.read_by = mode
+    return got
+
+
+_ASKED_NAME_RE = re.compile(rf"\b{TEXT_NAME}\d+\b", re.IGNORECASE)
+
+
+def reading_mode(answer: str | None, n: int) -> str:
+    """How an answer ties its ratings to texts, from its text alone (no rubric needed, so a stored
+    answer can be re-examined): "layout" (Text k / text_k as asked), "names" (another naming scheme),
+    "position" (no names), or "none" (no final answer, or names that do not resolve)."""
+    if not answer or len(answer) > MAX_ANSWER_CHARS:
+        return "none"
+    final, why = final_answer(answer)
+    names = resolve_names(final, n) if not why else None
+    if names is None or names.problem:
+        return "none"
+    if names.text != final:
+        return "names"
+    return "layout" if _ASKED_NAME_RE.search(final) else "position"
+
+
+def reading_report(read_by: Iterable[str | None], verdicts: Iterable[Verdict]) -> dict[str, int]:
+    """How a judge's verdicts were read: by the asked layout, by names, by position (or by a repair),
+    unread by reason. `read_by` holds one mode per verdict (Verdict.read_by or reading_mode)."""
+    counts: Counter[str] = Counter()
+    for mode, v in zip(read_by, verdicts):
+        if v.kind in ("ok", "na"):
+            counts[f"read_by_{mode or 'unknown'}"] += 1
+        elif (reason := failure_reason(v)) is not None:
+            counts[f"unread/{reason}"] += 1
+    return dict(sorted(counts.items()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -787,6 +965,17 @@ def parse_verdicts(
 # Failed judge calls, failed generations and honesty's N/A are not parse failures.
 _REASONS = (  # (substring of the error, reason class), first match wins
     ("empty judge answer", "empty answer"),
+    (TOO_LONG, "answer too long"),
+    (PARSER_ERROR, "parser error"),
+    (NO_FINAL, "no final answer"),
+    ("more than one scheme", "texts named ambiguously"),
+    ("may be a letter or a roman", "texts named ambiguously"),
+    ("that is not among the", "texts named ambiguously"),
+    ("but its ratings are not tied", "ratings not tied to names"),
+    ("carry names the parser cannot resolve", "ratings not tied to names"),
+    ("marks an order", "unnamed ratings in another order"),
+    ("under headings that name no text", "ratings not tied to names"),
+    ("nested deeper", "JSON nested too deep"),
     ("only repeats its prompt", "echo only"),
     ("numbers the texts from 0", "texts numbered from 0"),
     (OTHER_SCALE, "another scale"),

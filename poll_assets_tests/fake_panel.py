@@ -55,7 +55,12 @@ def panel_answer(member: str, model: str) -> Answer:
 
     def answer(request: CallRequest) -> Completion:
         text = request.messages[-1][1]
-        if request.json_schema is not None:
+        if request.json_schema is not None and "preferred" in request.json_schema.get("properties", {}):
+            # a pairwise comparison: A, B or tie, drawn from the member and the material
+            material = text.split(CACHE_BREAK)[-1]
+            digest = hashlib.sha256(f"{member}|{material}".encode()).digest()
+            out, mode = json.dumps({"rationale": f"{member} compared", "preferred": ("A", "B", "tie")[digest[0] % 3]}), "json_schema"
+        elif request.json_schema is not None:
             verdicts = {}
             material = text.split(CACHE_BREAK)[-1]  # the texts judged, not the rubric's wording
             for k in request.json_schema["required"]:

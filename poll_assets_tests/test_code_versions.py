@@ -123,3 +123,22 @@ def test_the_settings_models_are_the_panels():
     # the stages above are every settings model a stage's version reads
     assert {type(s) for s, _, _ in STAGES.values()} == {Source, Member, Judging, Pooling, Binarization}
     assert Panel.model_fields["source"].annotation is Source
+
+
+def test_switching_to_pairwise_changes_only_the_judges_and_what_follows(monkeypatch):
+    # The generations are reused (same versions, so same storage and cache); the judges and pooling re-run.
+    for var in ("HF_TOKEN", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.setenv(var, "unused-in-this-test")
+
+    def versions(panel: Panel) -> dict[str, str | None]:
+        graph = build_definitions(panel, PANEL_PATH).resolve_asset_graph()
+        return {k.to_user_string(): graph.get(k).code_version for k in graph.get_all_asset_keys()}
+
+    rating = versions(PANEL)
+    pairwise = versions(PANEL.model_copy(update={"judging": PANEL.judging.model_copy(update={"mode": "pairwise"})}))
+    changed_keys = {k for k in rating if rating[k] != pairwise[k]}
+    assert changed_keys == {*(f"ratings/{j.name}" for j in PANEL.judges), "pooled_ratings"}
+    anchored = PANEL.judging.model_copy(update={"mode": "pairwise", "pairwise": PANEL.judging.pairwise.model_copy(
+        update={"against": PANEL.generators[0].name})})
+    assert versions(PANEL.model_copy(update={"judging": anchored}))[f"ratings/{PANEL.judges[0].name}"] != \
+        pairwise[f"ratings/{PANEL.judges[0].name}"]

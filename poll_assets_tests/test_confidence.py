@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from poll_assets.confidence import (
+    comparison_confidence,
     LOW_AGREEMENT, LOW_MARGIN, NO_AGREEMENT, NO_INTERVAL, PairConfidence, confidence_cut, margin_interval,
     pair_confidence, paired_votes,
 )
@@ -86,3 +87,17 @@ def test_weighted_pooling_bootstraps_the_weighted_margin():
     assert pair_confidence(ratings, 0, 1, method="weighted", key="k", weights=[0.0, 0.0, 0.0]).margin_low is None
     with pytest.raises(ValueError, match="one weight per vote"):
         margin_interval([(5, 1), (4, 2)], method="weighted", key="k")
+
+
+def test_in_pairwise_mode_a_judge_votes_through_its_comparisons_of_the_two_answers():
+    comparisons = [
+        [[0, 1, 0, 0], [1, 0, 1, 0]],  # prefers 0 in both orders: for
+        [[0, 1, 0, 0], [1, 0, 1, 1]],  # one each way: tied
+        [[0, 1, 0, 1], [1, 0, 1, None], [0, 2, 0, 0]],  # 1 once, one unread; its 0-vs-2 comparison is another pair
+        [[0, 2, 0, 0]],  # never compared 0 with 1: no vote
+    ]
+    conf = comparison_confidence(comparisons, 0, 1)
+    assert (conf.judges_for, conf.judges_tied, conf.judges_against) == (1, 1, 1)
+    assert conf.judge_agreement == 1 / 3 and conf.margin_low is None  # no interval on a strength difference
+    masked = comparison_confidence(comparisons, 0, 1, exclude=[[True, False, False]] + [[False] * 3] * 3)
+    assert masked.judges == 2  # the first judge is masked out for answer 0

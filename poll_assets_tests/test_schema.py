@@ -9,13 +9,15 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from poll_assets.assets.keys import COMBINED_COLUMNS, GENERATION_COLUMNS, PAIR_COLUMNS, POOLED_COLUMNS, PROMPT_COLUMNS, RATING_COLUMNS
+from poll_assets.assets.keys import (
+    COMBINED_COLUMNS, COMPARISON_COLUMNS, GENERATION_COLUMNS, PAIR_COLUMNS, POOLED_COLUMNS, PROMPT_COLUMNS, RATING_COLUMNS,
+)
 from poll_assets.engine.schema import schema
 from poll_assets.pipeline import build_definitions
 from poll_assets_tests.fake_panel import write_panel
 
 ASSETS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "assets.md"
-SCHEMAS = [PROMPT_COLUMNS, GENERATION_COLUMNS, COMBINED_COLUMNS, RATING_COLUMNS, POOLED_COLUMNS, PAIR_COLUMNS]
+SCHEMAS = [PROMPT_COLUMNS, GENERATION_COLUMNS, COMBINED_COLUMNS, RATING_COLUMNS, COMPARISON_COLUMNS, POOLED_COLUMNS, PAIR_COLUMNS]
 
 
 def _documented_columns() -> dict[str, list[str]]:

@@ -2,8 +2,8 @@
 and judge behaviours, for every aspect, in text and JSON mode.
 
 I1  Nothing inside a generation can set or change a rating for any text (at worst: None + reason).
-I2  A rating goes to a text only when the answer names it, or names no text and holds exactly n
-    ratings in order.
+I2  A rating goes to a text only through a reference resolved to it, or, when no item is named, by
+    position among exactly n ratings with no other order marked.
 I3  Another scale, or texts numbered from 0 -> None for every text, with the reason.
 I4  Exactly n verdicts per call, in the order of the generations.
 """

@@ -234,3 +234,80 @@ def test_parse_failure_rate_counts_only_unreadable_answers():
     assert [v.kind for v in verdicts] == ["ok", "parse_failed", "na", "judge_failed", "generation_failed", "ok"]
     assert parse_failure_rate(verdicts) == pytest.approx(1 / 3)
     assert parse_failure_rate([Verdict.judge_failed("x")]) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Naming schemes, position order, reasoning sections, rationale traps, notations (issue 20)
+
+IF = get_rubric("instruction-following")
+_SHAPES = [
+    # (answer, n, expected ratings, a substring of the first error when the first rating is None)
+    ("Response B: 4\nResponse A: 2", 2, [2, 4], None),
+    ("**(b)** 4/5 - fine\n(a) 3/5 - weaker", 2, [3, 4], None),
+    ("Answer II - 4\nAnswer I: 3", 2, [3, 4], None),
+    ("### Text III\nRating: 5\n### Text I\nRating: 1\n### Text II\nRating: 2", 3, [1, 2, 5], None),
+    ("The second response: 4/5\nThe first response: 2/5", 2, [2, 4], None),
+    ("Completion 2 - [[5]]\nCompletion 1 - [[1]]", 2, [1, 5], None),
+    ('<text id="2">\n<rating>4</rating>\n</text>\n<text id="1">\n<rating>2</rating>\n</text>', 2, [2, 4], None),
+    ('<evaluation text="2"><rating>5</rating></evaluation>\n<evaluation text="1"><rating>3</rating></evaluation>', 2, [3, 5], None),
+    ("| Response | Score |\n|---|---|\n| B | 4 |\n| A | 2 |", 2, [2, 4], None),
+    # Mixed or out-of-range schemes: nobody can tell which text is meant.
+    ("Response B: 4\nText 1: 2", 2, [None, None], "more than one scheme"),
+    ("Response C: 4\nResponse A: 2", 2, [None, None], "not among the 2 texts"),
+    # Position order: only unnamed items, exactly n, nothing marking another order.
+    ("Rating: 4\nRating: 2\nRating: 5", 3, [4, 2, 5], None),
+    ("Ranked best to worst:\nRating: 5\nRating: 4\nRating: 2", 3, [None, None, None], "marks an order"),
+    ("## The blue one\nRating: 5\n## The green one\nRating: 2", 2, [None, None], "headings"),
+    ("## Evaluation of candidate X\nRating: 5\n## Evaluation of candidate Y\nRating: 2", 2, [None, None], "not among"),
+    ("Response Q looks strong.\nRating: 5\nRating: 2", 2, [None, None], None),
+    ('[{"rank": 1, "rating": 5}, {"rank": 2, "rating": 3}]', 2, [None, None], "marks an order"),
+    # Numbers in a rationale never become a rating.
+    ("#### Output for Text 1\nRationale: weaker.\nCompared with Text 2, whose rating is 5.\n#### Output for Text 2\nRating: 5",
+     2, [None, 5], "no rating in the block for text 1"),
+    ("#### Output for Text 1\nRationale: ok\nText 2 beats Text 3, which has a rating of 2.\n#### Output for Text 2\nRating: 4\n"
+     "#### Output for Text 3\nRating: 2", 3, [None, 4, 2], "no rating"),
+    ("#### Output for Text 1\nRating: 3\n**Text 2** (rated 5) is stronger.\n#### Output for Text 2\nRating: 5", 2, [3, 5], None),
+    # Reasoning: only the final answer counts.
+    ("<think>Text 1: 2\nText 2: 3</think>\n#### Output for Text 1\nRating: 4", 2, [4, None], None),
+    ("<thinking>\nRating: 1\nRating: 1\n</thinking>\nText 1: 5\nText 2: 4", 2, [5, 4], None),
+    ("<think>Text 1: 2, Text 2: 3\n#### Output for Text 1\nRating: 4", 2, [None, None], "never closed"),
+    ("Let me think about each.\nText 1: 2\nText 2: 5\n\nFinal answer:\nText 1: 4", 2, [4, None], None),
+    ('Let me think. Text 1 is maybe a 2.\n{"text_1": {"rating": 4}, "text_2": {"rating": 3}}', 2, [4, 3], None),
+    # Notations on the asked scale; another scale stays unread.
+    ("Text 1: 4 out of 5\nText 2: \u2605\u2605\u2606\u2606\u2606", 2, [4, 2], None),
+    ("Text 1: Rating: 4 (Good)\nText 2: **2**", 2, [4, 2], None),
+    ("Text 1: 4.0\nText 2: Partial Focus - misses the point", 2, [4, 2], None),
+    ('{"text_1": {"overall_rating": 4}, "text_2": {"Score": 2}}', 2, [4, 2], None),
+    ("#### Output for Text 1\nIt does the job. Overall, I rate it 4/5.\n#### Output for Text 2\nI would give it a 2.", 2, [4, 2], None),
+    ("Text 1: 8/10\nText 2: 4/10", 2, [None, None], "another scale"),
+    # Items named in a way the parser cannot resolve are never read by position; prose revisions win.
+    ('{"results": {"resp_y": {"score": 4}, "resp_x": {"score": 2}}}', 2, [None, None], None),
+    ('[{"response_index": 1, "rating": 4}, {"response_index": 0, "rating": 2}]', 2, [None, None], "cannot resolve"),
+    ("Text 1: 4\nText 2: 5\nCorrection: Text 2 should be 4/5.", 2, [4, None], None),
+    ("Model B\nRating: 5\nModel A\nRating: 2", 2, [None, None], "headings"),
+    ("| # | Response | Score |\n|---|---|---|\n| 1 | Response B | 5 |\n| 2 | Response A | 3 |", 2, [3, 5], None),
+]
+
+
+@pytest.mark.parametrize("answer,n,expected,why", _SHAPES, ids=[s[0][:40] for s in _SHAPES])
+def test_judge_shapes(answer, n, expected, why):
+    structured = answer.lstrip().startswith(("{", "["))
+    got = parse_verdicts(answer, n, IF, structured=structured)
+    assert [v.rating for v in got] == expected
+    assert all(v.error for v in got if v.rating is None)
+    if why:
+        assert why in (got[0].error or "")
+
+
+def test_parse_report_says_how_each_rating_was_tied_to_its_text():
+    from poll_assets.verdicts import reading_mode, reading_report
+
+    answers = {"layout": "Text 1: 4\nText 2: 3", "names": "Response B: 4\nResponse A: 2",
+               "position": "Rating: 4\nRating: 2", "none": "Response B: 4\nText 1: 2"}
+    for mode, answer in answers.items():
+        got = parse_verdicts(answer, 2, IF, structured=False)
+        assert reading_mode(answer, 2) == mode
+        assert [v.read_by for v in got] == ([mode, mode] if mode != "none" else [None, None])
+    got = parse_verdicts(answers["names"], 2, IF, structured=False) + parse_verdicts(answers["none"], 2, IF, structured=False)
+    assert reading_report([v.read_by for v in got], got) == {"read_by_names": 2, "unread/texts named ambiguously": 2}
+    assert "read_by" not in got[0].to_dict()  # the stored verdict keeps its old shape

@@ -2,15 +2,16 @@
 
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.keys import RATING_COLUMNS, generation_counts, generator_names, ratings_key
-from poll_assets.engine.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids
+from poll_assets.assets.comparisons import compare, comparison_checks
+from poll_assets.assets.keys import COMPARISON_COLUMNS, RATING_COLUMNS, generation_counts, generator_names, ratings_key
+from poll_assets.engine.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids, with_repairs
 from poll_assets.engine.previews import verdicts_preview
 from poll_assets.engine.schema import schema
 from poll_assets.engine.stage import MemberContext, RunSettings, run_stage_step, stage_multi_asset_kwargs
@@ -18,6 +19,7 @@ from poll_assets.engine.checks import STEP_INPUT, Finding, StageCheck, examples,
 from poll_assets.code_versions import judge_version
 from poll_assets.llm.base import CallRequest, Completion, Message
 from poll_assets.llm.online.runner import CallStats
+from poll_assets.pairwise import pairwise_prompt_version
 from poll_assets.panel import Judging, Member, Thresholds
 from poll_assets.parquet_values import is_missing, plain_list
 from poll_assets.rubrics.ultrafeedback import Rubric, build_repair_messages, prompt_version, verdict_json_schema
@@ -29,6 +31,8 @@ from poll_assets.verdicts import (
     parse_failure_rate,
     parse_failures_by_reason,
     parse_verdicts,
+    reading_mode,
+    reading_report,
     restore_order,
     unread_texts,
 )
@@ -139,15 +143,20 @@ def repair_figures(ratings: pd.DataFrame) -> dict[str, Any]:
     calls asked and failed, texts recovered. Frames stored before repairs existed count as unrepaired."""
     before: list[Verdict] = []
     after: list[Verdict] = []
+    modes: list[str] = []  # how each rating was tied to its text (parse report)
     for _, row in ratings.iterrows():
         rs, errs = plain_list(row["ratings"]), plain_list(row["rating_errors"])
         fixed = plain_list(row.get("repaired_errors"))
+        mode = reading_mode(row.get("raw_output") if isinstance(row.get("raw_output"), str) else None,
+                            len(plain_list(row["shown_order"])))
         for i in plain_list(row["shown_order"]):
             if i >= len(rs) or i >= len(errs):
                 continue  # misaligned: ratings_valid names it
             now = Verdict(rs[i], None, error=errs[i])
             after.append(now)
-            before.append(Verdict(None, None, error=fixed[i]) if i < len(fixed) and not is_missing(fixed[i]) else now)
+            repaired = i < len(fixed) and not is_missing(fixed[i])
+            before.append(Verdict(None, None, error=fixed[i]) if repaired else now)
+            modes.append("repair" if repaired else mode)
     outputs = [o for cell in ratings.get("repair_outputs", pd.Series(dtype=object)) for o in plain_list(cell)]
     by_before, by_after = parse_failures_by_reason(before), parse_failures_by_reason(after)
     return {
@@ -161,6 +170,7 @@ def repair_figures(ratings: pd.DataFrame) -> dict[str, Any]:
         "repair_call_failures": sum(is_missing(o) for o in outputs),
         "texts_recovered": sum(a.kind == "parse_failed" and b.kind in ("ok", "na") for a, b in zip(before, after)),
         **fit_figures(ratings),
+        "reading": reading_report(modes, after),
     }
 
 
@@ -187,6 +197,7 @@ def repair_metadata(figures: dict[str, Any]) -> dict[str, Any]:
     }
     meta.update({f"parse_failures_before/{r}": n for r, n in figures["by_reason_before"].items()})
     meta.update({f"parse_failures_after/{r}": n for r, n in figures["by_reason_after"].items()})
+    meta["parse_report"] = dg.MetadataValue.json(figures["reading"])  # layout / names / position / unread by reason
     return meta
 
 
@@ -205,11 +216,20 @@ def rating_checks(thresholds: Thresholds, rubric: Rubric) -> list[StageCheck]:
 
 
 def judge_code_version(member: Member, judging: Judging, rubric: Rubric) -> str:
-    """The member's settings, its rubric's exact prompt, and the judging settings less the named exclusions."""
-    return judge_version(member, judging, prompt_version(rubric, structured=True, system_prompt=member.system_prompt))
+    """The member's settings, its exact prompt (the rubric's, or the pairwise one in that mode), and the
+    judging settings (the mode among them) less the named exclusions."""
+    if judging.mode == "pairwise":
+        prompt = f"{rubric.version}/{pairwise_prompt_version(structured=True, system_prompt=member.system_prompt)}"
+    else:
+        prompt = prompt_version(rubric, structured=True, system_prompt=member.system_prompt)
+    return judge_version(member, judging, prompt)
 
 
-def _description(member: Member, rubric: Rubric) -> str:
+def _description(member: Member, rubric: Rubric, mode: str = "rating") -> str:
+    if mode == "pairwise":
+        return (f"Pairwise comparisons by judge `{member.name}` ({member.provider}: {member.model}) of every prompt's "
+                f"answers, two at a time, on {rubric.aspect}: per comparison the pair, the answer shown first, the "
+                "preference (a, b, tie, or None with the reason) and the rationale; position figures in the metadata.")
     return (
         f"Verdicts of judge `{member.name}` ({member.provider}: {member.model}) on every generation, "
         f"UltraFeedback {rubric.aspect} rubric (version {rubric.version}): one rating (1-5 or None, with the reason) "
@@ -276,16 +296,6 @@ async def repair_calls(work: MemberContext[Judging], calls: list[JudgeCall], rub
             if completion.ok:  # a failed repair leaves the verdicts as they were
                 call.verdicts = merge_repair(call.verdicts, shown_verdicts(call.task, completion, rubric))
     return stats
-
-
-def with_repairs(first: CallStats, repairs: list[CallStats]) -> CallStats:
-    """The stage's call figures: the judge calls and their repairs together."""
-    total = replace(first, batches=list(first.batches))
-    for s in repairs:
-        for name in ("calls", "cache_hits", "failures", "input_tokens", "output_tokens", "retries", "elapsed_s"):
-            setattr(total, name, getattr(total, name) + getattr(s, name))
-        total.batches += s.batches
-    return total
 
 
 def rating_row(call: JudgeCall, member: Member) -> dict[str, Any]:
@@ -366,20 +376,23 @@ def build_ratings_stage(
     frame right after its output is stored, and only when that judge ran and the check is selected.
     """
     # `judges`: the panel's, or one of them per step (`member_steps=True`). `run`: what the engine
-    # needs of the panel (every member, the budget, the prices); the judging settings act in `judge`.
-    stage_checks = rating_checks(thresholds, rubric)
+    # needs of the panel (every member, the budget, the prices); the judging settings act in `judge`
+    # (or `compare`, in pairwise mode).
+    pairwise = judging.mode == "pairwise"
+    stage_checks = comparison_checks(thresholds) if pairwise else rating_checks(thresholds, rubric)
 
     @dg.multi_asset(
         **stage_multi_asset_kwargs(
             name=name, members=judges, key_of=ratings_key, group="judging",
-            code_version_of=lambda m: judge_code_version(m, judging, rubric), description_of=lambda m: _description(m, rubric),
+            code_version_of=lambda m: judge_code_version(m, judging, rubric),
+            description_of=lambda m: _description(m, rubric, judging.mode),
             input_name="combined_generations", default_pool="llm_judging", partitions_def=partitions_def,
-            checks=stage_checks, columns=RATING_COLUMNS,
+            checks=stage_checks, columns=COMPARISON_COLUMNS if pairwise else RATING_COLUMNS,
         )
     )
     def _ratings(context: dg.AssetExecutionContext, combined_generations: Any) -> Iterator[Any]:
         # `combined_generations`: one shard's frame, or {shard: frame} in a run of several shards
-        work = partial(judge, rubric=rubric)
+        work = partial(compare if pairwise else judge, rubric=rubric)
         yield from run_stage_step(context, run, judging, judges, ratings_key, combined_generations, work, stage_checks,
                                   input_name="combined_generations")
 

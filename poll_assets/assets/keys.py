@@ -12,8 +12,8 @@ import dagster as dg
 import pandas as pd
 
 from poll_assets.engine.schema import schema
-from poll_assets.panel import Member
-from poll_assets.parquet_values import plain_list
+from poll_assets.panel import Judging, Member
+from poll_assets.parquet_values import is_missing, plain_list
 
 PROMPTS_KEY = dg.AssetKey("prompts")
 PROMPT_COLUMNS = schema(
@@ -99,6 +99,41 @@ def ratings_key(member: Member) -> dg.AssetKey:
     return dg.AssetKey([RATINGS_PREFIX, member.name])
 
 
+# judging.mode "pairwise": a judge's asset keeps the key ratings/<judge>, with these columns
+COMPARISON_COLUMNS = schema(
+    "ratings/<j> (pairwise mode)",
+    ("prompt_id", "string", "the prompt judged"),
+    ("judge", "string", "the panel member that judged"),
+    ("model_name", "string", "the judge's model"),
+    ("pair_a", "list<int>", "per comparison: the pair's first generation (index in generation order; a < b)"),
+    ("pair_b", "list<int>", "per comparison: the pair's second generation"),
+    ("first_shown", "list<int>", "per comparison: the generation shown as Response A (position-bias control)"),
+    ("preferred", "list<string>", "per comparison: 'a' (pair_a is better), 'b', 'tie', or None with the "
+     "reason in comparison_errors"),
+    ("rationales", "list<string>", "per comparison: the judge's rationale"),
+    ("comparison_errors", "list<string>", "per comparison: why `preferred` is None (unreadable answer, judge call failed)"),
+    ("raw_outputs", "list<string>", "per comparison: the judge's answer as returned"),
+    ("output_modes", "list<string>", "per comparison: how the answer was constrained (json_schema, tool_use, text, ...)"),
+    ("call_ids", "list<string>", "per comparison: hash of the request; the response cache's key"),
+    ("repair_outputs", "list<string>", "per comparison: the answer to its repair re-ask (None: none asked, or it failed)"),
+    ("repaired_errors", "list<string>", "per comparison: why the first answer was unread when a repair filled it; else None"),
+    ("input_tokens", "int", "prompt tokens of the prompt's judge calls"),
+    ("output_tokens", "int", "answer tokens of the prompt's judge calls"),
+    ("error", "string", "the first failed call's error; None when every call succeeded"),
+    ("error_kind", "string", "that failure's kind (server, timeout, rate_limit, ...); None on success"),
+)
+
+
+def comparison_answers(frame: pd.DataFrame) -> list[tuple[str, int, int, int, int | str | None]]:
+    """(prompt_id, a, b, first shown, winner) per comparison of a judge's frame; winner a generation, 'tie' or None."""
+    out: list[tuple[str, int, int, int, int | str | None]] = []
+    for pid, aa, bb, ff, pp in zip(frame["prompt_id"], frame["pair_a"], frame["pair_b"], frame["first_shown"], frame["preferred"]):
+        for a, b, f, p in zip(plain_list(aa), plain_list(bb), plain_list(ff), plain_list(pp)):
+            won = None if is_missing(p) else "tie" if p == "tie" else int(a) if p == "a" else int(b)
+            out.append((pid, int(a), int(b), int(f), won))
+    return out
+
+
 POOLED_KEY = dg.AssetKey("pooled_ratings")
 POOLED_COLUMNS = schema(
     POOLED_KEY.to_user_string(),
@@ -112,9 +147,21 @@ POOLED_COLUMNS = schema(
     ("poll_models", "list<string>", "the judges' models, in panel order"),
     ("poll_call_ids", "list<string>", "the call id of each judge's verdict"),
     ("avg_poll_ratings", "list<float>", "the pooled rating of each answer; None below pooling.min_judges"),
-    ("n_valid_judges", "list<int>", "how many ratings went into each pooled rating"),
+    ("n_valid_judges", "list<int>", "how many ratings went into each pooled rating (pairwise mode: how many "
+     "judges compared each answer)"),
     ("judge_weights", "list<float>", "pooling.method weighted: each judge's weight for this prompt (given, or fitted on other prompts' gold labels); None otherwise"),
+    ("bt_strengths", "list<float>", "pairwise mode: each answer's Bradley-Terry strength over every judge's "
+     "comparisons, both orders (log odds, mean 0; None where no comparison was read); None in rating mode"),
+    ("win_counts", "list<float>", "pairwise mode: each answer's wins over every judge and order, a tie as half a win"),
+    ("n_comparisons", "list<int>", "pairwise mode: the read comparisons each answer took part in"),
+    ("poll_comparisons", "list<list<list<int>>>", "pairwise mode: judge x comparison: [a, b, shown first, winner] "
+     "(generation indices; winner -1 for a tie, None where unread)"),
 )
+
+
+def scores_column(judging: Judging) -> str:
+    """The pooled score of each answer: the pooled rating, or in pairwise mode its Bradley-Terry strength."""
+    return "bt_strengths" if judging.mode == "pairwise" else "avg_poll_ratings"
 
 
 PAIRS_KEY = dg.AssetKey("preference_pairs")
@@ -145,6 +192,9 @@ PAIR_COLUMNS = schema(
     ("chosen_call_id", "string", "the call that wrote the chosen answer"),
     ("rejected_call_id", "string", "the call that wrote the rejected answer"),
     ("rating_call_ids", "list<string>", "the judge calls behind the ratings, in panel order"),
+    ("bt_strengths", "list<float>", "pairwise mode: every answer's Bradley-Terry strength, the score pairs are "
+     "formed from (chosen_rating/rejected_rating are then strengths); None in rating mode"),
+    ("win_counts", "list<float>", "pairwise mode: every answer's wins over the judges and both orders (a tie: half)"),
 )
 
 

@@ -10,7 +10,10 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.keys import COMBINED_COLUMNS, COMBINED_KEY, POOLED_COLUMNS, POOLED_KEY, RATING_COLUMNS, generation_counts, ratings_key
+from poll_assets.assets.keys import (
+    COMBINED_COLUMNS, COMBINED_KEY, COMPARISON_COLUMNS, POOLED_COLUMNS, POOLED_KEY, RATING_COLUMNS, comparison_answers,
+    generation_counts, ratings_key, scores_column,
+)
 from poll_assets.agreement import agreement_metrics, judge_agreement
 from poll_assets.calibration import Calibration, JurySpec, RunRatings, calibrate, calibration_markdown, calibration_numbers, pooling_weights
 from poll_assets.engine.schema import column_of, column_of_each
@@ -20,6 +23,8 @@ from poll_assets.engine.checks import (
 )
 from poll_assets.code_versions import pooled_version
 from poll_assets.gold import GoldLabelError, GoldSet, load_gold
+from poll_assets.pairwise import encode_answer, pairwise_summary, pool_comparisons, position_markdown, stored_answers
+from poll_assets.pairwise_calibration import calibrate_pairwise
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import is_missing, plain_list
 from poll_assets.pooled_ratings import pool_ratings, self_family_mask
@@ -42,9 +47,10 @@ def pooled_agreement(pooled: pd.DataFrame, judge_names: Sequence[str], scale: Se
     return judge_agreement(ratings_by_judge(pooled, judge_names), value_domain=list(scale))
 
 
-def check_pooled_coverage(pooled: pd.DataFrame, combined: pd.DataFrame, n_judges: int) -> Finding:
-    """Every generation of every prompt has a pooled slot: one row per prompt, `avg_poll_ratings` as
-    long as `generations`, and a judge x generation `poll_ratings` matrix. Generations no judge could
+def check_pooled_coverage(pooled: pd.DataFrame, combined: pd.DataFrame, n_judges: int,
+                          scores: str = "avg_poll_ratings") -> Finding:
+    """Every generation of every prompt has a pooled slot: one row per prompt, `avg_poll_ratings` (`scores`:
+    `bt_strengths` in pairwise mode) as long as `generations`, and a judge x generation `poll_ratings` matrix. Generations no judge could
     rate are counted (`unrated`), not failed: the unrated-verdict checks already bound them."""
     problems: list[str] = []
     want, got = list(combined["prompt_id"]), list(pooled["prompt_id"])
@@ -55,7 +61,7 @@ def check_pooled_coverage(pooled: pd.DataFrame, combined: pd.DataFrame, n_judges
         problems.append("a prompt appears more than once")
     n_gen = generation_counts(combined)
     short_rows, unrated = [], 0
-    for pid, avg, matrix, gens in zip(pooled["prompt_id"], pooled["avg_poll_ratings"], pooled["poll_ratings"], pooled["generations"]):
+    for pid, avg, matrix, gens in zip(pooled["prompt_id"], pooled[scores], pooled["poll_ratings"], pooled["generations"]):
         avg, rows = plain_list(avg), [plain_list(r) for r in plain_list(matrix)] if not is_missing(matrix) else []
         expected = n_gen.get(pid, len(plain_list(gens)))
         if len(avg) != expected or len(rows) != n_judges or any(len(r) != expected for r in rows):
@@ -85,7 +91,7 @@ def pooled_checks(panel: Panel) -> list[StageCheck]:
     t = panel.thresholds
     return [
         StageCheck("covers_every_generation", "A pooled rating slot for every generation of every prompt.",
-                   lambda df, given: check_pooled_coverage(df, given[STEP_INPUT], len(panel.judges)),
+                   lambda df, given: check_pooled_coverage(df, given[STEP_INPUT], len(panel.judges), scores_column(panel.judging)),
                    needs=(STEP_INPUT,)),
         StageCheck("judge_agreement", f"Krippendorff alpha between judges >= {t.min_agreement} (warning only).",
                    lambda df, given: check_agreement(given[AGREEMENT].get("krippendorff_alpha"), t.min_agreement),
@@ -96,6 +102,13 @@ def pooled_checks(panel: Panel) -> list[StageCheck]:
 def pooled_column_lineage(panel: Panel) -> dg.TableColumnLineage:
     judges = [ratings_key(j) for j in panel.judges]
     combined = lambda column: [column_of(COMBINED_KEY, COMBINED_COLUMNS, column)]  # noqa: E731
+    if panel.judging.mode == "pairwise":
+        compared = column_of_each(judges, COMPARISON_COLUMNS, "preferred")
+        return POOLED_COLUMNS.lineage({
+            **{c: combined(c) for c in ("prompt_id", "instruction", "generations", "generation_models", "generation_call_ids")},
+            "poll_models": column_of_each(judges, COMPARISON_COLUMNS, "model_name"),
+            **{c: compared for c in ("bt_strengths", "win_counts", "n_comparisons", "n_valid_judges", "poll_comparisons")},
+        })
     each_judge = lambda column: column_of_each(judges, RATING_COLUMNS, column)  # noqa: E731
     return POOLED_COLUMNS.lineage({
         **{c: combined(c) for c in ("prompt_id", "instruction", "generations", "generation_models", "generation_call_ids")},
@@ -159,8 +172,39 @@ def pool_shard(panel: Panel, combined: pd.DataFrame, ratings: Sequence[pd.DataFr
             "avg_poll_ratings": pooled.avg,
             "n_valid_judges": pooled.n_valid,
             "judge_weights": None if weights is None else [float(w) for w in weights],
+            "bt_strengths": None, "win_counts": None, "n_comparisons": None, "poll_comparisons": None,
         })
     return POOLED_COLUMNS.frame(rows), excluded, source
+
+
+def pool_comparison_shard(panel: Panel, combined: pd.DataFrame, frames: Sequence[pd.DataFrame]) -> tuple[pd.DataFrame, int]:
+    """Pairwise mode: the pooled frame of a shard from each judge's comparisons (panel order): per
+    prompt, Bradley-Terry strengths and win counts over every judge and both orders; no ratings."""
+    by_judge = [frame.set_index("prompt_id") for frame in frames]
+    mask = jury_spec(panel).exclude
+    rows, excluded = [], 0
+    for _, row in combined.iterrows():
+        pid, n = row["prompt_id"], len(plain_list(row["generations"]))
+        answers = [comparison_answers(frame.loc[[pid]].reset_index()) for frame in by_judge]
+        pooled = pool_comparisons(n, [[x[1:] for x in judge] for judge in answers],
+                                  [list(r) for r in mask] if mask else None)
+        excluded += pooled.excluded
+        rows.append({
+            "prompt_id": pid,
+            "instruction": row["instruction"],
+            "generations": plain_list(row["generations"]),
+            "generation_models": plain_list(row["generation_models"]),
+            "generation_call_ids": plain_list(row["generation_call_ids"]),
+            "poll_ratings": [[None] * n for _ in by_judge],
+            "poll_rationales": [[None] * n for _ in by_judge],
+            "poll_models": [j.model for j in panel.judges],
+            "poll_call_ids": [None for _ in by_judge],
+            "avg_poll_ratings": [None] * n,
+            "n_valid_judges": pooled.n_judges,
+            "bt_strengths": pooled.strengths, "win_counts": pooled.wins, "n_comparisons": pooled.comparisons,
+            "poll_comparisons": [[encode_answer(x[1:]) for x in judge] for judge in answers],
+        })
+    return POOLED_COLUMNS.frame(rows), excluded
 
 
 def pooled_calibration(panel: Panel, pooled: pd.DataFrame, gold: GoldSet, scale: Sequence[int]) -> Calibration:
@@ -169,6 +213,11 @@ def pooled_calibration(panel: Panel, pooled: pd.DataFrame, gold: GoldSet, scale:
     settings = panel.gold
     if settings is None:
         raise ValueError(f"panel {panel.name!r} has no gold labels (gold:)")
+    if panel.judging.mode == "pairwise":
+        return calibrate_pairwise(list(pooled["prompt_id"]), list(pooled["instruction"]),
+                                  [stored_answers(c) for c in pooled["poll_comparisons"]], gold,
+                                  [j.name for j in panel.judges], [g.name for g in panel.generators], jury_spec(panel).exclude,
+                                  resamples=settings.bootstrap_resamples, seed=settings.seed, level=settings.confidence_level)
     return calibrate(run_ratings(pooled, panel), gold, jury_spec(panel), scale, resamples=settings.bootstrap_resamples,
                      seed=settings.seed, level=settings.confidence_level)
 
@@ -185,6 +234,35 @@ def calibration_metadata(panel: Panel, df: pd.DataFrame, gold: GoldSet, scale: S
         "gold/labels_unknown_generator": cal.counts["labels_unknown_generator"],
         **calibration_numbers(cal),
     }
+
+
+def leaderboard_metadata(summary: dict[str, Any]) -> dict[str, Any]:
+    """The leaderboard as UI metadata: the table, and each generator's strength and interval as numbers
+    (the UI plots numeric metadata over materializations)."""
+    meta: dict[str, Any] = {"leaderboard": dg.MetadataValue.md(summary["leaderboard_markdown"]),
+                            "position_bias": dg.MetadataValue.md(position_markdown(summary["position"]))}
+    for row in summary["leaderboard"]:
+        for field, value in (("strength", row["strength"]), ("low", row["low"]), ("high", row["high"]),
+                             ("win_rate", row["win_rate"])):
+            if value is not None:
+                meta[f"leaderboard/{row['name']}/{field}"] = dg.MetadataValue.float(float(value))
+    return meta
+
+
+SHARD_LEADERBOARD_RESAMPLES = 200  # per shard: enough for a rough interval, cheap (a shard has ~50 prompts)
+
+
+def shard_pairwise_metadata(panel: Panel, df: pd.DataFrame) -> dict[str, Any]:
+    """Pairwise mode: the shard's leaderboard and the judges' position figures, as a table and as numbers."""
+    summary = pairwise_summary(list(df["prompt_id"]), list(df["poll_comparisons"]), [j.name for j in panel.judges],
+                               [g.name for g in panel.generators], jury_spec(panel).exclude,
+                               resamples=SHARD_LEADERBOARD_RESAMPLES, seed=panel.judging.seed)
+    meta = leaderboard_metadata(summary)
+    for judge, figures in summary["position"].items():
+        for name in ("consistency", "first_position_rate"):
+            if figures[name] is not None:
+                meta[f"position/{judge}/{name}"] = dg.MetadataValue.float(float(figures[name]))
+    return meta
 
 
 def read_gold(panel: Panel, location: str | None, scale: Sequence[int]) -> GoldSet | None:
@@ -208,7 +286,7 @@ def _pooled_metadata(panel: Panel, df: pd.DataFrame, excluded: int, agreement: d
         "agreement/krippendorff_alpha": dg.MetadataValue.float(alpha) if alpha is not None else dg.MetadataValue.null(),
         "agreement/pairwise": dg.MetadataValue.json(agreement),
         **agreement_metrics(agreement),  # each pairwise figure a number, so the UI plots it
-        "unrated_generations": sum(v is None for avg in df["avg_poll_ratings"] for v in avg) if len(df) else 0,
+        "unrated_generations": sum(v is None for avg in df[scores_column(panel.judging)] for v in avg) if len(df) else 0,
     }
 
 
@@ -255,12 +333,18 @@ def build_pooled_asset(panel: Panel, partitions_def: dg.PartitionsDefinition, ru
         gold = read_gold(panel, gold_location, rubric.ratings)
         made = {}
         for shard, shard_combined in combined.items():
-            df, excluded, weights_source = pool_shard(panel, shard_combined, [judged[j][shard] for j in judge_names], gold)
+            frames = [judged[j][shard] for j in judge_names]
+            if panel.judging.mode == "pairwise":
+                (df, excluded), weights_source = pool_comparison_shard(panel, shard_combined, frames), None
+            else:
+                df, excluded, weights_source = pool_shard(panel, shard_combined, frames, gold)
             agreement = pooled_agreement(df, judge_names, rubric.ratings)
             context.log.info(f"{shard}: pooled {len(df)} prompts; Krippendorff alpha={agreement.get('krippendorff_alpha')}")
             if weights_source and not weights_source.startswith(("given", "fitted")):
                 context.log.warning(f"{shard}: pooling.weights: {weights_source}")
             metadata = _pooled_metadata(panel, df, excluded, agreement, weights_source)
+            if panel.judging.mode == "pairwise":
+                metadata.update(shard_pairwise_metadata(panel, df))
             if gold is not None:
                 metadata.update(calibration_metadata(panel, df, gold, rubric.ratings))
             given = {STEP_INPUT: shard_combined, AGREEMENT: agreement}

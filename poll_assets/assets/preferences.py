@@ -8,7 +8,10 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.keys import COMBINED_COLUMNS, COMBINED_KEY, GENERATION_COLUMNS, PAIRS_KEY, PAIR_COLUMNS, POOLED_COLUMNS, POOLED_KEY, PROMPTS_KEY, PROMPT_COLUMNS, RATING_COLUMNS, generation_key, ratings_key
+from poll_assets.assets.keys import (
+    COMBINED_COLUMNS, COMBINED_KEY, GENERATION_COLUMNS, PAIRS_KEY, PAIR_COLUMNS, POOLED_COLUMNS, POOLED_KEY, PROMPTS_KEY,
+    PROMPT_COLUMNS, RATING_COLUMNS, generation_key, ratings_key, scores_column,
+)
 from poll_assets.engine.previews import chat_answer, pairs_preview, pairs_table
 from poll_assets.engine.schema import column_of, column_of_each
 from poll_assets.engine.shards import shard_events, shard_frames
@@ -16,10 +19,11 @@ from poll_assets.engine.totals import shard_totals
 from poll_assets.binarize import binarize
 from poll_assets.engine.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, problems_finding, short_id
 from poll_assets.code_versions import pairs_version
-from poll_assets.confidence import PairConfidence, confidence_cut, pair_confidence
+from poll_assets.confidence import PairConfidence, comparison_confidence, confidence_cut, pair_confidence
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import is_missing, plain_list
 from poll_assets.pooled_ratings import self_family_mask
+
 
 def check_pairs(pairs: pd.DataFrame) -> Finding:
     """In every pair the chosen answer is rated strictly higher and differs from the rejected one."""
@@ -117,6 +121,8 @@ def pairs_column_lineage(panel: Panel) -> dg.TableColumnLineage:
         "chosen_call_id": column_of_each(generators, GENERATION_COLUMNS, "call_id"),
         "rejected_call_id": column_of_each(generators, GENERATION_COLUMNS, "call_id"),
         "rating_call_ids": column_of_each(judges, RATING_COLUMNS, "call_id"),
+        "bt_strengths": [column_of(POOLED_KEY, POOLED_COLUMNS, "bt_strengths")],
+        "win_counts": [column_of(POOLED_KEY, POOLED_COLUMNS, "win_counts")],
     })
 
 
@@ -126,7 +132,7 @@ def chat(prompt: str, answer: str) -> list[dict[str, str]]:
 
 def _pair_row(r: pd.Series, panel: Panel, chosen: int, rejected: int, margin: float,
               conf: PairConfidence) -> dict[str, object]:
-    generations, avg = plain_list(r["generations"]), plain_list(r["avg_poll_ratings"])
+    generations, avg = plain_list(r["generations"]), plain_list(r[scores_column(panel.judging)])
     models, call_ids = plain_list(r["generation_models"]), plain_list(r["generation_call_ids"])
     return {
         "prompt": r["instruction"],
@@ -152,6 +158,8 @@ def _pair_row(r: pd.Series, panel: Panel, chosen: int, rejected: int, margin: fl
         "chosen_call_id": call_ids[chosen],
         "rejected_call_id": call_ids[rejected],
         "rating_call_ids": plain_list(r["poll_call_ids"]),
+        "bt_strengths": plain_list(r.get("bt_strengths")) or None,
+        "win_counts": plain_list(r.get("win_counts")) or None,
     }
 
 
@@ -162,20 +170,25 @@ def preference_rows(pooled: pd.DataFrame, panel: Panel) -> tuple[list[dict[str, 
             if panel.judging.exclude_self_family else None)
     rows: list[dict[str, object]] = []
     left_out = LeftOut()
+    pairwise = panel.judging.mode == "pairwise"  # pairs come from the Bradley-Terry strengths
+    score_column = scores_column(panel.judging)
     for _, r in pooled.iterrows():
         generations = plain_list(r["generations"])
         if len(generations) != len(panel.generators):  # stored under another panel: names would be wrong
             raise ValueError(f"pooled_ratings row {short_id(r['prompt_id'])} has {len(generations)} generations; "
                              f"the panel has {len(panel.generators)} generators: re-materialize it")
-        result = binarize(plain_list(r["avg_poll_ratings"]), strategy=cfg.strategy, min_margin=cfg.min_margin,
+        scores = plain_list(r[score_column])
+        result = binarize(scores, strategy=cfg.strategy, min_margin=cfg.min_margin,
                           seed=cfg.seed, key=r["prompt_id"], valid=[isinstance(g, str) for g in generations])
         ratings = [plain_list(x) for x in r["poll_ratings"]]
         weights = None if is_missing(r.get("judge_weights")) else [float(w) for w in plain_list(r["judge_weights"])]
         cuts: list[str] = []
         for chosen, rejected, margin in result.pairs:
             key = f"{r['prompt_id']}|{panel.generators[chosen].name}|{panel.generators[rejected].name}"
-            conf = pair_confidence(ratings, chosen, rejected, exclude=mask, method=panel.pooling.method, key=key,
-                                   weights=weights)
+            conf = (comparison_confidence(plain_list(r["poll_comparisons"]), chosen, rejected, exclude=mask)
+                    if pairwise else
+                    pair_confidence(ratings, chosen, rejected, exclude=mask, method=panel.pooling.method, key=key,
+                                    weights=weights))
             cut = confidence_cut(conf, min_judge_agreement=cfg.min_judge_agreement, min_margin_low=cfg.min_margin_low)
             if cut:
                 left_out.add_pair(cut)

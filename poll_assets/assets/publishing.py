@@ -14,10 +14,12 @@ import pandas as pd
 
 from poll_assets.assets.keys import PAIRS_KEY, POOLED_KEY, ratings_key
 from poll_assets.assets.judging import repair_figures
-from poll_assets.assets.pooling import pooled_agreement, pooled_calibration, read_gold
+from poll_assets.assets.pooling import jury_spec, leaderboard_metadata, pooled_agreement, pooled_calibration, read_gold
 from poll_assets.assets.preferences import pair_quality
 from poll_assets.io_manager import asset_dir, default_dagster_home, read_partition, stored_partitions
 from poll_assets.calibration import calibration_markdown
+from poll_assets.bradley_terry import leaderboard_svg
+from poll_assets.pairwise import pairwise_summary, stored_answers
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import plain_list
 from poll_assets.rubrics.ultrafeedback import Rubric, prompt_version
@@ -56,10 +58,18 @@ def unrated_verdicts(pooled: pd.DataFrame) -> int:
     )
 
 
+def unread_comparisons(pooled: pd.DataFrame) -> int:
+    """Pairwise mode: comparisons without a preference (unreadable answers, failed judge calls)."""
+    return sum(x[3] is None for cell in pooled["poll_comparisons"] for judge in stored_answers(cell) for x in judge)
+
+
 def judge_verdicts(panel: Panel, storage_dir: str) -> dict[str, dict[str, Any]]:
     """Per judge with stored ratings: its parse failures before and after repair over every stored shard
-    (the figures its asset metadata gives per shard, see `repair_figures`)."""
-    out = {}
+    (the figures its asset metadata gives per shard, see `repair_figures`). Pairwise mode: none (the
+    judges' frames hold comparisons; their figures are in `dataset_pairwise`)."""
+    out: dict[str, dict[str, Any]] = {}
+    if panel.judging.mode == "pairwise":
+        return out
     for judge in panel.judges:
         shards = stored_partitions(storage_dir, ratings_key(judge))
         if shards:
@@ -86,12 +96,26 @@ def card_info(panel: Panel, rubric: Rubric, pairs: pd.DataFrame, pooled: pd.Data
             "prompts": len(pooled),
             "pairs": len(pairs),
             "prompts_without_pair": len(pooled) - int(pairs["prompt_id"].nunique()) if len(pairs) else len(pooled),
-            "unrated_verdicts": unrated_verdicts(pooled),
+            **({"unread_comparisons": unread_comparisons(pooled)} if panel.judging.mode == "pairwise"
+               else {"unrated_verdicts": unrated_verdicts(pooled)}),
         },
         "agreement": pooled_agreement(pooled, [j.name for j in panel.judges], rubric.ratings),
         "quality": pair_quality(panel, pairs, pooled),
         "verdicts": verdicts or {},
     }
+
+
+LEADERBOARD_RESAMPLES = 1000
+
+
+def dataset_pairwise(panel: Panel, pooled: pd.DataFrame, resamples: int = LEADERBOARD_RESAMPLES) -> dict[str, Any] | None:
+    """Pairwise mode, over every stored shard: the generators' leaderboard (bootstrap over prompts, seeded
+    by judging.seed) and each judge's position figures; None in rating mode."""
+    if panel.judging.mode != "pairwise" or "poll_comparisons" not in pooled:
+        return None
+    mask = jury_spec(panel).exclude
+    return pairwise_summary(list(pooled["prompt_id"]), list(pooled["poll_comparisons"]), [j.name for j in panel.judges],
+                            [g.name for g in panel.generators], mask, resamples=resamples, seed=panel.judging.seed)
 
 
 def dataset_calibration(panel: Panel, rubric: Rubric, pooled: pd.DataFrame, gold_location: str | None) -> dict[str, Any] | None:
@@ -125,9 +149,17 @@ def build_publish_job(panel: Panel, rubric: Rubric, gold_location: str | None = 
         calibration = dataset_calibration(panel, rubric, pooled, gold_location)
         if calibration is not None:
             info["calibration"] = calibration
+        pairwise = dataset_pairwise(panel, pooled)
+        if pairwise is not None:
+            info["pairwise"] = pairwise
         result = export_preference_set(
             pairs, Path(hub.out_dir), info, repo_id=hub.repo_id, token=hub.token, private=hub.private
         )
+        plot = {}
+        if pairwise is not None:  # a picture of the leaderboard beside the dataset, linked from the metadata
+            svg = Path(hub.out_dir) / "leaderboard.svg"
+            svg.write_text(leaderboard_svg(pairwise["leaderboard"], level=pairwise["level"]), encoding="utf-8")
+            plot = {"leaderboard_plot": dg.MetadataValue.path(str(svg)), **leaderboard_metadata(pairwise)}
         context.log.info(f"exported {result['rows']} pairs to {hub.out_dir}; pushed to Hub: {result['pushed']}")
         context.log_event(
             dg.AssetMaterialization(
@@ -141,6 +173,7 @@ def build_publish_job(panel: Panel, rubric: Rubric, gold_location: str | None = 
                     "repo_id": hub.repo_id or "",
                     "counts": dg.MetadataValue.json(info["counts"]),
                     **({"calibration": dg.MetadataValue.md(calibration_markdown(calibration))} if calibration else {}),
+                    **plot,
                 },
             )
         )

@@ -5,6 +5,7 @@ Row counts and column schemas come from each stage's `ColumnSchema` (engine/sche
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import dagster as dg
@@ -90,3 +91,13 @@ def pending_check() -> StageCheck:
     """The pending-rows check every LLM member's asset carries; the re-run condition acts on it."""
     return StageCheck(PENDING_CHECK, "No row whose call failed for a transient reason (those are re-run).",
                       lambda df, _: check_pending_rows(df))
+
+
+def with_repairs(first: CallStats, repairs: list[CallStats]) -> CallStats:
+    """The stage's call figures: the judge calls and their repairs together."""
+    total = replace(first, batches=list(first.batches))
+    for s in repairs:
+        for name in ("calls", "cache_hits", "failures", "input_tokens", "output_tokens", "retries", "elapsed_s"):
+            setattr(total, name, getattr(total, name) + getattr(s, name))
+        total.batches += s.batches
+    return total

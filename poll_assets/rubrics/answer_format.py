@@ -11,7 +11,9 @@ Keeping both sides here gives two guarantees the tests check:
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
 
 FIELD_WORDS = r"ratings?|scores?|rationale|reasoning|reason|explanation|justification|type"
 QUALIFIER = r"(?:(?:overall|final|total)\s+)?"  # "Overall rating: 4"
@@ -34,10 +36,16 @@ FIELD_RE = re.compile(
     r"(?:[:=][*_ \t]*|[ \t]+[-\u2013\u2014][ \t]+|(?=[\d\[(\u2605\u2b50]))(?P<value>.*)$",
     re.IGNORECASE,
 )
+# A rating as judges write it after a name or at the end of a line: 4, 4.0, 4/5, "4 out of 5", [[4]],
+# stars, optionally "(Almost There)" or "points"/"stars" after it.
+RATING_VALUE = (
+    r"(?:\[\[[ \t]*\d+(?:\.0)?[ \t]*\]\]|\d+(?:\.0)?(?:[ \t]*(?:/|out[ \t]+of)[ \t]*\d+)?|[\u2605\u2b50]+\u2606*)"
+    r"(?:[ \t]+(?:points?|stars?))?(?:[ \t]*\([A-Za-z' /]{2,60}\))?"
+)
 # "... the text meets every restriction. **Rating: 4**": a rating closing a prose line.
 INLINE_RATING_RE = re.compile(
     rf"^(?![ \t]*>)(?P<pre>.*?\S)[ \t]+[*_]*{QUALIFIER}(?:rating|score)[*_]*[ \t]*(?:[:=]|[ \t]+(?:is|of))[*_ \t]*"
-    r"(?P<value>\d+(?:[ \t]*/[ \t]*\d+)?)[*_]*\.?[ \t]*$",
+    rf"(?P<value>{RATING_VALUE})[*_]*\.?[ \t]*$",
     re.IGNORECASE,
 )
 
@@ -100,3 +108,84 @@ def is_quoted(line: str) -> bool:
 def quote_lookalikes(text: str) -> str:
     """Prefix answer-format look-alike lines with "> " so that they read as quoted material."""
     return "\n".join(f"> {line}" if is_lookalike(line) else line for line in split_lines(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON values inside free text, in bounded time and depth
+#
+# json's decoder recurses once per nesting level and an error message counts lines up to the error,
+# so trying it from every bracket of a long answer costs O(length^2) and deep nesting raises
+# RecursionError. Instead one iterative pass pairs every bracket with its closer (strings tracked
+# inside brackets only), and only balanced spans at most MAX_JSON_DEPTH deep are decoded, each as its
+# own slice. A span that fails is retried at its inner brackets, so every character is decoded at
+# most MAX_JSON_DEPTH times.
+
+MAX_JSON_DEPTH = 32
+_PAIRS = {"]": "[", "}": "{"}
+_JSON_TOKEN_RE = re.compile(r'[\[\]{}"\\]')
+_TRAILING_COMMA_RE = re.compile(r",(\s*[}\]])")
+
+
+def bracket_spans(text: str) -> tuple[dict[int, int], bool]:
+    """Opener index -> index after its closer, for balanced [..] and {..} at most MAX_JSON_DEPTH deep.
+
+    The flag says whether some balanced span was left out for being deeper than that.
+    """
+    spans: dict[int, int] = {}
+    stack: list[list[int]] = []  # [opener index, deepest level below it (relative)]
+    in_string, skip_to, too_deep = False, -1, False
+    for m in _JSON_TOKEN_RE.finditer(text):
+        i, c = m.start(), m[0]
+        if i < skip_to:
+            continue
+        if in_string:
+            if c == "\\":
+                skip_to = i + 2
+            elif c == '"':
+                in_string = False
+            continue
+        if c == '"':
+            in_string = bool(stack)  # quotes in prose outside any bracket are not JSON strings
+        elif c in "[{":
+            stack.append([i, 1])
+        elif c in "]}":
+            if not stack or text[stack[-1][0]] != _PAIRS[c]:
+                stack.clear()  # a mismatched closer: whatever is open cannot be JSON
+                continue
+            start, depth = stack.pop()
+            if depth <= MAX_JSON_DEPTH:
+                spans[start] = i + 1
+            else:
+                too_deep = True
+            if stack:
+                stack[-1][1] = max(stack[-1][1], depth + 1)
+    return spans, too_deep
+
+
+def decode_json(text: str, decoder: json.JSONDecoder) -> tuple[bool, Any]:
+    """(True, value) when `text` is one JSON value (trailing commas forgiven), else (False, None)."""
+    for candidate in (text, _TRAILING_COMMA_RE.sub(r"\1", text)):
+        try:
+            return True, decoder.decode(candidate)
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+            continue
+    return False, None
+
+
+def json_values(
+    text: str, decoder: json.JSONDecoder, *, nested: bool = False
+) -> tuple[list[tuple[Any, int, int]], bool]:
+    """Every outermost (or, nested=True, every) JSON object or array in the text, with its span,
+    and the too-deep flag."""
+    spans, too_deep = bracket_spans(text)
+    out: list[tuple[Any, int, int]] = []
+    covered = -1
+    for start in sorted(spans):
+        if start < covered and not nested:
+            continue
+        end = spans[start]
+        ok, value = decode_json(text[start:end], decoder)
+        if ok and isinstance(value, (dict, list)):
+            out.append((value, start, end))
+            covered = end
+    return out, too_deep

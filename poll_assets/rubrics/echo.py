@@ -22,7 +22,7 @@ import json
 import re
 from functools import lru_cache
 
-from poll_assets.rubrics.answer_format import is_lookalike, split_lines
+from poll_assets.rubrics.answer_format import is_lookalike, json_values, split_lines
 from poll_assets.rubrics.ultrafeedback import Rubric, build_judge_messages, fence_nonce
 
 _MARKER_RE = re.compile(r"^\s*<<<\s*(BEGIN|END)\s+(INSTRUCTION|TEXT\s*\d+)\s+([0-9a-f]{12})\s*>>>\s*$", re.IGNORECASE)
@@ -81,15 +81,8 @@ _DECODER = json.JSONDecoder(strict=False)
 
 
 def _json_fragments(line: str) -> list[str]:
-    """The JSON values written inside one line of a text, as they were written."""
-    out = []
-    for m in re.finditer(r"[\[{]", line):
-        try:
-            _, end = _DECODER.raw_decode(line, m.start())
-        except json.JSONDecodeError:
-            continue
-        out.append(line[m.start():end])
-    return out
+    """The JSON values written inside one line of a text, as they were written (bounded depth)."""
+    return [line[start:end] for _, start, end in json_values(line, _DECODER, nested=True)[0]]
 
 
 def strip_untrusted(
