@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import dagster as dg
 
-from poll_assets.assets.metadata import PENDING_CHECK
+from poll_assets.engine.metadata import PENDING_CHECK
 from poll_assets.panel import Schedule
 from poll_assets.run_liveness import fail_dead_runs
 

@@ -151,7 +151,7 @@ def _interrupt_on_sigterm() -> None:
     left STARTED). A second signal stops at once."""
     import signal
 
-    from poll_assets.llm.runner import enable_graceful_stop
+    from poll_assets.llm.online.runner import enable_graceful_stop
 
     def notice(name: str) -> None:
         print(f"poll-assets run: {name}: starting no new calls; waiting for the calls in flight to be answered "
@@ -182,7 +182,7 @@ def _run_all(job: dg.JobDefinition, instance: dg.DagsterInstance, runs: list[lis
     """Run each group of shards in turn; 1 when any run failed."""
     import dagster as dg
 
-    from poll_assets.llm.runner import stop_requested
+    from poll_assets.llm.online.runner import stop_requested
     from poll_assets.run_liveness import process_tags
     from poll_assets.terminal import escape_controls
 
@@ -316,7 +316,7 @@ def cmd_calibration(args: argparse.Namespace) -> int:
         _use_project_home()
     import dagster as dg
 
-    from poll_assets.assets.pooling import POOLED_KEY
+    from poll_assets.assets.keys import POOLED_KEY
     from poll_assets.assets.publishing import dataset_calibration, read_all_partitions
     from poll_assets.calibration import calibration_markdown
     from poll_assets.io_manager import default_storage_dir
@@ -354,7 +354,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         _use_project_home()
     import dagster as dg
 
-    from poll_assets.assets.pooling import POOLED_KEY
+    from poll_assets.assets.keys import POOLED_KEY
     from poll_assets.assets.publishing import dataset_pairwise, read_all_partitions
     from poll_assets.io_manager import default_storage_dir
     from poll_assets.pairwise import position_markdown

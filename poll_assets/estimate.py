@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from poll_assets.llm.base import CallRequest, Completion, request_key
-from poll_assets.llm.cache import ResponseCache
+from poll_assets.llm.cache.response_cache import ResponseCache
 from poll_assets.llm.tokens import request_input_tokens
 from poll_assets.panel import Member, Panel
 from poll_assets.partitions import shard_bounds
@@ -157,7 +157,7 @@ def _likely_generations(panel: Panel, prompts: pd.DataFrame, cache: ResponseCach
         from_cache += len(hits)
     generations = [list(row) for row in zip(*columns)] if columns else [[] for _ in range(len(prompts))]
     combined = pd.DataFrame({"prompt_id": list(prompts["prompt_id"]), "instruction": list(prompts["instruction"]),
-                             "generations": generations})
+                             "generations": generations, "generators": [[g.name for g in panel.generators]] * len(prompts)})
     return combined, from_cache, len(panel.generators) * len(prompts)
 
 
@@ -197,13 +197,13 @@ def _judge_estimate(j: Member, panel: Panel, rubric: Rubric, combined: pd.DataFr
                     note: str, *, hits_free: bool = True) -> MemberEstimate:
     """One judge's calls in the panel's judging mode: one per prompt (rating), or one per comparison (pairwise)."""
     if panel.judging.mode == "pairwise":
-        comparisons = [t for _, row in combined.iterrows() for t in plan_comparison_tasks(row, j, panel, rubric)]
+        comparisons = [t for _, row in combined.iterrows() for t in plan_comparison_tasks(row, j, panel.judging, rubric)]
         requests = [t.request for t in comparisons]
         est = _member_estimate(j, "judge", panel, requests, cache, note, hits_free=hits_free)
         answered = _cached(j, requests, cache)
         _add_pairwise_repairs(est, j, panel, [r for i, r in enumerate(requests) if i not in answered], cache)
         return est
-    tasks = [t for _, row in combined.iterrows() if (t := plan_judge_task(row, j, panel, rubric)).request is not None]
+    tasks = [t for _, row in combined.iterrows() if (t := plan_judge_task(row, j, panel.judging, rubric)).request is not None]
     requests = [t.request for t in tasks if t.request is not None]  # all of them: tasks holds only calls
     est = _member_estimate(j, "judge", panel, requests, cache, note, hits_free=hits_free)
     answered = _cached(j, requests, cache)

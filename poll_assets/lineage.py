@@ -18,11 +18,7 @@ import dagster as dg
 import pandas as pd
 from upath import UPath
 
-from poll_assets.assets.generations import COMBINED_KEY, GENERATIONS_PREFIX
-from poll_assets.assets.judging import RATINGS_PREFIX
-from poll_assets.assets.pooling import POOLED_KEY
-from poll_assets.assets.preferences import PAIRS_KEY
-from poll_assets.assets.prompts import PROMPTS_KEY
+from poll_assets.assets.keys import COMBINED_KEY, GENERATIONS_PREFIX, PAIRS_KEY, POOLED_KEY, PROMPTS_KEY, RATINGS_PREFIX
 from poll_assets.io_manager import asset_dir, read_partition, stored_partitions
 from poll_assets.parquet_values import plain
 

@@ -15,12 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from poll_assets.binarize import Strategy
 from poll_assets.code_versions import member_version
 from poll_assets.llm.base import GenerationParams
-from poll_assets.llm.batch_settings import BatchSettings
+from poll_assets.llm.batch.settings import BatchSettings
 from poll_assets.llm.budget import BudgetSettings
-from poll_assets.llm.cache import PG_URL_PREFIXES, CacheMode
-from poll_assets.llm.policy import Limits
+from poll_assets.llm.cache.response_cache import PG_URL_PREFIXES, CacheMode
+from poll_assets.llm.online.policy import Limits
 from poll_assets.llm.pricing import Price
-from poll_assets.llm.providers import PROVIDER_NAMES, provider_spec
+from poll_assets.llm.providers.registry import PROVIDER_NAMES, provider_spec
 from poll_assets.pooled_ratings import PoolingMethod
 from poll_assets.rubrics.ultrafeedback import RUBRICS
 

@@ -12,14 +12,17 @@ from poll_assets.assets.generations import build_combined_asset, build_generatio
 from poll_assets.assets.judging import build_ratings_asset, build_ratings_stage
 from poll_assets.assets.pooling import build_pooled_asset
 from poll_assets.assets.preferences import build_preferences_asset
-from poll_assets.assets.prompts import build_prompts_asset
+from poll_assets.assets.prompts import ShardEstimate, build_prompts_asset
 from poll_assets.assets.publishing import build_hub_publisher, build_publish_job
 from poll_assets.automation import build_automation_sensor, build_dead_run_sensor, with_rerun_condition
+from poll_assets.engine.stage import RunSettings
+from poll_assets.estimate import estimate_prompts
 from poll_assets.io_manager import ParquetIOManagerFactory, default_storage_dir
 from poll_assets.llm.resources import build_cache_resource, build_llm_resource, resource_key
 from poll_assets.panel import Panel
 from poll_assets.partitions import backfill_policy, build_partitions_def
 from poll_assets.rubrics.ultrafeedback import Rubric, get_rubric
+from poll_assets.run_liveness import RUN_PROCESS_KEY, RunProcessResource
 
 JOB_NAME = "poll_job"
 
@@ -30,39 +33,49 @@ def build_assets(
     """One asset per stage, and one per generator and per judge, all on the same shards.
 
     By default the generators share one step, and the judges another, so a stage's members call
-    their providers at the same time even under the in-process executor (see assets/stage.py).
+    their providers at the same time even under the in-process executor (see engine/stage.py).
     `member_steps=True` gives every member its own step and its own pool instead, for running
     members as separate processes with the multiprocess executor. `rubric`: the panel's, when the
     caller has resolved it already.
     """
     rubric = rubric or get_rubric(panel.judging.aspect)
     parts = build_partitions_def(panel.source)
+    run = RunSettings.of(panel)  # what the engine needs of the panel in every LLM stage step
     if member_steps:
-        generators = [build_generation_asset(m, panel, parts, panel_path.parent) for m in panel.generators]
-        judges = [build_ratings_asset(m, panel, parts, rubric) for m in panel.judges]
+        generators = [build_generation_asset(m, panel.source, panel.thresholds, run, parts, panel_path.parent)
+                      for m in panel.generators]
+        judges = [build_ratings_asset(m, panel.judging, panel.thresholds, rubric, run, parts) for m in panel.judges]
     else:
-        generators = [build_generation_stage(panel, parts, base_dir=panel_path.parent)]
-        judges = [build_ratings_stage(panel, parts, rubric)]
+        generators = [build_generation_stage(panel.generators, panel.source, panel.thresholds, run, parts,
+                                             base_dir=panel_path.parent)]
+        judges = [build_ratings_stage(panel.judges, panel.judging, panel.thresholds, rubric, run, parts)]
     assets = [
-        build_prompts_asset(panel, panel_path, parts),
+        build_prompts_asset(panel.source, panel_path.parent, parts, shard_estimate(panel, rubric)),
         *generators,
-        build_combined_asset(panel, parts),
+        build_combined_asset(panel.generators, parts),
         *judges,
         build_pooled_asset(panel, parts, rubric, panel.gold.location(panel_path) if panel.gold else None),
         build_preferences_asset(panel, parts),
     ]
-    # A backfill runs `shards_per_run` shards per run; every step takes such a range (assets/shards.py).
+    # A backfill runs `shards_per_run` shards per run; every step takes such a range (engine/shards.py).
     policy = backfill_policy(panel.source)
     return [a.with_attributes(backfill_policy=policy) for a in assets]
 
 
+def shard_estimate(panel: Panel, rubric: Rubric) -> ShardEstimate:
+    """The cost estimate of one shard's prompts, shown on the prompts asset before any call."""
+    return lambda rows, cache, shard: estimate_prompts(panel, rows, cache, rubric, partitions=[shard])
+
+
 def build_resources(panel: Panel, storage_dir: str | None = None, cache_path: str | None = None) -> dict[str, object]:
-    """Every resource in one place: the IO manager, the response cache, one LLM client per member."""
+    """Every resource in one place: the IO manager, the response cache, the run's process tag, one LLM
+    client per member."""
     storage_dir = storage_dir or default_storage_dir()
     resources: dict[str, object] = {
         "io_manager": ParquetIOManagerFactory(base_dir=storage_dir),
         "hub_publisher": build_hub_publisher(panel, storage_dir),
         "response_cache": build_cache_resource(panel.cache, cache_path),
+        RUN_PROCESS_KEY: RunProcessResource(),  # tags each run with its process, for dead-run detection
     }
     for member in panel.members:
         resources[resource_key(member)] = build_llm_resource(member)

@@ -106,3 +106,16 @@ def fail_runs_of_this_process(instance: dg.DagsterInstance, why: str) -> list[st
             instance.report_run_failed(run, message=f"run {run.run_id}: {why}; marked failed by poll-assets")
             marked.append(run.run_id)
     return marked
+
+
+RUN_PROCESS_KEY = "run_process"
+
+
+class RunProcessResource(dg.ConfigurableResource):
+    """Tags the run with its worker's host and pid when a step that holds it starts (every step that
+    reads prompts or calls a provider does), so a run launched from the UI is marked before its first
+    paid call, and `fail_dead_runs` can tell a run whose process died from one still working."""
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if context.instance is not None and context.run is not None:
+            tag_run_with_process(context.instance, context.run)

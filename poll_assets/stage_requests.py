@@ -13,7 +13,7 @@ import pandas as pd
 from poll_assets.llm.base import CallRequest, Message
 from poll_assets.llm.context_fit import fit_request
 from poll_assets.pairwise import Comparison, build_pairwise_messages, pairwise_json_schema, plan_pairs
-from poll_assets.panel import Member, Panel
+from poll_assets.panel import Judging, Member
 from poll_assets.rubrics.ultrafeedback import Rubric, build_judge_messages, verdict_json_schema
 from poll_assets.verdicts import presentation_order
 
@@ -43,9 +43,8 @@ class JudgeTask:
     truncated: list[int] = field(default_factory=list)  # generations cut to fit the judge's context
 
 
-def plan_judge_task(row: pd.Series, member: Member, panel: Panel, rubric: Rubric) -> JudgeTask:
+def plan_judge_task(row: pd.Series, member: Member, judging: Judging, rubric: Rubric) -> JudgeTask:
     """The judge call for one row of combined_generations: shuffled texts, prompt and schema."""
-    judging = panel.judging
     generations = list(row["generations"])
     present = [i for i, g in enumerate(generations) if isinstance(g, str)]
     if not present:
@@ -75,13 +74,12 @@ class ComparisonTask:
     material: tuple[str, str, str]  # the instruction and the two answers as shown: echo of them is never read
 
 
-def plan_comparison_tasks(row: pd.Series, member: Member, panel: Panel, rubric: Rubric) -> list[ComparisonTask]:
+def plan_comparison_tasks(row: pd.Series, member: Member, judging: Judging, rubric: Rubric) -> list[ComparisonTask]:
     """The pairwise judge calls for one row of combined_generations (judging.mode 'pairwise'): every
-    pair of the generations that exist (or each against `pairwise.against`), in both orders by default."""
-    judging = panel.judging
+    pair of the generations that exist (or each against `pairwise.against`), in both orders by default.
+    The anchor is found by name in the row's `generators` (who wrote each answer, in panel order)."""
     generations = list(row["generations"])
-    names = [g.name for g in panel.generators]
-    anchor = names.index(judging.pairwise.against) if judging.pairwise.against in names else None
+    anchor = _anchor(row, judging.pairwise.against)
     present = [i for i, g in enumerate(generations) if isinstance(g, str)]
     plan = plan_pairs(present, anchor=anchor, both_orders=judging.pairwise.both_orders, seed=judging.seed,
                       key=f"{row['prompt_id']}/{member.name}")
@@ -94,3 +92,14 @@ def plan_comparison_tasks(row: pd.Series, member: Member, panel: Panel, rubric: 
         request = CallRequest.build(messages, params, json_schema=pairwise_json_schema(limit))
         tasks.append(ComparisonTask(row["prompt_id"], c, request, (row["instruction"], first, second)))
     return tasks
+
+
+def _anchor(row: pd.Series, against: str | None) -> int | None:
+    """The index of the generation `pairwise.against` names, or None when every pair is compared."""
+    if against is None:
+        return None
+    names = [str(g) for g in row["generators"]] if "generators" in row.index else []
+    if against not in names:
+        raise ValueError(f"judging.pairwise.against: {against!r} wrote no answer of prompt {row['prompt_id']} "
+                         f"(its generators: {names or 'no generators column'})")
+    return names.index(against)

@@ -93,7 +93,7 @@ def stored_rows(location: str) -> int:
     if location.startswith("postgresql://"):
         import psycopg2
 
-        from poll_assets.llm.cache_pg import COMPLETIONS
+        from poll_assets.llm.cache.postgres import COMPLETIONS
 
         conn = psycopg2.connect(location)
         try:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from poll_assets.llm.base import CallRequest, ChatBackend, Completion, GenerationParams
-from poll_assets.llm.policy import CallPolicy, RetryPolicy
+from poll_assets.llm.online.policy import CallPolicy, RetryPolicy
 
 # What a script returns for (request text, attempt number): None = answer normally,
 # an exception = raise it, a float = stall that many seconds first.
@@ -105,8 +105,8 @@ def make_requests(n: int, tag: str = "q", max_new_tokens: int = 16) -> list[Call
 
 
 def _worker() -> None:
-    from poll_assets.llm.cache import ResponseCache
-    from poll_assets.llm.runner import run_calls
+    from poll_assets.llm.cache.response_cache import ResponseCache
+    from poll_assets.llm.online.runner import run_calls
 
     ap = argparse.ArgumentParser()
     ap.add_argument("db")

@@ -235,7 +235,7 @@ def _gguf_vocab() -> Any:
     """The bundled SmolLM2's tokenizer alone (no weights): a real BPE, unrelated to the estimator's rule."""
     from llama_cpp import Llama
 
-    from poll_assets.llm.local import bundled_model_path
+    from poll_assets.llm.providers.local import bundled_model_path
 
     vocab = Llama(model_path=str(bundled_model_path()), vocab_only=True, verbose=False)
     atexit.register(vocab.close)  # before interpreter shutdown, when its __del__ can no longer close it

@@ -14,7 +14,7 @@ import asyncio
 import os
 
 from poll_assets.llm.base import Completion
-from poll_assets.llm.cache import ResponseCache, claim_or_wait
+from poll_assets.llm.cache.response_cache import ResponseCache, claim_or_wait
 
 
 async def _ask(cache: ResponseCache, key: str, log: str, call_s: float, ttl_s: float, hang: bool,

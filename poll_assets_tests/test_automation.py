@@ -16,10 +16,10 @@ import dagster as dg
 import pytest
 import yaml
 
-from poll_assets.assets.metadata import PENDING_CHECK
+from poll_assets.engine.metadata import PENDING_CHECK
 from poll_assets.automation import SENSOR_NAME
 from poll_assets.llm.base import ProviderError
-from poll_assets.llm.policy import Limits
+from poll_assets.llm.online.policy import Limits
 from poll_assets.llm.resources import resource_key
 from poll_assets.panel import Panel, PanelConfigError, load_panel
 from poll_assets.pipeline import JOB_NAME, build_definitions

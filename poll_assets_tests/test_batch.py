@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from poll_assets.llm.base import BackendConfig, CallRequest, ChatBackend, GenerationParams, request_key
-from poll_assets.llm.batch import BatchWaitTimeout, run_batch_calls, split, transport_for
-from poll_assets.llm.batch_settings import BatchPolicy, BatchSettings
-from poll_assets.llm.batch_store import BatchStore
-from poll_assets.llm.cache import ResponseCache
-from poll_assets.llm.policy import CallPolicy, RetryPolicy
-from poll_assets.llm.providers import provider_spec
-from poll_assets.llm.runner import run_calls
+from poll_assets.llm.batch.runner import BatchWaitTimeout, run_batch_calls, split, transport_for
+from poll_assets.llm.batch.settings import BatchPolicy, BatchSettings
+from poll_assets.llm.batch.store import BatchStore
+from poll_assets.llm.cache.response_cache import ResponseCache
+from poll_assets.llm.online.policy import CallPolicy, RetryPolicy
+from poll_assets.llm.providers.registry import provider_spec
+from poll_assets.llm.online.runner import run_calls
 from poll_assets_tests.fake_llm_server import FakeLLMServer
 
 WIRES = ["openai", "anthropic"]

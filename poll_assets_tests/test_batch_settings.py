@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from poll_assets.llm.batch_settings import BatchPolicy, BatchSettings
-from poll_assets.llm.providers import BATCH_PROVIDERS, PROVIDERS
+from poll_assets.llm.batch.settings import BatchPolicy, BatchSettings
+from poll_assets.llm.providers.registry import BATCH_PROVIDERS, PROVIDERS
 from poll_assets.panel import PanelConfigError, load_panel
 from poll_assets_tests.test_panel import local_panel_file
 

@@ -89,8 +89,8 @@ def test_bad_arguments():
 
 import pandas as pd  # noqa: E402
 
-from poll_assets.assets.pooling import POOLED_COLUMNS  # noqa: E402
-from poll_assets.assets.preferences import PAIRS_KEY, preference_rows  # noqa: E402
+from poll_assets.assets.keys import PAIRS_KEY, POOLED_COLUMNS  # noqa: E402
+from poll_assets.assets.preferences import preference_rows  # noqa: E402
 from poll_assets.confidence import LOW_AGREEMENT, LOW_MARGIN  # noqa: E402
 from poll_assets.pipeline import build_definitions  # noqa: E402
 from poll_assets.pooled_ratings import pool_ratings  # noqa: E402

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from poll_assets.llm.base import Completion, ProviderError
-from poll_assets.llm.cache import CacheError, ResponseCache, default_cache_path
+from poll_assets.llm.cache.response_cache import CacheError, ResponseCache, default_cache_path
 from poll_assets.llm.resources import ResponseCacheResource
-from poll_assets.llm.runner import run_calls
+from poll_assets.llm.online.runner import run_calls
 from poll_assets_tests.cache_backends import CacheAt, cache_at, stored_rows  # noqa: F401 (a fixture)
 from poll_assets_tests.fake_backend import FakeBackend, with_policy, make_requests
 
@@ -262,7 +262,7 @@ def test_a_forked_child_opens_its_own_connection_and_leaves_the_parents(cache_at
 
 _OPEN_AT_ONCE = """
 import sys, time
-from poll_assets.llm.cache import ResponseCache
+from poll_assets.llm.cache.response_cache import ResponseCache
 start = float(sys.argv[2])
 while time.time() < start:
     pass

@@ -9,8 +9,8 @@ import dagster as dg
 import pytest
 
 from poll_assets.llm.base import Completion
-from poll_assets.llm.cache import CacheError, SqliteStore
-from poll_assets.llm.cache_pg import PostgresStore
+from poll_assets.llm.cache.response_cache import CacheError, SqliteStore
+from poll_assets.llm.cache.postgres import PostgresStore
 from poll_assets.llm.resources import ResponseCacheResource
 from poll_assets.panel import PanelConfigError
 from poll_assets.pipeline import build_resources

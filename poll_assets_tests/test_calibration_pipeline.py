@@ -12,9 +12,8 @@ import dagster as dg
 import pytest
 import yaml
 
+from poll_assets.assets.keys import PAIRS_KEY, POOLED_KEY
 from poll_assets.assets.publishing import card_info, dataset_calibration, read_all_partitions
-from poll_assets.assets.pooling import POOLED_KEY
-from poll_assets.assets.preferences import PAIRS_KEY
 from poll_assets.cli import main
 from poll_assets.dataset_export import build_dataset_card
 from poll_assets.panel import PanelConfigError, load_panel

@@ -11,7 +11,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from poll_assets import checks as c
+from poll_assets.engine import checks as c
 from poll_assets.assets import generations as generations_module
 from poll_assets.assets import judging as judging_module
 from poll_assets.assets import pooling as pooling_module
@@ -19,7 +19,7 @@ from poll_assets.assets import preferences as preferences_module
 from poll_assets.assets import prompts as prompts_module
 from poll_assets.assets.generations import check_generation_failures, check_generation_rows
 from poll_assets.assets.judging import check_ratings_valid, check_unrated_verdicts
-from poll_assets.assets.metadata import check_pending_rows
+from poll_assets.engine.metadata import check_pending_rows
 from poll_assets.assets.pooling import check_agreement, check_pooled_coverage, pooled_agreement
 from poll_assets.assets.preferences import check_pairs
 from poll_assets.assets.prompts import check_prompts
@@ -209,8 +209,8 @@ def _owned_checks(panel, key: dg.AssetKey) -> list[c.StageCheck]:
         generations_module.COMBINED_KEY: generations_module.COMBINED_CHECKS,
         pooling_module.POOLED_KEY: pooling_module.pooled_checks(panel),
         preferences_module.PAIRS_KEY: preferences_module.pair_checks(panel),
-        **{generations_module.generation_key(m): generations_module.generation_checks(panel) for m in panel.generators},
-        **{judging_module.ratings_key(m): judging_module.rating_checks(panel, get_rubric(panel.judging.aspect))
+        **{generations_module.generation_key(m): generations_module.generation_checks(panel.thresholds) for m in panel.generators},
+        **{judging_module.ratings_key(m): judging_module.rating_checks(panel.thresholds, get_rubric(panel.judging.aspect))
            for m in panel.judges},
     }
     return owned[key]
@@ -228,7 +228,7 @@ def test_every_stage_module_owns_checks_for_its_assets(tmp_path):
 
 def test_a_check_that_needs_the_step_input_refuses_to_run_without_it(tmp_path):
     panel, _ = write_panel(tmp_path)
-    checks = generations_module.generation_checks(panel)
+    checks = generations_module.generation_checks(panel.thresholds)
     with pytest.raises(ValueError, match="generations/gen_0:one_row_per_prompt needs step_input, but the step gave none"):
         c.evaluate_checks(checks, dg.AssetKey(["generations", "gen_0"]), generations())
     results = c.evaluate_checks(checks, dg.AssetKey(["generations", "gen_0"]), generations(), {c.STEP_INPUT: prompts()})

@@ -67,7 +67,7 @@ FAMILIES = [(m.name, m.family) for m in PANEL.members]
 
 
 def judge_of(judging: Judging) -> Callable[[BaseModel], str]:
-    return lambda member: judge_code_version(member, PANEL.model_copy(update={"judging": judging}), RUBRIC)
+    return lambda member: judge_code_version(member, judging, RUBRIC)
 
 
 # stage -> (its settings, the version as a function of them, the fields excluded on purpose)
@@ -76,7 +76,7 @@ STAGES: dict[str, tuple[BaseModel, Callable[[Any], str], Mapping[str, str]]] = {
     "generations: member": (PANEL.generators[0], lambda m: m.fingerprint(), MEMBER_EXCLUDED),
     "ratings: member": (PANEL.judges[0], judge_of(PANEL.judging), MEMBER_EXCLUDED),
     "ratings: judging": (PANEL.judging, lambda j: judge_code_version(
-        PANEL.judges[0], PANEL.model_copy(update={"judging": j}), RUBRIC), JUDGING_EXCLUDED_FOR_JUDGES),
+        PANEL.judges[0], j, RUBRIC), JUDGING_EXCLUDED_FOR_JUDGES),
     "pooled_ratings: pooling": (PANEL.pooling, lambda p: pooled_version(p, PANEL.judging, FAMILIES), {}),
     "pooled_ratings: judging": (PANEL.judging, lambda j: pooled_version(PANEL.pooling, j, FAMILIES),
                                 JUDGING_EXCLUDED_FOR_POOLING),
@@ -114,7 +114,7 @@ def test_the_graph_takes_its_code_versions_from_these_functions(monkeypatch):
     for g in PANEL.generators:
         assert versions[f"generations/{g.name}"] == g.fingerprint()
     for j in PANEL.judges:
-        assert versions[f"ratings/{j.name}"] == judge_code_version(j, PANEL, RUBRIC)
+        assert versions[f"ratings/{j.name}"] == judge_code_version(j, PANEL.judging, RUBRIC)
     assert versions["pooled_ratings"] == pooled_version(PANEL.pooling, PANEL.judging, FAMILIES)
     assert versions["preference_pairs"] == pairs_version(PANEL.binarization)
 

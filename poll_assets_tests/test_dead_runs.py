@@ -111,3 +111,19 @@ def test_live_and_foreign_processes_are_never_taken_for_dead():
     assert process_gone(process_tags(child.pid) | {PID_TAG: str(child.pid)}) is not None
     reused = {**process_tags(), "poll-assets/pid_start": "1"}  # our pid, but another process's start time
     assert "another process" in process_gone(reused)
+
+
+def test_a_step_holding_the_run_process_resource_tags_its_run():
+    """A run launched without the CLI (the UI) gets its worker's host and pid from the resource."""
+    import dagster as dg
+
+    from poll_assets.run_liveness import RUN_PROCESS_KEY, RunProcessResource
+
+    @dg.asset(required_resource_keys={RUN_PROCESS_KEY})
+    def tagged() -> int:
+        return 1
+
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([tagged], resources={RUN_PROCESS_KEY: RunProcessResource()}, instance=instance)
+    tags = instance.get_run_by_id(result.run_id).tags
+    assert tags[PID_TAG] == str(os.getpid()) and tags[HOST_TAG] == process_tags()[HOST_TAG]

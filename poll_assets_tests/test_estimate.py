@@ -13,7 +13,7 @@ import yaml
 
 from poll_assets.cli import main as cli_main
 from poll_assets.estimate import estimate_prompts, format_estimate, partition_prompts
-from poll_assets.llm.cache import ResponseCache
+from poll_assets.llm.cache.response_cache import ResponseCache
 from poll_assets.llm.pricing import Price
 from poll_assets.panel import load_panel
 from poll_assets.pipeline import JOB_NAME, build_definitions
@@ -191,7 +191,7 @@ def test_the_repair_bound_holds_over_the_judging_stage_own_repair_request():
     judge, rubric = panel.judges[1], get_rubric(panel.judging.aspect)
     row = prompts.iloc[0].copy()
     row["generations"] = ["a short answer", "another answer", "a third"]
-    task = plan_judge_task(row, judge, panel, rubric)
+    task = plan_judge_task(row, judge, panel.judging, rubric)
     length, _ = expected_output(judge, None)
     # the stage's own repair of a first answer of the expected length that left every text unread
     unread_answer = Completion(text="abc " * round(length), output_mode="json_schema")

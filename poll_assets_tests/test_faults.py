@@ -18,7 +18,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from poll_assets.llm.cache import ResponseCache
+from poll_assets.llm.cache.response_cache import ResponseCache
 from poll_assets.panel import Panel, load_panel
 from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets_tests.fake_llm_server import FakeLLMServer

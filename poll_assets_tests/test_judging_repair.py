@@ -16,14 +16,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from poll_assets.assets.judging import check_unrated_verdicts, judge, judge_code_version, ratings_key
+from poll_assets.assets.keys import ratings_key
+from poll_assets.assets.judging import check_unrated_verdicts, judge, judge_code_version
 from poll_assets.assets.publishing import judge_verdicts
-from poll_assets.assets.stage import MemberContext
+from poll_assets.engine.stage import MemberContext
 from poll_assets.dataset_export import build_dataset_card
 from poll_assets.io_manager import partition_path
 from poll_assets.llm.base import CallRequest, Completion, ProviderError
-from poll_assets.llm.cache import ResponseCache
-from poll_assets.llm.policy import CallPolicy
+from poll_assets.llm.cache.response_cache import ResponseCache
+from poll_assets.llm.online.policy import CallPolicy
 from poll_assets.llm.resources import resource_key
 from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets.rubrics import get_rubric
@@ -78,7 +79,7 @@ class Run:
 
 def _run(panel, backend, cache) -> Run:
     member = panel.judges[0]
-    work = MemberContext.alone(member, panel, backend, CallPolicy(retry=FAST_RETRY), cache, lambda _: None, "ratings/test")
+    work = MemberContext.alone(member, panel.judging, backend, CallPolicy(retry=FAST_RETRY), cache, lambda _: None, "ratings/test")
     return Run(asyncio.run(judge(work, _combined(), rubric=RUBRIC)))
 
 
@@ -287,7 +288,7 @@ def corpus_recovery(tmp_path, style) -> dict[str, int]:
                             for f in files],
         })
         member = panel.judges[0]
-        work = MemberContext.alone(member, panel, FakeBackend(member.model, member.name, answer=answer),
+        work = MemberContext.alone(member, panel.judging, FakeBackend(member.model, member.name, answer=answer),
                              CallPolicy(retry=FAST_RETRY), ResponseCache(tmp_path / f"{aspect}.sqlite"), lambda _: None, "t")
         df = asyncio.run(judge(work, frame, rubric=rubric)).value
         for f, ratings, errors, fixed, outputs in zip(df["prompt_id"], df["ratings"], df["rating_errors"],
@@ -329,8 +330,8 @@ def test_corpus_recovery_realistic_styles(tmp_path):
 def test_repair_attempts_is_part_of_the_judge_code_version(tmp_path):
     one, two, again = _panel(tmp_path / "one"), _panel(tmp_path / "two", repair_attempts=2), _panel(tmp_path / "again")
     member = one.judges[0]
-    assert judge_code_version(member, one, RUBRIC) != judge_code_version(member, two, RUBRIC)
-    assert judge_code_version(member, one, RUBRIC) == judge_code_version(member, again, RUBRIC)
+    assert judge_code_version(member, one.judging, RUBRIC) != judge_code_version(member, two.judging, RUBRIC)
+    assert judge_code_version(member, one.judging, RUBRIC) == judge_code_version(member, again.judging, RUBRIC)
 
 
 # ---------------------------------------------------------------------------------------------

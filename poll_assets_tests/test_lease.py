@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from poll_assets.llm.base import Completion
-from poll_assets.llm.cache import ResponseCache, claim_or_wait
+from poll_assets.llm.cache.response_cache import ResponseCache, claim_or_wait
 from poll_assets_tests.cache_backends import CacheAt, cache_at  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]

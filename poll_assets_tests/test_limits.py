@@ -12,10 +12,12 @@ import time
 import pytest
 
 from poll_assets.llm.base import CallRequest, GenerationParams, ProviderError
-from poll_assets.llm.limits import PROVIDER_LIMITS, CallLimits, TokenBucket, estimate_tokens, note_rate_limit_headers
-from poll_assets.llm.policy import CallPolicy, Limits, RetryPolicy
+from poll_assets.llm.online.limits import CallLimits, TokenBucket, estimate_tokens
+from poll_assets.llm.providers.openai_api import OpenAIChatBackend
+from poll_assets.llm.providers.remote import remaining_requests_header
+from poll_assets.llm.online.policy import CallPolicy, Limits, RetryPolicy
 from poll_assets.llm.resources import ChatModelResource
-from poll_assets.llm.runner import run_calls
+from poll_assets.llm.online.runner import run_calls
 from poll_assets_tests.fake_backend import FakeBackend, make_requests, with_policy
 
 
@@ -124,7 +126,7 @@ def test_token_bucket_refund():
 
 def test_pause_holds_back_new_attempts():
     async def go() -> float:
-        limits = CallLimits(4)
+        limits = CallLimits(CallPolicy(max_concurrency=4))
         limits.pause_for(0.3)
         t = time.monotonic()
         async with limits.slot():
@@ -158,8 +160,8 @@ def test_local_backend_runs_one_call_at_a_time():
     # The local model serializes on a lock; run_calls must queue calls itself so that their
     # timeout does not tick while they wait for that lock in a worker thread.
     limits = Limits(max_concurrency=8)
-    assert CallLimits.for_policy(CallPolicy.resolve(limits, "local")).max_concurrency == 1
-    assert CallLimits.for_policy(CallPolicy.resolve(limits, "openai")).max_concurrency == 8
+    assert CallLimits(CallPolicy.resolve(limits, "local")).max_concurrency == 1
+    assert CallLimits(CallPolicy.resolve(limits, "openai")).max_concurrency == 8
 
 
 def test_local_model_batch_through_run_calls():
@@ -174,7 +176,7 @@ def test_local_model_batch_through_run_calls():
 
 def test_aimd_window_halves_once_per_cut_and_grows_back_slowly():
     async def go():
-        limits = CallLimits(64)
+        limits = CallLimits(CallPolicy(max_concurrency=64))
         async with limits.slot() as first:
             pass
         limits.congested(first)
@@ -196,7 +198,7 @@ def test_aimd_window_halves_once_per_cut_and_grows_back_slowly():
 
 def test_a_shrunk_window_admits_no_new_call_until_holders_leave():
     async def go():
-        limits = CallLimits(4)
+        limits = CallLimits(CallPolicy(max_concurrency=4))
         entered = asyncio.Event()
         release = asyncio.Event()
 
@@ -218,12 +220,24 @@ def test_a_shrunk_window_admits_no_new_call_until_holders_leave():
     asyncio.run(go())
 
 
-def test_rate_limit_headers_reach_the_attempt_listening_in_this_task():
-    note_rate_limit_headers({"x-ratelimit-remaining-requests": "3"})  # nobody listening: ignored
-    heard: dict[str, int] = {}
-    token = PROVIDER_LIMITS.set(heard)
-    try:
-        note_rate_limit_headers({"anthropic-ratelimit-requests-remaining": "0"})
-    finally:
-        PROVIDER_LIMITS.reset(token)
-    assert heard == {"remaining_requests": 0}
+def test_a_remote_backend_reports_the_latest_responses_rate_limit_header(fake_llm):
+    """The runner reads `remaining_requests()` after each answer: what the latest response said."""
+    backend = OpenAIChatBackend("gpt-4o-mini", provider="openai", base_url=f"{fake_llm.url}/v1", api_key="k")
+    request = CallRequest.build([{"role": "user", "content": "hi"}], GenerationParams(max_new_tokens=8))
+
+    async def one_call() -> int | None:
+        await backend.complete(request)
+        return backend.remaining_requests()
+
+    assert backend.remaining_requests() is None  # nothing heard yet
+    fake_llm.reset(max_concurrent=3)
+    assert asyncio.run(one_call()) == 2  # cap 3, this call in flight
+    fake_llm.reset()  # no cap: the server sends no rate-limit header
+    assert asyncio.run(one_call()) is None
+
+
+def test_the_remaining_requests_header_is_read_from_either_providers_name():
+    assert remaining_requests_header({"x-ratelimit-remaining-requests": "3"}) == 3
+    assert remaining_requests_header({"anthropic-ratelimit-requests-remaining": "0"}) == 0
+    assert remaining_requests_header({"x-ratelimit-remaining-requests": "soon"}) is None
+    assert remaining_requests_header({}) is None

@@ -23,7 +23,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from poll_assets.llm.local import bundled_model_path
+from poll_assets.llm.providers.local import bundled_model_path
 from poll_assets.panel import load_panel
 from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets_tests.fake_panel import write_panel_file

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from poll_assets.llm import local
+from poll_assets.llm.providers import local
 from poll_assets.llm.base import CallRequest, GenerationParams
 
 SCHEMA = {"type": "object", "properties": {"rating": {"type": "integer"}}, "required": ["rating"]}

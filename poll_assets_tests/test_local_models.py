@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from poll_assets.llm.local import LocalLlamaBackend, bundled_model_path, chat_format, gemma_turns
+from poll_assets.llm.providers.local import LocalLlamaBackend, bundled_model_path, chat_format, gemma_turns
 
 
 def test_bundled_names_resolve_to_the_weights_their_packages_ship():

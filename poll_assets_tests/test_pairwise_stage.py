@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 
 from poll_assets.assets.comparisons import comparison_answers, compare
-from poll_assets.assets.stage import MemberContext
+from poll_assets.engine.stage import MemberContext
 from poll_assets.estimate import estimate_prompts
 from poll_assets.llm.base import CallRequest, Completion
-from poll_assets.llm.cache import ResponseCache
-from poll_assets.llm.policy import CallPolicy
+from poll_assets.llm.cache.response_cache import ResponseCache
+from poll_assets.llm.online.policy import CallPolicy
 from poll_assets.pairwise import pool_comparisons
 from poll_assets.rubrics import get_rubric
 from poll_assets_tests.fake_backend import FAST_RETRY, FakeBackend
@@ -62,7 +62,7 @@ def biased_judge(bias: float, answer_in=lambda side: json.dumps({"rationale": "b
 def _run(panel, answer, cache, combined):
     member = panel.judges[0]
     backend = FakeBackend(member.model, member.name, answer=answer)
-    work = MemberContext.alone(member, panel, backend, CallPolicy(retry=FAST_RETRY), cache, lambda _: None, "ratings/test")
+    work = MemberContext.alone(member, panel.judging, backend, CallPolicy(retry=FAST_RETRY), cache, lambda _: None, "ratings/test")
     out = asyncio.run(compare(work, combined, rubric=RUBRIC))
     return out.value, {k: getattr(v, "value", v) for k, v in out.metadata.items()}, backend
 
@@ -96,7 +96,7 @@ def test_one_repair_reads_an_unread_answer_and_a_rerun_is_cached(tmp_path):
     assert all(e == "no preference found in the answer" for row in df["repaired_errors"] for e in row)
     again = FakeBackend(panel.judges[0].model, panel.judges[0].name, answer=answer)
     member = panel.judges[0]
-    work = MemberContext.alone(member, panel, again, CallPolicy(retry=FAST_RETRY), ResponseCache(tmp_path / "c.sqlite"),
+    work = MemberContext.alone(member, panel.judging, again, CallPolicy(retry=FAST_RETRY), ResponseCache(tmp_path / "c.sqlite"),
                                lambda _: None, "ratings/test")
     warm = asyncio.run(compare(work, _combined(2, 2), rubric=RUBRIC))
     assert again.total_calls == 0
@@ -134,6 +134,18 @@ def test_the_estimate_counts_one_call_per_comparison(tmp_path):
     assert [m.calls for m in anchored.members if m.role == "judge"] == [3 * 3]
     assert [(m.mode, m.judge_calls) for m in both.modes] == [("pairwise", 36), ("rating", 3)]
 
+
+def test_the_anchor_is_found_by_the_rows_generators(tmp_path):
+    from poll_assets.stage_requests import plan_comparison_tasks
+
+    panel = _panel(tmp_path, against="gen_2", both_orders=False)
+    row = _combined(1).iloc[0]
+    named = row.copy()
+    named["generators"] = [g.name for g in panel.generators]
+    tasks = plan_comparison_tasks(named, panel.judges[0], panel.judging, RUBRIC)
+    assert len(tasks) == 3 and all(2 in (t.comparison.a, t.comparison.b) for t in tasks)
+    with pytest.raises(ValueError, match="pairwise.against: 'gen_2' wrote no answer of prompt p0"):
+        plan_comparison_tasks(row, panel.judges[0], panel.judging, RUBRIC)  # no generators column
 
 def test_the_comparisons_check_names_what_is_wrong(tmp_path):
     from poll_assets.assets.comparisons import check_comparisons

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from poll_assets.llm.batch_settings import BatchSettings
+from poll_assets.llm.batch.settings import BatchSettings
 from poll_assets.llm.budget import BudgetSettings
-from poll_assets.llm.policy import Limits
+from poll_assets.llm.online.policy import Limits
 from poll_assets.llm.pricing import Price
 from poll_assets.panel import Member, Panel, Source
 from poll_assets.panel_reference import _cell, model_section, panel_models, panel_reference_markdown

@@ -11,8 +11,8 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from poll_assets.assets.previews import Markdown, md_cell, md_table, pairs_preview, pairs_table, verdicts_preview
-from poll_assets.assets.totals import sum_call_metadata
+from poll_assets.engine.previews import Markdown, md_cell, md_table, pairs_preview, pairs_table, verdicts_preview
+from poll_assets.engine.totals import sum_call_metadata
 from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets_tests.fake_panel import scripted_resources, write_panel
 

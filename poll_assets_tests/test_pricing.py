@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from poll_assets.llm.pricing import Price, TokenUsage
-from poll_assets.llm.runner import CallStats
+from poll_assets.llm.online.runner import CallStats
 from poll_assets.llm.base import Completion
 
 PRICE = Price(input_per_mtok=10.0, output_per_mtok=40.0)

@@ -9,9 +9,9 @@ import asyncio
 import pytest
 
 from poll_assets.llm.base import CACHE_BREAK, CallRequest, GenerationParams, split_at_cache_break
-from poll_assets.llm.cache import ResponseCache
-from poll_assets.llm.policy import CallPolicy
-from poll_assets.llm.runner import run_calls
+from poll_assets.llm.cache.response_cache import ResponseCache
+from poll_assets.llm.online.policy import CallPolicy
+from poll_assets.llm.online.runner import run_calls
 from poll_assets.rubrics import build_judge_messages, get_rubric
 from poll_assets_tests.test_providers import call, make_resource
 

@@ -33,13 +33,13 @@ from poll_assets.llm.base import (
     GenerationParams,
     ProviderError,
 )
-from poll_assets.llm.policy import CallPolicy, RetryPolicy
+from poll_assets.llm.online.policy import CallPolicy, RetryPolicy
 from poll_assets.llm.redact import safe_url, scrub
-from poll_assets.llm.remote import FormNegotiation, mentions_structured_output, parse_retry_after
-from poll_assets.llm.providers import provider_spec
+from poll_assets.llm.providers.remote import FormNegotiation, mentions_structured_output, parse_retry_after
+from poll_assets.llm.providers.registry import provider_spec
 from poll_assets.llm.preflight import PreflightError, preflight
 from poll_assets.llm.resources import ChatModelResource, MissingAPIKeyError, build_llm_resource, resource_key
-from poll_assets.llm.runner import CallBatch, attempt, run_calls
+from poll_assets.llm.online.runner import CallBatch, attempt, run_calls
 from poll_assets.panel import Member, Params
 from poll_assets_tests.fake_llm_server import FakeLLMServer, value_for_schema
 
@@ -259,7 +259,7 @@ def test_anthropic_non_object_schema_is_wrapped_and_unwrapped(fake_llm, monkeypa
     assert schema_errors(value, schema) == []
 
 
-# Wire names each provider must use for each parameter its registry row (llm/providers.py) says it supports.
+# Wire names each provider must use for each parameter its registry row (llm/providers/registry.py) says it supports.
 WIRE_NAMES = {
     "openai": {"temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_tokens", "stop": "stop", "seed": "seed"},
     "anthropic": {"max_new_tokens": "max_tokens", "stop": "stop_sequences"},
@@ -702,7 +702,7 @@ def test_building_a_panels_resources_imports_no_sdk(panel):
 def test_hf_clients_keep_their_connections_alive_and_the_library_hooks(fake_llm, monkeypatch):
     import huggingface_hub
 
-    from poll_assets.llm.hf_inference import install_pooled_client_factory
+    from poll_assets.llm.providers.hf_inference import install_pooled_client_factory
 
     hooks_before = huggingface_hub.get_async_session().event_hooks
     install_pooled_client_factory()

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from poll_assets.llm.cache import ResponseCache
-from poll_assets.llm.openai_api import OpenAIChatBackend
-from poll_assets.llm.policy import CallPolicy, RetryPolicy
-from poll_assets.llm.runner import run_calls
+from poll_assets.llm.cache.response_cache import ResponseCache
+from poll_assets.llm.providers.openai_api import OpenAIChatBackend
+from poll_assets.llm.online.policy import CallPolicy, RetryPolicy
+from poll_assets.llm.online.runner import run_calls
 from poll_assets_tests.cache_backends import CacheAt, cache_at  # noqa: F401 (a fixture)
 from poll_assets_tests.fake_backend import make_requests
 
@@ -91,9 +91,9 @@ def test_a_dead_provider_fails_within_seconds_with_few_attempts(tmp_path):
 
 _TWO_RUNS = """
 import asyncio, sys
-from poll_assets.llm.cache import ResponseCache
-from poll_assets.llm.policy import CallPolicy
-from poll_assets.llm.runner import run_calls
+from poll_assets.llm.cache.response_cache import ResponseCache
+from poll_assets.llm.online.policy import CallPolicy
+from poll_assets.llm.online.runner import run_calls
 from poll_assets_tests.fake_backend import make_requests
 from poll_assets_tests.test_reliability import openai_member
 batch = asyncio.run(run_calls(openai_member(sys.argv[1]), CallPolicy(max_concurrency=4), make_requests(40),
@@ -319,7 +319,7 @@ def test_a_cache_that_fills_up_mid_batch_stops_the_calls_and_says_which_cache_an
     # (max_page_count at its current size), so the next commit fails with "database or disk is full".
     import threading
 
-    from poll_assets.llm.cache import CacheError
+    from poll_assets.llm.cache.response_cache import CacheError
 
     fake_llm.reset(latency_ms=50)
     path = tmp_path / "c.sqlite"

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from poll_assets.llm.base import CallRequest, FatalProviderError, ProviderError
-from poll_assets.llm.cache import ResponseCache
+from poll_assets.llm.cache.response_cache import ResponseCache
 from poll_assets.llm.pricing import Price
-from poll_assets.llm.runner import BatchAbortedError, run_calls
+from poll_assets.llm.online.runner import BatchAbortedError, run_calls
 from poll_assets_tests.fake_backend import FakeBackend, with_policy, make_requests
 
 def run(target, requests, **kwargs):

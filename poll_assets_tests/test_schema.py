@@ -9,13 +9,10 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from poll_assets.assets.comparisons import COMPARISON_COLUMNS
-from poll_assets.assets.generations import COMBINED_COLUMNS, GENERATION_COLUMNS
-from poll_assets.assets.judging import RATING_COLUMNS
-from poll_assets.assets.pooling import POOLED_COLUMNS
-from poll_assets.assets.preferences import PAIR_COLUMNS
-from poll_assets.assets.prompts import PROMPT_COLUMNS
-from poll_assets.assets.schema import schema
+from poll_assets.assets.keys import (
+    COMBINED_COLUMNS, COMPARISON_COLUMNS, GENERATION_COLUMNS, PAIR_COLUMNS, POOLED_COLUMNS, PROMPT_COLUMNS, RATING_COLUMNS,
+)
+from poll_assets.engine.schema import schema
 from poll_assets.pipeline import build_definitions
 from poll_assets_tests.fake_panel import write_panel
 

@@ -1,7 +1,7 @@
 """Many shards in one run: a partition range of the `paper` panel over the loopback fake server.
 
 Each shard is stored, described and checked as its own partition, while every member's calls for
-all the range's shards go through one batch (assets/shards.py, assets/stage.py)."""
+all the range's shards go through one batch (engine/shards.py, engine/stage.py)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from poll_assets.assets.stage import BackendGate, MemberCalls, SharedCalls, batch_part
+from poll_assets.engine.stage import BackendGate, MemberCalls, SharedCalls, batch_part
 from poll_assets.io_manager import partition_path
 from poll_assets.llm.base import CallRequest, Completion, GenerationParams
-from poll_assets.llm.cache import ResponseCache
-from poll_assets.llm.policy import CallPolicy, Limits
-from poll_assets.llm.runner import CallBatch
+from poll_assets.llm.cache.response_cache import ResponseCache
+from poll_assets.llm.online.policy import CallPolicy, Limits
+from poll_assets.llm.online.runner import CallBatch
 from poll_assets.panel import PANELS_DIR, load_panel
 from poll_assets.pipeline import build_assets, build_definitions
 from poll_assets_tests.fake_llm_server import FakeLLMServer

@@ -9,43 +9,20 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids, with_repairs
-from poll_assets.assets.schema import schema
-from poll_assets.assets.stage import MemberContext
-from poll_assets.checks import STEP_INPUT, Finding, StageCheck, examples, problems_finding, short_id
+from poll_assets.assets.keys import COMPARISON_COLUMNS, comparison_answers
+from poll_assets.engine.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids, with_repairs
+from poll_assets.engine.stage import MemberContext
+from poll_assets.engine.checks import STEP_INPUT, Finding, StageCheck, examples, problems_finding, short_id
 from poll_assets.llm.base import CallRequest, Completion
-from poll_assets.llm.runner import CallStats
+from poll_assets.llm.online.runner import CallStats
 from poll_assets.pairwise import (
     JUDGE_FAILED, Comparison, Preference, build_pairwise_repair, pairwise_json_schema, parse_preference, position_figures,
     winner,
 )
-from poll_assets.panel import Panel
+from poll_assets.panel import Judging, Thresholds
 from poll_assets.parquet_values import is_missing, plain_list
 from poll_assets.rubrics.ultrafeedback import Rubric
 from poll_assets.stage_requests import ComparisonTask, plan_comparison_tasks
-
-COMPARISON_COLUMNS = schema(
-    "ratings/<j> (pairwise mode)",
-    ("prompt_id", "string", "the prompt judged"),
-    ("judge", "string", "the panel member that judged"),
-    ("model_name", "string", "the judge's model"),
-    ("pair_a", "list<int>", "per comparison: the pair's first generation (index in generation order; a < b)"),
-    ("pair_b", "list<int>", "per comparison: the pair's second generation"),
-    ("first_shown", "list<int>", "per comparison: the generation shown as Response A (position-bias control)"),
-    ("preferred", "list<string>", "per comparison: 'a' (pair_a is better), 'b', 'tie', or None with the "
-     "reason in comparison_errors"),
-    ("rationales", "list<string>", "per comparison: the judge's rationale"),
-    ("comparison_errors", "list<string>", "per comparison: why `preferred` is None (unreadable answer, judge call failed)"),
-    ("raw_outputs", "list<string>", "per comparison: the judge's answer as returned"),
-    ("output_modes", "list<string>", "per comparison: how the answer was constrained (json_schema, tool_use, text, ...)"),
-    ("call_ids", "list<string>", "per comparison: hash of the request; the response cache's key"),
-    ("repair_outputs", "list<string>", "per comparison: the answer to its repair re-ask (None: none asked, or it failed)"),
-    ("repaired_errors", "list<string>", "per comparison: why the first answer was unread when a repair filled it; else None"),
-    ("input_tokens", "int", "prompt tokens of the prompt's judge calls"),
-    ("output_tokens", "int", "answer tokens of the prompt's judge calls"),
-    ("error", "string", "the first failed call's error; None when every call succeeded"),
-    ("error_kind", "string", "that failure's kind (server, timeout, rate_limit, ...); None on success"),
-)
 
 
 @dataclass
@@ -77,11 +54,11 @@ def _repair_request(call: PairCall, limit: int | None) -> CallRequest | None:
     return CallRequest.build(messages, call.task.request.params, json_schema=pairwise_json_schema(limit) if as_json else None)
 
 
-async def repair_comparisons(work: MemberContext, calls: list[PairCall]) -> list[CallStats]:
+async def repair_comparisons(work: MemberContext[Judging], calls: list[PairCall]) -> list[CallStats]:
     """Up to `judging.repair_attempts` rounds of re-asks, each one `run_calls`; a repair fills, never overrides."""
     stats: list[CallStats] = []
-    limit = work.panel.judging.max_rationale_chars
-    for _ in range(work.panel.judging.repair_attempts):
+    limit = work.settings.max_rationale_chars
+    for _ in range(work.settings.repair_attempts):
         asks = [(c, r) for c in calls if (r := _repair_request(c, limit)) is not None]
         if not asks:
             break
@@ -124,16 +101,6 @@ def comparison_row(pid: str, calls: list[PairCall], judge: str, model: str) -> d
     }
 
 
-def comparison_answers(frame: pd.DataFrame) -> list[tuple[str, int, int, int, int | str | None]]:
-    """(prompt_id, a, b, first shown, winner) per comparison of a judge's frame; winner a generation, 'tie' or None."""
-    out: list[tuple[str, int, int, int, int | str | None]] = []
-    for pid, aa, bb, ff, pp in zip(frame["prompt_id"], frame["pair_a"], frame["pair_b"], frame["first_shown"], frame["preferred"]):
-        for a, b, f, p in zip(plain_list(aa), plain_list(bb), plain_list(ff), plain_list(pp)):
-            won = None if is_missing(p) else "tie" if p == "tie" else int(a) if p == "a" else int(b)
-            out.append((pid, int(a), int(b), int(f), won))
-    return out
-
-
 def position_metadata(frame: pd.DataFrame) -> dict[str, Any]:
     """A judge's position consistency and first-position rate, as numbers the UI plots over shards."""
     fig = position_figures(comparison_answers(frame))
@@ -169,18 +136,18 @@ def check_comparisons(frame: pd.DataFrame, combined: pd.DataFrame | None, max_ra
                             {"comparisons": asked, "unread": unread, "unread_rate": float(rate), "threshold": float(max_rate)})
 
 
-def comparison_checks(panel: Panel) -> list[StageCheck]:
-    max_rate = panel.thresholds.max_parse_failure_rate
+def comparison_checks(thresholds: Thresholds) -> list[StageCheck]:
+    max_rate = thresholds.max_parse_failure_rate
     return [StageCheck("unread_comparison_rate",
                        f"Every comparison has a preference or a reason; the share unread is <= {max_rate}.",
                        lambda df, given: check_comparisons(df, given[STEP_INPUT], max_rate), needs=(STEP_INPUT,)),
             pending_check()]
 
 
-async def compare(work: MemberContext, combined_generations: pd.DataFrame, *, rubric: Rubric) -> dg.Output[pd.DataFrame]:
+async def compare(work: MemberContext[Judging], combined_generations: pd.DataFrame, *, rubric: Rubric) -> dg.Output[pd.DataFrame]:
     """One judge's comparisons on a shard: every planned pair of every prompt, in one `run_calls`."""
-    member, panel = work.member, work.panel
-    per_prompt = [(row["prompt_id"], plan_comparison_tasks(row, member, panel, rubric)) for _, row in combined_generations.iterrows()]
+    member, judging = work.member, work.settings
+    per_prompt = [(row["prompt_id"], plan_comparison_tasks(row, member, judging, rubric)) for _, row in combined_generations.iterrows()]
     tasks = [t for _, ts in per_prompt for t in ts]
     batch = await work.run_calls([t.request for t in tasks])
     if tasks and batch.provider_down:
@@ -192,7 +159,7 @@ async def compare(work: MemberContext, combined_generations: pd.DataFrame, *, ru
     df = COMPARISON_COLUMNS.frame(rows)
     return dg.Output(df, metadata={
         **COMPARISON_COLUMNS.output_metadata(df),
-        **call_metadata(with_repairs(batch.stats, repair_stats), member, panel),
+        **call_metadata(with_repairs(batch.stats, repair_stats), member, work.price),
         "judging/mode": "pairwise",
         "comparisons": len(calls),
         "parse_failures": sum(c.preference.outcome is None and c.completion.ok for c in calls),

@@ -3,7 +3,7 @@
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -11,58 +11,18 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids
-from poll_assets.assets.prompts import PROMPT_COLUMNS, PROMPTS_KEY
-from poll_assets.assets.schema import column_of, column_of_each, schema
-from poll_assets.assets.shards import shard_events, shard_frames
-from poll_assets.assets.stage import MemberContext, run_stage_step, stage_multi_asset_kwargs
-from poll_assets.checks import (
+from poll_assets.assets.keys import COMBINED_COLUMNS, COMBINED_KEY, GENERATION_COLUMNS, PROMPTS_KEY, PROMPT_COLUMNS, generation_key
+from poll_assets.engine.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids
+from poll_assets.engine.schema import column_of, column_of_each
+from poll_assets.engine.shards import shard_events, shard_frames
+from poll_assets.engine.stage import MemberContext, RunSettings, run_stage_step, stage_multi_asset_kwargs
+from poll_assets.engine.checks import (
     STEP_INPUT, Finding, StageCheck, absent_ids, asset_check_specs, examples, problems_finding, repeated_ids, short_id,
 )
-from poll_assets.panel import Member, Panel
-from poll_assets.parquet_values import is_missing, plain, plain_list
+from poll_assets.panel import Member, Source, Thresholds
+from poll_assets.parquet_values import is_missing, plain
 from poll_assets.stage_requests import generator_requests
 from poll_assets.prompt_source import load_source_column
-
-GENERATIONS_PREFIX = "generations"  # generations/<member>
-COMBINED_KEY = dg.AssetKey("combined_generations")
-GENERATION_COLUMNS = schema(
-    f"{GENERATIONS_PREFIX}/<g>",
-    ("prompt_id", "string", "the prompt answered"),
-    ("generation", "string", "the answer; None when the call failed"),
-    ("model_name", "string", "the model the panel names"),
-    ("generator", "string", "the panel member that answered"),
-    ("finish_reason", "string", "why the model stopped (stop, length, ...)"),
-    ("input_tokens", "int", "prompt tokens the provider counted"),
-    ("output_tokens", "int", "answer tokens the provider counted"),
-    ("latency_s", "float", "seconds the call took (0 for a cache hit)"),
-    ("served_model", "string", "the model as the server reported it"),
-    ("request_id", "string", "the provider's request id"),
-    ("call_id", "string", "hash of the request; the response cache's key"),
-    ("cached", "bool", "served from the response cache"),
-    ("error", "string", "why the call failed; None on success"),
-    ("error_kind", "string", "the failure's kind (server, timeout, rate_limit, connection, bad_request, ...); None on success"),
-)
-COMBINED_COLUMNS = schema(
-    COMBINED_KEY.to_user_string(),
-    ("prompt_id", "string", "the prompt"),
-    ("instruction", "string", "the prompt text"),
-    ("generations", "list<string>", "every generator's answer, in panel order; None for a failed one"),
-    ("generation_models", "list<string>", "the model behind each answer"),
-    ("generators", "list<string>", "the panel member behind each answer"),
-    ("generation_call_ids", "list<string>", "the call id of each answer"),
-    ("generation_errors", "list<string>", "why each failed answer failed; None for the others"),
-)
-
-
-def generation_key(member: Member) -> dg.AssetKey:
-    return dg.AssetKey([GENERATIONS_PREFIX, member.name])
-
-
-def generation_counts(combined: pd.DataFrame) -> dict[Any, int]:
-    """How many generations each prompt of combined_generations has."""
-    return {pid: len(plain_list(g)) for pid, g in zip(combined["prompt_id"], combined["generations"])}
-
 
 def check_generation_rows(generations: pd.DataFrame, prompts: pd.DataFrame) -> Finding:
     """Exactly one row per prompt of the shard, none extra, none twice."""
@@ -96,9 +56,9 @@ def check_generation_failures(generations: pd.DataFrame, max_rate: float) -> Fin
     return Finding(passed, desc, {"failure_rate": float(rate), "failures": len(failed), "threshold": float(max_rate)})
 
 
-def generation_checks(panel: Panel) -> list[StageCheck]:
+def generation_checks(thresholds: Thresholds) -> list[StageCheck]:
     """Every generator's checks; the step hands them the prompts it answered."""
-    max_rate = panel.thresholds.max_generation_failure_rate
+    max_rate = thresholds.max_generation_failure_rate
     return [
         StageCheck("one_row_per_prompt", "Exactly one row for each prompt of the shard.",
                    lambda df, given: check_generation_rows(df, given[STEP_INPUT]), needs=(STEP_INPUT,)),
@@ -112,8 +72,8 @@ def generation_checks(panel: Panel) -> list[StageCheck]:
 COMBINED_CHECKS: list[StageCheck] = []
 
 
-def combined_column_lineage(panel: Panel) -> dg.TableColumnLineage:
-    keys = [generation_key(g) for g in panel.generators]
+def combined_column_lineage(generators: Sequence[Member]) -> dg.TableColumnLineage:
+    keys = [generation_key(g) for g in generators]
     each = lambda column: column_of_each(keys, GENERATION_COLUMNS, column)  # noqa: E731
     return COMBINED_COLUMNS.lineage({
         "prompt_id": [column_of(PROMPTS_KEY, PROMPT_COLUMNS, "prompt_id")],
@@ -145,13 +105,13 @@ def source_answer_rows(member: Member, prompts: pd.DataFrame, answers: list[str 
     return rows
 
 
-def read_source_answers(work: MemberContext, prompts: pd.DataFrame, base_dir: Path | None) -> dg.Output[pd.DataFrame]:
+def read_source_answers(work: MemberContext[Source], prompts: pd.DataFrame, base_dir: Path | None) -> dg.Output[pd.DataFrame]:
     """A `dataset` generator's shard: answers from its column of the prompt source, no call made."""
     member = work.member
     if base_dir is None:
         raise dg.Failure(description=f"{work.label}: a `dataset` generator needs the panel file's folder to find "
                                      "the prompt source (build the stage with base_dir)")
-    answers = load_source_column(work.panel.source, base_dir, str(member.source_column),
+    answers = load_source_column(work.settings, base_dir, str(member.source_column),
                                  [int(r) for r in prompts["source_row"]])
     df = GENERATION_COLUMNS.frame(source_answer_rows(member, prompts, answers))
     missing = int(df["error"].notna().sum())
@@ -166,10 +126,10 @@ def read_source_answers(work: MemberContext, prompts: pd.DataFrame, base_dir: Pa
     })
 
 
-async def generate(work: MemberContext, prompts: pd.DataFrame, base_dir: Path | None = None) -> dg.Output[pd.DataFrame]:
+async def generate(work: MemberContext[Source], prompts: pd.DataFrame, base_dir: Path | None = None) -> dg.Output[pd.DataFrame]:
     """One generator's answers to a shard: the body of its asset, shared by the per-member and the stage step.
     A `dataset` generator reads them from its source column instead (`base_dir`: the panel file's folder)."""
-    member, panel = work.member, work.panel
+    member = work.member
     if member.source_column is not None:
         return read_source_answers(work, prompts, base_dir)
     requests = generator_requests(member, prompts["instruction"])
@@ -201,7 +161,7 @@ async def generate(work: MemberContext, prompts: pd.DataFrame, base_dir: Path | 
         df,
         metadata={
             **GENERATION_COLUMNS.output_metadata(df),
-            **call_metadata(batch.stats, member, panel),
+            **call_metadata(batch.stats, member, work.price),
             "failure_rate": dg.MetadataValue.float(failures / len(df) if len(df) else 0.0),
             PENDING_CHECK: len(pending_ids(df)),
         },
@@ -212,17 +172,19 @@ def _description(member: Member) -> str:
     return f"Answers from generator `{member.name}` ({member.provider}: {member.model}), one row per prompt."
 
 
-def build_generation_asset(member: Member, panel: Panel, partitions_def: dg.PartitionsDefinition,
-                           base_dir: Path | None = None) -> dg.AssetsDefinition:
+def build_generation_asset(member: Member, source: Source, thresholds: Thresholds, run: RunSettings,
+                           partitions_def: dg.PartitionsDefinition, base_dir: Path | None = None) -> dg.AssetsDefinition:
     """One step for one generator (used with `member_steps=True`, e.g. to run members as separate processes)."""
-    return build_generation_stage(panel, partitions_def, members=[member], name=f"generations__{member.name}",
+    return build_generation_stage([member], source, thresholds, run, partitions_def, name=f"generations__{member.name}",
                                   base_dir=base_dir)
 
 
 def build_generation_stage(
-    panel: Panel,
+    generators: Sequence[Member],
+    source: Source,
+    thresholds: Thresholds,
+    run: RunSettings,
     partitions_def: dg.PartitionsDefinition,
-    members: list[Member] | None = None,
     name: str = "generations",
     base_dir: Path | None = None,
 ) -> dg.AssetsDefinition:
@@ -235,14 +197,13 @@ def build_generation_stage(
     stored first, then the step fails and names the member(s). Each generator's checks run on its
     frame right after its output is stored, and only when that member ran and the check is selected.
     """
-    # `members`: a subset, e.g. one member per step (`member_steps=True`); default all of them.
-    # `base_dir`: the panel file's folder, where a `dataset` generator finds the prompt source.
-    stage_members = members if members is not None else panel.generators
-    stage_checks = generation_checks(panel)
+    # `generators`: the panel's, or one of them per step (`member_steps=True`). `source`: where a
+    # `dataset` generator reads its answers (`base_dir`: the panel file's folder, where it is found).
+    stage_checks = generation_checks(thresholds)
 
     @dg.multi_asset(
         **stage_multi_asset_kwargs(
-            name=name, panel=panel, members=stage_members, key_of=generation_key, group="generation",
+            name=name, members=generators, key_of=generation_key, group="generation",
             code_version_of=lambda m: m.fingerprint(), description_of=_description, input_name="prompts",
             default_pool="llm_generation", partitions_def=partitions_def,
             checks=stage_checks, columns=GENERATION_COLUMNS,
@@ -250,7 +211,7 @@ def build_generation_stage(
     )
     def _generations(context: dg.AssetExecutionContext, prompts: Any) -> Iterator[Any]:
         # `prompts`: one shard's frame, or {shard: frame} in a run of several shards
-        yield from run_stage_step(context, panel, stage_members, generation_key, prompts,
+        yield from run_stage_step(context, run, source, generators, generation_key, prompts,
                                   partial(generate, base_dir=base_dir), stage_checks, input_name="prompts")
 
     return _generations
@@ -276,8 +237,8 @@ def combine_shard(prompts: pd.DataFrame, member_frames: list[pd.DataFrame]) -> p
     return COMBINED_COLUMNS.frame(rows)
 
 
-def build_combined_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
-    ins = {f"gen_{m.name}": dg.AssetIn(key=generation_key(m)) for m in panel.generators}
+def build_combined_asset(generators: Sequence[Member], partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    ins = {f"gen_{m.name}": dg.AssetIn(key=generation_key(m)) for m in generators}
     ins["prompts"] = dg.AssetIn(key=PROMPTS_KEY)
 
     @dg.asset(
@@ -291,19 +252,19 @@ def build_combined_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) 
         code_version="1",
         description=(
             "For each prompt, `generations` and `generation_models` in panel order "
-            f"({', '.join(m.name for m in panel.generators)}); a failed generation is None with its error kept."
+            f"({', '.join(m.name for m in generators)}); a failed generation is None with its error kept."
         ),
     )
     def combined_generations(context: dg.AssetExecutionContext, prompts: Any, **generations: Any) -> Iterator[Any]:
         # each input: one shard's frame, or {shard: frame} in a run of several shards
         prompt_frames = shard_frames(context, "prompts", prompts)
         member_frames = {m.name: shard_frames(context, f"gen_{m.name}", generations[f"gen_{m.name}"])
-                         for m in panel.generators}
+                         for m in generators}
         made = {}
         for shard, shard_prompts in prompt_frames.items():
-            df = combine_shard(shard_prompts, [member_frames[m.name][shard] for m in panel.generators])
+            df = combine_shard(shard_prompts, [member_frames[m.name][shard] for m in generators])
             out = dg.Output(df, metadata={**COMBINED_COLUMNS.output_metadata(df),
-                                          "dagster/column_lineage": combined_column_lineage(panel)})
+                                          "dagster/column_lineage": combined_column_lineage(generators)})
             made[shard] = (out, [])
         yield from shard_events(context, COMBINED_KEY, made)
 

@@ -9,18 +9,18 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.comparisons import COMPARISON_COLUMNS, compare, comparison_checks
-from poll_assets.assets.generations import generation_counts
-from poll_assets.assets.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids, with_repairs
-from poll_assets.assets.previews import verdicts_preview
-from poll_assets.assets.schema import schema
-from poll_assets.assets.stage import MemberContext, run_stage_step, stage_multi_asset_kwargs
-from poll_assets.checks import STEP_INPUT, Finding, StageCheck, examples, problems_finding, short_id
+from poll_assets.assets.comparisons import compare, comparison_checks
+from poll_assets.assets.keys import COMPARISON_COLUMNS, RATING_COLUMNS, generation_counts, generator_names, ratings_key
+from poll_assets.engine.metadata import PENDING_CHECK, call_metadata, pending_check, pending_ids, with_repairs
+from poll_assets.engine.previews import verdicts_preview
+from poll_assets.engine.schema import schema
+from poll_assets.engine.stage import MemberContext, RunSettings, run_stage_step, stage_multi_asset_kwargs
+from poll_assets.engine.checks import STEP_INPUT, Finding, StageCheck, examples, problems_finding, short_id
 from poll_assets.code_versions import judge_version
 from poll_assets.llm.base import CallRequest, Completion, Message
-from poll_assets.llm.runner import CallStats
+from poll_assets.llm.online.runner import CallStats
 from poll_assets.pairwise import pairwise_prompt_version
-from poll_assets.panel import Member, Panel
+from poll_assets.panel import Judging, Member, Thresholds
 from poll_assets.parquet_values import is_missing, plain_list
 from poll_assets.rubrics.ultrafeedback import Rubric, build_repair_messages, prompt_version, verdict_json_schema
 from poll_assets.stage_requests import JudgeTask, plan_judge_task
@@ -36,41 +36,6 @@ from poll_assets.verdicts import (
     restore_order,
     unread_texts,
 )
-
-RATINGS_PREFIX = "ratings"  # ratings/<member>
-RATING_COLUMNS = schema(
-    f"{RATINGS_PREFIX}/<j>",
-    ("prompt_id", "string", "the prompt judged"),
-    ("judge", "string", "the panel member that judged"),
-    ("model_name", "string", "the judge's model"),
-    ("ratings", "list<int>", "one rating per generation, in generation order; None with the reason in rating_errors"),
-    ("rationales", "list<string>", "the judge's rationale for each generation"),
-    ("rating_types", "list<string>", "the aspect's type for each generation (helpfulness, truthfulness), else None"),
-    ("rating_errors", "list<string>", "why a rating is None: unreadable, N/A, judge call failed, generation failed"),
-    ("shown_order", "list<int>", "the generations in the order the judge saw them (position-bias control)"),
-    ("raw_output", "string", "the judge's answer as returned"),
-    ("output_mode", "string", "how the answer was constrained: json_schema, json_object, tool_use, grammar, text, "
-     "or text_fallback (a paid answer without the structured part, read as text)"),
-    ("call_id", "string", "hash of the request; the response cache's key"),
-    ("input_tokens", "int", "prompt tokens of the judge call"),
-    ("output_tokens", "int", "answer tokens of the judge call"),
-    ("error", "string", "why the judge call failed; None on success"),
-    ("error_kind", "string", "the failure's kind (server, timeout, rate_limit, connection, bad_request, ...); None on success"),
-    ("repair_outputs", "list<string>", "the judge's answers to the repair re-asks for texts its answer left unread, "
-     "one per round (None where the repair call failed); empty when no repair was asked"),
-    ("repair_call_ids", "list<string>", "hash of each repair request (the response cache's key), one per round"),
-    ("repaired_errors", "list<string>", "per generation, why the first answer left it unread when a repair "
-     "filled its rating; None elsewhere"),
-    ("truncated_texts", "list<int>", "the generations (indices, in generation order) cut with a visible marker to "
-     "fit the judge's context (`context_tokens`); empty when every text was shown whole"),
-    ("finish_reason", "string", "why the judge's answer ended: stop, or length (cut off at max_new_tokens: what it "
-     "holds is read, the rest goes to repair)"),
-)
-
-
-def ratings_key(member: Member) -> dg.AssetKey:
-    return dg.AssetKey([RATINGS_PREFIX, member.name])
-
 
 def _reads_as_json(completion: Completion) -> bool:
     # A provider that fell back to plain text may still have answered in JSON.
@@ -236,9 +201,9 @@ def repair_metadata(figures: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def rating_checks(panel: Panel, rubric: Rubric) -> list[StageCheck]:
+def rating_checks(thresholds: Thresholds, rubric: Rubric) -> list[StageCheck]:
     """Every judge's checks; the step hands them the combined_generations it judged."""
-    max_rate = panel.thresholds.max_parse_failure_rate
+    max_rate = thresholds.max_parse_failure_rate
     return [
         StageCheck("ratings_valid",
                    f"Ratings on the {rubric.min_rating}-{rubric.max_rating} scale or None with a reason, one per generation.",
@@ -250,14 +215,14 @@ def rating_checks(panel: Panel, rubric: Rubric) -> list[StageCheck]:
     ]
 
 
-def judge_code_version(member: Member, panel: Panel, rubric: Rubric) -> str:
+def judge_code_version(member: Member, judging: Judging, rubric: Rubric) -> str:
     """The member's settings, its exact prompt (the rubric's, or the pairwise one in that mode), and the
     judging settings (the mode among them) less the named exclusions."""
-    if panel.judging.mode == "pairwise":
+    if judging.mode == "pairwise":
         prompt = f"{rubric.version}/{pairwise_prompt_version(structured=True, system_prompt=member.system_prompt)}"
     else:
         prompt = prompt_version(rubric, structured=True, system_prompt=member.system_prompt)
-    return judge_version(member, panel.judging, prompt)
+    return judge_version(member, judging, prompt)
 
 
 def _description(member: Member, rubric: Rubric, mode: str = "rating") -> str:
@@ -314,12 +279,12 @@ def repair_request(call: JudgeCall, rubric: Rubric, max_rationale_chars: int | N
     return CallRequest.build(messages, request.params, json_schema=schema)
 
 
-async def repair_calls(work: MemberContext, calls: list[JudgeCall], rubric: Rubric) -> list[CallStats]:
+async def repair_calls(work: MemberContext[Judging], calls: list[JudgeCall], rubric: Rubric) -> list[CallStats]:
     """Up to `judging.repair_attempts` rounds of repair re-asks, each round one `run_calls` (cached,
     limited, retried, counted like any call). A repair fills unread texts, never overrides a rating."""
     stats: list[CallStats] = []
-    limit = work.panel.judging.max_rationale_chars
-    for _ in range(work.panel.judging.repair_attempts):
+    limit = work.settings.max_rationale_chars
+    for _ in range(work.settings.repair_attempts):
         asks = [(c, r) for c in calls if (r := repair_request(c, rubric, limit)) is not None]
         if not asks:
             break
@@ -360,10 +325,10 @@ def rating_row(call: JudgeCall, member: Member) -> dict[str, Any]:
     }
 
 
-async def judge(work: MemberContext, combined_generations: pd.DataFrame, *, rubric: Rubric) -> dg.Output[pd.DataFrame]:
+async def judge(work: MemberContext[Judging], combined_generations: pd.DataFrame, *, rubric: Rubric) -> dg.Output[pd.DataFrame]:
     """One judge's verdicts on a shard: the body of its asset, shared by the per-member and the stage step."""
-    member, panel = work.member, work.panel
-    tasks = [plan_judge_task(row, member, panel, rubric) for _, row in combined_generations.iterrows()]
+    member = work.member
+    tasks = [plan_judge_task(row, member, work.settings, rubric) for _, row in combined_generations.iterrows()]
     requests = [t.request for t in tasks if t.request is not None]
     batch = await work.run_calls(requests)
     done = iter(batch.completions)
@@ -377,48 +342,50 @@ async def judge(work: MemberContext, combined_generations: pd.DataFrame, *, rubr
         df,
         metadata={
             **RATING_COLUMNS.output_metadata(df),
-            **call_metadata(with_repairs(batch.stats, repair_stats), member, panel),
+            **call_metadata(with_repairs(batch.stats, repair_stats), member, work.price),
             "rubric": f"{rubric.aspect} (version {rubric.version})",
             "parse_failures": sum(v.kind == "parse_failed" for v in asked),
             "parse_failure_rate": dg.MetadataValue.float(parse_failure_rate(asked)),
             "judge_call_failures": sum(v.kind == "judge_failed" for v in asked),
             PENDING_CHECK: len(pending_ids(df)),
             **repair_metadata(repair_figures(df)),
-            "preview": dg.MetadataValue.md(verdicts_preview(df, [g.name for g in panel.generators])),
+            "preview": dg.MetadataValue.md(verdicts_preview(df, generator_names(combined_generations))),
         },
     )
 
 
-def build_ratings_asset(
-    member: Member, panel: Panel, partitions_def: dg.PartitionsDefinition, rubric: Rubric
-) -> dg.AssetsDefinition:
+def build_ratings_asset(member: Member, judging: Judging, thresholds: Thresholds, rubric: Rubric, run: RunSettings,
+                        partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     """One step for one judge (used with `member_steps=True`, e.g. to run members as separate processes)."""
-    return build_ratings_stage(panel, partitions_def, rubric, members=[member], name=f"ratings__{member.name}")
+    return build_ratings_stage([member], judging, thresholds, rubric, run, partitions_def, name=f"ratings__{member.name}")
 
 
 def build_ratings_stage(
-    panel: Panel,
-    partitions_def: dg.PartitionsDefinition,
+    judges: Sequence[Member],
+    judging: Judging,
+    thresholds: Thresholds,
     rubric: Rubric,
-    members: list[Member] | None = None,
+    run: RunSettings,
+    partitions_def: dg.PartitionsDefinition,
     name: str = "ratings",
 ) -> dg.AssetsDefinition:
-    """Every judge's asset in ONE step, the judges calling at the same time (see assets/stage.py).
+    """Every judge's asset in ONE step, the judges calling at the same time (see engine/stage.py).
 
     Each judge stays its own asset and can be materialized alone; a failing judge does not hold back
     the others, whose outputs are stored before the step fails. Each judge's checks run on its
     frame right after its output is stored, and only when that judge ran and the check is selected.
     """
-    # `members`: a subset, e.g. one member per step (`member_steps=True`); default all of them.
-    stage_members = members if members is not None else panel.judges
-    pairwise = panel.judging.mode == "pairwise"
-    stage_checks = comparison_checks(panel) if pairwise else rating_checks(panel, rubric)
+    # `judges`: the panel's, or one of them per step (`member_steps=True`). `run`: what the engine
+    # needs of the panel (every member, the budget, the prices); the judging settings act in `judge`
+    # (or `compare`, in pairwise mode).
+    pairwise = judging.mode == "pairwise"
+    stage_checks = comparison_checks(thresholds) if pairwise else rating_checks(thresholds, rubric)
 
     @dg.multi_asset(
         **stage_multi_asset_kwargs(
-            name=name, panel=panel, members=stage_members, key_of=ratings_key, group="judging",
-            code_version_of=lambda m: judge_code_version(m, panel, rubric),
-            description_of=lambda m: _description(m, rubric, panel.judging.mode),
+            name=name, members=judges, key_of=ratings_key, group="judging",
+            code_version_of=lambda m: judge_code_version(m, judging, rubric),
+            description_of=lambda m: _description(m, rubric, judging.mode),
             input_name="combined_generations", default_pool="llm_judging", partitions_def=partitions_def,
             checks=stage_checks, columns=COMPARISON_COLUMNS if pairwise else RATING_COLUMNS,
         )
@@ -426,7 +393,7 @@ def build_ratings_stage(
     def _ratings(context: dg.AssetExecutionContext, combined_generations: Any) -> Iterator[Any]:
         # `combined_generations`: one shard's frame, or {shard: frame} in a run of several shards
         work = partial(compare if pairwise else judge, rubric=rubric)
-        yield from run_stage_step(context, panel, stage_members, ratings_key, combined_generations, work, stage_checks,
+        yield from run_stage_step(context, run, judging, judges, ratings_key, combined_generations, work, stage_checks,
                                   input_name="combined_generations")
 
     return _ratings

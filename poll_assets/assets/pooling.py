@@ -10,14 +10,15 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
+from poll_assets.assets.keys import (
+    COMBINED_COLUMNS, COMBINED_KEY, COMPARISON_COLUMNS, POOLED_COLUMNS, POOLED_KEY, RATING_COLUMNS, comparison_answers,
+    generation_counts, ratings_key, scores_column,
+)
 from poll_assets.agreement import agreement_metrics, judge_agreement
 from poll_assets.calibration import Calibration, JurySpec, RunRatings, calibrate, calibration_markdown, calibration_numbers, pooling_weights
-from poll_assets.assets.generations import COMBINED_COLUMNS, COMBINED_KEY, generation_counts
-from poll_assets.assets.comparisons import COMPARISON_COLUMNS, comparison_answers
-from poll_assets.assets.judging import RATING_COLUMNS, ratings_key
-from poll_assets.assets.schema import column_of, column_of_each, schema
-from poll_assets.assets.shards import shard_events, shard_frames
-from poll_assets.checks import (
+from poll_assets.engine.schema import column_of, column_of_each
+from poll_assets.engine.shards import shard_events, shard_frames
+from poll_assets.engine.checks import (
     STEP_INPUT, Finding, StageCheck, absent_ids, asset_check_specs, evaluate_checks, examples, problems_finding, short_id,
 )
 from poll_assets.code_versions import pooled_version
@@ -29,35 +30,7 @@ from poll_assets.parquet_values import is_missing, plain_list
 from poll_assets.pooled_ratings import pool_ratings, self_family_mask
 from poll_assets.rubrics.ultrafeedback import Rubric
 
-POOLED_KEY = dg.AssetKey("pooled_ratings")
 AGREEMENT = "agreement"  # the name under which the step hands its checks the agreement it computed
-POOLED_COLUMNS = schema(
-    POOLED_KEY.to_user_string(),
-    ("prompt_id", "string", "the prompt"),
-    ("instruction", "string", "the prompt text"),
-    ("generations", "list<string>", "the answers, in panel order (as in combined_generations)"),
-    ("generation_models", "list<string>", "the model behind each answer"),
-    ("generation_call_ids", "list<string>", "the call id of each answer"),
-    ("poll_ratings", "list<list<int>>", "judge x generation: every judge's rating of every answer, None where missing"),
-    ("poll_rationales", "list<list<string>>", "judge x generation: the judges' rationales"),
-    ("poll_models", "list<string>", "the judges' models, in panel order"),
-    ("poll_call_ids", "list<string>", "the call id of each judge's verdict"),
-    ("avg_poll_ratings", "list<float>", "the pooled rating of each answer; None below pooling.min_judges"),
-    ("n_valid_judges", "list<int>", "how many ratings went into each pooled rating (pairwise mode: how many "
-     "judges compared each answer)"),
-    ("judge_weights", "list<float>", "pooling.method weighted: each judge's weight for this prompt (given, or fitted on other prompts' gold labels); None otherwise"),
-    ("bt_strengths", "list<float>", "pairwise mode: each answer's Bradley-Terry strength over every judge's "
-     "comparisons, both orders (log odds, mean 0; None where no comparison was read); None in rating mode"),
-    ("win_counts", "list<float>", "pairwise mode: each answer's wins over every judge and order, a tie as half a win"),
-    ("n_comparisons", "list<int>", "pairwise mode: the read comparisons each answer took part in"),
-    ("poll_comparisons", "list<list<list<int>>>", "pairwise mode: judge x comparison: [a, b, shown first, winner] "
-     "(generation indices; winner -1 for a tie, None where unread)"),
-)
-
-
-def scores_column(panel: Panel) -> str:
-    """The pooled score of each answer: the pooled rating, or in pairwise mode its Bradley-Terry strength."""
-    return "bt_strengths" if panel.judging.mode == "pairwise" else "avg_poll_ratings"
 
 
 def ratings_by_judge(pooled: pd.DataFrame, judge_names: Sequence[str]) -> dict[str, list[int | None]]:
@@ -118,7 +91,7 @@ def pooled_checks(panel: Panel) -> list[StageCheck]:
     t = panel.thresholds
     return [
         StageCheck("covers_every_generation", "A pooled rating slot for every generation of every prompt.",
-                   lambda df, given: check_pooled_coverage(df, given[STEP_INPUT], len(panel.judges), scores_column(panel)),
+                   lambda df, given: check_pooled_coverage(df, given[STEP_INPUT], len(panel.judges), scores_column(panel.judging)),
                    needs=(STEP_INPUT,)),
         StageCheck("judge_agreement", f"Krippendorff alpha between judges >= {t.min_agreement} (warning only).",
                    lambda df, given: check_agreement(given[AGREEMENT].get("krippendorff_alpha"), t.min_agreement),
@@ -313,7 +286,7 @@ def _pooled_metadata(panel: Panel, df: pd.DataFrame, excluded: int, agreement: d
         "agreement/krippendorff_alpha": dg.MetadataValue.float(alpha) if alpha is not None else dg.MetadataValue.null(),
         "agreement/pairwise": dg.MetadataValue.json(agreement),
         **agreement_metrics(agreement),  # each pairwise figure a number, so the UI plots it
-        "unrated_generations": sum(v is None for avg in df[scores_column(panel)] for v in avg) if len(df) else 0,
+        "unrated_generations": sum(v is None for avg in df[scores_column(panel.judging)] for v in avg) if len(df) else 0,
     }
 
 

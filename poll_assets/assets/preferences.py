@@ -8,54 +8,21 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.generations import COMBINED_COLUMNS, COMBINED_KEY, GENERATION_COLUMNS, generation_key
-from poll_assets.assets.judging import RATING_COLUMNS, ratings_key
-from poll_assets.assets.pooling import POOLED_COLUMNS, POOLED_KEY, scores_column
-from poll_assets.assets.previews import chat_answer, pairs_preview, pairs_table
-from poll_assets.assets.prompts import PROMPT_COLUMNS, PROMPTS_KEY
-from poll_assets.assets.schema import column_of, column_of_each, schema
-from poll_assets.assets.shards import shard_events, shard_frames
-from poll_assets.assets.totals import shard_totals
+from poll_assets.assets.keys import (
+    COMBINED_COLUMNS, COMBINED_KEY, GENERATION_COLUMNS, PAIRS_KEY, PAIR_COLUMNS, POOLED_COLUMNS, POOLED_KEY, PROMPTS_KEY,
+    PROMPT_COLUMNS, RATING_COLUMNS, generation_key, ratings_key, scores_column,
+)
+from poll_assets.engine.previews import chat_answer, pairs_preview, pairs_table
+from poll_assets.engine.schema import column_of, column_of_each
+from poll_assets.engine.shards import shard_events, shard_frames
+from poll_assets.engine.totals import shard_totals
 from poll_assets.binarize import binarize
-from poll_assets.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, problems_finding, short_id
+from poll_assets.engine.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, problems_finding, short_id
 from poll_assets.code_versions import pairs_version
 from poll_assets.confidence import PairConfidence, comparison_confidence, confidence_cut, pair_confidence
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import is_missing, plain_list
 from poll_assets.pooled_ratings import self_family_mask
-
-PAIRS_KEY = dg.AssetKey("preference_pairs")
-PAIR_COLUMNS = schema(
-    PAIRS_KEY.to_user_string(),
-    ("prompt", "string", "the prompt text"),
-    ("prompt_id", "string", "the prompt's id"),
-    ("chosen", "list<struct<role,content>>", "the chat: the prompt, then the preferred answer"),
-    ("rejected", "list<struct<role,content>>", "the chat: the prompt, then the other answer"),
-    ("chosen_model", "string", "the model that wrote the chosen answer"),
-    ("rejected_model", "string", "the model that wrote the rejected answer"),
-    ("chosen_generator", "string", "the panel member (generator) that wrote the chosen answer"),
-    ("rejected_generator", "string", "the panel member (generator) that wrote the rejected answer"),
-    ("chosen_rating", "float", "the chosen answer's pooled rating"),
-    ("rejected_rating", "float", "the rejected answer's pooled rating"),
-    ("margin", "float", "chosen_rating - rejected_rating, > 0"),
-    ("judge_agreement", "float", "share of the judges rating both answers (self-family mask applied) that rate "
-                                 "chosen strictly above rejected; None when no judge rated both"),
-    ("judges_for", "int", "judges rating chosen strictly above rejected"),
-    ("judges_against", "int", "judges rating chosen strictly below rejected"),
-    ("judges_tied", "int", "judges rating both answers the same"),
-    ("margin_low", "float", "lower bound of the 95% bootstrap interval (over judges) on the pooled margin; "
-                            "None with fewer than 2 judges"),
-    ("margin_high", "float", "upper bound of that interval; None with fewer than 2 judges"),
-    ("poll_ratings", "list<list<int>>", "judge x generation: every rating of the prompt's answers"),
-    ("poll_models", "list<string>", "the judges' models, in panel order"),
-    ("avg_poll_ratings", "list<float>", "the pooled rating of every answer of the prompt"),
-    ("chosen_call_id", "string", "the call that wrote the chosen answer"),
-    ("rejected_call_id", "string", "the call that wrote the rejected answer"),
-    ("rating_call_ids", "list<string>", "the judge calls behind the ratings, in panel order"),
-    ("bt_strengths", "list<float>", "pairwise mode: every answer's Bradley-Terry strength, the score pairs are "
-     "formed from (chosen_rating/rejected_rating are then strengths); None in rating mode"),
-    ("win_counts", "list<float>", "pairwise mode: every answer's wins over the judges and both orders (a tie: half)"),
-)
 
 
 def check_pairs(pairs: pd.DataFrame) -> Finding:
@@ -165,7 +132,7 @@ def chat(prompt: str, answer: str) -> list[dict[str, str]]:
 
 def _pair_row(r: pd.Series, panel: Panel, chosen: int, rejected: int, margin: float,
               conf: PairConfidence) -> dict[str, object]:
-    generations, avg = plain_list(r["generations"]), plain_list(r[scores_column(panel)])
+    generations, avg = plain_list(r["generations"]), plain_list(r[scores_column(panel.judging)])
     models, call_ids = plain_list(r["generation_models"]), plain_list(r["generation_call_ids"])
     return {
         "prompt": r["instruction"],
@@ -204,7 +171,7 @@ def preference_rows(pooled: pd.DataFrame, panel: Panel) -> tuple[list[dict[str, 
     rows: list[dict[str, object]] = []
     left_out = LeftOut()
     pairwise = panel.judging.mode == "pairwise"  # pairs come from the Bradley-Terry strengths
-    score_column = scores_column(panel)
+    score_column = scores_column(panel.judging)
     for _, r in pooled.iterrows():
         generations = plain_list(r["generations"])
         if len(generations) != len(panel.generators):  # stored under another panel: names would be wrong

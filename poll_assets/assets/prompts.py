@@ -1,31 +1,24 @@
 """The prompt set, one shard per partition: its key, columns and checks."""
 
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.schema import schema
-from poll_assets.assets.shards import run_shards, shard_events
-from poll_assets.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, repeated_ids
+from poll_assets.assets.keys import PROMPTS_KEY, PROMPT_COLUMNS
+from poll_assets.engine.shards import run_shards, shard_events
+from poll_assets.engine.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, repeated_ids
 from poll_assets.code_versions import prompts_version
-from poll_assets.estimate import estimate_prompts, format_estimate
-from poll_assets.panel import Panel
+from poll_assets.estimate import Estimate, format_estimate
+from poll_assets.llm.cache.response_cache import ResponseCache
+from poll_assets.panel import Source
 from poll_assets.parquet_values import is_missing
 from poll_assets.partitions import shard_bounds
 from poll_assets.prompt_source import describe_source, load_instructions, select_shard
-
-PROMPTS_KEY = dg.AssetKey("prompts")
-PROMPT_COLUMNS = schema(
-    PROMPTS_KEY.to_user_string(),
-    ("prompt_id", "string", "sha256 hex of the instruction; every later row of this prompt carries it"),
-    ("instruction", "string", "the prompt text, as read from the source"),
-    ("source_row", "int", "the row of the source it was read from"),
-)
-
+from poll_assets.run_liveness import RUN_PROCESS_KEY
 
 def check_prompts(prompts: pd.DataFrame) -> Finding:
     """The shard has at least one prompt, every prompt has an id and text, and ids are unique."""
@@ -54,9 +47,15 @@ PROMPT_CHECKS = (
 )
 
 
-def build_prompts_asset(panel: Panel, panel_path: Path, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
-    source = panel.source
-    base_dir = panel_path.parent
+# What the shard's LLM calls will cost: (the shard's prompts, the response cache, the shard) -> the
+# estimate. pipeline.py binds `estimate.estimate_prompts` to the panel; the prompts see no more of it.
+ShardEstimate = Callable[[pd.DataFrame, ResponseCache, str], Estimate]
+
+
+def build_prompts_asset(source: Source, base_dir: Path, partitions_def: dg.PartitionsDefinition,
+                        estimate: ShardEstimate | None = None) -> dg.AssetsDefinition:
+    """The prompts of each shard, read from `source` (a path in it is relative to `base_dir`, the
+    panel file's folder); `estimate`: what each shard's calls will cost, shown in its metadata."""
 
     @dg.asset(
         key=PROMPTS_KEY,
@@ -64,7 +63,7 @@ def build_prompts_asset(panel: Panel, panel_path: Path, partitions_def: dg.Parti
         kinds={"huggingface", "pandas"},
         partitions_def=partitions_def,
         check_specs=asset_check_specs(PROMPT_CHECKS, PROMPTS_KEY, partitions_def),
-        required_resource_keys={"response_cache"},  # read-only: what the cost estimate finds cached
+        required_resource_keys={"response_cache", RUN_PROCESS_KEY},  # the cache read-only: what the estimate finds cached
         metadata=PROMPT_COLUMNS.definition_metadata(),
         code_version=prompts_version(source),
         description=(
@@ -92,7 +91,7 @@ def build_prompts_asset(panel: Panel, panel_path: Path, partitions_def: dg.Parti
                     "dropped_empty": selection.dropped_empty,
                     "dropped_duplicate": selection.dropped_duplicate,
                     "preview": dg.MetadataValue.md(prompts_preview(selection.rows)),
-                    **estimate_metadata(panel, selection.rows, context, shard),
+                    **(estimate_metadata(estimate, selection.rows, context, shard) if estimate else {}),
                 },
             )
             made[shard] = (out, evaluate_checks(PROMPT_CHECKS, PROMPTS_KEY, selection.rows,
@@ -102,12 +101,12 @@ def build_prompts_asset(panel: Panel, panel_path: Path, partitions_def: dg.Parti
     return prompts
 
 
-def estimate_metadata(panel: Panel, rows: pd.DataFrame, context: dg.AssetExecutionContext, shard: str) -> dict[str, Any]:
+def estimate_metadata(estimate: ShardEstimate, rows: pd.DataFrame, context: dg.AssetExecutionContext,
+                      shard: str) -> dict[str, Any]:
     """What the shard's LLM calls will cost (`poll-assets estimate`), shown before any of them is made.
     An estimate that cannot be made is logged, never a reason to fail the prompts."""
     try:
-        est = estimate_prompts(panel, rows, context.resources.response_cache.get_cache(),
-                               partitions=[shard])
+        est = estimate(rows, context.resources.response_cache.get_cache(), shard)
     except Exception as exc:  # noqa: BLE001 - an estimate is advice; the prompts are the product
         context.log.warning(f"no cost estimate for partition {shard}: {type(exc).__name__}: {exc}")
         return {}

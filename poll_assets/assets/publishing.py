@@ -12,9 +12,10 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.judging import ratings_key, repair_figures
-from poll_assets.assets.pooling import POOLED_KEY, jury_spec, leaderboard_metadata, pooled_agreement, pooled_calibration, read_gold
-from poll_assets.assets.preferences import PAIRS_KEY, pair_quality
+from poll_assets.assets.keys import PAIRS_KEY, POOLED_KEY, ratings_key
+from poll_assets.assets.judging import repair_figures
+from poll_assets.assets.pooling import jury_spec, leaderboard_metadata, pooled_agreement, pooled_calibration, read_gold
+from poll_assets.assets.preferences import pair_quality
 from poll_assets.io_manager import asset_dir, default_dagster_home, read_partition, stored_partitions
 from poll_assets.calibration import calibration_markdown
 from poll_assets.bradley_terry import leaderboard_svg

@@ -185,6 +185,11 @@ class ChatBackend:
     async def release(self) -> None:
         """A batch on the running loop is done; a backend holding a client per loop may close it."""
 
+    def remaining_requests(self) -> int | None:
+        """The requests the provider's latest response said are left (its rate-limit header), which the
+        runner's adaptive limits act on after each answer; None when it said nothing."""
+        return None
+
     def learned_form(self) -> str | None:
         """The structured-output form this backend's server took after refusing an earlier one (a fact
         about the server and model, kept across runs in the response cache); None when nothing was learned."""

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from poll_assets.llm.providers import provider_spec
+from poll_assets.llm.providers.registry import provider_spec
 from poll_assets.llm.redact import safe_url, scrub
 from poll_assets.llm.resources import MemberConnection
 
@@ -145,7 +145,7 @@ def _error_body(exc: object) -> object:
 def _retrieve_openai(base_url: str | None, key: str | None, model: str, timeout_s: float) -> bool | None:
     import openai
 
-    from poll_assets.llm.openai_api import NO_KEY_PLACEHOLDER
+    from poll_assets.llm.providers.openai_api import NO_KEY_PLACEHOLDER
 
     client = openai.OpenAI(api_key=key or NO_KEY_PLACEHOLDER, base_url=base_url or None, timeout=timeout_s, max_retries=0)
     try:
@@ -181,7 +181,7 @@ def _retrieve_anthropic(base_url: str | None, key: str | None, model: str, timeo
 def _list_openai(base_url: str | None, key: str | None, timeout_s: float) -> list[str] | None:
     import openai
 
-    from poll_assets.llm.openai_api import NO_KEY_PLACEHOLDER
+    from poll_assets.llm.providers.openai_api import NO_KEY_PLACEHOLDER
 
     client = openai.OpenAI(api_key=key or NO_KEY_PLACEHOLDER, base_url=base_url or None, timeout=timeout_s, max_retries=0)
     try:

@@ -15,8 +15,8 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from poll_assets.llm.base import BackendConfig, ChatBackend
-from poll_assets.llm.cache import CacheMode, ResponseCache, default_cache_path
-from poll_assets.llm.providers import provider_spec
+from poll_assets.llm.cache.response_cache import CacheMode, ResponseCache, default_cache_path
+from poll_assets.llm.providers.registry import provider_spec
 
 
 class MissingAPIKeyError(RuntimeError):
@@ -108,7 +108,7 @@ def build_llm_resource(member: MemberConnection) -> ChatModelResource:
 
     The backend's module (and so the provider's SDK: `import anthropic` alone takes 2-4 s of CPU here)
     is imported when a stage step first needs the member's client, which is never on a re-run the
-    response cache serves whole, and always before any member of the stage sends (assets/stage.py).
+    response cache serves whole, and always before any member of the stage sends (engine/stage.py).
     """
     spec = provider_spec(member.provider)
     kwargs: dict[str, object] = {
@@ -121,7 +121,7 @@ def build_llm_resource(member: MemberConnection) -> ChatModelResource:
         # Dagster resolves an unset EnvVar into a config error at run launch that names the resource
         # key but not the member, and with a long stack trace. So the EnvVar is passed only when the
         # variable is set here; otherwise api_key stays None, and the run's preflight (the first thing
-        # every LLM stage step does, `assets/preflight_step.py`) fails naming every member without a
+        # every LLM stage step does, `engine/preflight_step.py`) fails naming every member without a
         # key. Definitions are loaded again in the run worker, so this sees the run's environment.
         if os.environ.get(member.key_env):
             kwargs["api_key"] = dg.EnvVar(member.key_env)
@@ -152,14 +152,8 @@ class ResponseCacheResource(dg.ConfigurableResource):
         return Path(self.path).expanduser() if self.path else default_cache_path()
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        # Every step that calls a provider holds this resource, so a run launched from the UI gets
-        # its worker's host and pid recorded before its first paid call (see run_liveness).
-        from poll_assets.run_liveness import tag_run_with_process
-
-        if context.instance is not None and context.run is not None:
-            tag_run_with_process(context.instance, context.run)
         if self.backend == "instance" and context.instance is not None:
-            from poll_assets.llm.cache_pg import instance_database_url
+            from poll_assets.llm.cache.postgres import instance_database_url
 
             self._instance_url = instance_database_url(context.instance)
 
@@ -173,7 +167,7 @@ class ResponseCacheResource(dg.ConfigurableResource):
                 raise ValueError("response cache: backend 'postgres' needs a URL (panel `cache: {url_env: VAR}`), and it is empty")
             return url
         if self._instance_url is None:  # outside a run: the instance DAGSTER_HOME names
-            from poll_assets.llm.cache_pg import instance_database_url
+            from poll_assets.llm.cache.postgres import instance_database_url
 
             self._instance_url = instance_database_url(dg.DagsterInstance.get())
         return self._instance_url

@@ -31,9 +31,9 @@ from poll_assets.llm.base import (
     request_key,
 )
 from poll_assets.llm.budget import MemberBudget
-from poll_assets.llm.cache import DEFAULT_CLAIM_TTL_S, CacheError, ResponseCache, call_holding, default_owner
-from poll_assets.llm.limits import PROVIDER_LIMITS, BatchStopped, CallLimits, estimate_tokens
-from poll_assets.llm.policy import CallPolicy, RetryPolicy
+from poll_assets.llm.cache.response_cache import DEFAULT_CLAIM_TTL_S, CacheError, ResponseCache, call_holding, default_owner
+from poll_assets.llm.online.limits import BatchStopped, CallLimits, estimate_tokens
+from poll_assets.llm.online.policy import CallPolicy, RetryPolicy
 from poll_assets.llm.pricing import Price, TokenUsage
 from poll_assets.llm.redact import safe_url
 
@@ -471,7 +471,7 @@ class _Sender:
         self.cache = cache
         self.report = report
         self.rng = random.Random(seed)
-        self.limits = CallLimits.for_policy(policy)
+        self.limits = CallLimits(policy)
         self.breaker = _Breaker(policy.breaker_after, policy.retry_window_s, policy.retry.base_s, policy.probe_cap_s)
         self.lease = _Lease(cache) if cache is not None and cache.writes else None
         self.results: dict[str, Completion] = {}
@@ -622,9 +622,7 @@ class _Sender:
     async def _attempt(self, request: CallRequest, estimate: int) -> Completion:
         """One attempt in a slot. A fatal error or a backend bug stops the batch before the slot is
         released, so no queued call starts after it."""
-        heard: dict[str, int] = {}
         async with self.limits.slot(estimate) as started_under:
-            listening = PROVIDER_LIMITS.set(heard)
             try:
                 done = await attempt(self.backend, request, self.policy.timeout_s)
             except FatalProviderError:
@@ -637,9 +635,7 @@ class _Sender:
             except Exception:
                 self.limits.stop()  # a backend bug: stop the batch the same way
                 raise
-            finally:
-                PROVIDER_LIMITS.reset(listening)
-        self.limits.succeeded(started_under, heard.get("remaining_requests"))
+        self.limits.succeeded(started_under, self.backend.remaining_requests())
         self.limits.settle_tokens(estimate, done.input_tokens + done.output_tokens)
         return done
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import psycopg2
 import psycopg2.extras
 
-from poll_assets.llm.cache_types import CacheError, Row
+from poll_assets.llm.cache.rows import CacheError, Row
 
 COMPLETIONS = "poll_llm_completions"
 CLAIMS = "poll_llm_claims"

@@ -13,7 +13,7 @@ from typing import Any
 
 import dagster as dg
 
-from poll_assets.assets.previews import Markdown, md_table
+from poll_assets.engine.previews import Markdown, md_table
 
 COUNTS = ("calls", "cache_hits", "failures", "input_tokens", "output_tokens")
 NOT_PRICED = "not priced"  # what a cost without a price shows: a blank read as "free" or "missing"

@@ -28,7 +28,6 @@ from poll_assets.llm.base import (
     FatalProviderError,
     ProviderError,
 )
-from poll_assets.llm.limits import note_rate_limit_headers
 from poll_assets.llm.redact import safe_url, scrub
 
 ClientT = TypeVar("ClientT")
@@ -107,6 +106,7 @@ class RemoteBackend(ChatBackend, Generic[ClientT]):
         self._holders = 0
         self.clients_created = 0
         self.clients_closed = 0
+        self._remaining: int | None = None  # what the latest response's rate-limit header said
 
     @classmethod
     def from_config(cls, config: BackendConfig) -> "RemoteBackend[ClientT]":
@@ -139,7 +139,7 @@ class RemoteBackend(ChatBackend, Generic[ClientT]):
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
             self._client = self._new_client()
-            _listen_for_rate_limits(self._client)
+            _listen_for_rate_limits(self._client, self._note_limits)
             self._client_loop = loop
             self.clients_created += 1
         return self._client
@@ -161,6 +161,12 @@ class RemoteBackend(ChatBackend, Generic[ClientT]):
         except Exception:  # noqa: BLE001 - a failed close must not fail a batch whose answers are in
             pass
         self.clients_closed += 1
+
+    def remaining_requests(self) -> int | None:
+        return self._remaining
+
+    async def _note_limits(self, response: Any) -> None:
+        self._remaining = remaining_requests_header(response.headers)
 
     @property
     def who(self) -> str:
@@ -235,16 +241,24 @@ class RemoteBackend(ChatBackend, Generic[ClientT]):
         return ProviderError("connection", f"{self.who}: connection failed ({self.scrub(why)})")
 
 
-def _listen_for_rate_limits(client: Any) -> None:
-    """Hand every response's rate-limit headers to the runner's adaptive limits. The OpenAI and
-    Anthropic SDK clients keep their httpx client in `_client`; other clients are left alone."""
+_REMAINING_HEADERS = ("x-ratelimit-remaining-requests", "anthropic-ratelimit-requests-remaining")
+
+
+def remaining_requests_header(headers: Mapping[str, str]) -> int | None:
+    """The requests a response says are left (OpenAI's or Anthropic's header); None when it says nothing."""
+    for name in _REMAINING_HEADERS:
+        value = headers.get(name)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def _listen_for_rate_limits(client: Any, hook: Callable[[Any], Awaitable[None]]) -> None:
+    """Hand every response to `hook` (the backend's, which keeps its rate-limit header). The OpenAI
+    and Anthropic SDK clients keep their httpx client in `_client`; other clients are left alone."""
     hooks = getattr(getattr(client, "_client", None), "event_hooks", None)
     if isinstance(hooks, dict) and isinstance(hooks.get("response"), list):
-        hooks["response"].append(_note_response_limits)
-
-
-async def _note_response_limits(response: Any) -> None:
-    note_rate_limit_headers(response.headers)
+        hooks["response"].append(hook)
 
 
 # Statuses a server may choose for "I cannot do that structured-output request": llama-cpp-python's

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from poll_assets.llm.base import Completion
-from poll_assets.llm.cache_types import CacheError, Row
+from poll_assets.llm.cache.rows import CacheError, Row
 
 CacheMode = Literal["use", "bypass", "refresh"]
 CACHE_MODES: tuple[str, ...] = ("use", "bypass", "refresh")
@@ -161,7 +161,7 @@ def _row(key: str, completion: Completion, provider: str, model: str, member: st
 class CacheStore(Protocol):
     """Where a `ResponseCache` keeps its rows: the SQL of one database, and nothing else.
 
-    `SqliteStore` (below) is the default; `poll_assets.llm.cache_pg.PostgresStore` is the other.
+    `SqliteStore` (below) is the default; `poll_assets.llm.cache.postgres.PostgresStore` is the other.
     Every method raises `CacheError` naming `label` when the database fails."""
 
     label: str  # the file, or host:port/db: for messages (never a password)
@@ -356,7 +356,7 @@ def open_store(location: str | os.PathLike[str] | CacheStore) -> CacheStore:
     if not isinstance(location, (str, os.PathLike)):
         return location
     if isinstance(location, str) and location.startswith(PG_URL_PREFIXES):
-        from poll_assets.llm.cache_pg import PostgresStore
+        from poll_assets.llm.cache.postgres import PostgresStore
 
         return PostgresStore(location)
     return SqliteStore(location)

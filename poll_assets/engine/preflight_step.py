@@ -19,14 +19,14 @@ import dagster as dg
 
 from poll_assets.llm.preflight import NotReady, PreflightError, preflight
 from poll_assets.llm.resources import resource_key
-from poll_assets.panel import Member, Panel
+from poll_assets.panel import Member
 
 
-def run_members(context: dg.AssetExecutionContext, panel: Panel) -> list[Member]:
+def run_members(context: dg.AssetExecutionContext, panel_members: Sequence[Member]) -> list[Member]:
     """The panel members whose assets this run materializes: outputs named after a member, of a step
     that holds the member's resource, in the run's job (subset to the run's selection) and among the
     steps the run executes (a re-execution may run only some of them)."""
-    by_name = {m.name: m for m in panel.members}
+    by_name = {m.name: m for m in panel_members}
     steps = context.run.step_keys_to_execute
     names: set[str] = set()
     for data in context.job_def.asset_layer.data:
@@ -37,7 +37,7 @@ def run_members(context: dg.AssetExecutionContext, panel: Panel) -> list[Member]
             m = by_name.get(assets_def.get_output_name_for_asset_key(key))
             if m is not None and resource_key(m) in assets_def.required_resource_keys:
                 names.add(m.name)
-    return [m for m in panel.members if m.name in names]
+    return [m for m in panel_members if m.name in names]
 
 
 # Runs whose members' models this process has already listed (the in-process executor runs every
@@ -45,14 +45,14 @@ def run_members(context: dg.AssetExecutionContext, panel: Panel) -> list[Member]
 _MODELS_LISTED: set[str] = set()
 
 
-def preflight_run(context: dg.AssetExecutionContext, panel: Panel, own: Sequence[Member]) -> Callable[[], None]:
+def preflight_run(context: dg.AssetExecutionContext, panel_members: Sequence[Member], own: Sequence[Member]) -> Callable[[], None]:
     """Fail the step (and so the run) naming every member of the run whose key, base URL or weights
     are not ready. `own`: the step's own members, always checked, whatever the job's layout says.
     Returns the model check, to be called before the step's first call that the cache cannot answer:
     it fails the same way, naming every member whose model the provider says it does not serve,
     and logs a warning for a model a list left out."""
-    in_run = {m.name for m in [*run_members(context, panel), *own]}
-    members = [m for m in panel.members if m.name in in_run]
+    in_run = {m.name for m in [*run_members(context, panel_members), *own]}
+    members = [m for m in panel_members if m.name in in_run]
     _fail_if_not_ready(lambda: preflight(members, os.environ, check_models=False))
     names = ", ".join(m.name for m in members)
     context.log.info(f"preflight: the {len(members)} members of this run pass the offline checks "

@@ -34,12 +34,12 @@ from poll_assets.llm.base import (
     ProviderError,
     request_key,
 )
-from poll_assets.llm.batch_settings import BatchPolicy
-from poll_assets.llm.batch_store import BatchRecord, BatchStore
-from poll_assets.llm.batch_transport import BatchItem, BatchState, BatchTransport
-from poll_assets.llm.cache import ResponseCache
-from poll_assets.llm.policy import CallPolicy
-from poll_assets.llm.runner import CallBatch, _in_request_order, run_calls
+from poll_assets.llm.batch.settings import BatchPolicy
+from poll_assets.llm.batch.store import BatchRecord, BatchStore
+from poll_assets.llm.batch.transport import BatchItem, BatchState, BatchTransport
+from poll_assets.llm.cache.response_cache import ResponseCache
+from poll_assets.llm.online.policy import CallPolicy
+from poll_assets.llm.online.runner import CallBatch, _in_request_order, run_calls
 
 ProgressFn = Callable[[str], None]
 T = TypeVar("T")
@@ -52,10 +52,10 @@ class BatchWaitTimeout(RuntimeError):
 def transport_for(backend: ChatBackend, policy: BatchPolicy) -> BatchTransport:
     """The batch transport of a member's backend, by the registry's wire format."""
     if policy.wire == "openai":
-        from poll_assets.llm.batch_openai import OpenAIBatchTransport
+        from poll_assets.llm.batch.openai_api import OpenAIBatchTransport
 
         return OpenAIBatchTransport(backend)  # type: ignore[arg-type]
-    from poll_assets.llm.batch_anthropic import AnthropicBatchTransport
+    from poll_assets.llm.batch.anthropic_api import AnthropicBatchTransport
 
     return AnthropicBatchTransport(backend)  # type: ignore[arg-type]
 

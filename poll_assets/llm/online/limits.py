@@ -11,33 +11,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Mapping
-from contextvars import ContextVar
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from poll_assets.llm.base import CallRequest
-from poll_assets.llm.policy import CallPolicy
+from poll_assets.llm.online.policy import CallPolicy
 from poll_assets.llm.tokens import request_input_tokens
-
-# What the provider's rate-limit headers said about the attempt running in this task: the runner
-# sets a fresh dict around each attempt, and an HTTP backend's response hook fills it in.
-PROVIDER_LIMITS: ContextVar[dict[str, int] | None] = ContextVar("poll_provider_limits", default=None)
-_REMAINING_HEADERS = ("x-ratelimit-remaining-requests", "anthropic-ratelimit-requests-remaining")
-
-
-def note_rate_limit_headers(headers: Mapping[str, str]) -> None:
-    """Record the requests the provider says are left (OpenAI's or Anthropic's header) for the
-    attempt running in this task; nothing when no attempt is listening or no header is there."""
-    note = PROVIDER_LIMITS.get()
-    if note is None:
-        return
-    for name in _REMAINING_HEADERS:
-        value = headers.get(name)
-        if value is not None and value.strip().isdigit():
-            note["remaining_requests"] = int(value)
-            return
-
 
 def estimate_tokens(request: CallRequest) -> int:
     """Tokens a call may consume, counted the way providers charge a TPM budget up front:
@@ -152,13 +131,12 @@ class CallLimits:
     `max_concurrency`. A tighter provider so costs time, not rows.
     """
 
-    def __init__(self, max_concurrency: int, rpm: int | None = None, tpm: int | None = None) -> None:
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
-        self.max_concurrency = max_concurrency
-        self.window = ConcurrencyWindow(max_concurrency)
-        self.requests = TokenBucket(rpm) if rpm else None
-        self.tokens = TokenBucket(tpm) if tpm else None
+    def __init__(self, policy: CallPolicy) -> None:
+        # The policy was checked when it was made (CallPolicy): its numbers are used as they are.
+        self.max_concurrency = policy.max_concurrency
+        self.window = ConcurrencyWindow(policy.max_concurrency)
+        self.requests = TokenBucket(policy.rpm) if policy.rpm else None
+        self.tokens = TokenBucket(policy.tpm) if policy.tpm else None
         self._resume_at = 0.0
         self._cuts = 0  # how many times the window was cut; an attempt remembers the count it started under
         self.rate_limited = 0  # 429s seen
@@ -196,10 +174,6 @@ class CallLimits:
     def stop(self) -> None:
         """No further attempt starts; waiting calls raise BatchStopped."""
         self.stopped = True
-
-    @classmethod
-    def for_policy(cls, policy: CallPolicy) -> "CallLimits":
-        return cls(policy.max_concurrency, policy.rpm, policy.tpm)
 
     @asynccontextmanager
     async def slot(self, estimated_tokens: int = 0) -> AsyncIterator[int]:

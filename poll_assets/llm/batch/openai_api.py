@@ -14,9 +14,9 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from poll_assets.llm.base import CallRequest, Completion, ProviderError
-from poll_assets.llm.batch_transport import CANCELED, EXPIRED, BatchItem, BatchState, BatchTransport, sdk_call
-from poll_assets.llm.openai_api import OpenAIChatBackend
-from poll_assets.llm.remote import body_message, schema_name
+from poll_assets.llm.batch.transport import CANCELED, EXPIRED, BatchItem, BatchState, BatchTransport, sdk_call
+from poll_assets.llm.providers.openai_api import OpenAIChatBackend
+from poll_assets.llm.providers.remote import body_message, schema_name
 
 ENDPOINT = "/v1/chat/completions"
 _ENDED = frozenset({"completed", "failed", "expired", "cancelled"})

@@ -20,8 +20,8 @@ from poll_assets.llm.base import (
     ProviderError,
     split_at_cache_break,
 )
-from poll_assets.llm.remote import RemoteBackend, body_message, classify_sdk_failure, schema_name
-from poll_assets.llm.providers import PROVIDERS
+from poll_assets.llm.providers.remote import RemoteBackend, body_message, classify_sdk_failure, schema_name
+from poll_assets.llm.providers.registry import PROVIDERS
 
 # Anthropic's stop reasons in the vocabulary the rest of the pipeline uses (OpenAI's).
 _FINISH = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "stop", "max_tokens": "length"}
@@ -38,7 +38,7 @@ class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
         return anthropic.AsyncAnthropic(
             api_key=self._api_key,
             base_url=self.base_url or None,
-            max_retries=0,  # retries belong to poll_assets.llm.runner
+            max_retries=0,  # retries belong to poll_assets.llm.online.runner
             # And so does the deadline (runner.attempt). A timeout other than the SDK's default also
             # skips its long-request guard, which refuses large max_tokens without streaming.
             timeout=None,

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from poll_assets.checks import short_id
+from poll_assets.engine.checks import short_id
 from poll_assets.parquet_values import is_missing, plain_list
 
 ANSWER_CHARS = 160

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from poll_assets.llm.base import CallRequest, Completion, ProviderError
 
 if TYPE_CHECKING:  # the SDKs' HTTP client is imported only when a batch is sent
-    from poll_assets.llm.remote import RemoteBackend
+    from poll_assets.llm.providers.remote import RemoteBackend
 
 T = TypeVar("T")
 # Per-request outcomes a batch reports besides success; the last two are never the request's fault.

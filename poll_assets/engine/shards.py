@@ -23,7 +23,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
 
-from poll_assets.checks import examples
+from poll_assets.engine.checks import examples
 
 # What a step made for one shard: its output (value and metadata) and its check results.
 ShardResult = tuple[dg.Output[Any], Sequence[dg.AssetCheckResult]]

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from poll_assets.llm.providers import BATCH_PROVIDERS, provider_spec
+from poll_assets.llm.providers.registry import BATCH_PROVIDERS, provider_spec
 
 OnError = Literal["retry", "online"]
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from poll_assets.llm.providers import provider_spec
+from poll_assets.llm.providers.registry import provider_spec
 
 
 class Limits(BaseModel):
@@ -49,23 +49,24 @@ class RetryPolicy:
 
 
 DEFAULT_RETRY = RetryPolicy()
+_DEFAULT = Limits()  # the defaults live in one place: the panel file's `limits:` fields above
 
 
 @dataclass(frozen=True)
 class CallPolicy:
     """The rules one batch of calls to one member runs under."""
 
-    max_concurrency: int = 8
-    rpm: int | None = None
-    tpm: int | None = None
-    timeout_s: float = 120.0  # per attempt; enforced in one place, `runner.attempt`
-    max_retries: int = 5
+    max_concurrency: int = _DEFAULT.max_concurrency
+    rpm: int | None = _DEFAULT.rpm
+    tpm: int | None = _DEFAULT.tpm
+    timeout_s: float = _DEFAULT.timeout_s  # per attempt; enforced in one place, `runner.attempt`
+    max_retries: int = _DEFAULT.max_retries
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     # A call failing with a transient error is retried until BOTH `max_retries` retries were made
     # and `retry_window_s` seconds passed since its first attempt: 90 s rides out a provider's
     # restart or a one-minute rate-limit window; the circuit breaker keeps a dead provider from
     # costing that much per call.
-    retry_window_s: float = 90.0
+    retry_window_s: float = _DEFAULT.retry_window_s
     # The circuit breaker: this many attempts in a row without any answer (connection refused or
     # reset, timeout) trip it. A provider that never answered in the batch then fails at once; one
     # that was answering is probed (one probe at a time, backoff from retry.base_s doubling up to

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from poll_assets.llm.cache import BUSY_TIMEOUT_MS, CacheError
+from poll_assets.llm.cache.response_cache import BUSY_TIMEOUT_MS, CacheError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (

@@ -1,7 +1,7 @@
 """What the LLM assets report beyond their columns: their kinds, the cost and pace of their calls,
 and the rows still pending (failed for a transient reason, so the next run calls them again).
 
-Row counts and column schemas come from each stage's `ColumnSchema` (assets/schema.py)."""
+Row counts and column schemas come from each stage's `ColumnSchema` (engine/schema.py)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,19 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from poll_assets.checks import Finding, StageCheck, examples, short_id
+from poll_assets.engine.checks import Finding, StageCheck, examples, short_id
 from poll_assets.llm.base import RETRYABLE_KINDS
 from poll_assets.llm.pricing import Price
-from poll_assets.llm.providers import provider_spec
-from poll_assets.llm.runner import CallStats
-from poll_assets.panel import Member, Panel
+from poll_assets.llm.providers.registry import provider_spec
+from poll_assets.llm.online.runner import CallStats
+from poll_assets.panel import Member
 
 def member_kinds(member: Member) -> set[str]:
     """Dagster kind tags shown on the member's node of the asset graph."""
     return {provider_spec(member.provider).kind, "pandas"}
 
 
-def call_metadata(stats: CallStats, member: Member, panel: Panel) -> dict[str, Any]:
+def call_metadata(stats: CallStats, member: Member, price: Price | None) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "llm/calls": stats.calls,
         "llm/cache_hits": stats.cache_hits,
@@ -39,7 +39,6 @@ def call_metadata(stats: CallStats, member: Member, panel: Panel) -> dict[str, A
         "llm/model": member.model,
         "llm/provider": member.provider,
     }
-    price = panel.price_of(member)
     if stats.batches:  # batch mode: the provider's batch ids, their requests by status
         meta["llm/batches"] = dg.MetadataValue.json(stats.batches)
     if price is not None:

@@ -11,26 +11,28 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import dagster as dg
 import pandas as pd
 
-from poll_assets.assets.metadata import member_kinds
-from poll_assets.assets.preflight_step import preflight_run
-from poll_assets.assets.schema import ColumnSchema
-from poll_assets.assets.shards import shard_events, shard_frames
-from poll_assets.checks import STEP_INPUT, StageCheck, asset_check_specs, evaluate_checks
+from poll_assets.engine.metadata import member_kinds
+from poll_assets.engine.preflight_step import preflight_run
+from poll_assets.engine.schema import ColumnSchema
+from poll_assets.engine.shards import shard_events, shard_frames
+from poll_assets.engine.checks import STEP_INPUT, StageCheck, asset_check_specs, evaluate_checks
 from poll_assets.llm.base import CallRequest, ChatBackend, Completion, ProviderError, request_key
-from poll_assets.llm.batch import run_batch_calls
-from poll_assets.llm.batch_settings import BatchPolicy
-from poll_assets.llm.budget import BudgetLedger, MemberBudget, RunBudget
-from poll_assets.llm.cache import ResponseCache
-from poll_assets.llm.policy import CallPolicy
-from poll_assets.llm.providers import provider_spec
+from poll_assets.llm.batch.runner import run_batch_calls
+from poll_assets.llm.batch.settings import BatchPolicy
+from poll_assets.llm.budget import BudgetLedger, BudgetSettings, MemberBudget, RunBudget
+from poll_assets.llm.cache.response_cache import ResponseCache
+from poll_assets.llm.online.policy import CallPolicy
+from poll_assets.llm.pricing import Price
+from poll_assets.llm.providers.registry import provider_spec
 from poll_assets.llm.resources import ChatModelResource, ResponseCacheResource, member_backend, resource_key
-from poll_assets.llm.runner import CallBatch, CallStats, run_calls
+from poll_assets.llm.online.runner import CallBatch, CallStats, run_calls
 from poll_assets.panel import Member, Panel
+from poll_assets.run_liveness import RUN_PROCESS_KEY
 
 
 class SharedCalls:
@@ -197,24 +199,50 @@ class MemberCalls:
         return identity if len(await self.cache.aget_many(keys)) == len(keys) else None
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """What the engine needs of the panel in every LLM stage step, whatever the stage: every member
+    (a step checks all the run's members before any call), the run's spending cap, and by member
+    name its price and its call policy (its `limits:` resolved once, here, for the runner)."""
+
+    members: tuple[Member, ...]
+    budget: BudgetSettings | None
+    prices: Mapping[str, Price | None]
+    policies: Mapping[str, CallPolicy]
+
+    @classmethod
+    def of(cls, panel: Panel) -> RunSettings:
+        return cls(tuple(panel.members), panel.budget, {m.name: panel.price_of(m) for m in panel.members},
+                   {m.name: CallPolicy.resolve(m.limits, m.provider) for m in panel.members})
+
+    def price_of(self, member: Member) -> Price | None:
+        return self.prices.get(member.name)
+
+
+SettingsT = TypeVar("SettingsT")
+
+
 @dataclass
-class MemberContext:
-    """What one member's work on one shard gets: its settings, a log function, a label for messages,
-    and the member's calls, which the run's shards send together."""
+class MemberContext(Generic[SettingsT]):
+    """What one member's work on one shard gets: the member, its stage's settings (`Judging` for a
+    judge, the `Source` for a generator), its price, a log function, a label for messages, and the
+    member's calls, which the run's shards send together."""
 
     member: Member
-    panel: Panel
+    settings: SettingsT
+    price: Price | None
     log: Callable[[str], None]
     label: str
     shared: SharedCalls
     finished: bool = False
 
     @classmethod
-    def alone(cls, member: Member, panel: Panel, backend: ChatModelResource | ChatBackend, policy: CallPolicy,
-              cache: ResponseCache, log: Callable[[str], None], label: str) -> MemberContext:
+    def alone(cls, member: Member, settings: SettingsT, backend: ChatModelResource | ChatBackend, policy: CallPolicy,
+              cache: ResponseCache, log: Callable[[str], None], label: str,
+              price: Price | None = None) -> MemberContext[SettingsT]:
         """A member's work on one shard outside a stage step (tests call `generate` or `judge` so)."""
         calls = MemberCalls(member, backend, policy, cache, log, label, BackendGate(1))
-        return cls(member, panel, log, label, SharedCalls(calls.send, 1))
+        return cls(member, settings, price, log, label, SharedCalls(calls.send, 1))
 
     async def run_calls(self, requests: Sequence[CallRequest]) -> CallBatch:
         """The member's requests through the one call path, under its policy, together with the
@@ -242,7 +270,6 @@ def stage_pool(members: Sequence[Member], default: str) -> str:
 def stage_multi_asset_kwargs(
     *,
     name: str,
-    panel: Panel,
     members: Sequence[Member],
     key_of: Callable[[Member], dg.AssetKey],
     group: str,
@@ -274,14 +301,15 @@ def stage_multi_asset_kwargs(
         "partitions_def": partitions_def,
         "can_subset": True,
         "pool": stage_pool(members, default_pool),
-        "required_resource_keys": {resource_key(m) for m in members} | {"response_cache"},
+        "required_resource_keys": {resource_key(m) for m in members} | {"response_cache", RUN_PROCESS_KEY},
         "check_specs": [s for m in members for s in asset_check_specs(checks, key_of(m), partitions_def)],
     }
 
 
 def run_stage_step(
     context: dg.AssetExecutionContext,
-    panel: Panel,
+    run: RunSettings,
+    settings: Any,
     members: Sequence[Member],
     key_of: Callable[[Member], dg.AssetKey],
     step_input: Any,
@@ -291,29 +319,30 @@ def run_stage_step(
 ) -> Iterator[dg.Output[Any] | dg.AssetCheckResult | dg.AssetCheckEvaluation]:
     """The body of a stage step: first, every member of the run is checked; then the selected
     members do `work` on every shard of the run at the same time (each member's calls for all shards
-    in one batch), and each shard's checks run on its output (see `run_stage`)."""
+    in one batch), and each shard's checks run on its output (see `run_stage`). `settings`: the
+    stage's own, handed to each member's work in its `MemberContext`."""
     cache: ResponseCacheResource = context.resources.response_cache
     selected = [m for m in members if key_of(m) in context.selected_asset_keys]
-    check_models = preflight_run(context, panel, selected)
+    check_models = preflight_run(context, run.members, selected)
     checks = context.selected_asset_check_keys
     frames = shard_frames(context, input_name, step_input)
     gate = BackendGate(len(selected), before_paying=check_models)
     # In-process models share the CPU (and llama.cpp's per-model lock): running them side by side
     # gains nothing and would start their call timeouts while they wait, so they take turns.
     local_turn = asyncio.Lock()
-    budget = run_budget(panel, context.run.run_id, cache)
+    budget = run_budget(run.budget, context.run.run_id, cache)
 
     async def member_shards(m: Member) -> dict[str, dg.Output[Any]]:
         label = key_of(m).to_user_string()
         turn = local_turn if provider_spec(m.provider).in_process else None
-        price = panel.price_of(m)
+        price = run.price_of(m)
         calls = MemberCalls(m, getattr(context.resources, resource_key(m)),  # resource keys are per member
-                            CallPolicy.resolve(m.limits, m.provider), cache.get_cache(), context.log.info, label,
+                            run.policies[m.name], cache.get_cache(), context.log.info, label,
                             gate, turn, MemberBudget(budget, m.name, price) if budget and price else None)
         shared = SharedCalls(calls.send, len(frames), on_nothing=gate.leave)
 
         async def one(shard: str) -> dg.Output[Any]:
-            work_ctx = MemberContext(m, panel, context.log.info, label, shared)
+            work_ctx = MemberContext(m, settings, price, context.log.info, label, shared)
             try:
                 return await work(work_ctx, frames[shard])
             finally:
@@ -330,11 +359,11 @@ def run_stage_step(
     )
 
 
-def run_budget(panel: Panel, run_id: str, cache: ResponseCacheResource) -> RunBudget | None:
+def run_budget(settings: BudgetSettings | None, run_id: str, cache: ResponseCacheResource) -> RunBudget | None:
     """The run's budget, with what its earlier steps spent (the ledger beside the response cache)."""
-    if panel.budget is None:
+    if settings is None:
         return None
-    return RunBudget.open(panel.budget, run_id, BudgetLedger(cache.resolved_path()))
+    return RunBudget.open(settings, run_id, BudgetLedger(cache.resolved_path()))
 
 
 async def shard_outcomes(

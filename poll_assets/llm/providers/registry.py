@@ -67,27 +67,27 @@ PROVIDERS: dict[str, ProviderSpec] = {
     spec.name: spec
     for spec in (
         ProviderSpec(
-            name="openai", backend="poll_assets.llm.openai_api:OpenAIChatBackend", params=_OPENAI_PARAMS,
+            name="openai", backend="poll_assets.llm.providers.openai_api:OpenAIChatBackend", params=_OPENAI_PARAMS,
             kind="openai", structured_output="negotiated: json_schema (strict), json_object with a schema, text",
             key_env="OPENAI_API_KEY", batch=_OPENAI_BATCH,
         ),
         ProviderSpec(
             # The anthropic SDK (>= 2.0) sends anthropic-version 2026-10-21, which removed temperature,
             # top_p and top_k from the Messages API (a 400 even at default values); it never had a seed.
-            name="anthropic", backend="poll_assets.llm.anthropic_api:AnthropicChatBackend",
+            name="anthropic", backend="poll_assets.llm.providers.anthropic_api:AnthropicChatBackend",
             params=frozenset({"max_new_tokens", "stop"}), kind="anthropic",
             structured_output="forced tool call; a reply without the tool_use block is kept as text",
             key_env="ANTHROPIC_API_KEY", batch=_ANTHROPIC_BATCH,
         ),
         ProviderSpec(
-            name="hf_inference", backend="poll_assets.llm.hf_inference:HFInferenceBackend", params=_OPENAI_PARAMS,
+            name="hf_inference", backend="poll_assets.llm.providers.hf_inference:HFInferenceBackend", params=_OPENAI_PARAMS,
             kind="huggingface",
             structured_output="negotiated: TGI grammar, json_schema, text for a URL; json_schema, text for the Hub router",
             key_env="HF_TOKEN",
         ),
         ProviderSpec(
             # Self-hosted servers often run without a key: one is sent only when the member names it.
-            name="openai_compatible", backend="poll_assets.llm.openai_api:OpenAIChatBackend", params=_OPENAI_PARAMS,
+            name="openai_compatible", backend="poll_assets.llm.providers.openai_api:OpenAIChatBackend", params=_OPENAI_PARAMS,
             kind="openai", structured_output="negotiated: json_schema (strict), json_object with a schema, text",
             key="if_named", needs_base_url=True,
             # vLLM and LiteLLM serve /v1/batches, most others do not: the member says whether its server does.
@@ -95,14 +95,14 @@ PROVIDERS: dict[str, ProviderSpec] = {
         ),
         ProviderSpec(
             # llama.cpp is not safe for concurrent use of one model: its calls take turns.
-            name="local", backend="poll_assets.llm.local:LocalLlamaBackend", params=_OPENAI_PARAMS,
+            name="local", backend="poll_assets.llm.providers.local:LocalLlamaBackend", params=_OPENAI_PARAMS,
             kind="llamacpp", structured_output="llama.cpp grammar", key="none", in_process_parallelism=1,
         ),
         ProviderSpec(
             # Answers you already have: a generator reading a column of the prompt source (`source_column`).
             # No call, no parameters, no key, no price; "in process" so no model listing or budget asks for one.
             # max_new_tokens only because every member has one (default 512); it is not used.
-            name="dataset", backend="poll_assets.llm.source_column:SourceColumnBackend",
+            name="dataset", backend="poll_assets.llm.providers.source_column:SourceColumnBackend",
             params=frozenset({"max_new_tokens"}),
             kind="dataset", structured_output="none: never called", key="none", in_process_parallelism=1,
         ),

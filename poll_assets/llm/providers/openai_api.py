@@ -9,7 +9,7 @@ import httpx2
 import openai
 
 from poll_assets.llm.base import TEXT_FALLBACK, CallRequest, Completion, ProviderError
-from poll_assets.llm.remote import (
+from poll_assets.llm.providers.remote import (
     FormNegotiation,
     RemoteBackend,
     send_negotiated,
@@ -48,7 +48,7 @@ class OpenAIChatBackend(RemoteBackend[openai.AsyncOpenAI]):
         return openai.AsyncOpenAI(
             api_key=self._api_key or NO_KEY_PLACEHOLDER,
             base_url=self.base_url or None,
-            max_retries=0,  # retries belong to poll_assets.llm.runner
+            max_retries=0,  # retries belong to poll_assets.llm.online.runner
             timeout=None,  # and so does the deadline (runner.attempt)
             # The SDK's aiohttp transport (the `aiohttp` extra): about half the client CPU per call of
             # its default httpx pool, whose every request scans all pooled connections. Ours, not the

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from poll_assets.llm.anthropic_api import AnthropicChatBackend
+from poll_assets.llm.providers.anthropic_api import AnthropicChatBackend
 from poll_assets.llm.base import CallRequest, ProviderError
-from poll_assets.llm.batch_transport import CANCELED, EXPIRED, BatchItem, BatchState, BatchTransport, sdk_call
+from poll_assets.llm.batch.transport import CANCELED, EXPIRED, BatchItem, BatchState, BatchTransport, sdk_call
 
 # An errored result's error type, as the kinds the rest of the call layer uses.
 _ERROR_KINDS = {

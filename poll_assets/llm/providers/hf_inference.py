@@ -19,7 +19,7 @@ from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError
 from httpx_aiohttp.httpx2 import Httpx2AiohttpClient
 
 from poll_assets.llm.base import CallRequest, Completion, ProviderError
-from poll_assets.llm.remote import (
+from poll_assets.llm.providers.remote import (
     FormNegotiation,
     RemoteBackend,
     send_negotiated,
