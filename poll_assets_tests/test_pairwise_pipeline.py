@@ -121,28 +121,30 @@ def test_pairwise_judges_in_batch_mode(tmp_path, fake_llm, monkeypatch):
 
 @pytest.mark.slow
 def test_the_offline_local_panel_in_pairwise_mode(tmp_path, monkeypatch, capsys):
-    # The bundled local panel (SmolLM2-135M in-process, grammar-constrained), one shard of 2 prompts:
-    # 3 pairs x 2 orders x 3 judges x 2 prompts = 36 judge calls.
+    # The bundled local panel (SmolLM2-135M and Gemma 3 270M in-process, grammar-constrained, and two
+    # written answers), one shard of 1 prompt: n(n-1)/2 pairs x 2 orders for each judge.
     from poll_assets.panel import PANELS_DIR
 
     raw = yaml.safe_load((PANELS_DIR / "local.yaml").read_text())
     raw["source"]["data_files"] = [str((PANELS_DIR / raw["source"]["data_files"][0]).resolve())]
-    raw["source"]["shard_size"] = 2
+    raw["gold"]["path"] = str((PANELS_DIR / raw["gold"]["path"]).resolve())
+    raw["source"]["shard_size"] = 1
     raw["judging"]["mode"] = "pairwise"
+    n = len(raw["generators"])
     path = tmp_path / "local_pairwise.yaml"
     path.write_text(yaml.safe_dump(raw))
     panel, storage, instance, result, _ = run(tmp_path, path, monkeypatch)
     assert result.success
     for j in panel.judges:
         frame = read(storage, "ratings", j.name)
-        assert [len(p) for p in frame["preferred"]] == [6, 6]
+        assert [len(p) for p in frame["preferred"]] == [n * (n - 1)]
         assert set(o for modes in frame["output_modes"] for o in modes) == {"grammar"}
         meta = instance.get_latest_materialization_event(dg.AssetKey(["ratings", j.name])).asset_materialization.metadata
         for prefs, errs in zip(frame["preferred"], frame["comparison_errors"]):
             assert all((p in ("a", "b", "tie")) != bool(e) for p, e in zip(prefs, errs))  # read, or unread with a reason
         print(j.name, {k: getattr(meta[k], "value", None) for k in meta if k.startswith(("position/", "parse_failures"))})
     pooled = read(storage, "pooled_ratings")
-    assert len(pooled) == 2 and all(len(s) == 3 for s in pooled["bt_strengths"])
+    assert len(pooled) == 1 and all(len(s) == n for s in pooled["bt_strengths"])
     pooled_meta = instance.get_latest_materialization_event(dg.AssetKey("pooled_ratings")).asset_materialization.metadata
     assert pooled_meta["leaderboard"].value.startswith("| rank | generator |")
     print(pooled_meta["leaderboard"].value)
