@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import dagster as dg
+
+    from poll_assets.panel import Panel
 
 
 def _use_project_home() -> Path:
@@ -310,30 +313,49 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_calibration(args: argparse.Namespace) -> int:
-    """Print the calibration table over every stored shard of the panel (the dataset card's figures)."""
+def _stored_pooled(command: str, args: argparse.Namespace,
+                   needs: Callable[[Panel], str | None]) -> tuple[Panel, Path, Any] | None:
+    """The panel and every stored pooled_ratings shard, for a report over the whole dataset; None after
+    printing why not (a bad panel, what the report `needs` of it, unreadable storage)."""
     if args.storage is None:
         _use_project_home()
     import dagster as dg
 
     from poll_assets.assets.keys import POOLED_KEY
-    from poll_assets.assets.publishing import dataset_calibration, read_all_partitions
-    from poll_assets.calibration import calibration_markdown
+    from poll_assets.assets.publishing import read_all_partitions
     from poll_assets.io_manager import default_storage_dir
     from poll_assets.panel import PanelConfigError, load_panel
-    from poll_assets.rubrics.ultrafeedback import get_rubric
 
     try:
         panel, path = load_panel(args.panel)
     except PanelConfigError as exc:
-        print(f"poll-assets calibration: {exc}", file=sys.stderr)
-        return 2
-    if panel.gold is None:
-        print(f"poll-assets calibration: panel {panel.name} ({path}) has no gold labels; add `gold: {{path: ...}}` "
-              "(docs/calibration.md)", file=sys.stderr)
-        return 2
+        print(f"poll-assets {command}: {exc}", file=sys.stderr)
+        return None
+    missing = needs(panel)
+    if missing:
+        print(f"poll-assets {command}: panel {panel.name} ({path}) {missing}", file=sys.stderr)
+        return None
     try:
-        pooled = read_all_partitions(args.storage or default_storage_dir(), POOLED_KEY)
+        return panel, path, read_all_partitions(args.storage or default_storage_dir(), POOLED_KEY)
+    except dg.Failure as exc:
+        print(f"poll-assets {command}: {exc.description}", file=sys.stderr)
+        return None
+
+
+def cmd_calibration(args: argparse.Namespace) -> int:
+    """Print the calibration table over every stored shard of the panel (the dataset card's figures)."""
+    stored = _stored_pooled("calibration", args, lambda panel: None if panel.gold else
+                            "has no gold labels; add `gold: {path: ...}` (docs/calibration.md)")
+    if stored is None:
+        return 2
+    panel, path, pooled = stored
+    import dagster as dg
+
+    from poll_assets.assets.publishing import dataset_calibration
+    from poll_assets.calibration import calibration_markdown
+    from poll_assets.rubrics.ultrafeedback import get_rubric
+
+    try:
         result = dataset_calibration(panel, get_rubric(panel.judging.aspect), pooled, panel.gold.location(path))
     except dg.Failure as exc:
         print(f"poll-assets calibration: {exc.description}", file=sys.stderr)
@@ -350,31 +372,15 @@ def cmd_calibration(args: argparse.Namespace) -> int:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     """Print the generators' leaderboard over every stored shard (pairwise mode; the dataset card's table)."""
-    if args.storage is None:
-        _use_project_home()
-    import dagster as dg
-
-    from poll_assets.assets.keys import POOLED_KEY
-    from poll_assets.assets.publishing import dataset_pairwise, read_all_partitions
-    from poll_assets.io_manager import default_storage_dir
+    stored = _stored_pooled("leaderboard", args, lambda panel: None if panel.judging.mode == "pairwise" else (
+        f"judges in mode {panel.judging.mode!r}; the leaderboard comes from pairwise comparisons: set "
+        "`judging: {mode: pairwise}` (docs/pairwise.md)"))
+    if stored is None:
+        return 2
+    panel, _, pooled = stored
+    from poll_assets.assets.publishing import dataset_pairwise
     from poll_assets.pairwise import position_markdown
-    from poll_assets.panel import PanelConfigError, load_panel
 
-    try:
-        panel, path = load_panel(args.panel)
-    except PanelConfigError as exc:
-        print(f"poll-assets leaderboard: {exc}", file=sys.stderr)
-        return 2
-    if panel.judging.mode != "pairwise":
-        print(f"poll-assets leaderboard: panel {panel.name} ({path}) judges in mode {panel.judging.mode!r}; the "
-              "leaderboard comes from pairwise comparisons: set `judging: {mode: pairwise}` (docs/pairwise.md)",
-              file=sys.stderr)
-        return 2
-    try:
-        pooled = read_all_partitions(args.storage or default_storage_dir(), POOLED_KEY)
-    except dg.Failure as exc:
-        print(f"poll-assets leaderboard: {exc.description}", file=sys.stderr)
-        return 2
     summary = dataset_pairwise(panel, pooled, resamples=args.resamples)
     if summary is None:
         print("poll-assets leaderboard: the stored pooled_ratings shards hold no comparisons; re-run them in "

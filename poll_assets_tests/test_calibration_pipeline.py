@@ -225,3 +225,16 @@ def test_the_paper_panel_on_the_loopback_server_shows_the_calibration_table(tmp_
         assert f"| {judge} |" in table and f"| jury without {judge} |" in table
     assert meta["calibration/labelled_prompts"].value == 3
     assert "Gold labels used: 12 rating(s), 1 preference(s)" in table
+
+
+def test_the_whole_dataset_reports_say_what_the_panel_lacks(tmp_path, capsys):
+    """`calibration` needs gold labels and `leaderboard` pairwise mode: each exits 2 naming the panel
+    and what to add, before reading any storage."""
+    panel, path = write_panel(tmp_path)
+    assert panel.gold is None and panel.judging.mode == "rating"
+    storage = str(tmp_path / "no-storage-here")
+    assert main(["calibration", "--panel", str(path), "--storage", storage]) == 2
+    assert main(["leaderboard", "--panel", str(path), "--storage", storage]) == 2
+    err = capsys.readouterr().err
+    assert f"poll-assets calibration: panel {panel.name} ({path}) has no gold labels; add `gold:" in err
+    assert f"poll-assets leaderboard: panel {panel.name} ({path}) judges in mode 'rating'" in err
