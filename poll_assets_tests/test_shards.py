@@ -115,8 +115,9 @@ def test_a_range_of_three_shards_runs_as_one_run_and_stores_each_shard(tmp_path,
     # every check of every asset recorded once per shard; the blocking ones passed (the fake's random
     # ratings may well disagree, which only warns)
     evaluations = check_evaluations(instance, result.run_id)
-    # prompts 1; per member: its row check, its failure/unrated rate, pending_rows; pooled 2; pairs 1
-    n_checks = 1 + 3 * len(panel.generators) + 3 * len(panel.judges) + 2 + 1
+    # prompts 1; per member: its row check, its failure/unrated rate, pending_rows; pooled 2; pairs 2
+    # (chosen above rejected, contested pairs left out)
+    n_checks = 1 + 3 * len(panel.generators) + 3 * len(panel.judges) + 2 + 2
     assert len({(e.asset_key, e.check_name) for e in evaluations}) == n_checks
     assert len(evaluations) == n_checks * len(SHARDS)
     assert {e.partition for e in evaluations} == set(SHARDS)
