@@ -11,11 +11,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from poll_assets.json_lines import json_objects_by_line
 
 FORMATS = (".jsonl", ".csv", ".parquet")
 WINNERS = ("a", "b", "tie")
@@ -204,15 +205,7 @@ def _decode(source: str, data: bytes) -> str:
 
 
 def _jsonl_rows(source: str, text: str) -> Iterator[_Row]:
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise GoldLabelError(f"{source}: line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise GoldLabelError(f"{source}: line {number}: expected a JSON object, got {type(record).__name__}")
+    for number, record in json_objects_by_line(text, source, GoldLabelError):
         yield _Row(source, number, record)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from poll_assets.json_lines import describe_json_value, json_objects_by_line
 from poll_assets.panel import Source
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -49,15 +50,10 @@ def _file_format(files: list[Path]) -> str:
     return kinds.pop()  # type: ignore[return-value]
 
 
-def _describe_value(value: object) -> str:
-    text = json.dumps(value, default=str)
-    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
-
-
 def _check_instruction(value: object, where: str, column: str) -> None:
     """Instructions are text; None (a missing value) is counted as empty later."""
     if value is not None and not isinstance(value, str):
-        raise PromptSourceError(f"{where}: {column!r} is a {_describe_value(value)}, not text; every instruction must be a string")
+        raise PromptSourceError(f"{where}: {column!r} is a {describe_json_value(value)}, not text; every instruction must be a string")
 
 
 def _read_text(path: Path) -> str:
@@ -76,15 +72,7 @@ def _read_text(path: Path) -> str:
 
 def _json_lines_rows(path: Path, text: str, column: str) -> int:
     rows = 0
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PromptSourceError(f"{path}: line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise PromptSourceError(f"{path}: line {number}: expected a JSON object, got a {_describe_value(record)}")
+    for number, record in json_objects_by_line(text, str(path), PromptSourceError):
         _check_instruction(record.get(column), f"{path}: line {number}", column)
         rows += 1
     return rows
@@ -100,7 +88,7 @@ def _json_rows(path: Path, text: str, column: str) -> int:
         return _json_lines_rows(path, text, column)
     for i, record in enumerate(records):
         if not isinstance(record, dict):
-            raise PromptSourceError(f"{path}: record {i}: expected a JSON object, got a {_describe_value(record)}")
+            raise PromptSourceError(f"{path}: record {i}: expected a JSON object, got a {describe_json_value(record)}")
         _check_instruction(record.get(column), f"{path}: record {i}", column)
     return len(records)
 

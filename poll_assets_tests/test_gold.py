@@ -141,3 +141,13 @@ def test_a_bad_parquet_row_is_named_by_its_row_number(tmp_path):
     path = tmp_path / "gold.parquet"
     pd.DataFrame({"prompt_id": [PID, PID], "generator": ["gen_0", "gen_1"], "rating": [3, 0]}).to_parquet(path)
     assert "row 2: field 'rating': rating 0 is off the scale" in _error(path)
+
+
+def test_a_broken_or_non_object_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "gold.jsonl"
+    path.write_text(json.dumps({"prompt_id": PID, "generator": "g", "rating": 4}) + "\n\n{not json\n", encoding="utf-8")
+    with pytest.raises(GoldLabelError, match=r"gold\.jsonl: line 3: not valid JSON \(Expecting property name"):
+        load_gold(str(path), SCALE)
+    path.write_text("[1, 2]\n", encoding="utf-8")
+    with pytest.raises(GoldLabelError, match=r"gold\.jsonl: line 1: expected a JSON object, got a list \[1, 2\]"):
+        load_gold(str(path), SCALE)
