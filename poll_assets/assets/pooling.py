@@ -160,11 +160,7 @@ def pool_shard(panel: Panel, combined: pd.DataFrame, ratings: Sequence[pd.DataFr
                               weights=weights)
         excluded += pooled.excluded
         rows.append({
-            "prompt_id": pid,
-            "instruction": row["instruction"],
-            "generations": plain_list(row["generations"]),
-            "generation_models": plain_list(row["generation_models"]),
-            "generation_call_ids": plain_list(row["generation_call_ids"]),
+            **_prompt_cells(row),
             "poll_ratings": matrix,
             "poll_rationales": [plain_list(frame.loc[pid, "rationales"]) for frame in by_judge],
             "poll_models": [j.model for j in panel.judges],
@@ -175,6 +171,17 @@ def pool_shard(panel: Panel, combined: pd.DataFrame, ratings: Sequence[pd.DataFr
             "bt_strengths": None, "win_counts": None, "n_comparisons": None, "poll_comparisons": None,
         })
     return POOLED_COLUMNS.frame(rows), excluded, source
+
+
+def _prompt_cells(row: pd.Series) -> dict[str, Any]:
+    """The cells a pooled row carries over from combined_generations, in both judging modes."""
+    return {
+        "prompt_id": row["prompt_id"],
+        "instruction": row["instruction"],
+        "generations": plain_list(row["generations"]),
+        "generation_models": plain_list(row["generation_models"]),
+        "generation_call_ids": plain_list(row["generation_call_ids"]),
+    }
 
 
 def pool_comparison_shard(panel: Panel, combined: pd.DataFrame, frames: Sequence[pd.DataFrame]) -> tuple[pd.DataFrame, int]:
@@ -190,11 +197,7 @@ def pool_comparison_shard(panel: Panel, combined: pd.DataFrame, frames: Sequence
                                   [list(r) for r in mask] if mask else None)
         excluded += pooled.excluded
         rows.append({
-            "prompt_id": pid,
-            "instruction": row["instruction"],
-            "generations": plain_list(row["generations"]),
-            "generation_models": plain_list(row["generation_models"]),
-            "generation_call_ids": plain_list(row["generation_call_ids"]),
+            **_prompt_cells(row),
             "poll_ratings": [[None] * n for _ in by_judge],
             "poll_rationales": [[None] * n for _ in by_judge],
             "poll_models": [j.model for j in panel.judges],
