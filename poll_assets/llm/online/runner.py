@@ -389,7 +389,12 @@ class _Breaker:
                 pass
         return False
 
-    def success(self) -> None:
+    def success(self, sent_at: float | None = None) -> None:
+        """An answer. One to a request sent before the provider stopped answering (`sent_at`, monotonic)
+        says nothing of the provider now: it leaves an open breaker open."""
+        if self.open_since is not None and sent_at is not None and sent_at < self.open_since:
+            self.answered = True
+            return
         self.in_a_row = 0
         self.failing_since = None
         self._close()
@@ -595,6 +600,7 @@ class _Sender:
             if _STOP.is_set():
                 return self._failed(key, attempts, begun, "not sent: the run was interrupted", "other")
             attempts += 1
+            sent = time.monotonic()
             try:
                 done = await self._attempt(request, estimate)
             except FatalProviderError:
@@ -608,7 +614,7 @@ class _Sender:
                     return self._failed(key, attempts, begun, str(err), err.kind)
                 await self._back_off(err, counted, started)
                 continue
-            self.breaker.success()
+            self.breaker.success(sent)
             done.attempts, done.call_id, done.cached = attempts, key, False
             return done
 
