@@ -330,7 +330,12 @@ class FakeLLMServer:
         self.bodies: deque[dict[str, Any]] = deque(maxlen=20_000)
 
     def reset(self, **config: Any) -> None:
-        """Forget counts and scripted outcomes; start again from a default config updated with `config`."""
+        """Forget counts and scripted outcomes; start again from a default config updated with `config`.
+        An outage of connections still under way (a test that failed early) is waited out first, so
+        the next test finds the server listening."""
+        outage = getattr(self, "_outage_thread", None)
+        if outage is not None and outage.is_alive():
+            outage.join()
         with self._lock:
             self._reset_counts()
             self._script.clear()
@@ -370,6 +375,7 @@ class FakeLLMServer:
 
         thread = threading.Thread(target=outage, name="fake-llm-outage", daemon=True)
         thread.start()
+        self._outage_thread = thread
         return thread
 
     def requests_for(self, body: dict[str, Any]) -> int:

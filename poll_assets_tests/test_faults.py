@@ -300,10 +300,13 @@ def test_a_ten_second_outage_mid_run_leaves_no_failed_row(fake_llm, tmp_path, en
 @pytest.mark.parametrize("seconds", [10.0, pytest.param(60.0, marks=pytest.mark.slow)])
 def test_a_refused_connection_outage_mid_shard_fills_every_row_and_pays_nothing_twice(fake_llm, tmp_path, env_key,
                                                                                       seconds):
-    # The server stops listening at the 50th request (of 80 generation calls, then 80 judge calls) for
-    # `seconds`: every connection refused, the open ones closed. Default retry settings (retry_window_s 90).
+    # The server stops listening at the 30th request (of 80 generation calls, then 80 judge calls) for
+    # `seconds`: every connection refused, the open ones closed. Early enough that both generators have
+    # answered and are still calling (at the 50th, CI once saw them finish first, so the outage met the
+    # judges' first calls, and a member that never answered fails fast by design); default retry
+    # settings (retry_window_s 90).
     n = 40
-    fake_llm.reset(latency_ms=50, refuse_from_request=50, refuse_s=seconds)
+    fake_llm.reset(latency_ms=50, refuse_from_request=30, refuse_s=seconds)
     panel_path = http_panel_file(tmp_path, fake_llm, n, retry_window_s=None)
     start = time.monotonic()
     result, instance, panel = materialize(panel_path, tmp_path / "storage", tmp_path / "c.sqlite")
