@@ -31,7 +31,7 @@ from poll_assets.llm.pricing import Price
 from poll_assets.llm.providers.registry import provider_spec
 from poll_assets.llm.resources import ChatModelResource, ResponseCacheResource, member_backend, resource_key
 from poll_assets.llm.online.runner import CallBatch, CallStats, run_calls
-from poll_assets.panel import Member, Panel
+from poll_assets.panel import Member
 from poll_assets.run_liveness import RUN_PROCESS_KEY
 
 
@@ -203,17 +203,13 @@ class MemberCalls:
 class RunSettings:
     """What the engine needs of the panel in every LLM stage step, whatever the stage: every member
     (a step checks all the run's members before any call), the run's spending cap, and by member
-    name its price and its call policy (its `limits:` resolved once, here, for the runner)."""
+    name its price and its call policy (its `limits:` as resolved once by `pipeline.run_settings`;
+    the engine hands it to the runner as it is)."""
 
     members: tuple[Member, ...]
     budget: BudgetSettings | None
     prices: Mapping[str, Price | None]
     policies: Mapping[str, CallPolicy]
-
-    @classmethod
-    def of(cls, panel: Panel) -> RunSettings:
-        return cls(tuple(panel.members), panel.budget, {m.name: panel.price_of(m) for m in panel.members},
-                   {m.name: CallPolicy.resolve(m.limits, m.provider) for m in panel.members})
 
     def price_of(self, member: Member) -> Price | None:
         return self.prices.get(member.name)
