@@ -62,8 +62,8 @@ def biased_judge(bias: float, answer_in=lambda side: json.dumps({"rationale": "b
 def _run(panel, answer, cache, combined):
     member = panel.judges[0]
     backend = FakeBackend(member.model, member.name, answer=answer)
-    work = MemberContext.alone(member, panel.judging, backend, CallPolicy(retry=FAST_RETRY), cache, lambda _: None, "ratings/test")
-    out = asyncio.run(compare(work, combined, rubric=RUBRIC))
+    work = MemberContext.alone(member, backend, CallPolicy(retry=FAST_RETRY), cache, lambda _: None, "ratings/test")
+    out = asyncio.run(compare(work, combined, judging=panel.judging, rubric=RUBRIC))
     return out.value, {k: getattr(v, "value", v) for k, v in out.metadata.items()}, backend
 
 
@@ -96,9 +96,9 @@ def test_one_repair_reads_an_unread_answer_and_a_rerun_is_cached(tmp_path):
     assert all(e == "no preference found in the answer" for row in df["repaired_errors"] for e in row)
     again = FakeBackend(panel.judges[0].model, panel.judges[0].name, answer=answer)
     member = panel.judges[0]
-    work = MemberContext.alone(member, panel.judging, again, CallPolicy(retry=FAST_RETRY), ResponseCache(tmp_path / "c.sqlite"),
+    work = MemberContext.alone(member, again, CallPolicy(retry=FAST_RETRY), ResponseCache(tmp_path / "c.sqlite"),
                                lambda _: None, "ratings/test")
-    warm = asyncio.run(compare(work, _combined(2, 2), rubric=RUBRIC))
+    warm = asyncio.run(compare(work, _combined(2, 2), judging=panel.judging, rubric=RUBRIC))
     assert again.total_calls == 0
     pd.testing.assert_frame_equal(warm.value, df)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import dagster as dg
 import pandas as pd
@@ -215,17 +215,13 @@ class RunSettings:
         return self.prices.get(member.name)
 
 
-SettingsT = TypeVar("SettingsT")
-
-
 @dataclass
-class MemberContext(Generic[SettingsT]):
-    """What one member's work on one shard gets: the member, its stage's settings (`Judging` for a
-    judge, the `Source` for a generator), its price, a log function, a label for messages, and the
-    member's calls, which the run's shards send together."""
+class MemberContext:
+    """What one member's work on one shard gets from the engine: the member, its price, a log
+    function, a label for messages, and the member's calls, which the run's shards send together.
+    The stage's own settings are not here: the stage binds them into the work it hands the engine."""
 
     member: Member
-    settings: SettingsT
     price: Price | None
     log: Callable[[str], None]
     label: str
@@ -233,12 +229,12 @@ class MemberContext(Generic[SettingsT]):
     finished: bool = False
 
     @classmethod
-    def alone(cls, member: Member, settings: SettingsT, backend: ChatModelResource | ChatBackend, policy: CallPolicy,
+    def alone(cls, member: Member, backend: ChatModelResource | ChatBackend, policy: CallPolicy,
               cache: ResponseCache, log: Callable[[str], None], label: str,
-              price: Price | None = None) -> MemberContext[SettingsT]:
+              price: Price | None = None) -> MemberContext:
         """A member's work on one shard outside a stage step (tests call `generate` or `judge` so)."""
         calls = MemberCalls(member, backend, policy, cache, log, label, BackendGate(1))
-        return cls(member, settings, price, log, label, SharedCalls(calls.send, 1))
+        return cls(member, price, log, label, SharedCalls(calls.send, 1))
 
     async def run_calls(self, requests: Sequence[CallRequest]) -> CallBatch:
         """The member's requests through the one call path, under its policy, together with the
@@ -253,7 +249,7 @@ class MemberContext(Generic[SettingsT]):
 
 
 # What a stage does for one member: (its context, the stage's input frame) -> that member's output.
-# `generate` and `judge` have this shape.
+# `generate` and `judge`, with the stage's settings bound (functools.partial), have this shape.
 MemberWork = Callable[[MemberContext, pd.DataFrame], Coroutine[Any, Any, dg.Output[Any]]]
 
 
@@ -305,7 +301,6 @@ def stage_multi_asset_kwargs(
 def run_stage_step(
     context: dg.AssetExecutionContext,
     run: RunSettings,
-    settings: Any,
     members: Sequence[Member],
     key_of: Callable[[Member], dg.AssetKey],
     step_input: Any,
@@ -315,8 +310,8 @@ def run_stage_step(
 ) -> Iterator[dg.Output[Any] | dg.AssetCheckResult | dg.AssetCheckEvaluation]:
     """The body of a stage step: first, every member of the run is checked; then the selected
     members do `work` on every shard of the run at the same time (each member's calls for all shards
-    in one batch), and each shard's checks run on its output (see `run_stage`). `settings`: the
-    stage's own, handed to each member's work in its `MemberContext`."""
+    in one batch), and each shard's checks run on its output (see `run_stage`). `work` carries the
+    stage's own settings, bound by the stage: the engine never holds them."""
     cache: ResponseCacheResource = context.resources.response_cache
     selected = [m for m in members if key_of(m) in context.selected_asset_keys]
     check_models = preflight_run(context, run.members, selected)
@@ -338,7 +333,7 @@ def run_stage_step(
         shared = SharedCalls(calls.send, len(frames), on_nothing=gate.leave)
 
         async def one(shard: str) -> dg.Output[Any]:
-            work_ctx = MemberContext(m, settings, price, context.log.info, label, shared)
+            work_ctx = MemberContext(m, price, context.log.info, label, shared)
             try:
                 return await work(work_ctx, frames[shard])
             finally:
