@@ -207,7 +207,8 @@ def build_generation_stage(
     @dg.multi_asset(
         **stage_multi_asset_kwargs(
             name=name, members=generators, key_of=generation_key, group="generation",
-            code_version_of=lambda m: m.fingerprint(), description_of=_description, input_name="prompts",
+            code_versions={m.name: m.fingerprint() for m in generators},
+            descriptions={m.name: _description(m) for m in generators}, input_name="prompts",
             default_pool="llm_generation", partitions_def=partitions_def,
             checks=stage_checks, columns=GENERATION_COLUMNS,
         )

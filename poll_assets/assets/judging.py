@@ -381,12 +381,13 @@ def build_ratings_stage(
     # settings are bound into the work handed to the engine, and act in `judge` (or `compare`).
     pairwise = judging.mode == "pairwise"
     stage_checks = comparison_checks(thresholds) if pairwise else rating_checks(thresholds, rubric)
+    versions = {m.name: judge_code_version(m, judging, rubric) for m in judges}
+    descriptions = {m.name: _description(m, rubric, judging.mode) for m in judges}
 
     @dg.multi_asset(
         **stage_multi_asset_kwargs(
             name=name, members=judges, key_of=ratings_key, group="judging",
-            code_version_of=lambda m: judge_code_version(m, judging, rubric),
-            description_of=lambda m: _description(m, rubric, judging.mode),
+            code_versions=versions, descriptions=descriptions,
             input_name="combined_generations", default_pool="llm_judging", partitions_def=partitions_def,
             checks=stage_checks, columns=COMPARISON_COLUMNS if pairwise else RATING_COLUMNS,
         )

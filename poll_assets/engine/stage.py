@@ -265,8 +265,8 @@ def stage_multi_asset_kwargs(
     members: Sequence[Member],
     key_of: Callable[[Member], dg.AssetKey],
     group: str,
-    code_version_of: Callable[[Member], str],
-    description_of: Callable[[Member], str],
+    code_versions: Mapping[str, str],
+    descriptions: Mapping[str, str],
     input_name: str,
     default_pool: str,
     partitions_def: dg.PartitionsDefinition,
@@ -274,7 +274,8 @@ def stage_multi_asset_kwargs(
     columns: ColumnSchema,
 ) -> dict[str, Any]:
     """The `dg.multi_asset` arguments of an LLM stage: one optional output (asset) per member, with its
-    own key, kinds, code_version and checks, the stage's one input, and the members' pool."""
+    own key, kinds, code_version and checks, the stage's one input, and the members' pool.
+    `code_versions` and `descriptions`: by member name, as the stage made them from its settings."""
     return {
         "name": name,
         "outs": {
@@ -282,8 +283,8 @@ def stage_multi_asset_kwargs(
                 key=key_of(m),
                 group_name=group,
                 kinds=member_kinds(m),
-                code_version=code_version_of(m),
-                description=description_of(m),
+                code_version=code_versions[m.name],
+                description=descriptions[m.name],
                 metadata=columns.definition_metadata(),
                 is_required=False,
             )
