@@ -305,11 +305,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     fresh = panel.cache.resolved_backend == "sqlite" and not resource.resolved_path().is_file()
     cache = None if fresh or panel.cache.mode != "use" else resource.get_cache()
     try:
-        prompts = pd.concat([partition_prompts(panel, path, k) for k in chosen], ignore_index=True)
+        prompts = pd.concat([partition_prompts(panel.source, path.parent, k) for k in chosen], ignore_index=True)
     except (OSError, ValueError) as exc:  # an unreadable prompt file, or a Hub dataset out of reach
         print(f"poll-assets estimate: cannot read the prompts of panel {panel.name}: {exc}", file=sys.stderr)
         return 2
-    print(format_estimate(estimate_prompts(panel, prompts, cache, partitions=chosen)))
+    print(format_estimate(estimate_prompts(panel.jury, panel.member_prices(), prompts, cache, partitions=chosen)))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Any, Literal
@@ -225,6 +226,21 @@ class Binarization(_Strict):
         "Pairs whose 95% interval on the margin (bootstrap over judges) starts below this are left out and counted."))
 
 
+@dataclass(frozen=True)
+class Jury:
+    """Who judges whom, and how: the generators and the judges (each in panel order), the judging
+    settings and the pooling. What the pooling and preference stages and the estimate get of a panel."""
+
+    generators: tuple[Member, ...]
+    judges: tuple[Member, ...]
+    judging: Judging
+    pooling: Pooling
+
+    @property
+    def members(self) -> list[Member]:
+        return [*self.generators, *self.judges]
+
+
 class Thresholds(_Strict):
     max_generation_failure_rate: float = Field(default=0.1, ge=0, le=1, description="The failure_rate check fails a generator's shard above this share of failed generations.")
     max_parse_failure_rate: float = Field(default=0.2, ge=0, le=1, description="The unrated_verdict_rate check fails a judge's shard above this share of verdicts without a rating.")
@@ -393,10 +409,19 @@ class Panel(_Strict):
     def members(self) -> list[Member]:
         return [*self.generators, *self.judges]
 
+    @property
+    def jury(self) -> Jury:
+        """The part of the panel that pooling, binarization and the estimate read."""
+        return Jury(tuple(self.generators), tuple(self.judges), self.judging, self.pooling)
+
     def price_of(self, member: Member) -> Price | None:
         """The member's model's price, unset rates filled from its provider's published ones; None if unpriced."""
         price = self.prices.get(member.model)
         return None if price is None else price.for_provider(member.provider)
+
+    def member_prices(self) -> dict[str, Price | None]:
+        """`price_of` every member, by member name."""
+        return {m.name: self.price_of(m) for m in self.members}
 
     def member(self, name: str) -> Member:
         for m in self.members:

@@ -55,8 +55,9 @@ def build_assets(
         *generators,
         build_combined_asset(panel.generators, parts),
         *judges,
-        build_pooled_asset(panel, parts, rubric, panel.gold.location(panel_path) if panel.gold else None),
-        build_preferences_asset(panel, parts),
+        build_pooled_asset(panel.jury, panel.gold, panel.thresholds, parts, rubric,
+                           panel.gold.location(panel_path) if panel.gold else None),
+        build_preferences_asset(panel.jury, panel.binarization, parts),
     ]
     # A backfill runs `shards_per_run` shards per run; every step takes such a range (engine/shards.py).
     policy = backfill_policy(panel.source)
@@ -66,13 +67,14 @@ def build_assets(
 def run_settings(panel: Panel) -> RunSettings:
     """What every LLM stage step needs of the panel: its members, budget and prices, and each member's
     `limits:` resolved here, once per build of the graph, into the call policy the runner follows."""
-    return RunSettings(tuple(panel.members), panel.budget, {m.name: panel.price_of(m) for m in panel.members},
+    return RunSettings(tuple(panel.members), panel.budget, panel.member_prices(),
                        {m.name: CallPolicy.resolve(m.limits, m.provider) for m in panel.members})
 
 
 def shard_estimate(panel: Panel, rubric: Rubric) -> ShardEstimate:
     """The cost estimate of one shard's prompts, shown on the prompts asset before any call."""
-    return lambda rows, cache, shard: estimate_prompts(panel, rows, cache, rubric, partitions=[shard])
+    jury, prices = panel.jury, panel.member_prices()
+    return lambda rows, cache, shard: estimate_prompts(jury, prices, rows, cache, rubric, partitions=[shard])
 
 
 def build_resources(panel: Panel, storage_dir: str | None = None, cache_path: str | None = None) -> dict[str, object]:

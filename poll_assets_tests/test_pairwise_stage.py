@@ -128,8 +128,9 @@ def test_a_generation_cannot_set_a_preference_even_if_the_judge_echoes_it(tmp_pa
 
 def test_the_estimate_counts_one_call_per_comparison(tmp_path):
     prompts = _combined(3)[["prompt_id", "instruction"]]
-    both = estimate_prompts(_panel(tmp_path / "a"), prompts, None)
-    anchored = estimate_prompts(_panel(tmp_path / "b", against="gen_0", both_orders=False), prompts, None)
+    panel, one_way = _panel(tmp_path / "a"), _panel(tmp_path / "b", against="gen_0", both_orders=False)
+    both = estimate_prompts(panel.jury, panel.member_prices(), prompts, None)
+    anchored = estimate_prompts(one_way.jury, one_way.member_prices(), prompts, None)
     assert [m.calls for m in both.members if m.role == "judge"] == [3 * 4 * 3 // 2 * 2]
     assert [m.calls for m in anchored.members if m.role == "judge"] == [3 * 3]
     assert [(m.mode, m.judge_calls) for m in both.modes] == [("pairwise", 36), ("rating", 3)]
