@@ -246,7 +246,7 @@ def _pairwise_section(pairwise: dict[str, Any] | None) -> list[str]:
     """Pairwise judging (poll_assets/pairwise.py): the generators' leaderboard and each judge's position figures."""
     if not pairwise:
         return []
-    from poll_assets.pairwise import position_markdown
+    from poll_assets.pooled_comparisons import position_markdown
 
     return ["", "## Pairwise judging: leaderboard and position bias", "",
             "The judges compared the answers two at a time, each pair in both orders; the pairs above are built "

@@ -20,7 +20,7 @@ from poll_assets.calibration import (
     _verdict, bootstrap_weights, estimate, match_gold, preference_label_stats,
 )
 from poll_assets.gold import GoldSet
-from poll_assets.pairwise import Answer, pair_label, pool_comparisons
+from poll_assets.pooled_comparisons import Answer, pair_label, pool_comparisons
 
 NO_RATINGS = "pairwise mode: the judges compare, they give no ratings"
 STRENGTH_TIE = 1e-9  # strengths closer than this are a tie (equal wins give equal strengths up to rounding)

@@ -16,11 +16,11 @@ from poll_assets.engine.checks import STEP_INPUT, Finding, StageCheck, examples,
 from poll_assets.llm.base import CallRequest, Completion
 from poll_assets.llm.online.runner import CallStats
 from poll_assets.pairwise import (
-    JUDGE_FAILED, Comparison, Preference, build_pairwise_repair, pairwise_json_schema, parse_preference, position_figures,
-    winner,
+    JUDGE_FAILED, Comparison, Preference, build_pairwise_repair, pairwise_json_schema, parse_preference, winner,
 )
 from poll_assets.panel import Judging, Thresholds
 from poll_assets.parquet_values import is_missing, plain_list
+from poll_assets.pooled_comparisons import position_figures
 from poll_assets.rubrics.ultrafeedback import Rubric
 from poll_assets.stage_requests import ComparisonTask, plan_comparison_tasks
 

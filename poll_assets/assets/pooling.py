@@ -23,10 +23,10 @@ from poll_assets.engine.checks import (
 )
 from poll_assets.code_versions import pooled_version
 from poll_assets.gold import GoldLabelError, GoldSet, load_gold
-from poll_assets.pairwise import encode_answer, pairwise_summary, pool_comparisons, position_markdown, stored_answers
 from poll_assets.pairwise_calibration import calibrate_pairwise
 from poll_assets.panel import Gold, Jury, Thresholds
 from poll_assets.parquet_values import is_missing, plain_list
+from poll_assets.pooled_comparisons import encode_answer, pairwise_summary, pool_comparisons, position_markdown, stored_answers
 from poll_assets.pooled_ratings import pool_ratings, self_family_mask
 from poll_assets.rubrics.ultrafeedback import Rubric
 
