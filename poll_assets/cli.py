@@ -352,7 +352,7 @@ def cmd_calibration(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from poll_assets.assets.publishing import dataset_calibration
-    from poll_assets.calibration import calibration_markdown
+    from poll_assets.scoring.calibration import calibration_markdown
     from poll_assets.rubrics.ultrafeedback import get_rubric
 
     try:
@@ -379,7 +379,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         return 2
     panel, _, pooled = stored
     from poll_assets.assets.publishing import dataset_pairwise
-    from poll_assets.pooled_comparisons import position_markdown
+    from poll_assets.scoring.pooled_comparisons import position_markdown
 
     summary = dataset_pairwise(panel, pooled, resamples=args.resamples)
     if summary is None:

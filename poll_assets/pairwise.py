@@ -1,6 +1,6 @@
 """Pairwise judging (pure): which pairs a judge compares, the prompt it is asked, how its answer is
 and how its answer is read. What the answers add up to (pooling over the judges, the leaderboard, the
-judges' position figures) is in poll_assets/pooled_comparisons.py.
+judges' position figures) is in poll_assets/scoring/pooled_comparisons.py.
 
 A judge sees two answers, shown as Response A and Response B, and says which is better or that they
 tie. Each unordered pair {a, b} of generations is asked in both orders by default (a shown first,

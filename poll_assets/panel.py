@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from poll_assets.binarize import Strategy
+from poll_assets.scoring.binarize import Strategy
 from poll_assets.code_versions import member_version
 from poll_assets.llm.base import GenerationParams
 from poll_assets.llm.batch.settings import BatchSettings
@@ -22,7 +22,7 @@ from poll_assets.llm.cache.response_cache import PG_URL_PREFIXES, CacheMode
 from poll_assets.llm.online.policy import Limits
 from poll_assets.llm.pricing import Price
 from poll_assets.llm.providers.registry import PROVIDER_NAMES, provider_spec
-from poll_assets.pooled_ratings import PoolingMethod
+from poll_assets.scoring.pooled_ratings import PoolingMethod
 from poll_assets.rubrics.ultrafeedback import RUBRICS
 
 PANEL_ENV_VAR = "POLL_PANEL"
@@ -219,7 +219,7 @@ class Binarization(_Strict):
     strategy: Strategy = Field(default="best_vs_worst", description="How pairs are formed: best_vs_worst, best_vs_random or all_pairs.")
     min_margin: float = Field(default=0.0, ge=0.0, description="Pairs whose pooled ratings differ by less are dropped, for every strategy.")
     seed: int = Field(default=0, description="Seed of the random choices (best_vs_random's rejected answer, ties for best or worst).")
-    # Contested pairs (poll_assets/confidence.py): left out and counted. None: keep every pair.
+    # Contested pairs (poll_assets/scoring/confidence.py): left out and counted. None: keep every pair.
     min_judge_agreement: float | None = Field(default=None, ge=0.0, le=1.0, description=(
         "Pairs whose share of judges rating chosen strictly above rejected is below this are left out and counted."))
     min_margin_low: float | None = Field(default=None, ge=-4.0, le=4.0, description=(
@@ -485,7 +485,7 @@ def _check_gold(panel: Panel, path: Path) -> None:
     field). A remote one (s3://...) is read at its first use, by the pooled_ratings step."""
     if panel.gold is None or panel.gold.is_remote:
         return
-    from poll_assets.gold import GoldLabelError, load_gold
+    from poll_assets.scoring.gold import GoldLabelError, load_gold
     from poll_assets.rubrics.ultrafeedback import get_rubric
 
     try:

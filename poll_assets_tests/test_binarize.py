@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from poll_assets.binarize import FEWER_THAN_TWO, TIE, BELOW_MARGIN, PreferencePair, binarize
+from poll_assets.scoring.binarize import FEWER_THAN_TWO, TIE, BELOW_MARGIN, PreferencePair, binarize
 
 
 def test_best_vs_worst():
@@ -91,9 +91,9 @@ import pandas as pd  # noqa: E402
 
 from poll_assets.assets.keys import PAIRS_KEY, POOLED_COLUMNS  # noqa: E402
 from poll_assets.assets.preferences import preference_rows  # noqa: E402
-from poll_assets.confidence import LOW_AGREEMENT, LOW_MARGIN  # noqa: E402
+from poll_assets.scoring.confidence import LOW_AGREEMENT, LOW_MARGIN  # noqa: E402
 from poll_assets.pipeline import build_definitions  # noqa: E402
-from poll_assets.pooled_ratings import pool_ratings  # noqa: E402
+from poll_assets.scoring.pooled_ratings import pool_ratings  # noqa: E402
 from poll_assets_tests.fake_panel import write_panel  # noqa: E402
 
 # judge x generation ratings of three prompts: the judges agree, split, and tie

@@ -432,7 +432,7 @@ def test_pending_rows_are_the_transient_failures_only():
 
 def test_contested_check_states_how_many_pairs_were_left_out_and_why(tmp_path):
     from poll_assets.assets.preferences import LeftOut, check_contested
-    from poll_assets.confidence import LOW_AGREEMENT, NO_INTERVAL
+    from poll_assets.scoring.confidence import LOW_AGREEMENT, NO_INTERVAL
 
     panel, _ = write_panel(tmp_path, extra={"binarization": {"min_judge_agreement": 0.75, "min_margin_low": 0.0}})
     assert check_contested(LeftOut(prompts={"tie": 2}), panel.binarization).passed  # ties are not contested pairs

@@ -18,7 +18,7 @@ from poll_assets.estimate import estimate_prompts
 from poll_assets.llm.base import CallRequest, Completion
 from poll_assets.llm.cache.response_cache import ResponseCache
 from poll_assets.llm.online.policy import CallPolicy
-from poll_assets.pooled_comparisons import pool_comparisons
+from poll_assets.scoring.pooled_comparisons import pool_comparisons
 from poll_assets.rubrics import get_rubric
 from poll_assets_tests.fake_backend import FAST_RETRY, FakeBackend
 from poll_assets_tests.fake_panel import write_panel

@@ -20,7 +20,7 @@ from poll_assets.pairwise import (
 )
 from poll_assets.panel import Judging, Thresholds
 from poll_assets.parquet_values import is_missing, plain_list
-from poll_assets.pooled_comparisons import position_figures
+from poll_assets.scoring.pooled_comparisons import position_figures
 from poll_assets.rubrics.ultrafeedback import Rubric
 from poll_assets.stage_requests import ComparisonTask, plan_comparison_tasks
 

@@ -14,20 +14,20 @@ from poll_assets.assets.keys import (
     COMBINED_COLUMNS, COMBINED_KEY, COMPARISON_COLUMNS, POOLED_COLUMNS, POOLED_KEY, RATING_COLUMNS, comparison_answers,
     generation_counts, ratings_key, scores_column,
 )
-from poll_assets.agreement import agreement_metrics, judge_agreement
-from poll_assets.calibration import Calibration, JurySpec, RunRatings, calibrate, calibration_markdown, calibration_numbers, pooling_weights
+from poll_assets.scoring.agreement import agreement_metrics, judge_agreement
+from poll_assets.scoring.calibration import Calibration, JurySpec, RunRatings, calibrate, calibration_markdown, calibration_numbers, pooling_weights
 from poll_assets.engine.schema import column_of, column_of_each
 from poll_assets.engine.shards import shard_events, shard_frames
 from poll_assets.engine.checks import (
     STEP_INPUT, Finding, StageCheck, absent_ids, asset_check_specs, evaluate_checks, examples, problems_finding, short_id,
 )
 from poll_assets.code_versions import pooled_version
-from poll_assets.gold import GoldLabelError, GoldSet, load_gold
-from poll_assets.pairwise_calibration import calibrate_pairwise
+from poll_assets.scoring.gold import GoldLabelError, GoldSet, load_gold
+from poll_assets.scoring.pairwise_calibration import calibrate_pairwise
 from poll_assets.panel import Gold, Jury, Thresholds
 from poll_assets.parquet_values import is_missing, plain_list
-from poll_assets.pooled_comparisons import encode_answer, pairwise_summary, pool_comparisons, position_markdown, stored_answers
-from poll_assets.pooled_ratings import pool_ratings, self_family_mask
+from poll_assets.scoring.pooled_comparisons import encode_answer, pairwise_summary, pool_comparisons, position_markdown, stored_answers
+from poll_assets.scoring.pooled_ratings import pool_ratings, self_family_mask
 from poll_assets.rubrics.ultrafeedback import Rubric
 
 AGREEMENT = "agreement"  # the name under which the step hands its checks the agreement it computed

@@ -16,13 +16,13 @@ from poll_assets.engine.previews import chat_answer, pairs_preview, pairs_table
 from poll_assets.engine.schema import column_of, column_of_each
 from poll_assets.engine.shards import shard_events, shard_frames
 from poll_assets.engine.totals import shard_totals
-from poll_assets.binarize import binarize
+from poll_assets.scoring.binarize import binarize
 from poll_assets.engine.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, problems_finding, short_id
 from poll_assets.code_versions import pairs_version
-from poll_assets.confidence import PairConfidence, comparison_confidence, confidence_cut, pair_confidence
+from poll_assets.scoring.confidence import PairConfidence, comparison_confidence, confidence_cut, pair_confidence
 from poll_assets.panel import Binarization, Jury
 from poll_assets.parquet_values import is_missing, plain_list
-from poll_assets.pooled_ratings import self_family_mask
+from poll_assets.scoring.pooled_ratings import self_family_mask
 
 
 def check_pairs(pairs: pd.DataFrame) -> Finding:

@@ -17,9 +17,9 @@ from poll_assets.assets.judging import repair_figures
 from poll_assets.assets.pooling import jury_spec, leaderboard_metadata, pooled_agreement, pooled_calibration, read_gold
 from poll_assets.assets.preferences import pair_quality
 from poll_assets.io_manager import asset_dir, default_dagster_home, read_partition, stored_partitions
-from poll_assets.calibration import calibration_markdown
-from poll_assets.bradley_terry import leaderboard_svg
-from poll_assets.pooled_comparisons import pairwise_summary, stored_answers
+from poll_assets.scoring.calibration import calibration_markdown
+from poll_assets.scoring.bradley_terry import leaderboard_svg
+from poll_assets.scoring.pooled_comparisons import pairwise_summary, stored_answers
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import plain_list
 from poll_assets.rubrics.ultrafeedback import Rubric, prompt_version

@@ -10,8 +10,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from poll_assets.bradley_terry import DEFAULT_PRIOR, fit, leaderboard, leaderboard_markdown, win_counts
-from poll_assets.bradley_terry import Outcome as BTOutcome
+from poll_assets.scoring.bradley_terry import DEFAULT_PRIOR, fit, leaderboard, leaderboard_markdown, win_counts
+from poll_assets.scoring.bradley_terry import Outcome as BTOutcome
 
 
 # ---------------------------------------------------------------------------------------------
