@@ -305,11 +305,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     fresh = panel.cache.resolved_backend == "sqlite" and not resource.resolved_path().is_file()
     cache = None if fresh or panel.cache.mode != "use" else resource.get_cache()
     try:
-        prompts = pd.concat([partition_prompts(panel, path, k) for k in chosen], ignore_index=True)
+        prompts = pd.concat([partition_prompts(panel.source, path.parent, k) for k in chosen], ignore_index=True)
     except (OSError, ValueError) as exc:  # an unreadable prompt file, or a Hub dataset out of reach
         print(f"poll-assets estimate: cannot read the prompts of panel {panel.name}: {exc}", file=sys.stderr)
         return 2
-    print(format_estimate(estimate_prompts(panel, prompts, cache, partitions=chosen)))
+    print(format_estimate(estimate_prompts(panel.jury, panel.member_prices(), prompts, cache, partitions=chosen)))
     return 0
 
 
@@ -352,7 +352,7 @@ def cmd_calibration(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from poll_assets.assets.publishing import dataset_calibration
-    from poll_assets.calibration import calibration_markdown
+    from poll_assets.scoring.calibration import calibration_markdown
     from poll_assets.rubrics.ultrafeedback import get_rubric
 
     try:
@@ -379,7 +379,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         return 2
     panel, _, pooled = stored
     from poll_assets.assets.publishing import dataset_pairwise
-    from poll_assets.pairwise import position_markdown
+    from poll_assets.scoring.pooled_comparisons import position_markdown
 
     summary = dataset_pairwise(panel, pooled, resamples=args.resamples)
     if summary is None:

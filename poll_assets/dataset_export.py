@@ -12,7 +12,7 @@
       "binarization": {"strategy": str, "min_margin": float, "seed": int},
       "counts": {"prompts": int, "pairs": int, "prompts_without_pair": int, "unrated_verdicts": int, ...},
       "agreement": {"krippendorff_alpha": float | None, "mean_cohen_kappa_quadratic": ..., "pairwise": [...]},
-      "calibration": Calibration.to_dict() of poll_assets/calibration.py (only with gold labels),
+      "calibration": Calibration.to_dict() of poll_assets/scoring/calibration.py (only with gold labels),
       "quality": {"settings": {"min_judge_agreement", "min_margin_low"}, "pairs": int, "mean_judge_agreement": float,
                   "judge_agreement": {bin: pairs}, "margin_low": {bin: pairs},
                   "left_out": {"prompts_without_pair": {reason: int}, "contested_pairs": {reason: int}}},
@@ -231,10 +231,10 @@ def _verdicts_section(verdicts: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _calibration_section(calibration: dict[str, Any] | None) -> list[str]:
-    """Quality: the judges and the jury against the gold labels (poll_assets/calibration.py), where there are any."""
+    """Quality: the judges and the jury against the gold labels (poll_assets/scoring/calibration.py), where there are any."""
     if not calibration:
         return []
-    from poll_assets.calibration import calibration_markdown
+    from poll_assets.scoring.calibration import calibration_markdown
 
     return ["", "## Quality: calibration against gold labels", "",
             "Each judge, the jury and each jury without one judge, scored against human labels over every "
@@ -246,7 +246,7 @@ def _pairwise_section(pairwise: dict[str, Any] | None) -> list[str]:
     """Pairwise judging (poll_assets/pairwise.py): the generators' leaderboard and each judge's position figures."""
     if not pairwise:
         return []
-    from poll_assets.pairwise import position_markdown
+    from poll_assets.scoring.pooled_comparisons import position_markdown
 
     return ["", "## Pairwise judging: leaderboard and position bias", "",
             "The judges compared the answers two at a time, each pair in both orders; the pairs above are built "

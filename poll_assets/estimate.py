@@ -15,7 +15,7 @@ length, the conversation growing by one turn a round). A judge whose answers all
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,9 @@ import pandas as pd
 
 from poll_assets.llm.base import CallRequest, Completion, request_key
 from poll_assets.llm.cache.response_cache import ResponseCache
+from poll_assets.llm.pricing import Price
 from poll_assets.llm.tokens import request_input_tokens
-from poll_assets.panel import Member, Panel
+from poll_assets.panel import Judging, Jury, Member, Source
 from poll_assets.partitions import shard_bounds
 from poll_assets.prompt_source import load_instructions, select_shard
 from poll_assets.rubrics.ultrafeedback import Rubric, build_repair_messages, get_rubric, verdict_json_schema
@@ -130,7 +131,7 @@ def _cached(member: Member, requests: Sequence[CallRequest], cache: ResponseCach
     return {i: found[k] for i, k in enumerate(keys) if k in found}
 
 
-def _member_estimate(member: Member, role: str, panel: Panel, requests: Sequence[CallRequest],
+def _member_estimate(member: Member, role: str, price: Price | None, requests: Sequence[CallRequest],
                      cache: ResponseCache | None, note: str = "", *, hits_free: bool = True) -> MemberEstimate:
     """`hits_free` False: every request priced as if uncached (the cache still gives output lengths)."""
     hits = _cached(member, requests, cache) if hits_free else {}
@@ -138,18 +139,17 @@ def _member_estimate(member: Member, role: str, panel: Panel, requests: Sequence
     per_call, basis = expected_output(member, cache)
     est = MemberEstimate(member.name, role, member.provider, member.model, len(requests), len(hits),
                          sum(request_input_tokens(r) for r in todo), round(per_call * len(todo)), basis, note=note)
-    price = panel.price_of(member)
     if price is not None:
         est.online_usd = price.cost_usd(est.input_tokens, est.output_tokens)
         est.batch_usd = price.batch_cost_usd(est.input_tokens, est.output_tokens)
     return est
 
 
-def _likely_generations(panel: Panel, prompts: pd.DataFrame, cache: ResponseCache | None) -> tuple[pd.DataFrame, int, int]:
+def _likely_generations(generators: Sequence[Member], prompts: pd.DataFrame, cache: ResponseCache | None) -> tuple[pd.DataFrame, int, int]:
     """combined_generations as it will likely be: cached answers where there are some, fillers of
     the expected length elsewhere; and (answers from the cache, all answers)."""
     columns, from_cache = [], 0
-    for g in panel.generators:
+    for g in generators:
         requests = generator_requests(g, prompts["instruction"])
         hits = _cached(g, requests, cache)
         filler = _FILLER * max(1, round(expected_output(g, cache)[0]))
@@ -157,30 +157,34 @@ def _likely_generations(panel: Panel, prompts: pd.DataFrame, cache: ResponseCach
         from_cache += len(hits)
     generations = [list(row) for row in zip(*columns)] if columns else [[] for _ in range(len(prompts))]
     combined = pd.DataFrame({"prompt_id": list(prompts["prompt_id"]), "instruction": list(prompts["instruction"]),
-                             "generations": generations, "generators": [[g.name for g in panel.generators]] * len(prompts)})
-    return combined, from_cache, len(panel.generators) * len(prompts)
+                             "generations": generations, "generators": [[g.name for g in generators]] * len(prompts)})
+    return combined, from_cache, len(generators) * len(prompts)
 
 
-def estimate_prompts(panel: Panel, prompts: pd.DataFrame, cache: ResponseCache | None,
+def estimate_prompts(jury: Jury, prices: Mapping[str, Price | None], prompts: pd.DataFrame, cache: ResponseCache | None,
                      rubric: Rubric | None = None, partitions: Sequence[str] = ()) -> Estimate:
-    """The estimate for one frame of prompts (one partition, or several concatenated)."""
-    rubric = rubric or get_rubric(panel.judging.aspect)
+    """The estimate for one frame of prompts (one partition, or several concatenated): the calls of
+    the jury's generators and judges, priced with `prices` (by member name, `Panel.member_prices`)."""
+    judging = jury.judging
+    rubric = rubric or get_rubric(judging.aspect)
     out = Estimate(list(partitions))
-    for g in panel.generators:
+    for g in jury.generators:
         if g.source_column is not None:  # answers read from the prompt source: no call, nothing to pay
             out.members.append(MemberEstimate(g.name, "generator", g.provider, g.model, 0, 0, 0, 0,
                                               f"no call: answers from source column {g.source_column!r}",
                                               online_usd=0.0, batch_usd=0.0))
             continue
-        out.members.append(_member_estimate(g, "generator", panel, generator_requests(g, prompts["instruction"]), cache))
-    combined, known, total = _likely_generations(panel, prompts, cache)
+        out.members.append(_member_estimate(g, "generator", prices.get(g.name), generator_requests(g, prompts["instruction"]),
+                                            cache))
+    combined, known, total = _likely_generations(jury.generators, prompts, cache)
     note = f"judge prompts built with {known} of {total} generations from the cache, the rest at their expected length"
-    for j in panel.judges:
-        out.members.append(_judge_estimate(j, panel, rubric, combined, cache, note))
-    other = "rating" if panel.judging.mode == "pairwise" else "pairwise"
-    for mode in (panel.judging.mode, other):
-        mode_panel = panel.model_copy(update={"judging": panel.judging.model_copy(update={"mode": mode})})
-        judges = [_judge_estimate(j, mode_panel, rubric, combined, cache, note, hits_free=False) for j in panel.judges]
+    for j in jury.judges:
+        out.members.append(_judge_estimate(j, judging, prices.get(j.name), rubric, combined, cache, note))
+    other = "rating" if judging.mode == "pairwise" else "pairwise"
+    for mode in (judging.mode, other):
+        in_mode = judging.model_copy(update={"mode": mode})
+        judges = [_judge_estimate(j, in_mode, prices.get(j.name), rubric, combined, cache, note, hits_free=False)
+                  for j in jury.judges]
         out.modes.append(_mode_cost(mode, len(prompts), judges))
     return out
 
@@ -193,37 +197,37 @@ def _mode_cost(mode: str, prompts: int, judges: Sequence[MemberEstimate]) -> Mod
                     None if None in batch else float(sum(batch)))  # type: ignore[arg-type]
 
 
-def _judge_estimate(j: Member, panel: Panel, rubric: Rubric, combined: pd.DataFrame, cache: ResponseCache | None,
-                    note: str, *, hits_free: bool = True) -> MemberEstimate:
-    """One judge's calls in the panel's judging mode: one per prompt (rating), or one per comparison (pairwise)."""
-    if panel.judging.mode == "pairwise":
-        comparisons = [t for _, row in combined.iterrows() for t in plan_comparison_tasks(row, j, panel.judging, rubric)]
+def _judge_estimate(j: Member, judging: Judging, price: Price | None, rubric: Rubric, combined: pd.DataFrame,
+                    cache: ResponseCache | None, note: str, *, hits_free: bool = True) -> MemberEstimate:
+    """One judge's calls in `judging.mode`: one per prompt (rating), or one per comparison (pairwise)."""
+    if judging.mode == "pairwise":
+        comparisons = [t for _, row in combined.iterrows() for t in plan_comparison_tasks(row, j, judging, rubric)]
         requests = [t.request for t in comparisons]
-        est = _member_estimate(j, "judge", panel, requests, cache, note, hits_free=hits_free)
+        est = _member_estimate(j, "judge", price, requests, cache, note, hits_free=hits_free)
         answered = _cached(j, requests, cache)
-        _add_pairwise_repairs(est, j, panel, [r for i, r in enumerate(requests) if i not in answered], cache)
+        _add_pairwise_repairs(est, j, judging, price, [r for i, r in enumerate(requests) if i not in answered], cache)
         return est
-    tasks = [t for _, row in combined.iterrows() if (t := plan_judge_task(row, j, panel.judging, rubric)).request is not None]
+    tasks = [t for _, row in combined.iterrows() if (t := plan_judge_task(row, j, judging, rubric)).request is not None]
     requests = [t.request for t in tasks if t.request is not None]  # all of them: tasks holds only calls
-    est = _member_estimate(j, "judge", panel, requests, cache, note, hits_free=hits_free)
+    est = _member_estimate(j, "judge", price, requests, cache, note, hits_free=hits_free)
     answered = _cached(j, requests, cache)
-    _add_repairs(est, j, panel, rubric, [t for i, t in enumerate(tasks) if i not in answered], cache)
+    _add_repairs(est, j, judging, price, rubric, [t for i, t in enumerate(tasks) if i not in answered], cache)
     return est
 
 
-def _add_pairwise_repairs(est: MemberEstimate, judge: Member, panel: Panel, requests: Sequence[CallRequest],
-                          cache: ResponseCache | None) -> None:
+def _add_pairwise_repairs(est: MemberEstimate, judge: Member, judging: Judging, price: Price | None,
+                          requests: Sequence[CallRequest], cache: ResponseCache | None) -> None:
     """At most `repair_attempts` re-asks per comparison still to make, each with the longest reason."""
     per_call, _ = expected_output(judge, cache)
     answer, reason = _FILLER * max(1, round(per_call)), _FILLER * _REASON_TOKENS
-    limit = panel.judging.max_rationale_chars
+    limit = judging.max_rationale_chars
     repairs = []
     for request in requests:
         messages = request.message_dicts()
-        for _ in range(panel.judging.repair_attempts):
+        for _ in range(judging.repair_attempts):
             messages = build_pairwise_repair(messages, answer, reason, structured=True, max_rationale_chars=limit)
             repairs.append(CallRequest.build(messages, request.params, json_schema=pairwise_json_schema(limit)))
-    _set_repairs(est, judge, panel, repairs, per_call)
+    _set_repairs(est, price, repairs, per_call)
 
 
 def repair_requests_at_most(task: JudgeTask, rubric: Rubric, rounds: int, answer_tokens: float,
@@ -242,29 +246,29 @@ def repair_requests_at_most(task: JudgeTask, rubric: Rubric, rounds: int, answer
     return out
 
 
-def _add_repairs(est: MemberEstimate, judge: Member, panel: Panel, rubric: Rubric, tasks: Sequence[JudgeTask],
-                 cache: ResponseCache | None) -> None:
+def _add_repairs(est: MemberEstimate, judge: Member, judging: Judging, price: Price | None, rubric: Rubric,
+                 tasks: Sequence[JudgeTask], cache: ResponseCache | None) -> None:
     """The repair figures of a judge: at most `repair_attempts` repairs for each judge call to make."""
     per_call, _ = expected_output(judge, cache)
-    rounds, limit = panel.judging.repair_attempts, panel.judging.max_rationale_chars
+    rounds, limit = judging.repair_attempts, judging.max_rationale_chars
     repairs = [r for t in tasks for r in repair_requests_at_most(t, rubric, rounds, per_call, limit)]
-    _set_repairs(est, judge, panel, repairs, per_call)
+    _set_repairs(est, price, repairs, per_call)
 
 
-def _set_repairs(est: MemberEstimate, judge: Member, panel: Panel, repairs: Sequence[CallRequest], per_call: float) -> None:
+def _set_repairs(est: MemberEstimate, price: Price | None, repairs: Sequence[CallRequest], per_call: float) -> None:
     est.repair_calls = len(repairs)
     est.repair_input_tokens = sum(request_input_tokens(r) for r in repairs)
     est.repair_output_tokens = round(per_call * len(repairs))
-    price = panel.price_of(judge)
     if price is not None:
         est.repair_online_usd = price.cost_usd(est.repair_input_tokens, est.repair_output_tokens)
         est.repair_batch_usd = price.batch_cost_usd(est.repair_input_tokens, est.repair_output_tokens)
 
 
-def partition_prompts(panel: Panel, panel_path: Path, key: str) -> pd.DataFrame:
-    """The prompts of one partition, read as the `prompts` asset reads them."""
-    start, end = shard_bounds(key, panel.source)
-    return select_shard(load_instructions(panel.source, panel_path.parent, end), start, end).rows
+def partition_prompts(source: Source, base_dir: Path, key: str) -> pd.DataFrame:
+    """The prompts of one partition, read as the `prompts` asset reads them (`base_dir`: the panel
+    file's folder)."""
+    start, end = shard_bounds(key, source)
+    return select_shard(load_instructions(source, base_dir, end), start, end).rows
 
 
 def format_estimate(est: Estimate) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Any, Literal
@@ -12,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from poll_assets.binarize import Strategy
+from poll_assets.scoring.binarize import Strategy
 from poll_assets.code_versions import member_version
 from poll_assets.llm.base import GenerationParams
 from poll_assets.llm.batch.settings import BatchSettings
@@ -21,7 +22,7 @@ from poll_assets.llm.cache.response_cache import PG_URL_PREFIXES, CacheMode
 from poll_assets.llm.online.policy import Limits
 from poll_assets.llm.pricing import Price
 from poll_assets.llm.providers.registry import PROVIDER_NAMES, provider_spec
-from poll_assets.pooled_ratings import PoolingMethod
+from poll_assets.scoring.pooled_ratings import PoolingMethod
 from poll_assets.rubrics.ultrafeedback import RUBRICS
 
 PANEL_ENV_VAR = "POLL_PANEL"
@@ -218,11 +219,26 @@ class Binarization(_Strict):
     strategy: Strategy = Field(default="best_vs_worst", description="How pairs are formed: best_vs_worst, best_vs_random or all_pairs.")
     min_margin: float = Field(default=0.0, ge=0.0, description="Pairs whose pooled ratings differ by less are dropped, for every strategy.")
     seed: int = Field(default=0, description="Seed of the random choices (best_vs_random's rejected answer, ties for best or worst).")
-    # Contested pairs (poll_assets/confidence.py): left out and counted. None: keep every pair.
+    # Contested pairs (poll_assets/scoring/confidence.py): left out and counted. None: keep every pair.
     min_judge_agreement: float | None = Field(default=None, ge=0.0, le=1.0, description=(
         "Pairs whose share of judges rating chosen strictly above rejected is below this are left out and counted."))
     min_margin_low: float | None = Field(default=None, ge=-4.0, le=4.0, description=(
         "Pairs whose 95% interval on the margin (bootstrap over judges) starts below this are left out and counted."))
+
+
+@dataclass(frozen=True)
+class Jury:
+    """Who judges whom, and how: the generators and the judges (each in panel order), the judging
+    settings and the pooling. What the pooling and preference stages and the estimate get of a panel."""
+
+    generators: tuple[Member, ...]
+    judges: tuple[Member, ...]
+    judging: Judging
+    pooling: Pooling
+
+    @property
+    def members(self) -> list[Member]:
+        return [*self.generators, *self.judges]
 
 
 class Thresholds(_Strict):
@@ -393,10 +409,19 @@ class Panel(_Strict):
     def members(self) -> list[Member]:
         return [*self.generators, *self.judges]
 
+    @property
+    def jury(self) -> Jury:
+        """The part of the panel that pooling, binarization and the estimate read."""
+        return Jury(tuple(self.generators), tuple(self.judges), self.judging, self.pooling)
+
     def price_of(self, member: Member) -> Price | None:
         """The member's model's price, unset rates filled from its provider's published ones; None if unpriced."""
         price = self.prices.get(member.model)
         return None if price is None else price.for_provider(member.provider)
+
+    def member_prices(self) -> dict[str, Price | None]:
+        """`price_of` every member, by member name."""
+        return {m.name: self.price_of(m) for m in self.members}
 
     def member(self, name: str) -> Member:
         for m in self.members:
@@ -460,7 +485,7 @@ def _check_gold(panel: Panel, path: Path) -> None:
     field). A remote one (s3://...) is read at its first use, by the pooled_ratings step."""
     if panel.gold is None or panel.gold.is_remote:
         return
-    from poll_assets.gold import GoldLabelError, load_gold
+    from poll_assets.scoring.gold import GoldLabelError, load_gold
     from poll_assets.rubrics.ultrafeedback import get_rubric
 
     try:

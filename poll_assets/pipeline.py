@@ -18,6 +18,7 @@ from poll_assets.automation import build_automation_sensor, build_dead_run_senso
 from poll_assets.engine.stage import RunSettings
 from poll_assets.estimate import estimate_prompts
 from poll_assets.io_manager import ParquetIOManagerFactory, default_storage_dir
+from poll_assets.llm.online.policy import CallPolicy
 from poll_assets.llm.resources import build_cache_resource, build_llm_resource, resource_key
 from poll_assets.panel import Panel
 from poll_assets.partitions import backfill_policy, build_partitions_def
@@ -40,7 +41,7 @@ def build_assets(
     """
     rubric = rubric or get_rubric(panel.judging.aspect)
     parts = build_partitions_def(panel.source)
-    run = RunSettings.of(panel)  # what the engine needs of the panel in every LLM stage step
+    run = run_settings(panel)  # what the engine needs of the panel in every LLM stage step
     if member_steps:
         generators = [build_generation_asset(m, panel.source, panel.thresholds, run, parts, panel_path.parent)
                       for m in panel.generators]
@@ -54,17 +55,26 @@ def build_assets(
         *generators,
         build_combined_asset(panel.generators, parts),
         *judges,
-        build_pooled_asset(panel, parts, rubric, panel.gold.location(panel_path) if panel.gold else None),
-        build_preferences_asset(panel, parts),
+        build_pooled_asset(panel.jury, panel.gold, panel.thresholds, parts, rubric,
+                           panel.gold.location(panel_path) if panel.gold else None),
+        build_preferences_asset(panel.jury, panel.binarization, parts),
     ]
     # A backfill runs `shards_per_run` shards per run; every step takes such a range (engine/shards.py).
     policy = backfill_policy(panel.source)
     return [a.with_attributes(backfill_policy=policy) for a in assets]
 
 
+def run_settings(panel: Panel) -> RunSettings:
+    """What every LLM stage step needs of the panel: its members, budget and prices, and each member's
+    `limits:` resolved here, once per build of the graph, into the call policy the runner follows."""
+    return RunSettings(tuple(panel.members), panel.budget, panel.member_prices(),
+                       {m.name: CallPolicy.resolve(m.limits, m.provider) for m in panel.members})
+
+
 def shard_estimate(panel: Panel, rubric: Rubric) -> ShardEstimate:
     """The cost estimate of one shard's prompts, shown on the prompts asset before any call."""
-    return lambda rows, cache, shard: estimate_prompts(panel, rows, cache, rubric, partitions=[shard])
+    jury, prices = panel.jury, panel.member_prices()
+    return lambda rows, cache, shard: estimate_prompts(jury, prices, rows, cache, rubric, partitions=[shard])
 
 
 def build_resources(panel: Panel, storage_dir: str | None = None, cache_path: str | None = None) -> dict[str, object]:

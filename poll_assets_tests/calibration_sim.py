@@ -13,8 +13,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from poll_assets.calibration import JurySpec, RunRatings, calibrate
-from poll_assets.gold import GoldRating, GoldSet
+from poll_assets.scoring.calibration import JurySpec, RunRatings, calibrate
+from poll_assets.scoring.gold import GoldRating, GoldSet
 
 SCALE = (1, 2, 3, 4, 5)
 JUDGES = ("close", "biased", "random", "position")

@@ -7,7 +7,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from poll_assets.agreement import agreement_metrics, judge_agreement
+from poll_assets.scoring.agreement import agreement_metrics, judge_agreement
 
 
 def ref_quadratic_kappa(a: list[int], b: list[int], labels: list[int]) -> float:
@@ -137,7 +137,7 @@ def test_agreement_metrics_of_one_judge_is_empty():
 
 
 def test_kappa_and_tau_match_the_references_on_random_ratings_with_ties():
-    from poll_assets.agreement import kendall_tau_b, quadratic_kappa
+    from poll_assets.scoring.agreement import kendall_tau_b, quadratic_kappa
 
     rng = np.random.default_rng(7)
     checked = 0

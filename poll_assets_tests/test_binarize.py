@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from poll_assets.binarize import FEWER_THAN_TWO, TIE, BELOW_MARGIN, PreferencePair, binarize
+from poll_assets.scoring.binarize import FEWER_THAN_TWO, TIE, BELOW_MARGIN, PreferencePair, binarize
 
 
 def test_best_vs_worst():
@@ -91,9 +91,9 @@ import pandas as pd  # noqa: E402
 
 from poll_assets.assets.keys import PAIRS_KEY, POOLED_COLUMNS  # noqa: E402
 from poll_assets.assets.preferences import preference_rows  # noqa: E402
-from poll_assets.confidence import LOW_AGREEMENT, LOW_MARGIN  # noqa: E402
+from poll_assets.scoring.confidence import LOW_AGREEMENT, LOW_MARGIN  # noqa: E402
 from poll_assets.pipeline import build_definitions  # noqa: E402
-from poll_assets.pooled_ratings import pool_ratings  # noqa: E402
+from poll_assets.scoring.pooled_ratings import pool_ratings  # noqa: E402
 from poll_assets_tests.fake_panel import write_panel  # noqa: E402
 
 # judge x generation ratings of three prompts: the judges agree, split, and tie
@@ -120,8 +120,13 @@ def _panel(tmp_path, **binarization):
     return write_panel(tmp_path, n_generators=2, n_judges=3, extra={"binarization": binarization})[0]
 
 
+def _parts(panel):
+    """What the preference stage gets of a panel: its jury and its binarization settings."""
+    return panel.jury, panel.binarization
+
+
 def test_every_pair_carries_its_generators_and_the_judges_confidence(tmp_path):
-    rows, left_out = preference_rows(_pooled([AGREED, SPLIT, TIED]), _panel(tmp_path))
+    rows, left_out = preference_rows(_pooled([AGREED, SPLIT, TIED]), *_parts(_panel(tmp_path)))
     assert [r["prompt"] for r in rows] == ["prompt 0", "prompt 1"]
     agreed, split = rows
     assert (agreed["chosen_generator"], agreed["rejected_generator"]) == ("gen_0", "gen_1")
@@ -135,20 +140,20 @@ def test_every_pair_carries_its_generators_and_the_judges_confidence(tmp_path):
 
 def test_a_contested_prompt_is_left_out_and_counted(tmp_path):
     pooled = _pooled([AGREED, SPLIT, TIED])
-    rows, left_out = preference_rows(pooled, _panel(tmp_path, min_judge_agreement=0.75))
+    rows, left_out = preference_rows(pooled, *_parts(_panel(tmp_path, min_judge_agreement=0.75)))
     assert [r["prompt"] for r in rows] == ["prompt 0"]
     assert left_out.pairs == {LOW_AGREEMENT: 1}
     assert left_out.prompts == {TIE: 1, LOW_AGREEMENT: 1}
     # lowering the minimum lets the split prompt back in; raising it past 2/3 keeps it out
-    assert len(preference_rows(pooled, _panel(tmp_path, min_judge_agreement=0.6))[0]) == 2
-    assert len(preference_rows(pooled, _panel(tmp_path, min_judge_agreement=1.0))[0]) == 1
+    assert len(preference_rows(pooled, *_parts(_panel(tmp_path, min_judge_agreement=0.6)))[0]) == 2
+    assert len(preference_rows(pooled, *_parts(_panel(tmp_path, min_judge_agreement=1.0)))[0]) == 1
 
 
 def test_a_margin_whose_interval_reaches_below_the_minimum_is_left_out(tmp_path):
     pooled = _pooled([AGREED, SPLIT])
-    rows, left_out = preference_rows(pooled, _panel(tmp_path, min_margin_low=0.0))
+    rows, left_out = preference_rows(pooled, *_parts(_panel(tmp_path, min_margin_low=0.0)))
     assert [r["prompt"] for r in rows] == ["prompt 0"] and left_out.pairs == {LOW_MARGIN: 1}
-    rows, left_out = preference_rows(pooled, _panel(tmp_path, min_margin_low=-4.0))
+    rows, left_out = preference_rows(pooled, *_parts(_panel(tmp_path, min_margin_low=-4.0)))
     assert len(rows) == 2 and left_out.pairs == {}
 
 
@@ -156,7 +161,7 @@ def test_the_self_family_mask_removes_a_judges_vote(tmp_path):
     panel, _ = write_panel(tmp_path, n_generators=2, n_judges=3, extra={
         "judges": [{"name": f"judge_{i}", "provider": "local", "model": f"judge-model-{i}", "family": fam}
                    for i, fam in enumerate(["j0", "g1", "j2"])]})  # judge_1 is of generator 1's family
-    (row,), _ = preference_rows(_pooled([SPLIT]), panel)
+    (row,), _ = preference_rows(_pooled([SPLIT]), *_parts(panel))
     assert (row["judges_for"], row["judges_against"], row["judge_agreement"]) == (2, 0, 1.0)
 
 

@@ -1,4 +1,4 @@
-"""Bradley–Terry (poll_assets/bradley_terry.py): the fit recovers a known order, stays finite under
+"""Bradley–Terry (poll_assets/scoring/bradley_terry.py): the fit recovers a known order, stays finite under
 perfect separation, and the leaderboard's bootstrap intervals are seeded and hold the estimate."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from poll_assets.bradley_terry import Outcome, fit, leaderboard, leaderboard_markdown, win_counts
+from poll_assets.scoring.bradley_terry import Outcome, fit, leaderboard, leaderboard_markdown, win_counts
 from poll_assets.pairwise import plan_pairs
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from poll_assets.agreement import kendall_tau_b, kendall_tau_b_table, quadratic_kappa, quadratic_kappa_table
-from poll_assets.calibration import (
+from poll_assets.scoring.agreement import kendall_tau_b, kendall_tau_b_table, quadratic_kappa, quadratic_kappa_table
+from poll_assets.scoring.calibration import (
     GoldItems, JurySpec, RunRatings, calibrate, calibration_markdown, calibration_numbers, cohen_kappa_table,
     crossfit_weights, estimate, match_gold, rating_stats, spearman_table,
 )
-from poll_assets.gold import GoldPreference, GoldRating, GoldSet, instruction_key
-from poll_assets.pooled_ratings import pool_ratings, prompt_fold
+from poll_assets.scoring.gold import GoldPreference, GoldRating, GoldSet, instruction_key
+from poll_assets.scoring.pooled_ratings import pool_ratings, prompt_fold
 from poll_assets_tests.calibration_sim import JUDGES, SCALE, SPEC, coverage, population, simulate
 
 ONCE = np.ones((1, 1))  # one resample that weighs the single prompt once: the point estimate

@@ -194,9 +194,9 @@ def test_a_panel_without_fitted_weights_has_no_gold_file_in_its_pooled_code_vers
     gold = tmp_path / "gold.jsonl"
     gold.write_text('{"prompt_id": "x", "generator": "g", "rating": 3}\n')
     expected = pooled_version(panel.pooling, panel.judging, [(m.name, m.family) for m in panel.members])
-    assert pooling_version(panel, str(gold)) == expected
+    assert pooling_version(panel.jury, panel.gold, str(gold)) == expected
     gold.write_text('{"prompt_id": "x", "generator": "g", "rating": 5}\n')
-    assert pooling_version(panel, str(gold)) == expected
+    assert pooling_version(panel.jury, panel.gold, str(gold)) == expected
 
 
 def test_the_paper_panel_on_the_loopback_server_shows_the_calibration_table(tmp_path, fake_llm, monkeypatch):

@@ -207,8 +207,8 @@ def _owned_checks(panel, key: dg.AssetKey) -> list[c.StageCheck]:
     owned = {
         prompts_module.PROMPTS_KEY: list(prompts_module.PROMPT_CHECKS),
         generations_module.COMBINED_KEY: generations_module.COMBINED_CHECKS,
-        pooling_module.POOLED_KEY: pooling_module.pooled_checks(panel),
-        preferences_module.PAIRS_KEY: preferences_module.pair_checks(panel),
+        pooling_module.POOLED_KEY: pooling_module.pooled_checks(panel.jury, panel.thresholds),
+        preferences_module.PAIRS_KEY: preferences_module.pair_checks(panel.binarization),
         **{generations_module.generation_key(m): generations_module.generation_checks(panel.thresholds) for m in panel.generators},
         **{judging_module.ratings_key(m): judging_module.rating_checks(panel.thresholds, get_rubric(panel.judging.aspect))
            for m in panel.judges},
@@ -432,12 +432,12 @@ def test_pending_rows_are_the_transient_failures_only():
 
 def test_contested_check_states_how_many_pairs_were_left_out_and_why(tmp_path):
     from poll_assets.assets.preferences import LeftOut, check_contested
-    from poll_assets.confidence import LOW_AGREEMENT, NO_INTERVAL
+    from poll_assets.scoring.confidence import LOW_AGREEMENT, NO_INTERVAL
 
     panel, _ = write_panel(tmp_path, extra={"binarization": {"min_judge_agreement": 0.75, "min_margin_low": 0.0}})
-    assert check_contested(LeftOut(prompts={"tie": 2}), panel).passed  # ties are not contested pairs
+    assert check_contested(LeftOut(prompts={"tie": 2}), panel.binarization).passed  # ties are not contested pairs
     left_out = LeftOut(pairs={LOW_AGREEMENT: 2, NO_INTERVAL: 1})
-    finding = check_contested(left_out, panel)
+    finding = check_contested(left_out, panel.binarization)
     assert not finding.passed
     assert finding.description == ("3 contested pair(s) left out (min_judge_agreement=0.75, min_margin_low=0.0): "
                                    f"2 {LOW_AGREEMENT}; 1 {NO_INTERVAL}")

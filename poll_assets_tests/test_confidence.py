@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from poll_assets.confidence import (
+from poll_assets.scoring.confidence import (
     comparison_confidence,
     LOW_AGREEMENT, LOW_MARGIN, NO_AGREEMENT, NO_INTERVAL, PairConfidence, confidence_cut, margin_interval,
     pair_confidence, paired_votes,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from poll_assets.llm.base import CallRequest, GenerationParams
 from poll_assets.llm.context_fit import CONTEXT_SHARE, cut_to_tokens, fit_request, fit_texts
-from poll_assets.llm.online.limits import estimate_tokens
+from poll_assets.llm.tokens import estimate_tokens
 from poll_assets.llm.tokens import approx_tokens
 
 

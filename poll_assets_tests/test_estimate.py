@@ -8,20 +8,26 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pandas as pd
 import pytest
 import yaml
 
 from poll_assets.cli import main as cli_main
-from poll_assets.estimate import estimate_prompts, format_estimate, partition_prompts
+from poll_assets.estimate import Estimate, estimate_prompts, format_estimate, partition_prompts
 from poll_assets.llm.cache.response_cache import ResponseCache
 from poll_assets.llm.pricing import Price
-from poll_assets.panel import load_panel
+from poll_assets.panel import Panel, load_panel
 from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets.rubrics.ultrafeedback import get_rubric
 from poll_assets_tests.instance import make_dagster_home
 from poll_assets_tests.test_paper_fake_server import CANARY, KEY_VARS, paper_on_fake
 
 PARTITION, SECOND = "shard-00000", "shard-00001"
+
+
+def _estimate(panel: Panel, prompts: pd.DataFrame, cache: ResponseCache | None, **kwargs: Any) -> Estimate:
+    """The estimate as the prompts asset and the CLI ask for it: the panel's jury, priced by member."""
+    return estimate_prompts(panel.jury, panel.member_prices(), prompts, cache, **kwargs)
 
 
 def paper_shard(tmp_path: Path, url: str, size: int = 10, shards: int = 1, **changes: Any) -> Path:
@@ -72,7 +78,7 @@ def test_estimate_input_tokens_are_within_15_percent_of_what_the_server_reports(
     path = paper_shard(tmp_path, fake_llm.url, size=10, shards=2)
     panel, _ = load_panel(path)
     cache = ResponseCache(env / "cache.sqlite")
-    first = estimate_prompts(panel, partition_prompts(panel, path, PARTITION), cache, partitions=[PARTITION])
+    first = _estimate(panel, partition_prompts(panel.source, path.parent, PARTITION), cache, partitions=[PARTITION])
     assert fake_llm.stats()["total"] == 0  # the estimate called no model
     assert [m.calls for m in first.members] == [10] * 7 and all(m.cached_calls == 0 for m in first.members)
     assert all("max_new_tokens bound" in m.output_basis for m in first.members)
@@ -83,7 +89,7 @@ def test_estimate_input_tokens_are_within_15_percent_of_what_the_server_reports(
     assert all(m.input_tokens >= reported[m.member] for m in first.members if m.role == "judge")
 
     # The next shard, estimated from what the first left in the cache (the generators' mean answer length).
-    second = estimate_prompts(panel, partition_prompts(panel, path, SECOND), cache, partitions=[SECOND])
+    second = _estimate(panel, partition_prompts(panel.source, path.parent, SECOND), cache, partitions=[SECOND])
     assert all(m.output_basis.startswith("mean of 10 cached answers") for m in second.members)
     result, instance = materialize(path, env, SECOND)
     assert result.success
@@ -98,7 +104,7 @@ def test_estimate_input_tokens_are_within_15_percent_of_what_the_server_reports(
         est, rep = sum(estimated[n] for n in names), sum(reported[n] for n in names)
         assert abs(est - rep) / rep <= 0.15, (role, est, rep)
 
-    after = estimate_prompts(panel, partition_prompts(panel, path, SECOND), cache, partitions=[SECOND])
+    after = _estimate(panel, partition_prompts(panel.source, path.parent, SECOND), cache, partitions=[SECOND])
     assert all(m.cached_calls == m.calls == 10 and m.input_tokens == 0 for m in after.members)
     assert all(m.repair_calls == 0 for m in after.members)  # answered judge calls are not counted again
     priced = [m.online_usd for m in after.members if m.provider in ("openai", "anthropic")]
@@ -134,7 +140,7 @@ def test_the_cli_prints_the_estimate_and_the_prompts_asset_carries_it(tmp_path, 
 def test_format_estimate_names_where_output_tokens_come_from(tmp_path, fake_llm):
     path = paper_shard(tmp_path, fake_llm.url, size=3)
     panel, _ = load_panel(path)
-    text = format_estimate(estimate_prompts(panel, partition_prompts(panel, path, PARTITION), None, partitions=[PARTITION]))
+    text = format_estimate(_estimate(panel, partition_prompts(panel.source, path.parent, PARTITION), None, partitions=[PARTITION]))
     assert "max_new_tokens bound" in text and "0 of 12 generations from the cache" in text
 
 
@@ -157,12 +163,12 @@ def _with_repairs(attempts: int, prices: bool = True) -> tuple[Any, Any]:
             "gpt-3.5-turbo-0125": Price(input_per_mtok=0.5, output_per_mtok=1.5),
             "claude-3-haiku-20240307": Price(input_per_mtok=0.25, output_per_mtok=1.25)}})
     local, local_path = load_panel("local")
-    return panel, partition_prompts(local, local_path, PARTITION)
+    return panel, partition_prompts(local.source, local_path.parent, PARTITION)
 
 
 def test_repairs_are_counted_as_an_upper_bound_of_repair_attempts_per_judge_call():
     panel, prompts = _with_repairs(2)
-    est = estimate_prompts(panel, prompts, None, partitions=[PARTITION])
+    est = _estimate(panel, prompts, None, partitions=[PARTITION])
     judges = [m for m in est.members if m.role == "judge"]
     assert [m.repair_calls for m in judges] == [2 * m.calls for m in judges] == [6, 6, 6]
     assert all(m.repair_calls == 0 for m in est.members if m.role == "generator")
@@ -176,7 +182,7 @@ def test_repairs_are_counted_as_an_upper_bound_of_repair_attempts_per_judge_call
     assert "upper bound: judging.repair_attempts re-asks for every judge call to make" in text
     assert est.to_dict()["repair_calls_at_most"] == 18
 
-    none = estimate_prompts(_with_repairs(0)[0], prompts, None, partitions=[PARTITION])
+    none = _estimate(_with_repairs(0)[0], prompts, None, partitions=[PARTITION])
     assert all(m.repair_calls == 0 for m in none.members) and "repairs" not in format_estimate(none)
 
 

@@ -55,7 +55,7 @@ def test_answers_come_from_the_column_and_no_call_is_made(tmp_path):
 def test_the_estimate_counts_no_call_for_a_dataset_generator(tmp_path):
     panel, _ = _panel_with_answers(tmp_path, ["a"] * len(PROMPTS))
     prompts = pd.DataFrame({"prompt_id": ["p1", "p2"], "instruction": PROMPTS[:2]})
-    written = next(m for m in estimate_prompts(panel, prompts, None).members if m.member == "written")
+    written = next(m for m in estimate_prompts(panel.jury, panel.member_prices(), prompts, None).members if m.member == "written")
     assert (written.calls, written.input_tokens, written.online_usd) == (0, 0, 0.0)
     assert "source column 'answer'" in written.output_basis
 

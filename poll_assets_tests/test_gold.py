@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from poll_assets.gold import GoldLabelError, instruction_key, load_gold
+from poll_assets.scoring.gold import GoldLabelError, instruction_key, load_gold
 from poll_assets.prompt_source import prompt_id
 
 SCALE = (1, 2, 3, 4, 5)

@@ -11,12 +11,12 @@ import json
 import pandas as pd
 import pytest
 
-from poll_assets.agreement import judge_agreement
+from poll_assets.scoring.agreement import judge_agreement
 from poll_assets.assets.judging import plan_judge_task, verdicts_for
-from poll_assets.binarize import FEWER_THAN_TWO, PreferencePair, binarize
+from poll_assets.scoring.binarize import FEWER_THAN_TWO, PreferencePair, binarize
 from poll_assets.llm.base import Completion
 from poll_assets.panel import Panel
-from poll_assets.pooled_ratings import pool_ratings, self_family_mask
+from poll_assets.scoring.pooled_ratings import pool_ratings, self_family_mask
 from poll_assets.rubrics import get_rubric
 from poll_assets.verdicts import Verdict, parse_failure_rate, parse_verdicts
 from poll_assets_tests.fake_panel import write_panel

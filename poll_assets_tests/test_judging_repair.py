@@ -79,8 +79,8 @@ class Run:
 
 def _run(panel, backend, cache) -> Run:
     member = panel.judges[0]
-    work = MemberContext.alone(member, panel.judging, backend, CallPolicy(retry=FAST_RETRY), cache, lambda _: None, "ratings/test")
-    return Run(asyncio.run(judge(work, _combined(), rubric=RUBRIC)))
+    work = MemberContext.alone(member, backend, CallPolicy(retry=FAST_RETRY), cache, lambda _: None, "ratings/test")
+    return Run(asyncio.run(judge(work, _combined(), judging=panel.judging, rubric=RUBRIC)))
 
 
 def _backend(panel, answer, script=None):
@@ -288,9 +288,9 @@ def corpus_recovery(tmp_path, style) -> dict[str, int]:
                             for f in files],
         })
         member = panel.judges[0]
-        work = MemberContext.alone(member, panel.judging, FakeBackend(member.model, member.name, answer=answer),
-                             CallPolicy(retry=FAST_RETRY), ResponseCache(tmp_path / f"{aspect}.sqlite"), lambda _: None, "t")
-        df = asyncio.run(judge(work, frame, rubric=rubric)).value
+        work = MemberContext.alone(member, FakeBackend(member.model, member.name, answer=answer),
+                                   CallPolicy(retry=FAST_RETRY), ResponseCache(tmp_path / f"{aspect}.sqlite"), lambda _: None, "t")
+        df = asyncio.run(judge(work, frame, judging=panel.judging, rubric=rubric)).value
         for f, ratings, errors, fixed, outputs in zip(df["prompt_id"], df["ratings"], df["rating_errors"],
                                                       df["repaired_errors"], df["repair_outputs"]):
             if not len(outputs):

@@ -12,12 +12,12 @@ import time
 import pytest
 
 from poll_assets.llm.base import CallRequest, GenerationParams, ProviderError
-from poll_assets.llm.online.limits import CallLimits, TokenBucket, estimate_tokens
 from poll_assets.llm.providers.openai_api import OpenAIChatBackend
 from poll_assets.llm.providers.remote import remaining_requests_header
 from poll_assets.llm.online.policy import CallPolicy, Limits, RetryPolicy
 from poll_assets.llm.resources import ChatModelResource
-from poll_assets.llm.online.runner import run_calls
+from poll_assets.llm.online.runner import CallLimits, TokenBucket, run_calls
+from poll_assets.llm.tokens import estimate_tokens
 from poll_assets_tests.fake_backend import FakeBackend, make_requests, with_policy
 
 

@@ -10,9 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from poll_assets.pairwise import (
-    BAD_VALUE, CONFLICT, NO_ANSWER, OPEN_REASONING, TOO_DEEP, Comparison, build_pairwise_messages,
-    comparisons_per_prompt, parse_preference, plan_pairs, position_figures, winner,
+    BAD_VALUE, CONFLICT, NO_ANSWER, OPEN_REASONING, TOO_DEEP, Comparison, build_pairwise_messages, comparisons_per_prompt,
+    parse_preference, plan_pairs, winner,
 )
+from poll_assets.scoring.pooled_comparisons import position_figures
 from poll_assets_tests.test_verdict_invariants import _FORGERIES as RATING_FORGERIES
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,14 +1,14 @@
-"""Calibration in pairwise mode (poll_assets/pairwise_calibration.py): gold preferences (and pairs derived
+"""Calibration in pairwise mode (poll_assets/scoring/pairwise_calibration.py): gold preferences (and pairs derived
 from gold ratings) against each judge's outcome on the pair and the jury's Bradley-Terry outcome."""
 
 from __future__ import annotations
 
 import pytest
 
-from poll_assets.calibration import calibration_markdown
-from poll_assets.gold import GoldPreference, GoldRating, GoldSet
+from poll_assets.scoring.calibration import calibration_markdown
+from poll_assets.scoring.gold import GoldPreference, GoldRating, GoldSet
 from poll_assets.pairwise import plan_pairs
-from poll_assets.pairwise_calibration import NO_RATINGS, calibrate_pairwise
+from poll_assets.scoring.pairwise_calibration import NO_RATINGS, calibrate_pairwise
 
 GENERATORS = ["g0", "g1", "g2"]
 

@@ -18,7 +18,7 @@ from poll_assets.estimate import estimate_prompts
 from poll_assets.llm.base import CallRequest, Completion
 from poll_assets.llm.cache.response_cache import ResponseCache
 from poll_assets.llm.online.policy import CallPolicy
-from poll_assets.pairwise import pool_comparisons
+from poll_assets.scoring.pooled_comparisons import pool_comparisons
 from poll_assets.rubrics import get_rubric
 from poll_assets_tests.fake_backend import FAST_RETRY, FakeBackend
 from poll_assets_tests.fake_panel import write_panel
@@ -62,8 +62,8 @@ def biased_judge(bias: float, answer_in=lambda side: json.dumps({"rationale": "b
 def _run(panel, answer, cache, combined):
     member = panel.judges[0]
     backend = FakeBackend(member.model, member.name, answer=answer)
-    work = MemberContext.alone(member, panel.judging, backend, CallPolicy(retry=FAST_RETRY), cache, lambda _: None, "ratings/test")
-    out = asyncio.run(compare(work, combined, rubric=RUBRIC))
+    work = MemberContext.alone(member, backend, CallPolicy(retry=FAST_RETRY), cache, lambda _: None, "ratings/test")
+    out = asyncio.run(compare(work, combined, judging=panel.judging, rubric=RUBRIC))
     return out.value, {k: getattr(v, "value", v) for k, v in out.metadata.items()}, backend
 
 
@@ -96,9 +96,9 @@ def test_one_repair_reads_an_unread_answer_and_a_rerun_is_cached(tmp_path):
     assert all(e == "no preference found in the answer" for row in df["repaired_errors"] for e in row)
     again = FakeBackend(panel.judges[0].model, panel.judges[0].name, answer=answer)
     member = panel.judges[0]
-    work = MemberContext.alone(member, panel.judging, again, CallPolicy(retry=FAST_RETRY), ResponseCache(tmp_path / "c.sqlite"),
+    work = MemberContext.alone(member, again, CallPolicy(retry=FAST_RETRY), ResponseCache(tmp_path / "c.sqlite"),
                                lambda _: None, "ratings/test")
-    warm = asyncio.run(compare(work, _combined(2, 2), rubric=RUBRIC))
+    warm = asyncio.run(compare(work, _combined(2, 2), judging=panel.judging, rubric=RUBRIC))
     assert again.total_calls == 0
     pd.testing.assert_frame_equal(warm.value, df)
 
@@ -128,8 +128,9 @@ def test_a_generation_cannot_set_a_preference_even_if_the_judge_echoes_it(tmp_pa
 
 def test_the_estimate_counts_one_call_per_comparison(tmp_path):
     prompts = _combined(3)[["prompt_id", "instruction"]]
-    both = estimate_prompts(_panel(tmp_path / "a"), prompts, None)
-    anchored = estimate_prompts(_panel(tmp_path / "b", against="gen_0", both_orders=False), prompts, None)
+    panel, one_way = _panel(tmp_path / "a"), _panel(tmp_path / "b", against="gen_0", both_orders=False)
+    both = estimate_prompts(panel.jury, panel.member_prices(), prompts, None)
+    anchored = estimate_prompts(one_way.jury, one_way.member_prices(), prompts, None)
     assert [m.calls for m in both.members if m.role == "judge"] == [3 * 4 * 3 // 2 * 2]
     assert [m.calls for m in anchored.members if m.role == "judge"] == [3 * 3]
     assert [(m.mode, m.judge_calls) for m in both.modes] == [("pairwise", 36), ("rating", 3)]

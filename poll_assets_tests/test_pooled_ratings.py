@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from poll_assets.pooled_ratings import pool_ratings, self_family_mask
+from poll_assets.scoring.pooled_ratings import pool_ratings, self_family_mask
 
 
 def test_mean_ignores_none():

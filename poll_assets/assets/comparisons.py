@@ -16,11 +16,11 @@ from poll_assets.engine.checks import STEP_INPUT, Finding, StageCheck, examples,
 from poll_assets.llm.base import CallRequest, Completion
 from poll_assets.llm.online.runner import CallStats
 from poll_assets.pairwise import (
-    JUDGE_FAILED, Comparison, Preference, build_pairwise_repair, pairwise_json_schema, parse_preference, position_figures,
-    winner,
+    JUDGE_FAILED, Comparison, Preference, build_pairwise_repair, pairwise_json_schema, parse_preference, winner,
 )
 from poll_assets.panel import Judging, Thresholds
 from poll_assets.parquet_values import is_missing, plain_list
+from poll_assets.scoring.pooled_comparisons import position_figures
 from poll_assets.rubrics.ultrafeedback import Rubric
 from poll_assets.stage_requests import ComparisonTask, plan_comparison_tasks
 
@@ -54,11 +54,11 @@ def _repair_request(call: PairCall, limit: int | None) -> CallRequest | None:
     return CallRequest.build(messages, call.task.request.params, json_schema=pairwise_json_schema(limit) if as_json else None)
 
 
-async def repair_comparisons(work: MemberContext[Judging], calls: list[PairCall]) -> list[CallStats]:
+async def repair_comparisons(work: MemberContext, calls: list[PairCall], judging: Judging) -> list[CallStats]:
     """Up to `judging.repair_attempts` rounds of re-asks, each one `run_calls`; a repair fills, never overrides."""
     stats: list[CallStats] = []
-    limit = work.settings.max_rationale_chars
-    for _ in range(work.settings.repair_attempts):
+    limit = judging.max_rationale_chars
+    for _ in range(judging.repair_attempts):
         asks = [(c, r) for c in calls if (r := _repair_request(c, limit)) is not None]
         if not asks:
             break
@@ -144,16 +144,17 @@ def comparison_checks(thresholds: Thresholds) -> list[StageCheck]:
             pending_check()]
 
 
-async def compare(work: MemberContext[Judging], combined_generations: pd.DataFrame, *, rubric: Rubric) -> dg.Output[pd.DataFrame]:
+async def compare(work: MemberContext, combined_generations: pd.DataFrame, *, judging: Judging,
+                  rubric: Rubric) -> dg.Output[pd.DataFrame]:
     """One judge's comparisons on a shard: every planned pair of every prompt, in one `run_calls`."""
-    member, judging = work.member, work.settings
+    member = work.member
     per_prompt = [(row["prompt_id"], plan_comparison_tasks(row, member, judging, rubric)) for _, row in combined_generations.iterrows()]
     tasks = [t for _, ts in per_prompt for t in ts]
     batch = await work.run_calls([t.request for t in tasks])
     if tasks and batch.provider_down:
         raise dg.Failure(description=batch.failure_message(work.label))
     calls = [PairCall(t, c, p, p) for t, c in zip(tasks, batch.completions) for p in [read_call(t, c)]]
-    repair_stats = await repair_comparisons(work, calls)
+    repair_stats = await repair_comparisons(work, calls, judging)
     done = iter(calls)
     rows = [comparison_row(pid, [next(done) for _ in ts], member.name, member.model) for pid, ts in per_prompt]
     df = COMPARISON_COLUMNS.frame(rows)

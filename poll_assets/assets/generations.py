@@ -105,13 +105,14 @@ def source_answer_rows(member: Member, prompts: pd.DataFrame, answers: list[str 
     return rows
 
 
-def read_source_answers(work: MemberContext[Source], prompts: pd.DataFrame, base_dir: Path | None) -> dg.Output[pd.DataFrame]:
+def read_source_answers(work: MemberContext, prompts: pd.DataFrame, source: Source | None,
+                        base_dir: Path | None) -> dg.Output[pd.DataFrame]:
     """A `dataset` generator's shard: answers from its column of the prompt source, no call made."""
     member = work.member
-    if base_dir is None:
-        raise dg.Failure(description=f"{work.label}: a `dataset` generator needs the panel file's folder to find "
-                                     "the prompt source (build the stage with base_dir)")
-    answers = load_source_column(work.settings, base_dir, str(member.source_column),
+    if source is None or base_dir is None:
+        raise dg.Failure(description=f"{work.label}: a `dataset` generator needs the prompt source and the panel "
+                                     "file's folder to find it (build the stage with source and base_dir)")
+    answers = load_source_column(source, base_dir, str(member.source_column),
                                  [int(r) for r in prompts["source_row"]])
     df = GENERATION_COLUMNS.frame(source_answer_rows(member, prompts, answers))
     missing = int(df["error"].notna().sum())
@@ -126,12 +127,14 @@ def read_source_answers(work: MemberContext[Source], prompts: pd.DataFrame, base
     })
 
 
-async def generate(work: MemberContext[Source], prompts: pd.DataFrame, base_dir: Path | None = None) -> dg.Output[pd.DataFrame]:
+async def generate(work: MemberContext, prompts: pd.DataFrame, *, source: Source | None = None,
+                   base_dir: Path | None = None) -> dg.Output[pd.DataFrame]:
     """One generator's answers to a shard: the body of its asset, shared by the per-member and the stage step.
-    A `dataset` generator reads them from its source column instead (`base_dir`: the panel file's folder)."""
+    A `dataset` generator reads them from its column of the prompt `source` instead (`base_dir`: the panel
+    file's folder)."""
     member = work.member
     if member.source_column is not None:
-        return read_source_answers(work, prompts, base_dir)
+        return read_source_answers(work, prompts, source, base_dir)
     requests = generator_requests(member, prompts["instruction"])
     batch = await work.run_calls(requests)
     rows = [
@@ -204,15 +207,16 @@ def build_generation_stage(
     @dg.multi_asset(
         **stage_multi_asset_kwargs(
             name=name, members=generators, key_of=generation_key, group="generation",
-            code_version_of=lambda m: m.fingerprint(), description_of=_description, input_name="prompts",
+            code_versions={m.name: m.fingerprint() for m in generators},
+            descriptions={m.name: _description(m) for m in generators}, input_name="prompts",
             default_pool="llm_generation", partitions_def=partitions_def,
             checks=stage_checks, columns=GENERATION_COLUMNS,
         )
     )
     def _generations(context: dg.AssetExecutionContext, prompts: Any) -> Iterator[Any]:
         # `prompts`: one shard's frame, or {shard: frame} in a run of several shards
-        yield from run_stage_step(context, run, source, generators, generation_key, prompts,
-                                  partial(generate, base_dir=base_dir), stage_checks, input_name="prompts")
+        yield from run_stage_step(context, run, generators, generation_key, prompts,
+                                  partial(generate, source=source, base_dir=base_dir), stage_checks, input_name="prompts")
 
     return _generations
 

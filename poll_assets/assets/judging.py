@@ -279,12 +279,12 @@ def repair_request(call: JudgeCall, rubric: Rubric, max_rationale_chars: int | N
     return CallRequest.build(messages, request.params, json_schema=schema)
 
 
-async def repair_calls(work: MemberContext[Judging], calls: list[JudgeCall], rubric: Rubric) -> list[CallStats]:
+async def repair_calls(work: MemberContext, calls: list[JudgeCall], judging: Judging, rubric: Rubric) -> list[CallStats]:
     """Up to `judging.repair_attempts` rounds of repair re-asks, each round one `run_calls` (cached,
     limited, retried, counted like any call). A repair fills unread texts, never overrides a rating."""
     stats: list[CallStats] = []
-    limit = work.settings.max_rationale_chars
-    for _ in range(work.settings.repair_attempts):
+    limit = judging.max_rationale_chars
+    for _ in range(judging.repair_attempts):
         asks = [(c, r) for c in calls if (r := repair_request(c, rubric, limit)) is not None]
         if not asks:
             break
@@ -325,17 +325,18 @@ def rating_row(call: JudgeCall, member: Member) -> dict[str, Any]:
     }
 
 
-async def judge(work: MemberContext[Judging], combined_generations: pd.DataFrame, *, rubric: Rubric) -> dg.Output[pd.DataFrame]:
+async def judge(work: MemberContext, combined_generations: pd.DataFrame, *, judging: Judging,
+                rubric: Rubric) -> dg.Output[pd.DataFrame]:
     """One judge's verdicts on a shard: the body of its asset, shared by the per-member and the stage step."""
     member = work.member
-    tasks = [plan_judge_task(row, member, work.settings, rubric) for _, row in combined_generations.iterrows()]
+    tasks = [plan_judge_task(row, member, judging, rubric) for _, row in combined_generations.iterrows()]
     requests = [t.request for t in tasks if t.request is not None]
     batch = await work.run_calls(requests)
     done = iter(batch.completions)
     calls = [first_reading(t, next(done) if t.request is not None else None, rubric) for t in tasks]
     if requests and batch.provider_down:
         raise dg.Failure(description=batch.failure_message(work.label))
-    repair_stats = await repair_calls(work, calls, rubric)
+    repair_stats = await repair_calls(work, calls, judging, rubric)
     df = RATING_COLUMNS.frame([rating_row(c, member) for c in calls])
     asked = [v for c in calls for v in c.verdicts]  # the verdicts the judge was asked for: one per generation shown
     return dg.Output(
@@ -376,24 +377,25 @@ def build_ratings_stage(
     frame right after its output is stored, and only when that judge ran and the check is selected.
     """
     # `judges`: the panel's, or one of them per step (`member_steps=True`). `run`: what the engine
-    # needs of the panel (every member, the budget, the prices); the judging settings act in `judge`
-    # (or `compare`, in pairwise mode).
+    # needs of the panel (every member, the budget, the prices, the call policies); the judging
+    # settings are bound into the work handed to the engine, and act in `judge` (or `compare`).
     pairwise = judging.mode == "pairwise"
     stage_checks = comparison_checks(thresholds) if pairwise else rating_checks(thresholds, rubric)
+    versions = {m.name: judge_code_version(m, judging, rubric) for m in judges}
+    descriptions = {m.name: _description(m, rubric, judging.mode) for m in judges}
 
     @dg.multi_asset(
         **stage_multi_asset_kwargs(
             name=name, members=judges, key_of=ratings_key, group="judging",
-            code_version_of=lambda m: judge_code_version(m, judging, rubric),
-            description_of=lambda m: _description(m, rubric, judging.mode),
+            code_versions=versions, descriptions=descriptions,
             input_name="combined_generations", default_pool="llm_judging", partitions_def=partitions_def,
             checks=stage_checks, columns=COMPARISON_COLUMNS if pairwise else RATING_COLUMNS,
         )
     )
     def _ratings(context: dg.AssetExecutionContext, combined_generations: Any) -> Iterator[Any]:
         # `combined_generations`: one shard's frame, or {shard: frame} in a run of several shards
-        work = partial(compare if pairwise else judge, rubric=rubric)
-        yield from run_stage_step(context, run, judging, judges, ratings_key, combined_generations, work, stage_checks,
+        work = partial(compare if pairwise else judge, judging=judging, rubric=rubric)
+        yield from run_stage_step(context, run, judges, ratings_key, combined_generations, work, stage_checks,
                                   input_name="combined_generations")
 
     return _ratings

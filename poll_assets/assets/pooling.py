@@ -14,20 +14,20 @@ from poll_assets.assets.keys import (
     COMBINED_COLUMNS, COMBINED_KEY, COMPARISON_COLUMNS, POOLED_COLUMNS, POOLED_KEY, RATING_COLUMNS, comparison_answers,
     generation_counts, ratings_key, scores_column,
 )
-from poll_assets.agreement import agreement_metrics, judge_agreement
-from poll_assets.calibration import Calibration, JurySpec, RunRatings, calibrate, calibration_markdown, calibration_numbers, pooling_weights
+from poll_assets.scoring.agreement import agreement_metrics, judge_agreement
+from poll_assets.scoring.calibration import Calibration, JurySpec, RunRatings, calibrate, calibration_markdown, calibration_numbers, pooling_weights
 from poll_assets.engine.schema import column_of, column_of_each
 from poll_assets.engine.shards import shard_events, shard_frames
 from poll_assets.engine.checks import (
     STEP_INPUT, Finding, StageCheck, absent_ids, asset_check_specs, evaluate_checks, examples, problems_finding, short_id,
 )
 from poll_assets.code_versions import pooled_version
-from poll_assets.gold import GoldLabelError, GoldSet, load_gold
-from poll_assets.pairwise import encode_answer, pairwise_summary, pool_comparisons, position_markdown, stored_answers
-from poll_assets.pairwise_calibration import calibrate_pairwise
-from poll_assets.panel import Panel
+from poll_assets.scoring.gold import GoldLabelError, GoldSet, load_gold
+from poll_assets.scoring.pairwise_calibration import calibrate_pairwise
+from poll_assets.panel import Gold, Jury, Thresholds
 from poll_assets.parquet_values import is_missing, plain_list
-from poll_assets.pooled_ratings import pool_ratings, self_family_mask
+from poll_assets.scoring.pooled_comparisons import encode_answer, pairwise_summary, pool_comparisons, position_markdown, stored_answers
+from poll_assets.scoring.pooled_ratings import pool_ratings, self_family_mask
 from poll_assets.rubrics.ultrafeedback import Rubric
 
 AGREEMENT = "agreement"  # the name under which the step hands its checks the agreement it computed
@@ -86,12 +86,11 @@ def check_agreement(alpha: float | None, min_agreement: float) -> Finding:
     return Finding(passed, desc, {"krippendorff_alpha": float(alpha), "threshold": float(min_agreement)})
 
 
-def pooled_checks(panel: Panel) -> list[StageCheck]:
+def pooled_checks(jury: Jury, t: Thresholds) -> list[StageCheck]:
     """The step hands these the combined_generations it read and the agreement it computed."""
-    t = panel.thresholds
     return [
         StageCheck("covers_every_generation", "A pooled rating slot for every generation of every prompt.",
-                   lambda df, given: check_pooled_coverage(df, given[STEP_INPUT], len(panel.judges), scores_column(panel.judging)),
+                   lambda df, given: check_pooled_coverage(df, given[STEP_INPUT], len(jury.judges), scores_column(jury.judging)),
                    needs=(STEP_INPUT,)),
         StageCheck("judge_agreement", f"Krippendorff alpha between judges >= {t.min_agreement} (warning only).",
                    lambda df, given: check_agreement(given[AGREEMENT].get("krippendorff_alpha"), t.min_agreement),
@@ -99,10 +98,10 @@ def pooled_checks(panel: Panel) -> list[StageCheck]:
     ]
 
 
-def pooled_column_lineage(panel: Panel) -> dg.TableColumnLineage:
-    judges = [ratings_key(j) for j in panel.judges]
+def pooled_column_lineage(jury: Jury) -> dg.TableColumnLineage:
+    judges = [ratings_key(j) for j in jury.judges]
     combined = lambda column: [column_of(COMBINED_KEY, COMBINED_COLUMNS, column)]  # noqa: E731
-    if panel.judging.mode == "pairwise":
+    if jury.judging.mode == "pairwise":
         compared = column_of_each(judges, COMPARISON_COLUMNS, "preferred")
         return POOLED_COLUMNS.lineage({
             **{c: combined(c) for c in ("prompt_id", "instruction", "generations", "generation_models", "generation_call_ids")},
@@ -121,34 +120,34 @@ def pooled_column_lineage(panel: Panel) -> dg.TableColumnLineage:
     })
 
 
-def jury_spec(panel: Panel) -> JurySpec:
-    """How the panel pools, for the calibration and for weighted pooling."""
-    mask = (self_family_mask([j.family for j in panel.judges], [g.family for g in panel.generators])
-            if panel.judging.exclude_self_family else None)
-    return JurySpec(judges=tuple(j.name for j in panel.judges), generators=tuple(g.name for g in panel.generators),
-                    method=panel.pooling.method, min_judges=panel.pooling.min_judges,
-                    exclude=tuple(tuple(row) for row in mask) if mask else None, weights=panel.pooling.weights,
-                    folds=panel.pooling.folds, seed=panel.gold.seed if panel.gold else 0)
+def jury_spec(jury: Jury, gold: Gold | None) -> JurySpec:
+    """How the jury pools, for the calibration and for weighted pooling (`gold`: the panel's gold
+    settings, whose seed draws the prompt folds of fitted weights)."""
+    mask = (self_family_mask([j.family for j in jury.judges], [g.family for g in jury.generators])
+            if jury.judging.exclude_self_family else None)
+    return JurySpec(judges=tuple(j.name for j in jury.judges), generators=tuple(g.name for g in jury.generators),
+                    method=jury.pooling.method, min_judges=jury.pooling.min_judges,
+                    exclude=tuple(tuple(row) for row in mask) if mask else None, weights=jury.pooling.weights,
+                    folds=jury.pooling.folds, seed=gold.seed if gold else 0)
 
 
-def run_ratings(pooled: pd.DataFrame, panel: Panel) -> RunRatings:
+def run_ratings(pooled: pd.DataFrame, jury: Jury) -> RunRatings:
     """The judges' ratings of a pooled frame (a shard, or every shard) as the calibration reads them."""
     return RunRatings.from_lists(list(pooled["prompt_id"]), list(pooled["instruction"]),
                                  [[plain_list(r) for r in plain_list(m)] for m in pooled["poll_ratings"]],
-                                 len(panel.judges), len(panel.generators))
+                                 len(jury.judges), len(jury.generators))
 
 
-def pool_shard(panel: Panel, combined: pd.DataFrame, ratings: Sequence[pd.DataFrame],
+def pool_shard(spec: JurySpec, jury: Jury, combined: pd.DataFrame, ratings: Sequence[pd.DataFrame],
                gold: GoldSet | None = None) -> tuple[pd.DataFrame, int, str | None]:
     """The pooled frame of a shard from combined_generations and each judge's frame (panel order), how
     many ratings the self-family mask left out, and (method weighted) where the weights came from."""
     by_judge = [frame.set_index("prompt_id") for frame in ratings]
-    spec = jury_spec(panel)
     pids = list(combined["prompt_id"])
     matrices = [[plain_list(frame.loc[pid, "ratings"]) for frame in by_judge] for pid in pids]
     weights_of, source = (lambda p: None), None
-    if panel.pooling.method == "weighted":
-        run = RunRatings.from_lists(pids, list(combined["instruction"]), matrices, len(panel.judges), len(panel.generators))
+    if jury.pooling.method == "weighted":
+        run = RunRatings.from_lists(pids, list(combined["instruction"]), matrices, len(jury.judges), len(jury.generators))
         weights_of, info = pooling_weights(run, gold, spec)
         source = info["source"]
     mask = [list(row) for row in spec.exclude] if spec.exclude else None
@@ -156,14 +155,14 @@ def pool_shard(panel: Panel, combined: pd.DataFrame, ratings: Sequence[pd.DataFr
     for p, (_, row) in enumerate(combined.iterrows()):
         pid, matrix = row["prompt_id"], matrices[p]
         weights = weights_of(p)
-        pooled = pool_ratings(matrix, method=panel.pooling.method, min_judges=panel.pooling.min_judges, exclude=mask,
+        pooled = pool_ratings(matrix, method=jury.pooling.method, min_judges=jury.pooling.min_judges, exclude=mask,
                               weights=weights)
         excluded += pooled.excluded
         rows.append({
             **_prompt_cells(row),
             "poll_ratings": matrix,
             "poll_rationales": [plain_list(frame.loc[pid, "rationales"]) for frame in by_judge],
-            "poll_models": [j.model for j in panel.judges],
+            "poll_models": [j.model for j in jury.judges],
             "poll_call_ids": [frame.loc[pid, "call_id"] for frame in by_judge],
             "avg_poll_ratings": pooled.avg,
             "n_valid_judges": pooled.n_valid,
@@ -184,11 +183,12 @@ def _prompt_cells(row: pd.Series) -> dict[str, Any]:
     }
 
 
-def pool_comparison_shard(panel: Panel, combined: pd.DataFrame, frames: Sequence[pd.DataFrame]) -> tuple[pd.DataFrame, int]:
+def pool_comparison_shard(spec: JurySpec, jury: Jury, combined: pd.DataFrame,
+                          frames: Sequence[pd.DataFrame]) -> tuple[pd.DataFrame, int]:
     """Pairwise mode: the pooled frame of a shard from each judge's comparisons (panel order): per
     prompt, Bradley-Terry strengths and win counts over every judge and both orders; no ratings."""
     by_judge = [frame.set_index("prompt_id") for frame in frames]
-    mask = jury_spec(panel).exclude
+    mask = spec.exclude
     rows, excluded = [], 0
     for _, row in combined.iterrows():
         pid, n = row["prompt_id"], len(plain_list(row["generations"]))
@@ -200,7 +200,7 @@ def pool_comparison_shard(panel: Panel, combined: pd.DataFrame, frames: Sequence
             **_prompt_cells(row),
             "poll_ratings": [[None] * n for _ in by_judge],
             "poll_rationales": [[None] * n for _ in by_judge],
-            "poll_models": [j.model for j in panel.judges],
+            "poll_models": [j.model for j in jury.judges],
             "poll_call_ids": [None for _ in by_judge],
             "avg_poll_ratings": [None] * n,
             "n_valid_judges": pooled.n_judges,
@@ -210,25 +210,24 @@ def pool_comparison_shard(panel: Panel, combined: pd.DataFrame, frames: Sequence
     return POOLED_COLUMNS.frame(rows), excluded
 
 
-def pooled_calibration(panel: Panel, pooled: pd.DataFrame, gold: GoldSet, scale: Sequence[int]) -> Calibration:
+def pooled_calibration(jury: Jury, settings: Gold, pooled: pd.DataFrame, gold: GoldSet, scale: Sequence[int]) -> Calibration:
     """The calibration of `pooled` (one shard, or every stored shard) against the gold labels, with the
-    panel's bootstrap settings: the one function behind the shard metadata, the dataset card and the CLI."""
-    settings = panel.gold
-    if settings is None:
-        raise ValueError(f"panel {panel.name!r} has no gold labels (gold:)")
-    if panel.judging.mode == "pairwise":
+    panel's bootstrap settings (`settings`: its `gold:`): the one function behind the shard metadata,
+    the dataset card and the CLI."""
+    spec = jury_spec(jury, settings)
+    if jury.judging.mode == "pairwise":
         return calibrate_pairwise(list(pooled["prompt_id"]), list(pooled["instruction"]),
                                   [stored_answers(c) for c in pooled["poll_comparisons"]], gold,
-                                  [j.name for j in panel.judges], [g.name for g in panel.generators], jury_spec(panel).exclude,
+                                  [j.name for j in jury.judges], [g.name for g in jury.generators], spec.exclude,
                                   resamples=settings.bootstrap_resamples, seed=settings.seed, level=settings.confidence_level)
-    return calibrate(run_ratings(pooled, panel), gold, jury_spec(panel), scale, resamples=settings.bootstrap_resamples,
+    return calibrate(run_ratings(pooled, jury), gold, spec, scale, resamples=settings.bootstrap_resamples,
                      seed=settings.seed, level=settings.confidence_level)
 
 
-def calibration_metadata(panel: Panel, df: pd.DataFrame, gold: GoldSet, scale: Sequence[int]) -> dict[str, Any]:
+def calibration_metadata(jury: Jury, settings: Gold, df: pd.DataFrame, gold: GoldSet, scale: Sequence[int]) -> dict[str, Any]:
     """The shard's calibration against the gold labels: the table (markdown), its figures as numbers the
     UI plots over time, and the whole result as JSON."""
-    cal = pooled_calibration(panel, df, gold, scale)
+    cal = pooled_calibration(jury, settings, df, gold, scale)
     return {
         "calibration": dg.MetadataValue.md(calibration_markdown(cal)),
         "calibration/verdict": " ".join(cal.verdict),
@@ -255,11 +254,11 @@ def leaderboard_metadata(summary: dict[str, Any]) -> dict[str, Any]:
 SHARD_LEADERBOARD_RESAMPLES = 200  # per shard: enough for a rough interval, cheap (a shard has ~50 prompts)
 
 
-def shard_pairwise_metadata(panel: Panel, df: pd.DataFrame) -> dict[str, Any]:
+def shard_pairwise_metadata(spec: JurySpec, jury: Jury, df: pd.DataFrame) -> dict[str, Any]:
     """Pairwise mode: the shard's leaderboard and the judges' position figures, as a table and as numbers."""
-    summary = pairwise_summary(list(df["prompt_id"]), list(df["poll_comparisons"]), [j.name for j in panel.judges],
-                               [g.name for g in panel.generators], jury_spec(panel).exclude,
-                               resamples=SHARD_LEADERBOARD_RESAMPLES, seed=panel.judging.seed)
+    summary = pairwise_summary(list(df["prompt_id"]), list(df["poll_comparisons"]), [j.name for j in jury.judges],
+                               [g.name for g in jury.generators], spec.exclude,
+                               resamples=SHARD_LEADERBOARD_RESAMPLES, seed=jury.judging.seed)
     meta = leaderboard_metadata(summary)
     for judge, figures in summary["position"].items():
         for name in ("consistency", "first_position_rate"):
@@ -268,9 +267,10 @@ def shard_pairwise_metadata(panel: Panel, df: pd.DataFrame) -> dict[str, Any]:
     return meta
 
 
-def read_gold(panel: Panel, location: str | None, scale: Sequence[int]) -> GoldSet | None:
-    """The panel's gold labels, read once per step (a remote file is first read here, not at load)."""
-    if panel.gold is None or location is None:
+def read_gold(location: str | None, scale: Sequence[int]) -> GoldSet | None:
+    """The panel's gold labels (`location`: its gold file, when it has one), read once per step (a
+    remote file is first read here, not at load)."""
+    if location is None:
         return None
     try:
         return load_gold(location, scale)
@@ -278,40 +278,43 @@ def read_gold(panel: Panel, location: str | None, scale: Sequence[int]) -> GoldS
         raise dg.Failure(f"gold.path: {exc}") from None
 
 
-def _pooled_metadata(panel: Panel, df: pd.DataFrame, excluded: int, agreement: dict[str, Any],
+def _pooled_metadata(jury: Jury, df: pd.DataFrame, excluded: int, agreement: dict[str, Any],
                      weights_source: str | None) -> dict[str, Any]:
     alpha = agreement.get("krippendorff_alpha")
     return {
         **({"pooling/weights_source": weights_source} if weights_source else {}),
         **POOLED_COLUMNS.output_metadata(df),
-        "dagster/column_lineage": pooled_column_lineage(panel),
+        "dagster/column_lineage": pooled_column_lineage(jury),
         "self_family_excluded": excluded,
         "agreement/krippendorff_alpha": dg.MetadataValue.float(alpha) if alpha is not None else dg.MetadataValue.null(),
         "agreement/pairwise": dg.MetadataValue.json(agreement),
         **agreement_metrics(agreement),  # each pairwise figure a number, so the UI plots it
-        "unrated_generations": sum(v is None for avg in df[scores_column(panel.judging)] for v in avg) if len(df) else 0,
+        "unrated_generations": sum(v is None for avg in df[scores_column(jury.judging)] for v in avg) if len(df) else 0,
     }
 
 
-def pooling_version(panel: Panel, gold_location: str | None) -> str:
+def pooling_version(jury: Jury, gold: Gold | None, gold_location: str | None) -> str:
     """The pooled ratings' code version: the settings pooling reads (code_versions.pooled_version), and
     for fitted weights the gold file they are fitted on."""
-    version = pooled_version(panel.pooling, panel.judging, [(m.name, m.family) for m in panel.members])
-    if panel.pooling.weights == "fit" and gold_location and panel.gold:
-        local = not panel.gold.is_remote and Path(gold_location).is_file()
+    version = pooled_version(jury.pooling, jury.judging, [(m.name, m.family) for m in jury.members])
+    if jury.pooling.weights == "fit" and gold_location and gold:
+        local = not gold.is_remote and Path(gold_location).is_file()
         digest = hashlib.sha256(Path(gold_location).read_bytes()).hexdigest()[:12] if local else gold_location
-        version += f"gold={digest};seed={panel.gold.seed}"
+        version += f"gold={digest};seed={gold.seed}"
     return version
 
 
-def build_pooled_asset(panel: Panel, partitions_def: dg.PartitionsDefinition, rubric: Rubric,
-                       gold_location: str | None = None) -> dg.AssetsDefinition:
-    """`gold_location`: the panel's gold file (gold.location), when it has one."""
-    ins = {f"ratings_{j.name}": dg.AssetIn(key=ratings_key(j)) for j in panel.judges}
+def build_pooled_asset(jury: Jury, gold: Gold | None, thresholds: Thresholds, partitions_def: dg.PartitionsDefinition,
+                       rubric: Rubric, gold_location: str | None = None) -> dg.AssetsDefinition:
+    """`jury`: who judges whom and how they pool; `gold`: the panel's gold settings and `gold_location`
+    its gold file (gold.location), when it has them."""
+    ins = {f"ratings_{j.name}": dg.AssetIn(key=ratings_key(j)) for j in jury.judges}
     ins["combined_generations"] = dg.AssetIn(key=COMBINED_KEY)
-    settings = pooling_version(panel, gold_location)
-    checks = pooled_checks(panel)
-    judge_names = [j.name for j in panel.judges]
+    version = pooling_version(jury, gold, gold_location)
+    checks = pooled_checks(jury, thresholds)
+    judge_names = [j.name for j in jury.judges]
+    spec = jury_spec(jury, gold)
+    gold_location = gold_location if gold else None
 
     @dg.asset(
         key=POOLED_KEY,
@@ -321,35 +324,35 @@ def build_pooled_asset(panel: Panel, partitions_def: dg.PartitionsDefinition, ru
         partitions_def=partitions_def,
         check_specs=asset_check_specs(checks, POOLED_KEY, partitions_def),
         metadata=POOLED_COLUMNS.definition_metadata(),
-        code_version=settings,
+        code_version=version,
         description=(
-            f"PoLL: each generation's {panel.pooling.method} rating over the judges "
+            f"PoLL: each generation's {jury.pooling.method} rating over the judges "
             f"({', '.join(judge_names)}) that gave a valid one; None below "
-            f"{panel.pooling.min_judges} valid judge(s). Inter-judge agreement is in the metadata"
-            + (", and the calibration of every judge and of the jury against the gold labels." if panel.gold else ".")
+            f"{jury.pooling.min_judges} valid judge(s). Inter-judge agreement is in the metadata"
+            + (", and the calibration of every judge and of the jury against the gold labels." if gold else ".")
         ),
     )
     def pooled_ratings(context: dg.AssetExecutionContext, combined_generations: Any, **ratings: Any) -> Iterator[Any]:
         # each input: one shard's frame, or {shard: frame} in a run of several shards
         combined = shard_frames(context, "combined_generations", combined_generations)
         judged = {j: shard_frames(context, f"ratings_{j}", ratings[f"ratings_{j}"]) for j in judge_names}
-        gold = read_gold(panel, gold_location, rubric.ratings)
+        labels = read_gold(gold_location, rubric.ratings)
         made = {}
         for shard, shard_combined in combined.items():
             frames = [judged[j][shard] for j in judge_names]
-            if panel.judging.mode == "pairwise":
-                (df, excluded), weights_source = pool_comparison_shard(panel, shard_combined, frames), None
+            if jury.judging.mode == "pairwise":
+                (df, excluded), weights_source = pool_comparison_shard(spec, jury, shard_combined, frames), None
             else:
-                df, excluded, weights_source = pool_shard(panel, shard_combined, frames, gold)
+                df, excluded, weights_source = pool_shard(spec, jury, shard_combined, frames, labels)
             agreement = pooled_agreement(df, judge_names, rubric.ratings)
             context.log.info(f"{shard}: pooled {len(df)} prompts; Krippendorff alpha={agreement.get('krippendorff_alpha')}")
             if weights_source and not weights_source.startswith(("given", "fitted")):
                 context.log.warning(f"{shard}: pooling.weights: {weights_source}")
-            metadata = _pooled_metadata(panel, df, excluded, agreement, weights_source)
-            if panel.judging.mode == "pairwise":
-                metadata.update(shard_pairwise_metadata(panel, df))
-            if gold is not None:
-                metadata.update(calibration_metadata(panel, df, gold, rubric.ratings))
+            metadata = _pooled_metadata(jury, df, excluded, agreement, weights_source)
+            if jury.judging.mode == "pairwise":
+                metadata.update(shard_pairwise_metadata(spec, jury, df))
+            if gold is not None and labels is not None:
+                metadata.update(calibration_metadata(jury, gold, df, labels, rubric.ratings))
             given = {STEP_INPUT: shard_combined, AGREEMENT: agreement}
             made[shard] = (dg.Output(df, metadata=metadata),
                            evaluate_checks(checks, POOLED_KEY, df, given, context.selected_asset_check_keys))

@@ -16,13 +16,13 @@ from poll_assets.engine.previews import chat_answer, pairs_preview, pairs_table
 from poll_assets.engine.schema import column_of, column_of_each
 from poll_assets.engine.shards import shard_events, shard_frames
 from poll_assets.engine.totals import shard_totals
-from poll_assets.binarize import binarize
+from poll_assets.scoring.binarize import binarize
 from poll_assets.engine.checks import Finding, StageCheck, asset_check_specs, evaluate_checks, examples, problems_finding, short_id
 from poll_assets.code_versions import pairs_version
-from poll_assets.confidence import PairConfidence, comparison_confidence, confidence_cut, pair_confidence
-from poll_assets.panel import Panel
+from poll_assets.scoring.confidence import PairConfidence, comparison_confidence, confidence_cut, pair_confidence
+from poll_assets.panel import Binarization, Jury
 from poll_assets.parquet_values import is_missing, plain_list
-from poll_assets.pooled_ratings import self_family_mask
+from poll_assets.scoring.pooled_ratings import self_family_mask
 
 
 def check_pairs(pairs: pd.DataFrame) -> Finding:
@@ -60,11 +60,10 @@ class LeftOut:
 LEFT_OUT = "left_out"  # the name under which the step hands its checks what it left out
 
 
-def check_contested(left_out: LeftOut, panel: Panel) -> Finding:
+def check_contested(left_out: LeftOut, cfg: Binarization) -> Finding:
     """No pair was left out by `min_judge_agreement` / `min_margin_low`; when some were, say how many
     and why. A warning: the pairs written are sound, but the set is smaller than the shard's prompts
     suggest, and a shard where most pairs are contested says the panel or rubric needs a look."""
-    cfg = panel.binarization
     cut = sum(left_out.pairs.values())
     settings = f"min_judge_agreement={cfg.min_judge_agreement}, min_margin_low={cfg.min_margin_low}"
     meta = {"pairs_left_out": cut, **{f"left_out/{reason}": n for reason, n in left_out.pairs.items()}}
@@ -81,21 +80,21 @@ PAIR_CHECKS = (
 )
 
 
-def pair_checks(panel: Panel) -> list[StageCheck]:
+def pair_checks(binarization: Binarization) -> list[StageCheck]:
     """The pairs' checks; the step hands the contested check what it left out."""
     return [
         *PAIR_CHECKS,
         StageCheck("contested_pairs", "Pairs left out by min_judge_agreement / min_margin_low, counted by reason "
                                       "(warning only).",
-                   lambda df, given: check_contested(given[LEFT_OUT], panel),
+                   lambda df, given: check_contested(given[LEFT_OUT], binarization),
                    severity=dg.AssetCheckSeverity.WARN, needs=(LEFT_OUT,)),
     ]
 
 
-def pairs_column_lineage(panel: Panel) -> dg.TableColumnLineage:
+def pairs_column_lineage(jury: Jury) -> dg.TableColumnLineage:
     """Pair columns back to where their values were first made (not only to pooled_ratings)."""
-    judges = [ratings_key(j) for j in panel.judges]
-    generators = [generation_key(g) for g in panel.generators]
+    judges = [ratings_key(j) for j in jury.judges]
+    generators = [generation_key(g) for g in jury.generators]
     prompt = lambda column: [column_of(PROMPTS_KEY, PROMPT_COLUMNS, column)]  # noqa: E731
     combined = lambda column: [column_of(COMBINED_KEY, COMBINED_COLUMNS, column)]  # noqa: E731
     answer = prompt("instruction") + combined("generations")  # a chat: the prompt, then the answer
@@ -130,9 +129,9 @@ def chat(prompt: str, answer: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
-def _pair_row(r: pd.Series, panel: Panel, chosen: int, rejected: int, margin: float,
+def _pair_row(r: pd.Series, jury: Jury, chosen: int, rejected: int, margin: float,
               conf: PairConfidence) -> dict[str, object]:
-    generations, avg = plain_list(r["generations"]), plain_list(r[scores_column(panel.judging)])
+    generations, avg = plain_list(r["generations"]), plain_list(r[scores_column(jury.judging)])
     models, call_ids = plain_list(r["generation_models"]), plain_list(r["generation_call_ids"])
     return {
         "prompt": r["instruction"],
@@ -141,8 +140,8 @@ def _pair_row(r: pd.Series, panel: Panel, chosen: int, rejected: int, margin: fl
         "rejected": chat(r["instruction"], generations[rejected]),
         "chosen_model": models[chosen],
         "rejected_model": models[rejected],
-        "chosen_generator": panel.generators[chosen].name,
-        "rejected_generator": panel.generators[rejected].name,
+        "chosen_generator": jury.generators[chosen].name,
+        "rejected_generator": jury.generators[rejected].name,
         "chosen_rating": avg[chosen],
         "rejected_rating": avg[rejected],
         "margin": margin,
@@ -163,20 +162,19 @@ def _pair_row(r: pd.Series, panel: Panel, chosen: int, rejected: int, margin: fl
     }
 
 
-def preference_rows(pooled: pd.DataFrame, panel: Panel) -> tuple[list[dict[str, object]], LeftOut]:
-    """Pairs for every prompt, each with the panel's confidence in it, and what was left out and why."""
-    cfg = panel.binarization
-    mask = (self_family_mask([j.family for j in panel.judges], [g.family for g in panel.generators])
-            if panel.judging.exclude_self_family else None)
+def preference_rows(pooled: pd.DataFrame, jury: Jury, cfg: Binarization) -> tuple[list[dict[str, object]], LeftOut]:
+    """Pairs for every prompt, each with the jury's confidence in it, and what was left out and why."""
+    mask = (self_family_mask([j.family for j in jury.judges], [g.family for g in jury.generators])
+            if jury.judging.exclude_self_family else None)
     rows: list[dict[str, object]] = []
     left_out = LeftOut()
-    pairwise = panel.judging.mode == "pairwise"  # pairs come from the Bradley-Terry strengths
-    score_column = scores_column(panel.judging)
+    pairwise = jury.judging.mode == "pairwise"  # pairs come from the Bradley-Terry strengths
+    score_column = scores_column(jury.judging)
     for _, r in pooled.iterrows():
         generations = plain_list(r["generations"])
-        if len(generations) != len(panel.generators):  # stored under another panel: names would be wrong
+        if len(generations) != len(jury.generators):  # stored under another panel: names would be wrong
             raise ValueError(f"pooled_ratings row {short_id(r['prompt_id'])} has {len(generations)} generations; "
-                             f"the panel has {len(panel.generators)} generators: re-materialize it")
+                             f"the panel has {len(jury.generators)} generators: re-materialize it")
         scores = plain_list(r[score_column])
         result = binarize(scores, strategy=cfg.strategy, min_margin=cfg.min_margin,
                           seed=cfg.seed, key=r["prompt_id"], valid=[isinstance(g, str) for g in generations])
@@ -184,17 +182,17 @@ def preference_rows(pooled: pd.DataFrame, panel: Panel) -> tuple[list[dict[str, 
         weights = None if is_missing(r.get("judge_weights")) else [float(w) for w in plain_list(r["judge_weights"])]
         cuts: list[str] = []
         for chosen, rejected, margin in result.pairs:
-            key = f"{r['prompt_id']}|{panel.generators[chosen].name}|{panel.generators[rejected].name}"
+            key = f"{r['prompt_id']}|{jury.generators[chosen].name}|{jury.generators[rejected].name}"
             conf = (comparison_confidence(plain_list(r["poll_comparisons"]), chosen, rejected, exclude=mask)
                     if pairwise else
-                    pair_confidence(ratings, chosen, rejected, exclude=mask, method=panel.pooling.method, key=key,
+                    pair_confidence(ratings, chosen, rejected, exclude=mask, method=jury.pooling.method, key=key,
                                     weights=weights))
             cut = confidence_cut(conf, min_judge_agreement=cfg.min_judge_agreement, min_margin_low=cfg.min_margin_low)
             if cut:
                 left_out.add_pair(cut)
                 cuts.append(cut)
             else:
-                rows.append(_pair_row(r, panel, chosen, rejected, margin, conf))
+                rows.append(_pair_row(r, jury, chosen, rejected, margin, conf))
         if not result.pairs or len(cuts) == len(result.pairs):
             left_out.add_prompt(result.reason or (cuts[0] if cuts else "no pair"))
     return rows, left_out
@@ -217,10 +215,10 @@ def confidence_metadata(df: pd.DataFrame, left_out: LeftOut) -> dict[str, Any]:
     }
 
 
-def build_preferences_asset(panel: Panel, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
-    cfg = panel.binarization
-    checks = pair_checks(panel)
-    member_keys = {k.to_user_string(): k for k in [*map(generation_key, panel.generators), *map(ratings_key, panel.judges)]}
+def build_preferences_asset(jury: Jury, cfg: Binarization, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """`jury`: whose pooled ratings the pairs come from; `cfg`: the panel's `binarization:`."""
+    checks = pair_checks(cfg)
+    member_keys = {k.to_user_string(): k for k in [*map(generation_key, jury.generators), *map(ratings_key, jury.judges)]}
     contested = (f" Pairs below min_judge_agreement={cfg.min_judge_agreement} or min_margin_low={cfg.min_margin_low} "
                  "are left out and counted." if cfg.min_judge_agreement is not None or cfg.min_margin_low is not None
                  else "")
@@ -244,7 +242,7 @@ def build_preferences_asset(panel: Panel, partitions_def: dg.PartitionsDefinitio
         # `pooled_ratings`: one shard's frame, or {shard: frame} in a run of several shards
         made = {}
         for shard, pooled in shard_frames(context, "pooled_ratings", pooled_ratings).items():
-            rows, left_out = preference_rows(pooled, panel)
+            rows, left_out = preference_rows(pooled, jury, cfg)
             df = PAIR_COLUMNS.frame(rows)
             context.log.info(f"{shard}: {len(df)} preference pairs from {len(pooled)} prompts; prompts without a "
                              f"pair: {left_out.prompts or 'none'}; contested pairs left out: {left_out.pairs or 'none'}")
@@ -252,7 +250,7 @@ def build_preferences_asset(panel: Panel, partitions_def: dg.PartitionsDefinitio
                 df,
                 metadata={
                     **PAIR_COLUMNS.output_metadata(df),
-                    "dagster/column_lineage": pairs_column_lineage(panel),
+                    "dagster/column_lineage": pairs_column_lineage(jury),
                     "pairs": len(df),
                     "prompts": len(pooled),
                     **confidence_metadata(df, left_out),
@@ -271,16 +269,15 @@ def build_preferences_asset(panel: Panel, partitions_def: dg.PartitionsDefinitio
 AGREEMENT_BINS = ((1.0, 1.0, "every judge"), (0.75, 1.0, "3/4 or more"), (0.5, 0.75, "1/2 to 3/4"), (0.0, 0.5, "under 1/2"))
 
 
-def pair_quality(panel: Panel, pairs: pd.DataFrame, pooled: pd.DataFrame) -> dict[str, Any]:
+def pair_quality(jury: Jury, cfg: Binarization, pairs: pd.DataFrame, pooled: pd.DataFrame) -> dict[str, Any]:
     """The dataset card's view of the pairs' confidence: how the judge agreement and the margin's lower
     bound are spread over the written pairs, and what binarization left out (recomputed from the
     stored pooled ratings with the panel's settings, so it covers every stored shard)."""
-    _, left_out = preference_rows(pooled, panel)
+    _, left_out = preference_rows(pooled, jury, cfg)
     share = pairs["judge_agreement"] if "judge_agreement" in pairs else pd.Series(dtype=float)
     low = pairs["margin_low"] if "margin_low" in pairs else pd.Series(dtype=float)
     spread = {label: int(((share == 1.0) if lo == hi else ((share >= lo) & (share < hi))).sum())
               for lo, hi, label in AGREEMENT_BINS}
-    cfg = panel.binarization
     return {
         "settings": {"min_judge_agreement": cfg.min_judge_agreement, "min_margin_low": cfg.min_margin_low},
         "pairs": len(pairs),

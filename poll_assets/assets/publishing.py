@@ -17,9 +17,9 @@ from poll_assets.assets.judging import repair_figures
 from poll_assets.assets.pooling import jury_spec, leaderboard_metadata, pooled_agreement, pooled_calibration, read_gold
 from poll_assets.assets.preferences import pair_quality
 from poll_assets.io_manager import asset_dir, default_dagster_home, read_partition, stored_partitions
-from poll_assets.calibration import calibration_markdown
-from poll_assets.bradley_terry import leaderboard_svg
-from poll_assets.pairwise import pairwise_summary, stored_answers
+from poll_assets.scoring.calibration import calibration_markdown
+from poll_assets.scoring.bradley_terry import leaderboard_svg
+from poll_assets.scoring.pooled_comparisons import pairwise_summary, stored_answers
 from poll_assets.panel import Panel
 from poll_assets.parquet_values import plain_list
 from poll_assets.rubrics.ultrafeedback import Rubric, prompt_version
@@ -100,7 +100,7 @@ def card_info(panel: Panel, rubric: Rubric, pairs: pd.DataFrame, pooled: pd.Data
                else {"unrated_verdicts": unrated_verdicts(pooled)}),
         },
         "agreement": pooled_agreement(pooled, [j.name for j in panel.judges], rubric.ratings),
-        "quality": pair_quality(panel, pairs, pooled),
+        "quality": pair_quality(panel.jury, panel.binarization, pairs, pooled),
         "verdicts": verdicts or {},
     }
 
@@ -113,7 +113,7 @@ def dataset_pairwise(panel: Panel, pooled: pd.DataFrame, resamples: int = LEADER
     by judging.seed) and each judge's position figures; None in rating mode."""
     if panel.judging.mode != "pairwise" or "poll_comparisons" not in pooled:
         return None
-    mask = jury_spec(panel).exclude
+    mask = jury_spec(panel.jury, panel.gold).exclude
     return pairwise_summary(list(pooled["prompt_id"]), list(pooled["poll_comparisons"]), [j.name for j in panel.judges],
                             [g.name for g in panel.generators], mask, resamples=resamples, seed=panel.judging.seed)
 
@@ -121,8 +121,10 @@ def dataset_pairwise(panel: Panel, pooled: pd.DataFrame, resamples: int = LEADER
 def dataset_calibration(panel: Panel, rubric: Rubric, pooled: pd.DataFrame, gold_location: str | None) -> dict[str, Any] | None:
     """The calibration over every stored shard (None without gold labels), as the card keeps it. Labels
     for prompts in no stored shard are counted in it (`labels_outside_prompts`)."""
-    gold = read_gold(panel, gold_location, rubric.ratings)
-    return None if gold is None else pooled_calibration(panel, pooled, gold, rubric.ratings).to_dict()
+    if panel.gold is None:
+        return None
+    gold = read_gold(gold_location, rubric.ratings)
+    return None if gold is None else pooled_calibration(panel.jury, panel.gold, pooled, gold, rubric.ratings).to_dict()
 
 
 def build_publish_job(panel: Panel, rubric: Rubric, gold_location: str | None = None) -> tuple[dg.AssetSpec, dg.JobDefinition]:

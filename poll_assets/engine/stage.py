@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import dagster as dg
 import pandas as pd
@@ -31,7 +31,7 @@ from poll_assets.llm.pricing import Price
 from poll_assets.llm.providers.registry import provider_spec
 from poll_assets.llm.resources import ChatModelResource, ResponseCacheResource, member_backend, resource_key
 from poll_assets.llm.online.runner import CallBatch, CallStats, run_calls
-from poll_assets.panel import Member, Panel
+from poll_assets.panel import Member
 from poll_assets.run_liveness import RUN_PROCESS_KEY
 
 
@@ -203,33 +203,25 @@ class MemberCalls:
 class RunSettings:
     """What the engine needs of the panel in every LLM stage step, whatever the stage: every member
     (a step checks all the run's members before any call), the run's spending cap, and by member
-    name its price and its call policy (its `limits:` resolved once, here, for the runner)."""
+    name its price and its call policy (its `limits:` as resolved once by `pipeline.run_settings`;
+    the engine hands it to the runner as it is)."""
 
     members: tuple[Member, ...]
     budget: BudgetSettings | None
     prices: Mapping[str, Price | None]
     policies: Mapping[str, CallPolicy]
 
-    @classmethod
-    def of(cls, panel: Panel) -> RunSettings:
-        return cls(tuple(panel.members), panel.budget, {m.name: panel.price_of(m) for m in panel.members},
-                   {m.name: CallPolicy.resolve(m.limits, m.provider) for m in panel.members})
-
     def price_of(self, member: Member) -> Price | None:
         return self.prices.get(member.name)
 
 
-SettingsT = TypeVar("SettingsT")
-
-
 @dataclass
-class MemberContext(Generic[SettingsT]):
-    """What one member's work on one shard gets: the member, its stage's settings (`Judging` for a
-    judge, the `Source` for a generator), its price, a log function, a label for messages, and the
-    member's calls, which the run's shards send together."""
+class MemberContext:
+    """What one member's work on one shard gets from the engine: the member, its price, a log
+    function, a label for messages, and the member's calls, which the run's shards send together.
+    The stage's own settings are not here: the stage binds them into the work it hands the engine."""
 
     member: Member
-    settings: SettingsT
     price: Price | None
     log: Callable[[str], None]
     label: str
@@ -237,12 +229,12 @@ class MemberContext(Generic[SettingsT]):
     finished: bool = False
 
     @classmethod
-    def alone(cls, member: Member, settings: SettingsT, backend: ChatModelResource | ChatBackend, policy: CallPolicy,
+    def alone(cls, member: Member, backend: ChatModelResource | ChatBackend, policy: CallPolicy,
               cache: ResponseCache, log: Callable[[str], None], label: str,
-              price: Price | None = None) -> MemberContext[SettingsT]:
+              price: Price | None = None) -> MemberContext:
         """A member's work on one shard outside a stage step (tests call `generate` or `judge` so)."""
         calls = MemberCalls(member, backend, policy, cache, log, label, BackendGate(1))
-        return cls(member, settings, price, log, label, SharedCalls(calls.send, 1))
+        return cls(member, price, log, label, SharedCalls(calls.send, 1))
 
     async def run_calls(self, requests: Sequence[CallRequest]) -> CallBatch:
         """The member's requests through the one call path, under its policy, together with the
@@ -257,7 +249,7 @@ class MemberContext(Generic[SettingsT]):
 
 
 # What a stage does for one member: (its context, the stage's input frame) -> that member's output.
-# `generate` and `judge` have this shape.
+# `generate` and `judge`, with the stage's settings bound (functools.partial), have this shape.
 MemberWork = Callable[[MemberContext, pd.DataFrame], Coroutine[Any, Any, dg.Output[Any]]]
 
 
@@ -273,8 +265,8 @@ def stage_multi_asset_kwargs(
     members: Sequence[Member],
     key_of: Callable[[Member], dg.AssetKey],
     group: str,
-    code_version_of: Callable[[Member], str],
-    description_of: Callable[[Member], str],
+    code_versions: Mapping[str, str],
+    descriptions: Mapping[str, str],
     input_name: str,
     default_pool: str,
     partitions_def: dg.PartitionsDefinition,
@@ -282,7 +274,8 @@ def stage_multi_asset_kwargs(
     columns: ColumnSchema,
 ) -> dict[str, Any]:
     """The `dg.multi_asset` arguments of an LLM stage: one optional output (asset) per member, with its
-    own key, kinds, code_version and checks, the stage's one input, and the members' pool."""
+    own key, kinds, code_version and checks, the stage's one input, and the members' pool.
+    `code_versions` and `descriptions`: by member name, as the stage made them from its settings."""
     return {
         "name": name,
         "outs": {
@@ -290,8 +283,8 @@ def stage_multi_asset_kwargs(
                 key=key_of(m),
                 group_name=group,
                 kinds=member_kinds(m),
-                code_version=code_version_of(m),
-                description=description_of(m),
+                code_version=code_versions[m.name],
+                description=descriptions[m.name],
                 metadata=columns.definition_metadata(),
                 is_required=False,
             )
@@ -309,7 +302,6 @@ def stage_multi_asset_kwargs(
 def run_stage_step(
     context: dg.AssetExecutionContext,
     run: RunSettings,
-    settings: Any,
     members: Sequence[Member],
     key_of: Callable[[Member], dg.AssetKey],
     step_input: Any,
@@ -319,8 +311,8 @@ def run_stage_step(
 ) -> Iterator[dg.Output[Any] | dg.AssetCheckResult | dg.AssetCheckEvaluation]:
     """The body of a stage step: first, every member of the run is checked; then the selected
     members do `work` on every shard of the run at the same time (each member's calls for all shards
-    in one batch), and each shard's checks run on its output (see `run_stage`). `settings`: the
-    stage's own, handed to each member's work in its `MemberContext`."""
+    in one batch), and each shard's checks run on its output (see `run_stage`). `work` carries the
+    stage's own settings, bound by the stage: the engine never holds them."""
     cache: ResponseCacheResource = context.resources.response_cache
     selected = [m for m in members if key_of(m) in context.selected_asset_keys]
     check_models = preflight_run(context, run.members, selected)
@@ -342,7 +334,7 @@ def run_stage_step(
         shared = SharedCalls(calls.send, len(frames), on_nothing=gate.leave)
 
         async def one(shard: str) -> dg.Output[Any]:
-            work_ctx = MemberContext(m, settings, price, context.log.info, label, shared)
+            work_ctx = MemberContext(m, price, context.log.info, label, shared)
             try:
                 return await work(work_ctx, frames[shard])
             finally:

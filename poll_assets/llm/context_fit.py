@@ -14,8 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from poll_assets.llm.base import CallRequest
-from poll_assets.llm.online.limits import estimate_tokens
-from poll_assets.llm.tokens import approx_tokens
+from poll_assets.llm.tokens import approx_tokens, estimate_tokens
 
 # The token estimate is a rule of thumb (characters / 4, digits one each): keep a tenth of the
 # window spare for where a real tokenizer counts more.

@@ -1,8 +1,8 @@
 """The call layer as Dagster resources: one `ChatModelResource` per panel member, and the response cache.
 
 A resource carries only a member's connection settings (provider, model, endpoint, key); how its
-calls are paced is the member's `CallPolicy`, which the stage resolves from the panel. Keys come from
-the environment through `dg.EnvVar` and never appear in repr, logs or messages.
+calls are paced is the member's `CallPolicy`, which `pipeline.run_settings` resolves from the panel.
+Keys come from the environment through `dg.EnvVar` and never appear in repr, logs or messages.
 """
 
 from __future__ import annotations

@@ -35,3 +35,9 @@ def request_input_tokens(request: CallRequest) -> int:
     if request.json_schema is not None:
         tokens += approx_tokens(json.dumps(request.json_schema))
     return tokens
+
+
+def estimate_tokens(request: CallRequest) -> int:
+    """Tokens a call may consume, counted the way providers charge a TPM budget up front:
+    the prompt (estimated, `request_input_tokens`) plus the full `max_new_tokens` allowance."""
+    return request_input_tokens(request) + request.params.max_new_tokens

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from poll_assets.calibration import (
+from poll_assets.scoring.calibration import (
     PREFERENCE_METRICS, RATING_METRICS, Calibration, CalibrationRow, Estimate, GoldItems, RunRatings, _comparisons,
     _verdict, bootstrap_weights, estimate, match_gold, preference_label_stats,
 )
-from poll_assets.gold import GoldSet
-from poll_assets.pairwise import Answer, pair_label, pool_comparisons
+from poll_assets.scoring.gold import GoldSet
+from poll_assets.scoring.pooled_comparisons import Answer, pair_label, pool_comparisons
 
 NO_RATINGS = "pairwise mode: the judges compare, they give no ratings"
 STRENGTH_TIE = 1e-9  # strengths closer than this are a tie (equal wins give equal strengths up to rounding)

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from poll_assets.agreement import kendall_tau_b_table, quadratic_kappa_table
-from poll_assets.gold import GoldSet, instruction_key
-from poll_assets.pooled_ratings import pool_ratings, prompt_fold
+from poll_assets.scoring.agreement import kendall_tau_b_table, quadratic_kappa_table
+from poll_assets.scoring.gold import GoldSet, instruction_key
+from poll_assets.scoring.pooled_ratings import pool_ratings, prompt_fold
 
 MIN_ITEMS = 5  # fewer labelled items for a rater and its figures are absent
 MIN_PROMPTS = 5  # fewer labelled prompts and no interval (a bootstrap over a handful of prompts is too narrow)
