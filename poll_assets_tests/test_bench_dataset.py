@@ -43,3 +43,30 @@ def test_targets_of_sizes_not_measured_say_so_and_cpu_per_call_subtracts_dagster
     assert table["warm re-run <= 10 s, N=10,000"] == ("not measured", "not measured")
     assert table["our CPU per cached call <= 150 µs, N=1,000"] == ("100 µs", "met")
     assert table["peak RSS N=10,000 <= 1.3 x N=1,000"][1] == "not measured"
+
+
+def test_the_cached_pass_is_the_warm_rerun_when_it_redid_everything_else_a_forced_rerun(monkeypatch):
+    import bench.dataset_scale as scale
+
+    class Case:
+        cli_env: dict = {}
+
+        def __init__(self) -> None:
+            self.calls: list[list[str]] = []
+
+        def cli(self, label: str, args: list[str], log: str) -> Phase:
+            self.calls.append(args)
+            return Phase(_m(), Events(materialized={"prompts": 2, "rest": 20}))
+
+    full = Phase(_m(), Events(materialized={"prompts": 2, "rest": 20}))
+    case = Case()
+    assert scale.cached_pass(case, full, every_partition=22) is full and case.calls == []
+    skipped = Phase(_m(), Events())  # a warm re-run that found everything fresh
+    monkeypatch.setattr(scale, "cli_has_force", lambda env: False)
+    assert scale.cached_pass(case, skipped, every_partition=22) is None and case.calls == []
+    monkeypatch.setattr(scale, "cli_has_force", lambda env: True)
+    forced = scale.cached_pass(case, skipped, every_partition=22)
+    assert case.calls == [["--all", "--force"]] and forced is not None
+    # a forced pass that called the provider is not a cached pass
+    monkeypatch.setattr(Case, "cli", lambda self, label, args, log: Phase(_m(requests=5), full.events))
+    assert scale.cached_pass(case, skipped, every_partition=22) is None
