@@ -4,6 +4,11 @@ Not a test. Run from the repository root with the project's venv:
 
     .venv/bin/python bench/bench_pipeline.py                      # everything (a few minutes)
     .venv/bin/python bench/bench_pipeline.py --sizes 300 --no-distilabel
+    .venv/bin/python bench/bench_pipeline.py --sizes "" --memory-sizes "" --dataset-sizes 1000,3000,10000
+
+The last form is the whole-dataset case (issue 24): each N built by `poll-assets run --all` at the
+panel's default shard size, with a warm re-run, a cached pass, one judge changed, Dagster's floor and
+distilabel; its steps and figures are described in bench/dataset_scale.py and bench/RESULTS.md.
 
 Shape (the seed pipeline's): the `paper` panel, 4 generators and 3 judges with their provider types
 (hf_inference, openai, anthropic), every member's base_url pointed at the fake server, 64 concurrent
@@ -107,13 +112,17 @@ def bench_panel(
     )
 
 
-def write_panel_yaml(panel: Any, path: Path) -> Path:
-    """Round-trip through YAML so the panel is validated like a user's file, and a step subprocess can load it."""
+def write_panel_yaml(panel: Any, path: Path, drop_shard_size: bool = False) -> Path:
+    """Round-trip through YAML so the panel is validated like a user's file, and a step subprocess can load it.
+    `drop_shard_size`: the file leaves `source.shard_size` unset, so the project's default chooses it."""
     import yaml
 
     from poll_assets.panel import load_panel
 
-    path.write_text(yaml.safe_dump(panel.model_dump(mode="json", exclude_none=True), sort_keys=False))
+    data = panel.model_dump(mode="json", exclude_none=True)
+    if drop_shard_size:
+        data["source"].pop("shard_size", None)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     load_panel(path)  # fails here, with the field named, if the edits made it invalid
     return path
 
@@ -345,7 +354,8 @@ def run_child(
     children do; `poll-assets run` itself does not, and succeeds by its exit code)."""
     import resource
 
-    before = server.stats()["total"]
+    start_stats = server.stats()
+    before = start_stats["total"]
     parent_cpu = resource.getrusage(resource.RUSAGE_SELF)
     kids_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     peak = 0.0
@@ -376,16 +386,19 @@ def run_child(
         sys.stderr.write(f"[{label} N={n}] failed (exit {proc.returncode}); log: {log}\n")
         sys.stderr.write("".join(log.read_text().splitlines(keepends=True)[-30:]))
     proc_rss = max(result.get("self_maxrss_mb", 0.0), result.get("children_maxrss_mb", 0.0))
+    end_stats = server.stats()
+    by_tag = {t: c - start_stats["by_tag"].get(t, 0) for t, c in end_stats["by_tag"].items()}
     return Measurement(
         label=label,
         n=n,
         wall_s=wall,
         run_s=result.get("run_s"),
-        requests=server.stats()["total"] - before,
+        requests=end_stats["total"] - before,
         peak_tree_rss_mb=peak,
         peak_proc_rss_mb=proc_rss,
         ok=ok,
-        detail={**result, "server_cpu_s": server_cpu, "process_cpu_s": child_cpu},
+        detail={**result, "server_cpu_s": server_cpu, "process_cpu_s": child_cpu,
+                "requests_by_tag": {t: c for t, c in by_tag.items() if c}},
     )
 
 
@@ -433,7 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     floor.add_argument("--prompts", required=True)
     floor.add_argument("--server", required=True)
     parser.add_argument("--dataset-sizes", default="",
-                        help="N values for the dataset-scale case (shards of 50, one `poll-assets run --all`), e.g. 300,1000,3000")
+                        help="N values for the whole-dataset case (bench/dataset_scale.py), e.g. 1000,3000,10000")
+    parser.add_argument("--shard-size", type=int, default=None,
+                        help="dataset case: source.shard_size of the panel; unset (the default) leaves it to the project")
     parser.add_argument("--sizes", default="100,300", help="N values for the timed runs")
     parser.add_argument("--memory-sizes", default="300,3000", help="N values for the memory runs (zero latency)")
     parser.add_argument(
@@ -464,9 +479,6 @@ def main(argv: list[str] | None = None) -> int:
     return run_bench(args)
 
 
-DATASET_SHARD = 50
-
-
 def run_distilabel(python: str, work: Path, server: Any, env: dict[str, str], prompts: Path, n: int,
                    gen_bs: int, judge_bs: int) -> Measurement:
     """distilabel's pipeline (bench/distilabel_pipeline.py) from its own venv, on the same server."""
@@ -480,56 +492,6 @@ def run_distilabel(python: str, work: Path, server: Any, env: dict[str, str], pr
     dl_env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     dl_env["DISTILABEL_CACHE_DIR"] = str(work / "distilabel_cache")
     return run_child(cmd, dl_env, server, f"distilabel/batch {gen_bs}/{judge_bs}", n, work / "run.log")
-
-
-def dataset_case(root: Path, server: Any, env: dict[str, str], n: int, record: Any,
-                 distilabel_python: str | None = None) -> list[str]:
-    """N prompts in shards of 50, built as a whole dataset by ONE `poll-assets run --all` process
-    (runs of `shards_per_run` shards), against the bare-client floor for the same calls measured
-    just before it; then a warm re-run of one shard as a whole process, against a whole process
-    running Dagster's floor for the same graph shape (bench/dagster_floor.py, one run)."""
-    work = root / f"dataset_{n}"
-    work.mkdir()
-    prompts = work / "prompts.jsonl"
-    write_prompts(prompts, n)
-    panel = write_panel_yaml(bench_panel(server.url, prompts, n, shard_size=DATASET_SHARD), work / "panel.yaml")
-    expected = 7 * n
-    print(f"\n== dataset N = {n} in shards of {DATASET_SHARD}: {expected} calls expected ==")
-    server.reset(latency_ms=LATENCY_MS, jitter_ms=JITTER_MS)
-    floor_cmd = [sys.executable, str(Path(__file__).resolve()), "child-floor", "--panel", str(panel),
-                 "--prompts", str(prompts), "--server", server.url]
-    floor = record(run_child(floor_cmd, env, server, "bare aiohttp client", n, work / "floor.log"))
-    home = work / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    cli_env = {**env, "DAGSTER_HOME": str(home), FAKE_KEY_ENV: "fake-key"}
-    cli = [sys.executable, "-m", "poll_assets.cli", "run", "--panel", str(panel)]
-    server.reset(latency_ms=LATENCY_MS, jitter_ms=JITTER_MS)
-    build = record(run_child(cli + ["--all"], cli_env, server, "ours: poll-assets run --all", n, work / "build.log",
-                             reports=False))
-    warm = record(run_child(cli + ["--partition", "shard-00000"], cli_env, server, "ours: warm re-run of one shard",
-                            n, work / "warm.log", reports=False))
-    dagster_floor = [sys.executable, str(REPO / "bench" / "dagster_floor.py"), "--runs", "1"]
-    dfloor = record(run_child(dagster_floor, env, server, "dagster floor, one run", n, work / "dagster_floor.log",
-                              reports=False))
-    versus = []
-    if distilabel_python:  # the same prompts through distilabel, batches of 50 (one partition: it has no shards)
-        d = record(run_distilabel(distilabel_python, work / "distilabel_50", server, env, prompts, n,
-                                  DATASET_SHARD, DATASET_SHARD))
-        versus = [f"dataset N={n}: build / distilabel (batches of {DATASET_SHARD}) {build.wall_s / d.wall_s:.2f} "
-                  f"(target <= 0.3): build {build.wall_s:.1f}s, distilabel {d.wall_s:.1f}s, {d.requests} requests"]
-    return versus + [
-        f"dataset N={n}: build {build.wall_s:.1f}s, requests {build.requests} (expected {expected}); "
-        f"bare client {floor.wall_s:.1f}s (calls {floor.run_s or float('nan'):.1f}s); "
-        f"build / bare-client process {build.wall_s / floor.wall_s:.2f} (target <= 1.5), "
-        f"build / bare-client calls {build.wall_s / (floor.run_s or float('nan')):.2f}; "
-        f"CPU s build {build.detail['process_cpu_s']:.1f}, bare client {floor.detail['process_cpu_s']:.1f}; "
-        f"peak RSS {build.peak_tree_rss_mb:.0f} MB tree, {build.peak_proc_rss_mb:.0f} MB largest process",
-        f"dataset N={n}: warm re-run of one shard {warm.wall_s:.2f}s, {warm.requests} requests; Dagster floor "
-        f"process {dfloor.wall_s:.2f}s; warm / floor {warm.wall_s / dfloor.wall_s:.2f} (target <= 1.3); "
-        f"in CPU seconds {warm.detail['process_cpu_s']:.2f} / {dfloor.detail['process_cpu_s']:.2f} = "
-        f"{warm.detail['process_cpu_s'] / dfloor.detail['process_cpu_s']:.2f}",
-    ]
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -593,16 +555,7 @@ def run_bench(args: argparse.Namespace) -> int:
                             + (f", run {mine.run_s / d.run_s:.2f}" if mine.run_s and d.run_s else "")
                             + f" (distilabel requests {d.requests}, ideal ratio {d.wall_s / ideal:.2f})"
                         )
-        datasets = [int(x) for x in args.dataset_sizes.split(",") if x]
-        distilabel_sizes = {int(x) for x in args.distilabel_dataset_sizes.split(",") if x}
-        for n in datasets:
-            summary += dataset_case(root, server, env, n, record,
-                                    None if args.no_distilabel or n not in distilabel_sizes else args.distilabel_python)
-        built = [m for m in measurements if m.label == "ours: poll-assets run --all"]
-        if len(built) >= 2:
-            a, b = built[0], built[-1]
-            summary.append(f"dataset builds: peak RSS of the process tree N={b.n} / N={a.n} = "
-                           f"{b.peak_tree_rss_mb / a.peak_tree_rss_mb:.2f} (target <= 1.3)")
+        dataset_rows = run_datasets(args, root, server, env, record)
         if memory_sizes:
             print("\n== memory: zero latency, in_process executor ==")
             for shard in [int(x) for x in args.memory_shard_sizes.split(",") if x]:
@@ -624,12 +577,34 @@ def run_bench(args: argparse.Namespace) -> int:
                         f"memory ({what}): peak RSS N={b.n} / N={a.n} = {b.peak_tree_rss_mb / a.peak_tree_rss_mb:.2f} "
                         f"({a.peak_tree_rss_mb:.0f} MB -> {b.peak_tree_rss_mb:.0f} MB) for {b.n / a.n:.0f}x the rows"
                     )
-        print("\n== ratios (measured within this run) ==")
+        if summary:
+            print("\n== ratios (measured within this run) ==")
         for line in summary:
             print(line)
+        if dataset_rows:
+            from bench.dataset_scale import row_json
+            from bench.dataset_scale import summary as dataset_summary
+
+            print("\n== whole datasets (measured within this run) ==")
+            for line in dataset_summary(dataset_rows):
+                print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps([m.__dict__ for m in measurements], indent=2))
+        Path(args.json).write_text(json.dumps(
+            {"measurements": [m.__dict__ for m in measurements], "dataset_rows": [row_json(r) for r in dataset_rows]},
+            indent=2, default=str))
     return 0 if all(m.ok for m in measurements) else 1
+
+
+def run_datasets(args: argparse.Namespace, root: Path, server: Any, env: dict[str, str], record: Any) -> list[Any]:
+    """The dataset case (bench/dataset_scale.py) for each of --dataset-sizes, smallest first."""
+    from bench.dataset_scale import dataset_row
+
+    distilabel_sizes = {int(x) for x in args.distilabel_dataset_sizes.split(",") if x}
+    rows = []
+    for n in sorted(int(x) for x in args.dataset_sizes.split(",") if x):
+        python = None if args.no_distilabel or n not in distilabel_sizes else args.distilabel_python
+        rows.append(dataset_row(root, server, env, n, record, shard_size=args.shard_size, distilabel_python=python))
+    return rows
 
 
 if __name__ == "__main__":
