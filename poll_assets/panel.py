@@ -226,8 +226,8 @@ class Binarization(_Strict):
 
 
 class Thresholds(_Strict):
-    max_generation_failure_rate: float = Field(default=0.1, ge=0, le=1, description="The failure_rate check fails a generator's shard above this share of failed generations.")
-    max_parse_failure_rate: float = Field(default=0.2, ge=0, le=1, description="The unrated_verdict_rate check fails a judge's shard above this share of verdicts without a rating.")
+    max_generation_failure_rate: float = Field(default=0.1, ge=0, le=1, description="The generations_valid check (its failure_rate condition) fails a generator's shard above this share of failed generations.")
+    max_parse_failure_rate: float = Field(default=0.2, ge=0, le=1, description="The ratings_valid check (its unrated_verdict_rate condition) fails a judge's shard above this share of verdicts without a rating.")
     min_agreement: float = Field(default=0.0, ge=-1, le=1, description="The judge_agreement check (warn only) flags a shard whose Krippendorff's alpha is below this.")
 
 
