@@ -310,7 +310,18 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         print(f"poll-assets estimate: cannot read the prompts of panel {panel.name}: {exc}", file=sys.stderr)
         return 2
     print(format_estimate(estimate_prompts(panel, prompts, cache, partitions=chosen)))
+    print(shard_size_line(panel))
     return 0
+
+
+def shard_size_line(panel: Panel) -> str:
+    """The panel's shard size, where it came from, and the share of a shard's time that the cost
+    model expects Dagster's fixed cost to take at that size."""
+    from poll_assets.shard_cost import overhead_share
+
+    share = overhead_share(panel.shard_shape(), panel.source.shard_size)
+    return (f"shard size: {panel.source.shard_size} prompts ({panel.source.shard_size_origin}); "
+            f"expected Dagster overhead {share:.1%} of a shard's time (docs/operations.md, Shard size)")
 
 
 def _stored_pooled(command: str, args: argparse.Namespace,
