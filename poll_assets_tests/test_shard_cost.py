@@ -56,10 +56,10 @@ def test_size_for_share_is_the_smallest_size_meeting_the_target():
 
 
 def test_the_default_is_the_first_ladder_size_at_or_above_what_the_target_needs():
-    fast = sc.MemberLoad(calls_per_prompt=1, concurrency=64, call_s=0.5)
+    fast = sc.MemberLoad(calls_per_prompt=1, concurrency=16, call_s=0.5)
     s = shape((fast,), (fast,), events=41, shards_per_run=20)
     wanted = sc.size_for_share(s)
-    assert wanted is not None
+    assert wanted is not None and min(sc.SHARD_SIZE_LADDER) < wanted <= max(sc.SHARD_SIZE_LADDER)
     chosen = sc.default_shard_size(s)
     assert chosen in sc.SHARD_SIZE_LADDER and chosen >= wanted
     assert all(size < wanted for size in sc.SHARD_SIZE_LADDER if size < chosen)
