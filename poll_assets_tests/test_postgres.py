@@ -168,6 +168,10 @@ def test_postgres_instance_batches_a_shard_ranges_event_writes(
 
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert event_log_batches(instance)
+        monkeypatch.setenv(EVENT_BATCH_ENV, "lots")
+        with pytest.raises(SystemExit, match="DAGSTER_EVENT_BATCH_SIZE='lots' is not a whole number"):
+            enable_event_batching(instance)
+        monkeypatch.delenv(EVENT_BATCH_ENV)
         assert enable_event_batching(instance) and os.environ[EVENT_BATCH_ENV] == str(EVENT_BATCH_SIZE)
         result = job.execute_in_process(instance=instance, tags=tags, raise_on_error=False)
         assert result.success
