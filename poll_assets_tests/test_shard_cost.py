@@ -13,8 +13,8 @@ import yaml
 from poll_assets import shard_cost as sc
 from poll_assets.assets.prompts import shard_size_conflict
 from poll_assets.code_versions import prompts_version
-from poll_assets.panel import PANELS_DIR, load_panel
-from poll_assets.partitions import shard_keys
+from poll_assets.panel import PANELS_DIR, Source, load_panel
+from poll_assets.partitions import shard_bounds, shard_keys
 from poll_assets.pipeline import build_assets, build_definitions, build_resources
 from poll_assets_tests.fake_panel import PROMPTS, write_panel_file
 from poll_assets_tests.instance import make_dagster_home
@@ -97,6 +97,11 @@ def test_an_unset_shard_size_is_chosen_by_the_model_and_an_explicit_one_wins(tmp
     # the prompts' code version holds the size, whoever chose it
     same = load(tmp_path, paper_raw(tmp_path, concurrency=64, shard_size=chosen.source.shard_size), name="same.yaml")
     assert prompts_version(same.source) == prompts_version(chosen.source)
+
+
+def test_a_bare_source_without_a_size_cannot_be_sharded():
+    with pytest.raises(ValueError, match="source.shard_size is unset: load the source as part of a panel"):
+        shard_bounds("shard-00000", Source(data_files=["p.jsonl"], num_examples=3))
 
 
 def test_the_default_does_not_move_with_num_examples(tmp_path):
