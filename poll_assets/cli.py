@@ -166,7 +166,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     runs = run_ranges(shards, panel.source.shards_per_run)
     print(f"panel {panel.name} ({path}); materializing every asset of {len(shards)} shard(s) "
           f"{shards[0]}{' ... ' + shards[-1] if len(shards) > 1 else ''} in {len(runs)} run(s) "
-          f"of at most {panel.source.shards_per_run} (source.shards_per_run) ...", flush=True)
+          f"of at most {panel.source.shards_per_run} (source.shards_per_run), {panel.source.shard_size} prompts a shard "
+          f"({panel.source.shard_size_origin}) ...", flush=True)
     with dg.DagsterInstance.get() as instance:
         if enable_event_batching(instance):
             print(f"event writes batched ({EVENT_BATCH_ENV}={os.environ[EVENT_BATCH_ENV]})", flush=True)

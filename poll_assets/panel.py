@@ -23,8 +23,8 @@ from poll_assets.llm.pricing import Price
 from poll_assets.llm.providers.registry import PROVIDER_NAMES, provider_spec
 from poll_assets.pairwise import comparisons_per_prompt
 from poll_assets.pooled_ratings import PoolingMethod
-from poll_assets.shard_cost import IN_PROCESS_CALL_S, REMOTE_CALL_S, MemberLoad, ShardShape, default_shard_size, events_per_shard
 from poll_assets.rubrics.ultrafeedback import RUBRICS
+from poll_assets.shard_cost import IN_PROCESS_CALL_S, REMOTE_CALL_S, MemberLoad, ShardShape, default_shard_size, events_per_shard
 
 PANEL_ENV_VAR = "POLL_PANEL"
 PANELS_DIR = Path(__file__).parent / "panels"
