@@ -7,7 +7,7 @@ Not a test. Run from the repository root with the project's venv:
 
 The job has the shape `poll_job` has with the `paper` panel: one partitioned prompts asset, a stage step
 with 4 member outputs, a combining asset, a stage step with 3 member outputs, pooling and pairs, and the
-26 asset checks evaluated inside their steps (the real graph's names). Each step hands a one-row frame per
+19 asset checks evaluated inside their steps (the real graph's names). Each step hands a one-row frame per
 shard to an IO manager that keeps it in memory, on a SQLite instance in a temporary DAGSTER_HOME (Dagster's
 default storage, like the project's `.dagster_home`). With `--shards K` the job has K shards and one pass
 runs them as `poll-assets run --all` does: runs of `--shards-per-run` consecutive shards (a partition range
@@ -34,11 +34,11 @@ import pandas as pd
 
 GENERATORS = ["g1", "g2", "g3", "g4"]
 JUDGES = ["j1", "j2", "j3"]
-# The check names of the real graph (26 checks with `paper`: each member has three since pending_rows,
-# the pairs two since contested_pairs).
+# The check names of the real graph (19 checks with `paper`: each member has its stage's combined check
+# and pending_rows, the pairs two since contested_pairs).
 PROMPT_CHECKS = ["prompts_valid"]
-GENERATION_CHECKS = ["one_row_per_prompt", "failure_rate", "pending_rows"]
-RATING_CHECKS = ["ratings_valid", "unrated_verdict_rate", "pending_rows"]
+GENERATION_CHECKS = ["generations_valid", "pending_rows"]
+RATING_CHECKS = ["ratings_valid", "pending_rows"]
 POOLED_CHECKS = ["covers_every_generation", "judge_agreement"]
 PAIR_CHECKS = ["chosen_beats_rejected", "contested_pairs"]
 

@@ -23,6 +23,34 @@ def _use_project_home() -> Path:
     return home
 
 
+# Dagster reads this variable each time it stores an event (dagster/_core/instance/utils.py): above 0,
+# the events it sends as a batch (a step's materializations of a shard range, a run's planned
+# events) reach the event log's `store_event_batch` together.
+EVENT_BATCH_ENV = "DAGSTER_EVENT_BATCH_SIZE"
+EVENT_BATCH_SIZE = 1000  # above any shard range's materializations of one asset (shards_per_run)
+
+
+def event_log_batches(instance: dg.DagsterInstance) -> bool:
+    """True when the instance's event log writes a batch in one statement (dagster-postgres's
+    `store_event_batch`: one INSERT for a batch of materializations). Dagster's SQLite event logs
+    keep the base class's, which stores the events one by one
+    (dagster/_core/storage/event_log/base.py, `EventLogStorage.store_event_batch`)."""
+    from dagster._core.storage.event_log.base import EventLogStorage
+
+    return type(instance.event_log_storage).store_event_batch is not EventLogStorage.store_event_batch
+
+
+def enable_event_batching(instance: dg.DagsterInstance) -> bool:
+    """Turn Dagster's batched event writes on for this process (and the processes it starts) when
+    the instance's event log can batch and the environment does not say otherwise; whether they are on."""
+    if event_log_batches(instance):
+        os.environ.setdefault(EVENT_BATCH_ENV, str(EVENT_BATCH_SIZE))
+    try:
+        return event_log_batches(instance) and int(os.environ.get(EVENT_BATCH_ENV, "0")) > 0
+    except ValueError:
+        raise SystemExit(f"poll-assets: {EVENT_BATCH_ENV}={os.environ[EVENT_BATCH_ENV]!r} is not a whole number") from None
+
+
 def run_job(defs: dg.Definitions) -> dg.JobDefinition:
     """The job `poll-assets run` launches: Dagster's implicit asset job (`__ASSET_JOB`), the one the
     UI's *Materialize all* and the automation sensor launch, so every run of the graph carries
@@ -138,8 +166,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     runs = run_ranges(shards, panel.source.shards_per_run)
     print(f"panel {panel.name} ({path}); materializing every asset of {len(shards)} shard(s) "
           f"{shards[0]}{' ... ' + shards[-1] if len(shards) > 1 else ''} in {len(runs)} run(s) "
-          f"of at most {panel.source.shards_per_run} (source.shards_per_run) ...", flush=True)
+          f"of at most {panel.source.shards_per_run} (source.shards_per_run), {panel.source.shard_size} prompts a shard "
+          f"({panel.source.shard_size_origin}) ...", flush=True)
     with dg.DagsterInstance.get() as instance:
+        if enable_event_batching(instance):
+            print(f"event writes batched ({EVENT_BATCH_ENV}={os.environ[EVENT_BATCH_ENV]})", flush=True)
         _report_dead_runs(instance)  # a killed run must not look in progress to this run or the next tick
         _interrupt_on_sigterm()
         try:
@@ -254,6 +285,10 @@ def ui_argv(host: str, port: int) -> list[str]:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     home = _use_project_home()
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        enable_event_batching(instance)  # inherited by `dagster dev`, its daemon and its run workers
     argv = ui_argv(args.host, args.port)
     print(f"DAGSTER_HOME={home}; opening http://{args.host}:{args.port}", flush=True)
     os.execv(argv[0], argv)
@@ -310,7 +345,18 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         print(f"poll-assets estimate: cannot read the prompts of panel {panel.name}: {exc}", file=sys.stderr)
         return 2
     print(format_estimate(estimate_prompts(panel.jury, panel.member_prices(), prompts, cache, partitions=chosen)))
+    print(shard_size_line(panel))
     return 0
+
+
+def shard_size_line(panel: Panel) -> str:
+    """The panel's shard size, where it came from, and the share of a shard's time that the cost
+    model expects Dagster's fixed cost to take at that size."""
+    from poll_assets.shard_cost import overhead_share
+
+    share = overhead_share(panel.shard_shape(), panel.source.shard_size)
+    return (f"shard size: {panel.source.shard_size} prompts ({panel.source.shard_size_origin}); "
+            f"expected Dagster overhead {share:.1%} of a shard's time (docs/operations.md, Shard size)")
 
 
 def _stored_pooled(command: str, args: argparse.Namespace,

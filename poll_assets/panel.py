@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from poll_assets.scoring.binarize import Strategy
 from poll_assets.code_versions import member_version
@@ -22,8 +22,10 @@ from poll_assets.llm.cache.response_cache import PG_URL_PREFIXES, CacheMode
 from poll_assets.llm.online.policy import Limits
 from poll_assets.llm.pricing import Price
 from poll_assets.llm.providers.registry import PROVIDER_NAMES, provider_spec
+from poll_assets.pairwise import comparisons_per_prompt
 from poll_assets.scoring.pooled_ratings import PoolingMethod
 from poll_assets.rubrics.ultrafeedback import RUBRICS
+from poll_assets.shard_cost import IN_PROCESS_CALL_S, REMOTE_CALL_S, MemberLoad, ShardShape, default_shard_size, events_per_shard
 
 PANEL_ENV_VAR = "POLL_PANEL"
 PANELS_DIR = Path(__file__).parent / "panels"
@@ -139,8 +141,21 @@ class Source(_Strict):
     subset: str | None = Field(default=None, description="The Hub dataset's configuration (subset) name.")
     column_mapping: dict[str, str] = Field(default_factory=dict, description="Source column -> 'instruction': which column holds the prompt.")
     num_examples: int = Field(default=100, ge=1, description="Rows used, from the top; raising it appends shards and leaves the existing ones as they were.")
-    shard_size: int = Field(default=50, ge=1, description="Rows per shard (partition).")
+    shard_size: int | None = Field(default=None, ge=1, description="Rows per shard (partition). Unset: chosen from the panel's shape by the shard cost model (docs/operations.md, 'Shard size'), shown by `poll-assets estimate` and in the prompts asset's metadata; once a dataset exists, write the value down here, since a different default would re-key its shards.")
     shards_per_run: int = Field(default=20, ge=1, description="Shards per run in a backfill (--partitions, --all, Materialize all): their calls overlap, and a run holds at most this many shards' frames in memory.")
+
+    # True when `shard_size` was left unset and the panel chose it (Panel._resolve_shard_size).
+    _shard_size_chosen: bool = PrivateAttr(default=False)
+
+    @property
+    def shard_size_chosen(self) -> bool:
+        """True when the panel left shard_size unset and the shard cost model chose it."""
+        return self._shard_size_chosen
+
+    @property
+    def shard_size_origin(self) -> str:
+        """Where the shard size came from, for messages and metadata."""
+        return "default of the shard cost model" if self._shard_size_chosen else "source.shard_size"
 
     @model_validator(mode="after")
     def _one_source(self) -> "Source":
@@ -242,8 +257,8 @@ class Jury:
 
 
 class Thresholds(_Strict):
-    max_generation_failure_rate: float = Field(default=0.1, ge=0, le=1, description="The failure_rate check fails a generator's shard above this share of failed generations.")
-    max_parse_failure_rate: float = Field(default=0.2, ge=0, le=1, description="The unrated_verdict_rate check fails a judge's shard above this share of verdicts without a rating.")
+    max_generation_failure_rate: float = Field(default=0.1, ge=0, le=1, description="The generations_valid check (its failure_rate condition) fails a generator's shard above this share of failed generations.")
+    max_parse_failure_rate: float = Field(default=0.2, ge=0, le=1, description="The ratings_valid check (its unrated_verdict_rate condition) fails a judge's shard above this share of verdicts without a rating.")
     min_agreement: float = Field(default=0.0, ge=-1, le=1, description="The judge_agreement check (warn only) flags a shard whose Krippendorff's alpha is below this.")
 
 
@@ -319,6 +334,15 @@ class Publish(_Strict):
     repo_id: str | None = Field(default=None, description="A Hub dataset repo to upload to; None uploads nothing.")
     private: bool = Field(default=True, description="Create the Hub repo private.")
     token_env: str = Field(default="HF_TOKEN", description="The environment variable holding the Hub token.")
+
+
+def _member_load(member: Member, calls_per_prompt: float) -> MemberLoad:
+    """A member's load for the shard cost model: a `dataset` generator makes no call."""
+    spec = provider_spec(member.provider)
+    if member.source_column is not None:
+        return MemberLoad(0.0, 1, 0.0)
+    return MemberLoad(calls_per_prompt, member.limits.max_concurrency,
+                      IN_PROCESS_CALL_S if spec.in_process else REMOTE_CALL_S, in_process=spec.in_process)
 
 
 class Panel(_Strict):
@@ -413,6 +437,32 @@ class Panel(_Strict):
     def jury(self) -> Jury:
         """The part of the panel that pooling, binarization and the estimate read."""
         return Jury(tuple(self.generators), tuple(self.judges), self.judging, self.pooling)
+
+    @model_validator(mode="after")
+    def _resolve_shard_size(self) -> "Panel":
+        """An unset `source.shard_size` becomes the cost model's default for this panel's shape,
+        here, once: every reader (partitions, code versions, the estimate) sees one number."""
+        if self.source.shard_size is not None:
+            return self
+        source = self.source.model_copy(update={"shard_size": default_shard_size(self.shard_shape())})
+        source._shard_size_chosen = True
+        object.__setattr__(self, "source", source)  # the model is frozen; this is its own validation
+        return self
+
+    def shard_shape(self) -> ShardShape:
+        """The panel's shape as the shard cost model reads it (poll_assets/shard_cost.py)."""
+        judging = self.judging
+        if judging.mode == "pairwise":
+            judge_calls = float(comparisons_per_prompt(len(self.generators), anchored=judging.pairwise.against is not None,
+                                                       both_orders=judging.pairwise.both_orders))
+        else:
+            judge_calls = 1.0
+        generators = tuple(_member_load(g, 1.0) for g in self.generators)
+        judges = tuple(_member_load(j, judge_calls) for j in self.judges)
+        # per judge its stage's check and pending_rows, likewise per generator; prompts 1, pooled 2, pairs 2
+        checks = 1 + 2 * len(self.generators) + 2 * len(self.judges) + 2 + 2
+        assets = len(self.generators) + len(self.judges) + 4  # prompts, combined, pooled, pairs
+        return ShardShape((generators, judges), events_per_shard(assets, checks), self.source.shards_per_run)
 
     def price_of(self, member: Member) -> Price | None:
         """The member's model's price, unset rates filled from its provider's published ones; None if unpriced."""

@@ -18,19 +18,29 @@ def shard_keys(num_examples: int, shard_size: int) -> list[str]:
     return [f"{_PREFIX}{i:05d}" for i in range(math.ceil(num_examples / shard_size))]
 
 
+def shard_size_of(source: Source) -> int:
+    """The source's rows per shard. A Source read as part of a Panel always has one (the panel
+    fills an unset size from the shard cost model); a bare Source without one cannot be sharded."""
+    if source.shard_size is None:
+        raise ValueError("source.shard_size is unset: load the source as part of a panel (load_panel), "
+                         "which chooses it, or give it")
+    return source.shard_size
+
+
 def shard_bounds(key: str, source: Source) -> tuple[int, int]:
     """Row range [start, end) of the prompt set that the shard covers."""
+    size = shard_size_of(source)
     if not key.startswith(_PREFIX) or not key[len(_PREFIX) :].isdigit():
         raise ValueError(f"partition key {key!r} is not a shard key like '{_PREFIX}00000'")
     index = int(key[len(_PREFIX) :])
-    start = index * source.shard_size
+    start = index * size
     if start >= source.num_examples:
         raise ValueError(f"partition {key!r} starts at row {start}, past num_examples={source.num_examples}")
-    return start, min(start + source.shard_size, source.num_examples)
+    return start, min(start + size, source.num_examples)
 
 
 def build_partitions_def(source: Source) -> dg.StaticPartitionsDefinition:
-    return dg.StaticPartitionsDefinition(shard_keys(source.num_examples, source.shard_size))
+    return dg.StaticPartitionsDefinition(shard_keys(source.num_examples, shard_size_of(source)))
 
 
 def backfill_policy(source: Source) -> dg.BackfillPolicy:

@@ -24,6 +24,7 @@ from poll_assets.panel import Panel
 from poll_assets.partitions import backfill_policy, build_partitions_def
 from poll_assets.rubrics.ultrafeedback import Rubric, get_rubric
 from poll_assets.run_liveness import RUN_PROCESS_KEY, RunProcessResource
+from poll_assets.shard_cost import overhead_share
 
 JOB_NAME = "poll_job"
 
@@ -51,7 +52,8 @@ def build_assets(
                                              base_dir=panel_path.parent)]
         judges = [build_ratings_stage(panel.judges, panel.judging, panel.thresholds, rubric, run, parts)]
     assets = [
-        build_prompts_asset(panel.source, panel_path.parent, parts, shard_estimate(panel, rubric)),
+        build_prompts_asset(panel.source, panel_path.parent, parts, shard_estimate(panel, rubric),
+                            overhead_share(panel.shard_shape(), panel.source.shard_size)),
         *generators,
         build_combined_asset(panel.generators, parts),
         *judges,

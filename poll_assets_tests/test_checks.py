@@ -24,6 +24,7 @@ from poll_assets.assets.pooling import check_agreement, check_pooled_coverage, p
 from poll_assets.assets.preferences import check_pairs
 from poll_assets.assets.prompts import check_prompts
 from poll_assets.io_manager import partition_path
+from poll_assets.panel import Thresholds
 from poll_assets.rubrics import get_rubric
 from poll_assets.pipeline import JOB_NAME, build_assets, build_definitions, build_resources
 from poll_assets_tests.fake_panel import PROMPTS, scripted_resources, write_panel
@@ -172,13 +173,45 @@ def test_pairs_check_fails_when_chosen_not_higher_or_identical():
     assert not finding.passed and "chosen is the same answer as rejected: row 0" in finding.description
 
 
+def test_a_combined_check_names_each_failing_condition_and_keeps_every_figure():
+    # gen rows: one missing prompt; failure rate: one of two failed. Both conditions fail, each named.
+    checks = generations_module.generation_checks(Thresholds(max_generation_failure_rate=0.1))
+    combined = checks[0]
+    assert combined.name == "generations_valid" and combined.blocking and combined.needs == (c.STEP_INPUT,)
+    bad = generations(errors=[None, "boom"]).iloc[1:]
+    finding = combined.run(bad, {c.STEP_INPUT: prompts()})
+    assert not finding.passed
+    assert finding.description.startswith("one_row_per_prompt: no row for prompts ")
+    assert "; failure_rate: failure rate 1.000 > max_generation_failure_rate 0.1" in finding.description
+    assert finding.metadata["failed_conditions"] == "one_row_per_prompt, failure_rate"
+    assert (finding.metadata["missing"], finding.metadata["failures"]) == (1, 1)
+    # only the failing condition is named; a passing one is not reported as a problem
+    one = combined.run(generations(errors=[None, "boom"]), {c.STEP_INPUT: prompts()})
+    assert one.metadata["failed_conditions"] == "failure_rate" and "one_row_per_prompt" not in one.description
+    good = combined.run(generations(), {c.STEP_INPUT: prompts()})
+    assert good.passed and good.metadata["failed_conditions"] == "none"
+    assert "one_row_per_prompt: one row for each of 2 prompts" in good.description
+
+
+def test_combined_conditions_share_a_severity_and_keep_clashing_figures_apart():
+    warn = c.StageCheck("w", "warns", lambda df, _: c.Finding(True, "fine", {"threshold": 1.0}),
+                        severity=dg.AssetCheckSeverity.WARN)
+    error = c.StageCheck("e", "blocks", lambda df, _: c.Finding(False, "bad", {"threshold": 2.0}))
+    with pytest.raises(ValueError, match="check both: its conditions must share one severity"):
+        c.combined_check("both", "x", [warn, error])
+    other = c.StageCheck("f", "blocks too", lambda df, _: c.Finding(True, "ok", {"threshold": 3.0, "rows": 2}))
+    finding = c.combined_check("errors", "x", [error, other]).run(pd.DataFrame(), {})
+    assert finding.metadata == {"e/threshold": 2.0, "f/threshold": 3.0, "rows": 2, "failed_conditions": "e"}
+    assert finding.description == "e: bad"
+
+
 def test_checks_are_blocking_except_agreement_and_contested_pairs(tmp_path):
     panel, path = write_panel(tmp_path)
     defs = build_definitions(panel, path, storage_dir=str(tmp_path / "s"), cache_path=str(tmp_path / "c.sqlite"))
     graph = defs.resolve_asset_graph()
     specs = {(k.asset_key.to_user_string(), k.name): graph.get_check_spec(k) for k in graph.asset_check_keys}
-    # prompts; per generator and per judge two checks of its stage and pending_rows; pooled; pairs.
-    assert len(specs) == 1 + 3 * len(panel.generators) + 3 * len(panel.judges) + 2 + 2
+    # prompts; per generator and per judge its stage's combined check and pending_rows; pooled; pairs.
+    assert len(specs) == 1 + 2 * len(panel.generators) + 2 * len(panel.judges) + 2 + 2
     non_blocking = {key for key, spec in specs.items() if not spec.blocking}
     assert non_blocking == {("pooled_ratings", "judge_agreement"), ("preference_pairs", "contested_pairs")}
     # Partitioned like their asset, so each evaluation is recorded against its shard.
@@ -229,11 +262,11 @@ def test_every_stage_module_owns_checks_for_its_assets(tmp_path):
 def test_a_check_that_needs_the_step_input_refuses_to_run_without_it(tmp_path):
     panel, _ = write_panel(tmp_path)
     checks = generations_module.generation_checks(panel.thresholds)
-    with pytest.raises(ValueError, match="generations/gen_0:one_row_per_prompt needs step_input, but the step gave none"):
+    with pytest.raises(ValueError, match="generations/gen_0:generations_valid needs step_input, but the step gave none"):
         c.evaluate_checks(checks, dg.AssetKey(["generations", "gen_0"]), generations())
     results = c.evaluate_checks(checks, dg.AssetKey(["generations", "gen_0"]), generations(), {c.STEP_INPUT: prompts()})
     assert [(r.check_name, r.passed) for r in results] == [
-        ("one_row_per_prompt", True), ("failure_rate", True), ("pending_rows", True)]
+        ("generations_valid", True), ("pending_rows", True)]
 
 
 # --- through the asset steps ---------------------------------------------------------------------
@@ -334,17 +367,27 @@ def _swap_ratings_of_first_pair(out):
     return rows, dropped
 
 
+COMBINED_CONDITIONS = ("one_row_per_prompt", "failure_rate", "ratings_on_scale", "unrated_verdict_rate")
+
+
+def _condition(words: str) -> str | None:
+    """The condition of a combined check that a case's failure words name first, if any."""
+    head = words.split(":")[0]
+    return head if head in COMBINED_CONDITIONS else None
+
+
 # (asset, check, how the shard is made bad, words in the failure, blocking)
 CASES = [
     ("prompts", "prompts_valid", {"prompts": ["  ", "", *PROMPTS[2:]]}, "the shard has no prompts", True),
-    ("generations/gen_1", "one_row_per_prompt", (generations_module, "generate", _drop_last_row_of_gen_1),
-     "no row for prompts", True),
-    ("generations/gen_1", "failure_rate", {"fail": {"gen_1": "primary colours"}},
-     "failure rate 0.500 > max_generation_failure_rate 0.1", True),
+    # the conditions of one combined check: the failing one is named in the description
+    ("generations/gen_1", "generations_valid", (generations_module, "generate", _drop_last_row_of_gen_1),
+     "one_row_per_prompt: no row for prompts", True),
+    ("generations/gen_1", "generations_valid", {"fail": {"gen_1": "primary colours"}},
+     "failure_rate: failure rate 0.500 > max_generation_failure_rate 0.1", True),
     ("ratings/judge_1", "ratings_valid", (judging_module, "judge", _off_scale_rating_from_judge_1),
-     "ratings off the 1-5 scale", True),
-    ("ratings/judge_1", "unrated_verdict_rate", {"fail": {"judge_1": "primary colours"}},
-     "unrated verdict rate 0.500 > max_parse_failure_rate 0.2", True),
+     "ratings_on_scale: ratings off the 1-5 scale", True),
+    ("ratings/judge_1", "ratings_valid", {"fail": {"judge_1": "primary colours"}},
+     "unrated_verdict_rate: unrated verdict rate 0.500 > max_parse_failure_rate 0.2", True),
     ("pooled_ratings", "covers_every_generation", (pooling_module, "pool_ratings", _shorten_pooled),
      "pooled ratings do not cover every generation", True),
     ("pooled_ratings", "judge_agreement",
@@ -359,7 +402,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("member_steps", [False, True], ids=["stage_steps", "member_steps"])
-@pytest.mark.parametrize(("asset", "check", "bad", "words", "blocking"), CASES, ids=[f"{a}:{n}" for a, n, *_ in CASES])
+@pytest.mark.parametrize(("asset", "check", "bad", "words", "blocking"), CASES,
+                         ids=[f"{a}:{n}:{_condition(w) or ''}" for a, n, _, w, _ in CASES])
 def test_a_bad_shard_fails_its_check_in_the_asset_step(tmp_path, monkeypatch, member_steps, asset, check, bad, words,
                                                         blocking):
     options: dict = {}
@@ -374,6 +418,8 @@ def test_a_bad_shard_fails_its_check_in_the_asset_step(tmp_path, monkeypatch, me
     evaluation = event.event_specific_data
     assert not evaluation.passed and words in evaluation.description
     assert evaluation.blocking is blocking and evaluation.partition == SHARD
+    if _condition(words):  # a combined check: its metadata names the one failing condition
+        assert evaluation.metadata["failed_conditions"].value == _condition(words)
     assert evaluation.severity == (dg.AssetCheckSeverity.ERROR if blocking else dg.AssetCheckSeverity.WARN)
     assert [k for k, e in evaluations.items() if not e.event_specific_data.passed] == [(asset, check)]
 
@@ -401,13 +447,12 @@ def test_a_bad_shard_fails_its_check_in_the_asset_step(tmp_path, monkeypatch, me
 def test_a_subset_of_a_stage_evaluates_only_its_selected_checks(tmp_path):
     gen_0, gen_1 = dg.AssetKey(["generations", "gen_0"]), dg.AssetKey(["generations", "gen_1"])
     selection = dg.AssetSelection.assets("prompts", gen_0, gen_1) - dg.AssetSelection.checks(
-        dg.AssetCheckKey(gen_0, "failure_rate"), dg.AssetCheckKey(gen_0, "pending_rows")
-    )
+        dg.AssetCheckKey(gen_0, "pending_rows"))
     # gen_1 fails every call: only gen_0 runs, and its one selected check is evaluated.
     result, _ = _run(tmp_path, fail={"gen_1": "*"}, selection=selection)
     assert not result.success
     assert set(_materialized(result)) == {"prompts", "generations/gen_0"}
-    assert set(_evaluations(result)) == {("prompts", "prompts_valid"), ("generations/gen_0", "one_row_per_prompt")}
+    assert set(_evaluations(result)) == {("prompts", "prompts_valid"), ("generations/gen_0", "generations_valid")}
 
 
 def test_ratings_metadata_counts_parse_failures_apart_from_failed_judge_calls(tmp_path):

@@ -19,6 +19,7 @@ from poll_assets.llm.pricing import Price
 from poll_assets.panel import Panel, load_panel
 from poll_assets.pipeline import JOB_NAME, build_definitions
 from poll_assets.rubrics.ultrafeedback import get_rubric
+from poll_assets.shard_cost import overhead_share
 from poll_assets_tests.instance import make_dagster_home
 from poll_assets_tests.test_paper_fake_server import CANARY, KEY_VARS, paper_on_fake
 
@@ -122,6 +123,10 @@ def test_the_cli_prints_the_estimate_and_the_prompts_asset_carries_it(tmp_path, 
     assert " 10 " in lines["gpt35_turbo"] and "$" in lines["gpt35_turbo"] and "max_new_tokens bound" in out
     assert "n/a" in lines["llama3_8b"] and "no price" in out  # hf_inference models are not priced
     assert fake_llm.stats()["total"] == 0
+    panel, _ = load_panel(path)  # the shard size in use, where it came from, and the model's overhead share
+    share = overhead_share(panel.shard_shape(), panel.source.shard_size)
+    assert (f"shard size: {panel.source.shard_size} prompts (source.shard_size); expected Dagster overhead "
+            f"{share:.1%} of a shard's time") in out
     assert cli_main(["estimate", "--panel", str(path), "--partition", "shard-00009"]) == 2
     print(out)
 

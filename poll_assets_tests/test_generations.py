@@ -48,8 +48,9 @@ def test_answers_come_from_the_column_and_no_call_is_made(tmp_path):
     assert written["llm/calls"].value == 0 and "no call" in written["llm/cost"].value
     # the empty cell fails the generator's failure-rate check (1 of 2 > 0.1), naming the prompt
     checks = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
-    assert not checks[("generations/written", "failure_rate")].passed
-    assert checks[("generations/gen_0", "failure_rate")].passed
+    written_check = checks[("generations/written", "generations_valid")]
+    assert not written_check.passed and written_check.metadata["failed_conditions"].value == "failure_rate"
+    assert checks[("generations/gen_0", "generations_valid")].passed
 
 
 def test_the_estimate_counts_no_call_for_a_dataset_generator(tmp_path):

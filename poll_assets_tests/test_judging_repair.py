@@ -376,7 +376,7 @@ def test_a_shard_through_dagster_repairs_and_reports(tmp_path):
     assert meta["repairs_asked"] == 2 and meta["texts_recovered"] == 2 and meta["parse_failures"] == 0
     assert meta["parse_failures_before/text not rated"] == 2 and meta["parse_failures_after/text not rated"] == 0
     assert meta["llm/calls"] == 4 and meta["llm/input_tokens"] == 200
-    assert checks[("ratings/judge_1", "unrated_verdict_rate")].passed
+    assert checks[("ratings/judge_1", "ratings_valid")].passed
     stored = pd.read_parquet(partition_path(str(tmp_path / "storage"), dg.AssetKey(["ratings", "judge_1"]), SHARD))
     assert all(None not in list(r) for r in stored["ratings"]) and all(len(x) == 1 for x in stored["repair_call_ids"])
 
@@ -387,6 +387,6 @@ def test_a_shard_through_dagster_repairs_and_reports(tmp_path):
 def test_without_repairs_the_check_names_the_one_reason(tmp_path):
     result, backend, events, checks = _shard(tmp_path, repair_attempts=0)
     assert backend.total_calls == 2
-    check = checks[("ratings/judge_1", "unrated_verdict_rate")]
-    assert not check.passed
+    check = checks[("ratings/judge_1", "ratings_valid")]
+    assert not check.passed and check.metadata["failed_conditions"].value == "unrated_verdict_rate"
     assert "all 2 unreadable verdicts: 'text not rated' (e.g. 'no verdict in the JSON answer for text 2')" in check.description

@@ -115,9 +115,9 @@ def test_a_range_of_three_shards_runs_as_one_run_and_stores_each_shard(tmp_path,
     # every check of every asset recorded once per shard; the blocking ones passed (the fake's random
     # ratings may well disagree, which only warns)
     evaluations = check_evaluations(instance, result.run_id)
-    # prompts 1; per member: its row check, its failure/unrated rate, pending_rows; pooled 2; pairs 2
-    # (chosen above rejected, contested pairs left out)
-    n_checks = 1 + 3 * len(panel.generators) + 3 * len(panel.judges) + 2 + 2
+    # prompts 1; per member: its stage's combined check (rows and failure or unrated rate) and
+    # pending_rows; pooled 2; pairs 2 (chosen above rejected, contested pairs left out)
+    n_checks = 1 + 2 * len(panel.generators) + 2 * len(panel.judges) + 2 + 2
     assert len({(e.asset_key, e.check_name) for e in evaluations}) == n_checks
     assert len(evaluations) == n_checks * len(SHARDS)
     assert {e.partition for e in evaluations} == set(SHARDS)
@@ -159,9 +159,9 @@ def test_a_check_failing_on_one_shard_of_a_range_is_recorded_against_that_shard_
 
     by_check = {(e.asset_key.to_user_string(), e.check_name, e.partition): e.passed
                 for e in check_evaluations(instance, result.run_id)}
-    assert by_check[("generations/gen_0", "failure_rate", "shard-00000")] is False
-    assert by_check[("generations/gen_0", "failure_rate", "shard-00001")] is True
-    assert [k for k, passed in by_check.items() if not passed] == [("generations/gen_0", "failure_rate", "shard-00000")]
+    assert by_check[("generations/gen_0", "generations_valid", "shard-00000")] is False
+    assert by_check[("generations/gen_0", "generations_valid", "shard-00001")] is True
+    assert [k for k, passed in by_check.items() if not passed] == [("generations/gen_0", "generations_valid", "shard-00000")]
     # both shards of every generator are stored and materialized (each once), before the step failed
     mats = {(m.asset_key.to_user_string(), m.partition) for m in materializations(instance, result.run_id)}
     assert {("generations/gen_0", "shard-00000"), ("generations/gen_0", "shard-00001"),

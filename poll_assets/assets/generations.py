@@ -17,7 +17,7 @@ from poll_assets.engine.schema import column_of, column_of_each
 from poll_assets.engine.shards import shard_events, shard_frames
 from poll_assets.engine.stage import MemberContext, RunSettings, run_stage_step, stage_multi_asset_kwargs
 from poll_assets.engine.checks import (
-    STEP_INPUT, Finding, StageCheck, absent_ids, asset_check_specs, examples, problems_finding, repeated_ids, short_id,
+    STEP_INPUT, Finding, StageCheck, absent_ids, asset_check_specs, combined_check, examples, problems_finding, repeated_ids, short_id,
 )
 from poll_assets.panel import Member, Source, Thresholds
 from poll_assets.parquet_values import is_missing, plain
@@ -56,14 +56,20 @@ def check_generation_failures(generations: pd.DataFrame, max_rate: float) -> Fin
     return Finding(passed, desc, {"failure_rate": float(rate), "failures": len(failed), "threshold": float(max_rate)})
 
 
+GENERATIONS_CHECK = "generations_valid"
+
+
 def generation_checks(thresholds: Thresholds) -> list[StageCheck]:
     """Every generator's checks; the step hands them the prompts it answered."""
     max_rate = thresholds.max_generation_failure_rate
     return [
-        StageCheck("one_row_per_prompt", "Exactly one row for each prompt of the shard.",
-                   lambda df, given: check_generation_rows(df, given[STEP_INPUT]), needs=(STEP_INPUT,)),
-        StageCheck("failure_rate", f"Share of failed generations <= {max_rate}.",
-                   lambda df, _: check_generation_failures(df, max_rate)),
+        combined_check(GENERATIONS_CHECK, f"one_row_per_prompt: exactly one row for each prompt of the shard; "
+                                          f"failure_rate: share of failed generations <= {max_rate}.", [
+            StageCheck("one_row_per_prompt", "Exactly one row for each prompt of the shard.",
+                       lambda df, given: check_generation_rows(df, given[STEP_INPUT]), needs=(STEP_INPUT,)),
+            StageCheck("failure_rate", f"Share of failed generations <= {max_rate}.",
+                       lambda df, _: check_generation_failures(df, max_rate)),
+        ]),
         pending_check(),
     ]
 

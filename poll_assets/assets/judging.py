@@ -15,7 +15,7 @@ from poll_assets.engine.metadata import PENDING_CHECK, call_metadata, pending_ch
 from poll_assets.engine.previews import verdicts_preview
 from poll_assets.engine.schema import schema
 from poll_assets.engine.stage import MemberContext, RunSettings, run_stage_step, stage_multi_asset_kwargs
-from poll_assets.engine.checks import STEP_INPUT, Finding, StageCheck, examples, problems_finding, short_id
+from poll_assets.engine.checks import STEP_INPUT, Finding, StageCheck, combined_check, examples, problems_finding, short_id
 from poll_assets.code_versions import judge_version
 from poll_assets.llm.base import CallRequest, Completion, Message
 from poll_assets.llm.online.runner import CallStats
@@ -201,16 +201,21 @@ def repair_metadata(figures: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
+RATINGS_CHECK = "ratings_valid"
+
+
 def rating_checks(thresholds: Thresholds, rubric: Rubric) -> list[StageCheck]:
     """Every judge's checks; the step hands them the combined_generations it judged."""
     max_rate = thresholds.max_parse_failure_rate
+    on_scale = (f"Ratings on the {rubric.min_rating}-{rubric.max_rating} scale or None with a reason, "
+                "one per generation.")
+    unrated = f"Share of verdicts without a rating (unreadable answer or failed judge call) <= {max_rate}."
     return [
-        StageCheck("ratings_valid",
-                   f"Ratings on the {rubric.min_rating}-{rubric.max_rating} scale or None with a reason, one per generation.",
-                   lambda df, given: check_ratings_valid(df, given[STEP_INPUT], rubric.ratings), needs=(STEP_INPUT,)),
-        StageCheck("unrated_verdict_rate",
-                   f"Share of verdicts without a rating (unreadable answer or failed judge call) <= {max_rate}.",
-                   lambda df, _: check_unrated_verdicts(df, max_rate)),
+        combined_check(RATINGS_CHECK, f"ratings_on_scale: {on_scale} unrated_verdict_rate: {unrated}", [
+            StageCheck("ratings_on_scale", on_scale,
+                       lambda df, given: check_ratings_valid(df, given[STEP_INPUT], rubric.ratings), needs=(STEP_INPUT,)),
+            StageCheck("unrated_verdict_rate", unrated, lambda df, _: check_unrated_verdicts(df, max_rate)),
+        ]),
         pending_check(),
     ]
 

@@ -19,6 +19,7 @@ from poll_assets.parquet_values import is_missing
 from poll_assets.partitions import shard_bounds
 from poll_assets.prompt_source import describe_source, load_instructions, select_shard
 from poll_assets.run_liveness import RUN_PROCESS_KEY
+from poll_assets.shard_cost import LEGACY_DEFAULT_SHARD_SIZE
 
 def check_prompts(prompts: pd.DataFrame) -> Finding:
     """The shard has at least one prompt, every prompt has an id and text, and ids are unique."""
@@ -52,10 +53,45 @@ PROMPT_CHECKS = (
 ShardEstimate = Callable[[pd.DataFrame, ResponseCache, str], Estimate]
 
 
+SHARD_SIZE_KEY = "shard_size"
+
+
+def shard_size_conflict(stored: int | None, source: Source) -> str | None:
+    """Why the shards already stored cannot be continued with this panel's shard size, or None.
+    Only a size the cost model chose can conflict: an explicit `source.shard_size` is the user's
+    decision. Shards stored before the size was recorded were made when unset meant 50."""
+    if not source.shard_size_chosen:
+        return None
+    was = stored if stored is not None else LEGACY_DEFAULT_SHARD_SIZE
+    if was == source.shard_size:
+        return None
+    return (f"the stored prompts were sharded {was} rows per shard"
+            f"{'' if stored is not None else ' (made before the size was recorded, when an unset shard_size meant 50)'}, "
+            f"but this panel leaves source.shard_size unset and the shard cost model now chooses {source.shard_size}: "
+            f"the same partition keys would hold other rows. Set `source.shard_size: {was}` in the panel to go on "
+            f"with the stored shards, or point DAGSTER_HOME and the storage at a new place to start over")
+
+
+def check_stored_shard_size(context: dg.AssetExecutionContext, source: Source) -> None:
+    """Refuse to re-key a dataset silently (see shard_size_conflict); the newest stored shard tells."""
+    records = context.instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=PROMPTS_KEY), limit=1).records
+    if not records:
+        return
+    value = records[0].asset_materialization.metadata.get(SHARD_SIZE_KEY) if records[0].asset_materialization else None
+    stored = int(value.value) if value is not None else None
+    problem = shard_size_conflict(stored, source)
+    if problem:
+        raise dg.Failure(description=f"prompts: {problem}")
+    if stored is not None and stored != source.shard_size:
+        context.log.warning(f"prompts: source.shard_size is {source.shard_size}, the stored shards have {stored} rows "
+                            "each: the same partition keys now hold other rows")
+
+
 def build_prompts_asset(source: Source, base_dir: Path, partitions_def: dg.PartitionsDefinition,
-                        estimate: ShardEstimate | None = None) -> dg.AssetsDefinition:
+                        estimate: ShardEstimate | None = None, overhead: float | None = None) -> dg.AssetsDefinition:
     """The prompts of each shard, read from `source` (a path in it is relative to `base_dir`, the
-    panel file's folder); `estimate`: what each shard's calls will cost, shown in its metadata."""
+    panel file's folder); `estimate`: what each shard's calls will cost, shown in its metadata;
+    `overhead`: the shard cost model's overhead share at this shard size, shown too."""
 
     @dg.asset(
         key=PROMPTS_KEY,
@@ -72,10 +108,14 @@ def build_prompts_asset(source: Source, base_dir: Path, partitions_def: dg.Parti
         ),
     )
     def prompts(context: dg.AssetExecutionContext) -> Iterator[Any]:
+        check_stored_shard_size(context, source)
         bounds = {shard: shard_bounds(shard, source) for shard in run_shards(context)}
         # read once, up to the run's last row (a repeat is judged against every earlier row)
         instructions = load_instructions(source, base_dir, max(end for _, end in bounds.values()))
         made = {}
+        shard_size_metadata = {SHARD_SIZE_KEY: source.shard_size, "shard_size_from": source.shard_size_origin}
+        if overhead is not None:
+            shard_size_metadata["shard_overhead_share"] = dg.MetadataValue.float(round(overhead, 4))
         for shard, (start, end) in bounds.items():
             selection = select_shard(instructions, start, end)
             if selection.dropped_empty or selection.dropped_duplicate:
@@ -88,6 +128,7 @@ def build_prompts_asset(source: Source, base_dir: Path, partitions_def: dg.Parti
                 metadata={
                     **PROMPT_COLUMNS.output_metadata(selection.rows),
                     "source_rows": f"{start}-{end - 1}",
+                    **shard_size_metadata,
                     "dropped_empty": selection.dropped_empty,
                     "dropped_duplicate": selection.dropped_duplicate,
                     "preview": dg.MetadataValue.md(prompts_preview(selection.rows)),

@@ -8,6 +8,10 @@ its step yields after its output. The checks run inside the step that makes the 
 on the frame it just made: a separate check step would cost its own step events and a reload of the
 asset from Parquet.
 
+An asset's conditions of one severity are one check (`combined_check`): Dagster writes an
+evaluation event per check and shard, and the UI still sees every condition, named in the message
+when it fails and with its figures in the metadata.
+
 Checks that guard data downstream stages consume are blocking: when one fails, the step fails
 after storing its output, so the next stage never reads the bad shard. Agreement between judges
 only warns: low agreement is worth a look but is not wrong data.
@@ -79,6 +83,39 @@ class StageCheck:
     @property
     def blocking(self) -> bool:
         return self.severity == dg.AssetCheckSeverity.ERROR
+
+
+def merged_findings(findings: Sequence[tuple[str, Finding]]) -> Finding:
+    """One finding for several conditions of one check: passed when all passed; the description
+    names each failing condition with its own sentence (or, when all passed, says what each found);
+    the metadata holds every condition's figures (a key two conditions share is prefixed with the
+    condition's name) and `failed_conditions`, the names of those that failed."""
+    failed = [name for name, f in findings if not f.passed]
+    shown = [(name, f) for name, f in findings if not f.passed] if failed else list(findings)
+    metadata: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    for _, f in findings:
+        for key in f.metadata:
+            counts[key] = counts.get(key, 0) + 1
+    for name, f in findings:
+        metadata.update({(f"{name}/{k}" if counts[k] > 1 else k): v for k, v in f.metadata.items()})
+    metadata["failed_conditions"] = ", ".join(failed) or "none"
+    return Finding(not failed, "; ".join(f"{name}: {f.description}" for name, f in shown), metadata)
+
+
+def combined_check(name: str, description: str, conditions: Sequence[StageCheck]) -> StageCheck:
+    """One check made of several conditions of the same severity (each a StageCheck whose name
+    names the condition in messages and metadata). Each asset check costs Dagster an evaluation
+    event per shard, so the conditions an asset's data must meet are reported together."""
+    severities = {c.severity for c in conditions}
+    if len(severities) != 1:
+        raise ValueError(f"check {name}: its conditions must share one severity, got {sorted(map(str, severities))}")
+    needs = tuple(dict.fromkeys(n for c in conditions for n in c.needs))
+
+    def run(value: pd.DataFrame, given: Mapping[str, Any]) -> Finding:
+        return merged_findings([(c.name, c.run(value, given)) for c in conditions])
+
+    return StageCheck(name, description, run, severities.pop(), needs)
 
 
 def _result(finding: Finding, check: StageCheck, key: dg.AssetKey) -> dg.AssetCheckResult:
