@@ -74,7 +74,8 @@ CREATE TABLE IF NOT EXISTS notes (
 DEFAULT_CLAIM_TTL_S = 30.0  # renewed every ttl/3, so a dead claimant blocks others for 30 s at most
 DEFAULT_POLL_S = 0.2
 
-_COMPLETION_FIELDS = frozenset(f.name for f in dataclasses.fields(Completion))
+_COMPLETION_ORDER = tuple(f.name for f in dataclasses.fields(Completion))
+_COMPLETION_FIELDS = frozenset(_COMPLETION_ORDER)
 
 
 def default_cache_path() -> Path:
@@ -166,8 +167,9 @@ class _Flush:
 
 
 def _row(key: str, completion: Completion, provider: str, model: str, member: str | None = None) -> Row:
-    record = dataclasses.replace(completion, cached=False, call_id=key)
-    data = record.to_dict()
+    # The same JSON as dataclasses.asdict gives, without its deep copy of every value (80 µs a row).
+    data = {name: getattr(completion, name) for name in _COMPLETION_ORDER}
+    data["cached"], data["call_id"] = False, key
     if member:  # which panel member paid for it, for the estimate's per-member mean (not a Completion field)
         data["member"] = member
     return (key, provider, model, json.dumps(data, ensure_ascii=False, default=str), time.time())
