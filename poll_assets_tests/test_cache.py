@@ -334,3 +334,14 @@ def test_cache_keys_and_stored_rows_are_those_of_earlier_releases(tmp_path):
                     '"model": null, "request_id": null, "output_mode": "text", "cached": false, "attempts": 1, '
                     '"error": null, "error_kind": null, "call_id": "k", "cached_input_tokens": 0, '
                     '"cache_write_tokens": 0, "extra": {"refusals": ["x"], "n": {"a": [1, 2]}}, "member": "gen"}')
+
+
+def test_holds_all_counts_stored_answers_without_reading_them(cache_at: CacheAt, monkeypatch):
+    location = cache_at()
+    cache = ResponseCache(location)
+    cache.put("a", Completion(text="x", finish_reason="stop"), "p", "m")
+    cache.put("b", Completion(text="y", finish_reason="stop"), "p", "m")
+    monkeypatch.setattr(cache.store, "read", lambda keys: pytest.fail("holds_all must not read the answers"))
+    assert asyncio.run(cache.aholds_all(["a", "b", "a"]))
+    assert not asyncio.run(cache.aholds_all(["a", "b", "c"]))
+    assert not asyncio.run(ResponseCache(location, mode="refresh").aholds_all(["a"]))  # refresh never serves from it

@@ -104,6 +104,9 @@ class PostgresStore:
         rows = self._run("read", f"SELECT key, completion FROM {COMPLETIONS} WHERE key = ANY(%s)", (keys,))
         return dict(rows)
 
+    def present(self, keys: list[str]) -> int:
+        return int(self._run("read", f"SELECT COUNT(*) FROM {COMPLETIONS} WHERE key = ANY(%s)", (keys,))[0][0])
+
     def write(self, rows: list[Row], releases: list[tuple[str, str]]) -> None:
         # One key twice in one INSERT ... ON CONFLICT is an error in PostgreSQL: the later row wins,
         # as it would in SQLite's INSERT OR REPLACE.

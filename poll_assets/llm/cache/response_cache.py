@@ -185,6 +185,8 @@ class CacheStore(Protocol):
 
     def read(self, keys: list[str]) -> dict[str, str]: ...  # key -> stored completion JSON
 
+    def present(self, keys: list[str]) -> int: ...  # how many of the keys have a stored completion
+
     def write(self, rows: list[Row], releases: list[tuple[str, str]]) -> None: ...  # rows and releases, one transaction
 
     def claim(self, key: str, owner: str, ttl_s: float) -> bool: ...
@@ -269,6 +271,19 @@ class SqliteStore:
             except sqlite3.Error as exc:
                 raise CacheError(f"response cache {self.path}: read failed: {exc}") from exc
         return found
+
+    def present(self, keys: list[str]) -> int:
+        count = 0
+        with self._lock:
+            conn = self._connection()
+            try:
+                for i in range(0, len(keys), _LOOKUP_CHUNK):
+                    chunk = keys[i : i + _LOOKUP_CHUNK]
+                    sql = f"SELECT COUNT(*) FROM completions WHERE key IN ({','.join('?' * len(chunk))})"
+                    count += conn.execute(sql, chunk).fetchone()[0]
+            except sqlite3.Error as exc:
+                raise CacheError(f"response cache {self.path}: read failed: {exc}") from exc
+        return count
 
     def write(self, rows: list[Row], releases: list[tuple[str, str]]) -> None:
         with self._lock:
@@ -598,6 +613,13 @@ class ResponseCache:
             for item in items:
                 if isinstance(item, _Flush):
                     item.done.set()
+
+    async def aholds_all(self, keys: Iterable[str]) -> bool:
+        """Whether every key has a stored answer (mode "use"): a count, with no answer read or decoded."""
+        if not self.reads:
+            return False
+        unique = list(dict.fromkeys(keys))
+        return await asyncio.to_thread(self.store.present, unique) == len(unique)
 
     async def aget_many(self, keys: Iterable[str]) -> dict[str, Completion]:
         if not self.reads:
