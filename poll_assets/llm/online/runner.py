@@ -1,7 +1,7 @@
 """The one call path: every LLM call of every asset goes through `run_calls`.
 
-It looks requests up in the response cache, claims each missing one's lease (so a request is paid
-once across processes), sends the rest within the member's limits (an adaptive concurrency window,
+It looks requests up in the response cache, claims the missing ones' leases in one transaction (so a
+request is paid once across processes), sends the rest within the member's limits (an adaptive concurrency window,
 requests/minute, tokens/minute), retries transient failures with backoff until both the retry count
 and the retry window are spent, stops early when the circuit breaker says the provider is down,
 stores each success in the cache as soon as it arrives, reports progress, and counts tokens for cost.
@@ -461,7 +461,8 @@ class _Sender:
     handed to the cache's writer thread before the next await, so a paid-for answer is never lost
     to a cancellation.
 
-    With a writable cache, a worker claims a call's lease before it takes a slot. A call another
+    With a writable cache, the batch's calls are claimed together before the workers start (`_claim_all`),
+    and a claim that aged in the queue is taken again before its call takes a slot. A call another
     process holds is handed to a waiting task, which holds no worker and no slot: it takes that
     process's answer (a cache hit, not a call), or puts the call back in the queue when the claim
     ends without one.
@@ -735,12 +736,15 @@ class _Lease:
     async def take(self, key: str) -> tuple[bool, Completion | None]:
         """Just before sending `key`: (whether we hold its claim now, an answer already stored). A
         fresh claim from `claim_batch` costs nothing; any other, one thread hop."""
-        claimed_at = self.claimed.pop(key, None)
+        claimed_at = self.claimed.get(key)
         if claimed_at is not None and time.monotonic() - claimed_at < self.age_limit_s:
             # Yield once, as the thread hop did: a worker that just gave its slot back must not take
             # it again before the worker woken for it (the window is not first-come, first-served).
+            # The key leaves `claimed` after it, so a cancelled batch still releases it.
             await asyncio.sleep(0)
+            self.claimed.pop(key, None)
             return True, None
+        self.claimed.pop(key, None)
         return await asyncio.to_thread(self._take, key)
 
     async def release_unsent(self) -> None:
