@@ -314,3 +314,34 @@ def test_answers_name_the_member_that_paid_so_the_estimate_uses_its_own_mean(cac
     assert expected_output(member("newcomer"), cache) == (
         210.0, "mean of 6 cached answers of shared-1 (none yet of this member)")
     assert expected_output(member("newcomer"), None) == (1000.0, "max_new_tokens bound (no cached answers yet)")
+
+
+def test_cache_keys_and_stored_rows_are_those_of_earlier_releases(tmp_path):
+    # Keys and rows are built without dataclasses.asdict now (its deep copies cost ~100 µs a call);
+    # a key that changed would make every cache written before miss, and pay for its calls again.
+    from poll_assets.llm.base import CallRequest, GenerationParams, request_key
+    from poll_assets.llm.cache.response_cache import _row
+
+    params = GenerationParams(temperature=0.7, max_new_tokens=9, top_p=0.9, stop=("a", "\n"), seed=3)
+    request = CallRequest.build([{"role": "system", "content": "s"}, {"role": "user", "content": "héllo"}], params,
+                                {"type": "object", "properties": {"r": {"type": "integer"}}}, 2)
+    # Computed with the release before this change (asdict of the params).
+    assert request_key("openai", "m", "http://x", request) == \
+        "1bb2d7bb6cae950d405ac06e5129dc71859044e811c9d774da52d76db846ffa1"
+    c = Completion(text="t", finish_reason="stop", cached=True, call_id="old", extra={"refusals": ["x"], "n": {"a": (1, 2)}})
+    _, _, _, blob, _ = _row("k", c, "openai", "m", member="gen")
+    assert blob == ('{"text": "t", "finish_reason": "stop", "input_tokens": 0, "output_tokens": 0, "latency_s": 0.0, '
+                    '"model": null, "request_id": null, "output_mode": "text", "cached": false, "attempts": 1, '
+                    '"error": null, "error_kind": null, "call_id": "k", "cached_input_tokens": 0, '
+                    '"cache_write_tokens": 0, "extra": {"refusals": ["x"], "n": {"a": [1, 2]}}, "member": "gen"}')
+
+
+def test_holds_all_counts_stored_answers_without_reading_them(cache_at: CacheAt, monkeypatch):
+    location = cache_at()
+    cache = ResponseCache(location)
+    cache.put("a", Completion(text="x", finish_reason="stop"), "p", "m")
+    cache.put("b", Completion(text="y", finish_reason="stop"), "p", "m")
+    monkeypatch.setattr(cache.store, "read", lambda keys: pytest.fail("holds_all must not read the answers"))
+    assert asyncio.run(cache.aholds_all(["a", "b", "a"]))
+    assert not asyncio.run(cache.aholds_all(["a", "b", "c"]))
+    assert not asyncio.run(ResponseCache(location, mode="refresh").aholds_all(["a"]))  # refresh never serves from it

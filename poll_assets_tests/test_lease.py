@@ -175,3 +175,105 @@ def test_three_processes_over_http_send_each_request_once(tmp_path, cache_at: Ca
     stats = fake_llm.stats()
     assert stats["total"] == len(keys) and stats["max_repeats"] == 1  # one HTTP request per distinct prompt
     assert results[0] == results[1] == results[2]
+
+
+# -- the batch claim: a whole batch's keys claimed in one transaction, an aged claim taken again ------
+
+
+def test_claim_many_takes_free_expired_and_own_keys_and_returns_stored_answers(cache_at: CacheAt):
+    cache = ResponseCache(cache_at())
+    assert cache.claim("live", "other", ttl_s=30)
+    assert cache.claim("expired", "other", ttl_s=0.05)
+    assert cache.claim("mine", "me", ttl_s=30)
+    cache.put("answered", Completion(text="stored", finish_reason="stop"), "f", "m")
+    time.sleep(0.1)
+    mine, answers = cache.claim_many(["free", "live", "expired", "mine", "answered", "free"], "me", ttl_s=30)
+    assert mine == {"free", "expired", "mine"}
+    assert set(answers) == {"answered"} and answers["answered"].text == "stored" and answers["answered"].cached
+    assert cache.claim_state("answered") == (answers["answered"], False)  # its claim released in the same transaction
+    assert not cache.claim("live", "me") and not cache.claim("expired", "other")
+    cache.release_many(["free", "expired", "live"], "me")  # only what "me" holds is released
+    assert cache.claim("free", "third") and cache.claim("expired", "third") and not cache.claim("live", "third")
+
+
+def test_a_batch_claim_used_at_once_costs_no_second_claim(cache_at: CacheAt, monkeypatch):
+    from poll_assets.llm.online.runner import _Lease
+
+    cache = ResponseCache(cache_at())
+    lease = _Lease(cache, ttl_s=30)
+    single: list[str] = []
+    monkeypatch.setattr(cache, "claim", lambda key, *a, **k: single.append(key) or True)
+
+    async def go():
+        mine, _ = await lease.claim_batch(["a", "b"])
+        return mine, await lease.take("a"), await lease.take("b")
+
+    mine, a, b = asyncio.run(go())
+    assert mine == {"a", "b"} and a == b == (True, None) and single == []
+
+
+def test_an_aged_claim_is_taken_again_before_sending_and_never_from_a_live_owner(cache_at: CacheAt):
+    from poll_assets.llm.online.runner import _Lease
+
+    cache = ResponseCache(cache_at())
+    lease = _Lease(cache, ttl_s=0.3)
+
+    async def go():
+        mine, _ = await lease.claim_batch(["taken", "answered", "idle"])
+        assert mine == {"taken", "answered", "idle"}
+        await asyncio.sleep(0.4)  # queued past the ttl: every claim expired
+        # Meanwhile other processes took two of them over: one still calls, one has answered.
+        assert cache.claim("taken", "other", ttl_s=30) and cache.claim("answered", "another", ttl_s=30)
+        cache.submit("answered", Completion(text="theirs", finish_reason="stop"), "f", "m", release_owner="another")
+        cache.flush()
+        return await lease.take("taken"), await lease.take("answered"), await lease.take("idle")
+
+    taken, answered, idle = asyncio.run(go())
+    assert taken == (False, None)  # held by a live process: not sent here
+    assert answered[1] is not None and answered[1].text == "theirs"  # answered elsewhere: not sent again
+    assert idle == (True, None)  # expired and free: ours again, taken over exactly once
+    assert cache.claim_state("idle") == (None, True) and not cache.claim("idle", "other")
+    assert cache.claim_state("answered")[1] is False  # the re-claim was released with the answer
+
+
+def test_run_calls_does_not_send_a_key_another_live_process_holds(cache_at: CacheAt):
+    from poll_assets.llm.base import request_key
+    from poll_assets.llm.online.runner import run_calls
+    from poll_assets_tests.fake_backend import FakeBackend, make_requests, with_policy
+
+    cache = ResponseCache(cache_at())
+    backend = FakeBackend()
+    requests = make_requests(6)
+    held = request_key(backend.provider, backend.model, backend.base_url, requests[2])
+    assert cache.claim(held, "other process", ttl_s=30)
+
+    async def go():
+        batch = asyncio.create_task(run_calls(*with_policy(backend, max_concurrency=2), requests, cache))
+        await asyncio.sleep(0.5)  # the other five are done; the held one waits for its owner
+        assert not batch.done()
+        cache.submit(held, Completion(text="from the other process", finish_reason="stop"), "f", "m",
+                     release_owner="other process")
+        return await batch
+
+    batch = asyncio.run(go())
+    assert backend.total_calls == 5 and backend.attempts["q2"] == 0
+    assert batch.completions[2].text == "from the other process" and batch.completions[2].cached
+    assert batch.stats.calls == 5 and batch.stats.cache_hits == 1
+
+
+def test_a_stopped_batch_releases_the_claims_of_calls_it_never_sent(cache_at: CacheAt):
+    from poll_assets.llm.base import FatalProviderError, request_key
+    from poll_assets.llm.online.runner import BatchAbortedError, run_calls
+    from poll_assets_tests.fake_backend import FakeBackend, make_requests, with_policy
+
+    cache = ResponseCache(cache_at())
+    backend = FakeBackend(script=lambda text, attempt: FatalProviderError("auth", "fake: 401") if text == "q0" else None)
+    requests = make_requests(20)
+    try:
+        asyncio.run(run_calls(*with_policy(backend, max_concurrency=1), requests, cache))
+        raise AssertionError("the batch should have stopped")
+    except BatchAbortedError:
+        pass
+    keys = [request_key(backend.provider, backend.model, backend.base_url, r) for r in requests]
+    assert backend.total_calls < 20
+    assert not any(held for _, held in cache.claim_states(keys).values())  # another process may take them at once

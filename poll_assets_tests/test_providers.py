@@ -848,3 +848,22 @@ def test_negotiation_probes_one_call_then_lets_the_queued_calls_go_together():
     assert sent.count("json_schema") == 1 and sent.count("json_object") == 20
     assert done[0].extra["structured_refusals"] and negotiation.form == "json_object"
     assert peak == 19  # the probe alone, then the 19 queued calls at once
+
+
+def test_a_response_body_reads_as_the_sdk_models_do_without_building_them():
+    # The openai and anthropic backends read 200 bodies with json_fields instead of the SDKs' pydantic
+    # models (about a third of a call's CPU): attribute access, a missing field reads as None, and an
+    # object stays a dict (a tool call's input is dumped as JSON as it came).
+    import json as json_module
+
+    from poll_assets.llm.providers.remote import json_fields
+
+    out = json_fields(b'{"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}], '
+                      b'"content": [{"type": "tool_use", "input": {"rating": 4}}]}')
+    assert out.choices[0].message.content == "hi" and out.choices[0].finish_reason == "stop"
+    assert out.usage is None and out.choices[0].message.refusal is None
+    assert json_module.dumps(out.content[0].input) == '{"rating": 4}' and isinstance(out.content[0].input, dict)
+    with pytest.raises(AttributeError):
+        out.__deepcopy__  # noqa: B018 - protocols see no hook, not None
+    with pytest.raises(ValueError):
+        json_fields(b"<html>bad gateway</html>")

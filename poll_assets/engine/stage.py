@@ -196,7 +196,7 @@ class MemberCalls:
             return None
         identity = CacheOnlyBackend(self.resource)
         keys = {request_key(identity.provider, identity.model, identity.base_url, r) for r in requests}
-        return identity if len(await self.cache.aget_many(keys)) == len(keys) else None
+        return identity if await self.cache.aholds_all(keys) else None
 
 
 @dataclass(frozen=True)

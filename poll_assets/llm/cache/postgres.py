@@ -104,6 +104,9 @@ class PostgresStore:
         rows = self._run("read", f"SELECT key, completion FROM {COMPLETIONS} WHERE key = ANY(%s)", (keys,))
         return dict(rows)
 
+    def present(self, keys: list[str]) -> int:
+        return int(self._run("read", f"SELECT COUNT(*) FROM {COMPLETIONS} WHERE key = ANY(%s)", (keys,))[0][0])
+
     def write(self, rows: list[Row], releases: list[tuple[str, str]]) -> None:
         # One key twice in one INSERT ... ON CONFLICT is an error in PostgreSQL: the later row wins,
         # as it would in SQLite's INSERT OR REPLACE.
@@ -148,6 +151,29 @@ class PostgresStore:
 
     def release(self, key: str, owner: str) -> None:
         self._run("claim release", f"DELETE FROM {CLAIMS} WHERE key = %s AND owner = %s", (key, owner))
+
+    def claim_many(self, keys: list[str], owner: str, ttl_s: float, since: float) -> tuple[set[str], dict[str, str]]:
+        # Keys come sorted and are inserted in that order, so two workers claiming overlapping sets
+        # take their row locks in one order and cannot deadlock.
+        with self._transaction("claim") as cur:
+            cur.execute(
+                f"INSERT INTO {CLAIMS} (key, owner, expires_at) "
+                f"SELECT k, %s, {_NOW} + %s FROM unnest(%s::text[]) WITH ORDINALITY AS t(k, n) ORDER BY n "
+                f"ON CONFLICT (key) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at "
+                f"WHERE {CLAIMS}.expires_at < {_NOW} OR {CLAIMS}.owner = EXCLUDED.owner RETURNING key",
+                (owner, ttl_s, keys),
+            )
+            mine = {k for (k,) in cur.fetchall()}
+            cur.execute(f"SELECT key, completion FROM {COMPLETIONS} WHERE key = ANY(%s) AND created_at >= %s",
+                        (keys, since if since != float("-inf") else -1e308))
+            answers = dict(cur.fetchall())
+            answered = sorted(mine & answers.keys())
+            if answered:
+                cur.execute(f"DELETE FROM {CLAIMS} WHERE owner = %s AND key = ANY(%s)", (owner, answered))
+        return mine - answers.keys(), answers
+
+    def release_many(self, keys: list[str], owner: str) -> None:
+        self._run("claim release", f"DELETE FROM {CLAIMS} WHERE owner = %s AND key = ANY(%s)", (owner, keys))
 
     def output_tokens(self, provider: str, model: str, member: str | None = None) -> tuple[int, float]:
         sql = (f"SELECT COUNT(*), AVG((completion::jsonb ->> 'output_tokens')::float) "

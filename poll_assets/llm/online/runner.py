@@ -1,7 +1,7 @@
 """The one call path: every LLM call of every asset goes through `run_calls`.
 
-It looks requests up in the response cache, claims each missing one's lease (so a request is paid
-once across processes), sends the rest within the member's limits (an adaptive concurrency window,
+It looks requests up in the response cache, claims the missing ones' leases in one transaction (so a
+request is paid once across processes), sends the rest within the member's limits (an adaptive concurrency window,
 requests/minute, tokens/minute), retries transient failures with backoff until both the retry count
 and the retry window are spent, stops early when the circuit breaker says the provider is down,
 stores each success in the cache as soon as it arrives, reports progress, and counts tokens for cost.
@@ -648,7 +648,8 @@ class _Sender:
     handed to the cache's writer thread before the next await, so a paid-for answer is never lost
     to a cancellation.
 
-    With a writable cache, a worker claims a call's lease before it takes a slot. A call another
+    With a writable cache, the batch's calls are claimed together before the workers start (`_claim_all`),
+    and a claim that aged in the queue is taken again before its call takes a slot. A call another
     process holds is handed to a waiting task, which holds no worker and no slot: it takes that
     process's answer (a cache hit, not a call), or puts the call back in the queue when the claim
     ends without one.
@@ -675,10 +676,17 @@ class _Sender:
 
     async def send(self, todo: list[tuple[str, CallRequest]]) -> list[BaseException]:
         """Make every call; returns what stopped the workers (empty when every call settled)."""
+        self.open_calls = len(todo)
+        if self.lease is not None:
+            try:
+                todo = await self._claim_all(todo)
+            except CacheError as exc:
+                return [exc]
         for item in todo:
             self.queue.put_nowait(item)
-        self.open_calls = len(todo)
-        self.n_workers = min(2 * self.limits.max_concurrency, len(todo))
+        self.n_workers = min(2 * self.limits.max_concurrency, self.open_calls)
+        if self.n_workers == 0:
+            return []
         workers = [asyncio.create_task(self._worker()) for _ in range(self.n_workers)]
         ticker = asyncio.create_task(self.report.ticker())
         try:
@@ -700,6 +708,18 @@ class _Sender:
             for t in [*workers, *self.waiting]:
                 if not t.done():
                     t.cancel()
+
+    async def _claim_all(self, todo: list[tuple[str, CallRequest]]) -> list[tuple[str, CallRequest]]:
+        """Claim the batch's keys in one transaction; what is ours to send. An answer stored since the
+        lookup settles its call (a cache hit); a key another process holds goes to a waiting task."""
+        assert self.lease is not None
+        mine, answers = await self.lease.claim_batch([k for k, _ in todo])
+        for key, answer in answers.items():
+            self._settle(key, answer)
+        for key, request in todo:
+            if key not in mine and key not in answers:
+                self._wait_elsewhere(key, request)
+        return [(k, r) for k, r in todo if k in mine]
 
     def _settle(self, key: str | None, c: Completion | None) -> None:
         """One call is over: its completion, or none (it was not started: over the run's budget)."""
@@ -868,13 +888,29 @@ async def _unwinding(pending: set[asyncio.Task[None]], within_s: float = 5.0) ->
 
 
 class _Lease:
-    """This batch's side of the cache's lease: one owner id for every key it claims."""
+    """This batch's side of the cache's lease: one owner id for every key it claims.
+
+    The batch's keys are claimed together, in one transaction (`claim_batch`), before any is sent. A
+    claim so taken is used as it is if its call starts within `age_limit_s` (a third of the ttl: the
+    claim then has two thirds of its life left, and the call's heartbeat renews it after one third);
+    one that aged longer in the queue may have expired and been taken over by another process, so it
+    is claimed again, with the answer check of a fresh claim (`_take`), just before it is sent."""
 
     def __init__(self, cache: ResponseCache, ttl_s: float = DEFAULT_CLAIM_TTL_S) -> None:
         self.cache = cache
         self.ttl_s = ttl_s
+        self.age_limit_s = ttl_s / 3
         self.owner = default_owner()
         self.since = None if cache.reads else time.time()  # "refresh" wants answers newer than this batch
+        self.claimed: dict[str, float] = {}  # key -> when claim_batch claimed it (monotonic), not yet sent
+
+    async def claim_batch(self, keys: list[str]) -> tuple[set[str], dict[str, Completion]]:
+        """Claim every key free or expired in one transaction: (the keys now ours, the answers stored
+        since our lookup). Keys in neither part are held by another live process."""
+        mine, answers = await asyncio.to_thread(self.cache.claim_many, keys, self.owner, self.ttl_s, self.since)
+        now = time.monotonic()
+        self.claimed = dict.fromkeys(mine, now)
+        return mine, answers
 
     def _take(self, key: str) -> tuple[bool, Completion | None]:
         if not self.cache.claim(key, self.owner, self.ttl_s):
@@ -885,8 +921,23 @@ class _Lease:
         return True, answer
 
     async def take(self, key: str) -> tuple[bool, Completion | None]:
-        """(whether we hold the claim now, an answer already stored); one thread hop."""
+        """Just before sending `key`: (whether we hold its claim now, an answer already stored). A
+        fresh claim from `claim_batch` costs nothing; any other, one thread hop."""
+        claimed_at = self.claimed.get(key)
+        if claimed_at is not None and time.monotonic() - claimed_at < self.age_limit_s:
+            # Yield once, as the thread hop did: a worker that just gave its slot back must not take
+            # it again before the worker woken for it (the window is not first-come, first-served).
+            # The key leaves `claimed` after it, so a cancelled batch still releases it.
+            await asyncio.sleep(0)
+            self.claimed.pop(key, None)
+            return True, None
+        self.claimed.pop(key, None)
         return await asyncio.to_thread(self._take, key)
+
+    async def release_unsent(self) -> None:
+        """Release the claims of keys never sent (the batch stopped, the budget or the breaker refused them)."""
+        keys, self.claimed = list(self.claimed), {}
+        await asyncio.to_thread(self.cache.release_many, keys, self.owner)
 
 
 def _stop_error(failures: list[BaseException], sender: _Sender, todo: int, completed: int,
@@ -933,6 +984,11 @@ async def _send(sender: _Sender, todo: list[tuple[str, CallRequest]], hits: int,
                 await cache.aflush()
             except CacheError as exc:
                 cache_error = exc
+        if sender.lease is not None:
+            try:
+                await sender.lease.release_unsent()
+            except CacheError:
+                pass  # the claims then expire within their ttl; the error that matters is raised below
         # Open sockets must not outlive the event loop that owns them.
         await sender.backend.release()
     if cache_error is not None:

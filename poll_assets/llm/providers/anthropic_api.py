@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import anthropic
+import httpx2
 
 try:  # private module; only used to word an error message
     from anthropic._constants import ANTHROPIC_API_VERSION
@@ -20,7 +21,13 @@ from poll_assets.llm.base import (
     ProviderError,
     split_at_cache_break,
 )
-from poll_assets.llm.providers.remote import RemoteBackend, body_message, classify_sdk_failure, schema_name
+from poll_assets.llm.providers.remote import (
+    RemoteBackend,
+    body_message,
+    classify_sdk_failure,
+    json_fields,
+    schema_name,
+)
 from poll_assets.llm.providers.registry import PROVIDERS
 
 # Anthropic's stop reasons in the vocabulary the rest of the pipeline uses (OpenAI's).
@@ -29,6 +36,9 @@ _WRAP_KEY = "value"
 # A cache breakpoint: the prompt up to and including the block carrying it is cached for a few minutes.
 _EPHEMERAL = {"type": "ephemeral"}
 _MIN_CACHED_CHARS = 4096
+# The SDK's own request path (client.post: its auth, headers and errors) without building the
+# pydantic Message: about 30% of the call's CPU on a loopback server (docs/calls.md, "Per-call CPU").
+_MESSAGES_PATH = "/v1/messages"
 
 
 class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
@@ -85,10 +95,10 @@ class AnthropicChatBackend(RemoteBackend[anthropic.AsyncAnthropic]):
 
     async def _call(self, client: anthropic.AsyncAnthropic, request: CallRequest) -> Completion:
         kwargs, wrapped = self._kwargs(request)
-        raw = await client.messages.with_raw_response.create(**kwargs)
+        raw = await client.post(_MESSAGES_PATH, body=kwargs, cast_to=httpx2.Response)
         try:
-            msg = await raw.parse()
-        except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+            msg = json_fields(raw.content)
+        except ValueError as exc:
             raise self.malformed(f"{type(exc).__name__} while reading the message") from None
         return self.read_message(msg, request, wrapped, raw.headers.get("request-id"))
 

@@ -56,6 +56,25 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+class JsonFields(dict[str, Any]):
+    """A JSON object read with attribute access, as the SDKs' response models offer it
+    (`out.choices[0].message.content`), without building those models: reading the body this way
+    costs a fraction of the SDK's pydantic construction (see docs/calls.md, "Per-call CPU"). A field
+    the body lacks reads as None, as an optional field of the SDK's models does."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # protocols (copy, pickle) must not see None for their hooks
+            raise AttributeError(name)
+        return self.get(name)
+
+
+def json_fields(body: bytes) -> Any:
+    """A response body parsed into `JsonFields` objects; ValueError when it is not JSON."""
+    return json.loads(body, object_hook=JsonFields)
+
+
 def body_message(body: Any) -> str:
     """The human part of an error body in the usual shapes ({"error": {"message"}}, {"error": "..."}, {"message"})."""
     if isinstance(body, Mapping):
