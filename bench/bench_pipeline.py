@@ -507,7 +507,8 @@ def dataset_case(root: Path, server: Any, env: dict[str, str], n: int, record: A
     server.reset(latency_ms=LATENCY_MS, jitter_ms=JITTER_MS)
     build = record(run_child(cli + ["--all"], cli_env, server, "ours: poll-assets run --all", n, work / "build.log",
                              reports=False))
-    warm = record(run_child(cli + ["--partition", "shard-00000"], cli_env, server, "ours: warm re-run of one shard",
+    # --force: a re-run that re-materializes the shard (the default would find nothing to do and launch no run)
+    warm = record(run_child(cli + ["--partition", "shard-00000", "--force"], cli_env, server, "ours: warm re-run of one shard",
                             n, work / "warm.log", reports=False))
     dagster_floor = [sys.executable, str(REPO / "bench" / "dagster_floor.py"), "--runs", "1"]
     dfloor = record(run_child(dagster_floor, env, server, "dagster floor, one run", n, work / "dagster_floor.log",

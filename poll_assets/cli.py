@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import dagster as dg
 
     from poll_assets.panel import Panel
+    from poll_assets.run_plan import PlannedRun
 
 
 def _use_project_home() -> Path:
@@ -149,7 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _planned_runs(instance: dg.DagsterInstance, job: dg.JobDefinition, shards: list[str], shards_per_run: int,
-                  force: bool) -> list:
+                  force: bool) -> list[PlannedRun]:
     """The runs that make what is missing or stale in `shards` (everything, with `force`), printed."""
     from poll_assets.engine.run_state import asset_states
     from poll_assets.run_plan import plan_runs, plan_shards, plan_summary
@@ -198,7 +199,7 @@ def _interrupted(instance: dg.DagsterInstance) -> int:
     return 130
 
 
-def _run_all(job: dg.JobDefinition, instance: dg.DagsterInstance, runs: list, shards: list[str]) -> int:
+def _run_all(job: dg.JobDefinition, instance: dg.DagsterInstance, runs: list[PlannedRun], shards: list[str]) -> int:
     """Run each planned run in turn (its assets over its shards); 1 when any run failed. Runs are
     recorded under the code location `poll-assets ui` serves, so the UI lists them (engine/launch.py)."""
     from poll_assets.engine.launch import runs_from_location, workspace_job_origin
@@ -210,7 +211,7 @@ def _run_all(job: dg.JobDefinition, instance: dg.DagsterInstance, runs: list, sh
     return 1 if failed_runs else 0
 
 
-def _execute(job: dg.JobDefinition, instance: dg.DagsterInstance, run, alone: bool) -> int:
+def _execute(job: dg.JobDefinition, instance: dg.DagsterInstance, run: PlannedRun, alone: bool) -> int:
     """One planned run: its asset selection over its shards (one partition, or a range as a backfill
     sets it); prints what failed, or the shards' pairs. 1 when it failed."""
     import dagster as dg
