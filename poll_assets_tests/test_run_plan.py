@@ -52,7 +52,7 @@ def test_one_judge_changed_plans_that_judge_and_what_reads_it_in_every_shard() -
     assert runs == [PlannedRun(("ratings/j1", "pooled_ratings", "preference_pairs"), tuple(SHARDS[:4])),
                     PlannedRun(("ratings/j1", "pooled_ratings", "preference_pairs"), tuple(SHARDS[4:]))]
     summary = "\n".join(plan_summary(plan))
-    assert "6 of 6 shard(s) to do (6 code version changed" in summary
+    assert "6 of 6 shard(s) to do ((asset, shard) pairs: 6 code version changed; and what depends" in summary
     assert "ratings/j1: 6 shard(s) (code version changed: 6)" in summary
     assert "generations/g1" not in summary and "ratings/j2" not in summary
 
