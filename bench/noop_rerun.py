@@ -42,11 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards-per-run", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3, help="warm no-op re-runs measured")
     parser.add_argument("--force", action="store_true", help="also measure a warm --force re-run")
+    parser.add_argument("--work", type=Path, help="keep the instance and files in this new folder (default: a temp dir)")
     args = parser.parse_args(argv)
     from poll_assets_tests.fake_llm_server import FakeLLMServer
 
     with FakeLLMServer() as server, tempfile.TemporaryDirectory(prefix="poll-noop-") as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         prompts = work / "prompts.jsonl"
         write_prompts(prompts, args.n)
         panel = bench_panel(server.url, prompts, args.n, shard_size=args.shard_size)

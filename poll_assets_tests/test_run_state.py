@@ -79,3 +79,28 @@ def test_a_changed_judge_is_stale_by_code_as_dagster_says_and_its_children_follo
                                         "preference_pairs": "after pooled_ratings"}
         # Dagster's resolver flags the root (the judge) only; the plan adds what will be re-made from it.
         assert _dagster_stale(instance, job2) == {(judge.to_user_string(), s) for s in SHARDS}
+
+
+def test_a_tag_read_from_the_stored_json_is_the_one_dagster_unpacks() -> None:
+    from poll_assets.engine.run_state import _Latest
+
+    version = '{"method":"mean"}{"quote":"\\"x\\""}'  # a stage's code version is JSON text: quotes inside
+    decoy = 'the text "dagster/code_version": "not this one"'  # in metadata, always inside an escaped string
+    event = dg.AssetMaterialization("pooled_ratings", partition="shard-00000", metadata={"note": decoy},
+                                    tags={"dagster/code_version": version, "dagster/data_version": "abc"})
+    entry = dg.EventLogEntry(
+        error_info=None, level="INFO", user_message="", run_id="r", timestamp=0.0,
+        dagster_event=dg.DagsterEvent(event_type_value="ASSET_MATERIALIZATION", job_name="j",
+                                      event_specific_data=_step_materialization(event)))
+    stored = dg.serialize_value(entry)
+    latest = _Latest(1, "shard-00000", "r", stored)
+    assert latest.tag("dagster/code_version") == version and latest.tag("dagster/data_version") == "abc"
+    assert latest.tag("dagster/input_data_version/prompts") is None
+    compact = _Latest(1, "shard-00000", "r", stored.replace('"dagster/code_version": ', '"dagster/code_version":'))
+    assert compact.tag("dagster/code_version") == version  # another layout: read by unpacking the event
+
+
+def _step_materialization(event: dg.AssetMaterialization):
+    from dagster._core.events import StepMaterializationData
+
+    return StepMaterializationData(event)
