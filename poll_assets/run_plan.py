@@ -160,8 +160,9 @@ def plan_summary(plan: Plan) -> list[str]:
                 "(none missing, none stale); --force redoes them"]
     roots = Counter(reason for chosen in plan.todo.values() for reason in chosen.values() if not reason.startswith(AFTER))
     why = ", ".join(f"{count} {reason}" for reason, count in sorted(roots.items()))
-    lines = [f"{len(plan.todo)} of {n} shard(s) to do ((asset, shard) pairs: {why}; and what depends on them), "
-             f"{n - len(plan.todo)} up to date:"]
+    follow = any(r.startswith(AFTER) for chosen in plan.todo.values() for r in chosen.values())
+    lines = [f"{len(plan.todo)} of {n} shard(s) to do ((asset, shard) pairs: {why}"
+             f"{'; and what depends on them' if follow else ''}), {n - len(plan.todo)} up to date:"]
     for asset in plan.assets:
         counts = _reason_counts(plan, asset)
         if counts:

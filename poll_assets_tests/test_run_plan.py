@@ -104,6 +104,7 @@ def test_pending_rows_rerun_that_member_and_downstream_and_force_runs_everything
     assert list(forced.todo) == SHARDS[1:3]
     assert all(chosen == dict.fromkeys(ORDER, FORCED) for chosen in forced.todo.values())
     assert plan_runs(forced, 20) == [PlannedRun(tuple(ORDER), tuple(SHARDS[1:3]))]
+    assert plan_summary(forced)[0] == "2 of 2 shard(s) to do ((asset, shard) pairs: 16 --force), 0 up to date:"
 
 
 def test_an_asset_without_code_version_is_not_stale_by_code() -> None:
