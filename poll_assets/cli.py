@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import dagster as dg
 
     from poll_assets.panel import Panel
+    from poll_assets.run_plan import PlannedRun
 
 
 def _use_project_home() -> Path:
@@ -151,7 +152,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from poll_assets.panel import load_panel
-    from poll_assets.partitions import run_ranges
     from poll_assets.pipeline import build_definitions
 
     panel, path = load_panel(args.panel)
@@ -163,20 +163,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"poll-assets run: {exc}", file=sys.stderr)
         return 2
-    runs = run_ranges(shards, panel.source.shards_per_run)
-    print(f"panel {panel.name} ({path}); materializing every asset of {len(shards)} shard(s) "
-          f"{shards[0]}{' ... ' + shards[-1] if len(shards) > 1 else ''} in {len(runs)} run(s) "
-          f"of at most {panel.source.shards_per_run} (source.shards_per_run), {panel.source.shard_size} prompts a shard "
-          f"({panel.source.shard_size_origin}) ...", flush=True)
+    print(f"panel {panel.name} ({path}); {len(shards)} shard(s) {shards[0]}"
+          f"{' ... ' + shards[-1] if len(shards) > 1 else ''}, {panel.source.shard_size} prompts a shard "
+          f"({panel.source.shard_size_origin}){'; --force: every asset' if args.force else ''}", flush=True)
     with dg.DagsterInstance.get() as instance:
         if enable_event_batching(instance):
             print(f"event writes batched ({EVENT_BATCH_ENV}={os.environ[EVENT_BATCH_ENV]})", flush=True)
         _report_dead_runs(instance)  # a killed run must not look in progress to this run or the next tick
+        runs = _planned_runs(instance, job, shards, panel.source.shards_per_run, args.force)
+        if not runs:
+            return 0
         _interrupt_on_sigterm()
         try:
             return _run_all(job, instance, runs, shards)
         except KeyboardInterrupt:
             return _interrupted(instance)
+
+
+def _planned_runs(instance: dg.DagsterInstance, job: dg.JobDefinition, shards: list[str], shards_per_run: int,
+                  force: bool) -> list[PlannedRun]:
+    """The runs that make what is missing or stale in `shards` (everything, with `force`), printed."""
+    from poll_assets.engine.run_state import asset_states
+    from poll_assets.run_plan import plan_runs, plan_shards, plan_summary
+
+    plan = plan_shards(asset_states(instance, job), shards, force=force)
+    for line in plan_summary(plan):
+        print(line)
+    runs = plan_runs(plan, shards_per_run)
+    if runs:
+        todo = list(plan.todo)
+        print(f"materializing {len(todo)} shard(s) {todo[0]}{' ... ' + todo[-1] if len(todo) > 1 else ''} "
+              f"in {len(runs)} run(s) of at most {shards_per_run} (source.shards_per_run) ...", flush=True)
+    return runs
 
 
 def _interrupt_on_sigterm() -> None:
@@ -212,42 +230,51 @@ def _interrupted(instance: dg.DagsterInstance) -> int:
     return 130
 
 
-def _run_all(job: dg.JobDefinition, instance: dg.DagsterInstance, runs: list[list[str]], shards: list[str]) -> int:
-    """Run each group of shards in turn; 1 when any run failed."""
+def _run_all(job: dg.JobDefinition, instance: dg.DagsterInstance, runs: list[PlannedRun], shards: list[str]) -> int:
+    """Run each planned run in turn (its assets over its shards); 1 when any run failed. Runs are
+    recorded under the code location `poll-assets ui` serves, so the UI lists them (engine/launch.py)."""
+    from poll_assets.engine.launch import runs_from_location, workspace_job_origin
+
+    failed_runs = 0
+    with runs_from_location(instance, workspace_job_origin(job.name)):
+        for run in runs:
+            failed_runs += _execute(job, instance, run, alone=len(shards) == 1)
+    return 1 if failed_runs else 0
+
+
+def _execute(job: dg.JobDefinition, instance: dg.DagsterInstance, run: PlannedRun, alone: bool) -> int:
+    """One planned run: its asset selection over its shards (one partition, or a range as a backfill
+    sets it); prints what failed, or the shards' pairs. 1 when it failed."""
     import dagster as dg
 
     from poll_assets.llm.online.runner import stop_requested
     from poll_assets.run_liveness import process_tags
     from poll_assets.terminal import escape_controls
 
-    failed_runs = 0
-    # Named as the UI's *Materialize all* names them: the implicit asset job shows a run's asset
-    # selection as its target (Runs → Target, a partition's run), and an unset one shows nothing.
-    every_asset = list(job.asset_layer.selected_asset_keys)
-    for run in runs:
-        one = {"partition_key": run[0], "tags": process_tags()} if len(run) == 1 else {
-            "tags": {**process_tags(), **range_tags(run)}}
-        result = job.execute_in_process(
-            instance=instance,
-            raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-            asset_selection=every_asset,
-            **one,
-        )
-        problems, failed = failure_report(result)
-        for line in problems:
-            print(escape_controls(line), file=sys.stderr)  # messages may quote prompts
-        if stop_requested() or any("DagsterExecutionInterruptedError" in line for line in problems):
-            raise KeyboardInterrupt  # interrupted (by us in a batch, or by Dagster between steps): no later run
-        if failed:
-            failed_runs += 1
-            print(f"run {result.run_id} ({run[0]} ... {run[-1]}) failed; see `poll-assets ui` for the event log",
-                  file=sys.stderr)
-            continue
-        print(f"run {result.run_id} succeeded")
-        for line in shard_summary(instance, run, alone=len(shards) == 1):
-            print(line)
-    return 1 if failed_runs else 0
+    shards = list(run.shards)
+    one = {"partition_key": shards[0], "tags": process_tags()} if len(shards) == 1 else {
+        "tags": {**process_tags(), **range_tags(shards)}}
+    # An explicit selection, as the UI's *Materialize* sets it: the run's target in Runs → Target.
+    result = job.execute_in_process(
+        instance=instance,
+        raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        asset_selection=[dg.AssetKey.from_user_string(a) for a in run.assets],
+        **one,
+    )
+    problems, failed = failure_report(result)
+    for line in problems:
+        print(escape_controls(line), file=sys.stderr)  # messages may quote prompts
+    if stop_requested() or any("DagsterExecutionInterruptedError" in line for line in problems):
+        raise KeyboardInterrupt  # interrupted (by us in a batch, or by Dagster between steps): no later run
+    if failed:
+        print(f"run {result.run_id} ({shards[0]} ... {shards[-1]}) failed; see `poll-assets ui` for the event log",
+              file=sys.stderr)
+        return 1
+    print(f"run {result.run_id} succeeded")
+    for line in shard_summary(instance, shards, alone=alone):
+        print(line)
+    return 0
 
 
 def shard_summary(instance: dg.DagsterInstance, shards: list[str], alone: bool = False) -> list[str]:
@@ -446,7 +473,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="poll-assets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="materialize every asset of some shards (default: the first)")
+    run = sub.add_parser("run", help="materialize what is missing or stale in some shards (default: the first)")
     run.add_argument("--panel", help="bundled panel name or YAML path (default: $POLL_PANEL or 'local')")
     which = run.add_mutually_exclusive_group()
     which.add_argument("--partition", help="shard key, e.g. shard-00000")
@@ -454,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="a range of shards, both ends included, e.g. shard-00000...shard-00019; "
                             "run as runs of source.shards_per_run shards")
     which.add_argument("--all", action="store_true", help="every shard of the panel (runs of source.shards_per_run)")
+    run.add_argument("--force", action="store_true",
+                     help="materialize every asset of the shards asked for, even those up to date "
+                          "(default: only what is missing or stale; cached calls are not paid again)")
     run.set_defaults(fn=cmd_run)
     ui = sub.add_parser("ui", help="start `dagster dev` on the project's instance")
     ui.add_argument("--host", default="127.0.0.1")

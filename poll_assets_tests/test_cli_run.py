@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 import pytest
+import yaml
 
 from poll_assets import cli
+from poll_assets.panel import load_panel
 from poll_assets.partitions import run_ranges, select_shards
 from poll_assets_tests.instance import make_dagster_home
-from poll_assets_tests.test_shards import KEY_VARS, paper_in_shards
+from poll_assets_tests.test_paper_fake_server import tag_of
+from poll_assets_tests.test_shards import KEY_VARS, asset_keys, paper_in_shards
 
 KEYS = [f"shard-0000{i}" for i in range(5)]
 
@@ -57,7 +62,81 @@ def test_run_partitions_and_all_run_few_runs_and_pay_each_call_once(tmp_path, fa
             assert dg.AssetKey("preference_pairs") in (record.dagster_run.asset_selection or ()), record.dagster_run
             assert dg.AssetKey("prompts") in record.dagster_run.asset_selection
 
+        # Recorded under the code location `poll-assets ui` serves (workspace.yaml), so the UI lists
+        # them under their job and on the Overview timeline.
+        for record in records:
+            origin = record.dagster_run.remote_job_origin
+            assert origin is not None, record.dagster_run
+            assert (origin.location_name, origin.repository_origin.repository_name, origin.job_name) == (
+                "poll_assets", "__repository__", "__ASSET_JOB")
+
     fake_llm.reset()
-    assert cli.main(["run", "--panel", str(panel), "--all"]) == 0  # warm: every call is cached
+    assert cli.main(["run", "--panel", str(panel), "--all"]) == 0  # nothing missing or stale: no run at all
+    assert fake_llm.stats()["total"] == 0
+    assert "nothing to do: every asset of the 3 shard(s) is materialized and up to date" in capsys.readouterr().out
+    assert cli.main(["run", "--panel", str(panel), "--all", "--force"]) == 0  # warm: every call is cached
     assert fake_llm.stats()["total"] == 0
     assert "shard-00002: " in capsys.readouterr().out
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert len(instance.get_run_records()) == 4  # the no-op launched none; --force two (2 + 1 shards)
+
+
+def _runs_after(instance: dg.DagsterInstance, known: set[str]) -> list[dg.DagsterRun]:
+    return [r.dagster_run for r in instance.get_run_records() if r.dagster_run.run_id not in known]
+
+
+def _set_judge_tokens(panel: Path, judge: str, tokens: int) -> dict:
+    raw = yaml.safe_load(panel.read_text())
+    (member,) = [m for m in raw["judges"] if m["name"] == judge]
+    member["params"]["max_new_tokens"] = tokens  # a new code version for this judge alone
+    panel.write_text(yaml.safe_dump(raw))
+    return member
+
+
+@pytest.mark.slow
+def test_run_redoes_only_a_changed_judge_a_missing_shard_or_everything_with_force(
+        tmp_path, fake_llm, monkeypatch, capsys) -> None:
+    fake_llm.configure(latency_ms=5, jitter_ms=2)
+    for var in KEY_VARS:
+        monkeypatch.setenv(var, "sk-test")
+    home = make_dagster_home(tmp_path / "home")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    panel = paper_in_shards(tmp_path, fake_llm.url, shards=4, shard_size=1, shards_per_run=4)
+    members = 7
+    assert cli.main(["run", "--panel", str(panel), "--partitions", "shard-00000...shard-00001"]) == 0
+    assert cli.main(["run", "--panel", str(panel), "--partition", "shard-00003"]) == 0
+    instance = dg.DagsterInstance.from_config(str(home))
+    every_asset = set(asset_keys(load_panel(panel)[0]))
+    known = {r.dagster_run.run_id for r in instance.get_run_records()}
+
+    # A shard missing in the middle: that shard alone, every asset, and only its calls.
+    fake_llm.reset()
+    capsys.readouterr()
+    assert cli.main(["run", "--panel", str(panel), "--all"]) == 0
+    assert "1 of 4 shard(s) to do" in capsys.readouterr().out
+    (run,) = _runs_after(instance, known)
+    assert run.tags.get("dagster/partition") == "shard-00002" and set(run.asset_selection) == every_asset
+    assert fake_llm.stats()["total"] == members
+    known.add(run.run_id)
+
+    # One judge changed: only its calls, and only it and what reads it are re-made, in every shard.
+    judge = _set_judge_tokens(panel, "gpt35_turbo", 512)
+    fake_llm.reset()
+    assert cli.main(["run", "--panel", str(panel), "--all"]) == 0
+    assert fake_llm.stats()["by_tag"] == {tag_of(judge): 4}, fake_llm.stats()["by_tag"]
+    assert "ratings/gpt35_turbo: 4 shard(s) (code version changed: 4)" in capsys.readouterr().out
+    (run,) = _runs_after(instance, known)
+    assert set(run.asset_selection) == {dg.AssetKey(["ratings", "gpt35_turbo"]), dg.AssetKey("pooled_ratings"),
+                                        dg.AssetKey("preference_pairs")}
+    known.add(run.run_id)
+    assert cli.main(["run", "--panel", str(panel), "--all"]) == 0 and not _runs_after(instance, known)
+
+    # --force: every asset of the shards asked for, answered from the cache.
+    fake_llm.reset()
+    assert cli.main(["run", "--panel", str(panel), "--partitions", "shard-00001...shard-00003", "--force"]) == 0
+    (run,) = _runs_after(instance, known)
+    assert set(run.asset_selection) == every_asset
+    assert (run.tags["dagster/asset_partition_range_start"], run.tags["dagster/asset_partition_range_end"]) == (
+        "shard-00001", "shard-00003")
+    assert fake_llm.stats()["total"] == 0
+    instance.dispose()

@@ -245,3 +245,40 @@ def _column_descriptions(page, server: DagsterDevServer, asset: str, described: 
         page.get_by_text(column, exact=True).first.wait_for(state="visible")
         page.get_by_text(description, exact=True).first.scroll_into_view_if_needed()
         page.get_by_text(description, exact=True).first.wait_for(state="visible")
+
+
+CLI_PARTITION = "shard-00001"  # the UI test launches shard-00000 and the GraphQL test shard-00002
+_TIMELINE_RUNS = """
+query($after: Float!) { runsOrError(filter: {updatedAfter: $after}) { ... on Runs { results {
+  id pipelineName repositoryOrigin { repositoryName repositoryLocationName } } } } }
+"""
+
+
+@pytest.mark.slow
+def test_a_cli_run_is_listed_under_its_job_and_on_the_overview_timeline(
+        dagster_server: DagsterDevServer, page, shots: Path) -> None:
+    """`poll-assets run` on the server's instance: the UI's timeline keeps only runs that name their
+    code location (repositoryOrigin); the CLI's run names the one the server loaded from workspace.yaml."""
+    import subprocess
+    import sys
+
+    from poll_assets_tests.dagster_dev import server_env
+
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "poll_assets.cli", "run", "--partition", CLI_PARTITION],
+                          env=server_env(dagster_server.home), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    runs = dagster_server.graphql(_TIMELINE_RUNS, {"after": started - 1})["runsOrError"]["results"]
+    assert len(runs) == 1, runs  # the CLI's one run, as the timeline's query returns it
+    locations = dagster_server.graphql("{ workspaceOrError { ... on Workspace { locationEntries { name } } } }")
+    served = [entry["name"] for entry in locations["workspaceOrError"]["locationEntries"]]
+    assert runs[0]["repositoryOrigin"] == {"repositoryName": "__repository__", "repositoryLocationName": served[0]}
+    assert runs[0]["pipelineName"] == "__ASSET_JOB"
+
+    # The timeline names runs of the implicit asset job "Jobless asset materializations", by location.
+    page.goto(f"{dagster_server.url}/overview/activity/timeline", wait_until="domcontentloaded")
+    page.get_by_text("Jobless asset materializations").first.wait_for(state="visible")
+    _shot(page, shots, "07_timeline_with_cli_run")
+    page.goto(f"{dagster_server.url}/runs/{runs[0]['id']}", wait_until="domcontentloaded")
+    page.get_by_text("RUN_SUCCESS").first.wait_for(state="visible")
+    _shot(page, shots, "08_cli_run")
