@@ -1,0 +1,163 @@
+"""CPU per judge answer on the judging stage's reading path (issue 24). Not a test.
+
+What is timed is what `poll_assets.assets.judging.judge` does per answer once the calls are back:
+`first_reading` (parse_verdicts on the answer, against the request's messages, the echo removed,
+the verdicts put back in generation order), then per row `rating_row`, and `repair_figures` on the
+frame (which reads every stored answer again for its reading mode). The answers are realistic:
+judge_fuzz's composed answers (4 texts, seeded) and every answer of the corpus
+(poll_assets_tests/data/judge_outputs), each with the judge messages the production planner
+(`plan_judge_task`) builds for an instruction and texts of a few hundred characters.
+
+    PYTHONPATH=$PWD .venv/bin/python bench/parse_speed.py [--answers 2000] [--seed 0] [--repeat 3] [--profile]
+
+Figures are `time.process_time` (this process's CPU), the best of `--repeat` passes; `--profile`
+adds cProfile's top functions by own time over one pass of `first_reading` (the profiler inflates
+the times, so read µs from a run without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import io
+import pstats
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from poll_assets.assets.judging import first_reading, rating_row, repair_figures
+from poll_assets.assets.keys import RATING_COLUMNS
+from poll_assets.llm.base import Completion
+from poll_assets.panel import Judging, Member
+from poll_assets.rubrics import get_rubric
+from poll_assets.rubrics.ultrafeedback import Rubric
+from poll_assets.stage_requests import JudgeTask, plan_judge_task
+from poll_assets.verdicts import parse_verdicts
+from poll_assets_tests.judge_fuzz import compose
+
+CORPUS = Path(__file__).resolve().parent.parent / "poll_assets_tests" / "data" / "judge_outputs"
+MEMBER = Member(name="judge", provider="openai", model="judge-1", family="judge")
+JUDGING = Judging()
+_WORDS = ("the model answers the question with a short list of steps and a closing summary that repeats the "
+          "main point while adding one example drawn from everyday use of the tool in a small office").split()
+
+
+@dataclass
+class Case:
+    task: JudgeTask
+    completion: Completion
+    rubric: Rubric
+
+
+def realistic_text(rng: random.Random) -> str:
+    """A generation of a few hundred characters: sentences, a paragraph break, sometimes a list."""
+    def sentence() -> str:
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(8, 18))]
+        return " ".join(words).capitalize() + "."
+    paragraphs = [" ".join(sentence() for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 3))]
+    if rng.random() < 0.4:
+        paragraphs.insert(1, "\n".join(f"{i}. {sentence()}" for i in range(1, rng.randint(3, 5))))
+    return "\n\n".join(paragraphs)
+
+
+def _case(rng: random.Random, prompt_id: str, text: str, n: int, structured: bool, rubric: Rubric,
+          generations: list[str] | None = None) -> Case:
+    gens = generations if generations and len(generations) == n else [realistic_text(rng) for _ in range(n)]
+    row = pd.Series({"prompt_id": prompt_id, "instruction": realistic_text(rng), "generations": gens})
+    task = plan_judge_task(row, MEMBER, JUDGING, rubric)
+    return Case(task, Completion(text, output_mode="json_schema" if structured else "text"), rubric)
+
+
+def workload(answers: int, seed: int) -> list[Case]:
+    """`answers` composed 4-text answers (judge_fuzz, seeded), then every corpus answer."""
+    rng = random.Random(seed)
+    rubric = get_rubric("instruction-following")
+    cases = []
+    for i in range(answers):
+        c = compose(rng, 4)
+        cases.append(_case(rng, f"fuzz-{seed}-{i}", c.text, 4, c.dims["layout"].startswith("json"), rubric))
+    for spec in yaml.safe_load((CORPUS / "cases.yaml").read_text(encoding="utf-8")):
+        if spec["n"] < 1:
+            continue
+        text = (CORPUS / spec["file"]).read_bytes().decode("utf-8")
+        cases.append(_case(rng, spec["file"], text, spec["n"], spec["structured"],
+                           get_rubric(spec.get("aspect", "instruction-following")), spec.get("generations")))
+    return cases
+
+
+def best_cpu(fn: Callable[[], Any], repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.process_time()
+        fn()
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def measure(cases: list[Case], repeat: int) -> dict[str, float]:
+    """µs per answer of each part of the reading path."""
+    def parse_only() -> None:
+        for c in cases:
+            assert c.task.request is not None
+            parse_verdicts(c.completion.text, len(c.task.shown), c.rubric, structured=c.completion.structured,
+                           messages=c.task.request.message_dicts())
+
+    def readings() -> list[Any]:
+        return [first_reading(c.task, c.completion, c.rubric) for c in cases]
+
+    calls = readings()
+
+    def rows() -> pd.DataFrame:
+        return RATING_COLUMNS.frame([rating_row(call, MEMBER) for call in calls])
+
+    frame = rows()
+    per = 1e6 / len(cases)
+    return {
+        "parse_verdicts": best_cpu(parse_only, repeat) * per,
+        "first_reading": best_cpu(readings, repeat) * per,
+        "rating_row + frame": best_cpu(rows, repeat) * per,
+        "repair_figures": best_cpu(lambda: repair_figures(frame), repeat) * per,
+    }
+
+
+def profile(cases: list[Case], top: int = 25) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    for c in cases:
+        first_reading(c.task, c.completion, c.rubric)
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--answers", type=int, default=2000, help="composed 4-text answers (the corpus is added)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    cases = workload(args.answers, args.seed)
+    chars = sum(len(c.completion.text or "") for c in cases) / len(cases)
+    prompt = sum(len(c.task.request.messages[-1][1]) for c in cases if c.task.request) / len(cases)
+    print(f"parse_speed {datetime.date.today().isoformat()}: {len(cases)} answers ({args.answers} composed + corpus), "
+          f"mean answer {chars:.0f} chars, mean judge prompt {prompt:.0f} chars; best of {args.repeat}; shared machine")
+    figures = measure(cases, args.repeat)
+    for name, us in figures.items():
+        print(f"  {name:<20} {us:8.0f} µs/answer")
+    total = figures["first_reading"] + figures["rating_row + frame"] + figures["repair_figures"]
+    print(f"  {'reading path total':<20} {total:8.0f} µs/answer")
+    if args.profile:
+        print(profile(cases))
+
+
+if __name__ == "__main__":
+    main()
