@@ -258,6 +258,18 @@ ORDER_MARK_RE = re.compile(
     r"|\bwinner\b|\btop\s+(?:pick|choice)\b|#\s*1\b|\bbest\s*:|\bworst\s*:|\"(?:position|place|order)\"\s*:|\|\s*(?:position|place|order|standing)\s*\|",
     re.IGNORECASE,
 )
+# A word or sign every branch of ORDER_MARK_RE contains: an ASCII answer without any (lowered) is not searched.
+_ORDER_MARK_WORDS = ("rank", "best", "worst", "highest", "lowest", "strongest", "weakest", "descending", "ascending",
+                     "order", "sorted", "1st", "2nd", "3rd", "4th", "5th", "6th", "7th", "8th", "9th", "place",
+                     "position", "winner", "top", "#", "standing")
+
+
+def _order_mark(text: str) -> re.Match[str] | None:
+    if text.isascii():
+        lowered = text.lower()
+        if not any(w in lowered for w in _ORDER_MARK_WORDS):
+            return None
+    return ORDER_MARK_RE.search(text)
 
 
 class _Answer:
@@ -275,7 +287,7 @@ class _Answer:
         """Position order only for unnamed items with nothing marking another order (I2)."""
         if named:
             self.no_position = "the answer names texts, but its ratings are not tied to those names"
-        elif (m := ORDER_MARK_RE.search(text)) is not None:
+        elif (m := _order_mark(text)) is not None:
             self.no_position = f"unnamed ratings in an answer that marks an order ({m[0].strip()!r})"
 
     def read(self, value: object) -> _Reading:
@@ -593,7 +605,15 @@ _REVISION_RE = re.compile(
 )
 
 
+# A stem every branch of _REVISION_RE starts with: lines of an ASCII answer without any (lowered) are not searched.
+_REVISION_STEMS = ("correct", "revis", "updat", "actually", "should", "instead", "second", "reconsider", "adjust",
+                   "amend", "chang", "lower", "rais", "bump")
+
+
 def _revised(lines: list[str], verdicts: list[Verdict]) -> list[Verdict]:
+    whole = "\n".join(lines)
+    if whole.isascii() and not any(stem in whole.lower() for stem in _REVISION_STEMS):
+        return verdicts
     for line in lines:
         if is_quoted(line) or not _REVISION_RE.search(line):
             continue
