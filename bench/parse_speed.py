@@ -8,17 +8,21 @@ judge_fuzz's composed answers (4 texts, seeded) and every answer of the corpus
 (poll_assets_tests/data/judge_outputs), each with the judge messages the production planner
 (`plan_judge_task`) builds for an instruction and texts of a few hundred characters.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/parse_speed.py [--answers 2000] [--seed 0] [--repeat 3] [--profile]
+    PYTHONPATH=$PWD .venv/bin/python bench/parse_speed.py [--answers 2000] [--seed 0] [--repeat 3] [--profile] [--pool]
 
 Figures are `time.process_time` (this process's CPU), the best of `--repeat` passes; `--profile`
 adds cProfile's top functions by own time over one pass of `first_reading` (the profiler inflates
-the times, so read µs from a run without it).
+the times, so read µs from a run without it). `--pool` times a whole step's parsing (every answer)
+in this process alone against half of it handed to one worker process (spawn or fork, its start-up
+included) while this process parses the other half: wall time, and this process's CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 import datetime
 import io
 import pstats
@@ -39,7 +43,7 @@ from poll_assets.panel import Judging, Member
 from poll_assets.rubrics import echo, get_rubric
 from poll_assets.rubrics.ultrafeedback import Rubric
 from poll_assets.stage_requests import JudgeTask, plan_judge_task
-from poll_assets.verdicts import parse_verdicts
+from poll_assets.verdicts import Verdict, parse_verdicts
 from poll_assets_tests.judge_fuzz import compose
 
 CORPUS = Path(__file__).resolve().parent.parent / "poll_assets_tests" / "data" / "judge_outputs"
@@ -135,6 +139,39 @@ def measure(cases: list[Case], repeat: int) -> dict[str, float]:
     }
 
 
+Item = tuple[str, int, str, bool, list[dict[str, str]]]  # answer, n, aspect, structured, messages
+
+
+def read_items(items: list[Item]) -> list[list[Verdict]]:
+    """What a worker process would do: parse_verdicts on each answer against its messages."""
+    return [parse_verdicts(text, n, get_rubric(aspect), structured=structured, messages=messages)
+            for text, n, aspect, structured, messages in items]
+
+
+def pool_figures(cases: list[Case], method: str) -> dict[str, float]:
+    """Seconds of wall and of this process's CPU: every answer here, or half of them in one worker."""
+    items: list[Item] = [(c.completion.text or "", len(c.task.shown), c.rubric.aspect, c.completion.structured,
+                          c.task.request.message_dicts()) for c in cases if c.task.request is not None]
+    _forget_prompts()
+    wall, cpu = time.perf_counter(), time.process_time()
+    serial = read_items(items)
+    out = {"serial wall": time.perf_counter() - wall, "serial cpu": time.process_time() - cpu}
+    _forget_prompts()
+    wall, cpu = time.perf_counter(), time.process_time()
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context(method)) as pool:
+        started = pool.submit(int, 0)  # the worker up and importing
+        started.result()
+        out["pool start-up wall"] = time.perf_counter() - wall
+        half = len(items) // 2
+        there = pool.submit(read_items, items[:half])
+        here = read_items(items[half:])
+        pooled = there.result() + here
+    out["pooled wall"] = time.perf_counter() - wall
+    out["pooled cpu (this process)"] = time.process_time() - cpu
+    assert pooled == serial, "the worker read some answer differently"
+    return out
+
+
 def profile(cases: list[Case], top: int = 25) -> str:
     prof = cProfile.Profile()
     prof.enable()
@@ -152,6 +189,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--pool", action="store_true", help="also time the parse split with one worker process")
     args = parser.parse_args()
     cases = workload(args.answers, args.seed)
     chars = sum(len(c.completion.text or "") for c in cases) / len(cases)
@@ -163,6 +201,10 @@ def main() -> None:
         print(f"  {name:<20} {us:8.0f} µs/answer")
     total = figures["first_reading"] + figures["rating_row + frame"] + figures["repair_figures"]
     print(f"  {'reading path total':<20} {total:8.0f} µs/answer")
+    if args.pool:
+        for method in ("spawn", "fork"):
+            figures = pool_figures(cases, method)
+            print(f"  pool ({method}): " + ", ".join(f"{k} {v:.2f} s" for k, v in figures.items()))
     if args.profile:
         print(profile(cases))
 
