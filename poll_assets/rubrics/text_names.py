@@ -21,6 +21,8 @@ NOUNS = (r"text|response|output|answer|completion|generation|candidate|option|re
 _ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
 _ORDINAL_NUMS = r"1st|2nd|3rd|[4-9]th|10th"
 _NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_ORDINAL_NUM_RE = re.compile(_ORDINAL_NUMS, re.IGNORECASE)
+_DIGITS_RE = re.compile(r"\d+")
 _ROMAN = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6, "VII": 7, "VIII": 8, "IX": 9, "X": 10}
 
 # "Response B", "Answer II", "Text #3", "Output two", "text_b" (an I only with punctuation after it:
@@ -99,8 +101,8 @@ def _kind(token: str) -> tuple[str, int | str]:
         return "number", _NUMBER_WORDS.index(t.lower()) + 1
     if t.lower() in _ORDINALS:
         return "number", _ORDINALS.index(t.lower()) + 1
-    if re.fullmatch(_ORDINAL_NUMS, t, re.IGNORECASE):
-        return "number", int(re.match(r"\d+", t)[0])  # type: ignore[index]
+    if _ORDINAL_NUM_RE.fullmatch(t):
+        return "number", int(_DIGITS_RE.match(t)[0])  # type: ignore[index]
     if t.upper() in _ROMAN and len(t) > 1:
         return "roman", t.upper()
     if t.upper() in ("I", "V", "X"):
@@ -161,7 +163,7 @@ def resolve_names(text: str, n: int) -> Names:
                 continue  # "Texts", "Outputs": a plural, not "Text S"
             refs.append((m.start(), m.end(), "noun", kind))
             take(m.start(), m.end())
-    for m in _KEY_REF_RE.finditer(text):
+    for m in _KEY_REF_RE.finditer(text) if '"' in text else ():  # its look-behind needs a '"'
         if free(m.start(), m.end()):
             refs.append((m.start(), m.end(), "noun", _kind(m["id"])))
             take(m.start(), m.end())
@@ -169,7 +171,7 @@ def resolve_names(text: str, n: int) -> Names:
         if free(m.start(), m.end()):
             refs.append((m.start(), m.end(), "noun", ("letter", m["id"].upper())))
             take(m.start(), m.end())
-    for m in _CELL_LETTER_RE.finditer(text):
+    for m in _CELL_LETTER_RE.finditer(text) if "|" in text else ():  # its look-behind needs a "|"
         if free(m.start(), m.end()):
             refs.append((m.start(), m.end(), "cell", ("letter", m["id"].upper())))
             take(m.start(), m.end())
