@@ -45,12 +45,11 @@ from poll_assets.rubrics.ultrafeedback import Rubric
 from poll_assets.stage_requests import JudgeTask, plan_judge_task
 from poll_assets.verdicts import Verdict, parse_verdicts
 from poll_assets_tests.judge_fuzz import compose
+from poll_assets_tests.parse_record import realistic_text
 
 CORPUS = Path(__file__).resolve().parent.parent / "poll_assets_tests" / "data" / "judge_outputs"
 MEMBER = Member(name="judge", provider="openai", model="judge-1", family="judge")
 JUDGING = Judging()
-_WORDS = ("the model answers the question with a short list of steps and a closing summary that repeats the "
-          "main point while adding one example drawn from everyday use of the tool in a small office").split()
 
 
 @dataclass
@@ -58,17 +57,6 @@ class Case:
     task: JudgeTask
     completion: Completion
     rubric: Rubric
-
-
-def realistic_text(rng: random.Random) -> str:
-    """A generation of a few hundred characters: sentences, a paragraph break, sometimes a list."""
-    def sentence() -> str:
-        words = [rng.choice(_WORDS) for _ in range(rng.randint(8, 18))]
-        return " ".join(words).capitalize() + "."
-    paragraphs = [" ".join(sentence() for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 3))]
-    if rng.random() < 0.4:
-        paragraphs.insert(1, "\n".join(f"{i}. {sentence()}" for i in range(1, rng.randint(3, 5))))
-    return "\n\n".join(paragraphs)
 
 
 def _case(rng: random.Random, prompt_id: str, text: str, n: int, structured: bool, rubric: Rubric,
