@@ -258,6 +258,18 @@ ORDER_MARK_RE = re.compile(
     r"|\bwinner\b|\btop\s+(?:pick|choice)\b|#\s*1\b|\bbest\s*:|\bworst\s*:|\"(?:position|place|order)\"\s*:|\|\s*(?:position|place|order|standing)\s*\|",
     re.IGNORECASE,
 )
+# A word or sign every branch of ORDER_MARK_RE contains: an ASCII answer without any (lowered) is not searched.
+_ORDER_MARK_WORDS = ("rank", "best", "worst", "highest", "lowest", "strongest", "weakest", "descending", "ascending",
+                     "order", "sorted", "1st", "2nd", "3rd", "4th", "5th", "6th", "7th", "8th", "9th", "place",
+                     "position", "winner", "top", "#", "standing")
+
+
+def _order_mark(text: str) -> re.Match[str] | None:
+    if text.isascii():
+        lowered = text.lower()
+        if not any(w in lowered for w in _ORDER_MARK_WORDS):
+            return None
+    return ORDER_MARK_RE.search(text)
 
 
 class _Answer:
@@ -275,7 +287,7 @@ class _Answer:
         """Position order only for unnamed items with nothing marking another order (I2)."""
         if named:
             self.no_position = "the answer names texts, but its ratings are not tied to those names"
-        elif (m := ORDER_MARK_RE.search(text)) is not None:
+        elif (m := _order_mark(text)) is not None:
             self.no_position = f"unnamed ratings in an answer that marks an order ({m[0].strip()!r})"
 
     def read(self, value: object) -> _Reading:
@@ -326,8 +338,18 @@ _MULTI_RE = re.compile(rf"^(?:(?:ratings?|scores?)\s*[:=\-]?\s*)?{_PAIR}(?:\s*(?
 _NUMBER_LIST_RE = re.compile(r"^\d+(?:\s*[,;]\s*\d+)+\.?$")
 
 
+_EMPHASIS = str.maketrans("", "", "*_`")
+# Patterns used per line, compiled once (re's own cache costs a lookup per call).
+_PAIR_RE = re.compile(_PAIR, re.IGNORECASE)
+_NAMED_RE = re.compile(rf"\b{TEXT_NAME}(\d+)\b", re.IGNORECASE)
+_DECORATED_RE = re.compile(r"^[ \t]*(?:\|[ \t]*)?(?:\d{1,2}[.)][ \t]+)?(?:[-+\u2022][ \t]+)?[*_#]")
+_LABEL_SPLIT_RE = re.compile(r"\s+[-\u2013\u2014|:]\s+")
+_NAMED_TAIL_RE = re.compile(rf"\b{TEXT_NAME}(\d+)\b(?P<tail>[^.;\n]*)", re.IGNORECASE)
+_SAID_RE = re.compile(r"(?<![/\d.])\b(\d{1,2})\b(?!\.\d)")
+
+
 def _plain(line: str) -> str:
-    return re.sub(r"[*_`]", "", line).strip()
+    return line.translate(_EMPHASIS).strip()
 
 
 def _field_kind(line: str) -> tuple[str, re.Match[str]] | None:
@@ -341,7 +363,7 @@ def _canonical(line: str) -> list[str]:
         return [line]  # quoted material is never read
     plain = _plain(line).lstrip("-+\u2022 \t")
     if _MULTI_RE.match(plain):  # "Text 1: 4, Text 2: 2"
-        return [x for k, v in re.findall(_PAIR, plain, re.IGNORECASE) for x in (f"#### Output for Text {k}", f"Rating: {v}")]
+        return [x for k, v in _PAIR_RE.findall(plain) for x in (f"#### Output for Text {k}", f"Rating: {v}")]
     field = _field_kind(line)
     if field and field[1]["k"] is not None:  # "Rating for Text 3: 5" names its text
         return [f"#### Output for Text {field[1]['k']}", f"{field[1]['name']}: {field[1]['value']}"]
@@ -355,7 +377,7 @@ def _canonical(line: str) -> list[str]:
         named = HEADING_RE.match(_plain(inline["pre"]))
         if named and (named["rest"].lstrip(" \t")[:1] in tuple(_SEPARATORS) or not named["rest"].strip()):
             return [f"#### Output for Text {named['k']}", inline["pre"], f"Rating: {inline['value']}"]
-        mentioned = {int(k) for k in re.findall(rf"\b{TEXT_NAME}(\d+)\b", inline["pre"], re.IGNORECASE)}
+        mentioned = {int(k) for k in _NAMED_RE.findall(inline["pre"])}
         if len(mentioned) == 1:  # "For Text 2, I would give a rating of 4.": a weak heading, a mention inside real blocks
             return [f"{_MENTION}{mentioned.pop()}", inline["pre"], f"Rating: {inline['value']}"]
         if mentioned:  # "Text 2 beats Text 3, which has a rating of 2": whose rating nobody can say
@@ -363,7 +385,7 @@ def _canonical(line: str) -> list[str]:
         return [inline["pre"], f"Rating: {inline['value']}"]
     said = _RATE_IT_RE.search(line) if _RATE_WORD_RE.search(line) else None
     if said:  # "Overall, I rate it 4." / "I'd give Text 2 a 4/5."
-        mentioned = {int(k) for k in re.findall(rf"\b{TEXT_NAME}(\d+)\b", line, re.IGNORECASE)}
+        mentioned = {int(k) for k in _NAMED_RE.findall(line)}
         if len(mentioned) > 1:
             return [line]  # whose rating it is, nobody can say
         value = f"Rating: {_plain(said['value'])}"
@@ -445,7 +467,7 @@ def _heading(line: str, rubric: Rubric) -> tuple[int, str | None, bool] | None:
     m = HEADING_RE.match(line)
     if not m:
         return None
-    decorated = bool(m["out"]) or bool(re.match(r"^[ \t]*(?:\|[ \t]*)?(?:\d{1,2}[.)][ \t]+)?(?:[-+\u2022][ \t]+)?[*_#]", line))
+    decorated = bool(m["out"]) or bool(_DECORATED_RE.match(line))
     rest = m["rest"].lstrip(" \t*_")
     if rest and rest[0] not in _SEPARATORS:
         return None  # "Text 2 is better than..." is prose, not a heading
@@ -456,7 +478,7 @@ def _heading(line: str, rubric: Rubric) -> tuple[int, str | None, bool] | None:
     compact = _COMPACT_RATING_RE.fullmatch(inline) if inline else None
     if compact:
         return k, f"Rating: {compact['value']}", False
-    label = re.split(r"\s+[-\u2013\u2014|:]\s+", inline, maxsplit=1)[0] if inline else ""
+    label = _LABEL_SPLIT_RE.split(inline, maxsplit=1)[0] if inline else ""
     if label and _is_label(label, rubric):  # "Output for Text 1: Almost There", "Text 2: Partial Focus - misses"
         return k, f"Rating: {label}", False
     if inline and rest[0] == "(":
@@ -593,13 +615,21 @@ _REVISION_RE = re.compile(
 )
 
 
+# A stem every branch of _REVISION_RE starts with: lines of an ASCII answer without any (lowered) are not searched.
+_REVISION_STEMS = ("correct", "revis", "updat", "actually", "should", "instead", "second", "reconsider", "adjust",
+                   "amend", "chang", "lower", "rais", "bump")
+
+
 def _revised(lines: list[str], verdicts: list[Verdict]) -> list[Verdict]:
+    whole = "\n".join(lines)
+    if whole.isascii() and not any(stem in whole.lower() for stem in _REVISION_STEMS):
+        return verdicts
     for line in lines:
         if is_quoted(line) or not _REVISION_RE.search(line):
             continue
-        for m in re.finditer(rf"\b{TEXT_NAME}(\d+)\b(?P<tail>[^.;\n]*)", line, re.IGNORECASE):
+        for m in _NAMED_TAIL_RE.finditer(line):
             k = int(m[1])
-            said = {int(x) for x in re.findall(r"(?<![/\d.])\b(\d{1,2})\b(?!\.\d)", m["tail"])}
+            said = {int(x) for x in _SAID_RE.findall(m["tail"])}
             if 1 <= k <= len(verdicts) and (v := verdicts[k - 1]).rating is not None and said - {v.rating}:
                 why = f"the answer revises text {k}'s rating in prose ({line.strip()[:60]!r})"
                 verdicts[k - 1] = Verdict(None, v.rationale, v.type, error=f"conflicting ratings: {why}")

@@ -144,12 +144,13 @@ def repair_figures(ratings: pd.DataFrame) -> dict[str, Any]:
     before: list[Verdict] = []
     after: list[Verdict] = []
     modes: list[str] = []  # how each rating was tied to its text (parse report)
-    for _, row in ratings.iterrows():
-        rs, errs = plain_list(row["ratings"]), plain_list(row["rating_errors"])
-        fixed = plain_list(row.get("repaired_errors"))
-        mode = reading_mode(row.get("raw_output") if isinstance(row.get("raw_output"), str) else None,
-                            len(plain_list(row["shown_order"])))
-        for i in plain_list(row["shown_order"]):
+    none = [None] * len(ratings)  # a column absent from an older frame
+    for rs, errs, fixed, raw, shown in zip(ratings["ratings"], ratings["rating_errors"],
+                                          ratings.get("repaired_errors", none), ratings.get("raw_output", none),
+                                          ratings["shown_order"]):  # columns, not iterrows: no Series per row
+        rs, errs, fixed, shown = plain_list(rs), plain_list(errs), plain_list(fixed), plain_list(shown)
+        mode = reading_mode(raw if isinstance(raw, str) else None, len(shown))
+        for i in shown:
             if i >= len(rs) or i >= len(errs):
                 continue  # misaligned: ratings_valid names it
             now = Verdict(rs[i], None, error=errs[i])

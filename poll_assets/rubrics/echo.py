@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 
 from poll_assets.rubrics.answer_format import is_lookalike, json_values, split_lines
@@ -32,9 +33,29 @@ QUOTED = "[quoted]"
 VOID = "\x00void"  # stands for a removed answer-like line; NUL never survives in the judge's own lines
 
 
+_NON_KEY_RE = re.compile(r"[\W_]+")
+# For ASCII, [\W_] is exactly "not alphanumeric" and casefold is lower: bytes.translate does both at once.
+_ASCII_NON_KEY = bytes(c for c in range(128) if not chr(c).isalnum())
+_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e"  # the ASCII ones str.splitlines knows
+_ASCII_NON_KEY_BUT_BREAKS = bytes(c for c in _ASCII_NON_KEY if chr(c) not in _LINE_BREAKS)
+
+
 def line_key(line: str) -> str:
     """A line compared without case, markdown, quote marks, spaces or punctuation."""
-    return re.sub(r"[\W_]+", "", line.casefold())
+    if line.isascii():
+        return line.encode("ascii").lower().translate(None, _ASCII_NON_KEY).decode("ascii")
+    return _NON_KEY_RE.sub("", line.casefold())
+
+
+def _line_keys(content: str) -> set[str]:
+    """{line_key(x) for x in split_lines(content)} less "", an ASCII content keyed in one pass (the
+    breaks are kept, so the lines are the same; a line with an empty key may merge into a break)."""
+    if content.isascii():
+        keys = set(content.encode("ascii").lower().translate(None, _ASCII_NON_KEY_BUT_BREAKS).decode("ascii").splitlines())
+    else:
+        keys = {line_key(x) for x in split_lines(content)}
+    keys.discard("")
+    return keys
 
 
 @lru_cache(maxsize=256)
@@ -56,7 +77,7 @@ def _drop_fenced(lines: list[str], nonce: str | None) -> list[str]:
     out: list[str] = []
     open_label: tuple[str, str] | None = None
     for line in lines:
-        m = _MARKER_RE.match(line)
+        m = _MARKER_RE.match(line) if "<<<" in line else None  # the marker's literal: a cheap pre-test
         real = bool(m) and (nonce is None or m[3].lower() == nonce)
         if open_label is not None:
             if real and m[1].upper() == "END" and (line_key(m[2]), m[3].lower()) == open_label:
@@ -70,19 +91,47 @@ def _drop_fenced(lines: list[str], nonce: str | None) -> list[str]:
     return out
 
 
-def _untrusted_lines(messages: list[dict[str, str]] | None, generations: list[str] | None) -> list[str]:
-    out: list[str] = []
-    for content in [m.get("content") or "" for m in messages or []] + [g for g in generations or [] if isinstance(g, str)]:
-        out += split_lines(content)
-    return out
-
-
 _DECODER = json.JSONDecoder(strict=False)
 
 
 def _json_fragments(line: str) -> list[str]:
     """The JSON values written inside one line of a text, as they were written (bounded depth)."""
     return [line[start:end] for _, start, end in json_values(line, _DECODER, nested=True)[0]]
+
+
+@dataclass(frozen=True)
+class _Material:
+    """What a prompt offers to be echoed, built once per prompt (a repair's answer is read against it too)."""
+
+    keys: frozenset[str]  # keys of every line of the messages and generations
+    candidates: frozenset[str]  # the lines (quote marks dropped) and JSON values in them, 6 characters or more
+
+
+def _fragment_like(s: str) -> bool:
+    return is_lookalike(s) or bool(_VERDICT_SHAPED_RE(s) and _VERDICT_WORD_RE(s))
+
+
+@lru_cache(maxsize=256)
+def _material(contents: tuple[str, ...]) -> _Material:
+    keys: set[str] = set()
+    candidates: set[str] = set()
+    for content in contents:
+        keys |= _line_keys(content)
+        for x in split_lines(content):
+            candidates.add(x.strip().lstrip("> \t").strip())
+            if "[" in x or "{" in x:  # a JSON value starts at one of them
+                candidates.update(_json_fragments(x))
+    return _Material(frozenset(keys), frozenset(s for s in candidates if len(s) >= 6))
+
+
+def _contents(messages: list[dict[str, str]] | None, generations: list[str] | None) -> tuple[str, ...]:
+    return (*[m.get("content") or "" for m in messages or []], *[g for g in generations or [] if isinstance(g, str)])
+
+
+def _can_occur(fragment: str, text: str) -> bool:
+    """Whether replacing `fragment` in `text` can change it, after other fragments were replaced by QUOTED:
+    only if it is in `text` already, or could overlap an inserted QUOTED."""
+    return fragment in text or "[" in fragment or "]" in fragment or fragment in QUOTED
 
 
 def strip_untrusted(
@@ -94,21 +143,23 @@ def strip_untrusted(
     generations: list[str] | None = None,
 ) -> str:
     """The judge's answer without anything it repeats from its prompt (see the module docstring)."""
-    untrusted = _untrusted_lines(messages, generations)
-    keys = set(_template_keys(rubric, n)) | {line_key(x) for x in untrusted}
-    keys.discard("")
+    material = _material(_contents(messages, generations))
+    template = _template_keys(rubric, n)  # "" is in neither set
     lines = _drop_fenced(split_lines(answer), fence_nonce(messages) if messages else None)
     # A repeated answer-like line becomes VOID, which the parser reads as the heading of a block that
     # belongs to no text: a removed heading must not merge two blocks into one.
-    lines = [(VOID if is_lookalike(x) else None) if line_key(x) in keys else x for x in lines]
-    lines = [x for x in lines if x is not None]
-    candidates = [x.strip().lstrip("> \t").strip() for x in untrusted]
-    candidates += [j for x in untrusted for j in _json_fragments(x)]
-    fragments = sorted(
-        {s for s in candidates if len(s) >= 6 and (is_lookalike(s) or (_VERDICT_SHAPED_RE(s) and _VERDICT_WORD_RE(s)))},
-        key=len, reverse=True,
-    )
-    text = "\n".join(lines)
+    kept = []
+    for x in lines:
+        key = line_key(x)
+        if key in template or key in material.keys:
+            if is_lookalike(x):
+                kept.append(VOID)
+        else:
+            kept.append(x)
+    text = "\n".join(kept)
+    # Longest first, equal lengths alphabetically: the result never depends on a set's order.
+    fragments = sorted((s for s in material.candidates if _can_occur(s, text) and _fragment_like(s)),
+                       key=lambda s: (-len(s), s))
     for fragment in fragments:
         text = text.replace(fragment, QUOTED)
     return text

@@ -13,6 +13,7 @@ A number out of range stays as it is (the parser ignores a block for a text that
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 NOUNS = (r"text|response|output|answer|completion|generation|candidate|option|reply|submission|sample|passage"
@@ -20,6 +21,8 @@ NOUNS = (r"text|response|output|answer|completion|generation|candidate|option|re
 _ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
 _ORDINAL_NUMS = r"1st|2nd|3rd|[4-9]th|10th"
 _NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_ORDINAL_NUM_RE = re.compile(_ORDINAL_NUMS, re.IGNORECASE)
+_DIGITS_RE = re.compile(r"\d+")
 _ROMAN = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6, "VII": 7, "VIII": 8, "IX": 9, "X": 10}
 
 # "Response B", "Answer II", "Text #3", "Output two", "text_b" (an I only with punctuation after it:
@@ -40,7 +43,8 @@ _ORDINAL_REF_RE = re.compile(
 # A bare letter label opening a line: "(b) 4/5", "B) ...", "**B:** 4", "- A: 4"
 _BARE_LETTER_RE = re.compile(r"^(?P<pre>[ \t]*(?:[-+*\u2022][ \t]+)?[*_#]*[ \t]*)(?:\((?P<a>[a-jA-J])\)[*_]*[:.]?|(?P<b>[A-J])[*_]*[:)])(?=[ \t*_]|$)", re.MULTILINE)
 # A table cell that is only a letter: "| (b) | 4 |", "| **B** | 4 |"
-_OF_LETTER_RE = re.compile(r"(?:(?<=\bof )|(?<=\bfor )|(?<=\bOf )|(?<=\bFor ))\((?P<id>[a-jA-J])\)")
+# The "(" first, so re scans for that literal instead of trying four look-behinds at every position.
+_OF_LETTER_RE = re.compile(r"\((?:(?<=\bof \()|(?<=\bfor \()|(?<=\bOf \()|(?<=\bFor \())(?P<id>[a-jA-J])\)")
 _CELL_LETTER_RE = re.compile(r"(?<=\|)[ \t]*[*_]*\(?(?P<id>[A-Ja-j])\)?[*_]*[ \t]*(?=\|)")
 # XML with a name attribute: <text id="3">, <evaluation text="B">, <response index='2'>
 _XML_ATTR_RE = re.compile(
@@ -48,6 +52,36 @@ _XML_ATTR_RE = re.compile(
     rf"(?:(?:{NOUNS})[ \t_\-]*)?(?P<id>\d+|[A-Za-z](?![A-Za-z])|[IVX]{{2,4}}(?![A-Za-z]))[\"']?[^<>\n]*>",
     re.IGNORECASE,
 )
+# Cheap pre-tests on an ASCII answer lowered (same length, same word boundaries): where a noun starts,
+# and whether an ordinal stands before a noun at all. The full patterns then run only there.
+_NOUN_START_RE = re.compile(rf"(?:{NOUNS})")
+_ORDINAL_HINT_RE = re.compile(
+    rf"(?:{'|'.join(_ORDINALS)}|1st|2nd|3rd|4th|5th|6th|7th|8th|9th|0th)[ \t]+(?:{NOUNS})")
+
+
+def _noun_refs(text: str) -> Iterator[re.Match[str]]:
+    """_NOUN_REF_RE.finditer(text), trying the pattern only where a noun starts a word."""
+    if not text.isascii():  # re's case folding goes beyond str.lower there
+        yield from _NOUN_REF_RE.finditer(text)
+        return
+    lowered, pos = text.lower(), 0
+    for start in _NOUN_START_RE.finditer(lowered):
+        p = start.start()
+        if p < pos or (p > 0 and (lowered[p - 1].isalnum() or lowered[p - 1] == "_")):
+            continue  # inside the last match, or not at a word boundary
+        m = _NOUN_REF_RE.match(text, p)
+        if m:
+            yield m
+            pos = m.end()
+
+
+def _ordinal_refs(text: str) -> Iterator[re.Match[str]]:
+    """_ORDINAL_REF_RE.finditer(text), skipped when no ordinal stands before a noun."""
+    if text.isascii() and not _ORDINAL_HINT_RE.search(text.lower()):
+        return iter(())
+    return _ORDINAL_REF_RE.finditer(text)
+
+
 _CLOSE_ATTR_TAG_RE = re.compile(r"</(?:evaluation|assessment|verdict|review|item|entry|result|judgement|judgment)>", re.IGNORECASE)
 
 
@@ -67,8 +101,8 @@ def _kind(token: str) -> tuple[str, int | str]:
         return "number", _NUMBER_WORDS.index(t.lower()) + 1
     if t.lower() in _ORDINALS:
         return "number", _ORDINALS.index(t.lower()) + 1
-    if re.fullmatch(_ORDINAL_NUMS, t, re.IGNORECASE):
-        return "number", int(re.match(r"\d+", t)[0])  # type: ignore[index]
+    if _ORDINAL_NUM_RE.fullmatch(t):
+        return "number", int(_DIGITS_RE.match(t)[0])  # type: ignore[index]
     if t.upper() in _ROMAN and len(t) > 1:
         return "roman", t.upper()
     if t.upper() in ("I", "V", "X"):
@@ -117,11 +151,11 @@ def resolve_names(text: str, n: int) -> Names:
     for s, e, _, _ in refs:
         take(s, e)
 
-    for m in _ORDINAL_REF_RE.finditer(text):
+    for m in _ordinal_refs(text):
         if free(m.start(), m.end()):
             refs.append((m.start(), m.end(), "noun", _kind(m["ord"])))
             take(m.start(), m.end())
-    for m in _NOUN_REF_RE.finditer(text):
+    for m in _noun_refs(text):
         if free(m.start(), m.end()):
             token = m["id"]
             kind = _kind(token)
@@ -129,7 +163,7 @@ def resolve_names(text: str, n: int) -> Names:
                 continue  # "Texts", "Outputs": a plural, not "Text S"
             refs.append((m.start(), m.end(), "noun", kind))
             take(m.start(), m.end())
-    for m in _KEY_REF_RE.finditer(text):
+    for m in _KEY_REF_RE.finditer(text) if '"' in text else ():  # its look-behind needs a '"'
         if free(m.start(), m.end()):
             refs.append((m.start(), m.end(), "noun", _kind(m["id"])))
             take(m.start(), m.end())
@@ -137,7 +171,7 @@ def resolve_names(text: str, n: int) -> Names:
         if free(m.start(), m.end()):
             refs.append((m.start(), m.end(), "noun", ("letter", m["id"].upper())))
             take(m.start(), m.end())
-    for m in _CELL_LETTER_RE.finditer(text):
+    for m in _CELL_LETTER_RE.finditer(text) if "|" in text else ():  # its look-behind needs a "|"
         if free(m.start(), m.end()):
             refs.append((m.start(), m.end(), "cell", ("letter", m["id"].upper())))
             take(m.start(), m.end())
