@@ -97,11 +97,14 @@ _loaded: list[tuple[Any, threading.Lock]] = []
 
 
 def _threads() -> int:
-    """llama.cpp's threads: every CPU this process may use (its default counts physical cores only)."""
+    """llama.cpp's threads: half the CPUs this process may use, as llama-cpp-python chose. Its threads
+    meet at a barrier after every operation, so one preempted thread stalls the rest: on a 2-core
+    machine shared with other work, a judge call took 22 s on 2 threads and 7 to 9 s on 1."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // 2)
 
 
 @lru_cache(maxsize=4)
@@ -134,7 +137,10 @@ def _load_model(path: str, n_ctx: int, template: str | None = None) -> tuple[Any
 @atexit.register
 def close_models() -> None:
     """Free every loaded model while the interpreter is still whole, so nothing runs, or prints,
-    during teardown after an otherwise clean exit. A later call loads its model again."""
+    during teardown after an otherwise clean exit. For the end of a process only: after a model is
+    freed, a grammar-constrained call on a model of another vocabulary loaded later in the same
+    process can abort it (a GGML_ASSERT in llama.cpp's llguidance.cpp; seen with SmolLM2 freed, then
+    Gemma loaded), so models are otherwise kept for the process's life. Reloading the same weights works."""
     with _model_lock:
         _load_model.cache_clear()
         while _loaded:
