@@ -165,7 +165,8 @@ def chat_request(messages: list[dict[str, Any]], kwargs: dict[str, Any], json_sc
         # llama.cpp compiles the schema into a grammar (LLGuidance's), so the output always parses.
         body["response_format"] = {"type": "json_object", "schema": {**json_schema, "x-guidance": COMPACT_JSON}}
     # No reuse of an earlier call's prompt cache: an answer depends on its request alone, not on
-    # which call came before it (a prompt evaluated in other batches rounds differently).
+    # which call came before it. (Reuse saved nothing measurable on the local panel's first shard:
+    # a judge's prompts share little before their per-request text.)
     body["cache_prompt"] = False
     return body
 
