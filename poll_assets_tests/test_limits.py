@@ -165,7 +165,7 @@ def test_local_backend_runs_one_call_at_a_time():
 
 
 def test_local_model_batch_through_run_calls():
-    pytest.importorskip("llama_cpp")
+    pytest.importorskip("xllamacpp")
     backend = ChatModelResource(provider="local", member="local_gen", model="SmolLM2-135M-Instruct").backend()
     policy = CallPolicy.resolve(Limits(max_concurrency=4, timeout_s=60), "local")
     params = GenerationParams(max_new_tokens=4, temperature=0.0)

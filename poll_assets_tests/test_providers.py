@@ -696,7 +696,7 @@ def test_building_a_panels_resources_imports_no_sdk(panel):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     loaded = set(json.loads(out.strip().splitlines()[-1]))
-    assert not ({"anthropic", "openai", "llama_cpp", "huggingface_hub.inference._generated._async_client"} & loaded)
+    assert not ({"anthropic", "openai", "llama_cpp", "xllamacpp", "huggingface_hub.inference._generated._async_client"} & loaded)
 
 
 def test_hf_clients_keep_their_connections_alive_and_the_library_hooks(fake_llm, monkeypatch):

@@ -103,7 +103,7 @@ def test_schema_shape(aspect):
 
 @pytest.mark.parametrize("aspect", ASPECTS)
 def test_schema_compiles_to_a_llama_cpp_grammar(aspect):
-    """The local backend hands the schema to llama.cpp, which compiles it to a grammar."""
+    """A llama.cpp server (llama-cpp-python's, an `openai_compatible` member) compiles the schema to GBNF."""
     from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
 
     schema = json.dumps(verdict_json_schema(get_rubric(aspect), 4))

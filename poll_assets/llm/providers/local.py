@@ -1,4 +1,5 @@
-"""The in-process backend: GGUF models through llama-cpp-python. Offline, no keys."""
+"""The in-process backend: GGUF models through xllamacpp (llama.cpp's own server engine, from a
+prebuilt wheel, so installing it compiles nothing). Offline, no keys."""
 
 from __future__ import annotations
 
@@ -58,14 +59,14 @@ def _gemma_path() -> Path:
 
 
 def chat_format(model: str) -> str | None:
-    """llama.cpp's chat format for a bundled model whose GGUF carries no chat template (Gemma's does
-    not, and llama.cpp would fall back to Llama 2's [INST] turns); None: the GGUF's own template."""
+    """llama.cpp's built-in chat template for a bundled model whose GGUF carries none (Gemma's does
+    not, and llama.cpp would fall back to ChatML turns Gemma never saw); None: the GGUF's own template."""
     return "gemma" if model.strip().lower() in GEMMA_NAMES else None
 
 
 def gemma_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Gemma has no system turn (llama.cpp's gemma format drops it): its text goes before the first
-    user message, as Gemma's own template does, so a judge keeps its rubric."""
+    """Gemma has no system turn: its text goes before the first user message, as Gemma's own template
+    does, so a judge keeps its rubric whatever llama.cpp's template does with a system message."""
     system = "\n\n".join(str(m["content"]) for m in messages if m["role"] == "system")
     rest = [dict(m) for m in messages if m["role"] != "system"]
     if system and rest and rest[0]["role"] == "user":
@@ -89,39 +90,89 @@ def bundled_model_path(model: str = "SmolLM2-135M-Instruct") -> Path:
     )
 
 
-# One loaded model per (file, context size) per process: members that share weights share memory.
+# One loaded model per (file, context size, template) per process, kept for the process's life:
+# members that share weights share memory, and no step loads a model twice.
 _model_lock = threading.Lock()
 _loaded: list[tuple[Any, threading.Lock]] = []
 
 
-@lru_cache(maxsize=4)
-def _load_llama(path: str, n_ctx: int, chat_format: str | None = None) -> tuple[Any, threading.Lock]:
-    from llama_cpp import Llama
+def _threads() -> int:
+    """llama.cpp's threads: half the CPUs this process may use, as llama-cpp-python chose. Its threads
+    meet at a barrier after every operation, so one preempted thread stalls the rest: on a 2-core
+    machine shared with other work, a judge call took 22 s on 2 threads and 7 to 9 s on 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // 2)
 
+
+@lru_cache(maxsize=4)
+def _load_model(path: str, n_ctx: int, template: str | None = None) -> tuple[Any, threading.Lock]:
+    import xllamacpp
+
+    params = xllamacpp.CommonParams()
+    params.model.path = path
+    params.n_ctx = n_ctx
+    params.n_parallel = 1  # one sequence at a time: the registry runs one call per model at a time
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = _threads()
+    params.verbosity = -1  # llama.cpp's log is silent: no lines on stderr while loading, answering or closing
+    params.warmup = False  # an empty decode at load time; the first call does the same work
+    params.offline = True  # a run never downloads anything
+    params.n_threads_http = 1  # the engine always opens a loopback HTTP port; nothing of ours uses it
+    # llama.cpp's own templates, not the GGUF's Jinja: its Jinja path builds its own JSON grammar and
+    # ignores the schema's LLGuidance options (COMPACT_JSON), and Gemma's template is a built-in one.
+    params.use_jinja = False
+    if template:
+        params.chat_template = template
     with _model_lock:
-        llama = Llama(model_path=path, n_ctx=n_ctx, verbose=False, n_threads=None, chat_format=chat_format)
-        _loaded.append((llama, threading.Lock()))
+        try:
+            server = xllamacpp.Server(params)
+        except RuntimeError as exc:  # xllamacpp says only "Failed to init server"
+            raise ProviderError("bad_request", f"{path}: llama.cpp could not load it as a GGUF model ({exc})") from None
+        _loaded.append((server, threading.Lock()))
         return _loaded[-1]
 
 
 @atexit.register
 def close_models() -> None:
-    """Free every loaded model while the interpreter is still whole. Left to the garbage collector,
-    llama-cpp-python's finalizers run during interpreter teardown, after the modules they call into
-    are gone, and print a traceback after an otherwise clean exit."""
+    """Free every loaded model while the interpreter is still whole, so nothing runs, or prints,
+    during teardown after an otherwise clean exit. For the end of a process only: after a model is
+    freed, a grammar-constrained call on a model of another vocabulary loaded later in the same
+    process can abort it (a GGML_ASSERT in llama.cpp's llguidance.cpp; seen with SmolLM2 freed, then
+    Gemma loaded), so models are otherwise kept for the process's life. Reloading the same weights works."""
     with _model_lock:
-        _load_llama.cache_clear()
+        _load_model.cache_clear()
         while _loaded:
-            llama, lock = _loaded.pop()
+            server, lock = _loaded.pop()
             if lock.acquire(timeout=5):  # a call still running in a daemon thread keeps its model
                 try:
-                    llama.close()
+                    del server  # the last reference: the engine stops its threads and frees the weights
                 finally:
                     lock.release()
 
 
+# LLGuidance's JSON lets any whitespace run between tokens, and a small model can spend its whole
+# max_new_tokens on newlines inside an unfinished verdict (Gemma 3 270M did, in 2 of 3 judge calls):
+# one-line JSON with fixed separators leaves the model only the values to choose.
+COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def chat_request(messages: list[dict[str, Any]], kwargs: dict[str, Any], json_schema: dict[str, Any] | None) -> dict[str, Any]:
+    """The body of one chat-completions request to llama.cpp's server engine."""
+    body: dict[str, Any] = {"messages": messages, **kwargs}
+    if json_schema is not None:
+        # llama.cpp compiles the schema into a grammar (LLGuidance's), so the output always parses.
+        body["response_format"] = {"type": "json_object", "schema": {**json_schema, "x-guidance": COMPACT_JSON}}
+    # No reuse of an earlier call's prompt cache: an answer depends on its request alone, not on
+    # which call came before it. (Reuse saved nothing measurable on the local panel's first shard:
+    # a judge's prompts share little before their per-request text.)
+    body["cache_prompt"] = False
+    return body
+
+
 class LocalLlamaBackend(ChatBackend):
-    """llama.cpp is not safe for concurrent use of one context, so calls are serialized per model.
+    """One loaded model per process, one call at a time on it.
 
     The registry gives this provider an in-process parallelism of 1, so the call policy already lets
     one call at a time through; queued calls wait for a slot before their timeout starts, not here.
@@ -143,25 +194,28 @@ class LocalLlamaBackend(ChatBackend):
         return cls(config.model, config.model_path, config.n_ctx, member=config.member)
 
     def _complete_sync(self, request: CallRequest) -> Completion:
-        llama, lock = _load_llama(str(self.path), self.n_ctx, self.chat_format)
+        server, lock = _load_model(str(self.path), self.n_ctx, self.chat_format)
         p = request.params
         kwargs = p.chat_completion_kwargs()
         # A fixed seed per call (rather than per model) keeps results independent of call order.
         kwargs["seed"] = (p.seed if p.seed is not None else 0) + request.sample_index
-        mode = "text"
-        if request.json_schema is not None:
-            # llama.cpp compiles the schema into a grammar, so the output always parses.
-            kwargs["response_format"] = {"type": "json_object", "schema": request.json_schema}
-            mode = "grammar"
+        messages = request.message_dicts()
+        body = chat_request(gemma_turns(messages) if self.chat_format == "gemma" else messages, kwargs,
+                            request.json_schema)
         start = time.perf_counter()
         with lock:
             try:
-                messages = request.message_dicts()
-                out = llama.create_chat_completion(
-                    messages=gemma_turns(messages) if self.chat_format == "gemma" else messages, **kwargs)
-            except ValueError as exc:  # e.g. the prompt is longer than the context window
+                out = server.handle_chat_completions(body)
+            except ValueError as exc:  # e.g. a schema llama.cpp cannot turn into a grammar
                 raise ProviderError("bad_request", f"local model {self.model}: {exc}") from None
         latency = time.perf_counter() - start
+        return self._completion(out, latency, "grammar" if request.json_schema is not None else "text")
+
+    def _completion(self, out: dict[str, Any], latency: float, mode: str) -> Completion:
+        error = out.get("error")
+        if error:  # e.g. the prompt is longer than the context window (HTTP 400 in llama-server)
+            kind = "bad_request" if error.get("code") == 400 else "server"
+            raise ProviderError(kind, f"local model {self.model}: {error.get('message', error)}")
         choice = out["choices"][0]
         usage = out.get("usage") or {}
         return Completion(
@@ -176,6 +230,6 @@ class LocalLlamaBackend(ChatBackend):
         )
 
     async def complete(self, request: CallRequest) -> Completion:
-        # The call runs in a worker thread; a timeout cannot interrupt llama.cpp mid-token,
-        # so it is bounded by max_new_tokens instead.
+        # The call runs in a worker thread (the engine releases the GIL while it decodes); a timeout
+        # cannot interrupt llama.cpp mid-token, so it is bounded by max_new_tokens instead.
         return await asyncio.to_thread(self._complete_sync, request)

@@ -94,9 +94,11 @@ PROVIDERS: dict[str, ProviderSpec] = {
             batch=BatchAPI("openai", max_requests=50_000, max_bytes=200 * 1024 * 1024, needs_declaration=True),
         ),
         ProviderSpec(
-            # llama.cpp is not safe for concurrent use of one model: its calls take turns.
+            # llama.cpp in-process (xllamacpp), one sequence per model: its calls take turns, since the
+            # CPU they share gains nothing from two at once and a batch of two rounds differently.
             name="local", backend="poll_assets.llm.providers.local:LocalLlamaBackend", params=_OPENAI_PARAMS,
-            kind="llamacpp", structured_output="llama.cpp grammar", key="none", in_process_parallelism=1,
+            kind="llamacpp", structured_output="llama.cpp grammar (LLGuidance, one-line JSON)", key="none",
+            in_process_parallelism=1,
         ),
         ProviderSpec(
             # Answers you already have: a generator reading a column of the prompt source (`source_column`).
