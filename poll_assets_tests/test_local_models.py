@@ -84,3 +84,17 @@ def test_a_prompt_longer_than_the_context_and_a_file_that_is_no_gguf_are_clear_e
     junk.write_bytes(b"not a model")
     with pytest.raises(ProviderError, match=r"junk.gguf: llama.cpp could not load it as a GGUF model"):
         asyncio.run(LocalLlamaBackend("mine", str(junk), 256).complete(long))
+
+
+def test_engine_threads_default_to_every_cpu_and_obey_the_environment(monkeypatch):
+    from poll_assets.llm.providers import local
+
+    monkeypatch.delenv(local.THREADS_ENV, raising=False)
+    monkeypatch.setattr(local.os, "sched_getaffinity", lambda _pid: {0, 1, 2}, raising=False)
+    assert local._threads() == 3
+    monkeypatch.setenv(local.THREADS_ENV, "1")
+    assert local._threads() == 1
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(local.THREADS_ENV, bad)
+        with pytest.raises(ValueError, match=f"{local.THREADS_ENV}='{bad}'"):
+            local._threads()
