@@ -162,9 +162,12 @@ def _likely_generations(generators: Sequence[Member], prompts: pd.DataFrame, cac
 
 
 def estimate_prompts(jury: Jury, prices: Mapping[str, Price | None], prompts: pd.DataFrame, cache: ResponseCache | None,
-                     rubric: Rubric | None = None, partitions: Sequence[str] = ()) -> Estimate:
+                     rubric: Rubric | None = None, partitions: Sequence[str] = (), *,
+                     compare_modes: bool = True) -> Estimate:
     """The estimate for one frame of prompts (one partition, or several concatenated): the calls of
-    the jury's generators and judges, priced with `prices` (by member name, `Panel.member_prices`)."""
+    the jury's generators and judges, priced with `prices` (by member name, `Panel.member_prices`).
+    `compare_modes` also prices judging in both modes, building every judge prompt twice more (in
+    pairwise mode one per comparison): what `poll-assets estimate` prints, too costly for every shard."""
     judging = jury.judging
     rubric = rubric or get_rubric(judging.aspect)
     out = Estimate(list(partitions))
@@ -181,7 +184,7 @@ def estimate_prompts(jury: Jury, prices: Mapping[str, Price | None], prompts: pd
     for j in jury.judges:
         out.members.append(_judge_estimate(j, judging, prices.get(j.name), rubric, combined, cache, note))
     other = "rating" if judging.mode == "pairwise" else "pairwise"
-    for mode in (judging.mode, other):
+    for mode in (judging.mode, other) if compare_modes else ():
         in_mode = judging.model_copy(update={"mode": mode})
         judges = [_judge_estimate(j, in_mode, prices.get(j.name), rubric, combined, cache, note, hits_free=False)
                   for j in jury.judges]

@@ -74,9 +74,12 @@ def run_settings(panel: Panel) -> RunSettings:
 
 
 def shard_estimate(panel: Panel, rubric: Rubric) -> ShardEstimate:
-    """The cost estimate of one shard's prompts, shown on the prompts asset before any call."""
+    """The cost estimate of one shard's prompts, shown on the prompts asset before any call (the two
+    judging modes side by side only in `poll-assets estimate`: at 1,000 prompts a shard, pricing the other
+    mode took 27 s of the prompts step)."""
     jury, prices = panel.jury, panel.member_prices()
-    return lambda rows, cache, shard: estimate_prompts(jury, prices, rows, cache, rubric, partitions=[shard])
+    return lambda rows, cache, shard: estimate_prompts(jury, prices, rows, cache, rubric, partitions=[shard],
+                                                       compare_modes=False)
 
 
 def build_resources(panel: Panel, storage_dir: str | None = None, cache_path: str | None = None) -> dict[str, object]:

@@ -134,6 +134,9 @@ def test_the_estimate_counts_one_call_per_comparison(tmp_path):
     assert [m.calls for m in both.members if m.role == "judge"] == [3 * 4 * 3 // 2 * 2]
     assert [m.calls for m in anchored.members if m.role == "judge"] == [3 * 3]
     assert [(m.mode, m.judge_calls) for m in both.modes] == [("pairwise", 36), ("rating", 3)]
+    # a shard's own estimate (the prompts asset) prices only the panel's mode, with the same members
+    shard = estimate_prompts(panel.jury, panel.member_prices(), prompts, None, compare_modes=False)
+    assert shard.modes == [] and [m.calls for m in shard.members] == [m.calls for m in both.members]
 
 
 def test_the_anchor_is_found_by_the_rows_generators(tmp_path):
