@@ -119,19 +119,9 @@ class CallLease(Protocol):
     def writes(self) -> bool: ...
 
     def claim_many(self, keys: list[str], owner: str, ttl_s: float = DEFAULT_CLAIM_TTL_S,
-                   since: float | None = None) -> tuple[set[str], dict[str, Completion]]:
-        """Claim many keys for `owner` in one transaction: (the keys now `owner`'s, the answers already
-        stored). A key free, expired or already `owner`'s is claimed; one another owner holds live is
-        in neither part (its owner is calling; wait for it). A key with an answer stored since `since`
-        comes back as that answer, its claim released in the same transaction."""
-        unique = sorted(set(keys))  # one order for every claimant: PostgreSQL's row locks cannot deadlock
-        mine, blobs = self.store.claim_many(unique, owner, ttl_s, since if since is not None else float("-inf"))
-        return mine, _answers(blobs)
+                   since: float | None = None) -> tuple[set[str], dict[str, Completion]]: ...
 
-    def release_many(self, keys: list[str], owner: str) -> None:
-        """Give up `owner`'s claims on `keys` (those it still holds) in one transaction."""
-        if keys:
-            self.store.release_many(sorted(set(keys)), owner)
+    def release_many(self, keys: list[str], owner: str) -> None: ...
 
     def claim_state(self, key: str, since: float | None = None) -> tuple[Completion | None, bool]: ...
 
